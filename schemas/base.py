@@ -1,0 +1,42 @@
+"""Shared base for every config and record model.
+
+Every stage config is a `StrictModel`: unknown keys fail (`extra="forbid"`), and every field
+carries a description, because the descriptions are the config reference in the README.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class StrictModel(BaseModel):
+    """A config model that refuses unknown keys and validates defaults and assignments."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`owner/name` with no local file of that name: a hub id, not a relative path."""
+    return bool(_HUB_ID.match(value)) and not Path(value).exists()
+
+
+def resolve_path(value: str, info: ValidationInfo) -> str:
+    """Resolve a relative path against the directory of the YAML it came from.
+
+    The loader passes `{"base_dir": <yaml dir>}` as validation context. URLs and hub ids
+    (`owner/name` that is not a local path) are returned unchanged.
+    """
+    if "://" in value or Path(value).is_absolute():
+        return value
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is None:
+        return value
+    candidate = Path(base_dir) / value
+    if not candidate.exists() and not any(ch in value for ch in "*?[") and _HUB_ID.match(value):
+        return value
+    return str(candidate.resolve())

@@ -1,0 +1,77 @@
+"""Hardware/runtime profiles (`environments/*.yaml`).
+
+The only place that knows CPU from GPU: stages read precision, batch, checkpointing, attention
+and launcher from here instead of branching on the hardware themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.base import StrictModel
+
+
+class QuantizationDefaults(StrictModel):
+    """bitsandbytes defaults a QLoRA stage starts from (its own config may override them)."""
+
+    load_in_4bit: bool = Field(default=True, description="Load the frozen base in 4 bits for QLoRA.")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type: NF4 (QLoRA paper) or FP4.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="dtype the 4-bit weights are dequantized to for matmuls."
+    )
+
+
+class ServingProfile(StrictModel):
+    """How the model server runs on this profile."""
+
+    engine: Literal["embedded", "vllm"] = Field(default="embedded", description="Server engine: transformers+peft in-process, or vLLM.")
+    vllm_python: str | None = Field(
+        default=None, description="Interpreter of the separate environment vLLM is installed in (vLLM cannot share ours)."
+    )
+    vllm_image: str | None = Field(default=None, description="Container image with vLLM, used instead of vllm_python when set.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM --tensor-parallel-size.")
+    max_loras: int = Field(default=4, ge=1, description="Adapters resident on the GPU at once (--max-loras).")
+    max_cpu_loras: int = Field(default=16, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras).")
+    max_lora_rank: int = Field(default=64, ge=1, description="Largest adapter rank the server accepts (--max-lora-rank).")
+
+
+class EnvironmentProfile(StrictModel):
+    """One hardware/runtime profile."""
+
+    name: str = Field(description="Profile name (the file stem for bundled profiles).")
+    description: str = Field(default="", description="What machine this profile is for.")
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Device training and inference run on.")
+    device_memory_gb: float = Field(gt=0, description="Memory per device in GiB, for the memory planner's fit check.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Training/inference dtype.")
+    quantization: QuantizationDefaults = Field(default_factory=QuantizationDefaults, description="QLoRA defaults.")
+    per_device_batch_size: int = Field(default=8, ge=1, description="Micro-batch size per device.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
+        default="sdpa", description="Attention kernel passed to from_pretrained."
+    )
+    launcher: Literal["in_process", "accelerate", "deepspeed", "torchrun"] = Field(
+        default="in_process", description="How training runs: in the Prefect worker, or a supervised multi-process launch."
+    )
+    num_processes: int = Field(default=1, ge=1, description="Processes (GPUs) the launcher starts.")
+    deepspeed_config: str | None = Field(
+        default=None, description="DeepSpeed JSON config, relative to environments/ or absolute (ZeRO stage, offload)."
+    )
+    work_pool: str | None = Field(default=None, description="Prefect work pool stages on this profile are sent to.")
+    serving: ServingProfile = Field(default_factory=ServingProfile, description="Model server settings.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EnvironmentProfile":
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("dtype float16 is not supported for training on cpu: use float32 or bfloat16")
+        if self.device == "cpu" and self.attn_implementation.startswith("flash_attention"):
+            raise ValueError(f"attn_implementation {self.attn_implementation} needs a CUDA device")
+        if self.launcher == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("launcher deepspeed needs deepspeed_config")
+        if self.launcher == "in_process" and self.num_processes != 1:
+            raise ValueError("launcher in_process runs one process: set num_processes to 1 or choose a launcher")
+        return self
