@@ -1,0 +1,93 @@
+"""Deterministic, stratified train/validation/test split and train-only task mixing.
+
+Split: within each (family, task) group, records are ordered by a salted hash of their id; the
+first round(n * validation) go to validation, the next round(n * test) to test, the rest to
+train. Same records → same split, whatever the input order, and every task gets its share.
+
+Mix: per-task ratios resample the train split of the listed tasks to the given proportions
+(whole copies first, then a seeded sample of the remainder for upsampling; a seeded sample for
+downsampling); caps then bound each task. Upsampled copies are extra lines in train.jsonl;
+records dropped by downsampling go to rejected.jsonl (reason `mix_downsampled`), so nothing is
+lost and `read == kept + rejected` still holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import defaultdict
+
+from schemas.data import MixConfig, SplitConfig
+from tasks.data.formats import FAMILY
+
+
+def _rounded(value: float) -> int:
+    return math.floor(value + 0.5)  # half up: round() would send 0.5 to 0 (banker's rounding)
+
+
+def assign_splits(records: list[dict], config: SplitConfig) -> None:
+    """Set `record["split"]` on every supervised and preference record (text records: none)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        family = FAMILY[record["kind"]]
+        if family != "text":
+            groups[(family, record["task"])].append(record)
+    salt = f"{config.seed}:".encode()
+    for members in groups.values():
+        members.sort(key=lambda r: hashlib.blake2b(salt + r["id"].encode(), digest_size=8).digest())
+        n = len(members)
+        n_validation = _rounded(n * config.validation)
+        n_test = min(_rounded(n * config.test), n - n_validation)
+        for position, record in enumerate(members):
+            record["split"] = "validation" if position < n_validation else "test" if position < n_validation + n_test else "train"
+
+
+def _task_seed(seed: int, task: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{task}".encode(), digest_size=8).digest(), "big")
+
+
+def _resample(members: list[dict], target: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(selected with repeats, dropped) reaching `target` rows from `members`."""
+    n = len(members)
+    if target <= n:
+        chosen = set(rng.sample(range(n), target))
+        return [m for i, m in enumerate(members) if i in chosen], [m for i, m in enumerate(members) if i not in chosen]
+    copies, remainder = divmod(target, n)
+    extra = sorted(rng.sample(range(n), remainder))
+    return members * copies + [members[i] for i in extra], []
+
+
+def mix_train(train: list[dict], config: MixConfig) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
+    """Mixed train rows (with repeats), rows dropped by downsampling, and per-task numbers."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for record in train:
+        by_task[record["task"]].append(record)
+    targets = {task: len(members) for task, members in by_task.items()}
+    if config.ratios:
+        listed = [task for task in config.ratios if by_task.get(task)]
+        total = config.total if config.total is not None else sum(targets[t] for t in listed)
+        weight = sum(config.ratios[t] for t in listed)
+        for task in listed:
+            targets[task] = _rounded(total * config.ratios[task] / weight)
+    for task, cap in (config.caps or {}).items():
+        if task in targets:
+            targets[task] = min(targets[task], cap)
+    mixed: list[dict] = []
+    dropped: list[dict] = []
+    stats: dict[str, dict[str, int]] = {}
+    for task in sorted(by_task):
+        members = by_task[task]
+        rng = random.Random(_task_seed(config.seed, task))
+        selected, removed = _resample(members, targets[task], rng) if targets[task] != len(members) else (members, [])
+        mixed.extend(selected)
+        dropped.extend(removed)
+        stats[task] = {
+            "before": len(members),
+            "after": len(selected),
+            "upsampled_copies": max(0, len(selected) - len(members)),
+            "downsampled": len(removed),
+        }
+    # Interleave tasks deterministically so a trainer reading in order sees a mixture.
+    random.Random(config.seed).shuffle(mixed)
+    return mixed, dropped, stats
