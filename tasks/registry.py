@@ -10,6 +10,8 @@ from tasks.stage import Stage
 _STAGES: dict[str, tuple[str, str]] = {
     "data": ("tasks.data", "DataStage"),
     "base_model": ("tasks.base_model", "BaseModelStage"),
+    "pretrain": ("tasks.pretrain", "PretrainStage"),
+    "sft": ("tasks.sft", "SFTStage"),
 }
 
 

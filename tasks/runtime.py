@@ -24,5 +24,7 @@ QUIET_DEFAULTS = {
 def configure_runtime(workdir: str | Path) -> None:
     """Prefect state under the workdir (unless PREFECT_HOME is set), telemetry off."""
     os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / ".prefect"))
+    # Prefect creates its home without parents and then fails to open its database.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)

@@ -1,0 +1,138 @@
+"""The deployed entry flow: the pipeline on a config file plus the data versions dropped so far.
+
+`tunepipe deploy` registers this flow; its schedule runs it with `data_version=None` (every
+version so far) and the watch trigger with the version the event names (every version up to it).
+Stages routed to other work pools (`deployment.stage_environments`) run there as sub-runs of the
+same deployment family, one segment of consecutive stages at a time; the artifact store (a
+shared filesystem between workers) hands the earlier stages' artifacts over as cache hits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from schemas.pipeline import STAGE_ORDER, PipelineConfig
+from tasks.watch import DataVersion, Ledger
+
+RETRAIN_FLOW = "tunepipe-retrain"
+
+
+def with_data_versions(config: PipelineConfig, versions: list[DataVersion]) -> PipelineConfig:
+    """The config with one data source per data version, read as `watch.source` says."""
+    if not versions:
+        return config
+    template = config.watch.source.model_dump() if config.watch else {}
+    dumped = config.model_dump(mode="json")
+    dumped["data"]["sources"] += [{**template, "path": v.path} for v in versions]
+    return PipelineConfig.model_validate(dumped)
+
+
+def segments(stages: list[str], default_env: str, routed: dict[str, str]) -> list[tuple[str, str]]:
+    """(environment, last stage) per run of consecutive stages on one profile, in order.
+
+    A routed stage starts a segment on its profile; the stages after it stay there until the
+    next routed stage (training, reward and alignment usually share the GPU pool).
+    """
+    out: list[tuple[str, str]] = []
+    env = default_env
+    for stage in sorted(stages, key=STAGE_ORDER.index):
+        env = routed.get(stage, env)
+        if out and out[-1][0] == env:
+            out[-1] = (env, stage)
+        else:
+            out.append((env, stage))
+    return out
+
+
+def deployment_name(pipeline: str, environment: str | None = None) -> str:
+    """`<pipeline>`, or `<pipeline>--<profile>` for a routed segment's deployment."""
+    if environment is None:
+        return pipeline
+    from pathlib import Path
+
+    return f"{pipeline}--{Path(environment).stem}"
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    version = params.get("data_version") or "all-data"
+    return f"{params.get('pipeline_name') or 'retrain'}@{version}"
+
+
+@flow(name=RETRAIN_FLOW, flow_run_name=_run_name)
+def retrain(
+    config_path: str,
+    data_version: str | None = None,
+    workdir: str | None = None,
+    environment: str | None = None,
+    until: str | None = None,
+    routed: bool = True,
+    pipeline_name: str | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline of `config_path` on its sources plus the data versions up to `data_version`."""
+    from tasks.config import load_pipeline_config
+
+    # Read on the worker, at run time: relative paths resolve against the YAML where it runs.
+    config = load_pipeline_config(config_path, workdir=workdir, environment=environment)
+    versions = Ledger(config.workdir).up_to(data_version)
+    config = with_data_versions(config, versions)
+    create_markdown_artifact(
+        key="data-versions",
+        markdown=_versions_markdown(data_version, versions),
+        description="data versions this run trains on",
+    )
+    from flows.pipeline import pipeline
+    from tasks.run_plan import RunPlan
+
+    plan_stages = RunPlan(stages=config.stages(), until=until)
+    stages = [s for s in config.stages() if plan_stages.includes(s)]
+    parts = segments(stages, config.environment, config.deployment.stage_environments if routed else {})
+    summary: dict[str, Any] = {}
+    for env, last in parts:
+        if env == config.environment:
+            summary = pipeline(config=config, plan=RunPlan(stages=config.stages(), until=last))
+        else:
+            summary = _run_segment(config, config_path, data_version, workdir, env, last)
+    return {**summary, "data_versions": [v.version for v in versions]}
+
+
+def _run_segment(config: PipelineConfig, config_path: str, data_version: str | None, workdir: str | None, env: str, last: str) -> dict:
+    """Run the stages up to `last` on `env`'s work pool and wait for the result."""
+    from prefect.deployments import run_deployment
+
+    from tasks.stage import StageFailed
+
+    run = run_deployment(
+        f"{RETRAIN_FLOW}/{deployment_name(config.name, env)}",
+        parameters={
+            "config_path": config_path,
+            "data_version": data_version,
+            "workdir": workdir,
+            "environment": env,
+            "until": last,
+            "routed": False,
+            "pipeline_name": config.name,
+        },
+        timeout=None,
+    )
+    if not run.state or not run.state.is_completed():
+        message = run.state.message if run.state else "no state"
+        raise StageFailed(f"{last}: the run on {env} ended {run.state.name if run.state else '?'}: {message}")
+    try:
+        result = run.state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - results not persisted: the sub-run's own artifacts hold its summary
+        result = None
+    return result if isinstance(result, dict) else {"stages": {}, "segment_run": str(run.id)}
+
+
+def _versions_markdown(requested: str | None, versions: list[DataVersion]) -> str:
+    lines = [f"# Data versions (run for `{requested or 'all'}`)", "", "| seq | version | files |", "|---|---|---|"]
+    for v in versions:
+        lines.append(f"| {v.seq} | `{v.version}` | {', '.join(f['name'] for f in v.files)} |")
+    if not versions:
+        lines.append("| - | (none: configured sources only) | |")
+    return "\n".join(lines)

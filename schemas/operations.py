@@ -1,0 +1,136 @@
+"""Operations sections of the pipeline YAML: `schedule`, `watch`, `notifications`, `deployment`.
+
+All optional: a pipeline without them runs with `tunepipe run` exactly as before. They take
+effect through `tunepipe deploy` (schedule, watch trigger, work pools), `tunepipe watch`
+(the inbox) and the pipeline flow's state hooks (notifications).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from schemas.base import StrictModel, resolve_path
+from schemas.data import FileType, SourceFormat
+
+# The event the watcher emits for every new data version; deployment triggers match on it.
+DATA_VERSION_EVENT = "tunepipe.data.version.created"
+
+
+class ScheduleConfig(StrictModel):
+    """When the deployed pipeline runs on its own: a cron line or a fixed interval (one of them)."""
+
+    cron: str | None = Field(default=None, description="Cron line (5 fields, e.g. `0 3 * * *`: every day at 03:00).")
+    interval_s: float | None = Field(default=None, gt=0, description="Run every this many seconds (instead of cron).")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron line is read in.")
+    active: bool = Field(default=True, description="False registers the schedule paused.")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from prefect._internal.schemas.validators import validate_cron_string
+
+            validate_cron_string(value)
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ScheduleConfig":
+        if (self.cron is None) == (self.interval_s is None):
+            raise ValueError("set exactly one of cron or interval_s")
+        return self
+
+
+class DropSourceConfig(StrictModel):
+    """How the files of a data version are read: a `data.sources` entry without its path."""
+
+    format: SourceFormat = Field(default="auto", description="Record layout of dropped files (as `data.sources[].format`).")
+    task: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name of dropped records.")
+    file_type: FileType = Field(default="auto", description="How to read dropped files; auto picks by extension.")
+    field_map: dict[str, str] = Field(default_factory=dict, description="Column renames, source name → canonical name.")
+    text_unit: Literal["paragraph", "line", "file"] = Field(default="paragraph", description="For .txt drops: document unit.")
+
+
+class WatchConfig(StrictModel):
+    """Data drops: an inbox whose new files become data versions that trigger a retraining run."""
+
+    inbox: str | None = Field(
+        default=None,
+        description="Directory (relative to the YAML) or fsspec URL (`s3://bucket/prefix`) watched for new or changed "
+        "files; `tunepipe watch INBOX` may name it instead.",
+    )
+    patterns: list[str] = Field(
+        default=["*.jsonl", "*.ndjson", "*.json", "*.csv", "*.parquet", "*.txt"],
+        min_length=1,
+        description="File name globs taken from the inbox; anything else (temp files, dotfiles) is ignored.",
+    )
+    debounce_s: float = Field(
+        default=5.0, ge=0, description="A file is taken once its size and mtime have not changed for this many seconds."
+    )
+    poll_s: float = Field(default=2.0, gt=0, description="Seconds between inbox scans.")
+    source: DropSourceConfig = Field(
+        default_factory=DropSourceConfig, description="How dropped files are read; each data version becomes one data source."
+    )
+
+    @field_validator("inbox")
+    @classmethod
+    def _resolve_inbox(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class NotificationsConfig(StrictModel):
+    """A JSON webhook posted by the pipeline flow's state hooks."""
+
+    webhook_url: str = Field(description="URL the JSON notification is POSTed to (http or https).")
+    on: list[Literal["failure", "completion", "gate"]] = Field(
+        default=["failure", "gate"],
+        description="failure: the run failed (stage, reason, fix); completion: every finished run with its summary; "
+        "gate: a finished run whose stages reported a gate verdict (the data stage's validation, an evaluation gate).",
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=60, description="Seconds a POST may take; a failed POST is logged, never fatal.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers (e.g. an authorization token).")
+    allow_remote: bool = Field(
+        default=True, description="False refuses any host but loopback (127.0.0.1, ::1, localhost): for tests and sandboxes."
+    )
+
+    @model_validator(mode="after")
+    def _check_url(self) -> "NotificationsConfig":
+        parsed = urlparse(self.webhook_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"webhook_url must be an http(s) URL with a host, got {self.webhook_url!r}")
+        if not self.allow_remote and not _is_loopback(parsed.hostname):
+            raise ValueError(f"webhook_url host {parsed.hostname} is not a loopback address (allow_remote is false)")
+        return self
+
+
+class DeploymentConfig(StrictModel):
+    """Where `tunepipe deploy` sends the pipeline's runs."""
+
+    work_pool: str | None = Field(
+        default=None, description="Work pool of the pipeline's runs; default the environment profile's `work_pool`."
+    )
+    work_queue: str | None = Field(default=None, description="Work queue within the pool (default: the pool's default queue).")
+    stage_environments: dict[str, str] = Field(
+        default_factory=dict,
+        description="Stage → environment profile for stages that run elsewhere (e.g. `sft: single-gpu-24gb`): the run "
+        "sends that stage, and the stages after it up to the next routed one, to the profile's work pool.",
+    )
+    concurrency_limit: int = Field(
+        default=1, ge=1, description="Runs of the deployment at once; more are queued (ENQUEUE), never dropped."
+    )
+    job_variables: dict[str, object] = Field(
+        default_factory=dict, description="Work-pool job variables (env, image, resources) for the pipeline's runs."
+    )
+    tags: list[str] = Field(default_factory=list, description="Extra tags on the deployment and its runs.")

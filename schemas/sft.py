@@ -1,0 +1,378 @@
+"""The `sft:` section: instruction fine-tuning on the data splits, one method per run.
+
+`method` is a discriminated union on `name`: one model per fine-tuning method, each holding
+only the knobs that method has, so a knob of another method (say `r` under `ia3`) or an
+impossible combination (PiSSA init on a 4-bit base, packing with virtual tokens) fails at load
+time with its field path. `method: lora` is shorthand for `method: {name: lora}`.
+
+The training hyper-parameters (`training:`) are shared with the `pretrain:` section. Batch size,
+accumulation, precision, gradient checkpointing, attention kernel and launcher come from the
+hardware profile (environments/), never from here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from schemas.base import StrictModel, resolve_path
+
+ALL_LINEAR = "all-linear"
+
+# Named chat templates (`chat_template: <name>`). Each marks the assistant's answer and its end
+# with `eos_token`, so the trained model learns to stop.
+NAMED_CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "alpaca": (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}"
+        "{%- elif message['role'] == 'user' %}{{- '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{%- else %}{{- '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### Response:\\n' }}{%- endif %}"
+    ),
+    "plain": (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'assistant' %}{{- message['content'] + eos_token + '\\n' }}"
+        "{%- else %}{{- message['content'] + '\\n' }}{%- endif %}"
+        "{%- endfor %}"
+    ),
+}
+
+
+class _Method(StrictModel):
+    """Common base of the method models."""
+
+    @property
+    def is_peft(self) -> bool:
+        """True when the result is a PEFT adapter (the base weights stay frozen and unsaved)."""
+        return self.name not in ("full", "freeze", "bitfit")  # type: ignore[attr-defined]
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Virtual-token methods (prompt, prefix, P-tuning)."""
+        return self.name in ("prompt_tuning", "prefix_tuning", "p_tuning")  # type: ignore[attr-defined]
+
+
+class FullMethod(_Method):
+    """Full fine-tuning: every parameter trains."""
+
+    name: Literal["full"] = Field(description="Method: full fine-tuning.")
+
+
+class FreezeMethod(_Method):
+    """Partial fine-tuning: only the last N transformer blocks and/or named modules train."""
+
+    name: Literal["freeze"] = Field(description="Method: freeze everything but the last layers / named modules.")
+    train_last_layers: int = Field(default=1, ge=0, description="Number of last transformer blocks that train.")
+    train_modules: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions matched (re.search) against parameter names that also train, "
+        "e.g. `lm_head`, `norm`. With tied embeddings, training lm_head trains the embedding too.",
+    )
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "FreezeMethod":
+        if self.train_last_layers == 0 and not self.train_modules:
+            raise ValueError("freeze: train_last_layers is 0 and train_modules is empty: nothing would train")
+        return self
+
+
+class BitFitMethod(_Method):
+    """BitFit: only the bias terms train. Needs a model that has biases (Llama-family models have none)."""
+
+    name: Literal["bitfit"] = Field(description="Method: train the biases only.")
+
+
+class _LoraFields(_Method):
+    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default=ALL_LINEAR,
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the output head).",
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r).")
+    use_dora: bool = Field(default=False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train alongside the adapter.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules is empty: name modules or use all-linear")
+        return value
+
+
+class LoraMethod(_LoraFields):
+    """LoRA on a full-precision (or bf16) base."""
+
+    name: Literal["lora"] = Field(description="Method: LoRA.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        default="default",
+        description="Adapter initialisation. `pissa` / `olora` start from the principal components of the base "
+        "weights (the base is adjusted to compensate); the saved adapter is converted back to a plain LoRA on the "
+        "original base, so it loads and serves like any other.",
+    )
+
+    @model_validator(mode="after")
+    def _combos(self) -> "LoraMethod":
+        if self.init in ("pissa", "olora") and self.use_dora:
+            raise ValueError(f"init {self.init} cannot be combined with use_dora: choose one")
+        return self
+
+
+class QLoraMethod(_LoraFields):
+    """QLoRA: LoRA on a 4-bit (bitsandbytes) frozen base. Unset quantization fields come from the profile."""
+
+    name: Literal["qlora"] = Field(description="Method: LoRA on a 4-bit quantized base.")
+    quant_type: Literal["nf4", "fp4"] | None = Field(default=None, description="4-bit data type; default: the profile's.")
+    double_quant: bool | None = Field(default=None, description="Quantize the quantization constants; default: the profile's.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="dtype weights are dequantized to for matmuls; default: the profile's."
+    )
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = Field(
+        default="paged_adamw_8bit",
+        description="Optimiser: paged (spills to CPU under memory spikes) and/or 8-bit (bitsandbytes) AdamW.",
+    )
+    init: Literal["default", "gaussian"] = Field(
+        default="default",
+        description="Adapter initialisation. PiSSA/OLoRA are not offered: they rewrite base weights, which are "
+        "frozen in 4 bits here (use method lora for them).",
+    )
+
+
+class AdaLoraMethod(_Method):
+    """AdaLoRA: LoRA whose rank budget is re-allocated across layers during training."""
+
+    name: Literal["adalora"] = Field(description="Method: AdaLoRA.")
+    init_r: int = Field(default=12, ge=1, description="Initial rank of every adapted matrix.")
+    target_r: int = Field(default=8, ge=1, description="Average rank the budget is pruned down to.")
+    alpha: float = Field(default=16, gt=0, description="Scaling numerator.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(default=ALL_LINEAR, description="Modules to adapt.")
+    tinit: int = Field(default=0, ge=0, description="Warm-up steps before rank pruning starts.")
+    tfinal: int = Field(default=0, ge=0, description="Final steps with the ranks fixed.")
+    delta_t: int = Field(default=1, ge=1, description="Steps between two budget re-allocations.")
+    beta1: float = Field(default=0.85, gt=0, lt=1, description="EMA factor of the sensitivity.")
+    beta2: float = Field(default=0.85, gt=0, lt=1, description="EMA factor of the uncertainty.")
+    orth_reg_weight: float = Field(default=0.5, ge=0, description="Weight of the orthogonality regulariser.")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "AdaLoraMethod":
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
+
+
+class IA3Method(_Method):
+    """(IA)^3: learned scaling vectors on keys, values and the feed-forward input."""
+
+    name: Literal["ia3"] = Field(description="Method: (IA)^3.")
+    target_modules: list[str] | None = Field(
+        default=None, description="Modules to scale; default: PEFT's choice for the architecture (k, v, down projections)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        default=None, description="Which of target_modules are feed-forward (scaled on their input); default: PEFT's."
+    )
+
+    @model_validator(mode="after")
+    def _subset(self) -> "IA3Method":
+        if self.feedforward_modules is not None:
+            if self.target_modules is None:
+                raise ValueError("feedforward_modules needs target_modules (they must be a subset of it)")
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}")
+        return self
+
+
+class PromptTuningMethod(_Method):
+    """Prompt tuning: trainable virtual-token embeddings prepended to the input."""
+
+    name: Literal["prompt_tuning"] = Field(description="Method: prompt tuning.")
+    num_virtual_tokens: int = Field(default=16, ge=1, description="Virtual tokens prepended to every input.")
+    init: Literal["random", "text"] = Field(default="random", description="Initialise from random vectors or from a text's embeddings.")
+    init_text: str | None = Field(default=None, description="Text whose token embeddings initialise the prompt (init: text).")
+
+    @model_validator(mode="after")
+    def _text(self) -> "PromptTuningMethod":
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init text needs init_text")
+        if self.init == "random" and self.init_text:
+            raise ValueError("init_text is only used with init: text")
+        return self
+
+
+class PrefixTuningMethod(_Method):
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+
+    name: Literal["prefix_tuning"] = Field(description="Method: prefix tuning.")
+    num_virtual_tokens: int = Field(default=16, ge=1, description="Prefix length.")
+    prefix_projection: bool = Field(default=False, description="Re-parameterise the prefix through an MLP.")
+    encoder_hidden_size: int | None = Field(default=None, ge=1, description="Hidden size of that MLP (prefix_projection only).")
+
+    @model_validator(mode="after")
+    def _projection(self) -> "PrefixTuningMethod":
+        if self.encoder_hidden_size is not None and not self.prefix_projection:
+            raise ValueError("encoder_hidden_size is only used with prefix_projection: true")
+        return self
+
+
+class PTuningMethod(_Method):
+    """P-tuning: virtual tokens produced by a small prompt encoder (MLP or LSTM)."""
+
+    name: Literal["p_tuning"] = Field(description="Method: P-tuning.")
+    num_virtual_tokens: int = Field(default=16, ge=1, description="Virtual tokens prepended to every input.")
+    encoder_type: Literal["MLP", "LSTM"] = Field(default="MLP", description="Prompt encoder re-parameterisation.")
+    encoder_hidden_size: int | None = Field(default=None, ge=1, description="Prompt encoder width; default: the model's hidden size.")
+    encoder_num_layers: int = Field(default=2, ge=1, description="Prompt encoder layers.")
+    encoder_dropout: float = Field(default=0.0, ge=0, lt=1, description="Prompt encoder dropout.")
+
+
+MethodConfig = Annotated[
+    Union[
+        FullMethod, FreezeMethod, BitFitMethod, LoraMethod, QLoraMethod, AdaLoraMethod, IA3Method,
+        PromptTuningMethod, PrefixTuningMethod, PTuningMethod,
+    ],
+    Field(discriminator="name"),
+]
+METHOD_NAMES = (
+    "full", "freeze", "bitfit", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+)
+
+
+def method_shorthand(value: Any) -> Any:
+    """`method: lora` → `{name: lora}`."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class TrainingConfig(StrictModel):
+    """Optimisation hyper-parameters (shared by sft and pretrain). Batch and precision come from the profile."""
+
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+        default="adamw_torch", description="Optimiser (qlora uses its own `method.optimizer`)."
+    )
+    seed: int = Field(default=42, description="Seed of initialisation, shuffling and dropout.")
+    logging_steps: int = Field(default=1, ge=1, description="Log the loss every N steps (the loss curve's resolution).")
+    save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps (a killed run resumes from the last one).")
+    save_total_limit: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate on the validation split every N steps; default: once at the end."
+    )
+
+
+class HeldoutConfig(StrictModel):
+    """Greedy answers on the test split after training, scored against the untrained base."""
+
+    max_examples_per_task: int = Field(
+        default=64, ge=0, description="Test records per task to answer (0 turns the held-out check off)."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest generated answer, in tokens.")
+    batch_size: int = Field(default=16, ge=1, description="Prompts generated together.")
+
+
+class SFTConfig(StrictModel):
+    """Instruction SFT on the data artifact's splits (train; validation for eval loss)."""
+
+    model: str | None = Field(
+        default=None,
+        description="Base model: hub id or local directory. Default: the `pretrain` input artifact if the pipeline "
+        "has one, else the `base_model` artifact.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (commit sha for reproducible caching).")
+    method: MethodConfig = Field(
+        default_factory=lambda: LoraMethod(name="lora"),
+        description="Fine-tuning method and its settings (`name`: full, freeze, bitfit, lora, qlora, adalora, ia3, "
+        "prompt_tuning, prefix_tuning, p_tuning). `method: lora` is shorthand for `{name: lora}`.",
+    )
+    adapters: Literal["shared", "per_task"] = Field(
+        default="shared",
+        description="Multi-task: one adapter trained on all tasks mixed (`shared`), or one adapter per task "
+        "(`per_task`: the artifact has adapters/<task>/).",
+    )
+    tasks: list[str] | None = Field(default=None, description="Tasks to train on; default: every task in the train split.")
+    chat_template: str = Field(
+        default="model",
+        description="How records become text: `model` (the tokenizer's own chat template), a named template "
+        f"({', '.join(NAMED_CHAT_TEMPLATES)}), or an explicit Jinja template (a string with `{{{{`/`{{%`, or a path "
+        "to a .jinja file).",
+    )
+    system_prompt: str | None = Field(default=None, description="System message prepended to records that have none.")
+    train_on_inputs: bool = Field(
+        default=False, description="Also put loss on prompt tokens. Default false: loss on the assistant's answers only."
+    )
+    max_length: int = Field(default=512, ge=8, description="Longest tokenized example (the packed block length when packing).")
+    overlong: Literal["truncate", "drop", "fail"] = Field(
+        default="truncate",
+        description="Examples longer than max_length: cut at max_length, drop them, or fail the stage. Always counted "
+        "in the metrics (`truncated`, `dropped_overlong`).",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples per row (best-fit decreasing). Examples keep their own positions and do "
+        "not attend to each other (position-id packing; honoured by flash attention, and by sdpa/eager in "
+        "transformers >= 5).",
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation hyper-parameters.")
+    heldout: HeldoutConfig = Field(
+        default_factory=HeldoutConfig,
+        description="Held-out learning check: exact match / token F1 on the test split, trained vs base, in the metrics.",
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return method_shorthand(value)
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str, info: ValidationInfo) -> str:
+        if value == "model" or value in NAMED_CHAT_TEMPLATES or "{{" in value or "{%" in value:
+            return value
+        if value.endswith((".jinja", ".j2")):
+            return resolve_path(value, info)
+        raise ValueError(
+            f"chat_template {value!r}: use `model`, a named template ({', '.join(NAMED_CHAT_TEMPLATES)}), "
+            "a Jinja template string or a .jinja file"
+        )
+
+    @model_validator(mode="after")
+    def _combos(self) -> "SFTConfig":
+        method = self.method
+        if self.adapters == "per_task" and not method.is_peft:
+            raise ValueError(
+                f"adapters: per_task trains one adapter per task, but method {method.name} saves full weights: "
+                "use a PEFT method (lora, qlora, adalora, ia3, prompt/prefix/p_tuning) or adapters: shared"
+            )
+        if self.packing and method.is_prompt_learning:
+            raise ValueError(
+                f"packing: {method.name} prepends virtual tokens to every row, which would be shared by the packed "
+                "examples: set packing: false"
+            )
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is empty: omit it to train on every task")
+        return self

@@ -1,0 +1,110 @@
+"""Webhook notifications: payloads, bounded POSTs to a loopback receiver, config checks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.operations import NotificationsConfig
+from tasks import notify
+
+
+class Receiver:
+    """A JSON webhook receiver on 127.0.0.1 that keeps what it is sent (bodies capped at 1 MiB)."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                length = min(int(self.headers.get("Content-Length", 0)), 1 << 20)
+                received.append({"body": json.loads(self.rfile.read(length)), "headers": dict(self.headers)})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "Receiver":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def events(self, kind: str) -> list[dict]:
+        return [r["body"] for r in self.received if r["body"]["event"] == kind]
+
+
+def test_post_reaches_a_loopback_receiver_with_headers():
+    with Receiver() as receiver:
+        settings = NotificationsConfig(webhook_url=receiver.url, headers={"X-Token": "t"}, allow_remote=False)
+        assert notify.send(settings, {"event": "failure", "n": 1}) is True
+    assert receiver.received[0]["body"] == {"event": "failure", "n": 1}
+    assert receiver.received[0]["headers"]["X-Token"] == "t"
+
+
+def test_unreachable_webhook_is_logged_not_raised():
+    from tasks.server import free_port
+
+    settings = NotificationsConfig(webhook_url=f"http://127.0.0.1:{free_port()}/x", timeout_s=1)
+    assert notify.send(settings, {"event": "failure"}) is False
+
+
+def test_config_refuses_bad_urls_and_non_loopback_when_told():
+    with pytest.raises(ValidationError, match="http"):
+        NotificationsConfig(webhook_url="ftp://example.org/x")
+    with pytest.raises(ValidationError, match="loopback"):
+        NotificationsConfig(webhook_url="http://10.0.0.1/x", allow_remote=False)
+    NotificationsConfig(webhook_url="http://[::1]:8080/x", allow_remote=False)
+
+
+def test_failure_details_name_stage_reason_and_fix():
+    message = (
+        "Flow run encountered an exception: StageFailed: data: expectation 'no-ai' failed for 3 row(s). "
+        "Report: /w/report.json; rejected rows: /w/rejected.jsonl"
+    )
+    details = notify.failure_details(message)
+    assert details["stage"] == "data"
+    assert details["reason"].startswith("data: expectation 'no-ai' failed for 3 row(s)")
+    assert "rejected.jsonl" in details["reason"] and "rejected" in details["fix"]
+    assert notify.failure_details("Flow run encountered an exception: OSError: disk full", "sft")["stage"] == "sft"
+
+
+def test_hooks_read_settings_from_the_run_parameters_and_post(monkeypatch):
+    monkeypatch.setattr(notify, "_failed_stage", lambda flow_run_id: None)  # no Prefect API in a unit test
+    with Receiver() as receiver:
+        params = {"config": {"name": "demo", "notifications": {"webhook_url": receiver.url, "on": ["failure", "completion"]}}}
+        run = SimpleNamespace(id="00000000-0000-0000-0000-000000000000", name="demo", parameters=params)
+        failed = SimpleNamespace(name="Failed", message="Flow run encountered an exception: StageFailed: data: too few rows")
+        notify.on_failure(None, run, failed)
+        done = SimpleNamespace(
+            name="Completed",
+            message=None,
+            result=lambda raise_on_failure=False: {
+                "stages": {"data": {"key": "k", "cached": True, "path": "/nowhere", "metrics": {"read": 3, "kept": 3, "rejected": 0}},
+                           "evaluate": {"key": "e", "cached": False, "path": "/e", "metrics": {"gate_passed": False, "gate_reason": "worse"}}}
+            },
+        )
+        notify.on_completion(None, run, done)
+    failure = receiver.events("failure")[0]
+    assert failure["pipeline"] == "demo" and failure["failure"]["stage"] == "data"
+    completion = receiver.events("completion")[0]
+    assert completion["stages"]["data"]["cached"] is True
+    assert {g["stage"]: g["passed"] for g in completion["gates"]} == {"data": True, "evaluate": False}
+    assert receiver.events("gate") == []  # not asked for
+
+
+def test_no_section_no_post():
+    run = SimpleNamespace(id="x", name="n", parameters={"config": {"name": "demo"}})
+    notify.on_failure(None, run, SimpleNamespace(name="Failed", message="boom"))  # nothing to post to, no error
