@@ -1,0 +1,81 @@
+"""The sft stage killed mid-training resumes from its last checkpoint instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from schemas.sft import SFTConfig
+from tasks.artifacts import ArtifactStore
+from tasks.sft import SFTStage
+from tasks.stage import run_stage
+from tests.conftest import REPO
+from tests.stage.test_sft_support import build_tiny_model, cpu_profile, kill_script, write_data_artifact
+
+SLOW_STEPS = """
+import time
+from transformers import Trainer
+_step = Trainer.training_step
+def _slow(self, *args, **kwargs):
+    time.sleep(0.3)
+    return _step(self, *args, **kwargs)
+Trainer.training_step = _slow
+"""
+
+
+def _complete_checkpoints(root: Path) -> list[int]:
+    steps = []
+    for state in root.glob("sft/.staging/*/.checkpoints/all/checkpoint-*/trainer_state.json"):
+        try:
+            json.loads(state.read_text())
+        except ValueError:
+            continue
+        steps.append(int(state.parent.name.split("-")[1]))
+    return sorted(steps)
+
+
+def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
+    model = build_tiny_model(tmp_path / "model")
+    data = write_data_artifact(tmp_path / "data")
+    config = {
+        "model": str(model), "method": {"name": "lora", "r": 4}, "max_length": 64,
+        "training": {"max_steps": 6, "save_steps": 2, "save_total_limit": 3, "warmup_ratio": 0.0},
+    }
+    root = tmp_path / "artifacts"
+    script = SLOW_STEPS + kill_script(root, data, config)
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # While the child starts up, load the training libraries here for the rerun.
+    import matplotlib.pyplot  # noqa: F401
+    import tasks.sft.train  # noqa: F401
+    import trl  # noqa: F401
+
+    try:
+        deadline = time.monotonic() + 90
+        while not _complete_checkpoints(root):
+            assert proc.poll() is None, "the training process ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 90 s"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    print(f"killed after {time.monotonic() - started:.1f}s")
+    done = _complete_checkpoints(root)
+    assert done and done[-1] < 6, f"killed too late: {done}"
+    assert ArtifactStore(root).published("sft") == []
+
+    rerun = time.monotonic()
+    ref = run_stage(SFTStage(), SFTConfig.model_validate(config), {"data": data}, ArtifactStore(root), cpu_profile())
+    print(f"rerun took {time.monotonic() - rerun:.1f}s")
+    metrics = json.loads((Path(ref.path) / "metrics.json").read_text())["all"]
+    assert metrics["resumed_from"] == done[-1]
+    assert metrics["global_step"] == 6
+    # The loss history carries the steps of the killed attempt too (restored trainer state).
+    assert [p["step"] for p in metrics["loss_history"]] == list(range(1, 7))
+    assert not (Path(ref.path) / ".checkpoints").exists()
+    assert (Path(ref.path) / "adapter" / "adapter_model.safetensors").exists()

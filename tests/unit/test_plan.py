@@ -1,0 +1,130 @@
+"""The memory/parameter planner: meta-device counts equal PEFT's counts on real models, the
+estimate reacts to the profile, and the sft stage refuses a run that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.sft import SFTConfig
+from tasks import peft_methods
+from tasks.environment import load_environment
+from tasks.plan import check_fit, plan
+from tasks.stage import StageFailed
+
+torch.set_num_threads(1)
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    return {
+        "llama": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False),
+        "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128),
+        "qwen2": Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True),
+    }
+
+
+METHODS = {
+    "full": "full",
+    "freeze": {"name": "freeze", "train_last_layers": 1, "train_modules": ["lm_head"]},
+    "lora-all-linear": {"name": "lora", "r": 4},
+    "lora-dora": {"name": "lora", "r": 8, "use_dora": True, "modules_to_save": ["lm_head"]},
+    "adalora": {"name": "adalora"},
+    "ia3": "ia3",
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 7},
+    "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 16},
+    "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 6},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_meta_counts_equal_peft_counts_on_real_models(arch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()[arch]
+    env = load_environment("cpu")
+    methods = dict(METHODS)
+    if arch != "llama":
+        methods["bitfit"] = "bitfit"  # GPT-2 and Qwen2 (q/k/v) have biases
+    for label, spec in methods.items():
+        method = SFTConfig.model_validate({"method": spec}).method
+        result = plan(cfg, method, env, seq_len=32)
+        torch.manual_seed(0)
+        real = peft_methods.apply_method(AutoModelForCausalLM.from_config(cfg), method, total_step=10)
+        expected = real.get_nb_trainable_parameters() if method.is_peft else peft_methods.count_parameters(real)
+        assert (result["trainable_params"], result["total_params"]) == tuple(expected), f"{arch} {label}"
+        assert 0 < result["trainable_percent"] <= 100
+
+
+def test_qlora_counts_equal_a_real_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from tasks.sft.train import load_base
+
+    cfg = _configs()["llama"]
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    method = SFTConfig.model_validate({"method": {"name": "qlora", "r": 4}}).method
+    env = load_environment("cpu")
+    real = peft_methods.apply_method(load_base(str(tmp_path), method, env), method)
+    assert any(type(p).__name__ == "Params4bit" for p in real.parameters())
+    result = plan(str(tmp_path), method, env, seq_len=32)
+    assert (result["trainable_params"], result["total_params"]) == real.get_nb_trainable_parameters()
+
+
+def test_bitfit_on_a_bias_less_model_fails_at_plan_time():
+    with pytest.raises(StageFailed, match="no bias parameters"):
+        plan(_configs()["llama"], SFTConfig.model_validate({"method": "bitfit"}).method, load_environment("cpu"), 32)
+
+
+def _seven_b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000)
+
+
+def test_memory_estimate_for_a_7b_model_per_profile():
+    cfg = _seven_b()
+    gpu24 = load_environment("single-gpu-24gb")
+    lora = plan(cfg, SFTConfig.model_validate({"method": "lora"}).method, gpu24, 1024)
+    qlora = plan(cfg, SFTConfig.model_validate({"method": "qlora"}).method, gpu24, 1024)
+    full = plan(cfg, SFTConfig.model_validate({"method": "full"}).method, gpu24, 1024)
+    assert 6.5e9 < full["total_params"] < 7e9 and full["trainable_params"] == full["total_params"]
+    assert set(lora["memory"]) >= {"weights_gb", "gradients_gb", "optimizer_gb", "activations_gb", "total_gb", "fits"}
+    assert 12 < lora["memory"]["weights_gb"] < 13.5  # bf16
+    assert 3 < qlora["memory"]["weights_gb"] < 5  # 4-bit linears, embeddings and head in fp32
+    assert qlora["memory"]["fits"] and not full["memory"]["fits"]
+    assert full["memory"]["optimizer_gb"] > 20
+    # ZeRO-3 with offload over 8 GPUs: optimizer states leave the GPU, weights are sharded.
+    zero3 = plan(cfg, SFTConfig.model_validate({"method": "full"}).method, load_environment("multi-gpu-deepspeed-zero3"), 1024)
+    assert zero3["memory"]["optimizer_gb"] == 0 and zero3["memory"]["weights_gb"] == 0
+    # Gradient checkpointing cuts activations.
+    no_ckpt = plan(cfg, SFTConfig.model_validate({"method": "lora"}).method, gpu24.model_copy(update={"gradient_checkpointing": False}), 1024)
+    assert no_ckpt["memory"]["activations_gb"] > 5 * lora["memory"]["activations_gb"]
+
+
+def test_check_fit_says_what_to_change():
+    with pytest.raises(StageFailed) as info:
+        check_fit(_seven_b(), SFTConfig.model_validate({"method": "full"}).method, load_environment("single-gpu-24gb"), 1024)
+    message = str(info.value)
+    assert "single-gpu-24gb has 24 GiB" in message
+    assert "qlora" in message and "per_device_batch_size" in message and "ZeRO" in message
+
+
+def test_sft_stage_refuses_before_loading_the_model(tmp_path):
+    from schemas.manifest import ArtifactRef
+    from tasks.artifacts import ArtifactStore
+    from tasks.sft import SFTStage
+    from tasks.stage import run_stage
+
+    cfg = _configs()["llama"]
+    cfg.save_pretrained(tmp_path / "model")  # a config only: loading weights would fail
+    tiny = load_environment("cpu").model_copy(update={"device_memory_gb": 1e-6})
+    config = SFTConfig.model_validate({"model": str(tmp_path / "model"), "method": "lora"})
+    data = ArtifactRef(stage="data", key="k", path=str(tmp_path))
+    with pytest.raises(StageFailed, match="To fit"):
+        run_stage(SFTStage(), config, {"data": data}, ArtifactStore(tmp_path / "artifacts"), tiny)
