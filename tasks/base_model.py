@@ -100,14 +100,13 @@ def wrap_tokenizer(tokenizer, config: BaseModelConfig):
     )
 
 
-def build_model(config: BaseModelConfig, tokenizer):
-    """A randomly initialised LlamaForCausalLM (float32, CPU, seeded) sized for `tokenizer`."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def llama_config(config: BaseModelConfig, *, vocab_size: int, **token_ids: int | None):
+    """The `LlamaConfig` the section describes, for a vocabulary of `vocab_size`."""
+    from transformers import LlamaConfig
 
     arch = config.architecture
-    model_config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_hidden_layers,
@@ -118,10 +117,22 @@ def build_model(config: BaseModelConfig, tokenizer):
         rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
         rms_norm_eps=arch.rms_norm_eps,
         initializer_range=arch.initializer_range,
+        use_cache=True,
+        **token_ids,
+    )
+
+
+def build_model(config: BaseModelConfig, tokenizer):
+    """A randomly initialised LlamaForCausalLM (float32, CPU, seeded) sized for `tokenizer`."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    model_config = llama_config(
+        config,
+        vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
     )
     # Seed a private generator state: the global RNG state is restored afterwards.
     with torch.random.fork_rng(devices=[]):

@@ -271,17 +271,7 @@ def pipeline_plan_target(config: Any) -> tuple[Any, Any, int]:
         raise ValueError(f"{config.name}: the pipeline has no sft section to plan")
     model = config.sft.model or (config.pretrain.model if config.pretrain else None)
     if model is None and config.base_model is not None:
-        from transformers import LlamaConfig
+        from tasks.base_model import llama_config
 
-        arch = config.base_model.architecture
-        model = LlamaConfig(
-            vocab_size=config.base_model.tokenizer.vocab_size,
-            hidden_size=arch.hidden_size,
-            intermediate_size=arch.intermediate_size,
-            num_hidden_layers=arch.num_hidden_layers,
-            num_attention_heads=arch.num_attention_heads,
-            num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
-            max_position_embeddings=arch.max_position_embeddings,
-            tie_word_embeddings=arch.tie_word_embeddings,
-        )
+        model = llama_config(config.base_model, vocab_size=config.base_model.tokenizer.vocab_size)
     return model, config.sft.method, config.sft.max_length

@@ -15,8 +15,8 @@ from typing import Any
 
 from schemas.environment import EnvironmentProfile
 from schemas.pretrain import PretrainConfig
-from tasks.sft import model_payload, resolve_model, training_env_payload
-from tasks.stage import Stage, StageContext, StageFailed, StageOutput
+from tasks.sft import TrainingStage, resolve_model
+from tasks.stage import StageContext, StageFailed, StageOutput
 
 ENTRYPOINT = "tasks.pretrain:train_job"
 
@@ -98,21 +98,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-class PretrainStage(Stage):
+class PretrainStage(TrainingStage):
     """Continued pretraining of the base model on the corpus; publishes a full model directory."""
 
     name = "pretrain"
     config_model = PretrainConfig
     code_modules = ("tasks.pretrain", "tasks.sft", "tasks.peft_methods", "tasks.launcher", "schemas.pretrain", "schemas.sft")
     resumable = True
-
-    def key_payload(self, config: PretrainConfig) -> Any:
-        payload = config.model_dump(mode="json")
-        payload["model"] = model_payload(config.model, config.revision)
-        return payload
-
-    def env_payload(self, env: EnvironmentProfile) -> dict[str, Any]:
-        return training_env_payload(env)
 
     def run(self, config: PretrainConfig, ctx: StageContext) -> StageOutput:
         from tasks.launcher import run_training

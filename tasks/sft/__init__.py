@@ -95,21 +95,26 @@ def _mean_eval(m: dict[str, Any]) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
 
-class SFTStage(Stage):
-    """Instruction SFT with any method of `sft.method`; shared or per-task adapters."""
+class TrainingStage(Stage):
+    """A stage that trains a model: the model enters the key by content, and so do the profile's
+    training fields (dtype, batch, accumulation, ...)."""
 
-    name = "sft"
-    config_model = SFTConfig
-    code_modules = ("tasks.sft", "tasks.peft_methods", "tasks.launcher", "schemas.sft")
-    resumable = True
-
-    def key_payload(self, config: SFTConfig) -> Any:
+    def key_payload(self, config: Any) -> Any:
         payload = config.model_dump(mode="json")
         payload["model"] = model_payload(config.model, config.revision)
         return payload
 
     def env_payload(self, env: EnvironmentProfile) -> dict[str, Any]:
         return training_env_payload(env)
+
+
+class SFTStage(TrainingStage):
+    """Instruction SFT with any method of `sft.method`; shared or per-task adapters."""
+
+    name = "sft"
+    config_model = SFTConfig
+    code_modules = ("tasks.sft", "tasks.peft_methods", "tasks.launcher", "schemas.sft")
+    resumable = True
 
     def run(self, config: SFTConfig, ctx: StageContext) -> StageOutput:
         from tasks.launcher import run_training

@@ -101,7 +101,7 @@ def test_packing_keeps_examples_apart(assets, tmp_path):
     starts = (positions == 0).nonzero().flatten().tolist()
     assert len(starts) >= 2, "several examples share the packed row"
     model = trainer.model.eval()
-    a, b = starts[0], starts[1]
+    b = starts[1]
     second = batch["input_ids"][0, b : starts[2] if len(starts) > 2 else None]
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, b : b + len(second)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.artifacts import MANIFEST, ArtifactStore
-from tasks.stage import StageFailed, StageOutput, run_stage
+from tasks.stage import StageFailed, run_stage
 from tests.conftest import REPO
 from tests.toy_stages import Consumer, Counter, Producer, ToyConfig
 

@@ -6,7 +6,6 @@ import inspect
 import textwrap
 
 import pytest
-from pydantic import BaseModel
 
 from tasks.config import ConfigError, load_pipeline_config
 from tasks.environment import load_environment
