@@ -332,7 +332,7 @@ def trainer_args(
         packing_strategy=strategy,
         deepspeed=deepspeed_config,
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=False,  # the console progress bar; the Prefect UI gets a progress artifact
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,

@@ -70,11 +70,14 @@ def load_base(model_path: str, method: Any, env: EnvironmentProfile, revision: s
     return model
 
 
-def make_callbacks(model: Any, method: Any) -> list[Any]:
-    """AdaLoRA's budget re-allocation after each optimiser step (the Trainer does not call it)."""
+def make_callbacks(model: Any, method: Any, label: str = "training") -> list[Any]:
+    """Live progress in the Prefect UI; AdaLoRA's budget re-allocation after each optimiser step
+    (the Trainer does not call it)."""
     from transformers import TrainerCallback
 
-    callbacks: list[Any] = []
+    from tasks.sft.progress import PrefectProgress
+
+    callbacks: list[Any] = [PrefectProgress(label)]
     if getattr(method, "name", None) == "adalora":
 
         class AdaLoraBudget(TrainerCallback):
