@@ -3,7 +3,7 @@
 Every source format (alpaca, sharegpt, messages, preference, text) is normalised into one of
 four shapes. The data stage builds these as plain dicts in its hot loop (pydantic per record
 would cost more than the rest of the cleaning); the models below are the documented contract,
-used by downstream readers (`load_records`) and by the tests to check every written line.
+used by downstream readers and by the tests to check every written line.
 
 Files in a data artifact:
 - `train.jsonl`, `validation.jsonl`, `test.jsonl`: `InstructionRecord` or `ChatRecord` lines
@@ -15,9 +15,7 @@ Files in a data artifact:
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from pydantic import Field, TypeAdapter
 
@@ -102,11 +100,3 @@ def to_messages(row: dict) -> list[dict[str, str]]:
     messages.append({"role": "user", "content": user})
     messages.append({"role": "assistant", "content": row["output"]})
     return messages
-
-
-def load_records(path: str | Path) -> Iterator[dict]:
-    """The lines of a data artifact file as dicts (no per-line validation: it was validated once)."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)

@@ -10,12 +10,12 @@ training is deterministic; weights come from a seeded CPU initialisation in floa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from schemas.base_model import BaseModelConfig
 from schemas.environment import EnvironmentProfile
+from tasks.jsonl import read_jsonl
 from tasks.stage import Stage, StageContext, StageFailed, StageOutput
 
 # Text fields of data artifact records (instruction, chat, preference and text records).
@@ -42,23 +42,10 @@ def record_texts(record: dict[str, Any]) -> Iterator[str]:
 def read_texts(data_dir: Path, sources: list[str]) -> dict[str, list[str]]:
     """Texts per source (`corpus`: corpus.jsonl, `train`: train.jsonl) of a data artifact."""
     files = {"corpus": "corpus.jsonl", "train": "train.jsonl"}
-    texts: dict[str, list[str]] = {}
-    for source in sources:
-        path = data_dir / files[source]
-        if not path.exists():
-            texts[source] = []
-            continue
-        out: list[str] = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.extend(record_texts(json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise StageFailed(f"{path}:{number}: not JSON ({exc.msg})") from exc
-        texts[source] = out
-    return texts
+    return {
+        source: [text for record in read_jsonl(data_dir / files[source]) for text in record_texts(record)]
+        for source in sources
+    }
 
 
 def train_tokenizer(texts: list[str], config: BaseModelConfig):

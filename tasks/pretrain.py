@@ -15,6 +15,7 @@ from typing import Any
 
 from schemas.environment import EnvironmentProfile
 from schemas.pretrain import PretrainConfig
+from tasks.jsonl import read_jsonl
 from tasks.sft import TrainingStage, resolve_model
 from tasks.stage import StageContext, StageFailed, StageOutput
 
@@ -23,8 +24,6 @@ ENTRYPOINT = "tasks.pretrain:train_job"
 
 def read_corpus(data_dir: str | Path) -> list[dict[str, Any]]:
     """`corpus.jsonl` records with a non-empty `text`."""
-    from tasks.sft.data import read_jsonl
-
     path = Path(data_dir) / "corpus.jsonl"
     if not path.exists():
         raise StageFailed(f"pretrain: {path} does not exist: the data stage wrote no corpus (add text sources to data:)")

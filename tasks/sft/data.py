@@ -10,31 +10,17 @@ always counted.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from schemas.sft import NAMED_CHAT_TEMPLATES
+from tasks.jsonl import read_jsonl
 from tasks.stage import StageFailed
 
 IGNORE = -100
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise StageFailed(f"{path}:{number}: not JSON ({exc.msg})") from exc
-    return records
 
 
 def read_split(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
