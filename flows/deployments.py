@@ -71,7 +71,8 @@ def build_deployments(config_path: str | Path, config: PipelineConfig, *, workdi
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
-    from flows.retrain import deployment_name, retrain
+    from flows.retrain import retrain
+    from tasks.retrain import deployment_name
 
     parameters = {
         "config_path": str(Path(config_path).resolve()),

@@ -15,46 +15,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from schemas.pipeline import STAGE_ORDER, PipelineConfig
-from tasks.watch import DataVersion, Ledger
+from schemas.pipeline import PipelineConfig
+from tasks.retrain import deployment_name, segments, versions_markdown, with_data_versions
+from tasks.watch import Ledger
 
 RETRAIN_FLOW = "tunepipe-retrain"
-
-
-def with_data_versions(config: PipelineConfig, versions: list[DataVersion]) -> PipelineConfig:
-    """The config with one data source per data version, read as `watch.source` says."""
-    if not versions:
-        return config
-    template = config.watch.source.model_dump() if config.watch else {}
-    dumped = config.model_dump(mode="json")
-    dumped["data"]["sources"] += [{**template, "path": v.path} for v in versions]
-    return PipelineConfig.model_validate(dumped)
-
-
-def segments(stages: list[str], default_env: str, routed: dict[str, str]) -> list[tuple[str, str]]:
-    """(environment, last stage) per run of consecutive stages on one profile, in order.
-
-    A routed stage starts a segment on its profile; the stages after it stay there until the
-    next routed stage (training, reward and alignment usually share the GPU pool).
-    """
-    out: list[tuple[str, str]] = []
-    env = default_env
-    for stage in sorted(stages, key=STAGE_ORDER.index):
-        env = routed.get(stage, env)
-        if out and out[-1][0] == env:
-            out[-1] = (env, stage)
-        else:
-            out.append((env, stage))
-    return out
-
-
-def deployment_name(pipeline: str, environment: str | None = None) -> str:
-    """`<pipeline>`, or `<pipeline>--<profile>` for a routed segment's deployment."""
-    if environment is None:
-        return pipeline
-    from pathlib import Path
-
-    return f"{pipeline}--{Path(environment).stem}"
 
 
 def _run_name() -> str:
@@ -82,7 +47,7 @@ def retrain(
     config = with_data_versions(config, versions)
     create_markdown_artifact(
         key="data-versions",
-        markdown=_versions_markdown(data_version, versions),
+        markdown=versions_markdown(data_version, versions),
         description="data versions this run trains on",
     )
     from flows.pipeline import pipeline
@@ -127,12 +92,3 @@ def _run_segment(config: PipelineConfig, config_path: str, data_version: str | N
     except Exception:  # noqa: BLE001 - results not persisted: the sub-run's own artifacts hold its summary
         result = None
     return result if isinstance(result, dict) else {"stages": {}, "segment_run": str(run.id)}
-
-
-def _versions_markdown(requested: str | None, versions: list[DataVersion]) -> str:
-    lines = [f"# Data versions (run for `{requested or 'all'}`)", "", "| seq | version | files |", "|---|---|---|"]
-    for v in versions:
-        lines.append(f"| {v.seq} | `{v.version}` | {', '.join(f['name'] for f in v.files)} |")
-    if not versions:
-        lines.append("| - | (none: configured sources only) | |")
-    return "\n".join(lines)

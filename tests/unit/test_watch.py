@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.retrain import segments, with_data_versions
+from tasks.retrain import segments, with_data_versions
 from schemas.operations import WatchConfig
 from tasks.watch import Debouncer, Inbox, InboxFile, Ledger, Watcher
 
