@@ -68,6 +68,11 @@ class SourceConfig(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Task name of these records: splits are stratified and mixing ratios set per task.",
     )
+    task_field: str | None = Field(
+        default=None,
+        description="Field of each raw record holding its own task name (a file mixing tasks, e.g. preference pairs "
+        "of several tasks); records without it get `task`.",
+    )
     field_map: dict[str, str] = Field(
         default_factory=dict,
         description="Column renames applied before parsing, source name → canonical name "
@@ -297,6 +302,8 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _mix_tasks_exist(self) -> DataConfig:
+        if any(source.task_field for source in self.sources):
+            return self  # tasks named inside the records are only known once they are read
         tasks = {source.task for source in self.sources}
         for name in ("ratios", "caps"):
             unknown = sorted(set(getattr(self.mix, name) or {}) - tasks)

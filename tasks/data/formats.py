@@ -7,9 +7,12 @@ the stage turns that into a line of rejected.jsonl.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 # Aliases seen in the wild for chat roles (sharegpt uses human/gpt).
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # the pattern of a source's `task`
+
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
@@ -158,17 +161,26 @@ PARSERS: dict[str, Callable[[dict, str], dict]] = {
 }
 
 
-def parse_record(raw: Any, fmt: str, task: str, field_map: dict[str, str]) -> dict:
+def parse_record(raw: Any, fmt: str, task: str, field_map: dict[str, str], task_field: str | None = None) -> dict:
     """One raw record → internal record dict (not yet cleaned)."""
     if not isinstance(raw, dict):
         raise RecordError("not_an_object", f"record is a {type(raw).__name__}, not an object")
     if field_map:
         raw = {field_map.get(key, key): value for key, value in raw.items()}
+    if task_field and raw.get(task_field) not in (None, ""):
+        task = record_task(raw.pop(task_field), task_field)
     if fmt == "auto":
         fmt = detect_format(raw)
         if fmt is None:
             raise RecordError("unknown_format", f"cannot tell the format from keys {sorted(raw)[:8]}")
     return PARSERS[fmt](raw, task)
+
+
+def record_task(value: Any, field: str) -> str:
+    """A task name read from a record: the same rule as a source's `task`."""
+    if not isinstance(value, str) or not TASK_NAME.fullmatch(value):
+        raise RecordError("bad_task", f"{field} {value!r} is not a task name (letters, digits, _ . -)")
+    return value
 
 
 def validate_chat(messages: list[dict]) -> None:

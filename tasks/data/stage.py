@@ -160,7 +160,7 @@ class _DataRun:
         append = records.append
         clean_record = self.cleaner.clean_record
         for source, files in plans:
-            fmt, task, field_map = source.format, source.task, source.field_map
+            fmt, task, field_map, task_field = source.format, source.task, source.field_map, source.task_field
             for file, file_type, label in files:
                 self.log.info("data: reading %s (%s, %s)", label, file_type, fmt)
                 before = self.read
@@ -170,7 +170,7 @@ class _DataRun:
                         self._reject(raw.text, "malformed_json", location, raw.error)
                         continue
                     try:
-                        record = parse_record(raw, fmt, task, field_map)
+                        record = parse_record(raw, fmt, task, field_map, task_field)
                         record["chars"] = clean_record(record)
                     except RecordError as error:
                         self._reject(raw, error.reason, location, error.detail)

@@ -72,3 +72,14 @@ def test_missing_file_after_config_is_a_clear_error(tmp_path):
     (tmp_path / "a.jsonl").unlink()
     with pytest.raises(ValueError, match="a.jsonl"):
         plan_files(config)
+
+
+def test_task_field_takes_each_records_task_and_rejects_bad_names():
+    from tasks.data.formats import RecordError, parse_record
+
+    pair = {"task": "triples", "prompt": "p", "chosen": "a", "rejected": "b"}
+    assert parse_record(dict(pair), "preference", "preferences", {}, "task")["task"] == "triples"
+    assert parse_record({**pair, "task": ""}, "preference", "preferences", {}, "task")["task"] == "preferences"
+    assert parse_record(dict(pair), "preference", "preferences", {})["task"] == "preferences"  # no task_field: the source's
+    with pytest.raises(RecordError, match="not a task name"):
+        parse_record({**pair, "task": "two words"}, "preference", "preferences", {}, "task")
