@@ -1,0 +1,232 @@
+"""The `align:` section: preference optimisation and RL on top of the SFT result.
+
+`method` is a discriminated union on `name`, like `sft.method`: each method holds only its own
+knobs (`beta` of DPO is not `beta` of GRPO: the first scales the implicit reward, the second is
+a KL coefficient), so every knob that changes the result is in the config and therefore in the
+stage's cache key. `method: dpo` is shorthand for `{name: dpo}`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from schemas.base import StrictModel
+from schemas.sft import TrainingConfig, method_shorthand
+
+# What trl 1.12's DPOConfig.loss_type accepts.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+DPOLoss = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+# Rule-based (verifiable) rewards; `reward_model` scores with the `reward` input instead.
+RULE_REWARDS = ("exact_match", "token_f1", "triple_format")
+RewardName = Literal["exact_match", "token_f1", "triple_format", "reward_model"]
+
+
+class DPOMethod(StrictModel):
+    """Direct preference optimisation on chosen/rejected pairs (reference: the frozen SFT policy)."""
+
+    name: Literal["dpo"] = Field(description="Method: DPO.")
+    beta: float = Field(default=0.1, gt=0, description="Inverse temperature of the implicit reward (higher: stay closer to the reference).")
+    loss_type: list[DPOLoss] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description=f"DPO loss variant(s) as TRL names them ({', '.join(DPO_LOSS_TYPES)}); several are summed, "
+        "weighted by `loss_weights`.",
+    )
+    loss_weights: list[float] | None = Field(default=None, description="Weights of the loss variants (default: 1 each).")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed label-flip probability (robust DPO, EXO).")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _weights(self) -> "DPOMethod":
+        if not self.loss_type:
+            raise ValueError("loss_type is empty: name at least one loss (e.g. sigmoid)")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(self.loss_type)} loss types")
+        return self
+
+
+class KTOMethod(StrictModel):
+    """KTO: unpaired desirable/undesirable examples (each pair gives one of each)."""
+
+    name: Literal["kto"] = Field(description="Method: KTO.")
+    beta: float = Field(default=0.1, gt=0, description="Strength of the KL term against the reference.")
+    desirable_weight: float = Field(default=1.0, gt=0, description="Loss weight of desirable (chosen) examples.")
+    undesirable_weight: float = Field(default=1.0, gt=0, description="Loss weight of undesirable (rejected) examples.")
+
+
+class ORPOMethod(StrictModel):
+    """ORPO: SFT loss plus an odds-ratio preference term; no reference model."""
+
+    name: Literal["orpo"] = Field(description="Method: ORPO.")
+    beta: float = Field(default=0.1, gt=0, description="Weight of the odds-ratio term (lambda in the paper).")
+
+
+class PPOMethod(StrictModel):
+    """PPO (trl.experimental.ppo): policy, value model, frozen reference, reward model, KL penalty."""
+
+    name: Literal["ppo"] = Field(description="Method: PPO (needs the `reward` input).")
+    kl_coef: float = Field(default=0.05, ge=0, description="KL penalty coefficient against the reference (per token).")
+    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="KL estimator: k1 (plain log-ratio) or k3 (lower variance).")
+    cliprange: float = Field(default=0.2, gt=0, description="Policy ratio clip range.")
+    cliprange_value: float = Field(default=0.2, gt=0, description="Value prediction clip range.")
+    vf_coef: float = Field(default=0.1, gt=0, description="Value loss coefficient.")
+    gamma: float = Field(default=1.0, gt=0, le=1, description="Discount factor.")
+    lam: float = Field(default=0.95, gt=0, le=1, description="GAE lambda.")
+    num_ppo_epochs: int = Field(default=4, ge=1, description="Optimisation epochs over each batch of rollouts.")
+    num_mini_batches: int = Field(default=1, ge=1, description="Mini-batches per rollout batch.")
+    whiten_rewards: bool = Field(default=False, description="Whiten rewards before computing advantages (needs mini-batches of >= 8).")
+    response_length: int = Field(default=32, ge=1, description="Longest sampled response, in tokens.")
+    temperature: float = Field(default=0.7, gt=0, description="Sampling temperature of the rollouts.")
+    missing_eos_penalty: float | None = Field(
+        default=None, ge=0, description="Subtracted from the score of responses that do not end with EOS."
+    )
+
+
+class _GroupMethod(StrictModel):
+    """Common knobs of the group-sampling RL methods (GRPO, RLOO)."""
+
+    num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(default=32, ge=1, description="Longest sampled completion, in tokens.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature.")
+    beta: float = Field(default=0.04, ge=0, description="KL coefficient against the reference (0: no reference, no KL).")
+    rewards: list[RewardName] = Field(
+        default_factory=lambda: ["token_f1"],
+        description=f"Reward functions, summed (weighted by `reward_weights`): rule-based ({', '.join(RULE_REWARDS)}; "
+        "scored against the record's reference answer) and/or `reward_model` (needs the `reward` input).",
+    )
+    reward_weights: list[float] | None = Field(default=None, description="Weights of `rewards` (default: 1 each).")
+
+    @model_validator(mode="after")
+    def _rewards(self) -> "_GroupMethod":
+        if not self.rewards:
+            raise ValueError("rewards is empty: name a rule (exact_match, token_f1, triple_format) or reward_model")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
+        return self
+
+
+class GRPOMethod(_GroupMethod):
+    """GRPO: group-relative advantages over `num_generations` samples per prompt."""
+
+    name: Literal["grpo"] = Field(description="Method: GRPO.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(default="dapo", description="GRPO loss aggregation (TRL's names).")
+    epsilon: float = Field(default=0.2, gt=0, description="Clip range of the importance ratio.")
+
+
+class RLOOMethod(_GroupMethod):
+    """RLOO: REINFORCE with the leave-one-out mean of the group as baseline."""
+
+    name: Literal["rloo"] = Field(description="Method: RLOO.")
+
+
+AlignMethod = Annotated[
+    Union[DPOMethod, KTOMethod, ORPOMethod, PPOMethod, GRPOMethod, RLOOMethod], Field(discriminator="name")
+]
+PAIRWISE_METHODS = ("dpo", "kto", "orpo")  # train on preference pairs
+ONLINE_METHODS = ("ppo", "grpo", "rloo")  # sample from the policy while training
+
+
+class PreferencesConfig(StrictModel):
+    """Where the preference pairs of dpo / kto / orpo come from."""
+
+    source: Literal["dataset", "on_policy"] = Field(
+        default="dataset",
+        description="`dataset`: the data artifact's preferences.jsonl (train pairs; validation/test pairs are held "
+        "out). `on_policy`: sample `k` completions per train prompt from the SFT policy, rank them with `scorer`, "
+        "and pair the best with the worst (written to the artifact as preferences.on_policy.jsonl).",
+    )
+    k: int = Field(default=4, ge=2, description="Completions sampled per prompt (on_policy).")
+    scorer: Literal["reward_model", "rule"] = Field(
+        default="rule", description="What ranks the samples (on_policy): the `reward` input, or `rule` against the reference answer."
+    )
+    rule: Literal["exact_match", "token_f1", "triple_format"] = Field(default="token_f1", description="The rule of scorer `rule`.")
+    max_prompts: int = Field(default=256, ge=1, description="Train prompts sampled from (on_policy).")
+    max_new_tokens: int = Field(default=32, ge=1, description="Longest sampled completion (on_policy).")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (on_policy).")
+
+
+class AlignHeldoutConfig(StrictModel):
+    """The stage's own checks after training, aligned policy against the SFT policy."""
+
+    max_pairs: int = Field(default=128, ge=0, description="Held-out preference pairs scored (preference accuracy); 0: off.")
+    max_examples_per_task: int = Field(
+        default=64, ge=0, description="Test records per task answered greedily (task metric, KL, win rate); 0: off."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest generated answer, in tokens.")
+    batch_size: int = Field(default=16, ge=1, description="Prompts generated or scored together.")
+
+
+class AlignLoraConfig(StrictModel):
+    """The adapter trained when the SFT result is a full model (an SFT adapter is trained further instead)."""
+
+    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(default="all-linear", description="Modules to adapt.")
+
+
+def _align_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=5e-5, warmup_ratio=0.0)
+
+
+class AlignConfig(StrictModel):
+    """Align the SFT policy: DPO/KTO/ORPO on preference pairs, or PPO/GRPO/RLOO with rewards."""
+
+    method: AlignMethod = Field(
+        default_factory=lambda: DPOMethod(name="dpo"),
+        description="Alignment method and its settings (`name`: dpo, kto, orpo, ppo, grpo, rloo). `method: dpo` is "
+        "shorthand for `{name: dpo}`.",
+    )
+    preferences: PreferencesConfig = Field(
+        default_factory=PreferencesConfig, description="Source of the preference pairs (dpo, kto, orpo)."
+    )
+    tasks: list[str] | None = Field(
+        default=None, description="Only these tasks' prompts and pairs; default: all (per-task SFT adapters: each its own)."
+    )
+    max_length: int = Field(default=512, ge=8, description="Longest tokenized prompt + response.")
+    max_prompts: int | None = Field(default=None, ge=1, description="Train prompts used by ppo / grpo / rloo; default: all.")
+    task_metric: Literal["exact_match", "token_f1"] = Field(
+        default="token_f1", description="The held-out task metric the aligned policy is compared on against SFT."
+    )
+    task_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        description="Largest allowed drop of `task_metric` from SFT to aligned; recorded as "
+        "`task_metric_within_tolerance` (the evaluate gate acts on it; this stage does not fail).",
+    )
+    lora: AlignLoraConfig = Field(
+        default_factory=AlignLoraConfig, description="The adapter trained on a full-model SFT result."
+    )
+    training: TrainingConfig = Field(default_factory=_align_training, description="Optimisation hyper-parameters.")
+    heldout: AlignHeldoutConfig = Field(default_factory=AlignHeldoutConfig, description="Aligned-vs-SFT checks recorded in the metrics.")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return method_shorthand(value)
+
+    @model_validator(mode="after")
+    def _combos(self) -> "AlignConfig":
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is empty: omit it to align every task")
+        return self
+
+    def needs_reward_model(self) -> bool:
+        """True when the stage cannot run without the `reward` input."""
+        method = self.method
+        if method.name == "ppo":
+            return True
+        if method.name in ("grpo", "rloo") and "reward_model" in method.rewards:
+            return True
+        return method.name in PAIRWISE_METHODS and self.preferences.source == "on_policy" and self.preferences.scorer == "reward_model"

@@ -1,0 +1,74 @@
+"""The `reward:` section: a reward model learned from preference pairs (TRL's RewardTrainer).
+
+The model is the base with a one-output sequence-classification head; `method` is `lora` /
+`qlora` (an adapter on the backbone, the head trained in full and saved with it) or `full`.
+Batch, precision and launcher come from the hardware profile, like every training stage.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from schemas.base import StrictModel, resolve_path
+from schemas.sft import FullMethod, LoraMethod, QLoraMethod, TrainingConfig, method_shorthand
+
+RewardMethod = Annotated[Union[FullMethod, LoraMethod, QLoraMethod], Field(discriminator="name")]
+
+
+def _reward_training() -> TrainingConfig:
+    return TrainingConfig(learning_rate=1e-3, max_steps=None, epochs=1.0, warmup_ratio=0.0)
+
+
+class RewardConfig(StrictModel):
+    """Reward model on the data artifact's `preferences.jsonl` (train pairs; held-out pairs for accuracy)."""
+
+    model: str | None = Field(
+        default=None,
+        description="Start from this model (hub id or local directory). Default: see `start_from`.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision of `model` (commit sha for reproducible caching).")
+    start_from: Literal["sft", "base"] = Field(
+        default="sft",
+        description="Without `model`: `sft` starts from the SFT result when the stage has an `sft` input (a full "
+        "model as it is; a shared adapter merged into its base; per-task adapters: their base), `base` from the "
+        "`pretrain` or `base_model` input (or the SFT artifact's base).",
+    )
+    method: RewardMethod = Field(
+        default_factory=lambda: LoraMethod(name="lora"),
+        description="How the reward model trains: `lora`, `qlora` (adapter on the backbone; the score head trains in "
+        "full and is saved with the adapter) or `full`. `method: lora` is shorthand for `{name: lora}`.",
+    )
+    tasks: list[str] | None = Field(
+        default=None, description="Only pairs of these tasks (the preference records' `task`); default: every pair."
+    )
+    max_length: int = Field(default=512, ge=8, description="Longest tokenized prompt + response; longer pairs are truncated.")
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, description="Push the rewards' mean towards zero with this weight (TRL's centring term)."
+    )
+    heldout_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Held-out share of pairs, used only for pairs that carry no `split` (the data stage splits them; "
+        "then its validation and test pairs are the held-out ones). Chosen by a hash of the prompt, so it is stable.",
+    )
+    training: TrainingConfig = Field(default_factory=_reward_training, description="Optimisation hyper-parameters.")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return method_shorthand(value)
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("tasks")
+    @classmethod
+    def _non_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("tasks is empty: omit it to use every pair")
+        return value

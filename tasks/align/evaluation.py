@@ -1,0 +1,139 @@
+"""Did alignment do what it should, and what did it cost? The aligned policy against the SFT policy.
+
+- preference accuracy on held-out pairs: the share where the policy gives the chosen response a
+  higher log-likelihood than the rejected one (SFT and aligned), and DPO's implicit-reward
+  accuracy (aligned-vs-SFT log-ratio of chosen above that of rejected);
+- the task metric (exact match / token F1 of greedy answers on the test split), SFT and aligned,
+  and whether the drop stays within `align.task_tolerance`;
+- KL(aligned || SFT) per token on the aligned policy's own held-out answers;
+- with a reward model: the mean and spread of its score for each policy's answers, and the win
+  rate of aligned over SFT (ties count half).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.align import AlignConfig
+from tasks.align.common import pair_prompt, render_conversation, render_prompt
+from tasks.sft.heldout import greedy_answers, score
+
+
+def response_logprobs(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], responses: list[str], batch_size: int) -> list[float]:
+    """Sum of the response tokens' log-probabilities given the rendered prompt."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, response in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
+            prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            full_ids = tokenizer(render_conversation(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+            rows.append((full_ids, len(prompt_ids)))
+        width = max(len(ids) for ids, _ in rows)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        for i, (ids, boundary) in enumerate(rows):
+            out.append(float(logps[i, boundary - 1 : len(ids) - 1].sum()))
+    return out
+
+
+def preference_metrics(pair: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int, beta: float | None) -> dict[str, Any]:
+    """Held-out preference accuracy of the SFT and the aligned policy (and DPO's implicit reward)."""
+    if not pairs:
+        return {}
+    prompts = [pair_prompt(p) for p in pairs]
+    logps = {}
+    for which in ("sft", "aligned"):
+        with pair.use(which) as model:
+            logps[which] = (
+                response_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size),
+                response_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size),
+            )
+    accuracy = {w: sum(c > r for c, r in zip(*logps[w])) / len(pairs) for w in logps}
+    (sft_c, sft_r), (al_c, al_r) = logps["sft"], logps["aligned"]
+    implicit = [(ac - sc) - (ar - sr) for ac, sc, ar, sr in zip(al_c, sft_c, al_r, sft_r)]
+    metrics = {
+        "n": len(pairs),
+        "sft_accuracy": round(accuracy["sft"], 4),
+        "aligned_accuracy": round(accuracy["aligned"], 4),
+        "implicit_reward_accuracy": round(sum(m > 0 for m in implicit) / len(pairs), 4),
+        "implicit_reward_margin": round((beta or 1.0) * sum(implicit) / len(pairs), 4),
+    }
+    return metrics
+
+
+def token_kl(model_pair: Any, tokenizer: Any, prompts: list[str], answers: list[str], batch_size: int) -> float:
+    """Mean per-token KL(aligned || SFT) over the answer tokens (full next-token distributions)."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model_pair.model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        texts = [p + a for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size])]
+        starts = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[start : start + batch_size]]
+        tokenizer.padding_side = "right"
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        logits = {}
+        for which in ("sft", "aligned"):
+            with model_pair.use(which) as model, torch.no_grad():
+                logits[which] = torch.log_softmax(model(**batch).logits.float(), dim=-1)
+        kl = (logits["aligned"].exp() * (logits["aligned"] - logits["sft"])).sum(-1)  # [batch, positions]
+        for i, s in enumerate(starts):
+            # From the position that predicts the first answer token to the one after the answer
+            # (which predicts the stop): an empty answer still compares the two stop decisions.
+            end = int(batch["attention_mask"][i].sum())
+            total += float(kl[i, s - 1 : end].sum())
+            count += end - (s - 1)
+    return round(total / count, 6) if count else 0.0
+
+
+def task_and_reward_metrics(
+    model_pair: Any, tokenizer: Any, examples: list[dict[str, Any]], config: AlignConfig, reward: tuple[Any, Any] | None
+) -> dict[str, Any]:
+    """Task metric, KL and (with a reward model) reward and win rate on held-out prompts."""
+    from tasks.align.rewards import score_texts
+
+    settings = config.heldout
+    if not examples:
+        return {}
+    prompts = [render_prompt(tokenizer, e["prompt"]) for e in examples]
+    references = [e["reference"] for e in examples]
+    answers = {}
+    for which in ("sft", "aligned"):
+        with model_pair.use(which) as model:
+            answers[which] = greedy_answers(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    scores = {w: score(answers[w], references) for w in answers}
+    metric = config.task_metric
+    drop = scores["sft"][metric] - scores["aligned"][metric]
+    out: dict[str, Any] = {
+        "n": len(examples),
+        "task_metric": metric,
+        "sft": scores["sft"],
+        "aligned": scores["aligned"],
+        "task_metric_drop": round(drop, 4),
+        "task_metric_within_tolerance": drop <= config.task_tolerance,
+        "kl_to_sft": token_kl(model_pair, tokenizer, prompts, answers["aligned"], settings.batch_size),
+    }
+    if reward is not None:
+        rm, rm_tokenizer = reward
+        rewards = {
+            w: score_texts(rm, rm_tokenizer, [render_conversation(rm_tokenizer, e["prompt"], a) for e, a in zip(examples, answers[w])], settings.batch_size)
+            for w in answers
+        }
+        for w, values in rewards.items():
+            mean = sum(values) / len(values)
+            out[f"{w}_reward_mean"] = round(mean, 4)
+            out[f"{w}_reward_std"] = round((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5, 4)
+        wins = [1.0 if a > s else 0.5 if a == s else 0.0 for a, s in zip(rewards["aligned"], rewards["sft"])]
+        out["win_rate"] = round(sum(wins) / len(wins), 4)
+    out["examples"] = [
+        {"prompt": p[-200:], "reference": r, "sft": s, "aligned": a}
+        for p, r, s, a in list(zip(prompts, references, answers["sft"], answers["aligned"]))[:5]
+    ]
+    return out

@@ -1,0 +1,116 @@
+"""The policy being aligned, and the frozen reference it is held to.
+
+An SFT adapter is trained further, not stacked under a second one: the result is one adapter per
+task that `PeftModel.from_pretrained(base, dir)` loads on the very base the SFT adapter used,
+so serving stays one adapter per task. A full-model SFT result gets a fresh LoRA adapter
+(`align.lora`) on top of it, whose base is then that SFT model.
+
+The reference is the SFT policy: for a continued adapter, a frozen copy of the SFT adapter under
+the name `ref` (what TRL's DPO, KTO, GRPO and RLOO trainers make themselves for a PeftModel; PPO
+is given the same through `ref_adapter_name`); for a fresh adapter, the same weights with the
+adapter disabled. Either way the base weights exist once. Disabling the continued adapter instead
+would make the pre-SFT base the reference, and the KL term would pull the policy back out of SFT.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from schemas.align import AlignConfig
+from schemas.environment import EnvironmentProfile
+from schemas.sft import QLoraMethod, SFTConfig
+from tasks.stage import StageFailed
+
+REF_ADAPTER = "ref"
+
+
+def sft_method(sft_config: dict[str, Any]) -> Any:
+    """The SFT run's method model (decides how the base is loaded: 4-bit for qlora)."""
+    return SFTConfig.model_validate({"method": sft_config.get("method", "lora")}).method
+
+
+def load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfile) -> tuple[Any, Any]:
+    """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.modeling import load_tokenizer
+    from tasks.sft.train import load_base
+
+    method = sft_method(job["sft_config"])
+    tokenizer = load_tokenizer(job["sft_dir"])
+    if job["sft_kind"] == "model":
+        from peft import LoraConfig
+
+        model = load_base(job["sft_dir"], method, env)
+        lora = config.lora
+        target = list(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target)), tokenizer
+    model = load_base(job["base_model"], method, env)
+    if isinstance(method, QLoraMethod):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=env.gradient_checkpointing)
+    if not method.is_peft:
+        raise StageFailed(f"align: the sft artifact's method {method.name} saved no adapter")
+    return PeftModel.from_pretrained(model, job["sft_dir"], is_trainable=True), tokenizer
+
+
+def add_reference_adapter(model: Any) -> None:
+    """A frozen copy of the `default` adapter under `ref` (the SFT policy, for PPO's KL term)."""
+    model.add_adapter(REF_ADAPTER, model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", f".{REF_ADAPTER}.")).data.copy_(param.data)
+    model.set_adapter("default")
+
+
+def save_policy(model: Any, tokenizer: Any, dest: Path) -> None:
+    """The trained `default` adapter only (not the reference copy), with the tokenizer, atomically."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, selected_adapters=["default"])
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)
+
+
+class PolicyPair:
+    """The SFT policy and the aligned policy on one loaded base, switched by adapter name."""
+
+    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, sft_config: dict[str, Any], env: EnvironmentProfile):
+        from peft import PeftModel
+
+        from tasks.sft.train import load_base
+
+        method = sft_method(sft_config)
+        if sft_kind == "model":
+            base = load_base(sft_dir, method, env)
+            self.model = PeftModel.from_pretrained(base, aligned_dir, adapter_name="aligned").eval()
+            self._sft_adapter = None
+        else:
+            base = load_base(base_model, method, env)
+            self.model = PeftModel.from_pretrained(base, sft_dir, adapter_name="sft").eval()
+            self.model.load_adapter(aligned_dir, adapter_name="aligned")
+            self._sft_adapter = "sft"
+        self.model.config.use_cache = True
+
+    def use(self, which: str) -> Any:
+        """A context in which `self.model` is the `sft` or the `aligned` policy."""
+        from contextlib import contextmanager, nullcontext
+
+        @contextmanager
+        def adapter(name: str):
+            self.model.set_adapter(name)
+            yield self.model
+
+        if which == "aligned":
+            return adapter("aligned")
+        if self._sft_adapter is None:
+            @contextmanager
+            def disabled():
+                self.model.set_adapter("aligned")
+                with self.model.disable_adapter():
+                    yield self.model
+
+            return disabled()
+        return adapter(self._sft_adapter) if self._sft_adapter else nullcontext(self.model)

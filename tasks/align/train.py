@@ -1,0 +1,82 @@
+"""One align run: a JSON-able job in (like the sft job), the aligned adapter and metrics out.
+
+Runs in the stage's process or in every worker of a launch (tasks/launcher.py). Trainer-based
+methods checkpoint into the job's `checkpoint_dir` and resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
+from schemas.environment import EnvironmentProfile
+
+
+def align_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one policy; returns its metrics (rank 0 also saves the adapter)."""
+    import torch
+    from datasets.utils.logging import disable_progress_bar
+
+    from tasks import peft_methods
+    from tasks.align import ppo
+    from tasks.align.common import step_history, training_kwargs
+    from tasks.align.policy import load_policy, save_policy
+    from tasks.align.preferences import on_policy_pairs
+    from tasks.align.rewards import load_reward_model
+    from tasks.align.trainers import GROUP_STEP_METRICS, PAIRWISE_STEP_METRICS, group_trainer, pairwise_trainer
+    from tasks.sft.train import fit, is_main_process, loss_history, make_callbacks, peak_memory
+
+    disable_progress_bar()
+    config = AlignConfig.model_validate(job["config"])
+    env = EnvironmentProfile.model_validate(job["env"])
+    method = config.method
+    torch.manual_seed(config.training.seed)
+    model, tokenizer = load_policy(job, config, env)
+    reward = load_reward_model(job["reward_dir"], env.dtype) if job.get("reward_dir") else None
+    base_args = training_kwargs(config.training, env, job["checkpoint_dir"])
+    callbacks = make_callbacks(model, None, f"align ({method.name})")
+    extra: dict[str, Any] = {}
+
+    if method.name in PAIRWISE_METHODS:
+        pairs = job["train_pairs"]
+        if config.preferences.source == "on_policy":
+            pairs, extra["on_policy"] = on_policy_pairs(model, tokenizer, job["prompts"], config.preferences, reward, config.training.seed)
+            if is_main_process():
+                Path(job["pairs_file"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            if not pairs:
+                from tasks.stage import StageFailed
+
+                raise StageFailed(
+                    f"align: on-policy sampling gave no preference pair from {extra['on_policy']['prompts']} prompts (all "
+                    f"{config.preferences.k} samples of every prompt scored the same): raise preferences.k or "
+                    "temperature, or use another scorer"
+                )
+        trainer = pairwise_trainer(config, model, tokenizer, pairs, base_args, callbacks)
+        keys = PAIRWISE_STEP_METRICS
+        extra["train_pairs"] = len(pairs)
+    elif method.name == "ppo":
+        trainer = ppo.ppo_trainer(config, env, model, tokenizer, job["prompts"], base_args, callbacks, reward)
+        keys = ppo.STEP_METRICS
+    else:
+        assert method.name in ONLINE_METHODS
+        trainer = group_trainer(config, model, tokenizer, job["prompts"], base_args, callbacks, reward)
+        keys = GROUP_STEP_METRICS
+    policy = trainer.policy_model if method.name == "ppo" else trainer.model
+    trainable, total = peft_methods.count_parameters(policy)
+    metrics = ppo.train_ppo(trainer) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
+    if is_main_process():
+        save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
+    metrics.update(
+        {
+            **extra,
+            "prompts": len(job.get("prompts") or []),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "loss_history": loss_history(trainer),
+            "step_metrics": step_history(trainer.state.log_history, keys),
+            **peak_memory(),
+        }
+    )
+    return metrics

@@ -1,0 +1,125 @@
+"""`align.method` → a ready TRL trainer, one small function per method family.
+
+DPO, KTO (pairs split into desirable/undesirable examples) and ORPO train on preference pairs;
+GRPO and RLOO sample `num_generations` completions per prompt and score them with rule-based
+rewards and/or the reward model. PPO lives in `tasks/align/ppo.py` (why: see there).
+
+Every trainer gets the policy as a PeftModel whose `default` adapter is the SFT adapter; with
+`ref_model=None` TRL then keeps a frozen copy of it as the reference (tasks/align/policy.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.align import AlignConfig, DPOMethod, GRPOMethod, KTOMethod, ORPOMethod, RLOOMethod
+from tasks.align.common import conversational_pair
+
+# TRL's step-log keys → our metric names.
+PAIRWISE_STEP_METRICS = {
+    "loss": "loss",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "margin",
+    "rewards/accuracies": "accuracy",
+    "kl": "kl",
+    "log_odds_ratio": "log_odds_ratio",
+}
+GROUP_STEP_METRICS = {
+    "loss": "loss",
+    "reward": "reward_mean",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "entropy": "entropy",
+    "completions/mean_length": "completion_length",
+}
+
+
+def kto_examples(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pair as two unpaired KTO examples: chosen (desirable) and rejected (undesirable)."""
+    out = []
+    for pair in pairs:
+        prompt = [{"role": "user", "content": pair["prompt"]}]
+        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": pair["chosen"]}], "label": True})
+        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": pair["rejected"]}], "label": False})
+    return out
+
+
+def pairwise_trainer(
+    config: AlignConfig, model: Any, tokenizer: Any, pairs: list[dict[str, Any]], base_args: dict[str, Any], callbacks: list[Any]
+) -> Any:
+    """DPOTrainer / KTOTrainer / ORPOTrainer on the train pairs."""
+    from datasets import Dataset
+
+    method = config.method
+    if isinstance(method, DPOMethod):
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(
+            **base_args, beta=method.beta, loss_type=list(method.loss_type), loss_weights=method.loss_weights,
+            label_smoothing=method.label_smoothing, max_length=config.max_length, disable_dropout=True,
+        )
+        dataset = Dataset.from_list([conversational_pair(p) for p in pairs])
+        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    if isinstance(method, KTOMethod):
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(
+            **base_args, beta=method.beta, desirable_weight=method.desirable_weight,
+            undesirable_weight=method.undesirable_weight, max_length=config.max_length, disable_dropout=True,
+        )
+        dataset = Dataset.from_list(kto_examples(pairs))
+        return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    if isinstance(method, ORPOMethod):
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**base_args, beta=method.beta, max_length=config.max_length, disable_dropout=True)
+        dataset = Dataset.from_list([conversational_pair(p) for p in pairs])
+        return ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    raise TypeError(f"{method.name} does not train on pairs")
+
+
+def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None) -> list[Any]:
+    """The TRL reward functions named in `method.rewards`."""
+    from tasks.align.rewards import reward_model_func, rule_reward_func
+
+    funcs = []
+    for name in method.rewards:
+        if name == "reward_model":
+            assert reward is not None, "the stage checks that a reward input exists"
+            funcs.append(reward_model_func(*reward))
+        else:
+            funcs.append(rule_reward_func(name))
+    return funcs
+
+
+def group_trainer(
+    config: AlignConfig, model: Any, tokenizer: Any, prompts: list[dict[str, Any]], base_args: dict[str, Any],
+    callbacks: list[Any], reward: tuple[Any, Any] | None,
+) -> Any:
+    """GRPOTrainer / RLOOTrainer over prompts with their reference answers (for rule rewards)."""
+    from datasets import Dataset
+
+    method = config.method
+    common = {
+        "num_generations": method.num_generations, "max_completion_length": method.max_completion_length,
+        "temperature": method.temperature, "beta": method.beta, "reward_weights": method.reward_weights,
+        "disable_dropout": True, "log_completions": False,
+    }
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "reference": p["reference"]} for p in prompts])
+    if isinstance(method, GRPOMethod):
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(**base_args, **common, loss_type=method.loss_type, epsilon=method.epsilon)
+        trainer_cls = GRPOTrainer
+    elif isinstance(method, RLOOMethod):
+        from trl import RLOOConfig, RLOOTrainer
+
+        args = RLOOConfig(**base_args, **common)
+        trainer_cls = RLOOTrainer
+    else:
+        raise TypeError(f"{method.name} is not a group-sampling method")
+    return trainer_cls(
+        model=model, reward_funcs=reward_funcs(method, reward), args=args, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=callbacks,
+    )

@@ -1,0 +1,137 @@
+"""The align stage on the tiny model: DPO raises held-out preference accuracy above the SFT
+policy's, PPO raises the reward-model score with bounded KL, GRPO trains on a rule-based reward;
+the adapter continues the SFT adapter (one adapter, loadable on the SFT base); caching by key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.align import AlignConfig
+from schemas.reward import RewardConfig
+from tasks.align import AlignStage
+from tasks.reward import RewardStage
+from tasks.stage import StageFailed, identify, run_stage
+from tests.stage.test_align_support import build_assets, data_with_pairs, env, pairs_against_sft
+
+torch.set_num_threads(1)
+
+HELDOUT = {"max_examples_per_task": 4, "max_new_tokens": 8, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    assets = build_assets(tmp_path_factory.mktemp("align"))
+    assets["pairs_data"] = data_with_pairs(assets, "data-pairs", pairs_against_sft(assets))
+    return assets
+
+
+@pytest.fixture(scope="module")
+def reward(assets):
+    config = RewardConfig.model_validate(
+        {"model": str(assets["model"]), "method": {"name": "lora", "r": 4}, "max_length": 64,
+         "training": {"max_steps": 6, "learning_rate": 1e-2, "warmup_ratio": 0.0}}
+    )
+    ref = run_stage(RewardStage(), config, {"data": assets["pairs_data"]}, assets["store"], env())
+    adapter_config = json.loads((Path(ref.path) / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
+    return ref
+
+
+def _align(assets, config: dict, *, reward=None, data=None):
+    inputs = {"data": data or assets["pairs_data"], "sft": assets["sft"], **({"reward": reward} if reward else {})}
+    config = AlignConfig.model_validate({"max_length": 64, "heldout": HELDOUT, **config})
+    ref = run_stage(AlignStage(), config, inputs, assets["store"], env())
+    return ref, json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]
+
+
+def _loads_on_sft_base(assets, ref) -> None:
+    """The aligned adapter is one adapter of the SFT adapter's kind, loadable on the SFT base."""
+    from peft import PeftModel
+
+    from tasks.modeling import load_model
+
+    root = Path(ref.path)
+    outputs = json.loads((root / "outputs.json").read_text())
+    sft_outputs = json.loads((Path(assets["sft"].path) / "outputs.json").read_text())
+    assert outputs["kind"] == "adapter" and outputs["paths"] == {"all": "adapter"}
+    assert outputs["base_model"] == sft_outputs["base_model"]
+    sft_config = json.loads((Path(assets["sft"].path) / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == sft_config["r"] and sorted(config["target_modules"]) == sorted(sft_config["target_modules"])
+    assert not (root / "adapter" / "ref").exists(), "the reference copy must not be saved"
+    model = PeftModel.from_pretrained(load_model(outputs["base_model"]), str(root / "adapter"))
+    assert list(model.peft_config) == ["default"]
+    assert (root / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and (root / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dpo_raises_heldout_preference_accuracy_above_sft(assets):
+    ref, m = _align(
+        assets,
+        {"method": {"name": "dpo", "beta": 0.5, "loss_type": "sigmoid"},
+         "training": {"max_steps": 12, "learning_rate": 3e-2, "warmup_ratio": 0.0}},
+    )
+    prefs = m["heldout"]["all"]["preferences"]
+    assert prefs["n"] == 10
+    # The pairs prefer what the SFT policy finds less likely: DPO must turn that around.
+    assert prefs["sft_accuracy"] < 0.5 < prefs["aligned_accuracy"], prefs
+    assert prefs["implicit_reward_accuracy"] > 0.5 and prefs["implicit_reward_margin"] > 0
+    steps = m["step_metrics"]["all"]
+    assert len(steps["loss"]) == 12 and {"reward_chosen", "reward_rejected", "margin", "accuracy"} <= set(steps)
+    assert steps["margin"][-1]["value"] > steps["margin"][0]["value"]
+    task = m["heldout"]["all"]["task"]
+    assert task["task_metric_within_tolerance"] == (task["task_metric_drop"] <= 0.05)
+    assert m["task_metric_within_tolerance"] is task["task_metric_within_tolerance"]
+    assert task["kl_to_sft"] > 0
+    _loads_on_sft_base(assets, ref)
+
+
+def test_ppo_raises_reward_with_bounded_kl(assets, reward):
+    ref, m = _align(
+        assets,
+        {"method": {"name": "ppo", "kl_coef": 0.05, "response_length": 8, "num_ppo_epochs": 2, "temperature": 1.0},
+         "training": {"max_steps": 6, "learning_rate": 1e-2, "warmup_ratio": 0.0}},
+        reward=reward,
+    )
+    task = m["heldout"]["all"]["task"]
+    assert task["aligned_reward_mean"] > task["sft_reward_mean"], task
+    assert 0 < task["kl_to_sft"] < 1.0
+    assert m["win_rate"]["all"] > 0.5
+    steps = m["step_metrics"]["all"]
+    assert {"reward_mean", "kl", "value_loss", "clip_fraction"} <= set(steps) and len(steps["kl"]) == 6
+    assert max(abs(p["value"]) for p in steps["kl"]) < 1.0
+    _loads_on_sft_base(assets, ref)
+
+
+def test_ppo_without_reward_model_fails_clearly(assets):
+    with pytest.raises(StageFailed, match="needs a reward model.*add a `reward:` section"):
+        _align(assets, {"method": "ppo"})
+
+
+def test_grpo_with_rule_reward(assets):
+    ref, m = _align(
+        assets,
+        {"method": {"name": "grpo", "num_generations": 4, "max_completion_length": 8, "rewards": ["token_f1", "triple_format"]},
+         "max_prompts": 8, "training": {"max_steps": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0}},
+    )
+    steps = m["step_metrics"]["all"]
+    assert len(steps["reward_mean"]) == 2 and "reward_std" in steps and "kl" in steps
+    assert m["global_step"] == {"all": 2}
+    _loads_on_sft_base(assets, ref)
+
+
+def test_align_is_cached_and_beta_changes_only_its_key(assets):
+    config = {"method": {"name": "dpo", "beta": 0.5, "loss_type": "sigmoid"},
+              "training": {"max_steps": 12, "learning_rate": 3e-2, "warmup_ratio": 0.0}}
+    first, _ = _align(assets, config)  # trained by the DPO test with this exact config: a cache hit
+    assert first.cached
+    inputs = {"data": assets["pairs_data"], "sft": assets["sft"]}
+    variants = (config, {**config, "method": {**config["method"], "beta": 0.2}}, {**config, "method": {"name": "kto", "beta": 0.5}})
+    keys = {
+        identify(AlignStage(), AlignConfig.model_validate({"max_length": 64, "heldout": HELDOUT, **c}), inputs, env()).key
+        for c in variants
+    }
+    assert len(keys) == 3  # beta and method enter the key; the sft and data inputs are unchanged
