@@ -1,0 +1,84 @@
+"""The promotion gate: each configured rule passes or fails with the numbers that decided it.
+
+A rule whose evidence is missing fails (a win rate without an interval, a significance test
+with nothing to test): the gate promotes only what it could check. A rule that does not apply
+(no regression tasks configured) is reported as skipped and does not block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.evaluate import GateRules
+
+
+@dataclass
+class GateEvidence:
+    """What the rules look at."""
+
+    primary_metric: str
+    win: dict[str, Any] | None  # stats.win_rate output
+    judge: str
+    tasks: dict[str, tuple[float, float]] = field(default_factory=dict)  # task → (candidate, baseline)
+    regression: dict[str, tuple[float, float]] = field(default_factory=dict)  # name → (candidate, baseline)
+    p_value: float | None = None
+    test: str = "sign"
+    alpha: float = 0.05
+
+
+def _verdict(ok: bool, text: str) -> str:
+    return f"{'PASS' if ok else 'FAIL'} {text}"
+
+
+def win_rate_rule(threshold: float, e: GateEvidence) -> str:
+    win = e.win or {}
+    low = win.get("ci_low")
+    if low is None:
+        return _verdict(False, f"win rate lower bound > {threshold}: no interval (n={win.get('n', 0)} prompts; need at least 2)")
+    level = round(100 * win["confidence_level"])
+    return _verdict(
+        low > threshold,
+        f"win rate lower bound {low:.3f} {'>' if low > threshold else '<='} {threshold} (win rate {win['win_rate']:.3f}, "
+        f"{level}% CI [{low:.3f}, {win['ci_high']:.3f}]; {win['wins']} wins / {win['ties']} ties / {win['losses']} losses "
+        f"by {e.judge}, n={win['n']})",
+    )
+
+
+def drop_rule(label: str, threshold: float, scores: dict[str, tuple[float, float]], metric: str, empty: str) -> str:
+    """Fails when any entry's score fell below the baseline's by more than `threshold`."""
+    if not scores:
+        return f"SKIP {label}: {empty}"
+    changes = {name: round(cand - base, 4) for name, (cand, base) in scores.items()}
+    worst = min(changes, key=changes.get)
+    cand, base = scores[worst]
+    ok = -changes[worst] <= threshold
+    over = sum(-c > threshold for c in changes.values())
+    others = f"; {over} of {len(changes)} over the limit" if len(changes) > 1 and over else ""
+    return _verdict(
+        ok,
+        f"{label} {threshold}: worst {metric} change {changes[worst]:+.3f} on {worst} ({base:.3f} → {cand:.3f}), "
+        f"a drop of {max(0.0, -changes[worst]):.3f} {'<=' if ok else '>'} {threshold}{others}",
+    )
+
+
+def significance_rule(e: GateEvidence) -> str:
+    if e.p_value is None:
+        return _verdict(False, f"significant: the {e.test} test has no p-value (no prompt where the two differ on {e.primary_metric})")
+    ok = e.p_value < e.alpha
+    return _verdict(ok, f"significant: {e.test} test p = {e.p_value:.4g} {'<' if ok else '>='} alpha {e.alpha:.3g} on {e.primary_metric}")
+
+
+def decide(rules: GateRules, e: GateEvidence) -> tuple[bool, list[str]]:
+    """(passed, reasons): one reason per configured rule."""
+    reasons = []
+    if rules.min_win_rate_lower_bound is not None:
+        reasons.append(win_rate_rule(rules.min_win_rate_lower_bound, e))
+    if rules.max_task_metric_drop is not None:
+        reasons.append(drop_rule("max task metric drop", rules.max_task_metric_drop, e.tasks, e.primary_metric, "no tasks evaluated"))
+    if rules.max_forgetting_drop is not None:
+        reasons.append(drop_rule("max forgetting drop", rules.max_forgetting_drop, e.regression, "regression", "no regression tasks configured"))
+    if rules.require_significant:
+        reasons.append(significance_rule(e))
+    passed = all(not r.startswith("FAIL") for r in reasons)
+    return passed, reasons

@@ -1,0 +1,120 @@
+"""The evaluate stage's config checks, metrics, gate reasons, judge parsing and lm-eval task files."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from schemas.evaluate import EvaluateConfig, GateRules
+from tasks.evaluate import judges
+from tasks.evaluate.gate import GateEvidence, decide
+from tasks.evaluate.generation import completion_request
+from tasks.evaluate.lm_eval_tasks import FILTER_MODULE, write_local_tasks
+from tasks.evaluate.metrics import aggregate, load_callable, per_example, rouge_l, sentence_bleu
+from tasks.stage import StageFailed
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"ab": {"judge": "endpoint"}}, "judge endpoint needs `endpoint`"),
+        ({"metrics": ["meteor"]}, "unknown metrics"),
+        ({"metrics": ["exact_match"]}, "primary_metric 'token_f1' is not computed"),
+        ({"user_metrics": {"mine": "not a callable"}}, "is not `module:function`"),
+        ({"generation": {"backend": "endpoint"}}, "backend endpoint needs `endpoint`"),
+        ({"lm_eval": {"enabled": True}, "generation": {"backend": "endpoint", "endpoint": {"url": "http://h/v1", "candidate_model": "c", "baseline_model": "b"}}}, "lm_eval runs on the models in this process"),
+        ({"tasks": ["a"], "regression": {"tasks": ["a"]}}, "a forgetting check needs tasks not trained on"),
+        ({"candidate": "base"}, "candidate: 'base' is not offered"),
+        ({"gate": {"min_win_rate_lower_bound": 1.5}}, "less than or equal to 1"),
+        ({"ab": {"judge": "rule", "endpoint": {"url": "http://h/v1", "model": "m"}}}, "only used with judge: endpoint"),
+    ],
+)
+def test_invalid_configs_fail_at_validation(config, message):
+    with pytest.raises(ValidationError, match=message):
+        EvaluateConfig.model_validate(config)
+
+
+def test_paths_resolve_against_the_yaml(tmp_path):
+    (tmp_path / "adapters" / "prod").mkdir(parents=True)  # `owner/name` that is no local path would be a hub id
+    config = EvaluateConfig.model_validate({"baseline": "adapters/prod", "lm_eval": {"include_paths": ["tasks"]}}, context={"base_dir": str(tmp_path)})
+    assert config.baseline == str((tmp_path / "adapters/prod").resolve())
+    assert config.lm_eval.include_paths == [str((tmp_path / "tasks").resolve())]
+
+
+def test_metrics_by_hand():
+    # ROUGE-L: LCS of "the cat sat" and "the cat sat down" is 3 → P=1, R=3/4, F=6/7.
+    assert rouge_l("the cat sat", "the cat sat down") == pytest.approx(6 / 7)
+    assert sentence_bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    values = per_example({"exact_match": lambda p, r: float(p == r)}, ["a", "b"], ["a", "c"])
+    assert values == {"exact_match": [1.0, 0.0]}
+    assert aggregate(values, ["a", "b"], ["a", "c"]) == {"exact_match": 0.5}
+
+
+def test_user_metrics_fail_clearly():
+    with pytest.raises(StageFailed, match="cannot import module 'no_such_module_xyz'"):
+        load_callable("no_such_module_xyz:f", "mine")
+    with pytest.raises(StageFailed, match="has no function 'nope'"):
+        load_callable("json:nope", "mine")
+    with pytest.raises(StageFailed, match="must return a finite float"):
+        per_example({"bad": lambda p, r: "yes"}, ["a"], ["a"])
+
+
+def _evidence(**overrides) -> GateEvidence:
+    win = {"wins": 15, "ties": 1, "losses": 4, "n": 20, "win_rate": 0.775, "ci_low": 0.6, "ci_high": 0.925, "confidence_level": 0.95}
+    return GateEvidence(**{"primary_metric": "token_f1", "win": win, "judge": "rule", "tasks": {"a": (0.8, 0.5), "b": (0.69, 0.7)},
+                           "regression": {"r": (0.4, 0.5)}, "p_value": 0.01, **overrides})
+
+
+def test_gate_reasons_state_the_numbers():
+    passed, reasons = decide(GateRules(max_forgetting_drop=0.2, require_significant=True), _evidence())
+    assert passed is True
+    assert reasons[0] == ("PASS win rate lower bound 0.600 > 0.5 (win rate 0.775, 95% CI [0.600, 0.925]; "
+                          "15 wins / 1 ties / 4 losses by rule, n=20)")
+    assert reasons[1].startswith("PASS max task metric drop 0.02: worst token_f1 change -0.010 on b (0.700 → 0.690)")
+    assert reasons[2].startswith("PASS max forgetting drop 0.2: worst regression change -0.100 on r")
+    assert reasons[3] == "PASS significant: sign test p = 0.01 < alpha 0.05 on token_f1"
+
+    passed, reasons = decide(GateRules(max_task_metric_drop=0.005, max_forgetting_drop=0.05, require_significant=True),
+                             _evidence(p_value=0.2, win={**_evidence().win, "ci_low": 0.45}))
+    assert passed is False and [r[:4] for r in reasons] == ["FAIL"] * 4
+    assert "0.450 <= 0.5" in reasons[0] and "a drop of 0.010 > 0.005" in reasons[1]
+
+
+def test_gate_fails_without_evidence():
+    passed, reasons = decide(GateRules(), _evidence(win={"n": 1, "ci_low": None}, regression={}))
+    assert passed is False and "no interval (n=1 prompts" in reasons[0]
+    assert reasons[2] == "SKIP max forgetting drop: no regression tasks configured"
+
+
+def test_judge_verdicts_and_position_swap():
+    assert [judges.parse_verdict(t) for t in ("A", "b.", "Tie", "I think B is better", "neither")] == ["A", "B", "TIE", "B", None]
+    assert judges.combine("A", "B", swapped=True) == "win"  # candidate first: A; candidate second: B
+    assert judges.combine("B", "A", swapped=True) == "loss"
+    assert judges.combine("A", "A", swapped=True) == "tie"  # position bias, not a preference
+    assert judges.combine(None, "B", swapped=True) == "tie"
+    assert judges.combine("A", None, swapped=False) == "win"
+    pair = judges.Pair("t", [{"role": "user", "content": "Q?"}], "ref", "cand", "base")
+    text = judges.judge_messages(pair, "cand", "base")[1]["content"]
+    assert "[Answer A]\ncand" in text and "[Answer B]\nbase" in text and "[Reference answer]\nref" in text
+
+
+def test_completion_payload_keeps_the_prompt_as_rendered():
+    payload = completion_request("adapter-a", ["<s>p1", "p2"], 32)
+    assert payload["prompt"] == ["<s>p1", "p2"] and payload["temperature"] == 0.0 and payload["max_tokens"] == 32
+    assert payload["extra_body"]["add_special_tokens"] is False
+
+
+def test_local_lm_eval_task_files(tmp_path):
+    names = write_local_tasks(tmp_path, {"my task": [("P1", "R1"), ("P2", "R2")]}, 16, cache_dir="/c")
+    assert names == {"my task": "tunepipe_my_task"}
+    text = (tmp_path / "tunepipe_my_task.yaml").read_text()
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda l, node: ("function", l.construct_scalar(node)))
+    spec = yaml.load(text, Loader=loader)
+    assert spec["output_type"] == "generate_until" and spec["doc_to_text"] == "prompt" and spec["doc_to_target"] == "reference"
+    assert spec["dataset_kwargs"] == {"data_files": {"test": str(tmp_path / "tunepipe_my_task.jsonl")}, "cache_dir": "/c"}
+    assert spec["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 16}
+    assert spec["filter_list"][0]["filter"][0]["filter_fn"] == ("function", f"{FILTER_MODULE}.collapse_whitespace")
+    assert (tmp_path / f"{FILTER_MODULE}.py").exists()
+    assert (tmp_path / "tunepipe_my_task.jsonl").read_text().splitlines()[0] == '{"prompt": "P1", "reference": "R1"}'
