@@ -1,0 +1,174 @@
+"""The `serve:` section and `tunepipe serve`: one base model, many LoRA adapters, OpenAI-compatible HTTP.
+
+Two engines answer the same API: `embedded` (transformers + peft in this process, for CPU hosts,
+tests and small deployments) and `vllm` (a `vllm serve` process started from its own environment:
+vLLM cannot share ours). Settings that depend on the hardware (engine choice, vLLM interpreter,
+max-loras, max-lora-rank, GPU memory share) default to the environment profile's `serving:`
+block; a field set here overrides it. Flags of `tunepipe serve` are named as vLLM names them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from schemas.base import StrictModel, resolve_path
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+
+class VLLMOptions(StrictModel):
+    """How `--engine vllm` starts vLLM. Unset fields come from the environment profile's `serving:`."""
+
+    python: str | None = Field(
+        default=None,
+        description="Interpreter of vLLM's own environment; runs `python -m vllm.entrypoints.cli.main serve`. "
+        "Default: the profile's serving.vllm_python.",
+    )
+    executable: str | None = Field(
+        default=None, description="A `vllm` executable to run as `vllm serve ...` (instead of python or image)."
+    )
+    image: str | None = Field(
+        default=None,
+        description="Container image with vLLM (e.g. vllm/vllm-openai), run with docker; the base and adapter "
+        "directories are mounted read-only at the same paths. Default: the profile's serving.vllm_image.",
+    )
+    docker: str = Field(default="docker", description="Container CLI used with `image` (docker or podman).")
+    quantization: Literal["bitsandbytes", "awq", "gptq", "fp8"] | None = Field(
+        default=None, description="vLLM --quantization; default: what the registry says the base was exported as."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="vLLM --dtype; default: the profile's dtype."
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="vLLM --gpu-memory-utilization; default: the profile's."
+    )
+    tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM --tensor-parallel-size; default: the profile's.")
+    max_cpu_loras: int | None = Field(default=None, ge=1, description="vLLM --max-cpu-loras; default: the profile's.")
+    max_model_len: int | None = Field(default=None, ge=1, description="vLLM --max-model-len; default: vLLM's (the model's).")
+    extra_args: list[str] = Field(default_factory=list, description="Further `vllm serve` arguments, appended verbatim.")
+    health_timeout_s: float = Field(
+        default=900.0, gt=0, description="Seconds to wait for vLLM's /health after starting (model load and CUDA graphs)."
+    )
+    stop_timeout_s: float = Field(default=30.0, gt=0, description="Seconds between SIGTERM and SIGKILL when stopping vLLM.")
+    log_file: str | None = Field(default=None, description="Where vLLM's stdout/stderr go; default `<workdir>/logs/vllm-<port>.log`.")
+
+
+class RouterConfig(StrictModel):
+    """Online A/B: requests for `name` are split between adapter versions by weight, each logged."""
+
+    name: str = Field(description="Model name clients request (e.g. `support-bot`); not an adapter's own name.")
+    versions: dict[str, float] = Field(
+        description="Served adapter name → traffic weight (weights are normalised), e.g. {bot-v3: 0.9, bot-v4: 0.1}."
+    )
+    log_path: str = Field(
+        description="JSONL file that gets one line per routed request: time, request id, router, version served, "
+        "user, tokens, latency, status."
+    )
+    sticky: bool = Field(
+        default=True,
+        description="Requests carrying the OpenAI `user` field always go to the same version (hash of the user), "
+        "so one user sees one arm; requests without it are assigned at random.",
+    )
+    seed: int | None = Field(default=None, description="Seed of the random assignment (reproducible splits in tests).")
+
+    @field_validator("versions")
+    @classmethod
+    def _two_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if len(value) < 2:
+            raise ValueError("an A/B router needs at least two versions")
+        bad = [name for name, weight in value.items() if weight <= 0]
+        if bad:
+            raise ValueError(f"weights must be > 0 (drop a version instead of weighting it 0): {bad}")
+        return value
+
+    @field_validator("log_path")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_path(value, info)
+
+
+class ServeConfig(StrictModel):
+    """A multi-LoRA OpenAI-compatible server: the base, its adapters, the engine, and the limits."""
+
+    base: str | None = Field(
+        default=None, description="Base model: hub id or local directory. Default: the adapter registry's current base."
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Name the base model is served under (vLLM --served-model-name). Default: `base` as given."
+    )
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapters loaded at start, name → directory (vLLM --lora-modules name=path). "
+        "Default: the registry's current adapters.",
+    )
+    engine: Literal["auto", "embedded", "vllm"] = Field(
+        default="auto",
+        description="`embedded` (transformers + peft in-process), `vllm` (a vLLM process from its own environment), or "
+        "`auto`: vllm where the profile says so and its interpreter/image/executable exists, else embedded.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the server listens on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the server listens on (0: any free port, embedded only).")
+    api_key: str | None = Field(
+        default=None, description="Require `Authorization: Bearer <key>` on /v1 (vLLM --api-key). Prefer api_key_env."
+    )
+    api_key_env: str | None = Field(default=None, description="Name of an environment variable holding the API key.")
+    max_loras: int | None = Field(
+        default=None, ge=1,
+        description="Adapters resident at once (vLLM --max-loras); embedded refuses loads beyond it. Default: the profile's.",
+    )
+    max_lora_rank: int | None = Field(
+        default=None, ge=1, description="Largest adapter rank accepted (vLLM --max-lora-rank). Default: the profile's."
+    )
+    allowed_adapter_dirs: list[str] = Field(
+        default_factory=list,
+        description="Directories `POST /v1/load_lora_adapter` may load from (the path must resolve inside one, "
+        "symlinks followed). Empty: runtime loading is refused. `tunepipe serve` adds the registry's directory.",
+    )
+    max_tokens_limit: int = Field(
+        default=512, ge=1, description="Largest `max_tokens` a request may ask for; also the default when it asks none."
+    )
+    max_request_bytes: int = Field(default=1_000_000, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_concurrency: int = Field(
+        default=64, ge=1, description="Generation requests in flight at once; more are answered 429 (retry later)."
+    )
+    max_batch_size: int = Field(default=8, ge=1, description="Sequences generated together in one batch (any mix of adapters).")
+    batch_window_ms: float = Field(
+        default=10.0, ge=0, description="How long the embedded batcher waits for more requests to join a batch."
+    )
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="How the vLLM engine is started.")
+    router: RouterConfig | None = Field(default=None, description="Online A/B split between two adapter versions.")
+
+    @field_validator("base")
+    @classmethod
+    def _resolve_base(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _resolve_modules(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        bad = [name for name in value if not _NAME.match(name)]
+        if bad:
+            raise ValueError(f"adapter names must be letters, digits and _ . : - (no spaces, no '/'): {bad}")
+        return {name: resolve_path(path, info) for name, path in value.items()}
+
+    @field_validator("allowed_adapter_dirs")
+    @classmethod
+    def _resolve_dirs(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [resolve_path(path, info) for path in value]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.api_key and self.api_key_env:
+            raise ValueError("set api_key or api_key_env, not both")
+        if self.router is not None:
+            if self.router.name in self.lora_modules:
+                raise ValueError(f"router.name {self.router.name!r} is also an adapter's name: choose another")
+            if self.lora_modules and (missing := sorted(set(self.router.versions) - set(self.lora_modules))):
+                raise ValueError(f"router.versions names adapters that are not in lora_modules: {missing}")
+        launchers = [name for name in ("python", "executable", "image") if getattr(self.vllm, name)]
+        if len(launchers) > 1:
+            raise ValueError(f"vllm: set one of python, executable, image (got {launchers})")
+        return self

@@ -1,0 +1,11 @@
+"""Serving: one base model with many LoRA adapters behind an OpenAI-compatible HTTP API.
+
+    protocol.py   request models (the OpenAI fields we honour) and OpenAI-format errors
+    engine.py     transformers + peft: one base, many adapters, mixed-adapter batched generation
+    batcher.py    collects concurrent requests into batches for the engine's single worker thread
+    embedded.py   the FastAPI app (the `embedded` engine): /v1/models, completions, chat, LoRA load/unload
+    router.py     online A/B: a weighted split between adapter versions, one JSONL line per request
+    vllm.py       the `vllm` engine: `vllm serve` command line and environment, process lifecycle
+    process.py    run a uvicorn server in a thread; wait for an HTTP health check
+    plan.py       what to serve: CLI/config values over the registry's current adapters over the profile
+"""

@@ -1,0 +1,240 @@
+"""The embedded multi-LoRA server, driven by the official `openai` client over a real socket.
+
+One tiny base model, LoRA adapters initialised with different random weights (so their greedy
+answers differ: enough for a serving test, no training needed), one real uvicorn server for the
+module. Every generated answer is compared with the same model's offline greedy `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from schemas.serve import ServeConfig  # noqa: E402
+from tasks.serve.embedded import build_app  # noqa: E402
+from tasks.serve.plan import resolve_serve_config  # noqa: E402
+from tasks.serve.process import ServerThread  # noqa: E402
+from tasks.serve.router import read_log  # noqa: E402
+from tests.stage.test_sft_support import build_tiny_model, cpu_profile  # noqa: E402
+
+KEY = "test-key"
+PROMPTS = ["the cat sat on", "Classify the sentiment. I love the dog."]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]
+MAX_TOKENS = 10
+
+
+def make_adapter(base, path, seed: int, r: int = 4, **lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False, **lora)
+    get_peft_model(model, config).save_pretrained(path)
+    return str(path)
+
+
+def offline_model(base, adapter):
+    """What a user gets running the model directly (no server)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    return (PeftModel.from_pretrained(model, adapter) if adapter is not None else model).eval()
+
+
+def offline_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = MAX_TOKENS) -> str:
+    """One sequence, greedy."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    base = str(build_tiny_model(root / "base"))
+    allowed = root / "adapters"
+    adapters = {name: make_adapter(base, allowed / name, seed) for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3))}
+    outside = make_adapter(base, root / "elsewhere" / "delta", 4)
+    (allowed / "sneaky").symlink_to(root / "elsewhere" / "delta")  # inside by name, outside by target
+    big = make_adapter(base, allowed / "big", 5, r=16)
+    dora = make_adapter(base, allowed / "dora", 6, use_dora=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    completion_ids = {p: tokenizer(p)["input_ids"] for p in PROMPTS}
+    chat_text = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
+    expected = {}
+    for name in (None, "alpha", "beta", "gamma"):
+        model = offline_model(base, adapters.get(name))
+        expected[name] = {p: offline_greedy(model, tokenizer, ids) for p, ids in completion_ids.items()}
+        expected[name]["chat"] = offline_greedy(model, tokenizer, chat_ids)
+
+    config = ServeConfig(
+        base=base, served_model_name="tiny", lora_modules={"alpha": adapters["alpha"], "beta": adapters["beta"]},
+        engine="embedded", api_key=KEY, allowed_adapter_dirs=[str(allowed)], max_tokens_limit=64, max_request_bytes=4096,
+        max_lora_rank=8, batch_window_ms=50, max_loras=3,
+        router={"name": "bot", "versions": {"alpha": 0.5, "beta": 0.5}, "log_path": str(root / "ab.jsonl"), "seed": 0},
+    )
+    app = build_app(resolve_serve_config(config, cpu_profile()), cpu_profile())
+    with ServerThread(app) as server:
+        yield {
+            "url": server.url, "app": app, "expected": expected, "adapters": adapters, "outside": outside,
+            "sneaky": str(allowed / "sneaky"), "big": big, "dora": dora, "log": root / "ab.jsonl", "base": base,
+        }
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def complete(client, model, prompt, **kw):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, **kw)
+
+
+def test_model_list_names_the_base_and_each_adapter_with_parent(client, served):
+    cards = {m.id: m for m in client.models.list().data}
+    assert {"tiny", "alpha", "beta", "bot"} <= set(cards)
+    assert cards["tiny"].parent is None and cards["tiny"].root == served["base"]
+    assert cards["alpha"].parent == "tiny" and cards["alpha"].root == served["adapters"]["alpha"]
+    assert cards["beta"].parent == "tiny"
+
+
+def test_completions_per_adapter_equal_offline_greedy_and_differ(client, served):
+    expected = served["expected"]
+    for prompt in PROMPTS:
+        got = {name: complete(client, name, prompt) for name in ("tiny", "alpha", "beta")}
+        assert got["alpha"].choices[0].text == expected["alpha"][prompt]
+        assert got["beta"].choices[0].text == expected["beta"][prompt]
+        assert got["tiny"].choices[0].text == expected[None][prompt]
+        assert got["alpha"].choices[0].text != got["beta"].choices[0].text  # two adapters, two answers
+        assert got["alpha"].model == "alpha" and got["alpha"].usage.completion_tokens == MAX_TOKENS
+        assert got["alpha"].choices[0].finish_reason == "length"
+
+
+def test_chat_per_adapter_equals_offline_greedy_through_the_chat_template(client, served):
+    answers = {}
+    for name in ("alpha", "beta"):
+        reply = client.chat.completions.create(model=name, messages=CHAT, max_tokens=MAX_TOKENS)
+        answers[name] = reply.choices[0].message.content
+        assert reply.choices[0].message.role == "assistant" and reply.object == "chat.completion"
+        assert answers[name] == served["expected"][name]["chat"]
+    assert answers["alpha"] != answers["beta"]
+
+
+def test_streaming_chat_and_completion_concatenate_to_the_same_answer(client, served):
+    chunks = list(client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=MAX_TOKENS, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices[0].delta.content) >= 2  # it streamed, not one lump
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == served["expected"]["alpha"]["chat"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    pieces = list(complete(client, "beta", PROMPTS[0], stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == served["expected"]["beta"][PROMPTS[0]]
+
+    raw = httpx.post(served["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 3, "stream": True}, timeout=60)
+    events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
+    assert raw.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
+
+
+def test_concurrent_requests_for_different_adapters_share_one_batch(client, served):
+    results: dict[tuple, str] = {}
+
+    def ask(name, prompt):
+        results[(name, prompt)] = complete(client, name, prompt).choices[0].text
+
+    jobs = [threading.Thread(target=ask, args=(name, prompt)) for name in ("alpha", "beta", "tiny") for prompt in PROMPTS]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    for (name, prompt), text in results.items():
+        assert text == served["expected"][None if name == "tiny" else name][prompt], (name, prompt)
+    batches = served["app"].state.serve.batcher.batches
+    assert any(len(set(batch)) >= 2 for batch in batches[-6:]), batches[-6:]  # adapters mixed in one generate call
+
+
+def test_stop_strings_and_max_tokens(client, served):
+    full = served["expected"]["alpha"][PROMPTS[1]]
+    stop = full[4:6]
+    cut = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    short = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=3)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    assert full.startswith(short.choices[0].text)
+
+
+def test_hot_load_answers_like_offline_and_unload_removes_it(client, served):
+    done = client.post("/load_lora_adapter", body={"lora_name": "gamma", "lora_path": served["adapters"]["gamma"]}, cast_to=str)
+    assert "gamma" in done
+    assert "gamma" in {m.id for m in client.models.list().data}
+    assert complete(client, "gamma", PROMPTS[0]).choices[0].text == served["expected"]["gamma"][PROMPTS[0]]
+    with pytest.raises(openai.BadRequestError, match="already been loaded"):
+        client.post("/load_lora_adapter", body={"lora_name": "gamma", "lora_path": served["adapters"]["gamma"]}, cast_to=str)
+    client.post("/unload_lora_adapter", body={"lora_name": "gamma"}, cast_to=str)
+    assert "gamma" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "gamma", PROMPTS[0])
+    with pytest.raises(openai.NotFoundError):
+        client.post("/unload_lora_adapter", body={"lora_name": "gamma"}, cast_to=str)
+
+
+def test_loads_from_outside_the_allowed_directories_are_refused(client, served):
+    for path in (served["outside"], served["sneaky"], "/etc"):
+        with pytest.raises(openai.PermissionDeniedError, match="allowed directories") as info:
+            client.post("/load_lora_adapter", body={"lora_name": "delta", "lora_path": path}, cast_to=str)
+        assert info.value.body["type"] == "permission_error"
+    assert "delta" not in {m.id for m in client.models.list().data}
+
+
+def test_adapters_vllm_would_refuse_are_refused(client, served):
+    with pytest.raises(openai.BadRequestError, match="max_lora_rank 8"):
+        client.post("/load_lora_adapter", body={"lora_name": "big", "lora_path": served["big"]}, cast_to=str)
+    with pytest.raises(openai.BadRequestError, match="DoRA"):
+        client.post("/load_lora_adapter", body={"lora_name": "dora", "lora_path": served["dora"]}, cast_to=str)
+
+
+def test_errors_are_openai_shaped(client, served):
+    with pytest.raises(openai.NotFoundError) as info:
+        complete(client, "no-such-adapter", "hi")
+    assert info.value.body["code"] == "model_not_found" and "no-such-adapter" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="alpha", prompt="hi", max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="alpha", messages=[])
+    bad_key = openai.OpenAI(base_url=served["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    with pytest.raises(openai.APIStatusError) as too_big:
+        complete(client, "alpha", "the cat " * 1000)
+    assert too_big.value.status_code == 413
+    chunked = httpx.post(served["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         content=iter([b'{"model": "alpha", "prompt": "', b"x" * 5000, b'"}']))
+    assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(served["url"] + "/health").status_code == 200  # no key needed for health
+
+
+def test_ab_router_splits_by_weight_logs_each_request_and_sticks_to_users(client, served):
+    before = len(read_log(served["log"]))
+    served_by = [complete(client, "bot", PROMPTS[0], user=f"user-{i}").model for i in range(16)]
+    again = [complete(client, "bot", PROMPTS[0], user=f"user-{i}").model for i in range(4)]
+    assert set(served_by) == {"alpha", "beta"}  # both arms get traffic
+    assert again == served_by[:4]  # a user stays on one version
+    lines = read_log(served["log"])[before:]
+    assert [line["version"] for line in lines] == served_by + again
+    assert all(line["router"] == "bot" and line["status"] == "ok" and line["completion_tokens"] == MAX_TOKENS for line in lines)
+    answer = complete(client, "bot", PROMPTS[0], user="user-0")
+    assert answer.choices[0].text == served["expected"][answer.model][PROMPTS[0]]

@@ -1,0 +1,136 @@
+"""What `tunepipe serve` serves: the registry's current adapters, the profile's limits, the flags over both;
+and the A/B router's split and log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.registry import Lineage
+from schemas.serve import RouterConfig, ServeConfig
+from tasks.adapter_registry import AdapterRegistry
+from tasks.environment import load_environment
+from tasks.serve.plan import (
+    ServePlanError, api_key, choose_engine, resolve_serve_config, serving_plan_from_registry, vllm_rank,
+)
+from tasks.serve.router import WeightedRouter, read_log
+
+
+def write_adapter(path: Path, r: int, **extra) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, **extra}))
+    (path / "adapter_model.safetensors").write_bytes(f"weights-{path.name}-{r}".encode())
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path) -> AdapterRegistry:
+    reg = AdapterRegistry(tmp_path / "registry")
+    for name, r, rank_pattern in (("notes", 8, {}), ("triage", 4, {"q_proj": 32})):
+        v1 = reg.register(name, write_adapter(tmp_path / "src" / f"{name}1", r, rank_pattern=rank_pattern),
+                          Lineage(base_model=str(tmp_path / "base")))
+        reg.promote(name, v1)
+    reg.register("notes", write_adapter(tmp_path / "src" / "notes2", 8), Lineage(base_model=str(tmp_path / "base")))
+    reg.register("draft", write_adapter(tmp_path / "src" / "draft", 8), Lineage(base_model=str(tmp_path / "base")))  # no alias
+    return reg
+
+
+def test_plan_serves_what_the_alias_points_at_on_the_common_base(registry, tmp_path):
+    plan = serving_plan_from_registry(registry.root)
+    assert plan.base == str(tmp_path / "base")
+    assert sorted(plan.adapters) == ["notes", "triage"]  # `draft` has no prod alias
+    assert plan.adapters["notes"] == registry.resolve("notes@prod").path and plan.adapters["notes"].endswith("/notes/1")
+    assert plan.max_rank == 32  # triage's rank_pattern
+    assert plan.registry == str((tmp_path / "registry").resolve())
+
+    registry.promote("notes", 2)
+    assert serving_plan_from_registry(registry.root).adapters["notes"].endswith("/notes/2")
+
+
+def test_plan_refuses_adapters_of_two_bases(registry, tmp_path):
+    other = registry.register("other", write_adapter(tmp_path / "src" / "other", 8), Lineage(base_model="org/another-base"))
+    registry.promote("other", other)
+    with pytest.raises(ServePlanError, match="different bases"):
+        serving_plan_from_registry(registry.root)
+
+
+def test_flags_override_the_registry_and_the_profile_fills_the_rest(registry, tmp_path):
+    plan = serving_plan_from_registry(registry.root)
+    cpu = load_environment("cpu")
+    resolved = resolve_serve_config(ServeConfig(), cpu, plan)
+    assert resolved.engine == "embedded" and resolved.base == plan.base and resolved.lora_modules == plan.adapters
+    assert resolved.max_lora_rank == max(cpu.serving.max_lora_rank, 32)
+    assert resolved.allowed_adapter_dirs == [plan.registry]  # deploy hot-loads from the registry
+
+    mine = write_adapter(tmp_path / "mine", 4)
+    explicit = resolve_serve_config(ServeConfig(base="org/base", lora_modules={"mine": str(mine)}, max_loras=2), cpu, plan)
+    assert explicit.base == "org/base" and explicit.lora_modules == {"mine": str(mine)} and explicit.max_loras == 2
+
+    with pytest.raises(ServePlanError, match="no base model to serve"):
+        resolve_serve_config(ServeConfig(), cpu)
+
+
+def test_engine_auto_picks_vllm_only_where_its_environment_exists(tmp_path):
+    vllm_profile = load_environment("serve-vllm")  # vllm_python /opt/vllm/bin/python: absent here
+    assert choose_engine(ServeConfig(), vllm_profile) == "embedded"
+    assert choose_engine(ServeConfig(), load_environment("cpu")) == "embedded"
+    python = tmp_path / "vllm-env" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    assert choose_engine(ServeConfig(vllm={"python": str(python)}), vllm_profile) == "vllm"
+    assert choose_engine(ServeConfig(engine="vllm"), load_environment("cpu")) == "vllm"  # asked for explicitly
+    assert [vllm_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ServePlanError):
+        vllm_rank(513)
+
+
+def test_config_validation_and_api_key_env(tmp_path, monkeypatch):
+    with pytest.raises(ValidationError, match="at least two versions"):
+        RouterConfig(name="bot", versions={"a": 1.0}, log_path="x.jsonl")
+    with pytest.raises(ValidationError, match="weights must be > 0"):
+        RouterConfig(name="bot", versions={"a": 1.0, "b": 0}, log_path="x.jsonl")
+    with pytest.raises(ValidationError, match="not in lora_modules"):
+        ServeConfig(lora_modules={"a": "/x"}, router={"name": "bot", "versions": {"a": 1, "c": 1}, "log_path": "x"})
+    with pytest.raises(ValidationError, match="adapter names"):
+        ServeConfig(lora_modules={"a b": "/x"})
+    with pytest.raises(ValidationError, match="one of python, executable, image"):
+        ServeConfig(vllm={"python": "/p", "image": "i"})
+    monkeypatch.setenv("MY_KEY", "s3cret")
+    assert api_key(ServeConfig(api_key_env="MY_KEY")) == "s3cret"
+    with pytest.raises(ServePlanError, match="NOT_SET_HERE"):
+        api_key(ServeConfig(api_key_env="NOT_SET_HERE"))
+
+
+def test_serve_flags_become_a_config_over_the_registry(registry, tmp_path):
+    from flows.serve_cli import add_serve_parser, serve_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--registry", registry.root, "--workdir", str(tmp_path / "w"), "--port", "9001",
+                              "--max-lora-rank", "64", "--router", "bot=notes:0.9,triage:0.1"])
+    config, env, workdir = serve_config_from_args(args)
+    assert config.port == 9001 and config.max_lora_rank == 64 and sorted(config.lora_modules) == ["notes", "triage"]
+    assert config.router.versions == {"notes": 0.9, "triage": 0.1}
+    assert config.router.log_path == str((tmp_path / "w" / "logs" / "ab-bot.jsonl").resolve())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--lora-modules", "no-equals-sign"])
+
+
+def test_router_splits_by_weight_sticks_to_users_and_logs_each_request(tmp_path):
+    router = WeightedRouter(RouterConfig(name="bot", versions={"v1": 0.8, "v2": 0.2}, log_path=str(tmp_path / "ab.jsonl"), seed=7))
+    counts = Counter(router.choose().version for _ in range(2000))
+    assert 0.76 < counts["v1"] / 2000 < 0.84  # 80/20 within sampling error (sd ~0.009)
+    by_user = {u: router.choose(u).version for u in map(str, range(500))}
+    assert all(router.choose(u).version == v for u, v in list(by_user.items())[:50])
+    assert 0.74 < Counter(by_user.values())["v1"] / 500 < 0.86
+
+    assignment = router.choose("alice")
+    router.record(assignment, endpoint="/v1/chat/completions", status="ok", prompt_tokens=5, completion_tokens=7)
+    [line] = read_log(tmp_path / "ab.jsonl")
+    assert line["version"] == assignment.version and line["user"] == "alice" and line["completion_tokens"] == 7
+    assert line["request_id"] == assignment.request_id and line["latency_ms"] >= 0
