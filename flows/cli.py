@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from flows.registry_cli import add_registry_parser
+from flows.serve_cli import add_serve_parser
 from tasks.config import ConfigError, load_pipeline_config
 
 DEFAULT_QUICKSTART_WORKDIR = "runs/quickstart"
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--api-url", help="Prefect API (default $PREFECT_API_URL, else http://127.0.0.1:4200/api)")
     watch.add_argument("--once", action="store_true", help="take what is in the inbox now (no debounce), announce it, exit")
     watch.set_defaults(func=cmd_watch)
+    add_serve_parser(sub)
+    add_registry_parser(sub)
     return parser
 
 

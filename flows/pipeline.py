@@ -17,6 +17,11 @@ data_task = stage_task("data")
 base_model_task = stage_task("base_model")
 pretrain_task = stage_task("pretrain")
 sft_task = stage_task("sft")
+reward_task = stage_task("reward")
+align_task = stage_task("align")
+evaluate_task = stage_task("evaluate")
+export_task = stage_task("export")
+deploy_task = stage_task("deploy")
 
 
 # The hooks post the `notifications:` webhook (failure: stage, reason, fix; completion and gate verdicts).
@@ -33,6 +38,20 @@ def pipeline(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
         refs["pretrain"] = pretrain_task(config.pretrain, _upstream(refs, "data", "base_model"), refresh=plan.refresh("pretrain"), **common)
     if plan.includes("sft"):
         refs["sft"] = sft_task(config.sft, _upstream(refs, "data", "base_model", "pretrain"), refresh=plan.refresh("sft"), **common)
+    if plan.includes("reward"):
+        refs["reward"] = reward_task(config.reward, _upstream(refs, "data", "base_model", "pretrain", "sft"), refresh=plan.refresh("reward"), **common)
+    if plan.includes("align"):
+        refs["align"] = align_task(config.align, _upstream(refs, "data", "base_model", "pretrain", "sft", "reward"), refresh=plan.refresh("align"), **common)
+    if plan.includes("evaluate"):
+        refs["evaluate"] = evaluate_task(
+            config.evaluate, _upstream(refs, "data", "base_model", "pretrain", "sft", "reward", "align"), refresh=plan.refresh("evaluate"), **common
+        )
+    if plan.includes("export"):
+        refs["export"] = export_task(
+            config.export, _upstream(refs, "data", "base_model", "pretrain", "sft", "align", "evaluate"), refresh=plan.refresh("export"), **common
+        )
+    if plan.includes("deploy"):
+        refs["deploy"] = deploy_task(config.deploy, _upstream(refs, "export", "evaluate"), refresh=plan.refresh("deploy"), **common)
     return summarize_run(config.workdir, refs)
 
 

@@ -17,7 +17,7 @@ from schemas.base import StrictModel, resolve_path
 from schemas.sft import NAMED_CHAT_TEMPLATES
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
-MODEL_SOURCES = ("auto", "align", "sft", "base")
+MODEL_SOURCES = ("auto", "align", "sft", "base", "serving")
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -182,9 +182,22 @@ class EvaluateConfig(StrictModel):
     baseline: str = Field(
         default="auto",
         description="What it is compared with: `auto` (sft when the candidate is align, else the base model), "
-        "`base` (the candidate's base model: adapter disabled), `sft`, or a path to an adapter, model or model "
-        "artifact directory.",
+        "`base` (the candidate's base model: adapter disabled), `sft`, `serving` (the versions the registry's "
+        "`registry_alias` points at, per task; the base model where nothing is serving yet), or a path to an "
+        "adapter, model or model artifact directory. `serving` is stateful: the serving versions enter the key, so a "
+        "run after a deploy evaluates again.",
     )
+    registry: str | None = Field(
+        default=None,
+        description="Adapter registry for `baseline: serving` (directory or fsspec URI); default: the pipeline's "
+        "`deploy.registry`, else `<workdir>/registry`.",
+    )
+    registry_name: str | None = Field(
+        default=None,
+        description="Registered adapter name for `baseline: serving` (per-task adapters: `<name>-<task>`); default: "
+        "the pipeline's `deploy.name`.",
+    )
+    registry_alias: str = Field(default="prod", description="The registry alias that marks what is serving.")
     base_model: str | None = Field(
         default=None,
         description="Base model under the adapters; default: the one named in the candidate's outputs.json, else "
@@ -228,7 +241,21 @@ class EvaluateConfig(StrictModel):
     @field_validator("baseline")
     @classmethod
     def _baseline(cls, value: str, info: ValidationInfo) -> str:
-        return _model_source(value, info, ("auto", "base", "sft"), "baseline")
+        return _model_source(value, info, ("auto", "base", "sft", "serving"), "baseline")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None or "://" in value else resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _serving_needs_a_name(self) -> "EvaluateConfig":
+        if self.baseline == "serving" and (self.registry is None or self.registry_name is None):
+            raise ValueError(
+                "baseline serving needs `registry` and `registry_name` (in a pipeline they default to the deploy "
+                "section's registry and name: add a `deploy:` section or set them)"
+            )
+        return self
 
     @field_validator("base_model")
     @classmethod

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from schemas.base import StrictModel, resolve_path
 from schemas.base_model import BaseModelConfig
 from schemas.data import DataConfig
 from schemas.pretrain import PretrainConfig
-from schemas.sft import SFTConfig
+from schemas.align import AlignConfig
+from schemas.deploy import DeployConfig
+from schemas.evaluate import EvaluateConfig
+from schemas.export import ExportConfig
 from schemas.operations import DeploymentConfig, NotificationsConfig, ScheduleConfig, WatchConfig
+from schemas.reward import RewardConfig
+from schemas.serve import ServeConfig
+from schemas.sft import SFTConfig
 
 # Stage order: a stage may only read artifacts of stages before it.
-STAGE_ORDER: tuple[str, ...] = ("data", "base_model", "pretrain", "sft")
+STAGE_ORDER: tuple[str, ...] = (
+    "data", "base_model", "pretrain", "sft", "reward", "align", "evaluate", "export", "deploy",
+)
 
 
 class PipelineConfig(StrictModel):
@@ -37,6 +48,34 @@ class PipelineConfig(StrictModel):
     sft: SFTConfig | None = Field(
         default=None, description="Instruction SFT on the data stage's splits: full, freeze, LoRA, QLoRA and other PEFT methods."
     )
+    reward: RewardConfig | None = Field(
+        default=None, description="A reward model trained on the preference pairs (TRL RewardTrainer), LoRA or full."
+    )
+    align: AlignConfig | None = Field(
+        default=None,
+        description="Alignment of the SFT policy: DPO (and its loss variants), KTO, ORPO, PPO, GRPO or RLOO, "
+        "on dataset or on-policy preference pairs.",
+    )
+    evaluate: EvaluateConfig | None = Field(
+        default=None,
+        description="Candidate vs baseline on the test split: task metrics, lm-eval, forgetting check, A/B with "
+        "bootstrap intervals, and the promotion gate (gate_passed) that deploy obeys.",
+    )
+    export: ExportConfig | None = Field(
+        default=None,
+        description="Serving artifacts from the sft/align artifact: adapters checked for the serving engine, a merged "
+        "model, bnb/GPTQ/AWQ quantized models re-evaluated on the test split, a model card.",
+    )
+    deploy: DeployConfig | None = Field(
+        default=None,
+        description="Register the exported adapters, point the serving alias at them, hot-load them into the running "
+        "server and smoke-test them; only on a passed gate; rolls back on failure.",
+    )
+    serve: ServeConfig | None = Field(
+        default=None,
+        description="`tunepipe serve`: the multi-LoRA OpenAI-compatible server (engine, adapters, limits, A/B router). "
+        "Read by `tunepipe serve`, not a pipeline stage.",
+    )
     schedule: ScheduleConfig | None = Field(
         default=None, description="Run the deployed pipeline on a cron line or interval (`tunepipe deploy`)."
     )
@@ -50,6 +89,22 @@ class PipelineConfig(StrictModel):
     deployment: DeploymentConfig = Field(
         default_factory=DeploymentConfig, description="Work pools and concurrency of the deployed pipeline (`tunepipe deploy`)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_baseline_defaults(cls, data: Any) -> Any:
+        # `evaluate.baseline: serving` reads the registry deploy writes: same root, same name. Filled
+        # in only for that baseline, since these fields enter the evaluate stage's key.
+        evaluate, deploy = (data.get("evaluate"), data.get("deploy")) if isinstance(data, dict) else (None, None)
+        if not isinstance(evaluate, dict) or evaluate.get("baseline") != "serving":
+            return data
+        deploy = deploy if isinstance(deploy, dict) else {}
+        evaluate = dict(evaluate)
+        if evaluate.get("registry") is None and "workdir" in data:
+            evaluate["registry"] = deploy.get("registry") or str(Path(str(data["workdir"])) / "registry")
+        if evaluate.get("registry_name") is None and deploy.get("name"):
+            evaluate["registry_name"] = deploy["name"]
+        return {**data, "evaluate": evaluate}
 
     @field_validator("workdir")
     @classmethod
@@ -69,6 +124,29 @@ class PipelineConfig(StrictModel):
             upstream = self.base_model is not None or (name == "sft" and self.pretrain is not None)
             if section is not None and section.model is None and not upstream:
                 raise ValueError(f"{name}.model is not set and the pipeline builds no base model: set {name}.model to a hub id or local path")
+        return self
+
+    @model_validator(mode="after")
+    def _stages_have_their_inputs(self) -> "PipelineConfig":
+        needs = {
+            "reward": ("data",),
+            "align": ("sft",),
+            "evaluate": ("sft",),
+            "export": ("sft",),
+            "deploy": ("export",),
+        }
+        for stage, required in needs.items():
+            if getattr(self, stage) is not None:
+                missing = [name for name in required if getattr(self, name) is None]
+                if missing:
+                    raise ValueError(f"{stage} needs the {', '.join(missing)} stage: add a `{missing[0]}:` section")
+        if self.align is not None and self.align.needs_reward_model() and self.reward is None:
+            raise ValueError(f"align.method {self.align.method.name} scores with the reward model: add a `reward:` section")
+        if self.evaluate is not None:
+            if self.evaluate.candidate == "align" and self.align is None:
+                raise ValueError("evaluate.candidate is align but the pipeline has no `align:` section")
+            if self.evaluate.ab.judge == "reward_model" and self.reward is None:
+                raise ValueError("evaluate.ab.judge is reward_model but the pipeline has no `reward:` section")
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,11 @@ _STAGES: dict[str, tuple[str, str]] = {
     "base_model": ("tasks.base_model", "BaseModelStage"),
     "pretrain": ("tasks.pretrain", "PretrainStage"),
     "sft": ("tasks.sft", "SFTStage"),
+    "reward": ("tasks.reward", "RewardStage"),
+    "align": ("tasks.align", "AlignStage"),
+    "evaluate": ("tasks.evaluate", "EvaluateStage"),
+    "export": ("tasks.export", "ExportStage"),
+    "deploy": ("tasks.deploy", "DeployStage"),
 }
 
 

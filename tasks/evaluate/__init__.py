@@ -49,12 +49,22 @@ class TaskRun:
     baseline_spec: ModelSpec
 
 
+def serving_digests(config: EvaluateConfig) -> dict[str, str]:
+    """What the registry serves now, by content: `baseline: serving` is compared against it."""
+    from tasks.adapter_registry import AdapterRegistry
+
+    return {name: entry.digest for name, entry in AdapterRegistry(str(config.registry)).serving(config.registry_alias).items()}
+
+
 class EvaluateStage(Stage):
     """Task metrics, lm-eval, forgetting check, A/B with intervals, and the promotion gate."""
 
     name = "evaluate"
     config_model = EvaluateConfig
-    code_modules = ("tasks.evaluate", "schemas.evaluate", "tasks.sft.heldout", "tasks.sft.data", "tasks.align.rewards")
+    code_modules = (
+        "tasks.evaluate", "schemas.evaluate", "tasks.sft.heldout", "tasks.sft.data", "tasks.align.rewards",
+        "tasks.adapter_registry",
+    )
 
     def key_payload(self, config: EvaluateConfig) -> Any:
         from tasks.evaluate.metrics import callable_digest
@@ -63,8 +73,10 @@ class EvaluateStage(Stage):
 
         payload = config.model_dump(mode="json")
         for field in ("candidate", "baseline"):
-            if payload[field] not in ("auto", "align", "sft", "base"):
+            if payload[field] not in ("auto", "align", "sft", "base", "serving"):
                 payload[field] = model_fingerprint(payload[field])  # a path enters by content
+        if config.baseline == "serving":
+            payload["serving"] = serving_digests(config)
         if payload["base_model"]:
             payload["base_model"] = model_fingerprint(payload["base_model"])
         payload["lm_eval"]["include_paths"] = [content_digest(p) for p in config.lm_eval.include_paths]

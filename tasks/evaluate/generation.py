@@ -135,7 +135,41 @@ def resolve_baseline(config: EvaluateConfig, inputs: dict[str, ArtifactRef], can
         if "sft" not in inputs:
             raise StageFailed("evaluate: baseline sft, but the stage has no `sft` input")
         return artifact_source("sft", inputs["sft"], config.base_model, candidate.base_model)
+    if choice == "serving":
+        return serving_source(config, candidate) or base_source(candidate)
     return path_source(choice, config.base_model, candidate.base_model)
+
+
+def serving_names(config: EvaluateConfig, candidate: ModelSource) -> dict[str, str]:
+    """Registry name per run of the candidate: deploy registers per-task adapters as `<name>-<task>`."""
+    if candidate.kind == "adapters":
+        return {task: f"{config.registry_name}-{task}" for task in candidate.paths}
+    return {"all": str(config.registry_name)}
+
+
+def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str, Any]:
+    """{run: the registry version serving it}, for the runs that have one."""
+    from tasks.adapter_registry import AdapterRegistry
+
+    registry = AdapterRegistry(str(config.registry))
+    serving = registry.serving(config.registry_alias)
+    return {run: serving[name] for run, name in serving_names(config, candidate).items() if name in serving}
+
+
+def serving_source(config: EvaluateConfig, candidate: ModelSource) -> ModelSource | None:
+    """What serves now, as a source over the candidate's base; None when nothing serves every run
+    (the caller then compares with the base model, which is what a first deploy replaces)."""
+    from tasks.adapter_registry import AdapterRegistry
+
+    versions = serving_versions(config, candidate)
+    if not versions or len(versions) < len(serving_names(config, candidate)):
+        return None
+    registry = AdapterRegistry(str(config.registry))
+    paths = {run: registry.local_path(entry) for run, entry in versions.items()}
+    label = "serving " + ", ".join(f"{e.name}@{e.version}" for e in versions.values())
+    if candidate.kind == "adapters":
+        return ModelSource(label, "adapters", candidate.base_model, Path("/"), paths, None, candidate.system_prompt)
+    return ModelSource(label, "adapter", candidate.base_model, Path(paths["all"]), {}, None, candidate.system_prompt)
 
 
 def trained_tasks(source: ModelSource, data_dir: str) -> list[str]:

@@ -130,3 +130,22 @@ def test_all_bundled_profiles_load():
             from tasks.environment import deepspeed_config_path
 
             assert deepspeed_config_path(env).is_file()
+
+
+def test_stages_need_their_upstream_sections(tmp_path):
+    with pytest.raises(ConfigError, match="deploy needs the export stage"):
+        load_pipeline_config(write(tmp_path, MINIMAL + "base_model: {}\nsft: {}\ndeploy: {name: qs}\n"))
+    with pytest.raises(ConfigError, match="align.method ppo scores with the reward model"):
+        load_pipeline_config(write(tmp_path, MINIMAL + "base_model: {}\nsft: {}\nalign: {method: ppo}\n"))
+
+
+def test_serving_baseline_reads_the_registry_deploy_writes(tmp_path):
+    config = load_pipeline_config(
+        write(tmp_path, MINIMAL + "base_model: {}\nsft: {}\nevaluate: {baseline: serving}\nexport: {}\ndeploy: {name: qs}\n"),
+        workdir=str(tmp_path / "elsewhere"),
+    )
+    assert config.evaluate.registry == str(tmp_path / "elsewhere" / "registry")
+    assert config.evaluate.registry_name == "qs"
+    # Other baselines leave the fields unset: they enter the evaluate key.
+    plain = load_pipeline_config(write(tmp_path, MINIMAL + "base_model: {}\nsft: {}\nevaluate: {}\n"))
+    assert plain.evaluate.registry is None and plain.evaluate.registry_name is None

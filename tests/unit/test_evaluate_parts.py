@@ -118,3 +118,32 @@ def test_local_lm_eval_task_files(tmp_path):
     assert spec["filter_list"][0]["filter"][0]["filter_fn"] == ("function", f"{FILTER_MODULE}.collapse_whitespace")
     assert (tmp_path / f"{FILTER_MODULE}.py").exists()
     assert (tmp_path / "tunepipe_my_task.jsonl").read_text().splitlines()[0] == '{"prompt": "P1", "reference": "R1"}'
+
+
+def test_serving_baseline_follows_the_registry_and_enters_the_key(tmp_path):
+    from tasks.adapter_registry import AdapterRegistry
+    from tasks.evaluate import EvaluateStage
+    from tasks.evaluate.generation import ModelSource, resolve_baseline
+
+    candidate = ModelSource("align", "adapters", "/base", tmp_path, {"triples": "a/triples", "sentiment": "a/sentiment"})
+    config = EvaluateConfig.model_validate({"baseline": "serving", "registry": str(tmp_path / "registry"), "registry_name": "qs"})
+    stage = EvaluateStage()
+    # Nothing serving yet: the base model is what a first deploy replaces.
+    assert resolve_baseline(config, {}, candidate).kind == "base"
+    empty_key = stage.key_payload(config)["serving"]
+
+    registry = AdapterRegistry(tmp_path / "registry")
+    for task in ("triples", "sentiment"):
+        adapter = tmp_path / "adapters" / task
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text(f'{{"r": 8, "task": "{task}"}}')
+        registry.promote(f"qs-{task}", registry.register(f"qs-{task}", adapter))
+    baseline = resolve_baseline(config, {}, candidate)
+    assert baseline.kind == "adapters" and baseline.name == "serving qs-triples@1, qs-sentiment@1"
+    assert baseline.spec("triples").adapter == registry.resolve("qs-triples@prod").path
+    assert stage.key_payload(config)["serving"] != empty_key  # a deploy changes what evaluate compares with
+
+
+def test_serving_baseline_needs_a_registry_name():
+    with pytest.raises(ValidationError, match="baseline serving needs `registry` and `registry_name`"):
+        EvaluateConfig.model_validate({"baseline": "serving"})
