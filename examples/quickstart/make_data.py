@@ -44,6 +44,7 @@ N_SENTIMENT_SHAREGPT = 600
 N_SENTIMENT_CSV = 250
 N_PREFERENCES = 300
 N_CORPUS = 700
+N_CORPUS_ANNOTATED = 1500
 
 TRIPLES_INSTRUCTION = "Extract the relation triples from the sentence."
 SENTIMENT_INSTRUCTION = "Classify the sentiment of the review as positive, negative or neutral."
@@ -185,6 +186,17 @@ def corpus_doc(rng: random.Random, seen: set[str]) -> str:
     return " ".join(sents)
 
 
+def annotated_doc(rng: random.Random, seen: set[str]) -> str:
+    """A knowledge-base dump: sentences each followed by its relation triples. Continued
+    pretraining on these teaches the tiny model the triple notation and to copy names from a
+    sentence, which a LoRA adapter on a randomly initialised model cannot learn in minutes."""
+    entries = []
+    for _ in range(rng.randint(2, 4)):
+        sentence, output = unique(triples_example, rng, seen)
+        entries.append(f"{sentence} Triples: {output}.")
+    return " ".join(entries)
+
+
 def generate() -> dict[str, str]:
     rng = random.Random(SEED)
     files: dict[str, str] = {}
@@ -259,6 +271,7 @@ def generate() -> dict[str, str]:
 
     # ---- corpus ----
     docs = [corpus_doc(rng, seen) for _ in range(N_CORPUS)]
+    docs += [annotated_doc(rng, seen) for _ in range(N_CORPUS_ANNOTATED)]
     docs.insert(17, "<html><body><h1>Company news</h1><p>Acme acquired Globex.</p></body></html>")
     docs.insert(400, docs[399])
     files["corpus.txt"] = "".join(d + "\n" for d in docs)
