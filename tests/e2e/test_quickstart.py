@@ -51,10 +51,13 @@ def first_run(tmp_path_factory):
     return cwd, run_json(cwd=cwd)
 
 
+STAGES = ["data", "base_model", "sft", "reward", "align", "evaluate", "export", "deploy"]
+
+
 def test_first_run_computes_every_stage(first_run):
     cwd, summary = first_run
     assert summary["workdir"] == str((cwd / "runs" / "quickstart").resolve())
-    assert list(summary["stages"]) == ["data", "base_model"]
+    assert list(summary["stages"]) == STAGES
     for name, stage in summary["stages"].items():
         assert stage["cached"] is False
         assert Path(stage["path"]) == Path(summary["workdir"]) / "artifacts" / name / stage["key"]
@@ -65,11 +68,49 @@ def test_first_run_computes_every_stage(first_run):
     assert len(summary["run_id"]) == 36
 
 
+def test_sft_trains_per_task_adapters_that_beat_the_base(first_run):
+    _, summary = first_run
+    sft = summary["stages"]["sft"]
+    assert sft["metrics"]["kind"] == "adapters" and sorted(sft["metrics"]["runs"]) == ["sentiment", "triples"]
+    heldout = sft["metrics"]["heldout"]
+    # A clear margin on each task's metric: exact match for the labels, token F1 for the triples.
+    assert heldout["sentiment"]["exact_match"] >= heldout["sentiment"]["base_exact_match"] + 0.5
+    assert heldout["triples"]["token_f1"] >= heldout["triples"]["base_token_f1"] + 0.1
+    for task in ("sentiment", "triples"):
+        assert (Path(sft["path"]) / "adapters" / task / "adapter_model.safetensors").is_file()
+
+
+def test_reward_and_dpo_improve_their_objectives_within_tolerance(first_run):
+    _, summary = first_run
+    reward = summary["stages"]["reward"]["metrics"]
+    assert reward["heldout_accuracy"] >= 0.6 and reward["heldout_accuracy"] > reward["heldout_accuracy_before"]
+    align = summary["stages"]["align"]["metrics"]
+    assert align["method"] == "dpo" and align["task_metric_within_tolerance"] is True
+    for task, heldout in align["heldout"].items():
+        # DPO's own objective on held-out pairs: the aligned policy moved chosen above rejected
+        # relative to the SFT policy (its implicit reward) on most pairs.
+        assert heldout["preferences"]["implicit_reward_accuracy"] > 0.5, task
+        assert heldout["preferences"]["implicit_reward_margin"] > 0, task
+
+
+def test_gate_promotes_and_deploy_registers_the_adapters(first_run):
+    _, summary = first_run
+    evaluate = summary["stages"]["evaluate"]["metrics"]
+    assert evaluate["gate_passed"] is True and evaluate["win_rate_ci_low"] > 0.5
+    assert any("CI [" in reason for reason in evaluate["gate_reasons"])  # the interval is stated
+    assert (Path(summary["stages"]["evaluate"]["path"]) / "report.html").is_file()
+    export = summary["stages"]["export"]["metrics"]
+    assert export["merged_agreement"] == {"sentiment": 1.0, "triples": 1.0}
+    deploy = summary["stages"]["deploy"]["metrics"]
+    assert deploy["decision"] == "promoted"
+    assert sorted(deploy["serving"]) == ["quickstart-sentiment", "quickstart-triples"]
+
+
 def test_unchanged_rerun_reports_every_stage_cached(first_run):
     cwd, first = first_run
     second = run_json(cwd=cwd)
     assert second["run_id"] != first["run_id"]
-    assert {name: s["cached"] for name, s in second["stages"].items()} == {"data": True, "base_model": True}
+    assert {name: s["cached"] for name, s in second["stages"].items()} == {name: True for name in STAGES}
     assert {n: s["key"] for n, s in second["stages"].items()} == {n: s["key"] for n, s in first["stages"].items()}
     assert second["stages"]["data"]["metrics"] == first["stages"]["data"]["metrics"]
 
@@ -77,22 +118,25 @@ def test_unchanged_rerun_reports_every_stage_cached(first_run):
 def test_downstream_change_reruns_only_downstream(first_run, tmp_path):
     cwd, first = first_run
     workdir = first["workdir"]
-    base_seed = yaml.safe_load(QUICKSTART.read_text())["base_model"].get("seed", 0)
-    changed = run_json(str(portable_copy(tmp_path, base_model={"seed": base_seed + 1})), "--workdir", workdir, cwd=cwd)
-    assert changed["stages"]["data"]["cached"] is True
-    assert changed["stages"]["data"]["key"] == first["stages"]["data"]["key"]
-    assert changed["stages"]["base_model"]["cached"] is False
-    assert changed["stages"]["base_model"]["key"] != first["stages"]["base_model"]["key"]
+    changed = run_json(str(portable_copy(tmp_path, deploy={"smoke": {"max_tokens": 8}})), "--workdir", workdir, cwd=cwd)
+    assert [name for name, s in changed["stages"].items() if not s["cached"]] == ["deploy"]
+    assert {n: s["key"] for n, s in changed["stages"].items() if n != "deploy"} == {
+        n: s["key"] for n, s in first["stages"].items() if n != "deploy"
+    }
+    assert changed["stages"]["deploy"]["key"] != first["stages"]["deploy"]["key"]
+    # The same adapters are already serving: nothing new is registered or promoted.
+    assert changed["stages"]["deploy"]["metrics"]["registered"] == first["stages"]["deploy"]["metrics"]["registered"]
 
 
 def test_until_and_from(first_run):
     cwd, first = first_run
     until = run_json("--until", "data", cwd=cwd)
     assert list(until["stages"]) == ["data"] and until["stages"]["data"]["cached"] is True
-    refreshed = run_json("--from", "base_model", cwd=cwd)
-    assert refreshed["stages"]["data"]["cached"] is True
-    assert refreshed["stages"]["base_model"]["cached"] is False
-    assert refreshed["stages"]["base_model"]["key"] == first["stages"]["base_model"]["key"]
+    refreshed = run_json("--from", "export", cwd=cwd)
+    assert all(refreshed["stages"][name]["cached"] for name in STAGES[: STAGES.index("export")])
+    for name in ("export", "deploy"):
+        assert refreshed["stages"][name]["cached"] is False
+        assert refreshed["stages"][name]["key"] == first["stages"][name]["key"]
 
 
 def test_config_error_exits_2_naming_the_field(tmp_path):
