@@ -212,20 +212,30 @@ def start_cli(config: Path, *args: str, log: Path, cpus: int | None = None, step
         step_log.parent.mkdir(parents=True, exist_ok=True)
         step_log.write_text("")
     handle = open(log, "w")
+    # stdout goes to a file, not a pipe: a run that is killed before anyone reads its stdout
+    # would otherwise block on a full pipe (Prefect logs there) and never reach the kill point.
+    out = open(summary_file(log), "w")
     started = time.time()
     proc = subprocess.Popen(
-        cli_command(config, *args), cwd=REPO, env=child_env(step_log), stdout=subprocess.PIPE, stderr=handle,
+        cli_command(config, *args), cwd=REPO, env=child_env(step_log), stdout=out, stderr=handle,
         text=True, start_new_session=True, preexec_fn=_pin(cpus),
     )
+    out.close()  # the child holds its own descriptor
     return proc, handle, started
+
+
+def summary_file(log: Path) -> Path:
+    """Where a run's stdout (the `--json` summary on its last line) is written."""
+    return log.with_suffix(".stdout")
 
 
 def run_cli(config: Path, *args: str, log: Path, cpus: int | None = None, step_log: Path | None = None) -> CliRun:
     """Run `tunepipe run CONFIG --json ARGS` to completion; fail loudly if it fails."""
     proc, handle, started = start_cli(config, *args, log=log, cpus=cpus, step_log=step_log)
-    stdout, _ = proc.communicate()
+    proc.wait()
     ended = time.time()
     handle.close()
+    stdout = summary_file(log).read_text()
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"tunepipe run {' '.join(args)} exited {proc.returncode} (log {log}):\n{tail}")
