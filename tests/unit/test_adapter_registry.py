@@ -87,7 +87,9 @@ def _register_many(root: str, src: str, tag: str) -> None:
 
 def test_concurrent_writers_from_several_processes_never_lose_a_version(tmp_path):
     root = str(tmp_path / "reg")
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: earlier tests leave threads (Prefect, torch) whose locks a forked child
+    # inherits mid-use; the workers failed that way when this ran after them in the full suite.
+    context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_register_many, args=(root, str(tmp_path / "src"), tag)) for tag in "ab"]
     for w in workers:
         w.start()
