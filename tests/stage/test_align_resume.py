@@ -23,19 +23,10 @@ from tasks.sft import SFTStage
 from tasks.stage import run_stage
 from tests.conftest import REPO
 from tests.stage.test_align_support import ANSWERS, data_with_pairs, env
-from tests.stage.test_sft_support import WORDS, build_tiny_model, write_data_artifact
+from tests.stage.test_sft_support import SLOW_STEPS, WORDS, build_tiny_model, complete_checkpoints, write_data_artifact
 
 torch.set_num_threads(1)
 
-SLOW_STEPS = """
-import time
-from transformers import Trainer
-_step = Trainer.training_step
-def _slow(self, *args, **kwargs):
-    time.sleep(0.3)
-    return _step(self, *args, **kwargs)
-Trainer.training_step = _slow
-"""
 
 
 def align_kill_script(store_root: Path, inputs: dict[str, ArtifactRef], config: dict) -> str:
@@ -57,15 +48,6 @@ def align_kill_script(store_root: Path, inputs: dict[str, ArtifactRef], config: 
     )
 
 
-def _complete_checkpoints(root: Path, run: str) -> list[int]:
-    steps = []
-    for state in root.glob(f"align/.staging/*/.checkpoints/{run}/checkpoint-*/trainer_state.json"):
-        try:
-            json.loads(state.read_text())
-        except ValueError:
-            continue
-        steps.append(int(state.parent.name.split("-")[1]))
-    return sorted(steps)
 
 
 def _per_task_sft(tmp_path: Path) -> dict:
@@ -103,7 +85,7 @@ def test_killed_align_resumes_and_keeps_finished_task_runs(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
-        while not _complete_checkpoints(root, killed):
+        while not complete_checkpoints(root, "align", killed):
             assert proc.poll() is None, "the align process ended before the second run's first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint of the second run within 120 s"
             time.sleep(0.05)
@@ -111,7 +93,7 @@ def test_killed_align_resumes_and_keeps_finished_task_runs(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     print(f"killed after {time.monotonic() - started:.1f}s")
-    done = _complete_checkpoints(root, killed)
+    done = complete_checkpoints(root, "align", killed)
     assert done and done[-1] < 6, f"killed too late: {done}"
     assert ArtifactStore(root).published("align") == []
     (staging,) = root.glob("align/.staging/*")

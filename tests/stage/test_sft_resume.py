@@ -15,28 +15,10 @@ from tasks.artifacts import ArtifactStore
 from tasks.sft import SFTStage
 from tasks.stage import run_stage
 from tests.conftest import REPO
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile, kill_script, write_data_artifact
-
-SLOW_STEPS = """
-import time
-from transformers import Trainer
-_step = Trainer.training_step
-def _slow(self, *args, **kwargs):
-    time.sleep(0.3)
-    return _step(self, *args, **kwargs)
-Trainer.training_step = _slow
-"""
+from tests.stage.test_sft_support import SLOW_STEPS, build_tiny_model, complete_checkpoints, cpu_profile, kill_script, write_data_artifact
 
 
-def _complete_checkpoints(root: Path) -> list[int]:
-    steps = []
-    for state in root.glob("sft/.staging/*/.checkpoints/all/checkpoint-*/trainer_state.json"):
-        try:
-            json.loads(state.read_text())
-        except ValueError:
-            continue
-        steps.append(int(state.parent.name.split("-")[1]))
-    return sorted(steps)
+
 
 
 def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
@@ -57,7 +39,7 @@ def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
 
     try:
         deadline = time.monotonic() + 90
-        while not _complete_checkpoints(root):
+        while not complete_checkpoints(root, "sft", "all"):
             assert proc.poll() is None, "the training process ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 90 s"
             time.sleep(0.05)
@@ -65,7 +47,7 @@ def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     print(f"killed after {time.monotonic() - started:.1f}s")
-    done = _complete_checkpoints(root)
+    done = complete_checkpoints(root, "sft", "all")
     assert done and done[-1] < 6, f"killed too late: {done}"
     assert ArtifactStore(root).published("sft") == []
 

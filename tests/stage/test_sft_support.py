@@ -111,6 +111,33 @@ def kill_script(store_root: Path, data: ArtifactRef, config: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Kill-and-resume tests (sft, align)
+
+# Prepended to a child's script: slows each optimizer step so a kill lands between checkpoints.
+SLOW_STEPS = """
+import time
+from transformers import Trainer
+_step = Trainer.training_step
+def _slow(self, *args, **kwargs):
+    time.sleep(0.3)
+    return _step(self, *args, **kwargs)
+Trainer.training_step = _slow
+"""
+
+
+def complete_checkpoints(root: Path, stage: str, run: str) -> list[int]:
+    """Steps of the checkpoints of `stage`'s `run` whose trainer state is fully written."""
+    steps = []
+    for state in root.glob(f"{stage}/.staging/*/.checkpoints/{run}/checkpoint-*/trainer_state.json"):
+        try:
+            json.loads(state.read_text())
+        except ValueError:
+            continue
+        steps.append(int(state.parent.name.split("-")[1]))
+    return sorted(steps)
+
+
+# --------------------------------------------------------------------------------------------
 # Method cases shared by test_sft_methods*.py
 
 METHODS = {
