@@ -288,6 +288,41 @@ def precision_flags(env: EnvironmentProfile) -> dict[str, Any]:
     }
 
 
+def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, output_dir: str | Path, optim: str) -> dict[str, Any]:
+    """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
+    PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
+    from tasks.environment import deepspeed_config_path
+
+    ds_config = deepspeed_config_path(env)
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": training.epochs,
+        "max_steps": training.max_steps or -1,
+        "learning_rate": training.learning_rate,
+        "lr_scheduler_type": training.lr_scheduler,
+        "warmup_steps": training.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        "weight_decay": training.weight_decay,
+        "max_grad_norm": training.max_grad_norm,
+        "optim": optim,
+        "seed": training.seed,
+        "data_seed": training.seed,
+        "logging_steps": training.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": training.save_steps,
+        "save_total_limit": training.save_total_limit,
+        "per_device_train_batch_size": env.per_device_batch_size,
+        "per_device_eval_batch_size": env.per_device_batch_size,
+        "gradient_accumulation_steps": env.gradient_accumulation_steps,
+        "gradient_checkpointing": env.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if env.gradient_checkpointing else None,
+        "deepspeed": str(ds_config) if ds_config else None,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "eval_strategy": "no",
+        **precision_flags(env),
+    }
+
+
 def trainer_args(
     training: TrainingConfig,
     env: EnvironmentProfile,
@@ -297,45 +332,23 @@ def trainer_args(
     packing: bool | str,
     optim: str,
     has_eval: bool,
-    deepspeed_config: str | None = None,
 ) -> Any:
-    """`trl.SFTConfig`: hyper-parameters from the stage config, hardware from the profile."""
+    """`trl.SFTConfig`: the shared training arguments, plus packing, length and evaluation."""
     from trl import SFTConfig as TrlSFTConfig
 
     strategy = packing if isinstance(packing, str) else "bfd"
-    eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
+    eval_kwargs: dict[str, Any] = {}
     if has_eval and training.eval_steps:
         eval_kwargs = {"eval_strategy": "steps", "eval_steps": training.eval_steps}
     return TrlSFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps or -1,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        optim=optim,
-        seed=training.seed,
-        data_seed=training.seed,
-        logging_steps=training.logging_steps,
-        save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
-        per_device_train_batch_size=env.per_device_batch_size,
-        per_device_eval_batch_size=env.per_device_batch_size,
-        gradient_accumulation_steps=env.gradient_accumulation_steps,
-        gradient_checkpointing=env.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if env.gradient_checkpointing else None,
-        max_length=max_length,
-        packing=bool(packing),
-        packing_strategy=strategy,
-        deepspeed=deepspeed_config,
-        report_to="none",
-        disable_tqdm=False,  # the console progress bar; the Prefect UI gets a progress artifact
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
-        dataset_num_proc=None,
-        **precision_flags(env),
-        **eval_kwargs,
+        **{
+            **training_arguments(training, env, output_dir=output_dir, optim=optim),
+            "max_length": max_length,
+            "packing": bool(packing),
+            "packing_strategy": strategy,
+            "disable_tqdm": False,  # the console progress bar; the Prefect UI gets a progress artifact
+            "include_num_input_tokens_seen": "non_padding",
+            "dataset_num_proc": None,
+            **eval_kwargs,
+        }
     )

@@ -18,7 +18,6 @@ from schemas.environment import EnvironmentProfile
 from schemas.manifest import ArtifactRef
 from schemas.sft import TrainingConfig
 from tasks import peft_methods
-from tasks.environment import deepspeed_config_path
 from tasks.jsonl import read_jsonl
 from tasks.sft.data import read_split, record_messages
 from tasks.stage import StageFailed
@@ -29,34 +28,7 @@ HELDOUT_SPLITS = ("validation", "test")
 
 def training_kwargs(training: TrainingConfig, env: EnvironmentProfile, output_dir: str | Path) -> dict[str, Any]:
     """`TrainingArguments` keywords shared by every TRL config (DPOConfig, RewardConfig, PPOConfig, ...)."""
-    ds_config = deepspeed_config_path(env)
-    return {
-        "output_dir": str(output_dir),
-        "num_train_epochs": training.epochs,
-        "max_steps": training.max_steps or -1,
-        "learning_rate": training.learning_rate,
-        "lr_scheduler_type": training.lr_scheduler,
-        "warmup_steps": training.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        "weight_decay": training.weight_decay,
-        "max_grad_norm": training.max_grad_norm,
-        "optim": training.optimizer,
-        "seed": training.seed,
-        "data_seed": training.seed,
-        "logging_steps": training.logging_steps,
-        "save_strategy": "steps",
-        "save_steps": training.save_steps,
-        "save_total_limit": training.save_total_limit,
-        "per_device_train_batch_size": env.per_device_batch_size,
-        "per_device_eval_batch_size": env.per_device_batch_size,
-        "gradient_accumulation_steps": env.gradient_accumulation_steps,
-        "gradient_checkpointing": env.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if env.gradient_checkpointing else None,
-        "deepspeed": str(ds_config) if ds_config else None,
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "eval_strategy": "no",
-        **peft_methods.precision_flags(env),
-    }
+    return peft_methods.training_arguments(training, env, output_dir=output_dir, optim=training.optimizer)
 
 
 def read_outputs(ref: ArtifactRef | str, stage: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from typing import Any
 from schemas.environment import EnvironmentProfile
 from schemas.sft import LoraMethod, QLoraMethod, SFTConfig
 from tasks import peft_methods
-from tasks.environment import deepspeed_config_path
 from tasks.sft.data import encode_records, read_split, resolve_chat_template
 from tasks.stage import StageFailed
 
@@ -134,7 +133,6 @@ def build_trainer(
 
     disable_progress_bar()  # per-map progress bars of tiny datasets drown the stage log
 
-    ds_config = deepspeed_config_path(env)
     args = peft_methods.trainer_args(
         training,
         env,
@@ -143,7 +141,6 @@ def build_trainer(
         packing=packing,
         optim=peft_methods.optimizer_name(method, training),
         has_eval=bool(eval_rows),
-        deepspeed_config=str(ds_config) if ds_config else None,
     )
     eval_dataset: Any = None
     if eval_rows:
