@@ -316,6 +316,7 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "gradient_checkpointing": env.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if env.gradient_checkpointing else None,
         "deepspeed": str(ds_config) if ds_config else None,
+        "use_liger_kernel": env.liger_kernel,
         "report_to": "none",
         "dataloader_num_workers": 0,
         "eval_strategy": "no",

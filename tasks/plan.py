@@ -11,7 +11,8 @@ trainable count is the one training will print. Memory is an estimate per device
                  mixed precision: fp32 master + 2 fp32 states, partitioned by ZeRO stage / offloaded
     activations  per token per block about 8.5*h + 4*i values (+ 2.5*heads*seq for eager attention),
                  for the blocks gradients flow through; with gradient checkpointing only each block's
-                 input plus one block recomputed; plus the logits (profile dtype and float32 for the loss)
+                 input plus one block recomputed; plus the logits (profile dtype and float32 for the loss),
+                 which a profile with `liger_kernel` never materialises (fused, chunked cross-entropy)
     overhead     10% of the above (allocator fragmentation, workspaces)
 
 `check_fit` is what the sft stage runs first: it raises `StageFailed` naming what to change.
@@ -162,7 +163,9 @@ def memory_estimate(prepared: Any, method: Any, env: EnvironmentProfile, seq_len
         acts = b * s * (blocks * h + per_token_block) * dt
     else:
         acts = b * s * blocks * per_token_block * dt
-    logits = b * s * vocab * (dt + 4)
+    # The logits in the training dtype plus their float32 copy for the loss; Liger's cross-entropy
+    # is fused with the output head and works on chunks of tokens, so it never holds them.
+    logits = 0 if env.liger_kernel else b * s * vocab * (dt + 4)
     components = {
         "weights_gb": weights / GIB,
         "gradients_gb": grads / GIB,
@@ -178,7 +181,7 @@ def memory_estimate(prepared: Any, method: Any, env: EnvironmentProfile, seq_len
     out["fits"] = out["total_gb"] <= env.device_memory_gb
     out["assumptions"] = {
         "batch": b, "seq_len": s, "dtype": env.dtype, "gradient_checkpointing": env.gradient_checkpointing,
-        "attn_implementation": env.attn_implementation, "zero_stage": ds["stage"], "processes": n, "optimizer": optim,
+        "attn_implementation": env.attn_implementation, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"], "processes": n, "optimizer": optim,
     }
     return out
 

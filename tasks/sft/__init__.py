@@ -57,6 +57,7 @@ def training_env_payload(env: EnvironmentProfile) -> dict[str, Any]:
         "gradient_accumulation_steps": env.gradient_accumulation_steps,
         "num_processes": env.num_processes,
         "attn_implementation": env.attn_implementation,
+        "liger_kernel": env.liger_kernel,
         "deepspeed_config": env.deepspeed_config,
     }
 

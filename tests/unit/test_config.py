@@ -76,6 +76,9 @@ def test_impossible_profile_combination(tmp_path):
     profile.write_text("name: bad\ndevice: cpu\ndevice_memory_gb: 4\nattn_implementation: flash_attention_2\n")
     with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA device"):
         load_environment(str(profile))
+    profile.write_text("name: bad\ndevice: cpu\ndevice_memory_gb: 4\nliger_kernel: true\n")
+    with pytest.raises(ConfigError, match="liger_kernel needs a CUDA device"):
+        load_environment(str(profile))
 
 
 def test_not_a_mapping_and_bad_yaml(tmp_path):

@@ -105,6 +105,10 @@ def test_memory_estimate_for_a_7b_model_per_profile():
     # Gradient checkpointing cuts activations.
     no_ckpt = plan(cfg, SFTConfig.model_validate({"method": "lora"}).method, gpu24.model_copy(update={"gradient_checkpointing": False}), 1024)
     assert no_ckpt["memory"]["activations_gb"] > 5 * lora["memory"]["activations_gb"]
+    # Liger's fused cross-entropy never holds the logits: that term goes, nothing else changes.
+    liger = plan(cfg, SFTConfig.model_validate({"method": "lora"}).method, gpu24.model_copy(update={"liger_kernel": True}), 1024)
+    assert lora["memory"]["logits_gb"] > 0.5 and liger["memory"]["logits_gb"] == 0
+    assert liger["memory"]["activations_gb"] == lora["memory"]["activations_gb"]
 
 
 def test_check_fit_says_what_to_change():
