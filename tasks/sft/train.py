@@ -63,10 +63,19 @@ def load_base(model_path: str, method: Any, env: EnvironmentProfile, revision: s
 
     quantization = peft_methods.bnb_config(method, env) if isinstance(method, QLoraMethod) else None
     model = load_model(
-        model_path, revision=revision, dtype=env.dtype, attn_implementation=env.attn_implementation, quantization=quantization
+        model_path, revision=revision, dtype=env.dtype, attn_implementation=env.attn_implementation, quantization=quantization,
+        device_map=quantized_device_map(env) if quantization is not None else None,
     )
     model.config.use_cache = False
     return model
+
+
+def quantized_device_map(env: EnvironmentProfile) -> dict[str, Any] | None:
+    """Where a 4-bit base is loaded: the Trainer never moves a bitsandbytes model, so on CUDA it
+    must be quantized straight onto this process's GPU (LOCAL_RANK under a launcher)."""
+    if env.device != "cuda":
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def make_callbacks(model: Any, method: Any, label: str = "training") -> list[Any]:

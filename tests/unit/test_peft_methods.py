@@ -102,6 +102,9 @@ def test_trainer_args_come_from_the_profile(tmp_path):
     flags = peft_methods.precision_flags(load_environment("single-gpu-24gb"))
     assert flags == {"bf16": True, "fp16": False, "use_cpu": False}
     assert gpu.gradient_checkpointing and gpu.gradient_accumulation_steps == 4
+    assert not args.use_liger_kernel
+    liger = peft_methods.training_arguments(training, gpu.model_copy(update={"liger_kernel": True}), output_dir=tmp_path, optim="adamw_torch")
+    assert liger["use_liger_kernel"] is True
 
 
 def test_freeze_and_bitfit_select_parameters():
@@ -148,3 +151,13 @@ def test_yaml_section_validates_and_errors_name_path_and_line():
     bad = YAML.format(dora="maybe")
     with pytest.raises(ConfigError, match=r"method\.qlora\.use_dora"):
         validate_yaml_mapping(SFTConfig, yaml.safe_load(bad)["sft"], text=bad, source="pipeline.yaml")
+
+
+def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
+    # The Trainer never moves a bitsandbytes model: on CUDA the 4-bit base must load on the GPU.
+    from tasks.sft.train import quantized_device_map
+
+    assert quantized_device_map(load_environment("cpu")) is None
+    assert quantized_device_map(load_environment("single-gpu-24gb")) == {"": 0}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert quantized_device_map(load_environment("multi-gpu-deepspeed")) == {"": 3}
