@@ -52,12 +52,12 @@ class Limits:
 
 
 def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
-    """Load the base (at the profile's dtype and attention kernel) and the start-up adapters, and
+    """Load the base (on the profile's device, at its dtype and attention kernel) and the start-up adapters, and
     return the app. `config` must be resolved (plan.resolve_serve_config)."""
     from tasks.serve.plan import api_key
 
     engine = MultiLoraEngine(config.base, dtype=profile.dtype, attn_implementation=profile.attn_implementation,
-                             max_rank=config.max_lora_rank or 64)
+                             max_rank=config.max_lora_rank or 64, device=profile.device)
     if len(config.lora_modules) > (config.max_loras or 1):
         raise AdapterError(f"{len(config.lora_modules)} adapters to load but max_loras is {config.max_loras}: raise --max-loras")
     for name, path in config.lora_modules.items():

@@ -108,7 +108,9 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
 class MultiLoraEngine:
     """The model side of the embedded server. Not thread-safe: call from one thread (the batcher's)."""
 
-    def __init__(self, base: str, *, dtype: str = "float32", attn_implementation: str | None = None, max_rank: int = 64):
+    def __init__(
+        self, base: str, *, dtype: str = "float32", attn_implementation: str | None = None, max_rank: int = 64, device: str = "cpu"
+    ):
         import torch
 
         from tasks.modeling import load_model, load_tokenizer
@@ -116,7 +118,8 @@ class MultiLoraEngine:
         self.base = base
         self.max_rank = max_rank
         self.tokenizer = load_tokenizer(base)
-        self.model = load_model(base, dtype=dtype, attn_implementation=attn_implementation).eval()
+        self.model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, device_map={"": device}).eval()
+        self.device = self.model.device
         self.adapters: dict[str, str] = {}
         self.ranks: dict[str, int] = {}
         self._torch = torch
@@ -218,8 +221,8 @@ class MultiLoraEngine:
         torch = self._torch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         width = max(len(row.prompt_ids) for row in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
         return input_ids, attention_mask, pad
 
 

@@ -108,6 +108,8 @@ def heldout_metrics(
 
     run_tasks = {run: ([run] if outputs["kind"] == "adapters" else list(examples)) for run in outputs["paths"]}
     base = load_base(model_path, config.method, env, config.revision).eval()
+    if getattr(base, "quantization_method", None) is None:  # a 4-bit base is already on its GPU
+        base = base.to(env.device)
     base.config.use_cache = True
     results: dict[str, dict[str, Any]] = {}
     trained_with_adapters = None
@@ -116,7 +118,7 @@ def heldout_metrics(
         tokenizer = load_tokenizer(str(trained_dir))
         template = resolve_chat_template(config.chat_template, tokenizer)
         if outputs["kind"] == "model":
-            trained = load_model(str(trained_dir), dtype=env.dtype).eval()
+            trained = load_model(str(trained_dir), dtype=env.dtype, device_map={"": env.device}).eval()
         elif trained_with_adapters is None:
             trained = trained_with_adapters = PeftModel.from_pretrained(base, str(trained_dir), adapter_name=run).eval()
         else:
