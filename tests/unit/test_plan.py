@@ -98,6 +98,7 @@ def test_memory_estimate_for_a_7b_model_per_profile():
     assert 12 < lora["memory"]["weights_gb"] < 13.5  # bf16
     assert 3 < qlora["memory"]["weights_gb"] < 5  # 4-bit linears, embeddings and head in fp32
     assert qlora["memory"]["fits"] and not full["memory"]["fits"]
+    assert qlora["memory"]["logits_gb"] == pytest.approx(lora["memory"]["logits_gb"] * 8 / 6, rel=1e-3)  # float32 head
     assert full["memory"]["optimizer_gb"] > 20
     # ZeRO-3 with offload over 8 GPUs: optimizer states leave the GPU, weights are sharded.
     zero3 = plan(cfg, SFTConfig.model_validate({"method": "full"}).method, load_environment("multi-gpu-deepspeed-zero3"), 1024)
