@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="chat: /v1/chat/completions (needs a chat template); completions: /v1/completions")
     parser.add_argument("--repeats", type=int, default=3, help="measured pairs per comparison (alternating order)")
     parser.add_argument("--environment", default="cpu", help="environment profile (dtype, attention kernel)")
+    parser.add_argument("--attn", default=None, help="attention kernel instead of the profile's (e.g. sdpa where flash-attn is not installed)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="server max_batch_size (default: ServeConfig's)")
     parser.add_argument("--no-hot-load", action="store_true", help="skip the hot-load vs reload measurement")
     parser.add_argument("--workdir", default=None, help="where the base and adapters are written (default: a temp dir)")
@@ -342,6 +343,8 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     result = header("serving.py", argv)
     profile = load_environment(args.environment)
+    if args.attn:
+        profile = profile.model_copy(update={"attn_implementation": args.attn})
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunepipe-bench-serving-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     base = str(Path(args.base).resolve()) if args.base else make_base(workdir)
@@ -352,7 +355,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     result["setup"] = {
         "base": base, "tiny_base": args.base is None, "adapter_rank": args.rank, "target_modules": "all-linear",
         "adapters_dir": str(allowed), "adapters_built_s": rounded(time.perf_counter() - started, 2),
-        "environment": args.environment, "dtype": profile.dtype, "endpoint": args.endpoint,
+        "environment": args.environment, "device": profile.device, "dtype": profile.dtype,
+        "attn": profile.attn_implementation, "endpoint": args.endpoint,
         "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens, "repeats": args.repeats,
         "max_batch_size": serve_config(base, {}, args, allowed).max_batch_size,
         "batch_window_ms": serve_config(base, {}, args, allowed).batch_window_ms,

@@ -134,3 +134,51 @@ def test_overhead_summary_is_the_median_of_per_pair_ratios():
     assert summary["train_loop_ratio_median"] == 1.2
     assert summary["startup_s_median"] == 10.0
     assert summary["meets_target"] is False
+
+
+def _gpu_run(tokens_per_s: float, peak: float) -> dict:
+    return {"tokens_per_s": tokens_per_s, "peak_allocated_gb": peak, "mfu": tokens_per_s / 1e6}
+
+
+def test_gpu_sft_summary_compares_each_variant_with_its_method_baseline():
+    gpu = _load("gpu_sft")
+    runs = {
+        "qlora": {
+            "baseline": [_gpu_run(1000, 40.0), _gpu_run(1200, 40.0)],
+            "packing": [_gpu_run(3300, 36.0), _gpu_run(3300, 36.0)],
+            "liger": [_gpu_run(1400, 44.0), {"error": "exit 1", "log_tail": "..."}],  # a failed run is left out
+        },
+        "lora": {"baseline": [_gpu_run(2000, 30.0)], "tunepipe": [_gpu_run(1000, 15.0)]},
+    }
+    summary = gpu.summarise(runs)
+    assert summary["qlora"]["baseline"]["tokens_per_s"] == 1100  # median of two
+    assert summary["qlora"]["packing"]["speed_vs_baseline"] == 3.0
+    assert summary["qlora"]["packing"]["memory_vs_baseline"] == 0.9
+    assert summary["lora"]["tunepipe"]["speed_vs_baseline"] == 0.5
+    # The target: the fastest QLoRA variant at >= 1.5x the baseline's tokens/s and <= its peak memory.
+    assert summary["qlora_target"] == {"best_variant": "packing", "speed_vs_baseline": 3.0, "memory_vs_baseline": 0.9, "met": True}
+    runs["qlora"]["packing"] = [_gpu_run(3300, 44.0)]
+    assert gpu.summarise(runs)["qlora_target"]["met"] is False  # faster, but more memory than the baseline
+
+
+def test_gpu_sft_merge_pools_runs_of_the_same_setup_only():
+    gpu = _load("gpu_sft")
+    setup = {"steps": 20, "max_length": 1024, "build_s": 3.0}
+    first = {"command": "a", "setup": setup, "runs": {"lora": {"baseline": [_gpu_run(1000, 10.0)]}}}
+    second = {"command": "b", "setup": {**setup, "build_s": 9.0}, "runs": {"lora": {"baseline": [_gpu_run(3000, 10.0)]}}}
+    merged = gpu.merge_results([first, second])
+    assert merged["merged_from"] == ["a", "b"] and len(merged["runs"]["lora"]["baseline"]) == 2
+    assert merged["summary"]["lora"]["baseline"]["tokens_per_s"] == 2000
+    with pytest.raises(SystemExit, match="different setups"):
+        gpu.merge_results([first, {**second, "setup": {**setup, "steps": 40}}])
+
+
+def test_gpu_sft_model_flops_count_the_matmuls_the_adapters_and_attention(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000).save_pretrained(tmp_path)
+    per_block = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k, v (2 kv heads of 16), o, gate/up/down
+    matmul = 2 * per_block + 64 * 1000  # + the output head
+    flops = _load("gpu_sft").model_flops_per_token(str(tmp_path), trainable=500, mean_context=100.0)
+    assert flops == 4 * matmul + 6 * 500 + 12 * 2 * 64 * 100
