@@ -1,15 +1,19 @@
 """Live training progress: a Prefect progress artifact while a training stage runs in a task.
 
 In-process training runs in the Prefect task's thread, so the callback finds the task run and
-updates one progress artifact as steps complete (throttled to whole percents, so a long run
-does not flood the API). Launched workers have no Prefect context; their progress reaches the
-run through the streamed logs instead.
+updates one progress artifact as steps complete. Each update is a synchronous call to the
+Prefect API, in the training loop: on a 2-core machine one update per percent cost ~9 s of a
+100-step, two-run sft stage (benchmarks/README.md, orchestration overhead). So updates are
+throttled to whole percents *and* to one per `min_interval_s` (the UI needs no more), and the
+end of training always reports 100. Launched workers have no Prefect context; their progress
+reaches the run through the streamed logs instead.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
@@ -23,19 +27,23 @@ def in_prefect_task() -> bool:
 class PrefectProgress(TrainerCallback):
     """Percent of optimizer steps done, as a Prefect progress artifact."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, min_interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.label = label
+        self.min_interval_s = min_interval_s
+        self.clock = clock
         self.artifact_id: Any = None
         self.reported = -1
+        self.reported_at = float("-inf")
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and in_prefect_task():
             from prefect.artifacts import create_progress_artifact
 
             self.artifact_id = create_progress_artifact(progress=0.0, description=f"{self.label}: training progress (%)")
+            self.reported, self.reported_at = 0, self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.artifact_id is not None and state.max_steps:
+        if self.artifact_id is not None and state.max_steps and self.clock() - self.reported_at >= self.min_interval_s:
             self._report(int(100 * state.global_step / state.max_steps))
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -47,4 +55,4 @@ class PrefectProgress(TrainerCallback):
             from prefect.artifacts import update_progress_artifact
 
             update_progress_artifact(self.artifact_id, progress=float(percent))
-            self.reported = percent
+            self.reported, self.reported_at = percent, self.clock()
