@@ -28,6 +28,10 @@ Hot-load. On a server with one start-up adapter, `POST /v1/load_lora_adapter` of
 compared with the target 0.05. Both read warm files (page cache) and run with the libraries
 imported, so the reload figure is the lower bound of a real restart.
 
+`--engine vllm --base DIR` measures vLLM instead: `vllm serve` started through tunepipe's own
+launcher (tasks/serve/vllm.py), one server per adapter count with N start-up adapters, base and
+adapter requests on that same server; hot-load against a full restart of the same command.
+
 The load generator shares the process (and the GIL) with the server, alike on both sides of a
 ratio; compare ratios across machines, not absolute rates. Prints one JSON object.
 """
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attn", default=None, help="attention kernel instead of the profile's (e.g. sdpa where flash-attn is not installed)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="server max_batch_size (default: ServeConfig's)")
     parser.add_argument("--no-hot-load", action="store_true", help="skip the hot-load vs reload measurement")
+    parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded",
+                        help="embedded: tunepipe's server in this process; vllm: `vllm serve` through tunepipe's launcher (needs --base)")
+    parser.add_argument("--vllm-executable", default=None,
+                        help="a `vllm` executable (default: the profile's serving.vllm_python / vllm_image)")
+    parser.add_argument("--vllm-arg", action="append", default=[], help="one more `vllm serve` argument (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the base and adapters are written (default: a temp dir)")
     return parser
 
@@ -85,6 +94,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if any(n < 1 for n in args.adapters):
         raise SystemExit(f"--adapters: counts must be at least 1 (the base alone is always measured): {args.adapters}")
+    if args.engine == "vllm" and not args.base:
+        raise SystemExit("--engine vllm needs --base: vLLM serves a real model directory (it cannot build the tiny one)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +209,31 @@ def stop_server(server) -> None:
     gc.collect()  # drop the model before the next server loads its own
 
 
+def vllm_config(base: str, adapters: dict[str, str], args: argparse.Namespace, allowed: Path):
+    """The ServeConfig `tunepipe serve --engine vllm` would run, on a free port."""
+    import socket
+
+    from schemas.serve import ServeConfig
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    vllm = {"extra_args": list(args.vllm_arg), **({"executable": args.vllm_executable} if args.vllm_executable else {})}
+    return ServeConfig(
+        base=base, served_model_name=BASE_NAME, lora_modules=adapters, engine="vllm", port=port,
+        allowed_adapter_dirs=[str(allowed)], max_loras=max(len(adapters), 1), max_lora_rank=args.rank,
+        max_tokens_limit=args.max_tokens, max_concurrency=max(64, args.concurrency), vllm=vllm,
+    )
+
+
+def start_vllm(config, profile, log_file: Path):
+    """`vllm serve` through tunepipe's launcher, returned once /health answers."""
+    from tasks.serve.plan import resolve_serve_config
+    from tasks.serve.vllm import VLLMServer
+
+    return VLLMServer(resolve_serve_config(config, profile), log_file=log_file).start()
+
+
 # --------------------------------------------------------------------------------------------
 # Load generator
 
@@ -306,29 +342,87 @@ def time_reload(config, profile) -> dict[str, float]:
     return {"build_app_s": built - started, "server_start_s": healthy - built, "reload_s": healthy - started}
 
 
-def measure_hot_load(client, base: str, adapters: dict[str, str], allowed: Path, args: argparse.Namespace, profile) -> dict[str, Any]:
+def time_vllm_restart(config, profile, log_file: Path) -> dict[str, float]:
+    """A full reload under vLLM: a new `vllm serve` of the same config, from start to /health."""
+    started = time.perf_counter()
+    server = start_vllm(config, profile, log_file)
+    healthy = time.perf_counter()
+    server.stop()
+    return {"reload_s": healthy - started}
+
+
+def hot_load_pair(hot_load: dict[str, float], reloaded: dict[str, float], order: list[str]) -> dict[str, Any]:
+    return {
+        "order": order, **{k: rounded(v, 4) for k, v in {**hot_load, **reloaded}.items()},
+        "ratio": rounded(ratio(hot_load["load_s"], reloaded["reload_s"]), 5),
+        "swap_ratio": rounded(ratio(hot_load["load_s"] + hot_load["unload_s"], reloaded["reload_s"]), 5),
+    }
+
+
+def measure_hot_load(client, base: str, adapters: dict[str, str], allowed: Path, args: argparse.Namespace, profile,
+                     workdir: Path) -> dict[str, Any]:
     (first, first_path), (hot, hot_path) = list(adapters.items())[:2]
-    config = serve_config(base, {first: first_path}, args, allowed)
-    server = start_server(config, profile)
-    try:
-        time_hot_load(client, server, hot, hot_path)  # warm-up: peft's first load into this model
-        repeats = []
-        for r in range(args.repeats):
-            if r % 2 == 0:
-                hot_load, reload = time_hot_load(client, server, hot, hot_path), time_reload(config, profile)
-            else:
-                reload, hot_load = time_reload(config, profile), time_hot_load(client, server, hot, hot_path)
-            repeats.append({
-                "order": ["hot_load", "reload"] if r % 2 == 0 else ["reload", "hot_load"],
-                **{k: rounded(v, 4) for k, v in {**hot_load, **reload}.items()},
-                "ratio": rounded(ratio(hot_load["load_s"], reload["reload_s"]), 5),
-                "swap_ratio": rounded(ratio(hot_load["load_s"] + hot_load["unload_s"], reload["reload_s"]), 5),
-            })
-    finally:
-        stop_server(server)
+    repeats = []
+    if args.engine == "vllm":
+        # Two vLLM engines do not share a GPU at the profile's memory utilisation: the hot-loads run
+        # first on one server, then the restarts once it is stopped (minutes each: order adds no noise).
+        config = vllm_config(base, {first: first_path}, args, allowed)
+        server = start_vllm(config, profile, workdir / "logs" / "vllm-hot-load.log")
+        try:
+            time_hot_load(client, server, hot, hot_path)  # warm-up
+            loads = [time_hot_load(client, server, hot, hot_path) for _ in range(args.repeats)]
+        finally:
+            server.stop()
+        for load in loads:
+            restart = time_vllm_restart(vllm_config(base, {first: first_path}, args, allowed), profile, workdir / "logs" / "vllm-reload.log")
+            repeats.append(hot_load_pair(load, restart, ["hot_load", "reload"]))
+    else:
+        config = serve_config(base, {first: first_path}, args, allowed)
+        server = start_server(config, profile)
+        try:
+            time_hot_load(client, server, hot, hot_path)  # warm-up: peft's first load into this model
+            for r in range(args.repeats):
+                if r % 2 == 0:
+                    hot_load, reloaded = time_hot_load(client, server, hot, hot_path), time_reload(config, profile)
+                else:
+                    reloaded, hot_load = time_reload(config, profile), time_hot_load(client, server, hot, hot_path)
+                repeats.append(hot_load_pair(hot_load, reloaded, ["hot_load", "reload"] if r % 2 == 0 else ["reload", "hot_load"]))
+        finally:
+            stop_server(server)
     medians = {key: rounded(median(rep[key] for rep in repeats), 5) for key in repeats[0] if key != "order"}
     return {"start_up_adapters": 1, "hot_adapter": hot, "repeats": repeats, "median": medians,
             "target": HOT_LOAD_TARGET, "target_met": medians["ratio"] <= HOT_LOAD_TARGET}
+
+
+def embedded_throughput(client, base, adapters, names, allowed, args, profile, workdir) -> list[dict[str, Any]]:
+    """The base alone (no peft wrapper) on one server against N adapters on another, for each N."""
+    base_server = start_server(serve_config(base, {}, args, allowed), profile)
+    try:
+        overhead = []
+        for count in args.adapters:
+            served = {name: adapters[name] for name in names[:count]}
+            adapter_server = start_server(serve_config(base, served, args, allowed), profile)
+            try:
+                overhead.append(measure_overhead(client, base_server, adapter_server, list(served), args))
+            finally:
+                stop_server(adapter_server)
+    finally:
+        stop_server(base_server)
+    return overhead
+
+
+def vllm_throughput(client, base, adapters, names, allowed, args, profile, workdir) -> list[dict[str, Any]]:
+    """For each N, one `vllm serve` with N adapters: requests naming the base against requests naming
+    the adapters, on the same server (a deployment serves both from one LoRA-enabled engine)."""
+    overhead = []
+    for count in args.adapters:
+        served = {name: adapters[name] for name in names[:count]}
+        server = start_vllm(vllm_config(base, served, args, allowed), profile, workdir / "logs" / f"vllm-{count}.log")
+        try:
+            overhead.append(measure_overhead(client, server, server, list(served), args))
+        finally:
+            server.stop()
+    return overhead
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,25 +454,22 @@ def main(argv: list[str]) -> dict[str, Any]:
         "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens, "repeats": args.repeats,
         "max_batch_size": serve_config(base, {}, args, allowed).max_batch_size,
         "batch_window_ms": serve_config(base, {}, args, allowed).batch_window_ms,
+        "engine": args.engine,
     }
+    if args.engine == "vllm":  # the embedded batcher's settings do not apply; vLLM's command line does
+        from tasks.serve.plan import resolve_serve_config
+        from tasks.serve.vllm import vllm_command
+
+        del result["setup"]["max_batch_size"], result["setup"]["batch_window_ms"]
+        example = resolve_serve_config(vllm_config(base, {names[0]: adapters[names[0]]}, args, allowed), profile)
+        result["setup"]["vllm_command"] = vllm_command(example)
 
     limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
     with httpx.Client(timeout=600, limits=limits, trust_env=False) as client:
-        base_server = start_server(serve_config(base, {}, args, allowed), profile)
-        try:
-            overhead = []
-            for count in args.adapters:
-                served = {name: adapters[name] for name in names[:count]}
-                adapter_server = start_server(serve_config(base, served, args, allowed), profile)
-                try:
-                    overhead.append(measure_overhead(client, base_server, adapter_server, list(served), args))
-                finally:
-                    stop_server(adapter_server)
-        finally:
-            stop_server(base_server)
-        result["throughput"] = overhead
+        measure = vllm_throughput if args.engine == "vllm" else embedded_throughput
+        result["throughput"] = overhead = measure(client, base, adapters, names, allowed, args, profile, workdir)
         if not args.no_hot_load:
-            result["hot_load"] = measure_hot_load(client, base, adapters, allowed, args, profile)
+            result["hot_load"] = measure_hot_load(client, base, adapters, allowed, args, profile, workdir)
     result["summary"] = {
         "adapter_overhead_ratio": {str(run["adapters"]): run["median"]["ratio"] for run in overhead},
         "adapter_overhead_tokens_ratio": {str(run["adapters"]): run["median"]["tokens_ratio"] for run in overhead},
