@@ -1,8 +1,9 @@
 """One base model, many LoRA adapters, batched generation across adapters (transformers + peft).
 
-The base is wrapped in a `PeftModel` holding every loaded adapter by name; one `generate` call
-serves a batch whose rows use different adapters through peft's `adapter_names=` (rows of the
-base model use `__base__`). All model work (generation, loading, unloading) runs on one worker
+The base is wrapped in a `PeftModel` holding every loaded adapter in a slot (a peft adapter
+named `slot-N`); one `generate` call serves a batch whose rows use different adapters through
+peft's `adapter_names=` (rows of the base model use `__base__`). An unloaded adapter's slot is
+kept and refilled by the next adapter of the same shape, so a hot swap is a weight copy. All model work (generation, loading, unloading) runs on one worker
 thread (see batcher.py), so an adapter never changes under a running batch.
 
 Per-row bookkeeping (the row's own `max_tokens`, stop strings, streamed text) is a
@@ -12,6 +13,7 @@ finish rows one by one, which is what a batch of requests with different limits 
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +23,20 @@ from typing import Any, Callable
 from transformers import StoppingCriteria
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Unloaded adapters' slots kept for reuse. Loading into a new slot is peft's module injection,
+# ~0.4-0.5 s for a 0.5B model's 168 linear layers whatever the rank (benchmarks/README.md,
+# serving); refilling a slot of the same shape is a weight copy.
+MAX_FREE_SLOTS = 4
+# adapter_config.json keys that do not change a loaded adapter's layers or its forward pass.
+_NOT_SHAPE = ("base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "lora_dropout", "peft_version")
+
+
+def slot_shape(config: Any) -> str:
+    """What a slot must match to take an adapter's weights: rank, alpha, targets, scaling, bias..."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_SHAPE}
+    if isinstance(fields.get("target_modules"), (set, list, tuple)):
+        fields["target_modules"] = sorted(fields["target_modules"])
+    return json.dumps(fields, sort_keys=True, default=str)
 
 # Emitted by a row as it runs: ("delta", text) zero or more times, then ("done", finish_reason, tokens).
 Emit = Callable[[tuple], None]
@@ -120,8 +136,12 @@ class MultiLoraEngine:
         self.tokenizer = load_tokenizer(base)
         self.model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, device_map={"": device}).eval()
         self.device = self.model.device
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}  # served name -> adapter directory
         self.ranks: dict[str, int] = {}
+        self.slots: dict[str, str] = {}  # served name -> the peft adapter holding its weights
+        self.slot_shapes: dict[str, str] = {}  # peft adapter -> slot_shape of what it holds
+        self.free_slots: dict[str, str] = {}  # unloaded peft adapters kept for reuse, oldest first
+        self._slot_ids = itertools.count()
         self._torch = torch
         self._lock = threading.Lock()  # guards model mutation against a stray second caller
         eos = self.model.generation_config.eos_token_id
@@ -133,29 +153,64 @@ class MultiLoraEngine:
     # ---------------------------------------------------------------- adapters
 
     def load_adapter(self, name: str, path: str | Path) -> None:
-        from peft import PeftModel
-
+        """Serve the adapter at `path` as `name`: into a free slot of the same shape if an unload
+        left one (a weight copy), else into a new slot (peft injects LoRA layers into the model)."""
         config = check_adapter(path, self.max_rank)
         with self._lock:
             if name in self.adapters:
                 raise AdapterError(f"the LoRA adapter {name!r} is already loaded (from {self.adapters[name]})")
+            shape = slot_shape(config)
+            slot = next((free for free, free_shape in self.free_slots.items() if free_shape == shape), None)
             try:
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(path), adapter_name=name)
+                if slot is not None:
+                    self._fill_slot(slot, path)
+                    del self.free_slots[slot]
                 else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+                    slot = self._new_slot(path, shape)
             except (RuntimeError, ValueError, KeyError, OSError) as exc:  # shape mismatch: another base's adapter
                 raise AdapterError(f"{path}: does not fit base {self.base}: {str(exc).splitlines()[0]}") from None
             self.adapters[name] = str(path)
             self.ranks[name] = adapter_rank(config)
+            self.slots[name] = slot
 
     def unload_adapter(self, name: str) -> None:
+        """Stop serving `name`. Its slot stays in the model, free for the next adapter of the same
+        shape (a deploy replaces a version by one of the same shape); beyond MAX_FREE_SLOTS the
+        oldest free slot is deleted."""
         with self._lock:
             if name not in self.adapters:
                 raise KeyError(name)
-            self.model.delete_adapter(name)
+            slot = self.slots.pop(name)
+            self.free_slots[slot] = self.slot_shapes[slot]
             del self.adapters[name]
             del self.ranks[name]
+            while len(self.free_slots) > MAX_FREE_SLOTS:
+                oldest = next(iter(self.free_slots))
+                self.model.delete_adapter(oldest)
+                del self.free_slots[oldest], self.slot_shapes[oldest]
+
+    def _new_slot(self, path: str | Path, shape: str) -> str:
+        from peft import PeftModel
+
+        slot = f"slot-{next(self._slot_ids)}"
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=slot)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=slot).eval()
+        self.slot_shapes[slot] = shape
+        return slot
+
+    def _fill_slot(self, slot: str, path: str | Path) -> None:
+        """Copy an adapter's weights into an existing slot of the same shape: every LoRA tensor of
+        the slot is overwritten, so nothing of its previous adapter remains."""
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        weights = load_peft_weights(str(path), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights, adapter_name=slot)
+        missing = [key for key in result.missing_keys if f".{slot}." in key]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"its weights do not fill a slot of its own shape ({len(missing)} missing, "
+                             f"{len(result.unexpected_keys)} unexpected, e.g. {(missing or result.unexpected_keys)[0]})")
 
     # ---------------------------------------------------------------- prompts
 
@@ -180,7 +235,7 @@ class MultiLoraEngine:
             input_ids, attention_mask, pad = self._left_padded(rows)
             kwargs: dict[str, Any] = {}
             if self._is_peft():
-                kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
+                kwargs["adapter_names"] = [self.slots[r.adapter] if r.adapter else BASE_ADAPTER for r in rows]
             if rows[0].sampling.seed is not None:
                 self._torch.manual_seed(rows[0].sampling.seed)
             tracker = RowTracker(rows, self.tokenizer, self.eos_ids)

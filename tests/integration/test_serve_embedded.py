@@ -69,6 +69,7 @@ def served(tmp_path_factory):
     outside = make_adapter(base, root / "elsewhere" / "delta", 4)
     (allowed / "sneaky").symlink_to(root / "elsewhere" / "delta")  # inside by name, outside by target
     big = make_adapter(base, allowed / "big", 5, r=16)
+    rank2 = make_adapter(base, allowed / "rank2", 7, r=2)
     dora = make_adapter(base, allowed / "dora", 6, use_dora=True)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -91,7 +92,7 @@ def served(tmp_path_factory):
     with ServerThread(app) as server:
         yield {
             "url": server.url, "app": app, "expected": expected, "adapters": adapters, "outside": outside,
-            "sneaky": str(allowed / "sneaky"), "big": big, "dora": dora, "log": root / "ab.jsonl", "base": base,
+            "sneaky": str(allowed / "sneaky"), "big": big, "rank2": rank2, "dora": dora, "log": root / "ab.jsonl", "base": base,
         }
 
 
@@ -190,6 +191,25 @@ def test_hot_load_answers_like_offline_and_unload_removes_it(client, served):
         complete(client, "gamma", PROMPTS[0])
     with pytest.raises(openai.NotFoundError):
         client.post("/unload_lora_adapter", body={"lora_name": "gamma"}, cast_to=str)
+
+
+def test_an_unloaded_slot_is_refilled_by_the_next_adapter_of_its_shape(client, served):
+    engine = served["app"].state.serve.engine
+    client.post("/load_lora_adapter", body={"lora_name": "gamma", "lora_path": served["adapters"]["gamma"]}, cast_to=str)
+    slot = engine.slots["gamma"]
+    client.post("/unload_lora_adapter", body={"lora_name": "gamma"}, cast_to=str)
+    assert slot in engine.free_slots
+    # beta's weights into gamma's old slot: every tensor is overwritten, so it answers as beta does.
+    client.post("/load_lora_adapter", body={"lora_name": "beta-copy", "lora_path": served["adapters"]["beta"]}, cast_to=str)
+    assert engine.slots["beta-copy"] == slot and slot not in engine.free_slots
+    for prompt in PROMPTS:
+        assert complete(client, "beta-copy", prompt).choices[0].text == served["expected"]["beta"][prompt]
+    assert complete(client, "alpha", PROMPTS[0]).choices[0].text == served["expected"]["alpha"][PROMPTS[0]]
+    client.post("/unload_lora_adapter", body={"lora_name": "beta-copy"}, cast_to=str)
+    # Another shape (rank 2) cannot take that slot: it gets a new one.
+    client.post("/load_lora_adapter", body={"lora_name": "rank2", "lora_path": served["rank2"]}, cast_to=str)
+    assert engine.slots["rank2"] != slot and slot in engine.free_slots
+    client.post("/unload_lora_adapter", body={"lora_name": "rank2"}, cast_to=str)
 
 
 def test_loads_from_outside_the_allowed_directories_are_refused(client, served):
