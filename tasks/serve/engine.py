@@ -3,8 +3,9 @@
 The base is wrapped in a `PeftModel` holding every loaded adapter in a slot (a peft adapter
 named `slot-N`); one `generate` call serves a batch whose rows use different adapters through
 peft's `adapter_names=` (rows of the base model use `__base__`). An unloaded adapter's slot is
-kept and refilled by the next adapter of the same shape, so a hot swap is a weight copy. All model work (generation, loading, unloading) runs on one worker
-thread (see batcher.py), so an adapter never changes under a running batch.
+kept and refilled by the next adapter of the same shape, so a hot swap is a weight copy. All
+model work (generation, loading, unloading) runs on one worker thread (see batcher.py), so an
+adapter never changes under a running batch.
 
 Per-row bookkeeping (the row's own `max_tokens`, stop strings, streamed text) is a
 `StoppingCriteria`: generate calls it after every decoding step with all rows' tokens and lets it
@@ -37,6 +38,7 @@ def slot_shape(config: Any) -> str:
     if isinstance(fields.get("target_modules"), (set, list, tuple)):
         fields["target_modules"] = sorted(fields["target_modules"])
     return json.dumps(fields, sort_keys=True, default=str)
+
 
 # Emitted by a row as it runs: ("delta", text) zero or more times, then ("done", finish_reason, tokens).
 Emit = Callable[[tuple], None]
@@ -140,7 +142,7 @@ class MultiLoraEngine:
         self.ranks: dict[str, int] = {}
         self.slots: dict[str, str] = {}  # served name -> the peft adapter holding its weights
         self.slot_shapes: dict[str, str] = {}  # peft adapter -> slot_shape of what it holds
-        self.free_slots: dict[str, str] = {}  # unloaded peft adapters kept for reuse, oldest first
+        self.free_slots: list[str] = []  # unloaded peft adapters kept for reuse, oldest first
         self._slot_ids = itertools.count()
         self._torch = torch
         self._lock = threading.Lock()  # guards model mutation against a stray second caller
@@ -160,11 +162,11 @@ class MultiLoraEngine:
             if name in self.adapters:
                 raise AdapterError(f"the LoRA adapter {name!r} is already loaded (from {self.adapters[name]})")
             shape = slot_shape(config)
-            slot = next((free for free, free_shape in self.free_slots.items() if free_shape == shape), None)
+            slot = next((free for free in self.free_slots if self.slot_shapes[free] == shape), None)
             try:
                 if slot is not None:
                     self._fill_slot(slot, path)
-                    del self.free_slots[slot]
+                    self.free_slots.remove(slot)
                 else:
                     slot = self._new_slot(path, shape)
             except (RuntimeError, ValueError, KeyError, OSError) as exc:  # shape mismatch: another base's adapter
@@ -180,14 +182,13 @@ class MultiLoraEngine:
         with self._lock:
             if name not in self.adapters:
                 raise KeyError(name)
-            slot = self.slots.pop(name)
-            self.free_slots[slot] = self.slot_shapes[slot]
+            self.free_slots.append(self.slots.pop(name))
             del self.adapters[name]
             del self.ranks[name]
             while len(self.free_slots) > MAX_FREE_SLOTS:
-                oldest = next(iter(self.free_slots))
+                oldest = self.free_slots.pop(0)
                 self.model.delete_adapter(oldest)
-                del self.free_slots[oldest], self.slot_shapes[oldest]
+                del self.slot_shapes[oldest]
 
     def _new_slot(self, path: str | Path, shape: str) -> str:
         from peft import PeftModel
