@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -140,9 +139,9 @@ def sft_job(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from schemas.sft import SFTConfig
     from tasks.environment import load_environment
 
-    env = load_environment(spec["environment"]).model_copy(
-        update={"attn_implementation": spec["attn"] or load_environment(spec["environment"]).attn_implementation,
-                "liger_kernel": "liger" in spec["variant"]}
+    profile = load_environment(spec["environment"])
+    env = profile.model_copy(
+        update={"attn_implementation": spec["attn"] or profile.attn_implementation, "liger_kernel": "liger" in spec["variant"]}
     )
     config = SFTConfig.model_validate(
         {
@@ -187,6 +186,7 @@ def run_baseline(spec: dict[str, Any], out_dir: Path, clock: list[dict[str, floa
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    from tasks.peft_methods import count_parameters
     from tasks.sft.train import prepare_sft
 
     job = sft_job(spec, out_dir)
@@ -224,7 +224,7 @@ def run_baseline(spec: dict[str, Any], out_dir: Path, clock: list[dict[str, floa
     )
     result = trainer.train()
     model.save_pretrained(out_dir / "adapter")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, _ = count_parameters(model)
     return {"train_loss": round(float(result.training_loss), 6), "trainable": trainable}
 
 

@@ -185,7 +185,8 @@ def memory_estimate(prepared: Any, method: Any, env: EnvironmentProfile, seq_len
     out["fits"] = out["total_gb"] <= env.device_memory_gb
     out["assumptions"] = {
         "batch": b, "seq_len": s, "dtype": env.dtype, "gradient_checkpointing": env.gradient_checkpointing,
-        "attn_implementation": env.attn_implementation, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"], "processes": n, "optimizer": optim,
+        "attn_implementation": env.attn_implementation, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"],
+        "processes": n, "optimizer": optim,
     }
     return out
 
