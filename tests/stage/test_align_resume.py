@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ from tasks.sft import SFTStage
 from tasks.stage import run_stage
 from tests.conftest import REPO
 from tests.stage.test_align_support import ANSWERS, data_with_pairs, env
-from tests.stage.test_sft_support import SLOW_STEPS, WORDS, build_tiny_model, complete_checkpoints, write_data_artifact
+from tests.stage.test_sft_support import SLOW_STEPS, WORDS, build_tiny_model, kill_at_first_checkpoint, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -83,17 +82,8 @@ def test_killed_align_resumes_and_keeps_finished_task_runs(tmp_path):
     script = SLOW_STEPS + align_kill_script(root, inputs, config)
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not complete_checkpoints(root, "align", killed):
-            assert proc.poll() is None, "the align process ended before the second run's first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint of the second run within 120 s"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    done = kill_at_first_checkpoint(proc, root, "align", killed, timeout_s=120)
     print(f"killed after {time.monotonic() - started:.1f}s")
-    done = complete_checkpoints(root, "align", killed)
     assert done and done[-1] < 6, f"killed too late: {done}"
     assert ArtifactStore(root).published("align") == []
     (staging,) = root.glob("align/.staging/*")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from tasks.artifacts import ArtifactStore
 from tasks.sft import SFTStage
 from tasks.stage import run_stage
 from tests.conftest import REPO
-from tests.stage.test_sft_support import SLOW_STEPS, build_tiny_model, complete_checkpoints, cpu_profile, kill_script, write_data_artifact
+from tests.stage.test_sft_support import SLOW_STEPS, build_tiny_model, cpu_profile, kill_at_first_checkpoint, kill_script, write_data_artifact
 
 
 
@@ -37,17 +36,8 @@ def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
     import tasks.sft.train  # noqa: F401
     import trl  # noqa: F401
 
-    try:
-        deadline = time.monotonic() + 90
-        while not complete_checkpoints(root, "sft", "all"):
-            assert proc.poll() is None, "the training process ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 90 s"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    done = kill_at_first_checkpoint(proc, root, "sft", "all", timeout_s=90)
     print(f"killed after {time.monotonic() - started:.1f}s")
-    done = complete_checkpoints(root, "sft", "all")
     assert done and done[-1] < 6, f"killed too late: {done}"
     assert ArtifactStore(root).published("sft") == []
 

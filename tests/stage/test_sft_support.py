@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 from schemas.manifest import ArtifactRef
@@ -135,6 +138,20 @@ def complete_checkpoints(root: Path, stage: str, run: str) -> list[int]:
             continue
         steps.append(int(state.parent.name.split("-")[1]))
     return sorted(steps)
+
+
+def kill_at_first_checkpoint(proc: subprocess.Popen, root: Path, stage: str, run: str, timeout_s: float) -> list[int]:
+    """SIGKILL `proc` as soon as `stage`'s `run` has a complete checkpoint; the checkpoints it left."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not complete_checkpoints(root, stage, run):
+            assert proc.poll() is None, f"the {stage} process ended before the first checkpoint of run {run}"
+            assert time.monotonic() < deadline, f"no checkpoint of {stage} run {run} within {timeout_s} s"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return complete_checkpoints(root, stage, run)
 
 
 # --------------------------------------------------------------------------------------------
