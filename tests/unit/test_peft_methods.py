@@ -3,6 +3,8 @@ each config converts to the library object it names."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
@@ -161,3 +163,22 @@ def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
     assert quantized_device_map(load_environment("single-gpu-24gb")) == {"": 0}
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert quantized_device_map(load_environment("multi-gpu-deepspeed")) == {"": 3}
+
+    # load_base hands it to from_pretrained for a 4-bit base only (the Trainer moves the others).
+    import tasks.modeling
+    from tasks.sft.train import load_base
+
+    calls = []
+    monkeypatch.setattr(tasks.modeling, "load_model", lambda path, **kw: calls.append(kw) or SimpleNamespace(config=SimpleNamespace()))
+    gpu = load_environment("single-gpu-24gb")
+    load_base("m", SFTConfig.model_validate({"method": "qlora"}).method, gpu)
+    load_base("m", SFTConfig.model_validate({"method": "lora"}).method, gpu)
+    assert calls[0]["device_map"] == {"": 3} and calls[0]["quantization"] is not None
+    assert calls[1]["device_map"] is None and calls[1]["quantization"] is None
+
+
+def test_liger_changes_the_training_key():
+    from tasks.sft import training_env_payload
+
+    gpu = load_environment("single-gpu-24gb")
+    assert training_env_payload(gpu.model_copy(update={"liger_kernel": True})) != training_env_payload(gpu)
