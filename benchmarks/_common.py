@@ -112,7 +112,7 @@ def bench_config(
     """
     import yaml
 
-    from tasks.config import load_pipeline_config
+    from tunepipe.tasks.core.config import load_pipeline_config
 
     dest_dir = Path(dest_dir).resolve()
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def recomputed_steps(killed: list[Step], resumed: list[Step]) -> dict[str, int]:
 
 def install_step_log(path: str) -> None:
     """Append one JSON line per optimizer step of every training run to `path`."""
-    import tasks.sft.train as train
+    import tunepipe.tasks.sft.train as train
 
     original = train.make_callbacks
 
@@ -357,6 +357,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     if os.environ.get(STEP_LOG_ENV):
         install_step_log(os.environ[STEP_LOG_ENV])
-    from flows.cli import main
+    from tunepipe.flows.cli.main import main
 
     sys.exit(main(sys.argv[1:]))

@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from schemas.data import DataConfig, DedupConfig  # noqa: E402
-from tasks.data import DataStage  # noqa: E402
-from tasks.data.dedup import near_duplicates  # noqa: E402
-from tasks.environment import load_environment  # noqa: E402
-from tasks.stage import StageContext  # noqa: E402
+from tunepipe.schemas.data import DataConfig, DedupConfig
+from tunepipe.tasks.data.stage import DataStage
+from tunepipe.tasks.data.dedup import near_duplicates
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.core.stage import StageContext
 
 
 def _word(rng: random.Random) -> str:

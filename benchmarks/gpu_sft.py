@@ -90,8 +90,8 @@ def build_inputs(workdir: Path, records: int, seed: int, arch: dict[str, Any]) -
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from schemas.base_model import BaseModelConfig
-    from tasks.base_model import train_tokenizer, wrap_tokenizer
+    from tunepipe.schemas.base_model import BaseModelConfig
+    from tunepipe.tasks.base_model.stage import train_tokenizer, wrap_tokenizer
 
     data_dir, model_dir = workdir / "data", workdir / "model"
     if (model_dir / "config.json").exists() and (data_dir / "train.jsonl").exists():
@@ -136,8 +136,8 @@ def clock_callback(log: list[dict[str, float]]):
 
 def sft_job(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """The sft stage's job dict for this run (what SFTStage.run hands to train_job)."""
-    from schemas.sft import SFTConfig
-    from tasks.environment import load_environment
+    from tunepipe.schemas.sft import SFTConfig
+    from tunepipe.tasks.core.environment import load_environment
 
     profile = load_environment(spec["environment"])
     env = profile.model_copy(
@@ -164,10 +164,10 @@ def sft_job(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def run_tunepipe(spec: dict[str, Any], out_dir: Path, clock: list[dict[str, float]]) -> dict[str, Any]:
-    import tasks.sft.train as train
-    from schemas.environment import EnvironmentProfile
-    from schemas.sft import SFTConfig
-    from tasks.plan import plan
+    import tunepipe.tasks.sft.train as train
+    from tunepipe.schemas.environment import EnvironmentProfile
+    from tunepipe.schemas.sft import SFTConfig
+    from tunepipe.tasks.training.memory_plan import plan
 
     job = sft_job(spec, out_dir)
     original = train.make_callbacks
@@ -186,8 +186,8 @@ def run_baseline(spec: dict[str, Any], out_dir: Path, clock: list[dict[str, floa
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tasks.peft_methods import count_parameters
-    from tasks.sft.train import prepare_sft
+    from tunepipe.tasks.training.peft_methods import count_parameters
+    from tunepipe.tasks.sft.train import prepare_sft
 
     job = sft_job(spec, out_dir)
     env = job["env"]

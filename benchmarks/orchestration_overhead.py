@@ -176,7 +176,7 @@ def load_tokenizer(path: str):
 
 
 def sft_runs(stage: dict[str, Any]) -> dict[str, Any]:
-    from tasks.sft.data import encode_records, read_split, resolve_chat_template
+    from tunepipe.tasks.training.encoding import encode_records, read_split, resolve_chat_template
 
     config, env, out = stage["config"], stage["env"], Path(stage["output_dir"])
     tokenizer = load_tokenizer(stage["model_path"])
@@ -202,8 +202,8 @@ def sft_runs(stage: dict[str, Any]) -> dict[str, Any]:
 
 
 def pretrain_runs(stage: dict[str, Any]) -> dict[str, Any]:
-    from tasks.pretrain import read_corpus, split_corpus
-    from tasks.sft.data import encode_texts
+    from tunepipe.tasks.pretrain.train import read_corpus, split_corpus
+    from tunepipe.tasks.training.encoding import encode_texts
 
     config, env, out = stage["config"], stage["env"], Path(stage["output_dir"])
     tokenizer = load_tokenizer(stage["model_path"])
@@ -237,8 +237,8 @@ def baseline_job(config: dict[str, Any], stages: list[str], summary: dict[str, A
 
 def full_section(name: str, section: dict[str, Any]) -> dict[str, Any]:
     """A stage section with every default filled in (the script reads fields by name)."""
-    from schemas.pretrain import PretrainConfig
-    from schemas.sft import SFTConfig
+    from tunepipe.schemas.pretrain import PretrainConfig
+    from tunepipe.schemas.sft import SFTConfig
 
     model = PretrainConfig if name == "pretrain" else SFTConfig
     return model.model_validate(section).model_dump(mode="json")
@@ -337,7 +337,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-overhead-")).resolve()
     config_path, config = bench_config(args.config, work, max_steps=args.max_steps, save_steps=args.save_steps, heldout=args.heldout)
     stages = require_training(config, args.config)
-    from tasks.environment import load_environment
+    from tunepipe.tasks.core.environment import load_environment
 
     env = load_environment(config.get("environment", "cpu")).model_dump(mode="json")
     warmup = run_cli(config_path, log=work / "logs" / "warmup.log", cpus=args.cpus)

@@ -146,7 +146,7 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_base(workdir: Path) -> str:
-    from tests.stage.test_sft_support import build_tiny_model
+    from tests.helpers.training import build_tiny_model
 
     return str(build_tiny_model(workdir / "base"))
 
@@ -156,7 +156,7 @@ def make_adapters(base: str, root: Path, names: list[str], rank: int, dtype: str
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tasks.modeling import load_model
+    from tunepipe.tasks.training.modeling import load_model
 
     model = load_model(base, dtype=dtype)
     paths = {}
@@ -175,7 +175,7 @@ def make_adapters(base: str, root: Path, names: list[str], rank: int, dtype: str
 
 
 def serve_config(base: str, adapters: dict[str, str], args: argparse.Namespace, allowed: Path):
-    from schemas.serve import ServeConfig
+    from tunepipe.schemas.serve import ServeConfig
 
     extra = {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
     return ServeConfig(
@@ -187,8 +187,8 @@ def serve_config(base: str, adapters: dict[str, str], args: argparse.Namespace, 
 
 def start_server(config, profile):
     """Build the app (load base and start-up adapters) and serve it; returns the running ServerThread."""
-    from tasks.serve.embedded import build_app
-    from tasks.serve.plan import resolve_serve_config
+    from tunepipe.tasks.serving.embedded import build_app
+    from tunepipe.tasks.serving.settings import resolve_serve_config
 
     return serve_app(build_app(resolve_serve_config(config, profile), profile))
 
@@ -196,7 +196,7 @@ def start_server(config, profile):
 def serve_app(app):
     """Start a ServerThread for `app` and return it once /health answers. Polled every 5 ms, not
     ServerThread.start's 200 ms: the reload's timing must not round up to the poll interval."""
-    from tasks.serve.process import ServerThread, wait_healthy
+    from tunepipe.tasks.serving.process import ServerThread, wait_healthy
 
     server = ServerThread(app)
     server.thread.start()
@@ -213,7 +213,7 @@ def vllm_config(base: str, adapters: dict[str, str], args: argparse.Namespace, a
     """The ServeConfig `tunepipe serve --engine vllm` would run, on a free port."""
     import socket
 
-    from schemas.serve import ServeConfig
+    from tunepipe.schemas.serve import ServeConfig
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -228,8 +228,8 @@ def vllm_config(base: str, adapters: dict[str, str], args: argparse.Namespace, a
 
 def start_vllm(config, profile, log_file: Path):
     """`vllm serve` through tunepipe's launcher, returned once /health answers."""
-    from tasks.serve.plan import resolve_serve_config
-    from tasks.serve.vllm import VLLMServer
+    from tunepipe.tasks.serving.settings import resolve_serve_config
+    from tunepipe.tasks.serving.vllm import VLLMServer
 
     return VLLMServer(resolve_serve_config(config, profile), log_file=log_file).start()
 
@@ -330,8 +330,8 @@ def time_hot_load(client, server, name: str, path: str) -> dict[str, float]:
 
 def time_reload(config, profile) -> dict[str, float]:
     """A full reload: build the app from disk (base + start-up adapters) and serve it until healthy."""
-    from tasks.serve.embedded import build_app
-    from tasks.serve.plan import resolve_serve_config
+    from tunepipe.tasks.serving.embedded import build_app
+    from tunepipe.tasks.serving.settings import resolve_serve_config
 
     started = time.perf_counter()
     app = build_app(resolve_serve_config(config, profile), profile)
@@ -433,7 +433,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     check_args(args)
     import httpx
 
-    from tasks.environment import load_environment
+    from tunepipe.tasks.core.environment import load_environment
 
     result = header("serving.py", argv)
     profile = load_environment(args.environment)
@@ -457,8 +457,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "engine": args.engine,
     }
     if args.engine == "vllm":  # the embedded batcher's settings do not apply; vLLM's command line does
-        from tasks.serve.plan import resolve_serve_config
-        from tasks.serve.vllm import vllm_command
+        from tunepipe.tasks.serving.settings import resolve_serve_config
+        from tunepipe.tasks.serving.vllm import vllm_command
 
         del result["setup"]["max_batch_size"], result["setup"]["batch_window_ms"]
         example = resolve_serve_config(vllm_config(base, {names[0]: adapters[names[0]]}, args, allowed), profile)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from schemas.operations import DATA_VERSION_EVENT
-from schemas.pipeline import PipelineConfig
-from tasks.environment import load_environment
+from tunepipe.schemas.operations import DATA_VERSION_EVENT
+from tunepipe.schemas.pipeline import PipelineConfig
+from tunepipe.tasks.core.environment import load_environment
 
 DEFAULT_POOL = "tunepipe"
 
@@ -68,11 +68,13 @@ def data_drop_trigger(config: PipelineConfig) -> Any:
 
 def build_deployments(config_path: str | Path, config: PipelineConfig, *, workdir: str | None = None, environment: str | None = None):
     """The pipeline's deployment, and one per routed profile (no schedule or trigger of their own)."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.client.schemas.objects import (
+        ConcurrencyLimitConfig,
+        ConcurrencyLimitStrategy,
+    )
     from prefect.deployments.runner import EntrypointType
-
-    from flows.retrain import retrain
-    from tasks.retrain import deployment_name
+    from tunepipe.flows.retrain import retrain
+    from tunepipe.tasks.ops.retrain import deployment_name
 
     parameters = {
         "config_path": str(Path(config_path).resolve()),
@@ -116,8 +118,7 @@ def deploy(
 ) -> dict[str, UUID]:
     """Register (or update) the deployments against the server at `api_url`; creates missing pools."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tasks.server import ensure_process_pool, require_server
+    from tunepipe.tasks.ops.prefect_server import ensure_process_pool, require_server
 
     require_server(api_url)
     for pool in pools(config):

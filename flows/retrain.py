@@ -14,10 +14,14 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-
-from schemas.pipeline import PipelineConfig
-from tasks.retrain import deployment_name, segments, versions_markdown, with_data_versions
-from tasks.watch import Ledger
+from tunepipe.schemas.pipeline import PipelineConfig
+from tunepipe.tasks.ops.retrain import (
+    deployment_name,
+    segments,
+    versions_markdown,
+    with_data_versions,
+)
+from tunepipe.tasks.ops.watch import Ledger
 
 RETRAIN_FLOW = "tunepipe-retrain"
 
@@ -39,7 +43,7 @@ def retrain(
     pipeline_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline of `config_path` on its sources plus the data versions up to `data_version`."""
-    from tasks.config import load_pipeline_config
+    from tunepipe.tasks.core.config import load_pipeline_config
 
     # Read on the worker, at run time: relative paths resolve against the YAML where it runs.
     config = load_pipeline_config(config_path, workdir=workdir, environment=environment)
@@ -50,8 +54,8 @@ def retrain(
         markdown=versions_markdown(data_version, versions),
         description="data versions this run trains on",
     )
-    from flows.pipeline import pipeline
-    from tasks.run_plan import RunPlan
+    from tunepipe.flows.pipeline import pipeline
+    from tunepipe.tasks.core.selection import RunPlan
 
     plan_stages = RunPlan(stages=config.stages(), until=until)
     stages = [s for s in config.stages() if plan_stages.includes(s)]
@@ -68,8 +72,7 @@ def retrain(
 def _run_segment(config: PipelineConfig, config_path: str, data_version: str | None, workdir: str | None, env: str, last: str) -> dict:
     """Run the stages up to `last` on `env`'s work pool and wait for the result."""
     from prefect.deployments import run_deployment
-
-    from tasks.stage import StageFailed
+    from tunepipe.tasks.core.stage import StageFailed
 
     run = run_deployment(
         f"{RETRAIN_FLOW}/{deployment_name(config.name, env)}",

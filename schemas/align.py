@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
-
-from schemas.base import StrictModel
-from schemas.sft import TrainingConfig, method_shorthand
+from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.sft import TrainingConfig, method_shorthand
 
 # What trl 1.12's DPOConfig.loss_type accepts.
 DPO_LOSS_TYPES = (

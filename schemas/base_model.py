@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from schemas.base import StrictModel
+from tunepipe.schemas.base import StrictModel
 
 # ChatML-like. The `{% generation %}` block marks the assistant's tokens (its end-of-turn token
 # included) for `return_assistant_tokens_mask`, which TRL's SFTTrainer uses when

@@ -10,9 +10,8 @@ import re
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
-
-from schemas.base import StrictModel, resolve_path
-from schemas.registry import NAME_PATTERN
+from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.registry import NAME_PATTERN
 
 
 class SmokeTest(StrictModel):

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from schemas.base import StrictModel
+from tunepipe.schemas.base import StrictModel
 
 
 class QuantizationDefaults(StrictModel):

@@ -12,9 +12,8 @@ import re
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from schemas.base import StrictModel, resolve_path
-from schemas.sft import NAMED_CHAT_TEMPLATES
+from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
 MODEL_SOURCES = ("auto", "align", "sft", "base", "serving")

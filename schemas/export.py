@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-
-from schemas.base import StrictModel
+from tunepipe.schemas.base import StrictModel
 
 EXPORT_TARGETS = ("adapters", "merged", "bnb4", "bnb8", "gptq", "awq")
 QUANTIZED_TARGETS = ("bnb4", "bnb8", "gptq", "awq")

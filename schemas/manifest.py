@@ -33,11 +33,13 @@ class Manifest(BaseModel):
 
     stage: str = Field(description="Stage name.")
     key: str = Field(description="Cache key (see tasks.fingerprint.stage_key).")
-    code_version: str = Field(description="Hash of the stage's source files.")
+    code_version: str = Field(description="Hash of the normalised source of the stage's import closure and its libraries' versions.")
     config: Any = Field(description="The config payload that entered the key.")
     environment: dict[str, Any] = Field(default_factory=dict, description="Profile fields that entered the key.")
     inputs: dict[str, dict[str, str]] = Field(default_factory=dict, description="Input name → {stage, key}.")
-    libraries: dict[str, str] = Field(default_factory=dict, description="Versions of the libraries in use.")
+    libraries: dict[str, str] = Field(
+        default_factory=dict, description="Versions of the third-party distributions the stage's code imports (part of its key)."
+    )
     metrics: dict[str, Any] = Field(default_factory=dict, description="Stage metrics.")
     files: list[FileEntry] = Field(default_factory=list, description="Every file in the artifact but this manifest.")
     timings: Timings = Field(description="When and how long the stage computed.")

@@ -12,9 +12,8 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from schemas.base import StrictModel, resolve_path
-from schemas.data import FileType, SourceFormat
+from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.data import FileType, SourceFormat
 
 # The event the watcher emits for every new data version; deployment triggers match on it.
 DATA_VERSION_EVENT = "tunepipe.data.version.created"

@@ -6,24 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from schemas.base import StrictModel, resolve_path
-from schemas.base_model import BaseModelConfig
-from schemas.data import DataConfig
-from schemas.pretrain import PretrainConfig
-from schemas.align import AlignConfig
-from schemas.deploy import DeployConfig
-from schemas.evaluate import EvaluateConfig
-from schemas.export import ExportConfig
-from schemas.operations import DeploymentConfig, NotificationsConfig, ScheduleConfig, WatchConfig
-from schemas.reward import RewardConfig
-from schemas.serve import ServeConfig
-from schemas.sft import SFTConfig
-
-# Stage order: a stage may only read artifacts of stages before it.
-STAGE_ORDER: tuple[str, ...] = (
-    "data", "base_model", "pretrain", "sft", "reward", "align", "evaluate", "export", "deploy",
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base_model import BaseModelConfig
+from tunepipe.schemas.data import DataConfig
+from tunepipe.schemas.deploy import DeployConfig
+from tunepipe.schemas.evaluate import EvaluateConfig
+from tunepipe.schemas.export import ExportConfig
+from tunepipe.schemas.graph import STAGE_GRAPH, STAGE_ORDER
+from tunepipe.schemas.operations import (
+    DeploymentConfig,
+    NotificationsConfig,
+    ScheduleConfig,
+    WatchConfig,
 )
+from tunepipe.schemas.pretrain import PretrainConfig
+from tunepipe.schemas.reward import RewardConfig
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.schemas.sft import SFTConfig
 
 
 class PipelineConfig(StrictModel):
@@ -128,16 +128,9 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _stages_have_their_inputs(self) -> "PipelineConfig":
-        needs = {
-            "reward": ("data",),
-            "align": ("sft",),
-            "evaluate": ("sft",),
-            "export": ("sft",),
-            "deploy": ("export",),
-        }
-        for stage, required in needs.items():
+        for stage, node in STAGE_GRAPH.items():
             if getattr(self, stage) is not None:
-                missing = [name for name in required if getattr(self, name) is None]
+                missing = [name for name in node.required if getattr(self, name) is None]
                 if missing:
                     raise ValueError(f"{stage} needs the {', '.join(missing)} stage: add a `{missing[0]}:` section")
         if self.align is not None and self.align.needs_reward_model() and self.reward is None:

@@ -9,9 +9,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-
-from schemas.base import StrictModel, resolve_path
-from schemas.sft import FreezeMethod, FullMethod, LoraMethod, TrainingConfig, method_shorthand
+from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.sft import (
+    FreezeMethod,
+    FullMethod,
+    LoraMethod,
+    TrainingConfig,
+    method_shorthand,
+)
 
 PretrainMethod = Annotated[Union[FullMethod, FreezeMethod, LoraMethod], Field(discriminator="name")]
 

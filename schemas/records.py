@@ -18,8 +18,7 @@ import hashlib
 from typing import Literal
 
 from pydantic import Field, TypeAdapter
-
-from schemas.base import StrictModel
+from tunepipe.schemas.base import StrictModel
 
 Role = Literal["system", "user", "assistant", "tool"]
 Split = Literal["train", "validation", "test"]

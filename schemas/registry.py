@@ -7,8 +7,7 @@ hand-edited or truncated index fails loudly instead of serving the wrong adapter
 from __future__ import annotations
 
 from pydantic import Field
-
-from schemas.base import StrictModel
+from tunepipe.schemas.base import StrictModel
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"  # no '@' (the version/alias separator), never all digits
 

@@ -10,9 +10,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-
-from schemas.base import StrictModel, resolve_path
-from schemas.sft import FullMethod, LoraMethod, QLoraMethod, TrainingConfig, method_shorthand
+from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.sft import (
+    FullMethod,
+    LoraMethod,
+    QLoraMethod,
+    TrainingConfig,
+    method_shorthand,
+)
 
 RewardMethod = Annotated[Union[FullMethod, LoraMethod, QLoraMethod], Field(discriminator="name")]
 

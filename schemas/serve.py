@@ -13,8 +13,7 @@ import re
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_path
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_path
 
 ALL_LINEAR = "all-linear"
 

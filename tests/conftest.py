@@ -39,6 +39,6 @@ def prefect_server():
 
 @pytest.fixture
 def cpu_env():
-    from tasks.environment import load_environment
+    from tunepipe.tasks.core.environment import load_environment
 
     return load_environment("cpu")

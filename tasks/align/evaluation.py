@@ -14,9 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.align import AlignConfig
-from tasks.align.common import pair_prompt, render_conversation, render_prompt
-from tasks.sft.heldout import greedy_answers, score
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.tasks.training.generation import greedy_answers
+from tunepipe.tasks.training.metrics import score
+from tunepipe.tasks.training.pairs import (
+    pair_prompt,
+    render_conversation,
+    render_prompt,
+)
 
 
 def response_logprobs(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], responses: list[str], batch_size: int) -> list[float]:
@@ -97,7 +102,7 @@ def task_and_reward_metrics(
     model_pair: Any, tokenizer: Any, examples: list[dict[str, Any]], config: AlignConfig, reward: tuple[Any, Any] | None
 ) -> dict[str, Any]:
     """Task metric, KL and (with a reward model) reward and win rate on held-out prompts."""
-    from tasks.align.rewards import score_texts
+    from tunepipe.tasks.training.reward_model import score_texts
 
     settings = config.heldout
     if not examples:

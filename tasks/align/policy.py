@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from schemas.align import AlignConfig
-from schemas.environment import EnvironmentProfile
-from schemas.sft import QLoraMethod, SFTConfig
-from tasks.stage import StageFailed
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.sft import QLoraMethod, SFTConfig
+from tunepipe.tasks.core.stage import StageFailed
 
 REF_ADAPTER = "ref"
 
@@ -34,9 +34,8 @@ def sft_method(sft_config: dict[str, Any]) -> Any:
 def load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfile) -> tuple[Any, Any]:
     """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-    from tasks.modeling import load_tokenizer
-    from tasks.sft.train import load_base
+    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.training.trainer import load_base
 
     method = sft_method(job["sft_config"])
     tokenizer = load_tokenizer(job["sft_dir"])
@@ -79,8 +78,7 @@ class PolicyPair:
 
     def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, sft_config: dict[str, Any], env: EnvironmentProfile):
         from peft import PeftModel
-
-        from tasks.sft.train import load_base
+        from tunepipe.tasks.training.trainer import load_base
 
         method = sft_method(sft_config)
         if sft_kind == "model":

@@ -22,10 +22,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from schemas.align import AlignConfig, PPOMethod
-from schemas.environment import EnvironmentProfile
-from tasks.align.common import render_prompt
-from tasks.align.policy import REF_ADAPTER, add_reference_adapter
+from tunepipe.schemas.align import AlignConfig, PPOMethod
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.align.policy import REF_ADAPTER, add_reference_adapter
+from tunepipe.tasks.training.pairs import render_prompt
 
 STEP_METRICS = {
     "objective/scores": "reward_mean",

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from schemas.align import PreferencesConfig
-from tasks.align.common import render_conversation, render_prompt
-from tasks.align.rewards import RULES, score_texts
+from tunepipe.schemas.align import PreferencesConfig
+from tunepipe.tasks.align.rewards import RULES
+from tunepipe.tasks.training.pairs import render_conversation, render_prompt
+from tunepipe.tasks.training.reward_model import score_texts
 
 
 def sample_completions(model: Any, tokenizer: Any, prompt: str, settings: PreferencesConfig) -> list[str]:

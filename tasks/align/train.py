@@ -10,29 +10,40 @@ import json
 from pathlib import Path
 from typing import Any
 
-from schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
-from schemas.environment import EnvironmentProfile
+from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
+from tunepipe.schemas.environment import EnvironmentProfile
 
 
 def align_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one policy; returns its metrics (rank 0 also saves the adapter)."""
-    import torch
     from datasets.utils.logging import disable_progress_bar
-
-    from tasks import peft_methods
-    from tasks.align import ppo
-    from tasks.align.common import step_history, training_kwargs
-    from tasks.align.policy import load_policy, save_policy
-    from tasks.align.preferences import on_policy_pairs
-    from tasks.align.rewards import load_reward_model
-    from tasks.align.trainers import GROUP_STEP_METRICS, PAIRWISE_STEP_METRICS, group_trainer, pairwise_trainer
-    from tasks.sft.train import fit, is_main_process, loss_history, make_callbacks, peak_memory
+    from tunepipe.tasks.align import ppo
+    from tunepipe.tasks.align.policy import load_policy, save_policy
+    from tunepipe.tasks.align.preferences import on_policy_pairs
+    from tunepipe.tasks.align.trainers import (
+        GROUP_STEP_METRICS,
+        PAIRWISE_STEP_METRICS,
+        group_trainer,
+        pairwise_trainer,
+    )
+    from tunepipe.tasks.training import peft_methods
+    from tunepipe.tasks.training.plots import step_history
+    from tunepipe.tasks.training.reward_model import load_reward_model
+    from tunepipe.tasks.training.trainer import (
+        fit,
+        is_main_process,
+        loss_history,
+        make_callbacks,
+        peak_memory,
+        seed_everything,
+        training_kwargs,
+    )
 
     disable_progress_bar()
     config = AlignConfig.model_validate(job["config"])
     env = EnvironmentProfile.model_validate(job["env"])
     method = config.method
-    torch.manual_seed(config.training.seed)
+    seed_everything(config.training.seed)
     model, tokenizer = load_policy(job, config, env)
     reward = load_reward_model(job["reward_dir"], env.dtype) if job.get("reward_dir") else None
     base_args = training_kwargs(config.training, env, job["checkpoint_dir"])
@@ -46,7 +57,7 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
             if is_main_process():
                 Path(job["pairs_file"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
             if not pairs:
-                from tasks.stage import StageFailed
+                from tunepipe.tasks.core.stage import StageFailed
 
                 raise StageFailed(
                     f"align: on-policy sampling gave no preference pair from {extra['on_policy']['prompts']} prompts (all "

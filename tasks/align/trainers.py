@@ -12,8 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.align import AlignConfig, DPOMethod, GRPOMethod, KTOMethod, ORPOMethod, RLOOMethod
-from tasks.align.common import conversational_pair
+from tunepipe.schemas.align import (
+    AlignConfig,
+    DPOMethod,
+    GRPOMethod,
+    KTOMethod,
+    ORPOMethod,
+    RLOOMethod,
+)
+from tunepipe.tasks.training.pairs import conversational_pair
 
 # TRL's step-log keys → our metric names.
 PAIRWISE_STEP_METRICS = {
@@ -81,7 +88,8 @@ def pairwise_trainer(
 
 def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None) -> list[Any]:
     """The TRL reward functions named in `method.rewards`."""
-    from tasks.align.rewards import reward_model_func, rule_reward_func
+    from tunepipe.tasks.align.rewards import rule_reward_func
+    from tunepipe.tasks.training.reward_model import reward_model_func
 
     funcs = []
     for name in method.rewards:

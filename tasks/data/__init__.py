@@ -6,6 +6,6 @@ mixing), `validate` (Great Expectations), `report` (report.json, metrics, UI sum
 `stage` (the `DataStage` that runs them in order).
 """
 
-from tasks.data.stage import DataStage
+from tunepipe.tasks.data.stage import DataStage
 
 __all__ = ["DataStage"]

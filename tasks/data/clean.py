@@ -13,8 +13,13 @@ import unicodedata
 from html.parser import HTMLParser
 from typing import Iterable
 
-from schemas.data import CleanConfig
-from tasks.data.formats import TEXT_FIELDS, RecordError, response_text, validate_chat
+from tunepipe.schemas.data import CleanConfig
+from tunepipe.tasks.data.formats import (
+    TEXT_FIELDS,
+    RecordError,
+    response_text,
+    validate_chat,
+)
 
 # A tag, comment or entity: only then is the (slow) HTML parser run on a field.
 _HTML_HINT = re.compile(r"<(?:[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?|/[A-Za-z][A-Za-z0-9:-]*\s*|!--)>|<!--|&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6});")
@@ -169,7 +174,9 @@ def load_token_counter(path: str):
             return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
         return count
-    from transformers import AutoTokenizer  # hub ids and slow tokenizers: the general path
+    from transformers import (
+        AutoTokenizer,  # hub ids and slow tokenizers: the general path
+    )
 
     auto = AutoTokenizer.from_pretrained(path)
 

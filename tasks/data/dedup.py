@@ -22,8 +22,7 @@ import itertools
 from typing import Sequence
 
 import numpy as np
-
-from schemas.data import DedupConfig
+from tunepipe.schemas.data import DedupConfig
 
 _CHUNK = 50_000  # texts hashed per rensa call: bounds the Python lists alive at once
 _K1 = np.uint64(0x9E3779B97F4A7C15)

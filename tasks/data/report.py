@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from schemas.records import SPLITS
+from tunepipe.schemas.records import SPLITS
 
 # Rejections that are not about data quality: they do not count towards max_rejected_fraction.
 NON_QUALITY_REASONS = frozenset({"mix_downsampled"})
@@ -13,7 +13,7 @@ NON_QUALITY_REASONS = frozenset({"mix_downsampled"})
 
 def split_counts(records: list[dict], kind_family: str) -> dict[str, dict[str, int]]:
     """task → split → rows, for one family (sft or preference), every split present."""
-    from tasks.data.formats import FAMILY
+    from tunepipe.tasks.data.formats import FAMILY
 
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {split: 0 for split in SPLITS})
     for record in records:

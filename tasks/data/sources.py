@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
-
-from schemas.data import EXTENSION_TYPES, SourceConfig, is_datasets_dir, source_files
+from tunepipe.schemas.data import (
+    EXTENSION_TYPES,
+    SourceConfig,
+    is_datasets_dir,
+    source_files,
+)
 
 MAX_RAW_CHARS = 10_000  # a malformed remainder of a .json file is kept only this long in rejected.jsonl
 

@@ -18,8 +18,8 @@ import math
 import random
 from collections import defaultdict
 
-from schemas.data import MixConfig, SplitConfig
-from tasks.data.formats import FAMILY
+from tunepipe.schemas.data import MixConfig, SplitConfig
+from tunepipe.tasks.data.formats import FAMILY
 
 
 def _rounded(value: float) -> int:

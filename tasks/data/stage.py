@@ -18,18 +18,39 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
-
-from schemas.data import DataConfig, source_files
-from schemas.records import record_id
-from tasks.data import dedup as dedup_mod
-from tasks.data.clean import Cleaner, batched, load_token_counter, token_bound_reason
-from tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
-from tasks.data.report import build_report, metrics, quality_rejected, summary, table
-from tasks.data.sources import Malformed, plan_files, read_file
-from tasks.data.split import assign_splits, mix_train
-from tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
-from tasks.fingerprint import content_digest
-from tasks.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.schemas.data import DataConfig, source_files
+from tunepipe.schemas.records import record_id
+from tunepipe.tasks.core.fingerprint import content_digest
+from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.data import dedup as dedup_mod
+from tunepipe.tasks.data.clean import (
+    Cleaner,
+    batched,
+    load_token_counter,
+    token_bound_reason,
+)
+from tunepipe.tasks.data.formats import (
+    FAMILY,
+    RecordError,
+    content_parts,
+    parse_record,
+    prompt_text,
+    public_record,
+)
+from tunepipe.tasks.data.report import (
+    build_report,
+    metrics,
+    quality_rejected,
+    summary,
+    table,
+)
+from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
+from tunepipe.tasks.data.split import assign_splits, mix_train
+from tunepipe.tasks.data.validate import (
+    ValidationOutcome,
+    validate_counts,
+    validate_rows,
+)
 
 OUTPUT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "preferences.jsonl", "corpus.jsonl")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -44,7 +65,6 @@ class DataStage(Stage):
 
     name = "data"
     config_model = DataConfig
-    code_modules = ("tasks.data", "schemas.data", "schemas.records")
 
     def key_payload(self, config: DataConfig) -> Any:
         """The config with every source path replaced by the digests of the files it names."""

@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.data import DataConfig
-from schemas.records import SPLITS
-from tasks.data.formats import FAMILY, prompt_text, response_text
+from tunepipe.schemas.data import DataConfig
+from tunepipe.schemas.records import SPLITS
+from tunepipe.tasks.data.formats import FAMILY, prompt_text, response_text
 
 _KEEP_UNEXPECTED = 20  # unexpected values kept per expectation in validation.json
 

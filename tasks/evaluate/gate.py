@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.evaluate import GateRules
+from tunepipe.schemas.evaluate import GateRules
 
 
 @dataclass

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from schemas.environment import EnvironmentProfile
-from schemas.evaluate import EvaluateConfig, GenerationEndpoint
-from schemas.manifest import ArtifactRef
-from tasks.sft.data import read_split
-from tasks.sft.heldout import greedy_answers
-from tasks.stage import StageFailed
-
-OUTPUTS_FILE = "outputs.json"
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.evaluate import EvaluateConfig, GenerationEndpoint
+from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.schemas.manifest import ArtifactRef
+from tunepipe.tasks.core.handoff import read_handoff
+from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.training.encoding import read_split
+from tunepipe.tasks.training.generation import greedy_answers
 
 
 @dataclass(frozen=True)
@@ -76,19 +76,14 @@ class ModelSource:
 def artifact_source(name: str, ref: ArtifactRef | Path | str, base_override: str | None, fallback_base: str | None) -> ModelSource:
     """A model artifact (sft, align): its outputs.json and, when it has one, its manifest's config."""
     root = Path(ref.path if isinstance(ref, ArtifactRef) else ref)
-    outputs_file = root / OUTPUTS_FILE
-    if not outputs_file.exists():
-        raise StageFailed(f"evaluate: {name}: {root} has no {OUTPUTS_FILE}: is it a model artifact (sft, align)?")
-    outputs = json.loads(outputs_file.read_text())
-    if outputs.get("kind") not in ("adapter", "adapters", "model"):
-        raise StageFailed(f"evaluate: {name}: {outputs_file}: unknown kind {outputs.get('kind')!r} (adapter, adapters or model)")
+    outputs = read_handoff(root, ModelOutputs, reader=f"evaluate: {name}")
     config = _manifest_config(root)
     return ModelSource(
         name=name,
-        kind=outputs["kind"],
-        base_model=_base_model(base_override, outputs.get("base_model"), fallback_base, name),
+        kind=outputs.kind,
+        base_model=_base_model(base_override, outputs.base_model, fallback_base, name),
         root=root,
-        paths=dict(outputs["paths"]),
+        paths=dict(outputs.paths),
         trained_tasks=config.get("tasks"),
         system_prompt=config.get("system_prompt"),
     )
@@ -97,7 +92,7 @@ def artifact_source(name: str, ref: ArtifactRef | Path | str, base_override: str
 def path_source(path: str, base_override: str | None, fallback_base: str | None) -> ModelSource:
     """An explicit path: a model artifact, a PEFT adapter directory or a full model directory."""
     root = Path(path)
-    if (root / OUTPUTS_FILE).exists():
+    if (root / ModelOutputs.FILE).exists():
         return artifact_source(str(root), root, base_override, fallback_base)
     if (root / "adapter_config.json").exists():
         declared = json.loads((root / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -149,7 +144,7 @@ def serving_names(config: EvaluateConfig, candidate: ModelSource) -> dict[str, s
 
 def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str, Any]:
     """{run: the registry version serving it}, for the runs that have one."""
-    from tasks.adapter_registry import AdapterRegistry
+    from tunepipe.tasks.serving.registry import AdapterRegistry
 
     registry = AdapterRegistry(str(config.registry))
     serving = registry.serving(config.registry_alias)
@@ -159,7 +154,7 @@ def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str
 def serving_source(config: EvaluateConfig, candidate: ModelSource) -> ModelSource | None:
     """What serves now, as a source over the candidate's base; None when nothing serves every run
     (the caller then compares with the base model, which is what a first deploy replaces)."""
-    from tasks.adapter_registry import AdapterRegistry
+    from tunepipe.tasks.serving.registry import AdapterRegistry
 
     versions = serving_versions(config, candidate)
     if not versions or len(versions) < len(serving_names(config, candidate)):
@@ -198,7 +193,7 @@ def _upstream_base(inputs: dict[str, ArtifactRef]) -> str | None:
 
 def _base_model(override: str | None, declared: str | None, fallback: str | None, name: str) -> str:
     """The base under the adapters: the config's, else the artifact's own (if it is still there), else upstream."""
-    from schemas.base import looks_like_hub_id
+    from tunepipe.schemas.base import looks_like_hub_id
 
     for candidate in (override, declared, fallback):
         if candidate and (Path(candidate).exists() or looks_like_hub_id(candidate)):
@@ -225,14 +220,14 @@ class HFGenerator:
         self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, spec: ModelSpec) -> Any:
-        from tasks.modeling import load_tokenizer
+        from tunepipe.tasks.training.modeling import load_tokenizer
 
         if spec.tokenizer not in self._tokenizers:
             self._tokenizers[spec.tokenizer] = load_tokenizer(spec.tokenizer)
         return self._tokenizers[spec.tokenizer]
 
     def _load(self, path: str) -> Any:
-        from tasks.modeling import load_model
+        from tunepipe.tasks.training.modeling import load_model
 
         if path not in self._models:
             model = load_model(path, dtype=self.env.dtype, attn_implementation=self.env.attn_implementation)

@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.evaluate import JudgeEndpoint
-from tasks.evaluate.stats import LOSS, TIE, WIN, outcome_from_difference
+from tunepipe.schemas.evaluate import JudgeEndpoint
+from tunepipe.tasks.evaluate.stats import LOSS, TIE, WIN, outcome_from_difference
 
 
 @dataclass
@@ -35,8 +35,8 @@ def rule_outcomes(candidate_scores: list[float], baseline_scores: list[float], t
 def reward_model_scores(reward_dir: str, pairs: list[Pair], dtype: str, device: str) -> tuple[list[float], list[float]]:
     """(candidate scores, baseline scores): the reward model's scalar for each conversation with
     each answer, rendered with the reward model's own chat template (as it was trained)."""
-    from tasks.align.common import render_conversation
-    from tasks.align.rewards import load_reward_model, score_texts
+    from tunepipe.tasks.training.pairs import render_conversation
+    from tunepipe.tasks.training.reward_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(reward_dir, dtype)
     model = model.to(device)
@@ -86,7 +86,7 @@ def combine(forward: str | None, backward: str | None, swapped: bool) -> str:
 
 def endpoint_outcomes(endpoint: JudgeEndpoint, pairs: list[Pair]) -> tuple[list[str], dict[str, Any]]:
     """Outcomes from the judge model, and how many answers it gave that could not be parsed."""
-    from tasks.evaluate.generation import openai_client
+    from tunepipe.tasks.evaluate.generation import openai_client
 
     client = openai_client(endpoint)
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from tasks.stage import StageFailed
+from tunepipe.tasks.core.stage import StageFailed
 
 TASK_PREFIX = "tunepipe_"
 FILTER_MODULE = "tunepipe_lm_eval_filters"

@@ -16,9 +16,9 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
-from tasks.fingerprint import sha256_file
-from tasks.sft.heldout import exact_match, token_f1
-from tasks.stage import StageFailed
+from tunepipe.tasks.core.fingerprint import sha256_file
+from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.training.metrics import exact_match, token_f1
 
 PerExample = Callable[[str, str], float]
 CORPUS_LEVEL = ("bleu", "chrf")

@@ -19,9 +19,9 @@ QUICKSTART = REPO / "examples" / "quickstart" / "pipeline.yaml"
 
 
 def tunepipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "tunepipe.flows.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"tunepipe {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
@@ -104,6 +104,28 @@ def test_gate_promotes_and_deploy_registers_the_adapters(first_run):
     deploy = summary["stages"]["deploy"]["metrics"]
     assert deploy["decision"] == "promoted"
     assert sorted(deploy["serving"]) == ["quickstart-sentiment", "quickstart-triples"]
+
+
+TRAINING_STAGES = ["base_model", "sft", "reward", "align"]
+
+
+def weight_files(path: str) -> dict[str, bytes]:
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
+
+
+def test_a_fresh_workdir_gives_the_same_keys_and_weights(first_run, tmp_path):
+    """Same key, same bytes: every training stage of a second quickstart, in another workdir and
+    process, publishes the keys and weight files of the first."""
+    _, first = first_run
+    second = run_json("--until", "align", cwd=tmp_path)
+    assert second["workdir"] != first["workdir"]
+    for name in ["data", *TRAINING_STAGES]:
+        assert second["stages"][name]["cached"] is False
+        assert second["stages"][name]["key"] == first["stages"][name]["key"], name
+    for name in TRAINING_STAGES:
+        weights = weight_files(first["stages"][name]["path"])
+        assert weights and weight_files(second["stages"][name]["path"]) == weights, name
 
 
 def test_unchanged_rerun_reports_every_stage_cached(first_run):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.artifacts import ArtifactStore
-from tasks.server import LocalStack, free_port
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
 from tests.conftest import REPO
 from tests.unit.test_notify import Receiver
 
@@ -81,7 +81,7 @@ def stack(tmp_path_factory):
 
 def cli(*args: str, api_url: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": api_url}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "tunepipe.flows.cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"tunepipe {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -172,8 +172,8 @@ def test_deploy_drop_trigger_queue_and_reuse(stack, tmp_path):
     assert f"| data | `{data_a.key}` | False |" in run_summary_of(run_a.id)
 
     # The same bytes again (touched, re-uploaded under another name): not a new version.
-    from tasks.config import load_pipeline_config
-    from tasks.watch import Debouncer, Ledger, Watcher, emit_version_event
+    from tunepipe.tasks.core.config import load_pipeline_config
+    from tunepipe.tasks.ops.watch import Debouncer, Ledger, Watcher, emit_version_event
 
     config = load_pipeline_config(config_path)
     watcher = Watcher.from_config("drops", config.workdir, str(inbox), config.watch)
@@ -207,9 +207,9 @@ def test_two_concurrent_runs_on_one_workdir(stack, tmp_path):
     as two processes do), both against the server, both on one fresh workdir."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flows.pipeline import pipeline
-    from tasks.config import load_pipeline_config
-    from tasks.run_plan import RunPlan
+    from tunepipe.flows.pipeline import pipeline
+    from tunepipe.tasks.core.config import load_pipeline_config
+    from tunepipe.tasks.core.selection import RunPlan
 
     config = load_pipeline_config(tiny_config(tmp_path, "concurrent"))
     with ThreadPoolExecutor(2) as pool:
@@ -228,9 +228,9 @@ def test_two_concurrent_runs_on_one_workdir(stack, tmp_path):
 def test_notifications_on_completion_gate_and_failure(stack, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import pipeline
-    from tasks.config import load_pipeline_config
-    from tasks.run_plan import RunPlan
+    from tunepipe.flows.pipeline import pipeline
+    from tunepipe.tasks.core.config import load_pipeline_config
+    from tunepipe.tasks.core.selection import RunPlan
 
     with Receiver() as receiver:
         notifications = {"webhook_url": receiver.url, "on": ["failure", "completion", "gate"], "allow_remote": False, "timeout_s": 5}

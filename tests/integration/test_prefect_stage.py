@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.prefect_stage import stage_task
-from tasks.registry import register_stage
-from tests.toy_stages import ToyConfig
+from tunepipe.tasks.core.prefect_stage import stage_task
+from tunepipe.tasks.core.graph import register_stage
+from tests.helpers.toy_stages import ToyConfig
 
 pytestmark = pytest.mark.prefect
 
-register_stage("producer", "tests.toy_stages", "Producer")
-register_stage("consumer", "tests.toy_stages", "Consumer")
+register_stage("producer", "tests.helpers.toy_stages", "Producer")
+register_stage("consumer", "tests.helpers.toy_stages", "Consumer")
 producer_task = stage_task("producer")
 consumer_task = stage_task("consumer")
 

@@ -18,12 +18,12 @@ import torch
 
 torch.set_num_threads(1)
 
-from schemas.serve import ServeConfig  # noqa: E402
-from tasks.serve.embedded import build_app  # noqa: E402
-from tasks.serve.plan import resolve_serve_config  # noqa: E402
-from tasks.serve.process import ServerThread  # noqa: E402
-from tasks.serve.router import read_log  # noqa: E402
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile  # noqa: E402
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.embedded import build_app
+from tunepipe.tasks.serving.settings import resolve_serve_config
+from tunepipe.tasks.serving.process import ServerThread
+from tunepipe.tasks.serving.router import read_log
+from tests.helpers.training import build_tiny_model, cpu_profile  # noqa: E402
 
 KEY = "test-key"
 PROMPTS = ["the cat sat on", "Classify the sentiment. I love the dog."]

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from prefect import flow
 
-from schemas.sft import SFTConfig
-from tasks.prefect_stage import stage_task
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile, write_data_artifact
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.prefect_stage import stage_task
+from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 pytestmark = pytest.mark.prefect
 sft_task = stage_task("sft")

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.align import AlignConfig
-from schemas.reward import RewardConfig
-from tasks.align import AlignStage
-from tasks.reward import RewardStage
-from tasks.stage import StageFailed, identify, run_stage
-from tests.stage.test_align_support import build_assets, data_with_pairs, env, pairs_against_sft
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.reward import RewardConfig
+from tunepipe.tasks.align.stage import AlignStage
+from tunepipe.tasks.reward.stage import RewardStage
+from tunepipe.tasks.core.stage import StageFailed, identify, run_stage
+from tests.helpers.alignment import build_assets, data_with_pairs, env, pairs_against_sft
 
 torch.set_num_threads(1)
 
@@ -52,7 +52,7 @@ def _loads_on_sft_base(assets, ref) -> None:
     """The aligned adapter is one adapter of the SFT adapter's kind, loadable on the SFT base."""
     from peft import PeftModel
 
-    from tasks.modeling import load_model
+    from tunepipe.tasks.training.modeling import load_model
 
     root = Path(ref.path)
     outputs = json.loads((root / "outputs.json").read_text())

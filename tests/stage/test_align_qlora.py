@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.align import AlignConfig
-from schemas.sft import SFTConfig
-from tasks.align import AlignStage
-from tasks.artifacts import ArtifactStore
-from tasks.sft import SFTStage
-from tasks.stage import run_stage
-from tests.stage.test_align_support import ANSWERS, data_with_pairs, env
-from tests.stage.test_sft_support import WORDS, build_tiny_model, write_data_artifact
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.align.stage import AlignStage
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.core.stage import run_stage
+from tests.helpers.alignment import ANSWERS, data_with_pairs, env
+from tests.helpers.training import WORDS, build_tiny_model, write_data_artifact
 
 torch.set_num_threads(1)
 pytest.importorskip("bitsandbytes")
@@ -27,10 +27,10 @@ def test_dpo_on_a_qlora_sft_adapter(tmp_path, monkeypatch):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from tasks.align import policy as policy_module
-    from tasks.align.common import read_manifest_config
-    from tasks.align.policy import sft_method
-    from tasks.sft.train import load_base
+    from tunepipe.tasks.align import policy as policy_module
+    from tunepipe.tasks.core.handoff import read_manifest_config
+    from tunepipe.tasks.align.policy import sft_method
+    from tunepipe.tasks.training.trainer import load_base
 
     model = build_tiny_model(tmp_path / "model")
     data = write_data_artifact(tmp_path / "data")

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from schemas.align import AlignConfig
-from schemas.manifest import ArtifactRef
-from schemas.sft import SFTConfig
-from tasks.align import AlignStage
-from tasks.artifacts import ArtifactStore
-from tasks.sft import SFTStage
-from tasks.stage import run_stage
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.manifest import ArtifactRef
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.align.stage import AlignStage
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.core.stage import run_stage
 from tests.conftest import REPO
-from tests.stage.test_align_support import ANSWERS, data_with_pairs, env
-from tests.stage.test_sft_support import SLOW_STEPS, WORDS, build_tiny_model, kill_at_first_checkpoint, write_data_artifact
+from tests.helpers.alignment import ANSWERS, data_with_pairs, env
+from tests.helpers.training import SLOW_STEPS, WORDS, build_tiny_model, kill_at_first_checkpoint, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -34,12 +34,12 @@ def align_kill_script(store_root: Path, inputs: dict[str, ArtifactRef], config: 
     return textwrap.dedent(
         f"""
         import json
-        from schemas.align import AlignConfig
-        from schemas.manifest import ArtifactRef
-        from tasks.align import AlignStage
-        from tasks.artifacts import ArtifactStore
-        from tasks.stage import run_stage
-        from tests.stage.test_align_support import env
+        from tunepipe.schemas.align import AlignConfig
+        from tunepipe.schemas.manifest import ArtifactRef
+        from tunepipe.tasks.align.stage import AlignStage
+        from tunepipe.tasks.core.artifacts import ArtifactStore
+        from tunepipe.tasks.core.stage import run_stage
+        from tests.helpers.alignment import env
         config = AlignConfig.model_validate(json.loads({json.dumps(json.dumps(config))}))
         inputs = {{name: ArtifactRef.model_validate(ref) for name, ref in {refs!r}.items()}}
         run_stage(AlignStage(), config, inputs, ArtifactStore({str(store_root)!r}), env())

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from schemas.data import DataConfig
-from schemas.records import PreferenceRecord, TextRecord, parse_sft
-from tasks.config import validate_yaml_mapping
-from tasks.data import DataStage
-from tasks.environment import load_environment
-from tasks.stage import StageContext, StageFailed, identify
+from tunepipe.schemas.data import DataConfig
+from tunepipe.schemas.records import PreferenceRecord, TextRecord, parse_sft
+from tunepipe.tasks.core.loading import validate_yaml_mapping
+from tunepipe.tasks.data.stage import DataStage
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.core.stage import StageContext, StageFailed, identify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
 CAPITAL_Q = "Name the capital city of France and explain briefly why it became the capital."

@@ -17,14 +17,15 @@ import openai
 import pytest
 import torch
 
-from schemas.deploy import DeployConfig
-from schemas.manifest import ArtifactRef
-from tasks.adapter_registry import AdapterRegistry
-from tasks.artifacts import ArtifactStore
-from tasks.deploy import DeployStage
-from tasks.stage import StageFailed, run_stage
-from tests.stage.test_export import fake_artifact
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile
+from tunepipe.schemas.deploy import DeployConfig
+from tunepipe.schemas.manifest import ArtifactRef
+from tunepipe.tasks.serving.registry import AdapterRegistry
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.deploy.stage import DeployStage
+from tunepipe.tasks.core.stage import StageFailed, run_stage
+from tunepipe.schemas.handoffs import ExportIndex, ExportSource, GateVerdict
+from tunepipe.tasks.core.handoff import write_handoff
+from tests.helpers.training import build_tiny_model, cpu_profile
 
 torch.set_num_threads(1)
 
@@ -43,16 +44,23 @@ def random_adapter(base: Path, path: Path, seed: int, r: int = 4) -> Path:
     return path
 
 
-def export_artifact(root: Path, base: Path, key: str, seed: int, *, r: int = 4, gate: bool | None = True) -> ArtifactRef:
+def export_artifact(root: Path, base: Path, key: str, seed: int, *, r: int = 4) -> ArtifactRef:
     """An export-shaped artifact: exports.json and one adapter under adapters/all."""
     art = root / key
     random_adapter(base, art / "adapters/all", seed, r)
-    (art / "exports.json").write_text(json.dumps({
-        "source": {"stage": "sft", "key": f"sft-{key}"}, "kind": "adapter", "method": "lora", "base_model": str(base),
-        "data_key": "data-v7", "runs": ["all"], "targets": {"adapters": {"all": "adapters/all"}}, "engine": "embedded",
-        "max_lora_rank": 8, "gate": None if gate is None else {"passed": gate, "reasons": [] if gate else ["exact match 0.1 < 0.5"]},
-    }))
+    write_handoff(art, ExportIndex(
+        source=ExportSource(stage="sft", key=f"sft-{key}"), kind="adapter", method="lora", base_model=str(base),
+        data_key="data-v7", runs=["all"], targets={"adapters": {"all": "adapters/all"}}, engine="embedded", max_lora_rank=8,
+    ))
     return ArtifactRef(stage="export", key=key, path=str(art))
+
+
+def evaluate_artifact(root: Path, key: str, passed: bool, reasons: list[str]) -> ArtifactRef:
+    """An evaluate-shaped artifact: its gate verdict, the one thing deploy reads of it."""
+    art = root / key
+    art.mkdir(parents=True, exist_ok=True)
+    write_handoff(art, GateVerdict(passed=passed, reasons=reasons))
+    return ArtifactRef(stage="evaluate", key=key, path=str(art))
 
 
 def offline_answer(base: Path, adapter: Path) -> str:
@@ -71,10 +79,10 @@ def offline_answer(base: Path, adapter: Path) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from schemas.serve import ServeConfig
-    from tasks.serve.embedded import build_app
-    from tasks.serve.plan import resolve_serve_config
-    from tasks.serve.process import ServerThread
+    from tunepipe.schemas.serve import ServeConfig
+    from tunepipe.tasks.serving.embedded import build_app
+    from tunepipe.tasks.serving.settings import resolve_serve_config
+    from tunepipe.tasks.serving.process import ServerThread
 
     root = tmp_path_factory.mktemp("deploy")
     base = build_tiny_model(root / "base")
@@ -84,21 +92,23 @@ def world(tmp_path_factory):
         "v2": export_artifact(root / "exports", base, "v2", seed=2),
         "v3": export_artifact(root / "exports", base, "v3", seed=3),
         "big": export_artifact(root / "exports", base, "big", seed=4, r=16),  # above the server's max rank
-        "failed-gate": export_artifact(root / "exports", base, "failed-gate", seed=5, gate=False),
+        "failed-gate": export_artifact(root / "exports", base, "failed-gate", seed=5),
     }
+    verdicts = {name: evaluate_artifact(root / "verdicts", name, True, ["exact match 0.9 >= 0.5"]) for name in exports}
+    verdicts["failed-gate"] = evaluate_artifact(root / "verdicts", "failed-gate", False, ["exact match 0.1 < 0.5"])
     answers = {k: offline_answer(base, Path(ref.path) / "adapters/all") for k, ref in exports.items() if k in ("v1", "v2", "v3")}
     assert len(set(answers.values())) == 3 and all(a.strip() for a in answers.values())
     config = ServeConfig(base=str(base), engine="embedded", allowed_adapter_dirs=[str(registry)], max_lora_rank=8, max_loras=4)
     app = build_app(resolve_serve_config(config, cpu_profile()), cpu_profile())
     with ServerThread(app) as server:
-        yield {"root": root, "base": base, "registry": registry, "exports": exports, "answers": answers,
+        yield {"root": root, "base": base, "registry": registry, "exports": exports, "verdicts": verdicts, "answers": answers,
                "url": server.url, "store": ArtifactStore(root / "artifacts")}
 
 
 def deploy(world, export: str, inputs: dict | None = None, **config) -> ArtifactRef:
     settings = {"name": "notes", "registry": str(world["registry"]), "server_url": world["url"],
                 "smoke": {"prompt": SMOKE, "max_tokens": MAX_TOKENS}, **config}
-    inputs = {"export": world["exports"][export], **(inputs or {})}
+    inputs = {"export": world["exports"][export], "evaluate": world["verdicts"][export], **(inputs or {})}
     return run_stage(DeployStage(), DeployConfig.model_validate(settings), inputs, world["store"], cpu_profile())
 
 
@@ -164,11 +174,19 @@ def test_failed_gate_does_not_promote_and_says_why(world):
     assert m["decision"] == "not_promoted" and m["gate_reasons"] == ["exact match 0.1 < 0.5"]
     assert m["serving"] == {"notes": {"version": 2, "path": registry.resolve("notes@2").path}}
     assert [v.version for v in registry.list()["notes"].versions] == versions
-    # The evaluate stage's verdict overrides the one the export recorded.
-    evaluate = fake_artifact(world["root"] / "evaluate", "evaluate", "ev", metrics={"gate_passed": False, "gate_reasons": ["judge win rate 0.40 < 0.55"]})
+    # The verdict is the evaluate artifact's, whatever export is deployed with it.
+    evaluate = evaluate_artifact(world["root"] / "verdicts", "judge-failed", False, ["judge win rate 0.40 < 0.55"])
     m = metrics_of(deploy(world, "v3", inputs={"evaluate": evaluate}))
     assert m["decision"] == "not_promoted" and m["gate_reasons"] == ["judge win rate 0.40 < 0.55"]
     assert served_answer(world) == world["answers"]["v2"]
+    # No evaluate stage: nothing is promoted unless the config says so.
+    no_gate = run_stage(
+        DeployStage(), DeployConfig.model_validate({"name": "notes", "registry": str(world["registry"]), "server_url": world["url"]}),
+        {"export": world["exports"]["v3"]}, world["store"], cpu_profile(),
+    )
+    m = metrics_of(no_gate)
+    assert m["decision"] == "not_promoted" and "no gate verdict" in m["gate_reasons"][0]
+    assert json.loads((Path(no_gate.path) / "deployment.json").read_text())["decision"] == "not_promoted"
 
 
 def test_unreachable_server_changes_nothing(world):
@@ -182,10 +200,10 @@ def test_unreachable_server_changes_nothing(world):
 def test_cli_rollback_and_promote_hot_swap_the_running_server(world, capsys):
     import argparse
 
-    from flows.registry_cli import add_registry_parser
+    from tunepipe.flows.cli.registry import add_parsers
 
     parser = argparse.ArgumentParser()
-    add_registry_parser(parser.add_subparsers(dest="command"))
+    add_parsers(parser.add_subparsers(dest="command"))
     run = lambda *argv: (args := parser.parse_args(["registry", "--root", str(world["registry"]), *argv])).func(args)
 
     assert run("rollback", "notes", "--server", world["url"]) == 0

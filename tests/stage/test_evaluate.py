@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.evaluate import EvaluateConfig
-from schemas.manifest import ArtifactRef
-from schemas.sft import SFTConfig
-from tasks.artifacts import ArtifactStore
-from tasks.evaluate import EvaluateStage
-from tasks.sft import SFTStage
-from tasks.stage import StageFailed, run_stage
-from tests.stage.test_sft_support import WORDS, build_tiny_model, cpu_profile
+from tunepipe.schemas.evaluate import EvaluateConfig
+from tunepipe.schemas.manifest import ArtifactRef
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.evaluate.stage import EvaluateStage
+from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.core.stage import StageFailed, run_stage
+from tests.helpers.training import WORDS, build_tiny_model, cpu_profile
 
 torch.set_num_threads(1)
 
@@ -195,7 +195,7 @@ def _judge(text: str) -> str:
 
 
 def test_endpoint_generation_and_judge_give_the_in_process_verdict(assets, promoted):
-    from tasks.evaluate.generation import HFGenerator, artifact_source, base_source
+    from tunepipe.tasks.evaluate.generation import HFGenerator, artifact_source, base_source
 
     _, in_process = promoted
     source = artifact_source("sft", assets["good"], None, None)
@@ -227,9 +227,9 @@ def test_reward_model_judge_decides_by_the_reward_models_scores(assets, promoted
     saves one): each pair's outcome is the sign of the score difference, recomputed here."""
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.align.common import render_conversation
-    from tasks.align.rewards import load_reward_model, score_texts
-    from tasks.modeling import load_tokenizer
+    from tunepipe.tasks.training.pairs import render_conversation
+    from tunepipe.tasks.training.reward_model import load_reward_model, score_texts
+    from tunepipe.tasks.training.modeling import load_tokenizer
 
     root = assets["root"] / "reward"
     tokenizer = load_tokenizer(str(assets["model"]))

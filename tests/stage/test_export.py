@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tunepipe.schemas.export import ExportConfig
+from tunepipe.schemas.handoffs import GateVerdict
+from tunepipe.schemas.manifest import ArtifactRef, Manifest, Timings
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.core.handoff import write_handoff
+from tunepipe.tasks.core.stage import StageFailed, run_stage
+from tunepipe.tasks.export.stage import ExportStage, compressor_modifier, vllm_problems
+from tunepipe.tasks.sft.stage import SFTStage
 
-from schemas.export import ExportConfig
-from schemas.manifest import ArtifactRef, Manifest, Timings
-from schemas.sft import SFTConfig
-from tasks.artifacts import ArtifactStore
-from tasks.export import ExportStage, compressor_modifier, vllm_problems
-from tasks.sft import SFTStage
-from tasks.stage import StageFailed, run_stage
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile, write_data_artifact
+from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -54,7 +56,8 @@ def assets(tmp_path_factory):
          "training": {"max_steps": 6, "learning_rate": 2e-2, "warmup_ratio": 0.0}}
     )
     sft = run_stage(SFTStage(), sft_config, {"data": data}, store, cpu_profile())
-    evaluate = fake_artifact(root / "evaluate", "evaluate", "evalkey", metrics={"gate_passed": False, "gate_reasons": ["sentiment exact match 0.20 < 0.50"]})
+    evaluate = fake_artifact(root / "evaluate", "evaluate", "evalkey")
+    write_handoff(Path(evaluate.path), GateVerdict(passed=False, reasons=["sentiment exact match 0.20 < 0.50"]))
     return {"root": root, "model": model, "data": data, "sft": sft, "evaluate": evaluate, "store": store}
 
 
@@ -130,7 +133,7 @@ def test_merged_and_bnb_exports_load_plainly_and_match_base_plus_adapter(assets)
 def test_default_targets_without_gate(assets):
     ref = _export(assets, {"reeval": {"max_examples_per_task": 1, "max_new_tokens": 2}}, inputs={"sft": assets["sft"], "data": assets["data"]})
     exports = json.loads((Path(ref.path) / "exports.json").read_text())
-    assert set(exports["targets"]) == {"adapters", "merged"} and exports["gate"] is None
+    assert set(exports["targets"]) == {"adapters", "merged"} and "gate" not in exports
     assert "no gate verdict" in (Path(ref.path) / "README.md").read_text()
 
 

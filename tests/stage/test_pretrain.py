@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.pretrain import PretrainConfig
-from schemas.sft import SFTConfig
-from tasks.artifacts import ArtifactStore
-from tasks.pretrain import PretrainStage, split_corpus
-from tasks.sft import SFTStage
-from tasks.stage import run_stage
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile, write_data_artifact
+from tunepipe.schemas.pretrain import PretrainConfig
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.pretrain.stage import PretrainStage
+from tunepipe.tasks.pretrain.train import split_corpus
+from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.core.stage import run_stage
+from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 torch.set_num_threads(1)
 

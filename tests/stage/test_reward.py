@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.reward import RewardConfig
-from tasks.align.common import is_heldout
-from tasks.artifacts import ArtifactStore
-from tasks.reward import RewardStage
-from tasks.stage import StageFailed, run_stage
-from tests.stage.test_align_support import quickstart_pairs
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile, write_data_artifact
+from tunepipe.schemas.reward import RewardConfig
+from tunepipe.tasks.training.pairs import is_heldout
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.reward.stage import RewardStage
+from tunepipe.tasks.core.stage import StageFailed, run_stage
+from tests.helpers.alignment import quickstart_pairs
+from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -52,7 +52,7 @@ def test_quickstart_reward_model_beats_chance_on_heldout_pairs(assets):
     assert (root / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and (root / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
     # The published reward model scores the held-out pairs as training ended.
-    from tasks.align.rewards import load_reward_model, pairwise_accuracy
+    from tunepipe.tasks.training.reward_model import load_reward_model, pairwise_accuracy
 
     model, tokenizer = load_reward_model(root)
     heldout = [p for p in assets["pairs"] if is_heldout(p, 0.1)]

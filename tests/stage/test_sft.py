@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.sft import NAMED_CHAT_TEMPLATES, SFTConfig
-from tasks.artifacts import ArtifactStore
-from tasks.sft import SFTStage
-from tasks.sft.data import IGNORE
-from tasks.sft.train import prepare_sft, sft_trainer
-from tasks.stage import StageFailed, run_stage
-from tests.stage.test_sft_support import build_tiny_model, cpu_profile, write_data_artifact
+from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES, SFTConfig
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.training.encoding import IGNORE
+from tunepipe.tasks.sft.train import prepare_sft, sft_trainer
+from tunepipe.tasks.core.stage import StageFailed, run_stage
+from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 torch.set_num_threads(1)
 

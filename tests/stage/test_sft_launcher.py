@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from tasks.environment import load_environment
-from tasks.launcher import launch_command, run_training
-from tasks.stage import StageFailed
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.training.launcher import launch_command, run_training
+from tunepipe.tasks.core.stage import StageFailed
 
 
 class _Collect(logging.Handler):
@@ -36,7 +36,7 @@ def test_launch_commands_per_profile(tmp_path):
     zero2 = load_environment("multi-gpu-deepspeed")
     cmd = launch_command(zero2, job)
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
-    assert cmd[cmd.index("--num_gpus") + 1] == "8" and cmd[-3:] == ["--module", "tasks.launcher", str(job)]
+    assert cmd[cmd.index("--num_gpus") + 1] == "8" and cmd[-3:] == ["--module", "tunepipe.tasks.training.launcher", str(job)]
     acc = launch_command(zero2.model_copy(update={"launcher": "accelerate"}), job)
     assert "--use_deepspeed" in acc and acc[acc.index("--deepspeed_config_file") + 1].endswith("deepspeed/zero2.json")
     assert acc[acc.index("--num_processes") + 1] == "8"
@@ -54,7 +54,7 @@ def _torchrun_cpu():
 
 def test_supervised_launch_streams_logs_and_returns_the_result(tmp_path):
     logger, handler = _logger()
-    result = run_training("tests.stage.test_sft_support:echo_job", {"message": "hello"}, _torchrun_cpu(), logger, tmp_path)
+    result = run_training("tests.helpers.training:echo_job", {"message": "hello"}, _torchrun_cpu(), logger, tmp_path)
     assert result == {"message": "hello", "rank": 0, "world": 1}
     assert any("worker says hello" in line for line in handler.lines)
 
@@ -62,7 +62,7 @@ def test_supervised_launch_streams_logs_and_returns_the_result(tmp_path):
 def test_dead_worker_fails_with_the_tail_of_its_log(tmp_path):
     logger, _ = _logger()
     with pytest.raises(StageFailed) as info:
-        run_training("tests.stage.test_sft_support:failing_job", {}, _torchrun_cpu(), logger, tmp_path)
+        run_training("tests.helpers.training:failing_job", {}, _torchrun_cpu(), logger, tmp_path)
     message = str(info.value)
     assert "exited with code" in message and "Worker error: RuntimeError: planted failure in the worker" in message
     assert "about to fail" in (tmp_path / "launch.log").read_text()
@@ -70,4 +70,4 @@ def test_dead_worker_fails_with_the_tail_of_its_log(tmp_path):
 
 def test_in_process_launcher_calls_the_entry_point(tmp_path):
     logger, _ = _logger()
-    assert run_training("tests.stage.test_sft_support:echo_job", {"message": "x"}, load_environment("cpu"), logger, tmp_path)["message"] == "x"
+    assert run_training("tests.helpers.training:echo_job", {"message": "x"}, load_environment("cpu"), logger, tmp_path)["message"] == "x"

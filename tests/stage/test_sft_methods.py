@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.stage.test_sft_support import check_method, method_assets
+from tests.helpers.training import check_method, method_assets
 
 torch.set_num_threads(1)
 CASES = ["full", "freeze", "bitfit", "lora", "lora-rslora-dora-all-linear", "lora-pissa", "lora-olora"]

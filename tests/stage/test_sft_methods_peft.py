@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.stage.test_sft_support import check_method, method_assets
+from tests.helpers.training import check_method, method_assets
 
 torch.set_num_threads(1)
 CASES = ["qlora-nf4", "qlora-fp4", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]

@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from schemas.sft import SFTConfig
-from tasks.artifacts import ArtifactStore
-from tasks.sft import SFTStage
-from tasks.stage import run_stage
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.artifacts import ArtifactStore
+from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.core.stage import run_stage
 from tests.conftest import REPO
-from tests.stage.test_sft_support import SLOW_STEPS, build_tiny_model, cpu_profile, kill_at_first_checkpoint, kill_script, write_data_artifact
+from tests.helpers.training import SLOW_STEPS, build_tiny_model, cpu_profile, kill_at_first_checkpoint, kill_script, write_data_artifact
 
 
 
@@ -33,7 +33,7 @@ def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # While the child starts up, load the training libraries here for the rerun.
     import matplotlib.pyplot  # noqa: F401
-    import tasks.sft.train  # noqa: F401
+    import tunepipe.tasks.sft.train as train
     import trl  # noqa: F401
 
     done = kill_at_first_checkpoint(proc, root, "sft", "all", timeout_s=90)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.sft import SFTConfig
-from tasks.environment import load_environment
-from tests.stage.test_sft_support import build_tiny_model, write_data_artifact
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.environment import load_environment
+from tests.helpers.training import build_tiny_model, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,7 @@ def single_process_distributed(monkeypatch):
 
 def test_zero2_profile_runs_steps_on_cpu(tmp_path, single_process_distributed):
     pytest.importorskip("deepspeed")
-    from tasks.sft.train import train_job
+    from tunepipe.tasks.sft.train import train_job
 
     env = load_environment("multi-gpu-deepspeed").model_copy(
         update={"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa", "launcher": "in_process",
@@ -66,8 +66,8 @@ def test_zero2_profile_runs_steps_on_cpu(tmp_path, single_process_distributed):
 
 def test_training_after_zero2_runs_without_deepspeed(tmp_path):
     """Guards the fixture above: a plain run in the same process does not inherit DeepSpeed."""
-    from tasks.sft.train import train_job
-    from tests.stage.test_sft_support import cpu_profile
+    from tunepipe.tasks.sft.train import train_job
+    from tests.helpers.training import cpu_profile
 
     model, data = build_tiny_model(tmp_path / "model"), write_data_artifact(tmp_path / "data")
     config = SFTConfig.model_validate({"model": str(model), "method": "lora", "max_length": 64, "training": {"max_steps": 1}})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.registry import Lineage
-from tasks.adapter_registry import AdapterRegistry, RegistryError, parse_ref
+from tunepipe.schemas.registry import Lineage
+from tunepipe.tasks.serving.registry import AdapterRegistry, RegistryError, parse_ref
 
 
 def adapter(path: Path, content: str) -> Path:

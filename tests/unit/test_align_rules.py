@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from schemas.align import AlignConfig
-from schemas.reward import RewardConfig
-from tasks.align.rewards import completion_text, rule_reward_func, triple_format
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.reward import RewardConfig
+from tunepipe.tasks.align.rewards import completion_text, rule_reward_func, triple_format
 
 
 def test_triple_format_accepts_triples_only():

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import MANIFEST, ArtifactStore
-from tasks.stage import StageFailed, run_stage
+from tunepipe.tasks.core.artifacts import ArtifactStore, MANIFEST
+from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tests.conftest import REPO
-from tests.toy_stages import Consumer, Counter, Producer, ToyConfig
+from tests.helpers.toy_stages import Consumer, Counter, Producer, ToyConfig
 
 
 def test_publish_then_reuse(tmp_path, cpu_env):
@@ -31,7 +31,11 @@ def test_publish_then_reuse(tmp_path, cpu_env):
     assert manifest["config"] == {"text": "hello", "repeat": 2, "sleep_per_chunk": 0.0}
     assert manifest["metrics"] == {"lines": 2}
     assert {f["path"] for f in manifest["files"]} == {"out.txt", "pid", "summary.md", "summary_table.json"}
-    assert "torch" in manifest["libraries"] and "pydantic" not in manifest["libraries"]
+    # The libraries that entered the key: what the stage's import closure imports (the toy stage
+    # and tunepipe's contract import pydantic and nothing else from outside the stdlib).
+    from importlib.metadata import version
+
+    assert manifest["libraries"] == {"pydantic": version("pydantic")}
     assert manifest["timings"]["seconds"] >= 0
     assert not (tmp_path / "artifacts" / "producer" / ".staging" / first.key).exists()
 
@@ -88,10 +92,10 @@ def test_failed_stage_publishes_nothing(tmp_path, cpu_env):
 def _spawn(stage: str, staging_marker: str, store_root: Path, repeat: int, sleep: float) -> subprocess.Popen:
     script = textwrap.dedent(
         f"""
-        from tasks.artifacts import ArtifactStore
-        from tasks.environment import load_environment
-        from tasks.stage import run_stage
-        from tests.toy_stages import {stage}, ToyConfig
+        from tunepipe.tasks.core.artifacts import ArtifactStore
+        from tunepipe.tasks.core.environment import load_environment
+        from tunepipe.tasks.core.stage import run_stage
+        from tests.helpers.toy_stages import {stage}, ToyConfig
         run_stage({stage}(), ToyConfig(repeat={repeat}, sleep_per_chunk={sleep}), {{}}, ArtifactStore({str(store_root)!r}), load_environment("cpu"))
         """
     )

@@ -33,7 +33,7 @@ def test_latency_percentiles_and_load_figures():
 
 
 def test_requests_name_adapters_round_robin_greedy_with_fixed_length():
-    from tasks.serve.protocol import ChatCompletionRequest, CompletionRequest
+    from tunepipe.tasks.serving.protocol import ChatCompletionRequest, CompletionRequest
 
     assert serving.round_robin(["a", "b", "c"], 7) == ["a", "b", "c", "a", "b", "c", "a"]
     chat = serving.request_body("chat", "a", "Count to three.", 16)
@@ -75,7 +75,7 @@ http.server.ThreadingHTTPServer((host, port), Api).serve_forever()
 def test_vllm_engine_drives_vllm_serve_through_the_launcher(tmp_path, monkeypatch):
     import json
 
-    from tests.stage.test_sft_support import build_tiny_model
+    from tests.helpers.training import build_tiny_model
 
     exe = tmp_path / "bin" / "vllm"
     exe.parent.mkdir()

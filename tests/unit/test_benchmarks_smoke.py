@@ -44,7 +44,7 @@ def _with_training(tmp_path):
 
 
 def test_bench_config_overrides_every_training_stage_and_stays_valid(tmp_path):
-    from tasks.config import load_pipeline_config
+    from tunepipe.tasks.core.config import load_pipeline_config
 
     path, data = common.bench_config(_with_training(tmp_path), tmp_path / "bench", max_steps=5, save_steps=2, heldout=False)
     assert path == (tmp_path / "bench" / "pipeline.yaml").resolve()

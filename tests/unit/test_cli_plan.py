@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flows.cli import main
-from tests.stage.test_sft_support import build_tiny_model
+from tunepipe.flows.cli.main import main
+from tests.helpers.training import build_tiny_model
 
 
 @pytest.fixture(scope="module")

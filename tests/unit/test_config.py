@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from tasks.config import ConfigError, load_pipeline_config
-from tasks.environment import load_environment
-from tasks.run_plan import RunPlan
+from tunepipe.tasks.core.config import load_pipeline_config
+from tunepipe.tasks.core.loading import ConfigError
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.core.selection import RunPlan
 
 
 def write(tmp_path, text: str):
@@ -102,8 +103,10 @@ def test_run_plan_rejects_unknown_and_inverted_stages():
 
 
 def _config_models():
-    import schemas.base as base
-    import pkgutil, importlib, schemas
+    import tunepipe.schemas.base as base
+    import pkgutil
+    import importlib
+    import tunepipe.schemas as schemas
 
     for info in pkgutil.iter_modules(schemas.__path__):
         module = importlib.import_module(f"schemas.{info.name}")
@@ -122,7 +125,7 @@ def test_every_config_model_forbids_extra_keys():
 
 
 def test_all_bundled_profiles_load():
-    from tasks.environment import bundled_profiles
+    from tunepipe.tasks.core.environment import bundled_profiles
 
     names = bundled_profiles()
     assert {"cpu", "single-gpu-24gb", "single-gpu-80gb", "multi-gpu-deepspeed", "serve-vllm"} <= set(names)
@@ -130,7 +133,7 @@ def test_all_bundled_profiles_load():
         env = load_environment(name)
         assert env.name == name
         if env.launcher == "deepspeed":
-            from tasks.environment import deepspeed_config_path
+            from tunepipe.tasks.core.environment import deepspeed_config_path
 
             assert deepspeed_config_path(env).is_file()
 

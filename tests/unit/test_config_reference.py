@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.config_reference import config_reference
+from tunepipe.tasks.core.config_reference import config_reference
 from tests.conftest import REPO
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.data import CleanConfig
-from tasks.data.clean import Cleaner, strip_html
-from tasks.data.formats import RecordError
+from tunepipe.schemas.data import CleanConfig
+from tunepipe.tasks.data.clean import Cleaner, strip_html
+from tunepipe.tasks.data.formats import RecordError
 
 
 def clean(text: str, **config) -> str:

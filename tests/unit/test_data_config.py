@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from schemas import data as data_schema
-from schemas.data import DataConfig
-from tasks.config import ConfigError, validate_yaml_mapping
+from tunepipe.schemas import data as data_schema
+from tunepipe.schemas.data import DataConfig
+from tunepipe.tasks.core.loading import ConfigError, validate_yaml_mapping
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
 
@@ -81,7 +81,7 @@ def _models(model: type[BaseModel], seen: set) -> None:
 
 
 def test_every_field_is_described():
-    from schemas import records
+    from tunepipe.schemas import records
 
     seen: set = set()
     for model in (DataConfig, records.InstructionRecord, records.ChatRecord, records.PreferenceRecord, records.TextRecord):

@@ -6,8 +6,8 @@ import random
 
 import numpy as np
 
-from schemas.data import DedupConfig
-from tasks.data.dedup import contaminated, exact_key, near_duplicates, optimal_bands, shingle_hashes
+from tunepipe.schemas.data import DedupConfig
+from tunepipe.tasks.data.dedup import contaminated, exact_key, near_duplicates, optimal_bands, shingle_hashes
 
 
 def corpus(n: int, seed: int = 0, words: tuple[int, int] = (25, 40)) -> list[str]:
@@ -86,7 +86,7 @@ def test_contamination_pairs_train_with_eval():
 def test_signature_rows_match_rensa_objects():
     from rensa import RMinHash
 
-    from tasks.data.dedup import SignatureIndex
+    from tunepipe.tasks.data.dedup import SignatureIndex
 
     texts = corpus(50) + corpus(1)  # two identical texts so at least one row is flagged
     texts.append(texts[0])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.data import SourceConfig
-from tasks.data.sources import Malformed, plan_files, read_file
+from tunepipe.schemas.data import SourceConfig
+from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
 
 
 def read_all(path: Path, **source) -> list[tuple[str, object]]:
@@ -75,7 +75,7 @@ def test_missing_file_after_config_is_a_clear_error(tmp_path):
 
 
 def test_task_field_takes_each_records_task_and_rejects_bad_names():
-    from tasks.data.formats import RecordError, parse_record
+    from tunepipe.tasks.data.formats import RecordError, parse_record
 
     pair = {"task": "triples", "prompt": "p", "chosen": "a", "rejected": "b"}
     assert parse_record(dict(pair), "preference", "preferences", {}, "task")["task"] == "triples"

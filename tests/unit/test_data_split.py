@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from schemas.data import MixConfig, SplitConfig
-from tasks.data.split import assign_splits, mix_train
+from tunepipe.schemas.data import MixConfig, SplitConfig
+from tunepipe.tasks.data.split import assign_splits, mix_train
 
 
 def records(task: str, n: int, kind: str = "instruction") -> list[dict]:

@@ -6,13 +6,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from schemas.evaluate import EvaluateConfig, GateRules
-from tasks.evaluate import judges
-from tasks.evaluate.gate import GateEvidence, decide
-from tasks.evaluate.generation import completion_request
-from tasks.evaluate.lm_eval_tasks import FILTER_MODULE, write_local_tasks
-from tasks.evaluate.metrics import aggregate, load_callable, per_example, rouge_l, sentence_bleu
-from tasks.stage import StageFailed
+from tunepipe.schemas.evaluate import EvaluateConfig, GateRules
+from tunepipe.tasks.evaluate import judges
+from tunepipe.tasks.evaluate.gate import GateEvidence, decide
+from tunepipe.tasks.evaluate.generation import completion_request
+from tunepipe.tasks.evaluate.lm_eval_tasks import FILTER_MODULE, write_local_tasks
+from tunepipe.tasks.evaluate.metrics import aggregate, load_callable, per_example, rouge_l, sentence_bleu
+from tunepipe.tasks.core.stage import StageFailed
 
 
 @pytest.mark.parametrize(
@@ -121,9 +121,9 @@ def test_local_lm_eval_task_files(tmp_path):
 
 
 def test_serving_baseline_follows_the_registry_and_enters_the_key(tmp_path):
-    from tasks.adapter_registry import AdapterRegistry
-    from tasks.evaluate import EvaluateStage
-    from tasks.evaluate.generation import ModelSource, resolve_baseline
+    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.evaluate.stage import EvaluateStage
+    from tunepipe.tasks.evaluate.generation import ModelSource, resolve_baseline
 
     candidate = ModelSource("align", "adapters", "/base", tmp_path, {"triples": "a/triples", "sentiment": "a/sentiment"})
     config = EvaluateConfig.model_validate({"baseline": "serving", "registry": str(tmp_path / "registry"), "registry_name": "qs"})

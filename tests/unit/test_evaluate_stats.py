@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tasks.evaluate.stats import outcome_from_difference, paired_bootstrap, sign_test, win_rate
+from tunepipe.tasks.evaluate.stats import outcome_from_difference, paired_bootstrap, sign_test, win_rate
 
 
 def test_win_rate_counts_and_tie_policies():

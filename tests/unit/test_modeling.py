@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tasks import modeling
+from tunepipe.tasks.training import modeling
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_unknown_names_fail_before_any_network(tmp_path):
 def test_quantization_config_from_environment_defaults():
     from transformers import BitsAndBytesConfig
 
-    from schemas.environment import QuantizationDefaults
+    from tunepipe.schemas.environment import QuantizationDefaults
 
     q = modeling.quantization_config(QuantizationDefaults(compute_dtype="float32"))
     assert isinstance(q, BitsAndBytesConfig)

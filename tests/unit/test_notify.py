@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from schemas.operations import NotificationsConfig
-from tasks import notify
+from tunepipe.schemas.operations import NotificationsConfig
+from tunepipe.tasks.ops import notify
 
 
 class Receiver:
@@ -55,7 +55,7 @@ def test_post_reaches_a_loopback_receiver_with_headers():
 
 
 def test_unreachable_webhook_is_logged_not_raised():
-    from tasks.server import free_port
+    from tunepipe.tasks.ops.prefect_server import free_port
 
     settings = NotificationsConfig(webhook_url=f"http://127.0.0.1:{free_port()}/x", timeout_s=1)
     assert notify.send(settings, {"event": "failure"}) is False

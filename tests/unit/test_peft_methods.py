@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from schemas.pretrain import PretrainConfig
-from schemas.sft import FreezeMethod, LoraMethod, QLoraMethod, SFTConfig
-from tasks import peft_methods
-from tasks.environment import load_environment
+from tunepipe.schemas.pretrain import PretrainConfig
+from tunepipe.schemas.sft import FreezeMethod, LoraMethod, QLoraMethod, SFTConfig
+from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.core.environment import load_environment
 
 
 def _error(data: dict, model=SFTConfig) -> str:
@@ -145,7 +145,7 @@ sft:
 def test_yaml_section_validates_and_errors_name_path_and_line():
     import yaml
 
-    from tasks.config import ConfigError, validate_yaml_mapping
+    from tunepipe.tasks.core.loading import ConfigError, validate_yaml_mapping
 
     text = YAML.format(dora="true")
     config = validate_yaml_mapping(SFTConfig, yaml.safe_load(text)["sft"], text=text, source="pipeline.yaml")
@@ -157,7 +157,7 @@ def test_yaml_section_validates_and_errors_name_path_and_line():
 
 def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
     # The Trainer never moves a bitsandbytes model: on CUDA the 4-bit base must load on the GPU.
-    from tasks.sft.train import quantized_device_map
+    from tunepipe.tasks.training.trainer import quantized_device_map
 
     assert quantized_device_map(load_environment("cpu")) is None
     assert quantized_device_map(load_environment("single-gpu-24gb")) == {"": 0}
@@ -165,11 +165,11 @@ def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
     assert quantized_device_map(load_environment("multi-gpu-deepspeed")) == {"": 3}
 
     # load_base hands it to from_pretrained for a 4-bit base only (the Trainer moves the others).
-    import tasks.modeling
-    from tasks.sft.train import load_base
+    import tunepipe.tasks.training.modeling as modeling
+    from tunepipe.tasks.training.trainer import load_base
 
     calls = []
-    monkeypatch.setattr(tasks.modeling, "load_model", lambda path, **kw: calls.append(kw) or SimpleNamespace(config=SimpleNamespace()))
+    monkeypatch.setattr(modeling, "load_model", lambda path, **kw: calls.append(kw) or SimpleNamespace(config=SimpleNamespace()))
     gpu = load_environment("single-gpu-24gb")
     load_base("m", SFTConfig.model_validate({"method": "qlora"}).method, gpu)
     load_base("m", SFTConfig.model_validate({"method": "lora"}).method, gpu)
@@ -178,7 +178,7 @@ def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
 
 
 def test_liger_changes_the_training_key():
-    from tasks.sft import training_env_payload
+    from tunepipe.tasks.training.stage_base import training_env_payload
 
     gpu = load_environment("single-gpu-24gb")
     assert training_env_payload(gpu.model_copy(update={"liger_kernel": True})) != training_env_payload(gpu)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.sft import SFTConfig
-from tasks import peft_methods
-from tasks.environment import load_environment
-from tasks.plan import check_fit, plan
-from tasks.stage import StageFailed
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.training.memory_plan import check_fit, plan
+from tunepipe.tasks.core.stage import StageFailed
 
 torch.set_num_threads(1)
 
@@ -63,7 +63,7 @@ def test_qlora_counts_equal_a_real_4bit_model(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from tasks.sft.train import load_base
+    from tunepipe.tasks.training.trainer import load_base
 
     cfg = _configs()["llama"]
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
@@ -121,10 +121,10 @@ def test_check_fit_says_what_to_change():
 
 
 def test_sft_stage_refuses_before_loading_the_model(tmp_path):
-    from schemas.manifest import ArtifactRef
-    from tasks.artifacts import ArtifactStore
-    from tasks.sft import SFTStage
-    from tasks.stage import run_stage
+    from tunepipe.schemas.manifest import ArtifactRef
+    from tunepipe.tasks.core.artifacts import ArtifactStore
+    from tunepipe.tasks.sft.stage import SFTStage
+    from tunepipe.tasks.core.stage import run_stage
 
     cfg = _configs()["llama"]
     cfg.save_pretrained(tmp_path / "model")  # a config only: loading weights would fail
@@ -133,3 +133,17 @@ def test_sft_stage_refuses_before_loading_the_model(tmp_path):
     data = ArtifactRef(stage="data", key="k", path=str(tmp_path))
     with pytest.raises(StageFailed, match="To fit"):
         run_stage(SFTStage(), config, {"data": data}, ArtifactStore(tmp_path / "artifacts"), tiny)
+
+
+def test_the_planner_reads_the_optimizer_from_the_training_config():
+    """The trainer and the planner read one TrainingConfig: an 8-bit optimizer is planned as two
+    1-byte states per trainable parameter, not as Adam's."""
+
+    full = SFTConfig.model_validate({"method": "full"})
+    eight_bit = SFTConfig.model_validate({"method": "full", "training": {"optimizer": "adamw_8bit"}})
+    env = load_environment("single-gpu-24gb")
+    adam = plan(_seven_b(), full.method, env, 512, full.training)
+    small = plan(_seven_b(), eight_bit.method, env, 512, eight_bit.training)
+    assert small["memory"]["assumptions"]["optimizer"] == "adamw_8bit"
+    assert small["memory"]["optimizer_gb"] == pytest.approx(small["trainable_params"] * 2 / 2**30, abs=1e-4)
+    assert adam["memory"]["optimizer_gb"] > small["memory"]["optimizer_gb"] * 1.9

@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from schemas.registry import Lineage
-from schemas.serve import RouterConfig, ServeConfig
-from tasks.adapter_registry import AdapterRegistry
-from tasks.environment import load_environment
-from tasks.serve.plan import (
-    ServePlanError, api_key, choose_engine, resolve_serve_config, serving_plan_from_registry, vllm_rank,
-)
-from tasks.serve.router import WeightedRouter, read_log
+from tunepipe.schemas.registry import Lineage
+from tunepipe.schemas.serve import RouterConfig, ServeConfig
+from tunepipe.tasks.serving.registry import AdapterRegistry
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.serving.settings import ServePlanError, api_key, choose_engine, resolve_serve_config, serving_plan_from_registry, vllm_rank
+from tunepipe.tasks.serving.router import WeightedRouter, read_log
 
 
 def write_adapter(path: Path, r: int, **extra) -> Path:
@@ -107,10 +105,10 @@ def test_config_validation_and_api_key_env(tmp_path, monkeypatch):
 
 
 def test_serve_flags_become_a_config_over_the_registry(registry, tmp_path):
-    from flows.serve_cli import add_serve_parser, serve_config_from_args
+    from tunepipe.flows.cli.serve import add_parsers, serve_config_from_args
 
     parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
+    add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--registry", registry.root, "--workdir", str(tmp_path / "w"), "--port", "9001",
                               "--max-lora-rank", "64", "--router", "bot=notes:0.9,triage:0.1"])
     config, env, workdir = serve_config_from_args(args)

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from schemas.serve import ServeConfig
-from tasks.environment import load_environment
-from tasks.serve.plan import ServingPlan, resolve_serve_config
-from tasks.serve.process import free_port, is_healthy
-from tasks.serve.vllm import VLLMError, VLLMServer, vllm_command, vllm_env
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.serving.settings import ServingPlan, resolve_serve_config
+from tunepipe.tasks.serving.process import free_port, is_healthy
+from tunepipe.tasks.serving.vllm import VLLMError, VLLMServer, vllm_command, vllm_env
 
 FAKE_VLLM = """\
 #!{python}
@@ -190,7 +190,7 @@ def test_cli_starts_vllm_and_stops_it_on_sigterm(tmp_path, fake_vllm):
     base = write_base(tmp_path / "b")
     adapter = write_adapter(tmp_path / "adapters" / "notes", 8)
     cli = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve_cli", base, "--engine", "vllm", "--vllm-executable", fake_vllm["exe"],
+        [sys.executable, "-m", "tunepipe.flows.cli.main", "serve", base, "--engine", "vllm", "--vllm-executable", fake_vllm["exe"],
          "--port", str(port), "--lora-modules", f"notes={adapter}", "--workdir", str(tmp_path / "work"), "--env", "serve-vllm"],
         cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.sft.heldout import exact_match, heldout_examples, score, token_f1
+from tunepipe.tasks.training.metrics import exact_match, score, token_f1
+from tunepipe.tasks.training.generation import heldout_examples
 
 
 def test_exact_match_normalises_whitespace_only():

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import prefect.artifacts
 
-from tasks.sft.progress import PrefectProgress
+from tunepipe.tasks.training.progress import PrefectProgress
 
 
 def test_progress_updates_at_most_once_per_interval_and_always_at_the_end(monkeypatch):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.retrain import segments, with_data_versions
-from schemas.operations import WatchConfig
-from tasks.watch import Debouncer, Inbox, InboxFile, Ledger, Watcher
+from tunepipe.tasks.ops.retrain import segments, with_data_versions
+from tunepipe.schemas.operations import WatchConfig
+from tunepipe.tasks.ops.watch import Debouncer, Inbox, InboxFile, Ledger, Watcher
 
 
 class Clock:
@@ -131,7 +131,7 @@ def test_a_run_trains_on_every_version_up_to_its_own(tmp_path):
 
 
 def test_versions_become_data_sources_per_the_watch_section(tmp_path):
-    from schemas.pipeline import PipelineConfig
+    from tunepipe.schemas.pipeline import PipelineConfig
 
     base = tmp_path / "base.jsonl"
     base.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")

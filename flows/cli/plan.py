@@ -1,0 +1,66 @@
+"""`tunepipe plan`: parameter counts and peak training memory per profile, from the model config alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tunepipe.flows.cli.common import add_config_args, load_config
+from tunepipe.tasks.core.loading import ConfigError
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tunepipe.schemas.sft import SFTConfig
+    from tunepipe.tasks.core.environment import bundled_profiles, load_environment
+    from tunepipe.tasks.training.memory_plan import pipeline_plan_target, plan
+
+    if args.model:
+        method = {"name": args.method}
+        if args.lora_r is not None:
+            method["r"] = args.lora_r
+        if args.lora_alpha is not None:
+            method["alpha"] = args.lora_alpha
+        if args.target_modules:
+            method["target_modules"] = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+        try:
+            sft = SFTConfig(model=args.model, method=method, max_length=args.seq_len or 512)
+        except ValueError as exc:
+            raise ConfigError(f"plan: {exc}") from None
+        model, method_config, seq_len, training, env_name = sft.model, sft.method, sft.max_length, sft.training, args.env or "cpu"
+    else:
+        config = load_config(args)
+        try:
+            model, method_config, seq_len, training = pipeline_plan_target(config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        seq_len = args.seq_len or seq_len
+        env_name = config.environment
+    result = plan(model, method_config, load_environment(env_name), seq_len, training)
+    result["profiles"] = [
+        {"environment": name, "total_gb": row["memory"]["total_gb"], "fits": row["memory"]["fits"]}
+        for name in bundled_profiles()
+        for row in [plan(model, method_config, load_environment(name), seq_len, training)]
+    ]
+    if args.json:
+        print(json.dumps(result, default=str))
+        return 0
+    print(f"{result['method']}: {result['trainable_params']:,} trainable of {result['total_params']:,} parameters "
+          f"({result['trainable_percent']}%), seq_len {seq_len}")
+    print(f"{'profile':<28} {'peak GiB':>9}  fits")
+    for row in result["profiles"]:
+        print(f"{row['environment']:<28} {row['total_gb']:>9.2f}  {'yes' if row['fits'] else 'NO'}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    plan = sub.add_parser("plan", help="parameter counts and peak training memory per profile, from the model config alone")
+    add_config_args(plan)
+    plan.add_argument("--model", help="hub id or local path: plan this model instead of a pipeline's sft stage")
+    plan.add_argument("--method", default="lora", help="fine-tuning method (with --model)")
+    plan.add_argument("--lora-r", type=int, help="LoRA rank (with --model)")
+    plan.add_argument("--lora-alpha", type=int, help="LoRA alpha (with --model)")
+    plan.add_argument("--target-modules", nargs="+", help="modules to adapt, or all-linear (with --model)")
+    plan.add_argument("--seq-len", type=int, help="sequence length (default: the stage's max_length, or 512)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
+

@@ -1,0 +1,56 @@
+"""`tunepipe run` and `tunepipe validate`: the pipeline on a config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tunepipe.flows.cli.common import add_config_args, load_config
+from tunepipe.tasks.core.loading import ConfigError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    from tunepipe.tasks.core.runtime import configure_runtime
+
+    configure_runtime(config.workdir)
+    # Prefect is imported only now, after configure_runtime has set its environment.
+    from tunepipe.flows.pipeline import pipeline
+    from tunepipe.tasks.core.selection import RunPlan
+
+    try:
+        plan = RunPlan(stages=config.stages(), until=args.until, from_stage=args.from_stage)
+    except ValueError as exc:
+        raise ConfigError(str(exc).splitlines()[-1].removeprefix("  Value error, ")) from None
+    summary = pipeline(config=config, plan=plan)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"run {summary['run_id']}  workdir {summary['workdir']}")
+    for name, stage in summary["stages"].items():
+        print(f"  {name:<12} {stage['key']}  {'cached' if stage['cached'] else 'computed'}  {stage['path']}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    print(f"{config.name}: valid; stages {', '.join(config.stages())}; environment {config.environment}; workdir {config.workdir}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    run = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
+    add_config_args(run)
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="recompute this stage and all after it")
+    run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on the last line")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a pipeline config without running anything")
+    add_config_args(validate)
+    validate.set_defaults(func=cmd_validate)
+

@@ -1,0 +1,186 @@
+"""`tunepipe serve`: an OpenAI-compatible multi-LoRA server, embedded (transformers + peft) or vLLM.
+
+    tunepipe serve [BASE] [--lora-modules NAME=PATH ...] [--engine auto|embedded|vllm] [--host H] [--port P]
+                   [--api-key K] [--max-loras N] [--max-lora-rank R] [-c CONFIG] [--registry ROOT] [--alias prod]
+
+Flags are named as vLLM names them. Without BASE/--lora-modules it serves what the adapter registry
+says is current (every adapter's `prod` alias, on their base). The pipeline config's `serve:`
+section (if the pipeline has one) gives the defaults the flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunepipe.flows.cli.common import interrupt
+from tunepipe.tasks.core.loading import ConfigError
+
+DEFAULT_ALIAS = "prod"
+
+
+def _module(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=PATH")
+    return name, path
+
+
+def _router(value: str) -> dict[str, Any]:
+    """NAME=A:0.9,B:0.1 → {"name": NAME, "versions": {A: 0.9, B: 0.1}}."""
+    name, sep, spec = value.partition("=")
+    try:
+        versions = {v: float(w) for part in spec.split(",") for v, _, w in [part.partition(":")]}
+    except ValueError:
+        versions = {}
+    if not sep or not name or not versions or "" in versions:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=VERSION_A:WEIGHT,VERSION_B:WEIGHT")
+    return {"name": name, "versions": versions}
+
+
+def add_parsers(subparsers) -> argparse.ArgumentParser:
+    serve = subparsers.add_parser(
+        "serve", help="serve a base model and its LoRA adapters over an OpenAI-compatible API (embedded or vLLM)",
+        description="Serve one base model and many LoRA adapters over the OpenAI API. Without BASE and --lora-modules, "
+        "serves the adapter registry's current adapters.",
+    )
+    serve.add_argument("base", nargs="?", help="base model: hub id or local directory (default: the registry's)")
+    serve.add_argument("--lora-modules", nargs="+", type=_module, metavar="NAME=PATH", help="adapters to load at start")
+    serve.add_argument("--engine", choices=("auto", "embedded", "vllm"), help="server engine (default: auto from the profile)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--api-key", help="require this bearer key on /v1 (prefer --api-key-env)")
+    serve.add_argument("--api-key-env", help="environment variable holding the API key")
+    serve.add_argument("--max-loras", type=int, help="adapters resident at once")
+    serve.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted")
+    serve.add_argument("--served-model-name", help="name the base model is served under")
+    serve.add_argument("--allowed-adapter-dir", action="append", metavar="DIR",
+                       help="directory runtime loads may come from (repeatable; the registry's is always allowed)")
+    serve.add_argument("--router", type=_router, metavar="NAME=A:W,B:W", help="A/B-split requests for NAME between adapters")
+    serve.add_argument("--router-log", metavar="PATH", help="JSONL log of routed requests (default <workdir>/logs/ab-NAME.jsonl)")
+    serve.add_argument("--vllm-python", help="interpreter of vLLM's own environment")
+    serve.add_argument("--vllm-executable", help="a `vllm` executable")
+    serve.add_argument("--vllm-image", help="container image with vLLM")
+    serve.add_argument("--registry", help="adapter registry root (default: deploy.registry, else <workdir>/registry)")
+    serve.add_argument("--alias", help=f"registry alias to serve (default: deploy.alias, else {DEFAULT_ALIAS})")
+    serve.add_argument("--config", "-c", help="pipeline YAML (default: the bundled quickstart)")
+    serve.add_argument("--env", help="environment profile, overriding the config's")
+    serve.add_argument("--workdir", help="working directory, overriding the config's")
+    serve.set_defaults(func=cmd_serve)
+    return serve
+
+
+def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    """The ServeConfig fields the command line sets."""
+    fields: dict[str, Any] = {}
+    for name in ("base", "engine", "host", "port", "api_key", "api_key_env", "max_loras", "max_lora_rank", "served_model_name"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.lora_modules:
+        fields["lora_modules"] = dict(args.lora_modules)
+    if args.allowed_adapter_dir:
+        fields["allowed_adapter_dirs"] = [str(Path(d).resolve()) for d in args.allowed_adapter_dir]
+    if args.router:
+        log = args.router_log or str(Path(workdir) / "logs" / f"ab-{args.router['name']}.jsonl")
+        fields["router"] = {**args.router, "log_path": str(Path(log).resolve())}
+    launcher = {k: v for k, v in (("python", args.vllm_python), ("executable", args.vllm_executable), ("image", args.vllm_image)) if v}
+    if launcher:
+        fields["vllm"] = launcher
+    return fields
+
+
+def serve_config_from_args(args: argparse.Namespace):
+    """(resolved ServeConfig, environment profile, workdir) from the flags, the pipeline config and the registry."""
+    from pydantic import ValidationError
+    from tunepipe.schemas.serve import ServeConfig
+    from tunepipe.tasks.core.config import load_pipeline_config
+    from tunepipe.tasks.core.environment import load_environment
+    from tunepipe.tasks.serving.settings import (
+        ServingPlan,
+        resolve_serve_config,
+        serving_plan_from_registry,
+    )
+
+    workdir = args.workdir or (None if args.config else "runs/quickstart")
+    pipeline = load_pipeline_config(args.config, workdir=workdir, environment=args.env)
+    section = getattr(pipeline, "serve", None)
+    payload = section.model_dump(exclude_unset=True) if section is not None else {}
+    for key, value in _overrides(args, pipeline.workdir).items():
+        payload[key] = {**payload.get(key, {}), **value} if key == "vllm" else value
+    try:
+        config = ServeConfig.model_validate(payload)
+    except ValidationError as exc:
+        raise ConfigError(f"serve: {exc}") from None
+    deploy = getattr(pipeline, "deploy", None)
+    root = args.registry or getattr(deploy, "registry", None) or str(Path(pipeline.workdir) / "registry")
+    alias = args.alias or getattr(deploy, "alias", None) or DEFAULT_ALIAS
+    wants_registry = config.base is None or not config.lora_modules
+    has_registry = "://" in root or (Path(root) / "index.json").is_file()
+    plan = serving_plan_from_registry(root, alias) if wants_registry and has_registry else ServingPlan(base=None)
+    env = load_environment(pipeline.environment)
+    return resolve_serve_config(config, env, plan), env, pipeline.workdir
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunepipe.tasks.serving.settings import ServePlanError
+
+    try:
+        config, env, workdir = serve_config_from_args(args)
+        if config.engine == "vllm":
+            return _serve_vllm(config, workdir)
+        return _serve_embedded(config, env)
+    except (ServePlanError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        print(f"tunepipe serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _describe(config, url: str) -> None:
+    adapters = ", ".join(f"{name}={path}" for name, path in config.lora_modules.items()) or "none yet"
+    print(f"serving {config.served_model_name or config.base} ({config.engine}) at {url}/v1", flush=True)
+    print(f"  adapters: {adapters}", flush=True)
+    if config.router:
+        split = ", ".join(f"{v} {w:g}" for v, w in config.router.versions.items())
+        print(f"  A/B router {config.router.name}: {split}; log {config.router.log_path}", flush=True)
+
+
+def _serve_embedded(config, env) -> int:
+    import uvicorn
+    from tunepipe.tasks.serving.embedded import build_app
+
+    app = build_app(config, env)
+    _describe(config, f"http://{config.host}:{config.port}")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
+def _serve_vllm(config, workdir: str) -> int:
+    import signal
+
+    from tunepipe.tasks.serving.settings import api_key
+    from tunepipe.tasks.serving.vllm import VLLMServer
+
+    if config.router is not None:
+        raise ValueError("the A/B router runs in the embedded server; with --engine vllm, route in front of vLLM "
+                         "(not built yet): drop --router or use --engine embedded")
+    log_file = config.vllm.log_file or str(Path(workdir) / "logs" / f"vllm-{config.port}.log")
+    server = VLLMServer(config, api_key=api_key(config), log_file=log_file)
+    previous = signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop ends vLLM too
+    try:
+        print(f"starting vLLM: {' '.join(server.command)} (log {log_file})", flush=True)
+        server.start()
+        _describe(config, server.url)
+        print("Ctrl-C stops vLLM.", flush=True)
+        code = server.wait()
+        print(f"tunepipe serve: vLLM exited with {code} (log {log_file})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping vLLM ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+

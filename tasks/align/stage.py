@@ -1,0 +1,246 @@
+"""The `align` stage: the SFT policy optimised on preferences (DPO, KTO, ORPO) or against
+rewards (PPO with a reward model; GRPO and RLOO with rule-based and/or reward-model rewards).
+
+Inputs: `data` (required: preferences.jsonl for the pairwise methods, the train split's prompts
+and reference answers for the online ones, the test split for the held-out checks), `sft`
+(required: the policy starts from it; per-task SFT adapters are aligned per task), `reward`
+(required by ppo, by `reward_model` rewards and scorers; optional otherwise, then it also gives
+the win rate).
+
+Artifact layout, the same as sft's so evaluate/export treat both alike:
+
+    adapter/ | adapters/<task>/   the SFT adapter trained further (loads on the SFT adapter's base)
+    outputs.json                  {"kind": adapter|adapters, "paths", "method", "base_model", "sft_method"}
+    metrics.json                  per-run training metrics, step metrics and the held-out checks
+    preferences.on_policy.jsonl   (preferences.source on_policy) the generated pairs
+    loss_curve.png, metrics.png
+
+Checkpoints live in the staging dir's `.checkpoints/<run>/`; a rerun after a crash resumes from
+the last one and does not retrain finished per-task runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.stage_base import training_env_payload
+
+ENTRYPOINT = "tunepipe.tasks.align.train:align_job"
+ON_POLICY_FILE = "preferences.on_policy.jsonl"
+# Held-out share for pairs without a `split` (the data stage gives every pair one): by prompt hash.
+HELDOUT_FRACTION = 0.1
+
+
+def plan_runs(sft_dir: Path, outputs: ModelOutputs, tasks: list[str] | None) -> dict[str, dict[str, Any]]:
+    """{run: {tasks, sft_dir, save_to}}: one run for a shared adapter or full model, one per task otherwise."""
+    if outputs.kind == "adapters":
+        chosen = [t for t in outputs.paths if tasks is None or t in tasks]
+        if not chosen:
+            raise StageFailed(f"align: align.tasks {tasks} names none of the sft adapters' tasks {sorted(outputs.paths)}")
+        return {t: {"tasks": [t], "sft_dir": str(sft_dir / outputs.paths[t]), "save_to": f"adapters/{t}"} for t in chosen}
+    (only,) = outputs.paths.values()
+    return {"all": {"tasks": tasks, "sft_dir": str(sft_dir / only), "save_to": "adapter"}}
+
+
+def heldout_prompts(data_dir: str, tasks: list[str] | None, per_task: int) -> list[dict[str, Any]]:
+    """Up to `per_task` test-split prompts (with reference answers) of each task."""
+    from tunepipe.tasks.training.pairs import prompt_records
+
+    counts: dict[str, int] = {}
+    out = []
+    for record in prompt_records(data_dir, "test", tasks):
+        if counts.get(record["task"], 0) < per_task:
+            counts[record["task"]] = counts.get(record["task"], 0) + 1
+            out.append(record)
+    return out
+
+
+class AlignStage(Stage):
+    """Preference optimisation / RL of the SFT policy; one adapter per SFT adapter."""
+
+    name = "align"
+    config_model = AlignConfig
+    resumable = True
+
+    def env_payload(self, env: EnvironmentProfile) -> dict[str, Any]:
+        return training_env_payload(env)
+
+    def run(self, config: AlignConfig, ctx: StageContext) -> StageOutput:
+        from tunepipe.tasks.core.handoff import (
+            read_handoff,
+            read_manifest_config,
+            write_handoff,
+        )
+        from tunepipe.tasks.core.jsonl import read_jsonl
+        from tunepipe.tasks.training.launcher import run_training
+        from tunepipe.tasks.training.pairs import (
+            prompt_records,
+            read_pairs,
+            split_pairs,
+        )
+        from tunepipe.tasks.training.plots import plot_loss, plot_series
+        from tunepipe.tasks.training.trainer import write_json
+
+        for needed in ("data", "sft"):
+            if needed not in ctx.inputs:
+                raise StageFailed(f"align: needs the `{needed}` stage's artifact as input `{needed}`")
+        method = config.method
+        if config.needs_reward_model() and "reward" not in ctx.inputs:
+            raise StageFailed(
+                f"align: method {method.name} (with its rewards/scorer settings) needs a reward model: add a `reward:` "
+                "section to the pipeline, or use rule-based rewards (grpo/rloo `rewards`, preferences.scorer: rule)"
+            )
+        data_dir = ctx.inputs["data"].path
+        sft_ref = ctx.inputs["sft"]
+        sft_outputs = read_handoff(sft_ref, ModelOutputs, reader="align")
+        sft_config = read_manifest_config(sft_ref)
+        reward_dir = ctx.inputs["reward"].path if "reward" in ctx.inputs else None
+        runs = plan_runs(Path(sft_ref.path), sft_outputs, config.tasks)
+        base_model = sft_outputs.base_model if sft_outputs.kind != "model" else runs["all"]["sft_dir"]
+        has_pairs = (Path(data_dir) / "preferences.jsonl").is_file()
+
+        metrics_by_run: dict[str, dict[str, Any]] = {}
+        heldout_pairs: dict[str, list[dict[str, Any]]] = {}
+        for run, spec in runs.items():
+            trains_on_pairs = method.name in PAIRWISE_METHODS and config.preferences.source == "dataset"
+            pairs: list[dict[str, Any]] = []
+            if trains_on_pairs:  # required: fail naming the file and the tasks present
+                pairs = read_pairs(data_dir, f"align ({run})", spec["tasks"])
+            elif has_pairs:  # only for the held-out preference accuracy
+                pairs = [p for p in read_jsonl(Path(data_dir) / "preferences.jsonl") if spec["tasks"] is None or p.get("task") in spec["tasks"]]
+            train_pairs, heldout_pairs[run] = split_pairs(pairs, HELDOUT_FRACTION)
+            prompts = prompt_records(data_dir, "train", spec["tasks"], config.max_prompts)
+            if (method.name in ONLINE_METHODS or config.preferences.source == "on_policy") and not prompts:
+                raise StageFailed(f"align ({run}): no train prompts of tasks {spec['tasks'] or 'all'} in {data_dir}/train.jsonl")
+            if trains_on_pairs and not train_pairs:
+                raise StageFailed(f"align ({run}): every preference pair in {data_dir} is held out: none left to train on")
+            done_file = ctx.checkpoint_dir / f"{run}.metrics.json"
+            if done_file.exists() and (ctx.staging_dir / spec["save_to"]).exists():
+                ctx.logger.info("align: %s already trained in an earlier attempt", run)
+                metrics_by_run[run] = json.loads(done_file.read_text())
+                continue
+            job = {
+                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"),
+                "sft_dir": spec["sft_dir"], "sft_kind": sft_outputs.kind, "sft_config": sft_config,
+                "base_model": base_model, "reward_dir": reward_dir, "train_pairs": train_pairs, "prompts": prompts,
+                "pairs_file": str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
+                "output_dir": str(ctx.staging_dir), "save_to": spec["save_to"], "checkpoint_dir": str(ctx.checkpoint_dir / run),
+            }
+            ctx.logger.info("align: %s on %s → %s", method.name, run, spec["save_to"])
+            metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / f"{run}.launch")
+            ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            write_json(done_file, metrics)
+            metrics_by_run[run] = metrics
+
+        outputs = ModelOutputs(
+            kind="adapters" if sft_outputs.kind == "adapters" else "adapter",
+            method=method.name,
+            base_model=base_model,
+            sft_method=sft_outputs.method,
+            paths={run: spec["save_to"] for run, spec in runs.items()},
+        )
+        write_handoff(ctx.staging_dir, outputs)
+        heldout = self._heldout(config, ctx, runs, outputs, sft_outputs, sft_config, heldout_pairs, data_dir, reward_dir)
+        write_json(ctx.staging_dir / "metrics.json", {"runs": metrics_by_run, "heldout": heldout})
+        self._plots(config, ctx, metrics_by_run, plot_loss, plot_series)
+        return self._output(config, runs, outputs, metrics_by_run, heldout)
+
+    def _heldout(self, config, ctx, runs, outputs, sft_outputs, sft_config, heldout_pairs, data_dir, reward_dir) -> dict[str, Any]:
+        """The aligned-vs-SFT checks of every run (tasks/align/evaluation.py)."""
+        from tunepipe.tasks.align.evaluation import (
+            preference_metrics,
+            task_and_reward_metrics,
+        )
+        from tunepipe.tasks.align.policy import PolicyPair
+        from tunepipe.tasks.training.modeling import load_tokenizer
+        from tunepipe.tasks.training.reward_model import load_reward_model
+
+        settings = config.heldout
+        reward = load_reward_model(reward_dir, ctx.env.dtype) if reward_dir else None
+        beta = getattr(config.method, "beta", None)
+        results: dict[str, Any] = {}
+        for run, spec in runs.items():
+            aligned_dir = str(ctx.staging_dir / spec["save_to"])
+            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_config, ctx.env)
+            tokenizer = load_tokenizer(aligned_dir)
+            pairs = heldout_pairs.get(run, [])[: settings.max_pairs] if settings.max_pairs else []
+            examples = heldout_prompts(data_dir, spec["tasks"], settings.max_examples_per_task) if settings.max_examples_per_task else []
+            results[run] = {
+                "preferences": preference_metrics(pair, tokenizer, pairs, settings.batch_size, beta),
+                "task": task_and_reward_metrics(pair, tokenizer, examples, config, reward),
+            }
+            ctx.logger.info("align: %s held-out %s", run, {k: v for k, v in results[run]["task"].items() if k != "examples"})
+        return results
+
+    def _plots(self, config, ctx, metrics_by_run, plot_loss, plot_series) -> None:
+        history = [{**p, "series": run} for run, m in metrics_by_run.items() for p in m.get("loss_history", [])]
+        plot_loss(history, ctx.staging_dir / "loss_curve.png", f"align ({config.method.name})")
+        series = {
+            f"{name} ({run})" if len(metrics_by_run) > 1 else name: points
+            for run, m in metrics_by_run.items() for name, points in m.get("step_metrics", {}).items()
+        }
+        plot_series(series, ctx.staging_dir / "metrics.png", f"align ({config.method.name}): per step")
+
+    def _output(self, config, runs, outputs, metrics_by_run, heldout) -> StageOutput:
+        from tunepipe.tasks.training.plots import summarize_series
+
+        method = config.method
+        task = {run: h["task"] for run, h in heldout.items() if h["task"]}
+        prefs = {run: h["preferences"] for run, h in heldout.items() if h["preferences"]}
+        within = [t["task_metric_within_tolerance"] for t in task.values()]
+        metrics: dict[str, Any] = {
+            "method": method.name,
+            "beta": getattr(method, "beta", None),
+            "kind": outputs.kind,
+            "runs": list(runs),
+            "global_step": {run: m["global_step"] for run, m in metrics_by_run.items()},
+            "train_loss": {run: m.get("train_loss") for run, m in metrics_by_run.items()},
+            "trainable_parameters": next(iter(metrics_by_run.values()))["trainable_parameters"],
+            "step_metrics": {run: m["step_metrics"] for run, m in metrics_by_run.items()},
+            "step_summary": {run: summarize_series(m["step_metrics"]) for run, m in metrics_by_run.items()},
+            "loss_history": {run: m["loss_history"] for run, m in metrics_by_run.items()},
+            "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics_by_run.values()),
+            "heldout": heldout,
+            "task_metric": config.task_metric,
+            "task_tolerance": config.task_tolerance,
+            "task_metric_within_tolerance": all(within) if within else None,
+            "kl_to_sft": {run: t["kl_to_sft"] for run, t in task.items()},
+            "win_rate": {run: t["win_rate"] for run, t in task.items() if "win_rate" in t} or None,
+            "preference_accuracy": {run: {"sft": p["sft_accuracy"], "aligned": p["aligned_accuracy"]} for run, p in prefs.items()} or None,
+        }
+        on_policy = {run: m["on_policy"] for run, m in metrics_by_run.items() if "on_policy" in m}
+        if on_policy:
+            metrics["on_policy"] = on_policy
+        table = []
+        for run in runs:
+            t, p = task.get(run, {}), prefs.get(run, {})
+            table.append(
+                {
+                    "run": run, "steps": metrics["global_step"][run],
+                    f"sft {config.task_metric}": t.get("sft", {}).get(config.task_metric),
+                    f"aligned {config.task_metric}": t.get("aligned", {}).get(config.task_metric),
+                    "within tolerance": t.get("task_metric_within_tolerance"),
+                    "KL to sft": t.get("kl_to_sft"), "win rate": t.get("win_rate"),
+                    "reward sft": t.get("sft_reward_mean"), "reward aligned": t.get("aligned_reward_mean"),
+                    "pref acc sft": p.get("sft_accuracy"), "pref acc aligned": p.get("aligned_accuracy"),
+                }
+            )
+        lines = [
+            f"Alignment with **{method.name}**" + (f" (beta {metrics['beta']})" if metrics["beta"] is not None else "")
+            + f" of the SFT policy ({outputs.kind}: {', '.join(runs)}).",
+            "",
+            "| run | sft " + config.task_metric + " | aligned | within tolerance | KL to sft | win rate | pref. acc. sft → aligned |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in table:
+            lines.append(
+                f"| {row['run']} | {row[f'sft {config.task_metric}']} | {row[f'aligned {config.task_metric}']} | "
+                f"{row['within tolerance']} | {row['KL to sft']} | {row['win rate']} | {row['pref acc sft']} → {row['pref acc aligned']} |"
+            )
+        return StageOutput(metrics=metrics, summary="\n".join(lines), table=table)

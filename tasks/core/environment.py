@@ -1,0 +1,42 @@
+"""Loading hardware/runtime profiles by bundled name or by path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from tunepipe.environments import PROFILES_DIR
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.core.loading import ConfigError, validate_yaml_mapping
+
+
+def bundled_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def profile_path(name_or_path: str, base_dir: Path | None = None) -> Path:
+    """A bundled profile's YAML, or a profile file given by path (relative to base_dir)."""
+    if (PROFILES_DIR / f"{name_or_path}.yaml").is_file():
+        return PROFILES_DIR / f"{name_or_path}.yaml"
+    candidate = Path(name_or_path)
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.is_file():
+        return candidate.resolve()
+    raise ConfigError(
+        f"environment {name_or_path!r}: neither a bundled profile ({', '.join(bundled_profiles())}) nor a profile file"
+    )
+
+
+def load_environment(name_or_path: str, base_dir: Path | None = None) -> EnvironmentProfile:
+    path = profile_path(name_or_path, base_dir)
+    text = path.read_text()
+    return validate_yaml_mapping(EnvironmentProfile, yaml.safe_load(text) or {}, text=text, source=str(path))
+
+
+def deepspeed_config_path(env: EnvironmentProfile) -> Path | None:
+    """The profile's DeepSpeed JSON, resolved against environments/ when relative."""
+    if env.deepspeed_config is None:
+        return None
+    path = Path(env.deepspeed_config)
+    return path if path.is_absolute() else PROFILES_DIR / path

@@ -1,0 +1,187 @@
+"""Webhook notifications from the pipeline flow's state hooks (`on_failure`, `on_completion`).
+
+The hook reads the `notifications:` section from the run's own `config` parameter, so the
+same flow notifies wherever it runs (CLI, deployment, worker) without a server-side setup.
+A failed POST is logged and never changes the run's state.
+
+The JSON body:
+
+    {"event": "failure" | "completion" | "gate", "pipeline", "flow_run_id", "flow_run_name",
+     "state", "message", "url",
+     "failure": {"stage", "reason", "fix"},                       # failures
+     "stages": {NAME: {"key", "cached", "path"}},                  # finished runs
+     "gates": [{"stage", "passed", "details"}]}                   # gate verdicts
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tunepipe.schemas.operations import NotificationsConfig
+
+log = logging.getLogger("tunepipe.notify")
+
+MAX_RESPONSE_BYTES = 64 * 1024  # the receiver's answer is read but never trusted or kept
+_EXC_PREFIX = re.compile(r"^(Flow|Task) run encountered an exception[.:]?\s*")
+
+# What to do about a failed stage, beyond what its own message says.
+FIXES = {
+    "data": "Fix or remove the rejected source records (rejected.jsonl lists each with its reason and file:line), "
+    "or relax data.validation / data.max_rejected_fraction; then rerun: every cached stage is reused.",
+}
+GENERIC_FIX = "Fix the cause named in the reason and rerun (tunepipe run, or the deployment): stages before it come from the cache."
+
+
+def post_json(url: str, payload: dict[str, Any], *, timeout: float, headers: dict[str, str] | None = None) -> int:
+    """POST one JSON body; returns the HTTP status. Bounded: one timeout, a capped response read."""
+    body = json.dumps(payload, default=str).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", "User-Agent": "tunepipe", **(headers or {})}
+    )
+    # No proxies: a webhook goes straight to its host (and a loopback receiver stays on loopback).
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=timeout) as response:
+        response.read(MAX_RESPONSE_BYTES)
+        return response.status
+
+
+def send(settings: NotificationsConfig, payload: dict[str, Any]) -> bool:
+    """Post, log the outcome, never raise."""
+    try:
+        status = post_json(settings.webhook_url, payload, timeout=settings.timeout_s, headers=settings.headers)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("notification to %s failed: %s", settings.webhook_url, exc)
+        return False
+    log.info("notification %s sent to %s (HTTP %s)", payload.get("event"), settings.webhook_url, status)
+    return True
+
+
+# -- building the payload ---------------------------------------------------------------------
+
+
+def settings_from_parameters(parameters: dict[str, Any] | None) -> tuple[str | None, NotificationsConfig | None]:
+    """(pipeline name, notifications) from a pipeline flow run's parameters (JSON or models)."""
+    config = (parameters or {}).get("config")
+    if config is None:
+        return None, None
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    section = config.get("notifications")
+    return config.get("name"), (NotificationsConfig.model_validate(section) if section else None)
+
+
+def failure_details(message: str | None, failed_stage: str | None = None) -> dict[str, str]:
+    """Stage, reason and fix from a failed state's message (and the failed task's stage, if known)."""
+    reason = _EXC_PREFIX.sub("", (message or "").strip())
+    for prefix in ("StageFailed: ", "tasks.stage.StageFailed: "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix) :]
+    stage = failed_stage
+    if stage is None:
+        match = re.match(r"^([a-z_]+): ", reason)
+        stage = match.group(1) if match else "unknown"
+    return {"stage": stage, "reason": reason, "fix": FIXES.get(stage, GENERIC_FIX)}
+
+
+def gate_verdicts(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Verdicts the run's stages reported: the data stage's validation, and any `gate_passed` metric."""
+    verdicts = []
+    for name, stage in ((summary or {}).get("stages") or {}).items():
+        metrics = stage.get("metrics") or {}
+        if "gate_passed" in metrics:
+            details = {k: v for k, v in metrics.items() if k.startswith("gate")}
+            verdicts.append({"stage": name, "passed": bool(metrics["gate_passed"]), "details": details})
+        elif name == "data":
+            report_path = Path(stage.get("path", "")) / "report.json"
+            details: dict[str, Any] = {"read": metrics.get("read"), "kept": metrics.get("kept"), "rejected": metrics.get("rejected")}
+            try:
+                report = json.loads(report_path.read_text())
+                details["nonblocking_failures"] = [
+                    {"expectation": f["name"], "rows": f["count"]} for f in report["validation"]["failures"] if not f["blocking"]
+                ]
+                details["rejected_rows"] = str(report_path.parent / "rejected.jsonl")
+            except (OSError, KeyError, ValueError):
+                pass
+            verdicts.append({"stage": name, "passed": True, "details": details})
+    return verdicts
+
+
+def _base_payload(event: str, pipeline: str | None, flow_run: Any, state: Any) -> dict[str, Any]:
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return {
+        "event": event,
+        "pipeline": pipeline,
+        "flow_run_id": str(flow_run.id),
+        "flow_run_name": flow_run.name,
+        "state": state.name,
+        "message": state.message,
+        "url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui else None,
+    }
+
+
+def _failed_stage(flow_run_id: Any) -> str | None:
+    """The stage whose task run failed in this flow run, asked of the Prefect API."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            TaskRunFilter,
+            TaskRunFilterState,
+            TaskRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED]))),
+            )
+    except Exception as exc:  # noqa: BLE001 - the message is enough without it
+        log.debug("could not read failed task runs: %s", exc)
+        return None
+    for run in runs:
+        if run.name != "run-summary":
+            return run.name.rsplit("-", 1)[0]
+    return None
+
+
+def on_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect `on_failure` hook of the pipeline flow."""
+    pipeline, settings = settings_from_parameters(flow_run.parameters)
+    if settings is None or "failure" not in settings.on:
+        return
+    payload = _base_payload("failure", pipeline, flow_run, state)
+    payload["failure"] = failure_details(state.message, _failed_stage(flow_run.id))
+    send(settings, payload)
+
+
+def on_completion(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect `on_completion` hook of the pipeline flow: the summary, and gate verdicts."""
+    pipeline, settings = settings_from_parameters(flow_run.parameters)
+    if settings is None or not ({"completion", "gate"} & set(settings.on)):
+        return
+    try:
+        summary = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a notification without the summary beats none
+        summary = None
+    summary = summary if isinstance(summary, dict) else None
+    stages = {
+        name: {"key": s.get("key"), "cached": s.get("cached"), "path": s.get("path")}
+        for name, s in ((summary or {}).get("stages") or {}).items()
+    }
+    gates = gate_verdicts(summary)
+    if "completion" in settings.on:
+        payload = _base_payload("completion", pipeline, flow_run, state)
+        send(settings, {**payload, "stages": stages, "gates": gates})
+    if "gate" in settings.on and gates:
+        payload = _base_payload("gate", pipeline, flow_run, state)
+        send(settings, {**payload, "stages": stages, "gates": gates, "passed": all(g["passed"] for g in gates)})

@@ -1,0 +1,55 @@
+"""The retraining run's plain logic: which data it trains on and where its stages run.
+
+`flows/retrain.py` wires these into the deployed flow; kept here so the flow holds no logic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunepipe.schemas.graph import STAGE_ORDER
+from tunepipe.schemas.pipeline import PipelineConfig
+from tunepipe.tasks.ops.watch import DataVersion
+
+
+def with_data_versions(config: PipelineConfig, versions: list[DataVersion]) -> PipelineConfig:
+    """The config with one data source per data version, read as `watch.source` says."""
+    if not versions:
+        return config
+    template = config.watch.source.model_dump() if config.watch else {}
+    dumped = config.model_dump(mode="json")
+    dumped["data"]["sources"] += [{**template, "path": v.path} for v in versions]
+    return PipelineConfig.model_validate(dumped)
+
+
+def segments(stages: list[str], default_env: str, routed: dict[str, str]) -> list[tuple[str, str]]:
+    """(environment, last stage) per run of consecutive stages on one profile, in order.
+
+    A routed stage starts a segment on its profile; the stages after it stay there until the
+    next routed stage (training, reward and alignment usually share the GPU pool).
+    """
+    out: list[tuple[str, str]] = []
+    env = default_env
+    for stage in sorted(stages, key=STAGE_ORDER.index):
+        env = routed.get(stage, env)
+        if out and out[-1][0] == env:
+            out[-1] = (env, stage)
+        else:
+            out.append((env, stage))
+    return out
+
+
+def deployment_name(pipeline: str, environment: str | None = None) -> str:
+    """`<pipeline>`, or `<pipeline>--<profile>` for a routed segment's deployment."""
+    if environment is None:
+        return pipeline
+    return f"{pipeline}--{Path(environment).stem}"
+
+
+def versions_markdown(requested: str | None, versions: list[DataVersion]) -> str:
+    lines = [f"# Data versions (run for `{requested or 'all'}`)", "", "| seq | version | files |", "|---|---|---|"]
+    for v in versions:
+        lines.append(f"| {v.seq} | `{v.version}` | {', '.join(f['name'] for f in v.files)} |")
+    if not versions:
+        lines.append("| - | (none: configured sources only) | |")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""The continued-pretraining job: packed corpus blocks through TRL's SFTTrainer as a language-
+modelling dataset, in the stage's process or in every worker of a launch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.pretrain import PretrainConfig
+from tunepipe.tasks.core.jsonl import read_jsonl
+from tunepipe.tasks.core.stage import StageFailed
+
+
+def read_corpus(data_dir: str | Path) -> list[dict[str, Any]]:
+    """`corpus.jsonl` records with a non-empty `text`."""
+    path = Path(data_dir) / "corpus.jsonl"
+    if not path.exists():
+        raise StageFailed(f"pretrain: {path} does not exist: the data stage wrote no corpus (add text sources to data:)")
+    return [r for r in read_jsonl(path) if isinstance(r.get("text"), str) and r["text"].strip()]
+
+
+def split_corpus(records: list[dict[str, Any]], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, validation) texts; a document's side is fixed by a hash of its id (stable as the corpus grows)."""
+    train, validation = [], []
+    for i, record in enumerate(records):
+        ident = str(record.get("id", i))
+        bucket = int(hashlib.sha256(ident.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (validation if bucket < fraction else train).append(record["text"])
+    if not train and validation:
+        train, validation = validation, []
+    return train, validation
+
+
+def train_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one continued-pretraining job; rank 0 saves the (merged) model into `output_dir`."""
+    import math
+
+    from tunepipe.tasks.training import peft_methods
+    from tunepipe.tasks.training.encoding import encode_texts
+    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.training.trainer import (
+        build_trainer,
+        evaluate,
+        fit,
+        is_main_process,
+        load_base,
+        loss_history,
+        peak_memory,
+        seed_everything,
+    )
+
+    config = PretrainConfig.model_validate(job["config"])
+    env = EnvironmentProfile.model_validate(job["env"])
+    tokenizer = load_tokenizer(job["model_path"], revision=config.revision)
+    train_texts, val_texts = split_corpus(read_corpus(job["data_dir"]), config.validation_fraction)
+    if not train_texts:
+        raise StageFailed(f"pretrain: no documents with text in {job['data_dir']}/corpus.jsonl")
+    # Only `bfd` cuts documents; `bfd_split` and `wrapped` carry the overflow into further blocks.
+    cut = config.max_length if config.packing == "bfd" else None
+    train_rows, truncated = encode_texts(train_texts, tokenizer, max_length=cut)
+    val_rows, _ = encode_texts(val_texts, tokenizer, max_length=cut)
+    seed_everything(config.training.seed)  # before the adapter's initialisation draws
+    model = load_base(job["model_path"], config.method, env, config.revision)
+    model = peft_methods.apply_method(model, config.method, gradient_checkpointing=env.gradient_checkpointing)
+    trainer = build_trainer(
+        model=model, tokenizer=tokenizer, method=config.method, env=env, training=config.training,
+        train_rows=train_rows, eval_rows={"validation": val_rows} if val_rows else {},
+        checkpoint_dir=job["checkpoint_dir"], max_length=config.max_length, packing=config.packing,
+    )
+    trainable, total = peft_methods.count_parameters(trainer.model)
+    metrics = fit(trainer, job["checkpoint_dir"])
+    metrics.update(evaluate(trainer))
+    if "eval_loss" in metrics:
+        metrics["eval_perplexity"] = round(math.exp(min(metrics["eval_loss"], 50)), 4)
+    if is_main_process():
+        final = trainer.model
+        if config.method.is_peft:
+            final = final.merge_and_unload()
+        final.config.use_cache = True
+        final.save_pretrained(job["output_dir"])
+        tokenizer.save_pretrained(job["output_dir"])
+    metrics.update(
+        {
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "trainable_percent": round(100 * trainable / total, 4) if total else 0.0,
+            "documents": len(train_texts),
+            "validation_documents": len(val_texts),
+            "blocks": len(trainer.train_dataset),
+            "corpus_tokens": sum(len(r["input_ids"]) for r in train_rows),
+            "truncated": truncated,
+            "loss_history": loss_history(trainer),
+            **peak_memory(),
+        }
+    )
+    return metrics

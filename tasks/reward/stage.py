@@ -1,0 +1,153 @@
+"""The `reward` stage: a reward model trained on preference pairs with TRL's `RewardTrainer`.
+
+Inputs: `data` (required: its `preferences.jsonl`); the starting model is `reward.model` if set,
+else (with `start_from: sft` and an `sft` input) the SFT result, else `pretrain` / `base_model`
+(or the SFT artifact's base). Held-out pairs are the data stage's validation and test pairs
+(pairs without a split: a hash of the prompt, `reward.heldout_fraction`).
+
+Artifact layout:
+
+    adapter/          PEFT adapter on the backbone + the score head (modules_to_save), tokenizer
+    model/            a full sequence-classification model + tokenizer (method full, or an SFT
+                      adapter merged into its base as the start: then nothing else holds the base)
+    outputs.json      {"kind": adapter|model, "paths": {"all": ...}, "method", "base_model"}
+    metrics.json      pairwise accuracy before/after, loss and accuracy per step
+    loss_curve.png, metrics.png
+
+Checkpoints go to the staging dir's `.checkpoints/`; a rerun after a crash resumes from the last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.schemas.reward import RewardConfig
+from tunepipe.schemas.sft import QLoraMethod
+from tunepipe.tasks.core.handoff import write_handoff
+from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.stage_base import TrainingStage
+
+ENTRYPOINT = "tunepipe.tasks.reward.train:train_reward_job"
+
+
+def merge_adapter(base: str, adapter_dir: str | Path, dest: Path) -> str:
+    """The base with an SFT adapter merged in, saved (with the adapter's tokenizer) to `dest`."""
+    from peft import PeftModel
+    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+
+    if (dest / "config.json").exists():
+        return str(dest)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = PeftModel.from_pretrained(load_model(base), str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(tmp)
+    load_tokenizer(str(adapter_dir)).save_pretrained(tmp)
+    tmp.rename(dest)
+    return str(dest)
+
+
+def resolve_start(config: RewardConfig, ctx: StageContext) -> tuple[str, str, bool]:
+    """(model path, tokenizer path, merged): where the reward model starts.
+
+    `merged` is True when an SFT adapter was merged into a temporary copy of its base; the result
+    is then saved as a full model, since nothing else keeps that merged base.
+    """
+    from tunepipe.tasks.core.handoff import read_handoff
+
+    if config.model:
+        return config.model, config.model, False
+    sft = ctx.inputs.get("sft")
+    if config.start_from == "sft" and sft is not None:
+        outputs = read_handoff(sft, ModelOutputs, reader="reward")
+        first = str(Path(sft.path) / next(iter(outputs.paths.values())))
+        if outputs.kind == "model":
+            return first, first, False
+        if outputs.kind == "adapter":
+            if isinstance(config.method, QLoraMethod):
+                raise StageFailed(
+                    "reward: start_from sft merges the SFT adapter into its base, and a 4-bit (qlora) reward model on "
+                    "that merge cannot be saved: use reward.method lora or full, or reward.start_from base"
+                )
+            merged = merge_adapter(outputs.base_model, first, ctx.checkpoint_dir / "sft-merged")
+            return merged, merged, True
+        return outputs.base_model, first, False  # per-task adapters: no single SFT policy to start from
+    for name in ("pretrain", "base_model"):
+        if name in ctx.inputs:
+            return ctx.inputs[name].path, ctx.inputs[name].path, False
+    if sft is not None:
+        base = read_handoff(sft, ModelOutputs, reader="reward").base_model
+        return base, base, False
+    raise StageFailed("reward: no model to start from: set reward.model, or give the stage an sft, pretrain or base_model input")
+
+
+class RewardStage(TrainingStage):
+    """Reward model on preference pairs (LoRA/QLoRA adapter with a score head, or full)."""
+
+    name = "reward"
+    config_model = RewardConfig
+    resumable = True
+
+    def run(self, config: RewardConfig, ctx: StageContext) -> StageOutput:
+        from tunepipe.tasks.training.launcher import run_training
+        from tunepipe.tasks.training.pairs import read_pairs, split_pairs
+        from tunepipe.tasks.training.plots import plot_loss, plot_series
+        from tunepipe.tasks.training.trainer import write_json
+
+        if "data" not in ctx.inputs:
+            raise StageFailed("reward: needs the `data` stage's artifact as input `data`")
+        data_dir = ctx.inputs["data"].path
+        train, heldout = split_pairs(read_pairs(data_dir, "reward", config.tasks), config.heldout_fraction)
+        if not train:
+            raise StageFailed(f"reward: all {len(heldout)} preference pairs in {data_dir} are held out: none left to train on")
+        model_path, tokenizer_path, merged = resolve_start(config, ctx)
+        save_to = "model" if merged or not config.method.is_peft else "adapter"
+        ctx.logger.info("reward: %s from %s on %d pairs (%d held out)", config.method.name, model_path, len(train), len(heldout))
+
+        done_file = ctx.checkpoint_dir / "reward.metrics.json"
+        if done_file.exists() and (ctx.staging_dir / save_to).exists():
+            metrics = json.loads(done_file.read_text())
+        else:
+            job = {
+                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"),
+                "model_path": model_path, "tokenizer_path": tokenizer_path, "train": train, "heldout": heldout,
+                "output_dir": str(ctx.staging_dir), "save_to": save_to, "merge": merged,
+                "checkpoint_dir": str(ctx.checkpoint_dir / "trainer"),
+            }
+            metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / "launch")
+            ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            write_json(done_file, metrics)
+
+        outputs = ModelOutputs(
+            kind="adapter" if save_to == "adapter" else "model",
+            method=config.method.name,
+            # An adapter loads onto this base; a full model (incl. a merged SFT start) needs none.
+            base_model=None if merged else model_path,
+            paths={"all": save_to},
+        )
+        write_handoff(ctx.staging_dir, outputs)
+        write_json(ctx.staging_dir / "metrics.json", metrics)
+        plot_loss(metrics["loss_history"], ctx.staging_dir / "loss_curve.png", f"reward ({config.method.name})")
+        plot_series(metrics["step_metrics"], ctx.staging_dir / "metrics.png", "reward model: per step")
+        before, after = metrics["heldout_before"], metrics["heldout_after"]
+        ctx.logger.info("reward: held-out pairwise accuracy %s → %s (n=%d)", before["accuracy"], after["accuracy"], after["n"])
+        summary = (
+            f"Reward model (**{config.method.name}**) on {len(train)} preference pairs: held-out pairwise accuracy "
+            f"**{after['accuracy']}** (untrained head: {before['accuracy']}; n={after['n']}, chance 0.5), "
+            f"mean margin {after['margin']}."
+        )
+        table = [
+            {"when": "before", **before},
+            {"when": "after", **after, "steps": metrics["global_step"], "train_loss": metrics["train_loss"]},
+        ]
+        stage_metrics = {
+            "method": config.method.name, "kind": outputs.kind, "train_pairs": len(train), "heldout_pairs": len(heldout),
+            "heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
+            "heldout_margin": after["margin"], "global_step": metrics["global_step"], "train_loss": metrics["train_loss"],
+            "trainable_parameters": metrics["trainable_parameters"], "total_parameters": metrics["total_parameters"],
+            "loss_history": metrics["loss_history"], "step_metrics": metrics["step_metrics"],
+            "peak_memory_gb": metrics["peak_memory_gb"],
+        }
+        return StageOutput(metrics=stage_metrics, summary=summary, table=table)

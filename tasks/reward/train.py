@@ -1,0 +1,109 @@
+"""The reward training job: a sequence-classification model with TRL's `RewardTrainer`, in the
+stage's process or in every worker of a launch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.reward import RewardConfig
+from tunepipe.schemas.sft import QLoraMethod
+
+STEP_METRICS = {"loss": "loss", "accuracy": "train_accuracy", "margin": "train_margin", "mean_reward": "mean_reward"}
+
+
+def reward_model_for_training(model_path: str, config: RewardConfig, env: EnvironmentProfile, pad_token_id: int) -> Any:
+    """A one-output sequence-classification model, wrapped in a LoRA adapter for lora/qlora."""
+    from transformers import AutoModelForSequenceClassification
+    from tunepipe.tasks.training import peft_methods
+    from tunepipe.tasks.training.modeling import torch_dtype
+
+    method = config.method
+    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": torch_dtype(env.dtype), "revision": config.revision}
+    if isinstance(method, QLoraMethod):
+        kwargs["quantization_config"] = peft_methods.bnb_config(method, env)
+    if env.attn_implementation:
+        kwargs["attn_implementation"] = env.attn_implementation
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+    model.config.pad_token_id = pad_token_id  # the score is read at the last non-pad token
+    model.config.use_cache = False
+    if not method.is_peft:
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(method, QLoraMethod):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=env.gradient_checkpointing)
+    lora = peft_methods.lora_config(method)
+    lora.task_type = "SEQ_CLS"  # PEFT then trains and saves the score head in full (modules_to_save)
+    return get_peft_model(model, lora)
+
+
+def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train the reward model of a job; returns its metrics (rank 0 also saves it)."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+    from tunepipe.tasks.training import peft_methods
+    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.training.pairs import conversational_pair
+    from tunepipe.tasks.training.plots import step_history
+    from tunepipe.tasks.training.reward_model import pairwise_accuracy
+    from tunepipe.tasks.training.trainer import (
+        fit,
+        is_main_process,
+        loss_history,
+        make_callbacks,
+        peak_memory,
+        seed_everything,
+        training_kwargs,
+    )
+
+    disable_progress_bar()
+    config = RewardConfig.model_validate(job["config"])
+    env = EnvironmentProfile.model_validate(job["env"])
+    tokenizer = load_tokenizer(job["tokenizer_path"])
+    seed_everything(config.training.seed)  # the score head is initialised at random
+    model = reward_model_for_training(job["model_path"], config, env, tokenizer.pad_token_id)
+    before = pairwise_accuracy(model.eval(), tokenizer, job["heldout"])
+    args = TrlRewardConfig(
+        **training_kwargs(config.training, env, job["checkpoint_dir"]),
+        max_length=config.max_length,
+        center_rewards_coefficient=config.center_rewards_coefficient,
+        disable_dropout=True,
+    )
+    trainer = RewardTrainer(
+        model=model.train(),
+        args=args,
+        train_dataset=Dataset.from_list([conversational_pair(p) for p in job["train"]]),
+        processing_class=tokenizer,
+        callbacks=make_callbacks(model, config.method, "reward"),
+    )
+    trainable, total = peft_methods.count_parameters(trainer.model)
+    metrics = fit(trainer, job["checkpoint_dir"])
+    after = pairwise_accuracy(trainer.model.eval(), tokenizer, job["heldout"])
+    if is_main_process():
+        save_reward_model(trainer.model, tokenizer, Path(job["output_dir"]) / job["save_to"], merge=job["merge"])
+    metrics.update(
+        {
+            "heldout_before": before, "heldout_after": after, "train_pairs": len(job["train"]),
+            "trainable_parameters": trainable, "total_parameters": total,
+            "loss_history": loss_history(trainer), "step_metrics": step_history(trainer.state.log_history, STEP_METRICS),
+            **peak_memory(),
+        }
+    )
+    return metrics
+
+
+def save_reward_model(model: Any, tokenizer: Any, dest: Path, *, merge: bool) -> None:
+    """The adapter (or, merged / full, the whole model) with its tokenizer, written atomically."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)

@@ -1,0 +1,389 @@
+"""The embedded engine's HTTP server: the OpenAI-compatible endpoints vLLM serves, as far as we use them.
+
+    GET  /health                    200 once the model is loaded
+    GET  /v1/models                 the base, each adapter (`parent` = the base), the A/B router's name
+    POST /v1/completions            text completion, optionally streamed (SSE, ending `data: [DONE]`)
+    POST /v1/chat/completions       chat through the tokenizer's chat template, optionally streamed
+    POST /v1/load_lora_adapter      {"lora_name", "lora_path"}: only from `allowed_adapter_dirs`
+    POST /v1/unload_lora_adapter    {"lora_name"}
+
+A request picks an adapter by its `model` field, as in vLLM. Errors are OpenAI's JSON shape:
+400 bad request, 401 bad key, 403 load from outside the allowed directories, 404 unknown model,
+413 body too large, 429 too many requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.batcher import Batcher
+from tunepipe.tasks.serving.engine import AdapterError, MultiLoraEngine, Row, Sampling
+from tunepipe.tasks.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
+from tunepipe.tasks.serving.router import Assignment, WeightedRouter
+
+
+@dataclass
+class Limits:
+    """The resolved bounds (config fields the profile may have filled)."""
+
+    max_loras: int
+    max_tokens: int
+    max_request_bytes: int
+    max_concurrency: int
+    allowed_dirs: tuple[Path, ...]
+    api_key: str | None
+
+
+def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
+    """Load the base (on the profile's device, at its dtype and attention kernel) and the start-up adapters, and
+    return the app. `config` must be resolved (plan.resolve_serve_config)."""
+    from tunepipe.tasks.serving.settings import api_key
+
+    engine = MultiLoraEngine(config.base, dtype=profile.dtype, attn_implementation=profile.attn_implementation,
+                             max_rank=config.max_lora_rank or 64, device=profile.device)
+    if len(config.lora_modules) > (config.max_loras or 1):
+        raise AdapterError(f"{len(config.lora_modules)} adapters to load but max_loras is {config.max_loras}: raise --max-loras")
+    for name, path in config.lora_modules.items():
+        engine.load_adapter(name, path)
+    return create_app(engine, config, api_key=api_key(config))
+
+
+def create_app(engine: MultiLoraEngine, config: ServeConfig, *, api_key: str | None = None) -> FastAPI:
+    """The app for an engine with its start-up adapters already loaded. `config` must be resolved
+    (see plan.resolve_serve_config): max_loras set."""
+    limits = Limits(
+        max_loras=config.max_loras or 1, max_tokens=config.max_tokens_limit, max_request_bytes=config.max_request_bytes,
+        max_concurrency=config.max_concurrency,
+        allowed_dirs=tuple(Path(d).resolve() for d in config.allowed_adapter_dirs), api_key=api_key,
+    )
+    base_name = config.served_model_name or config.base or engine.base
+    router = WeightedRouter(config.router) if config.router else None
+    state = _State(engine, limits, base_name, router, Batcher(engine, max_batch_size=config.max_batch_size,
+                                                              window_s=config.batch_window_ms / 1000))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher.start()
+        yield
+        await state.batcher.stop()
+
+    app = FastAPI(title="tunepipe embedded server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        state.authorize(request)
+        return {"object": "list", "data": state.model_cards()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state.authorize(request)
+        return await state.respond(body, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        state.authorize(request)
+        return await state.respond(body, request, chat=True)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
+        state.authorize(request)
+        await state.load_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+        state.authorize(request)
+        await state.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return app
+
+
+class _State:
+    def __init__(self, engine: MultiLoraEngine, limits: Limits, base_name: str, router: WeightedRouter | None,
+                 batcher: Batcher):
+        self.engine = engine
+        self.limits = limits
+        self.base_name = base_name
+        self.router = router
+        self.batcher = batcher
+        self.in_flight = 0
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------ access
+
+    def authorize(self, request: Request) -> None:
+        if self.limits.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.limits.api_key):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)")
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        card = {"object": "model", "created": self.created, "owned_by": "tunepipe", "max_model_len": self.engine.context_length or None}
+        cards = [{**card, "id": self.base_name, "root": self.engine.base, "parent": None}]
+        cards += [{**card, "id": name, "root": path, "parent": self.base_name} for name, path in self.engine.adapters.items()]
+        if self.router is not None:
+            cards.append({**card, "id": self.router.name, "root": "router:" + ",".join(self.router.versions), "parent": self.base_name})
+        return cards
+
+    def adapter_for(self, model: str) -> str | None:
+        """None for the base model; the adapter's name otherwise; 404 for anything else."""
+        if model in (self.base_name, self.engine.base):
+            return None
+        if model in self.engine.adapters:
+            return model
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    # ------------------------------------------------------------ adapters
+
+    def _allowed(self, path: str) -> Path:
+        resolved = Path(path).resolve()  # follows symlinks: a link inside an allowed dir pointing out is refused
+        if not any(resolved.is_relative_to(root) for root in self.limits.allowed_dirs):
+            where = ", ".join(map(str, self.limits.allowed_dirs)) or "none configured (runtime loading is off)"
+            raise APIError(403, f"{path}: adapters may only be loaded from the allowed directories: {where}", param="lora_path")
+        if not resolved.is_dir():
+            raise APIError(404, f"{path}: no such adapter directory", param="lora_path")
+        return resolved
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if name in (self.base_name, self.engine.base) or (self.router and name == self.router.name):
+            raise APIError(400, f"{name!r} is the name of the base model or the A/B router", param="lora_name")
+        if name in self.engine.adapters:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        if len(self.engine.adapters) >= self.limits.max_loras:
+            raise APIError(400, f"{len(self.engine.adapters)} adapters are loaded, the server's max_loras: unload one first")
+        resolved = self._allowed(path)
+        try:
+            await self.batcher.call(self.engine.load_adapter, name, resolved)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="lora_path") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        try:
+            await self.batcher.call(self.engine.unload_adapter, name)
+        except KeyError:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name") from None
+
+    # ------------------------------------------------------------ generation
+
+    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> list[int]:
+        try:
+            if chat:
+                return self.engine.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+            return self.engine.completion_ids(body.prompt_text())
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
+
+    def _max_tokens(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
+        wanted = body.max_tokens or self.limits.max_tokens
+        if wanted > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens {wanted} exceeds this server's limit {self.limits.max_tokens}", param="max_tokens")
+        context = self.engine.context_length
+        if context and prompt_len + wanted > context:
+            raise APIError(
+                400, f"This model's maximum context length is {context} tokens; the prompt has {prompt_len} and "
+                f"max_tokens asks {wanted}: shorten the prompt or lower max_tokens", param="max_tokens",
+            )
+        return wanted
+
+    async def respond(self, body: CompletionRequest | ChatCompletionRequest, request: Request, *, chat: bool):
+        assignment = None
+        if self.router is not None and body.model == self.router.name:
+            assignment = self.router.choose(body.user)
+        served = assignment.version if assignment else body.model
+        try:
+            adapter = self.adapter_for(served)
+            prompt_ids = self._prompt_ids(body, chat)
+            max_tokens = self._max_tokens(body, len(prompt_ids))
+            if self.in_flight >= self.limits.max_concurrency:
+                raise APIError(429, f"{self.in_flight} requests in flight (max_concurrency): retry later")
+        except APIError as exc:
+            if assignment:
+                self.router.record(assignment, endpoint=request.url.path, status=f"error {exc.status}")
+            raise
+        job = _Job(self, body, request, chat, served, assignment, prompt_ids)
+        row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens, emit=job.emit, stop=body.stop_strings(),
+                  sampling=Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed))
+        job.row = row
+        self.in_flight += 1
+        self.batcher.submit(row)
+        if body.stream:
+            return StreamingResponse(job.sse(), media_type="text/event-stream", headers=job.headers())
+        return JSONResponse(await job.result(), headers=job.headers())
+
+
+class _Job:
+    """One request's events (from the engine thread) turned into an OpenAI response or SSE stream."""
+
+    def __init__(self, state: _State, body, request: Request, chat: bool, served: str, assignment: Assignment | None,
+                 prompt_ids: list[int]):
+        self.state = state
+        self.body = body
+        self.request = request
+        self.chat = chat
+        self.served = served
+        self.assignment = assignment
+        self.prompt_tokens = len(prompt_ids)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple] = asyncio.Queue()
+        self.row: Row | None = None
+        self.released = False
+
+    def emit(self, event: tuple) -> None:  # called on the engine thread
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def headers(self) -> dict[str, str]:
+        return {"x-tunepipe-model": self.served, **({"x-tunepipe-ab-request": self.assignment.request_id} if self.assignment else {})}
+
+    def _release(self, status: str, completion_tokens: int = 0) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.state.in_flight -= 1
+        if self.assignment is not None:
+            self.state.router.record(self.assignment, endpoint=self.request.url.path, status=status,
+                                     prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens)
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    async def result(self) -> dict[str, Any]:
+        text = []
+        try:
+            while True:
+                event = await self.events.get()
+                if event[0] == "delta":
+                    text.append(event[1])
+                elif event[0] == "error":
+                    self._release("error 500")
+                    raise APIError(500, event[1])
+                else:
+                    _, finish_reason, n = event
+                    self._release("ok", n)
+                    break
+        finally:
+            if not self.released and self.row is not None:  # the client went away mid-generation
+                self.row.cancelled = True
+                self._release("cancelled")
+        content = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": finish_reason}
+                  if self.chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.served, "choices": [choice], "usage": self._usage(n)}
+
+    def _chunk(self, delta: str | None, finish_reason: str | None, *, first: bool = False) -> str:
+        if self.chat:
+            content = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.served, "choices": [choice]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def sse(self) -> AsyncIterator[str]:
+        try:
+            if self.chat:
+                yield self._chunk(None, None, first=True)
+            while True:
+                event = await self.events.get()
+                if event[0] == "delta":
+                    yield self._chunk(event[1], None)
+                elif event[0] == "error":
+                    self._release("error 500")
+                    yield f"data: {json.dumps(APIError(500, event[1]).body())}\n\n"
+                    break
+                else:
+                    _, finish_reason, n = event
+                    self._release("ok", n)
+                    yield self._chunk(None, finish_reason)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not self.released and self.row is not None:  # the client disconnected: stop generating its row
+                self.row.cancelled = True
+                self._release("cancelled")
+
+
+# ---------------------------------------------------------------------------- errors and limits
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error_response(APIError(400, f"{param or 'body'}: {first.get('msg')}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+
+class BodyLimit:
+    """Refuse request bodies above `limit` bytes (413), whether or not Content-Length is sent."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _message(self) -> str:
+        return f"request body exceeds this server's limit of {self.limit} bytes"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _error_response(APIError(413, self._message()))(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # a chunked body: FastAPI passes HTTPException through its body parsing
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,346 @@
+"""One base model, many LoRA adapters, batched generation across adapters (transformers + peft).
+
+The base is wrapped in a `PeftModel` holding every loaded adapter in a slot (a peft adapter
+named `slot-N`); one `generate` call serves a batch whose rows use different adapters through
+peft's `adapter_names=` (rows of the base model use `__base__`). An unloaded adapter's slot is
+kept and refilled by the next adapter of the same shape, so a hot swap is a weight copy. All
+model work (generation, loading, unloading) runs on one worker thread (see batcher.py), so an
+adapter never changes under a running batch.
+
+Per-row bookkeeping (the row's own `max_tokens`, stop strings, streamed text) is a
+`StoppingCriteria`: generate calls it after every decoding step with all rows' tokens and lets it
+finish rows one by one, which is what a batch of requests with different limits needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import StoppingCriteria
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Unloaded adapters' slots kept for reuse. Loading into a new slot is peft's module injection,
+# ~0.4-0.5 s for a 0.5B model's 168 linear layers whatever the rank (benchmarks/README.md,
+# serving); refilling a slot of the same shape is a weight copy.
+MAX_FREE_SLOTS = 4
+# adapter_config.json keys that do not change a loaded adapter's layers or its forward pass.
+_NOT_SHAPE = ("base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "lora_dropout", "peft_version")
+
+
+def slot_shape(config: Any) -> str:
+    """What a slot must match to take an adapter's weights: rank, alpha, targets, scaling, bias..."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_SHAPE}
+    if isinstance(fields.get("target_modules"), (set, list, tuple)):
+        fields["target_modules"] = sorted(fields["target_modules"])
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+# Emitted by a row as it runs: ("delta", text) zero or more times, then ("done", finish_reason, tokens).
+Emit = Callable[[tuple], None]
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message says why (and what vLLM would say)."""
+
+
+@dataclass
+class Sampling:
+    """How a row picks tokens. Rows batch together only when these are equal."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+    def batch_key(self, unique: int) -> tuple:
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            # A seeded sample is reproducible only alone: rows in one batch share the RNG stream.
+            return ("seeded", unique)
+        return ("sample", self.temperature, self.top_p or 1.0)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.greedy:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p or 1.0, "top_k": 0}
+
+
+@dataclass
+class Row:
+    """One request's sequence in a batch."""
+
+    prompt_ids: list[int]
+    adapter: str | None  # None: the base model
+    max_tokens: int
+    emit: Emit
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already emitted
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def adapter_rank(config: Any) -> int:
+    return max([int(config.r), *(int(v) for v in (getattr(config, "rank_pattern", None) or {}).values())])
+
+
+def check_adapter(path: str | Path, max_rank: int) -> Any:
+    """The adapter's `LoraConfig`, or `AdapterError` for what vLLM would refuse too, so an adapter that
+    serves here also serves in production."""
+    from peft import PeftConfig
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except (ValueError, json.JSONDecodeError, TypeError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter_config.json: {exc}") from None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind != "LORA":
+        raise AdapterError(f"{path}: a {kind} adapter; multi-adapter serving (here and in vLLM) takes LoRA adapters only")
+    if getattr(config, "use_dora", False):
+        raise AdapterError(f"{path}: a DoRA adapter; vLLM does not serve DoRA: merge it (export) or train plain LoRA")
+    if getattr(config, "modules_to_save", None):
+        raise AdapterError(f"{path}: has modules_to_save {config.modules_to_save}; vLLM does not serve those: merge it instead")
+    if (rank := adapter_rank(config)) > max_rank:
+        raise AdapterError(f"{path}: rank {rank} exceeds the server's max_lora_rank {max_rank}: raise --max-lora-rank")
+    return config
+
+
+class MultiLoraEngine:
+    """The model side of the embedded server. Not thread-safe: call from one thread (the batcher's)."""
+
+    def __init__(
+        self, base: str, *, dtype: str = "float32", attn_implementation: str | None = None, max_rank: int = 64, device: str = "cpu"
+    ):
+        import torch
+        from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+
+        self.base = base
+        self.max_rank = max_rank
+        self.tokenizer = load_tokenizer(base)
+        self.model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, device_map={"": device}).eval()
+        self.device = self.model.device
+        self.adapters: dict[str, str] = {}  # served name -> adapter directory
+        self.ranks: dict[str, int] = {}
+        self.slots: dict[str, str] = {}  # served name -> the peft adapter holding its weights
+        self.slot_shapes: dict[str, str] = {}  # peft adapter -> slot_shape of what it holds
+        self.free_slots: list[str] = []  # unloaded peft adapters kept for reuse, oldest first
+        self._slot_ids = itertools.count()
+        self._torch = torch
+        self._lock = threading.Lock()  # guards model mutation against a stray second caller
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Serve the adapter at `path` as `name`: into a free slot of the same shape if an unload
+        left one (a weight copy), else into a new slot (peft injects LoRA layers into the model)."""
+        config = check_adapter(path, self.max_rank)
+        with self._lock:
+            if name in self.adapters:
+                raise AdapterError(f"the LoRA adapter {name!r} is already loaded (from {self.adapters[name]})")
+            shape = slot_shape(config)
+            slot = next((free for free in self.free_slots if self.slot_shapes[free] == shape), None)
+            try:
+                if slot is not None:
+                    self._fill_slot(slot, path)
+                    self.free_slots.remove(slot)
+                else:
+                    slot = self._new_slot(path, shape)
+            except (RuntimeError, ValueError, KeyError, OSError) as exc:  # shape mismatch: another base's adapter
+                raise AdapterError(f"{path}: does not fit base {self.base}: {str(exc).splitlines()[0]}") from None
+            self.adapters[name] = str(path)
+            self.ranks[name] = adapter_rank(config)
+            self.slots[name] = slot
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving `name`. Its slot stays in the model, free for the next adapter of the same
+        shape (a deploy replaces a version by one of the same shape); beyond MAX_FREE_SLOTS the
+        oldest free slot is deleted."""
+        with self._lock:
+            if name not in self.adapters:
+                raise KeyError(name)
+            self.free_slots.append(self.slots.pop(name))
+            del self.adapters[name]
+            del self.ranks[name]
+            while len(self.free_slots) > MAX_FREE_SLOTS:
+                oldest = self.free_slots.pop(0)
+                self.model.delete_adapter(oldest)
+                del self.slot_shapes[oldest]
+
+    def _new_slot(self, path: str | Path, shape: str) -> str:
+        from peft import PeftModel
+
+        slot = f"slot-{next(self._slot_ids)}"
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=slot)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=slot).eval()
+        self.slot_shapes[slot] = shape
+        return slot
+
+    def _fill_slot(self, slot: str, path: str | Path) -> None:
+        """Copy an adapter's weights into an existing slot of the same shape: every LoRA tensor of
+        the slot is overwritten, so nothing of its previous adapter remains."""
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        weights = load_peft_weights(str(path), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights, adapter_name=slot)
+        missing = [key for key in result.missing_keys if f".{slot}." in key]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"its weights do not fill a slot of its own shape ({len(missing)} missing, "
+                             f"{len(result.unexpected_keys)} unexpected, e.g. {(missing or result.unexpected_keys)[0]})")
+
+    # ---------------------------------------------------------------- prompts
+
+    def completion_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"the model {self.base} has no chat template: use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, rows: list[Row]) -> None:
+        """Generate every row in one batch; rows finish (and emit) independently. A failure ends
+        the batch's unfinished rows with an ("error", message) event and is re-raised."""
+        with self._lock:
+            rows = self._servable(rows)
+            if not rows:
+                return
+            input_ids, attention_mask, pad = self._left_padded(rows)
+            kwargs: dict[str, Any] = {}
+            if self._is_peft():
+                kwargs["adapter_names"] = [self.slots[r.adapter] if r.adapter else BASE_ADAPTER for r in rows]
+            if rows[0].sampling.seed is not None:
+                self._torch.manual_seed(rows[0].sampling.seed)
+            tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
+            try:
+                with self._torch.inference_mode():
+                    self.model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
+                        pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
+                    )
+            except Exception as exc:
+                for row in rows:
+                    if not row.finished:
+                        row.finish_reason = "error"
+                        row.emit(("error", f"generation failed: {exc}"))
+                raise
+            tracker.close()
+
+    def _is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def _servable(self, rows: list[Row]) -> list[Row]:
+        """Drop cancelled rows, and fail rows whose adapter was unloaded after they were accepted."""
+        kept = []
+        for row in rows:
+            if row.cancelled:
+                continue
+            if row.adapter is not None and row.adapter not in self.adapters:
+                row.finish_reason = "error"
+                row.emit(("error", f"the LoRA adapter {row.adapter!r} was unloaded"))
+                continue
+            kept.append(row)
+        return kept
+
+    def _left_padded(self, rows: list[Row]):
+        # Left padding: every row's next token lands in the same (last) column.
+        torch = self._torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        width = max(len(row.prompt_ids) for row in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
+        return input_ids, attention_mask, pad
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` not yet safe to send: a possible start of a stop string, or
+    an incomplete UTF-8 character (the byte-level decoder shows it as U+FFFD until it completes)."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, 1)
+    return hold
+
+
+class RowTracker(StoppingCriteria):
+    """Called by `generate` after each step: takes each row's new token, applies its own eos/stop/
+    max_tokens, emits its new text, and reports which rows are done."""
+
+    def __init__(self, rows: list[Row], tokenizer: Any, eos_ids: set[int]):
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        for row, token in zip(self.rows, last):
+            if not row.finished:
+                self._step(row, token)
+        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
+
+    def _step(self, row: Row, token: int) -> None:
+        if row.cancelled:
+            row.finish_reason = "cancelled"
+            return
+        if token in self.eos_ids:
+            row.finish_reason = "stop"
+        else:
+            row.tokens.append(token)
+            row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            cut = min((i for i in (row.text.find(s) for s in row.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                row.text = row.text[:cut]  # OpenAI semantics: the stop string is not returned
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= row.max_tokens:
+                row.finish_reason = "length"
+        end = len(row.text) if row.finished else len(row.text) - _held_back(row.text, row.stop)
+        if end > row.sent:
+            row.emit(("delta", row.text[row.sent:end]))
+            row.sent = end
+        if row.finished:
+            row.emit(("done", row.finish_reason, len(row.tokens)))
+
+    def close(self) -> None:
+        """Rows generate left unfinished (it stops at the batch's largest max_tokens) end here."""
+        for row in self.rows:
+            if not row.finished:
+                row.finish_reason = "length"
+                if len(row.text) > row.sent:
+                    row.emit(("delta", row.text[row.sent:]))
+                    row.sent = len(row.text)
+                row.emit(("done", row.finish_reason, len(row.tokens)))

@@ -1,0 +1,75 @@
+"""Run an ASGI app under uvicorn in a background thread, and wait for HTTP health checks.
+
+The thread form is what the tests (and any in-process caller) use: a real server on a real
+socket, stopped cleanly. `tunepipe serve` runs uvicorn in the foreground instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+from tunepipe.tasks.ops.prefect_server import free_port
+
+
+class HealthTimeout(RuntimeError):
+    """A server did not become healthy in time, or exited while we waited."""
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 200 (no proxy: the servers are local or on the cluster network)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_healthy(url: str, timeout: float, *, alive: Callable[[], bool] = lambda: True, interval: float = 0.2,
+                 describe: Callable[[], str] = lambda: "") -> None:
+    """Poll `url` until it answers 200; `HealthTimeout` when `timeout` passes or `alive()` turns False."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if is_healthy(url):
+            return
+        if not alive():
+            raise HealthTimeout(f"the server exited before {url} answered{describe()}")
+        if time.monotonic() > deadline:
+            raise HealthTimeout(f"{url} did not answer within {timeout:.0f}s{describe()}")
+        time.sleep(interval)
+
+
+class ServerThread:
+    """A uvicorn server for `app` on host:port in a daemon thread; `with ServerThread(app) as s: s.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
+        import uvicorn
+
+        self.host = host
+        self.port = port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level,
+                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        self.thread.start()
+        wait_healthy(f"{self.url}/health", timeout, alive=self.thread.is_alive)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

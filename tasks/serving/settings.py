@@ -1,0 +1,166 @@
+"""What a server serves: the CLI's and config's values, over the registry's current adapters, over
+the environment profile's serving defaults. One function per source, one to merge them.
+
+Precedence: a value given on the command line or in `serve:` wins; the base and adapters not given
+come from the adapter registry (`AdapterRegistry.serving(alias)`); limits not given come from the
+profile, raised where the registry needs more (a larger rank, more adapters than slots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.serve import ServeConfig
+
+# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# transformers' quantization_config.quant_method → vLLM --quantization.
+VLLM_QUANTIZATION = {"bitsandbytes": "bitsandbytes", "awq": "awq", "gptq": "gptq", "fp8": "fp8"}
+
+
+class ServePlanError(ValueError):
+    """Nothing (or something inconsistent) to serve; the message says what to pass instead."""
+
+
+@dataclass
+class ServingPlan:
+    """What the registry says is current: one base, its adapters by serving name."""
+
+    base: str | None
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_rank: int = 0
+    quantization: str | None = None
+    registry: str | None = None  # the registry's local root: runtime loads from it are allowed
+
+
+def adapter_rank(path: str | Path) -> int:
+    """The largest rank in an adapter directory's adapter_config.json (r, or a rank_pattern entry)."""
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    return max([int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
+
+
+def base_quantization(base: str | None) -> str | None:
+    """vLLM's --quantization for a pre-quantized local base (its config.json's quantization_config), else None."""
+    if base is None or not (Path(base) / "config.json").is_file():
+        return None
+    method = (json.loads((Path(base) / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+    return VLLM_QUANTIZATION.get(str(method).lower()) if method else None
+
+
+def serving_plan_from_registry(root: str | os.PathLike, alias: str = "prod") -> ServingPlan:
+    """Every adapter `alias` points at in the registry, under its adapter name, and their common base."""
+    from tunepipe.tasks.serving.registry import AdapterRegistry
+
+    registry = AdapterRegistry(root)
+    entries = registry.serving(alias)
+    adapters = {name: registry.local_path(entry) for name, entry in sorted(entries.items())}
+    bases = sorted({entry.base_model for entry in entries.values() if entry.base_model})
+    if len(bases) > 1:
+        raise ServePlanError(
+            f"registry {root}: the `{alias}` adapters apply to different bases {bases}; one server serves one base: "
+            "start one server per base (tunepipe serve BASE --lora-modules ...)"
+        )
+    base = bases[0] if bases else None
+    return ServingPlan(
+        base=base, adapters=adapters, max_rank=max((adapter_rank(p) for p in adapters.values()), default=0),
+        quantization=base_quantization(base), registry=str(Path(root).resolve()) if registry.is_local else None,
+    )
+
+
+def vllm_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ServePlanError(f"adapter rank {rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+
+
+def vllm_launcher(config: ServeConfig, profile: EnvironmentProfile) -> dict[str, str | None]:
+    """Which of vLLM's environments starts it: {"executable"|"image"|"python": value, the others None}.
+    The config's choice wins over the profile's; an image wins over an interpreter."""
+    options = config.vllm
+    none = {"executable": None, "image": None, "python": None}
+    for kind, value in (("executable", options.executable), ("image", options.image), ("python", options.python),
+                        ("image", profile.serving.vllm_image), ("python", profile.serving.vllm_python)):
+        if value:
+            return {**none, kind: value}
+    return none
+
+
+def vllm_launcher_available(config: ServeConfig, profile: EnvironmentProfile) -> bool:
+    """True when the vLLM environment that would start it is present on this host."""
+    launcher = vllm_launcher(config, profile)
+    if launcher["executable"]:
+        return Path(launcher["executable"]).exists() or shutil.which(launcher["executable"]) is not None
+    if launcher["image"]:
+        return shutil.which(config.vllm.docker) is not None
+    return bool(launcher["python"]) and Path(launcher["python"]).exists()
+
+
+def choose_engine(config: ServeConfig, profile: EnvironmentProfile) -> str:
+    """`auto`: vLLM where the profile serves with vLLM on a GPU and vLLM's environment exists, else embedded."""
+    if config.engine != "auto":
+        return config.engine
+    wants_vllm = profile.serving.engine == "vllm" and profile.device == "cuda"
+    return "vllm" if wants_vllm and vllm_launcher_available(config, profile) else "embedded"
+
+
+def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan: ServingPlan | None = None) -> ServeConfig:
+    """A copy of `config` with the base, adapters, engine and limits filled in."""
+    plan = plan or ServingPlan(base=None)
+    base = config.base or plan.base
+    if base is None:
+        raise ServePlanError(
+            "no base model to serve: pass one (tunepipe serve BASE), set serve.base, or register adapters with their "
+            "base model (the deploy stage does)"
+        )
+    modules = dict(config.lora_modules) if config.lora_modules else dict(plan.adapters)
+    ranks = [adapter_rank(p) for p in modules.values() if (Path(p) / "adapter_config.json").is_file()]
+    engine = choose_engine(config, profile)
+    max_rank = config.max_lora_rank or max([profile.serving.max_lora_rank, *ranks])
+    if engine == "vllm":
+        max_rank = vllm_rank(max_rank)
+    allowed = list(config.allowed_adapter_dirs)
+    if plan.registry and plan.registry not in allowed:
+        allowed.append(plan.registry)  # the registry's own copies are what deploy hot-loads
+    vllm = config.vllm.model_copy(update={
+        **vllm_launcher(config, profile),
+        "quantization": config.vllm.quantization or plan.quantization or base_quantization(base),
+        "dtype": config.vllm.dtype or profile.dtype,
+        "gpu_memory_utilization": config.vllm.gpu_memory_utilization or profile.serving.gpu_memory_utilization,
+        "tensor_parallel_size": config.vllm.tensor_parallel_size or profile.serving.tensor_parallel_size,
+    })
+    max_loras = config.max_loras or max(profile.serving.max_loras, len(modules), 1)
+    vllm = vllm.model_copy(update={"max_cpu_loras": vllm.max_cpu_loras or max(profile.serving.max_cpu_loras, max_loras)})
+    resolved = config.model_copy(update={
+        "base": base, "lora_modules": modules, "engine": engine, "max_lora_rank": max_rank, "max_loras": max_loras,
+        "allowed_adapter_dirs": allowed, "vllm": vllm,
+    })
+    check_router(resolved)
+    return resolved
+
+
+def check_router(config: ServeConfig) -> None:
+    if config.router is None:
+        return
+    missing = sorted(set(config.router.versions) - set(config.lora_modules))
+    if missing:
+        raise ServePlanError(
+            f"router {config.router.name!r}: versions {missing} are not among the served adapters "
+            f"{sorted(config.lora_modules)}: add them with --lora-modules NAME=PATH"
+        )
+
+
+def api_key(config: ServeConfig) -> str | None:
+    """The key from `api_key`, or from the environment variable `api_key_env` names."""
+    if config.api_key_env:
+        value = os.environ.get(config.api_key_env)
+        if not value:
+            raise ServePlanError(f"api_key_env: the environment variable {config.api_key_env} is not set")
+        return value
+    return config.api_key

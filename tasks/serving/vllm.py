@@ -1,0 +1,161 @@
+"""The `vllm` engine: build the `vllm serve` command line and environment, and run it as a child.
+
+vLLM cannot share our environment (it pins another torch and transformers), so it starts from its
+own: an interpreter (`python -m vllm.entrypoints.cli.main serve`), a `vllm` executable, or a
+container image (`docker run ... IMAGE BASE ...`: the image's entrypoint is `vllm serve`). Always
+with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, so the deploy stage can hot-load
+adapters over HTTP. The API key travels in the environment (`VLLM_API_KEY`), never on the command
+line where `ps` shows it.
+
+Lifecycle: `start()` launches it in its own process group with output to a log file and waits
+for `/health`; an early exit or a timeout stops it and raises with the log's last lines;
+`stop()` sends SIGTERM to the group (docker forwards it to the container) and SIGKILL after
+`stop_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, wait_healthy
+
+CLI_MODULE = "vllm.entrypoints.cli.main"
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+class VLLMError(RuntimeError):
+    """vLLM could not be started (or did not become healthy); the message carries its log's tail."""
+
+
+def _launcher_prefix(config: ServeConfig) -> list[str]:
+    options = config.vllm
+    if options.executable:
+        return [options.executable, "serve", config.base]
+    if options.image:
+        return [*_docker_run(config), options.image, config.base]
+    if options.python:
+        return [options.python, "-m", CLI_MODULE, "serve", config.base]
+    raise VLLMError(
+        "no vLLM environment: set serve.vllm.python (an interpreter with vllm installed), serve.vllm.executable, "
+        "or serve.vllm.image, or the profile's serving.vllm_python / serving.vllm_image"
+    )
+
+
+def _mounts(config: ServeConfig) -> list[str]:
+    """Local directories the container must see, at the same paths, read-only."""
+    paths = [config.base, *config.lora_modules.values(), *config.allowed_adapter_dirs]
+    seen: list[str] = []
+    for path in paths:
+        if path and Path(path).exists() and str(Path(path).resolve()) not in seen:
+            seen.append(str(Path(path).resolve()))
+    return seen
+
+
+def _docker_run(config: ServeConfig) -> list[str]:
+    cmd = [config.vllm.docker, "run", "--rm", "--name", f"tunepipe-vllm-{config.port}", "--gpus", "all", "--ipc=host",
+           "-p", f"{config.host}:{config.port}:{config.port}", "-e", f"{RUNTIME_LORA_ENV}=True", "-e", "VLLM_API_KEY"]
+    for path in _mounts(config):
+        cmd += ["-v", f"{path}:{path}:ro"]
+    return cmd
+
+
+def vllm_command(config: ServeConfig) -> list[str]:
+    """The full command line for a resolved config (see plan.resolve_serve_config)."""
+    host = "0.0.0.0" if config.vllm.image else config.host  # inside a container, listen on its interface
+    cmd = [*_launcher_prefix(config), "--host", host, "--port", str(config.port), "--enable-lora"]
+    if config.lora_modules:
+        cmd += ["--lora-modules", *(f"{name}={path}" for name, path in config.lora_modules.items())]
+    cmd += ["--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank)]
+    options = config.vllm
+    optional = {
+        "--served-model-name": config.served_model_name, "--max-cpu-loras": options.max_cpu_loras,
+        "--quantization": options.quantization, "--dtype": options.dtype,
+        "--gpu-memory-utilization": options.gpu_memory_utilization, "--tensor-parallel-size": options.tensor_parallel_size,
+        "--max-model-len": options.max_model_len,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    return [*cmd, *options.extra_args]
+
+
+def vllm_env(api_key: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env[RUNTIME_LORA_ENV] = "True"
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    else:
+        env.pop("VLLM_API_KEY", None)  # an inherited key would lock out the clients we configure
+    return env
+
+
+class VLLMServer:
+    """A `vllm serve` child process: `with VLLMServer(config, api_key, log_file) as server: ...`."""
+
+    def __init__(self, config: ServeConfig, *, api_key: str | None = None, log_file: str | Path):
+        self.config = config
+        self.command = vllm_command(config)
+        self.env = vllm_env(api_key)
+        self.log_file = Path(log_file)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        return f"http://{host}:{self.config.port}"
+
+    def start(self) -> "VLLMServer":
+        if is_healthy(f"{self.url}/health"):
+            raise VLLMError(f"something already answers at {self.url}: stop it or choose another --port")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_healthy(f"{self.url}/health", self.config.vllm.health_timeout_s, alive=self.alive, interval=0.5,
+                         describe=self._log_tail)
+        except HealthTimeout as exc:
+            self.stop()
+            raise VLLMError(f"vLLM did not start: {exc}") from None
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self) -> int:
+        """Block until vLLM exits; its exit code."""
+        return self.process.wait() if self.process is not None else 0
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.config.vllm.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.process.wait(10)
+        return self.process.returncode
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)  # our child's own group (start_new_session): vLLM's workers too
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _log_tail(self, lines: int = 20) -> str:
+        if not self.log_file.exists():
+            return ""
+        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        return f" (log {self.log_file}):\n" + "\n".join(tail) if tail else f" (log {self.log_file} is empty)"
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

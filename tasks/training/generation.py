@@ -1,0 +1,59 @@
+"""Greedy answers on held-out prompts: the test records of each task, their prompts rendered by the
+chat template up to the last assistant turn, and batched greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tunepipe.tasks.training.encoding import (
+    read_split,
+    record_messages,
+    render_messages,
+)
+
+
+def heldout_examples(data_dir: str | Path, tasks: list[str], per_task: int) -> dict[str, list[dict[str, Any]]]:
+    """The first `per_task` test records of each task (the split's order is deterministic)."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in read_split(data_dir, "test"):
+        task = str(record.get("task") or "default")
+        if task in tasks and len(by_task[task]) < per_task:
+            by_task[task].append(record)
+    return dict(by_task)
+
+
+def prompts_and_references(records: list[dict[str, Any]], tokenizer: Any, template: str, system_prompt: str | None) -> tuple[list[str], list[str]]:
+    prompts, references = [], []
+    for record in records:
+        messages = record_messages(record, system_prompt)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(render_messages(tokenizer, template, messages[:last], True))
+        references.append(messages[last]["content"])
+    return prompts, references
+
+
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions, batched with left padding; the rendered prompt already holds any BOS."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers

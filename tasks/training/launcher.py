@@ -1,0 +1,144 @@
+"""Run a training job in this process or under a multi-process launcher, supervised.
+
+`in_process`: the entry point is called here. `accelerate` / `deepspeed` / `torchrun`: the job
+is written to a JSON file and `python -m tunepipe.tasks.training.launcher JOB` runs in every worker the launcher
+starts; their output is streamed line by line to the stage's logger, and a worker that dies
+fails the stage with the tail of the log. Rank 0 writes the entry point's result (a metrics
+dict) next to the job file.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.core.environment import deepspeed_config_path
+from tunepipe.tasks.core.stage import StageFailed
+
+TAIL_LINES = 40
+# A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.
+_ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?[\w.]*(?:Error|Exception|Interrupt)\b.*")
+
+
+def entry_point(spec: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`package.module:function` → the function."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def launch_command(env: EnvironmentProfile, job_file: str | Path) -> list[str]:
+    """The command that runs `python -m tunepipe.tasks.training.launcher JOB` in `env.num_processes` workers."""
+    n = str(env.num_processes)
+    job = str(job_file)
+    if env.launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n, "--num_machines", "1"]
+        if env.deepspeed_config:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config_path(env))]
+        elif env.num_processes > 1:
+            cmd += ["--multi_gpu"]
+        if env.device == "cpu":
+            cmd += ["--cpu"]
+        return cmd + ["--module", "tunepipe.tasks.training.launcher", job]
+    if env.launcher == "deepspeed":
+        # The DeepSpeed config itself reaches the workers through TrainingArguments.deepspeed.
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--module", "tunepipe.tasks.training.launcher", job]
+    if env.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n, "-m", "tunepipe.tasks.training.launcher", job]
+    raise ValueError(f"launcher {env.launcher!r} runs in process: no command")
+
+
+def stream_command(
+    cmd: list[str],
+    logger: logging.Logger,
+    *,
+    cwd: str | Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    what: str = "training",
+    log_file: str | Path | None = None,
+) -> None:
+    """Run `cmd`, log each output line (and keep them in `log_file`), and raise StageFailed with
+    the workers' exception lines and the log's tail if it fails."""
+    environ = {**os.environ, **(extra_env or {})}
+    environ.setdefault("PYTHONUNBUFFERED", "1")
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    errors: collections.deque[str] = collections.deque(maxlen=5)
+    logger.info("%s: %s", what, " ".join(cmd))
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+    except OSError as exc:
+        raise StageFailed(f"{what}: could not start {cmd[0]}: {exc}") from exc
+    assert proc.stdout is not None
+    sink = open(log_file, "a", encoding="utf-8") if log_file else None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if _ERROR_LINE.match(line) and "ChildFailedError" not in line:
+                errors.append(line.strip())
+            if sink:
+                sink.write(line + "\n")
+            logger.info("[%s] %s", what, line)
+        code = proc.wait()
+    finally:
+        if sink:
+            sink.close()
+        if proc.poll() is None:
+            proc.kill()
+    if code != 0:
+        raise StageFailed(
+            f"{what}: `{' '.join(cmd[:6])} ...` exited with code {code}"
+            + (f". Worker error: {errors[-1]}" if errors else "")
+            + (f". Full log: {log_file}" if log_file else "")
+            + f". Last {len(tail)} lines of its log:\n" + "\n".join(tail)
+        )
+
+
+def run_training(
+    entrypoint: str, job: dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
+) -> dict[str, Any]:
+    """Run `entrypoint(job)` as the profile says and return its result."""
+    if env.launcher == "in_process":
+        return entry_point(entrypoint)(job)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = work / "job.json", work / "result.json"
+    result_file.unlink(missing_ok=True)
+    job_file.write_text(json.dumps({**job, "_entrypoint": entrypoint, "_result_file": str(result_file)}, default=str))
+    stream_command(
+        launch_command(env, job_file), logger, what=f"{env.launcher} x{env.num_processes}", log_file=work / "launch.log"
+    )
+    if not result_file.exists():
+        raise StageFailed(f"{env.launcher}: the workers exited cleanly but rank 0 wrote no result ({result_file})")
+    return json.loads(result_file.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker side: `python -m tunepipe.tasks.training.launcher JOB.json` (the installed tunepipe:
+workers need no PYTHONPATH from us)."""
+    args = sys.argv[1:] if argv is None else argv
+    args = [a for a in args if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if len(args) != 1:
+        print("usage: python -m tunepipe.tasks.training.launcher JOB.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    job = json.loads(Path(args[0]).read_text())
+    result = entry_point(job.pop("_entrypoint"))(job)
+    result_file = job.pop("_result_file")
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(result_file).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The one place models and tokenizers are loaded, and how a model enters a cache key.
+
+A model is named by a hub id (`owner/name`, optionally at a revision) or a local directory;
+both go through the same `Auto*` code path. Cache keys never use the bare name: a local
+directory enters as a digest of its files (moving it changes nothing, editing a file changes
+the key), a hub model as `hub:<id>@<revision>`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunepipe.schemas.base_model import BaseModelConfig
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from tunepipe.schemas.base import looks_like_hub_id
+from tunepipe.tasks.core.fingerprint import content_digest, glob_files
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+_DIGEST_CACHE: dict[tuple, str] = {}
+_DIGEST_LOCK = threading.Lock()
+
+
+def is_local(name_or_path: str | os.PathLike) -> bool:
+    """True when the name is an existing local directory or file."""
+    return Path(name_or_path).exists()
+
+
+def _check_name(name_or_path: str | os.PathLike) -> str:
+    name = str(name_or_path)
+    if not is_local(name) and not looks_like_hub_id(name):
+        raise FileNotFoundError(f"{name}: no such local model directory, and not a hub id (owner/name)")
+    return name
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    chat_template: str | None = None,
+    **kwargs: Any,
+):
+    """`AutoTokenizer.from_pretrained`, plus: an optional chat template override, and a pad token.
+
+    A tokenizer without a pad token gets its eos token as pad (the usual choice for causal LMs).
+    """
+    from transformers import AutoTokenizer
+
+    name = _check_name(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **kwargs)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(dtype: Any):
+    """A torch dtype (or "auto") from a name such as "bfloat16"; torch dtypes pass through."""
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {DTYPES}")
+    return getattr(torch, dtype)
+
+
+def quantization_config(quantization: Any):
+    """A `BitsAndBytesConfig` from one, from a dict of its arguments, or from the environment's
+    `QuantizationDefaults` (fields load_in_4bit, quant_type, double_quant, compute_dtype)."""
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(quantization, BitsAndBytesConfig):
+        return quantization
+    if hasattr(quantization, "model_dump"):
+        quantization = quantization.model_dump()
+    if not isinstance(quantization, dict):
+        raise TypeError(f"quantization: expected BitsAndBytesConfig, dict or QuantizationDefaults, got {type(quantization).__name__}")
+    q = dict(quantization)
+    if {"quant_type", "double_quant", "compute_dtype"} & q.keys():  # our QuantizationDefaults shape
+        if not q.get("load_in_4bit", True):
+            return None
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=q.get("double_quant", True),
+            bnb_4bit_compute_dtype=torch_dtype(q.get("compute_dtype", "bfloat16")),
+        )
+    if "bnb_4bit_compute_dtype" in q:
+        q["bnb_4bit_compute_dtype"] = torch_dtype(q["bnb_4bit_compute_dtype"])
+    return BitsAndBytesConfig(**q)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    dtype: Any = "float32",
+    attn_implementation: str | None = None,
+    quantization: Any = None,
+    device_map: Any = None,
+    **kwargs: Any,
+):
+    """`AutoModelForCausalLM.from_pretrained` with the pipeline's knobs spelled once.
+
+    `dtype`: "float32" | "bfloat16" | "float16" | "auto" or a torch dtype. `quantization`: a
+    `BitsAndBytesConfig`, a dict, or the environment's `QuantizationDefaults` (4-bit NF4 for
+    QLoRA); None loads full precision. `attn_implementation`: "eager", "sdpa", ... or None for
+    the library default. Extra keyword arguments go to `from_pretrained` unchanged.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = _check_name(name_or_path)
+    options: dict[str, Any] = {"revision": revision, "dtype": torch_dtype(dtype), **kwargs}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    if (qconfig := quantization_config(quantization)) is not None:
+        options["quantization_config"] = qconfig
+    if device_map is not None:
+        options["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(name, **options)
+
+
+def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
+    """What a model contributes to a cache key.
+
+    A local directory (or file): `sha256:<digest of its files and their relative names>`; the
+    directory's own location does not enter, so moving it keeps the key. Digests are memoised per
+    process by the files' (size, mtime), so a large model is hashed once. A hub id:
+    `hub:<id>@<revision>` (`main` when none: pin a commit sha for reproducible caching).
+    """
+    name = _check_name(name_or_path)
+    if not is_local(name):
+        return f"hub:{name}@{revision or 'main'}"
+    path = Path(name).resolve()
+    files = glob_files(path)
+    signature = (str(path), tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]))
+    with _DIGEST_LOCK:
+        if (cached := _DIGEST_CACHE.get(signature)) is not None:
+            return cached
+    digest = f"sha256:{content_digest(path)}"
+    with _DIGEST_LOCK:
+        _DIGEST_CACHE[signature] = digest
+    return digest
+
+
+def llama_config(config: "BaseModelConfig", *, vocab_size: int, **token_ids: int | None):
+    """The `LlamaConfig` the section describes, for a vocabulary of `vocab_size`."""
+    from transformers import LlamaConfig
+
+    arch = config.architecture
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
+        rms_norm_eps=arch.rms_norm_eps,
+        initializer_range=arch.initializer_range,
+        use_cache=True,
+        **token_ids,
+    )

@@ -1,0 +1,90 @@
+"""The learned reward model as a scorer: loading a `reward` stage artifact, scoring texts,
+pairwise accuracy on preference pairs, and a TRL reward function over it.
+
+Shared by the reward stage (its own held-out accuracy), align (PPO/GRPO rewards, on-policy
+pair scoring) and evaluate (the reward-model judge).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+
+def load_reward_model(reward_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(sequence-classification model, tokenizer) of a reward artifact; an adapter is merged into
+    its base so the result is a plain model (PPO's `get_reward` needs `.score` and the backbone)."""
+
+    from transformers import AutoModelForSequenceClassification
+    from tunepipe.schemas.handoffs import ModelOutputs
+    from tunepipe.tasks.core.handoff import read_handoff
+    from tunepipe.tasks.training.modeling import load_tokenizer, torch_dtype
+
+    root = Path(reward_dir)
+    outputs = read_handoff(root, ModelOutputs, reader="reward model")
+    path = root / outputs.paths["all"]
+    tokenizer = load_tokenizer(str(path))
+    if outputs.kind == "model":
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch_dtype(dtype))
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(outputs.base_model, num_labels=1, dtype=torch_dtype(dtype))
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> list[float]:
+    """The reward model's scalar for each full text (prompt and response already rendered)."""
+    import torch
+
+    scores: list[float] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        scores.extend(float(v) for v in logits[:, 0])
+    return scores
+
+
+def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:
+    """Share of pairs whose chosen response scores above the rejected one, and the mean margin."""
+    from tunepipe.tasks.training.pairs import pair_prompt, render_conversation
+
+    if not pairs:
+        return {"accuracy": None, "margin": None, "n": 0}
+    prompts = [pair_prompt(p) for p in pairs]
+    chosen = score_texts(model, tokenizer, [render_conversation(tokenizer, q, p["chosen"]) for q, p in zip(prompts, pairs)], batch_size)
+    rejected = score_texts(model, tokenizer, [render_conversation(tokenizer, q, p["rejected"]) for q, p in zip(prompts, pairs)], batch_size)
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    return {
+        "accuracy": round(sum(wins) / len(wins), 4),
+        "margin": round(sum(c - r for c, r in zip(chosen, rejected)) / len(pairs), 4),
+        "n": len(pairs),
+    }
+
+
+def completion_text(completion: Any) -> str:
+    """A TRL completion (a string, or a conversational list of messages) as plain text."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if m.get("role") == "assistant")
+    return str(completion)
+
+
+def reward_model_func(model: Any, tokenizer: Any) -> Callable[..., list[float]]:
+    """A TRL reward function that scores prompt + completion with the learned reward model."""
+    from tunepipe.tasks.training.pairs import render_conversation
+
+    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        texts = [
+            render_conversation(tokenizer, p if isinstance(p, list) else [{"role": "user", "content": p}], completion_text(c))
+            for p, c in zip(prompts, completions)
+        ]
+        return score_texts(model, tokenizer, texts)
+
+    return reward_model

@@ -1,0 +1,56 @@
+"""The base of every stage that trains a model: the model enters the key by content, and so do
+the environment profile's training fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.core.stage import Stage, StageFailed
+
+
+def resolve_model(config_model: str | None, inputs: dict[str, Any], stage: str, order: tuple[str, ...]) -> str:
+    """The base model path: the config's, else the first input artifact of `order` present."""
+    if config_model:
+        return config_model
+    for name in order:
+        if name in inputs:
+            return inputs[name].path
+    raise StageFailed(f"{stage}: no base model: set {stage}.model, or give the stage a {' or '.join(order)} input")
+
+
+def model_payload(model: str | None, revision: str | None) -> str | None:
+    """A local model enters the key as a digest of its files, a hub model as id@revision."""
+    if model is None:
+        return None
+    from tunepipe.tasks.training.modeling import model_fingerprint
+
+    return model_fingerprint(model, revision)
+
+
+def training_env_payload(env: EnvironmentProfile) -> dict[str, Any]:
+    """Profile fields that change a training result (not launcher, memory size or work pool)."""
+    return {
+        "dtype": env.dtype,
+        "quantization": env.quantization.model_dump(mode="json"),
+        "per_device_batch_size": env.per_device_batch_size,
+        "gradient_accumulation_steps": env.gradient_accumulation_steps,
+        "num_processes": env.num_processes,
+        "attn_implementation": env.attn_implementation,
+        "liger_kernel": env.liger_kernel,
+        "deepspeed_config": env.deepspeed_config,
+    }
+
+
+class TrainingStage(Stage):
+    """A stage that trains a model: the model enters the key by content, and so do the profile's
+    training fields (dtype, batch, accumulation, ...)."""
+
+    def key_payload(self, config: Any) -> Any:
+        payload = config.model_dump(mode="json")
+        payload["model"] = model_payload(config.model, config.revision)
+        return payload
+
+    def env_payload(self, env: EnvironmentProfile) -> dict[str, Any]:
+        return training_env_payload(env)
