@@ -87,9 +87,6 @@ class AlignStage(Stage):
         from tunepipe.tasks.training.plots import plot_loss, plot_series
         from tunepipe.tasks.training.trainer import write_json
 
-        for needed in ("data", "sft"):
-            if needed not in ctx.inputs:
-                raise StageFailed(f"align: needs the `{needed}` stage's artifact as input `{needed}`")
         method = config.method
         if config.needs_reward_model() and "reward" not in ctx.inputs:
             raise StageFailed(

@@ -152,8 +152,6 @@ class BaseModelStage(Stage):
         return {}  # always built on CPU in float32: the hardware profile does not change it
 
     def run(self, config: BaseModelConfig, ctx: StageContext) -> StageOutput:
-        if "data" not in ctx.inputs:
-            raise StageFailed("base_model: needs the `data` stage's artifact as input `data`")
         data_dir = Path(ctx.inputs["data"].path)
         texts_by_source = read_texts(data_dir, config.tokenizer.train_on)
         texts = [t for source in config.tokenizer.train_on for t in texts_by_source[source]]

@@ -152,7 +152,10 @@ def _check_required_inputs(name: str, inputs: dict[str, ArtifactRef]) -> None:
 
     missing = [needed for needed in required_inputs(name) if needed not in inputs]
     if missing:
-        raise StageFailed(f"{name}: needs the artifact of stage(s) {', '.join(missing)} as input (add their sections)")
+        raise StageFailed(
+            f"{name}: needs the `{missing[0]}` stage's artifact as input `{missing[0]}`"
+            + (f" (and {', '.join(missing[1:])})" if missing[1:] else "")
+        )
 
 
 def seed_process(seed: int) -> None:

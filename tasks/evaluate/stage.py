@@ -96,8 +96,6 @@ class EvaluateStage(Stage):
         from tunepipe.tasks.training.generation import heldout_examples
         from tunepipe.tasks.training.trainer import write_json
 
-        if "data" not in ctx.inputs:
-            raise StageFailed("evaluate: needs the `data` stage's artifact as input `data` (its test split)")
         if config.ab.judge == "reward_model" and "reward" not in ctx.inputs:
             raise StageFailed("evaluate: ab.judge is reward_model but the stage has no `reward` input: add the reward stage, or use judge rule or endpoint")
         data_dir = ctx.inputs["data"].path

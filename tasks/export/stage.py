@@ -420,8 +420,6 @@ class ExportStage(Stage):
     def run(self, config: ExportConfig, ctx: StageContext) -> StageOutput:
         from tunepipe.tasks.training.modeling import load_model
 
-        if "data" not in ctx.inputs:
-            raise StageFailed("export: needs the `data` stage's artifact as input `data` (its test split re-evaluates every export)")
         data_ref = ctx.inputs["data"]
         source = read_source(pick_source(config, ctx.inputs), ctx.inputs)
         targets = resolve_targets(config, source.kind)

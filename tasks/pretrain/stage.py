@@ -10,7 +10,7 @@ merged into the weights), so the `sft` stage uses it as its base model like any 
 from __future__ import annotations
 
 from tunepipe.schemas.pretrain import PretrainConfig
-from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
+from tunepipe.tasks.core.stage import StageContext, StageOutput
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
 
 ENTRYPOINT = "tunepipe.tasks.pretrain.train:train_job"
@@ -29,8 +29,6 @@ class PretrainStage(TrainingStage):
         from tunepipe.tasks.training.plots import plot_loss
         from tunepipe.tasks.training.trainer import write_json
 
-        if "data" not in ctx.inputs:
-            raise StageFailed("pretrain: needs the `data` stage's artifact as input `data`")
         model_path = resolve_model(config.model, ctx.inputs, "pretrain", ("base_model",))
         plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training)
         job = {

@@ -96,8 +96,6 @@ class RewardStage(TrainingStage):
         from tunepipe.tasks.training.plots import plot_loss, plot_series
         from tunepipe.tasks.training.trainer import write_json
 
-        if "data" not in ctx.inputs:
-            raise StageFailed("reward: needs the `data` stage's artifact as input `data`")
         data_dir = ctx.inputs["data"].path
         train, heldout = split_pairs(read_pairs(data_dir, "reward", config.tasks), config.heldout_fraction)
         if not train:

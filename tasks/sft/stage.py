@@ -78,8 +78,6 @@ class SFTStage(TrainingStage):
         from tunepipe.tasks.training.plots import plot_loss
         from tunepipe.tasks.training.trainer import write_json
 
-        if "data" not in ctx.inputs:
-            raise StageFailed("sft: needs the `data` stage's artifact as input `data`")
         data_dir = ctx.inputs["data"].path
         model_path = resolve_model(config.model, ctx.inputs, "sft", ("pretrain", "base_model"))
         plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training)

@@ -149,3 +149,16 @@ def test_refresh_replaces_published_artifact(tmp_path, cpu_env):
     again = run_stage(Producer(), ToyConfig(), {}, store, cpu_env, refresh=True)
     assert again.cached is False and again.path == first.path
     assert store.verify(again.path) == [] and (Path(again.path) / "pid").read_text() == pid_before
+
+
+def test_a_stage_without_its_required_inputs_fails_before_it_runs(tmp_path, cpu_env):
+    """The runner checks the graph's required inputs (schemas/graph.py), so no stage repeats it."""
+    from tunepipe.schemas.graph import STAGE_GRAPH
+    from tunepipe.schemas.sft import SFTConfig
+    from tunepipe.tasks.core.graph import get_stage
+
+    assert STAGE_GRAPH["align"].required == ("data", "sft")
+    store = ArtifactStore(tmp_path / "artifacts")
+    with pytest.raises(StageFailed, match=r"^sft: needs the `data` stage's artifact as input `data`$"):
+        run_stage(get_stage("sft"), SFTConfig.model_validate({"model": "x/y"}), {}, store, cpu_env)
+    assert not (tmp_path / "artifacts" / "sft").exists()  # nothing staged
