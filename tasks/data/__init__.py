@@ -5,7 +5,3 @@ filters, PII), `dedup` (exact, near-duplicate with rensa, contamination), `split
 mixing), `validate` (Great Expectations), `report` (report.json, metrics, UI summary),
 `stage` (the `DataStage` that runs them in order).
 """
-
-from tunepipe.tasks.data.stage import DataStage
-
-__all__ = ["DataStage"]

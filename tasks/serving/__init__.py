@@ -7,5 +7,7 @@
     router.py     online A/B: a weighted split between adapter versions, one JSONL line per request
     vllm.py       the `vllm` engine: `vllm serve` command line and environment, process lifecycle
     process.py    run a uvicorn server in a thread; wait for an HTTP health check
-    plan.py       what to serve: CLI/config values over the registry's current adapters over the profile
+    settings.py   what to serve: CLI/config values over the registry's current adapters over the profile
+    registry.py   the adapter registry: versions, aliases, lineage, in plain files (local or fsspec)
+    client.py     a client of a running server: chat, runtime adapter load/unload (deploy uses it)
 """
