@@ -72,6 +72,25 @@ def test_sft_weights_do_not_depend_on_earlier_draws_in_the_process(assets, tmp_p
     assert first and first == second
 
 
+def test_the_sft_job_seeds_itself(assets, tmp_path):
+    """Launched workers never pass through the stage runner: the job itself must seed every RNG
+    before the adapter's initialisation draws (the runner's seeding is only a safety net)."""
+    from tunepipe.tasks.sft.train import sft_trainer
+
+    job = {
+        "config": sft_config(assets).model_dump(mode="json"), "env": cpu_profile().model_dump(mode="json"),
+        "model_path": str(assets["model"]), "data_dir": assets["data"].path, "tasks": None,
+        "output_dir": str(tmp_path), "save_to": "out", "checkpoint_dir": str(tmp_path / "ckpt"),
+    }
+    initial = []
+    for n in (0, 999):
+        draw_noise(n)
+        trainer, _ = sft_trainer(job)
+        initial.append({k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k})
+    assert initial[0] and initial[0].keys() == initial[1].keys()
+    assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
+
+
 def test_sft_weights_are_the_same_in_another_process(assets, tmp_path):
     draw_noise(77)
     here = run_stage(SFTStage(), sft_config(assets), {"data": assets["data"]}, ArtifactStore(tmp_path / "here"), cpu_profile())
