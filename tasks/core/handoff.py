@@ -18,7 +18,9 @@ H = TypeVar("H", bound=Handoff)
 def write_handoff(artifact_dir: str | Path, handoff: Handoff) -> Path:
     """Write `handoff` into the (staging) artifact directory under its file name."""
     path = Path(artifact_dir) / handoff.FILE
-    path.write_text(json.dumps(handoff.model_dump(mode="json"), indent=1))
+    # Fields left at their defaults are omitted (an sft artifact has no `sft_method`); the reader
+    # restores them, so the file says only what the writer set.
+    path.write_text(json.dumps(handoff.model_dump(mode="json", exclude_defaults=True), indent=1))
     return path
 
 
@@ -35,7 +37,9 @@ def read_handoff(ref: ArtifactRef | str | Path, model: type[H], *, reader: str) 
         raise StageFailed(f"{reader}: {path} is not a valid {model.__name__}: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
 
 
-def read_manifest_config(ref: ArtifactRef | str) -> dict[str, Any]:
-    """The config payload an upstream artifact was made with (its manifest's `config`)."""
+def read_manifest_config(ref: ArtifactRef | str | Path) -> dict[str, Any]:
+    """The config payload an upstream artifact was made with (its manifest's `config`; {} when it
+    has no manifest or a non-mapping config)."""
     path = Path(ref.path if isinstance(ref, ArtifactRef) else ref) / "manifest.json"
-    return json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
+    config = json.loads(path.read_text()).get("config") if path.is_file() else None
+    return config if isinstance(config, dict) else {}

@@ -23,7 +23,7 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import EvaluateConfig, GenerationEndpoint
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.manifest import ArtifactRef
-from tunepipe.tasks.core.handoff import read_handoff
+from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training.encoding import read_split
 from tunepipe.tasks.training.generation import greedy_answers
@@ -77,7 +77,7 @@ def artifact_source(name: str, ref: ArtifactRef | Path | str, base_override: str
     """A model artifact (sft, align): its outputs.json and, when it has one, its manifest's config."""
     root = Path(ref.path if isinstance(ref, ArtifactRef) else ref)
     outputs = read_handoff(root, ModelOutputs, reader=f"evaluate: {name}")
-    config = _manifest_config(root)
+    config = read_manifest_config(root)
     return ModelSource(
         name=name,
         kind=outputs.kind,
@@ -174,14 +174,6 @@ def trained_tasks(source: ModelSource, data_dir: str) -> list[str]:
     if source.trained_tasks:
         return list(source.trained_tasks)
     return sorted({str(r.get("task") or "default") for r in read_split(data_dir, "train")})
-
-
-def _manifest_config(root: Path) -> dict[str, Any]:
-    manifest = root / "manifest.json"
-    if not manifest.exists():
-        return {}
-    config = json.loads(manifest.read_text()).get("config")
-    return config if isinstance(config, dict) else {}
 
 
 def _upstream_base(inputs: dict[str, ArtifactRef]) -> str | None:

@@ -144,7 +144,7 @@ def test_deploy_drop_trigger_queue_and_reuse(stack, tmp_path):
         schedule={"cron": "0 3 * * 1", "timezone": "Europe/Berlin"},
         watch={"inbox": str(inbox), "debounce_s": 0.2, "poll_s": 0.2, "source": {"format": "alpaca", "task": "feedback"}},
     )
-    out = cli("deploy", str(config_path), api_url=stack.url).stdout
+    out = cli("deployments", str(config_path), api_url=stack.url).stdout
     assert "tunepipe-retrain/drops" in out
 
     # The schedule, read back through the API, is the configured one; the trigger is registered.

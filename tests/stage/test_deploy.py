@@ -140,7 +140,7 @@ def test_deploy_promotes_hot_loads_and_reruns_without_promoting_twice(world):
     assert again.cached and again.key == ref.key
     forced = run_stage(DeployStage(), DeployConfig.model_validate(
         {"name": "notes", "registry": str(world["registry"]), "server_url": world["url"], "smoke": {"prompt": SMOKE, "max_tokens": MAX_TOKENS}}),
-        {"export": world["exports"]["v1"]}, world["store"], cpu_profile(), refresh=True)
+        {"export": world["exports"]["v1"], "evaluate": world["verdicts"]["v1"]}, world["store"], cpu_profile(), refresh=True)
     assert metrics_of(forced)["registered"] == {"notes": 1}
     record = registry.list()["notes"]
     assert [v.version for v in record.versions] == [1] and record.alias_history == {"prod": [1]}
