@@ -28,3 +28,6 @@ def configure_runtime(workdir: str | Path) -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from tunepipe.tasks.core.secrets import install_log_redaction
+
+    install_log_redaction()  # credential-shaped URL parts and headers never reach a log line

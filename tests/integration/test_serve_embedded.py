@@ -82,9 +82,10 @@ def served(tmp_path_factory):
         expected[name] = {p: offline_greedy(model, tokenizer, ids) for p, ids in completion_ids.items()}
         expected[name]["chat"] = offline_greedy(model, tokenizer, chat_ids)
 
+    os.environ["TUNEPIPE_TEST_SERVE_KEY"] = KEY  # the config refers to the key; the value never enters it
     config = ServeConfig(
         base=base, served_model_name="tiny", lora_modules={"alpha": adapters["alpha"], "beta": adapters["beta"]},
-        engine="embedded", api_key=KEY, allowed_adapter_dirs=[str(allowed)], max_tokens_limit=64, max_request_bytes=4096,
+        engine="embedded", api_key="${TUNEPIPE_TEST_SERVE_KEY}", allowed_adapter_dirs=[str(allowed)], max_tokens_limit=64, max_request_bytes=4096,
         max_lora_rank=8, batch_window_ms=50, max_loras=3,
         router={"name": "bot", "versions": {"alpha": 0.5, "beta": 0.5}, "log_path": str(root / "ab.jsonl"), "seed": 0},
     )
