@@ -4,6 +4,8 @@ use it without its key depending on the other stages' schemas."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,8 @@ def field_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not re.fullmatch(r"[A-Za-z_][\w-]*", str(part)):  # a key that would blur the path: quoted
+            out += f"[{json.dumps(str(part))}]"
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
@@ -113,10 +117,14 @@ StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text → Python data, with StrictYamlLoader; errors as `source:line: problem`."""
-    loader = StrictYamlLoader(text)
-    loader.name = source
+    loader = None
     try:
+        loader = StrictYamlLoader(text)  # reads the text at once: control characters fail here
+        loader.name = source
         return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{source}:{line}: not valid YAML: character {exc.character!r} is not allowed (only printable text)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -125,7 +133,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text_file(path: Path, what: str = "config file") -> str:
