@@ -20,9 +20,28 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
 
 
+# A name ending like a data file is a mistyped local path, not a hub repository: hub ids are
+# `owner/name` (`tatsu-lab/alpaca`, `teknium/OpenHermes-2.5`), and `data/nope.jsonl` must fail
+# at validate time with "no such file", not at run time with a hub ConnectionError.
+_FILE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow", ".yaml", ".yml", ".gz", ".zip",
+                  ".bin", ".safetensors", ".pt", ".gguf"}
+
+
+def plausible_hub_id(value: str, base_dir: str | Path | None = None) -> bool:
+    """`owner/name` that cannot be a local path: no such file, no file suffix, and no local
+    directory named like its owner (then `owner/name` is a file missing from that directory)."""
+    if not _HUB_ID.match(value) or Path(value).suffix.lower() in _FILE_SUFFIXES:
+        return False
+    owner = value.split("/", 1)[0]
+    for root in (Path(base_dir) if base_dir is not None else None, Path.cwd()):
+        if root is not None and ((root / value).exists() or (root / owner).is_dir()):
+            return False
+    return True
+
+
 def looks_like_hub_id(value: str) -> bool:
     """`owner/name` with no local file of that name: a hub id, not a relative path."""
-    return bool(_HUB_ID.match(value)) and not Path(value).exists()
+    return bool(_HUB_ID.match(value)) and not Path(value).exists() and Path(value).suffix.lower() not in _FILE_SUFFIXES
 
 
 def resolve_path(value: str, info: ValidationInfo) -> str:
@@ -37,6 +56,6 @@ def resolve_path(value: str, info: ValidationInfo) -> str:
     if base_dir is None:
         return value
     candidate = Path(base_dir) / value
-    if not candidate.exists() and not any(ch in value for ch in "*?[") and _HUB_ID.match(value):
+    if not candidate.exists() and not any(ch in value for ch in "*?[") and plausible_hub_id(value, base_dir):
         return value
     return str(candidate.resolve())

@@ -298,6 +298,11 @@ class DataConfig(StrictModel):
         le=1.0,
         description="Fail the stage when more than this fraction of read records is rejected (mixing excluded).",
     )
+    fail_on_empty_source: bool = Field(
+        default=False,
+        description="Fail the stage when every record of a source file is rejected; by default that is a warning in "
+        "the report (`warnings`) and the log.",
+    )
 
     @model_validator(mode="after")
     def _mix_tasks_exist(self) -> DataConfig:

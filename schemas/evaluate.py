@@ -134,7 +134,7 @@ class ABSettings(StrictModel):
     ties: Literal["half", "exclude"] = Field(
         default="half", description="Ties in the win rate: count as half a win, or leave them out of it."
     )
-    bootstrap_samples: int = Field(default=2000, ge=100, description="Bootstrap resamples for the intervals.")
+    bootstrap_samples: int = Field(default=2000, ge=100, description="Bootstrap resamples for the paired bootstrap of the metric difference.")
     confidence_level: float = Field(default=0.95, gt=0, lt=1, description="Confidence level of the intervals; alpha is 1 minus it.")
     ci_method: Literal["percentile", "basic", "BCa"] = Field(default="percentile", description="scipy.stats.bootstrap method.")
     significance_test: Literal["sign", "paired_bootstrap"] = Field(
@@ -157,7 +157,15 @@ class GateRules(StrictModel):
     """Promotion gate: every set rule must pass for the candidate to be promoted. Unset rules are skipped."""
 
     min_win_rate_lower_bound: float | None = Field(
-        default=0.5, ge=0, le=1, description="The win rate interval's lower bound must exceed this."
+        default=0.5, ge=0, le=1,
+        description="The lower bound of the exact (Clopper-Pearson) interval, at ab.confidence_level, of the share "
+        "of decisive pairs (not ties) the candidate wins must exceed this. At 0.5 and level 0.95 it is the one-sided "
+        "sign test at alpha 0.025.",
+    )
+    min_decisive_pairs: int = Field(
+        default=10, ge=1,
+        description="Never promote on fewer decisive pairs (prompts the judge did not call a tie) than this, "
+        "whatever the interval says: a handful of wins among many ties is noise.",
     )
     max_task_metric_drop: float | None = Field(
         default=0.02, ge=0, description="No task's primary_metric may fall below the baseline's by more than this."

@@ -90,28 +90,68 @@ def _is_loopback(host: str) -> bool:
 
 
 class NotificationsConfig(StrictModel):
-    """A JSON webhook posted by the pipeline flow's state hooks."""
+    """A JSON webhook posted by the pipeline flow's state hooks. Credentials (a token in the URL,
+    an authorization header) are given as `${NAME}`, an environment variable of the process that
+    runs the flow: the config is stored as the flow run's parameters, the value never is."""
 
-    webhook_url: str = Field(description="URL the JSON notification is POSTed to (http or https).")
+    webhook_url: str = Field(
+        description="URL the JSON notification is POSTed to (http or https). A credential in it is a `${NAME}` "
+        "reference (`https://hooks.example.com/x?token=${HOOK_TOKEN}`, or the whole URL: `${SLACK_WEBHOOK_URL}`)."
+    )
     on: list[Literal["failure", "completion", "gate"]] = Field(
         default=["failure", "gate"],
         description="failure: the run failed (stage, reason, fix); completion: every finished run with its summary; "
         "gate: a finished run whose stages reported a gate verdict (the data stage's validation, an evaluation gate).",
     )
     timeout_s: float = Field(default=10.0, gt=0, le=60, description="Seconds a POST may take; a failed POST is logged, never fatal.")
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers (e.g. an authorization token).")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers. Credential headers (Authorization, *token*, *key*, cookies) must refer to an "
+        "environment variable: `Authorization: \"Bearer ${HOOK_TOKEN}\"`.",
+    )
     allow_remote: bool = Field(
         default=True, description="False refuses any host but loopback (127.0.0.1, ::1, localhost): for tests and sandboxes."
     )
 
+    @field_validator("headers")
+    @classmethod
+    def _no_literal_credentials(cls, value: dict[str, str]) -> dict[str, str]:
+        from tunepipe.tasks.core.secrets import SENSITIVE_NAME, check_literal
+
+        for name, header in value.items():
+            if SENSITIVE_NAME.search(name):
+                check_literal(header, f"headers.{name}")
+        return value
+
     @model_validator(mode="after")
     def _check_url(self) -> "NotificationsConfig":
-        parsed = urlparse(self.webhook_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"webhook_url must be an http(s) URL with a host, got {self.webhook_url!r}")
-        if not self.allow_remote and not _is_loopback(parsed.hostname):
-            raise ValueError(f"webhook_url host {parsed.hostname} is not a loopback address (allow_remote is false)")
+        from tunepipe.tasks.core.secrets import is_reference
+
+        if is_reference(self.webhook_url):
+            return self  # checked when it is resolved, in the process that sends
+        check_webhook_url(self.webhook_url, self.allow_remote, literal=True)
         return self
+
+
+def check_webhook_url(url: str, allow_remote: bool, *, literal: bool) -> None:
+    """An http(s) URL with a host (loopback only unless allow_remote); in a config (`literal`), no
+    credential-like query value or userinfo that is not a `${NAME}` reference."""
+    from urllib.parse import parse_qsl
+
+    from tunepipe.tasks.core.secrets import REFERENCE, SENSITIVE_NAME, check_literal
+
+    parsed = urlparse(REFERENCE.sub("x", url) if literal else url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"webhook_url must be an http(s) URL with a host, got {parsed.scheme}://{parsed.hostname or ''}...")
+    if not allow_remote and not _is_loopback(parsed.hostname):
+        raise ValueError(f"webhook_url host {parsed.hostname} is not a loopback address (allow_remote is false)")
+    if literal:
+        original = urlparse(url)
+        if original.password or ("@" in original.netloc and original.username):
+            check_literal(original.netloc.rpartition("@")[0], "webhook_url userinfo")
+        for name, value in parse_qsl(original.query, keep_blank_values=True):
+            if SENSITIVE_NAME.search(name):
+                check_literal(value, f"webhook_url query parameter {name}")
 
 
 class DeploymentConfig(StrictModel):

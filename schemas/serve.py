@@ -111,7 +111,9 @@ class ServeConfig(StrictModel):
     host: str = Field(default="127.0.0.1", description="Address the server listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the server listens on (0: any free port, embedded only).")
     api_key: str | None = Field(
-        default=None, description="Require `Authorization: Bearer <key>` on /v1 (vLLM --api-key). Prefer api_key_env."
+        default=None,
+        description="Require `Authorization: Bearer <key>` on /v1 (vLLM --api-key), the key given by environment "
+        "variable: `${SERVE_API_KEY}` (a literal key is refused: configs are stored with their runs).",
     )
     api_key_env: str | None = Field(default=None, description="Name of an environment variable holding the API key.")
     max_loras: int | None = Field(
@@ -139,6 +141,13 @@ class ServeConfig(StrictModel):
     )
     vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="How the vLLM engine is started.")
     router: RouterConfig | None = Field(default=None, description="Online A/B split between two adapter versions.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_by_reference(cls, value: str | None) -> str | None:
+        from tunepipe.tasks.core.secrets import check_literal
+
+        return None if value is None else check_literal(value, "api_key")
 
     @field_validator("base")
     @classmethod

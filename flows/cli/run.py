@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tunepipe.flows.cli.common import add_config_args, load_config
 from tunepipe.tasks.core.loading import ConfigError
@@ -11,23 +12,39 @@ from tunepipe.tasks.core.loading import ConfigError
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    from tunepipe.tasks.core.runtime import configure_runtime
+    plan = run_plan(config, args)  # before any work: a mistyped stage name is a config error
+    from tunepipe.tasks.core.runtime import configure_runtime, owned_prefect_server
 
     configure_runtime(config.workdir)
     # Prefect is imported only now, after configure_runtime has set its environment.
     from tunepipe.flows.pipeline import pipeline
-    from tunepipe.tasks.core.selection import RunPlan
 
-    try:
-        plan = RunPlan(stages=config.stages(), until=args.until, from_stage=args.from_stage)
-    except ValueError as exc:
-        raise ConfigError(str(exc).splitlines()[-1].removeprefix("  Value error, ")) from None
-    summary = pipeline(config=config, plan=plan)
+    from prefect.exceptions import TerminationSignal
+
+    with owned_prefect_server():
+        try:
+            summary = pipeline(config=config, plan=plan)
+        except (KeyboardInterrupt, TerminationSignal) as exc:
+            # Ctrl-C or SIGTERM: Prefect has marked the flow run crashed; staging is kept for resume.
+            code = 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signal
+            print("tunepipe: run interrupted; the same command resumes it (cached stages reused, training from its "
+                  "last checkpoint)", file=sys.stderr)
+            return code
     if args.json:
         print(json.dumps(summary, default=str))
     else:
         _print_summary(summary)
     return 0
+
+
+def run_plan(config, args: argparse.Namespace):
+    from pydantic import ValidationError
+    from tunepipe.tasks.core.selection import RunPlan
+
+    try:
+        return RunPlan(stages=config.stages(), until=args.until, from_stage=args.from_stage)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 
 
 def _print_summary(summary: dict) -> None:

@@ -11,6 +11,7 @@ section (if the pipeline has one) gives the defaults the flags override.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,21 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     return serve
 
 
+CLI_API_KEY_ENV = "TUNEPIPE_SERVE_API_KEY"  # where `--api-key K` is kept for this process
+
+
 def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """The ServeConfig fields the command line sets."""
     fields: dict[str, Any] = {}
     for name in ("base", "engine", "host", "port", "api_key", "api_key_env", "max_loras", "max_lora_rank", "served_model_name"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if "api_key" in fields:
+        from tunepipe.tasks.core.secrets import is_reference
+
+        if not is_reference(fields["api_key"]):  # configs hold references only: the flag's key goes to our environment
+            os.environ[CLI_API_KEY_ENV] = fields["api_key"]
+            fields["api_key"] = "${" + CLI_API_KEY_ENV + "}"
     if args.lora_modules:
         fields["lora_modules"] = dict(args.lora_modules)
     if args.allowed_adapter_dir:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ from tunepipe.schemas.manifest import ArtifactRef, FileEntry, Manifest
 from tunepipe.tasks.core.fingerprint import sha256_file
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("tunepipe.artifacts")  # reaches the Prefect run log (PREFECT_LOGGING_EXTRA_LOGGERS)
 
 
 class ArtifactStore:
@@ -77,7 +79,12 @@ class ArtifactStore:
             return None
         problems = self.verify(final)
         if problems:
-            self._discard(stage, final, reason="; ".join(problems[:5]))
+            target = self._discard(stage, final, reason="; ".join(problems))
+            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+            log.warning(
+                "artifact %s/%s failed verification (%d file(s): %s); moved to %s, recomputing",
+                stage, key, len(problems), shown, target,
+            )
             return None
         return ArtifactRef(stage=stage, key=key, path=str(final), cached=True)
 
@@ -135,12 +142,13 @@ class ArtifactStore:
         _fsync_dir(final.parent)
         return ArtifactRef(stage=manifest.stage, key=manifest.key, path=str(final), cached=False)
 
-    def _discard(self, stage: str, path: Path, *, reason: str) -> None:
+    def _discard(self, stage: str, path: Path, *, reason: str) -> Path:
         trash = self._trash_dir(stage)
         trash.mkdir(parents=True, exist_ok=True)
         target = trash / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         os.rename(path, target)
         (target / ".discarded-because").write_text(reason + "\n")
+        return target
 
 
 def read_manifest(path: str | Path) -> Manifest:

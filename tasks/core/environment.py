@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from tunepipe.environments import PROFILES_DIR
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.tasks.core.loading import ConfigError, validate_yaml_mapping
+from tunepipe.tasks.core.loading import ConfigError, read_yaml, validate_yaml_mapping
 
 
 def bundled_profiles() -> list[str]:
@@ -30,8 +29,8 @@ def profile_path(name_or_path: str, base_dir: Path | None = None) -> Path:
 
 def load_environment(name_or_path: str, base_dir: Path | None = None) -> EnvironmentProfile:
     path = profile_path(name_or_path, base_dir)
-    text = path.read_text()
-    return validate_yaml_mapping(EnvironmentProfile, yaml.safe_load(text) or {}, text=text, source=str(path))
+    text, data = read_yaml(path, "environment profile")
+    return validate_yaml_mapping(EnvironmentProfile, data or {}, text=text, source=str(path))
 
 
 def deepspeed_config_path(env: EnvironmentProfile) -> Path | None:

@@ -4,6 +4,8 @@ use it without its key depending on the other stages' schemas."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,8 @@ def field_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not re.fullmatch(r"[A-Za-z_][\w-]*", str(part)):  # a key that would blur the path: quoted
+            out += f"[{json.dumps(str(part))}]"
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
@@ -75,12 +79,83 @@ def validate_yaml_mapping(model: type[M], data: Any, *, text: str | None, source
         raise ConfigError(format_validation_error(exc, text=text, source=source)) from None
 
 
-def read_yaml(path: Path) -> tuple[str, Any]:
+class StrictYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.1 surprises removed.
+
+    - Booleans are YAML 1.2's: only true/false. `on`, `off`, `yes`, `no`, `y`, `n` stay strings,
+      so `notifications: {on: [failure]}` has the key "on" and `country: no` is "no". (A boolean
+      field still accepts them: pydantic reads "yes"/"on" as true where a bool is declared.)
+    - A key given twice in one mapping is an error naming both lines, not "the last one wins".
+    """
+
+
+StrictYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _no_duplicate_keys(loader: StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:  # an unhashable key: the constructor below names it
+            continue
+        if first != line:
+            raise ConfigError(f"{key_node.start_mark.name}:{line}: duplicate key {key!r} (first given at line {first})")
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text → Python data, with StrictYamlLoader; errors as `source:line: problem`."""
+    loader = None
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    try:
-        return text, yaml.safe_load(text)
+        loader = StrictYamlLoader(text)  # reads the text at once: control characters fail here
+        loader.name = source
+        return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{source}:{line}: not valid YAML: character {exc.character!r} is not allowed (only printable text)") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_text_file(path: Path, what: str = "config file") -> str:
+    """A user's text file, or a ConfigError that says why not (missing, a directory, not UTF-8)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a {what}") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the {what}") from None
+    except UnicodeDecodeError as exc:
+        text = path.read_bytes()[: exc.start]
+        line = text.count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+def read_yaml(path: Path, what: str = "config file") -> tuple[str, Any]:
+    """The one reader of every YAML file a user gives us (pipeline configs, environment profiles)."""
+    text = read_text_file(path, what)
+    return text, parse_yaml(text, str(path))

@@ -6,7 +6,9 @@ Prefect reads its settings from the environment when it is first imported, so th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 QUIET_DEFAULTS = {
@@ -28,3 +30,75 @@ def configure_runtime(workdir: str | Path) -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from tunepipe.tasks.core.secrets import install_log_redaction
+
+    install_log_redaction()  # credential-shaped URL parts and headers never reach a log line
+
+
+class _Subprocess:
+    """`subprocess` as Prefect's server module sees it, with Popen starting the server tied to us."""
+
+    def __init__(self, preexec):
+        import subprocess
+
+        self._module = subprocess
+        self._preexec = preexec
+
+    def Popen(self, *args, **kwargs):  # noqa: N802 - the name Prefect calls
+        # Its own session: a Ctrl-C or a SIGTERM to our process group does not reach the server,
+        # which must outlive the flow run long enough to record how it ended.
+        return self._module.Popen(*args, preexec_fn=self._preexec, start_new_session=True, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: the kernel kills this child when the process that started it dies, SIGKILL included."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def owned_prefect_server():
+    """The run's temporary Prefect API server as a child that cannot outlive this process.
+
+    Prefect's own ephemeral server is a plain child in our process group: `kill -9` of the run
+    left it running (about 230 MB, still using CPU), and a group SIGTERM/Ctrl-C stopped it before
+    the flow run could be marked crashed (the client retried for minutes; the run stayed
+    Running). Started here, from the main thread (PR_SET_PDEATHSIG follows the thread that
+    forked), it dies with us and stays up until the run has recorded its end. With
+    PREFECT_API_URL set (a real server) or off Linux, nothing is started.
+    """
+    import sys
+
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    from prefect.server.api import server as server_module
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = server_module.SubprocessASGIServer()
+    original = server_module.subprocess
+    server_module.subprocess = _Subprocess(_die_with_parent(os.getpid()))
+    try:
+        server.start()
+    finally:
+        server_module.subprocess = original
+    try:
+        os.environ["PREFECT_API_URL"] = server.api_url  # child processes (training launchers) talk to it too
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()

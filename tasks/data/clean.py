@@ -148,7 +148,9 @@ class Cleaner:
         self.counts["html_records"] += self._html
         self.counts["control_char_records"] += self._control
         self.counts["nfkc_changed_records"] += self._nfkc
-        if not response_text(record) or (kind == "preference" and not record["rejected"]):
+        if kind == "preference":
+            degenerate_pair(record["chosen"], record["rejected"])
+        if not response_text(record):
             raise RecordError("empty_output", "the target text is empty after cleaning")
         if prompt_empty:
             raise RecordError("empty_prompt", "the prompt is empty after cleaning")
@@ -184,6 +186,16 @@ def load_token_counter(path: str):
         return [len(ids) for ids in auto(texts, add_special_tokens=False)["input_ids"]]
 
     return count_auto
+
+
+def degenerate_pair(chosen: str, rejected: str) -> None:
+    """A preference pair that teaches nothing: a side empty, or both sides the same text once
+    case and whitespace are set aside (reward modeling and DPO would learn noise from it)."""
+    for side, value in (("chosen", chosen), ("rejected", rejected)):
+        if not (value or "").strip():
+            raise RecordError("empty_output", f"the {side} response is empty after cleaning")
+    if " ".join(chosen.split()).casefold() == " ".join(rejected.split()).casefold():
+        raise RecordError("identical_pair", "chosen and rejected are the same text after normalisation (case, whitespace)")
 
 
 def token_bound_reason(count: int, config: CleanConfig) -> tuple[str, str] | None:

@@ -109,6 +109,15 @@ def table(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def empty_source_warnings(report: dict[str, Any]) -> list[str]:
+    """One line per source file that had records and kept none of them, with its top reasons."""
+    out = []
+    for label, counts in report["files"].items():
+        if counts.get("read") and not counts.get("kept"):
+            out.append(f"every record of {label} was rejected ({counts['read']} read); see rejected.jsonl")
+    return out
+
+
 def summary(report: dict[str, Any]) -> str:
     lines = [
         "## Data",
@@ -119,6 +128,7 @@ def summary(report: dict[str, Any]) -> str:
         f"preferences {report['preferences']['total']}, corpus {report['corpus']}.",
         "",
     ]
+    lines += [f"**Warning:** {w}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
     if report["rejected"]:
         lines += ["| reason | rejected |", "| --- | ---: |"]
         lines += [f"| {reason} | {n} |" for reason, n in report["rejected"].items()]

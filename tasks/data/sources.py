@@ -28,10 +28,11 @@ MAX_RAW_CHARS = 10_000  # a malformed remainder of a .json file is kept only thi
 
 @dataclass(frozen=True)
 class Malformed:
-    """Text that is not a JSON record; `error` says why."""
+    """Text that is not a JSON record; `error` says why, `reason` is its rejection reason."""
 
     text: str
     error: str
+    reason: str = "malformed_json"
 
 
 def plan_files(source: SourceConfig) -> list[tuple[Path | None, str, str]]:
@@ -112,7 +113,9 @@ def _read_jsonl(file: Path, label: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(file: Path, label: str) -> Iterator[tuple[str, Any]]:
-    """A JSON array (or one object). Elements are decoded one at a time to know their line."""
+    """A JSON array of records. Elements are decoded one at a time to know their line. Anything
+    else at the top level (one object, a string) is one rejected record that says what it is,
+    not a record "missing 'instruction'"."""
     text = file.read_text(encoding="utf-8", errors="replace")
     decoder = json.JSONDecoder()
     pos = _skip_ws(text, 0)
@@ -124,7 +127,7 @@ def _read_json(file: Path, label: str) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             yield f"{label}:{_line_of(text, pos)}", Malformed(text[pos:][:MAX_RAW_CHARS], str(exc))
             return
-        yield f"{label}:{_line_of(text, pos)}", obj
+        yield f"{label}:{_line_of(text, pos)}", Malformed(text[pos:][:MAX_RAW_CHARS], _not_an_array(obj), "json_not_a_list")
         return
     pos += 1
     line, line_pos = 1, 0
@@ -150,6 +153,16 @@ def _read_json(file: Path, label: str) -> Iterator[tuple[str, Any]]:
             line += text.count("\n", line_pos, pos)
             yield f"{label}:{line}", Malformed(text[pos:][:MAX_RAW_CHARS], "expected ',' or ']' in JSON array")
             return
+
+
+def _not_an_array(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, list(obj)[:8])) + (", ..." if len(obj) > 8 else "")
+        lists = [k for k, v in obj.items() if isinstance(v, list)]
+        hint = f"; its key {lists[0]!r} holds a list: make that list the file's content" if lists else ""
+        return (f"the file holds one JSON object (keys: {keys}), not an array of records: put the records in a list "
+                f"[{{...}}, ...] or write one per line as .jsonl{hint}")
+    return f"the file holds a JSON {type(obj).__name__}, not an array of records"
 
 
 def _skip_ws(text: str, pos: int) -> int:

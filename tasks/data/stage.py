@@ -39,6 +39,7 @@ from tunepipe.tasks.data.formats import (
 )
 from tunepipe.tasks.data.report import (
     build_report,
+    empty_source_warnings,
     metrics,
     quality_rejected,
     summary,
@@ -168,6 +169,9 @@ class _DataRun:
             },
             timings=self.timings,
         )
+        report["warnings"] = empty_source_warnings(report)
+        for warning in report["warnings"]:
+            self.log.warning("data: %s", warning)
         (self.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (self.out / "validation.json").write_text(json.dumps(outcome.results, indent=1, default=str))
         assert report["read"] == report["kept"] + report["rejected_total"], "data stage lost records"
@@ -187,7 +191,7 @@ class _DataRun:
                 for location, raw in read_file(file, file_type, label, source):
                     self.read += 1
                     if type(raw) is Malformed:
-                        self._reject(raw.text, "malformed_json", location, raw.error)
+                        self._reject(raw.text, raw.reason, location, raw.error)
                         continue
                     try:
                         record = parse_record(raw, fmt, task, field_map, task_field)
@@ -328,6 +332,8 @@ class _DataRun:
             if failure.blocking:
                 examples = f", e.g. {failure.examples[:3]}" if failure.examples else ""
                 problems.append(f"expectation '{failure.name}' failed for {failure.count} row(s){examples}")
+        if self.config.fail_on_empty_source and report["warnings"]:
+            problems += [f"{w} (fail_on_empty_source)" for w in report["warnings"]]
         read, bad = report["read"], quality_rejected(report)
         limit = self.config.max_rejected_fraction
         if read and bad / read > limit:

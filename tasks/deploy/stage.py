@@ -62,6 +62,9 @@ def api_key(config: DeployConfig) -> str | None:
     value = os.environ.get(config.api_key_env)
     if not value:
         raise StageFailed(f"deploy: api_key_env {config.api_key_env} is not set in the environment")
+    from tunepipe.tasks.core.secrets import remember
+
+    remember(value)  # masked in every log line from here on
     return value
 
 

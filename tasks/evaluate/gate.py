@@ -31,17 +31,22 @@ def _verdict(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'} {text}"
 
 
-def win_rate_rule(threshold: float, e: GateEvidence) -> str:
+def win_rate_rule(threshold: float, min_decisive: int, e: GateEvidence) -> str:
+    """The exact interval of the decisive win share must clear `threshold`, on enough decisive pairs."""
     win = e.win or {}
+    counts = f"{win.get('wins', 0)} wins / {win.get('ties', 0)} ties / {win.get('losses', 0)} losses by {e.judge}, n={win.get('n', 0)}"
+    decisive = win.get("decisive", win.get("wins", 0) + win.get("losses", 0))
     low = win.get("ci_low")
     if low is None:
-        return _verdict(False, f"win rate lower bound > {threshold}: no interval (n={win.get('n', 0)} prompts; need at least 2)")
+        return _verdict(False, f"win rate lower bound > {threshold}: no interval (no decisive pair; {counts})")
     level = round(100 * win["confidence_level"])
+    ok = low > threshold and decisive >= min_decisive
+    enough = "" if decisive >= min_decisive else f"; only {decisive} decisive pairs, need at least {min_decisive}"
     return _verdict(
-        low > threshold,
-        f"win rate lower bound {low:.3f} {'>' if low > threshold else '<='} {threshold} (win rate {win['win_rate']:.3f}, "
-        f"{level}% CI [{low:.3f}, {win['ci_high']:.3f}]; {win['wins']} wins / {win['ties']} ties / {win['losses']} losses "
-        f"by {e.judge}, n={win['n']})",
+        ok,
+        f"win rate lower bound {low:.3f} {'>' if low > threshold else '<='} {threshold} (wins among {decisive} decisive pairs "
+        f"{win.get('decisive_win_rate', 0) or 0:.3f}, exact {level}% CI [{low:.3f}, {win['ci_high']:.3f}]; win rate "
+        f"{win['win_rate']:.3f}; {counts}{enough})",
     )
 
 
@@ -73,7 +78,7 @@ def decide(rules: GateRules, e: GateEvidence) -> tuple[bool, list[str]]:
     """(passed, reasons): one reason per configured rule."""
     reasons = []
     if rules.min_win_rate_lower_bound is not None:
-        reasons.append(win_rate_rule(rules.min_win_rate_lower_bound, e))
+        reasons.append(win_rate_rule(rules.min_win_rate_lower_bound, rules.min_decisive_pairs, e))
     if rules.max_task_metric_drop is not None:
         reasons.append(drop_rule("max task metric drop", rules.max_task_metric_drop, e.tasks, e.primary_metric, "no tasks evaluated"))
     if rules.max_forgetting_drop is not None:

@@ -294,6 +294,10 @@ def openai_client(endpoint: Any) -> Any:
     key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
     if endpoint.api_key_env and not key:
         raise StageFailed(f"evaluate: {endpoint.url}: the API key variable {endpoint.api_key_env} is not set")
+    if key:
+        from tunepipe.tasks.core.secrets import remember
+
+        remember(key)  # masked in every log line from here on
     return OpenAI(base_url=endpoint.url, api_key=key or "EMPTY", timeout=endpoint.timeout_s, max_retries=endpoint.max_retries)
 
 

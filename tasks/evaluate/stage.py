@@ -232,7 +232,7 @@ def pairwise(config: EvaluateConfig, runs: dict[str, TaskRun], ctx: StageContext
     base_scores = [v for run in runs.values() for v in run.baseline_values[config.primary_metric]]
     ab = {
         "judge": settings.judge,
-        "win_rate": stats.win_rate(everything, ties=settings.ties, **options),
+        "win_rate": stats.win_rate(everything, ties=settings.ties, confidence_level=settings.confidence_level),
         "per_task": {task: {k: v for k, v in zip(("wins", "ties", "losses"), _counts(o))} for task, o in outcomes.items()},
         "sign_test": stats.sign_test(cand_scores, base_scores, tie_margin=settings.tie_margin),
         "paired_bootstrap": stats.paired_bootstrap(cand_scores, base_scores, **options),

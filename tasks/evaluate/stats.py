@@ -1,5 +1,5 @@
-"""The A/B statistics: a win rate with its bootstrap interval, the paired bootstrap of a metric
-difference, and the sign test. scipy does the resampling and the binomial test.
+"""The A/B statistics: a win rate with its exact binomial interval on decisive pairs, the paired
+bootstrap of a metric difference, and the sign test. scipy does the resampling and the binomial tests.
 
 Outcomes are from the candidate's side: "win" means the candidate's answer was judged better.
 """
@@ -36,30 +36,37 @@ def win_rate(
     *,
     ties: Literal["half", "exclude"] = "half",
     confidence_level: float = 0.95,
-    n_resamples: int = 2000,
-    method: str = "percentile",
-    seed: int = 0,
 ) -> dict[str, Any]:
-    """Counts, the win rate and its bootstrap interval over prompts.
+    """Counts, the win rate, and an exact interval of the share of decisive pairs the candidate wins.
 
-    `half`: each prompt scores 1 / 0.5 / 0 and the win rate is their mean. `exclude`: ties are
-    dropped and the win rate is wins / (wins + losses). The interval resamples prompts (with the
-    ties' policy applied to each resample's prompts); None when fewer than two prompts count.
+    `win_rate` is descriptive: `half` scores each prompt 1 / 0.5 / 0 and averages; `exclude`
+    is wins / (wins + losses). The interval is what the gate trusts: the exact (Clopper-Pearson)
+    binomial interval of wins among decisive pairs (ties carry no evidence either way), valid at
+    any sample size. A bootstrap over prompts is not: with 4 wins, 28 ties and no loss every
+    resample's mean is at least 0.5, so its interval excluded 0.5 where the sign test gave p = 0.06.
+    The lower bound exceeds 0.5 exactly when the one-sided sign test rejects at alpha = (1 - level) / 2.
+    None without a decisive pair.
     """
+    from scipy.stats import binomtest
+
     counts = Counter(outcomes)
     unknown = set(counts) - set(OUTCOME_SCORE)
     if unknown:
         raise ValueError(f"unknown outcomes {sorted(unknown)}")
     kept = [o for o in outcomes if ties == "half" or o != TIE]
     scores = np.array([OUTCOME_SCORE[o] for o in kept], dtype=float)
+    wins, losses = counts[WIN], counts[LOSS]
+    decisive = wins + losses
     result: dict[str, Any] = {
-        "wins": counts[WIN], "ties": counts[TIE], "losses": counts[LOSS], "n": len(outcomes), "ties_policy": ties,
+        "wins": wins, "ties": counts[TIE], "losses": losses, "n": len(outcomes), "ties_policy": ties,
         "win_rate": round(float(scores.mean()), 4) if len(scores) else None,
+        "decisive": decisive, "decisive_win_rate": round(wins / decisive, 4) if decisive else None,
+        "interval": "exact binomial (Clopper-Pearson) on decisive pairs",
         "ci_low": None, "ci_high": None, "confidence_level": confidence_level,
     }
-    if len(scores) >= 2:
-        interval = _bootstrap(scores, confidence_level=confidence_level, n_resamples=n_resamples, method=method, seed=seed).confidence_interval
-        result["ci_low"], result["ci_high"] = _clean(interval.low, result["win_rate"]), _clean(interval.high, result["win_rate"])
+    if decisive:
+        interval = binomtest(wins, decisive, 0.5).proportion_ci(confidence_level=confidence_level, method="exact")
+        result["ci_low"], result["ci_high"] = round(float(interval.low), 4), round(float(interval.high), 4)
     return result
 
 

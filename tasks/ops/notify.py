@@ -52,13 +52,25 @@ def post_json(url: str, payload: dict[str, Any], *, timeout: float, headers: dic
 
 
 def send(settings: NotificationsConfig, payload: dict[str, Any]) -> bool:
-    """Post, log the outcome, never raise."""
+    """Resolve the webhook's `${NAME}` references (in memory only), post, log the outcome with the
+    URL redacted, never raise."""
+    from tunepipe.schemas.operations import check_webhook_url
+    from tunepipe.tasks.core.secrets import SecretMissing, redact, redact_url, resolve
+
+    shown = redact_url(settings.webhook_url)
     try:
-        status = post_json(settings.webhook_url, payload, timeout=settings.timeout_s, headers=settings.headers)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("notification to %s failed: %s", settings.webhook_url, exc)
+        url = resolve(settings.webhook_url, "notifications.webhook_url")
+        headers = {name: resolve(value, f"notifications.headers.{name}") for name, value in settings.headers.items()}
+        check_webhook_url(url, settings.allow_remote, literal=False)
+        shown = redact_url(url)
+        status = post_json(url, payload, timeout=settings.timeout_s, headers=headers)
+    except SecretMissing as exc:
+        log.warning("notification not sent: %s", exc)
         return False
-    log.info("notification %s sent to %s (HTTP %s)", payload.get("event"), settings.webhook_url, status)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("notification to %s failed: %s", shown, redact(str(exc)))
+        return False
+    log.info("notification %s sent to %s (HTTP %s)", payload.get("event"), shown, status)
     return True
 
 

@@ -34,6 +34,7 @@ from tunepipe.tasks.serving.batcher import Batcher
 from tunepipe.tasks.serving.engine import AdapterError, MultiLoraEngine, Row, Sampling
 from tunepipe.tasks.serving.protocol import (
     APIError,
+    UnsupportedField,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoraRequest,
@@ -198,10 +199,20 @@ class _State:
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> list[int]:
         try:
             if chat:
-                return self.engine.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
-            return self.engine.completion_ids(body.prompt_text())
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
+                ids = self.engine.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+            else:
+                ids = self.engine.completion_ids(body.prompt_text())
+        except (ValueError, TypeError, KeyError) as exc:  # the chat template's own checks (roles, order) included
+            raise APIError(400, str(exc) or type(exc).__name__, param="messages" if chat else "prompt") from None
+        if ids:
+            return ids
+        # An empty prompt: as OpenAI does, generate from the start of a new document.
+        tokenizer = self.engine.tokenizer
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise APIError(400, "the prompt is empty and this model has no start-of-text token to begin from",
+                           param="messages" if chat else "prompt")
+        return [start]
 
     def _max_tokens(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         wanted = body.max_tokens or self.limits.max_tokens
@@ -311,6 +322,13 @@ class _Job:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                  "created": self.created, "model": self.served, "choices": [choice]}
+        if self.body.include_usage():  # every other chunk carries usage: null
+            chunk["usage"] = None
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def _usage_chunk(self, completion_tokens: int) -> str:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.served, "choices": [], "usage": self._usage(completion_tokens)}
         return f"data: {json.dumps(chunk)}\n\n"
 
     async def sse(self) -> AsyncIterator[str]:
@@ -329,6 +347,8 @@ class _Job:
                     _, finish_reason, n = event
                     self._release("ok", n)
                     yield self._chunk(None, finish_reason)
+                    if self.body.include_usage():  # OpenAI: one more chunk, no choices, the request's usage
+                        yield self._usage_chunk(n)
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -338,6 +358,34 @@ class _Job:
 
 
 # ---------------------------------------------------------------------------- errors and limits
+
+def request_error(errors: list[dict[str, Any]]) -> APIError:
+    """A request body that failed validation → one 400 naming the field (OpenAI's `param`), not a
+    position in the JSON text or pydantic's wording."""
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+    loc = tuple(first.get("loc", ()))[1:]  # drop "body"
+    kind = first.get("type", "")
+    cause = (first.get("ctx") or {}).get("error")
+    if kind == "json_invalid":
+        at = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        return APIError(400, f"request body is not valid JSON{at}: {cause or first.get('msg')}")
+    if isinstance(cause, UnsupportedField):
+        return APIError(400, str(cause), param=cause.param, code="unsupported_parameter")
+    if not loc:
+        if kind == "missing":
+            return APIError(400, "request body is missing or null: send a JSON object")
+        if kind in ("model_attributes_type", "dict_type", "model_type"):
+            return APIError(400, "request body must be a JSON object")
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not str(part).startswith(("function-", "tagged-union")) and part not in ("str", "list[str]", "int", "list[dict[str,any]]"):
+            param += f".{part}" if param else str(part)
+    param = param or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"{param or 'body'}: {message}", param=param)
+
 
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
@@ -350,9 +398,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error_response(APIError(400, f"{param or 'body'}: {first.get('msg')}", param=param))
+        return _error_response(request_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -31,6 +31,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code or kind}}
 
 
+MAX_STOP_SEQUENCES = 4  # OpenAI: "Up to 4 sequences where the API will stop generating further tokens."
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -41,15 +50,41 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int = Field(default=1, ge=1)
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=1, ge=1)
     user: str | None = None
+    # Accepted only at their defaults: the engine has no log-probabilities, penalties or biases.
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
+    def _one_choice(cls, value: int | None) -> int:
+        if value not in (None, 1):
             raise ValueError("only n=1 is supported: send one request per sample")
+        return 1
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> "_Request":
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedField("stream_options", "stream_options is only allowed when stream is true")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise UnsupportedField(name, f"{name} is not supported by this server (only 0)")
+        if self.logit_bias:
+            raise UnsupportedField("logit_bias", "logit_bias is not supported by this server")
+        return self
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -57,8 +92,20 @@ class _Request(BaseModel):
         return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
 
+class UnsupportedField(ValueError):
+    """A request field this server cannot honour: answered 400 with the field as `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -66,6 +113,18 @@ class CompletionRequest(_Request):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("one prompt per request: send a string (or a list of one string)")
         return value
+
+    @model_validator(mode="after")
+    def _completion_supported(self) -> "CompletionRequest":
+        if self.logprobs is not None:
+            raise UnsupportedField("logprobs", "logprobs are not supported by this server")
+        if self.echo:
+            raise UnsupportedField("echo", "echo is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise UnsupportedField("best_of", "only best_of=1 is supported")
+        if self.suffix:
+            raise UnsupportedField("suffix", "suffix (insertion) is not supported by this server")
+        return self
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -89,6 +148,19 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> "ChatCompletionRequest":
+        if self.logprobs or self.top_logprobs is not None:
+            raise UnsupportedField("logprobs", "logprobs are not supported by this server")
+        if self.max_completion_tokens is not None:  # the newer name of max_tokens
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise UnsupportedField("max_completion_tokens", "max_tokens and max_completion_tokens differ: send one")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class LoadLoraRequest(BaseModel):

@@ -157,10 +157,19 @@ def check_router(config: ServeConfig) -> None:
 
 
 def api_key(config: ServeConfig) -> str | None:
-    """The key from `api_key`, or from the environment variable `api_key_env` names."""
+    """The key from the environment variable `api_key_env` names, or `api_key`'s `${NAME}`
+    reference resolved; in memory only."""
+    from tunepipe.tasks.core.secrets import SecretMissing, remember, resolve
+
     if config.api_key_env:
         value = os.environ.get(config.api_key_env)
         if not value:
             raise ServePlanError(f"api_key_env: the environment variable {config.api_key_env} is not set")
+        remember(value)
         return value
-    return config.api_key
+    if config.api_key is None:
+        return None
+    try:
+        return resolve(config.api_key, "api_key")
+    except SecretMissing as exc:
+        raise ServePlanError(str(exc)) from None

@@ -259,3 +259,85 @@ def test_notifications_on_completion_gate_and_failure(stack, tmp_path):
     assert failure["failure"]["stage"] == "data"
     assert "expectation 'rule no-units' failed for 1 row(s)" in failure["failure"]["reason"]
     assert "rejected.jsonl" in failure["failure"]["reason"] and failure["failure"]["fix"]
+
+
+# Dependency-sensitive server services. The scheduler, the trigger evaluator and the concurrency
+# endpoints run SQL that a resolver change can break without breaking anything else (SQLAlchemy 2.1
+# made prefect 3.8.8's scheduler fail on every pass while deploys and manual runs still worked):
+# each is checked by what the server itself does. Deployments go to a pool no worker polls, so
+# what the server creates stays there to be read.
+IDLE_POOL = "tunepipe-nobody-polls"
+
+
+def scheduled_runs(deployment_id, count: int, timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in deployment_runs(deployment_id) if r.state and r.state.is_scheduled()]
+        if len(runs) >= count:
+            return sorted(runs, key=lambda r: r.expected_start_time)
+        time.sleep(1)
+    raise AssertionError(f"the server's scheduler created no {count} runs in {timeout}s (is SQLAlchemy pinned as pyproject says?)")
+
+
+def test_server_scheduler_creates_cron_and_interval_runs(stack, tmp_path):
+    import datetime
+    from zoneinfo import ZoneInfo
+
+    from tunepipe.flows.deployments import deploy
+    from tunepipe.tasks.core.config import load_pipeline_config
+
+    ids = {}
+    for name, schedule in {
+        "weekly": {"cron": "0 3 * * 1", "timezone": "Europe/Berlin"},
+        "daily": {"interval_s": 86400},
+    }.items():
+        path = tiny_config(tmp_path, name, schedule=schedule, deployment={"work_pool": IDLE_POOL})
+        ids.update(deploy(path, load_pipeline_config(path), api_url=stack.url))
+    cron_runs = scheduled_runs(ids["tunepipe-retrain/weekly"], 3)
+    interval_runs = scheduled_runs(ids["tunepipe-retrain/daily"], 3)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for run in cron_runs:
+        local = run.expected_start_time.astimezone(ZoneInfo("Europe/Berlin"))
+        assert (local.weekday(), local.hour, local.minute) == (0, 3, 0) and run.expected_start_time > now
+    starts = [r.expected_start_time for r in interval_runs]
+    assert all(b - a == datetime.timedelta(days=1) for a, b in zip(starts, starts[1:])) and starts[0] > now
+    assert all(r.parameters["pipeline_name"] == "daily" for r in interval_runs)
+
+
+def test_server_trigger_starts_a_run_on_an_event(stack, tmp_path):
+    from tunepipe.flows.deployments import deploy
+    from tunepipe.tasks.core.config import load_pipeline_config
+    from tunepipe.tasks.ops.watch import DataVersion, emit_version_event
+
+    inbox = tmp_path / "trigger-inbox"
+    inbox.mkdir()
+    path = tiny_config(tmp_path, "triggered", watch={"inbox": str(inbox)}, deployment={"work_pool": IDLE_POOL})
+    config = load_pipeline_config(path)
+    (deployment_id,) = deploy(path, config, api_url=stack.url).values()
+    version = DataVersion(version="v-planted", path=str(inbox), seq=1, files=[], created_at="2026-01-01T00:00:00Z")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        emit_version_event("triggered", config.workdir, version)  # again until the automation is loaded
+        runs = deployment_runs(deployment_id)
+        if runs:
+            break
+        time.sleep(3)
+    assert runs, "the deployment's trigger started no run for its event"
+    assert {r.parameters["data_version"] for r in runs} == {"v-planted"}
+
+
+def test_server_global_concurrency_limit_holds_slots(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="tunepipe-gpu-test", limit=1))
+    with concurrency("tunepipe-gpu-test", occupy=1):
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name("tunepipe-gpu-test").active_slots == 1
+        with pytest.raises(TimeoutError):
+            with concurrency("tunepipe-gpu-test", occupy=1, timeout_seconds=2):
+                pass
+    with concurrency("tunepipe-gpu-test", occupy=1, timeout_seconds=10):  # released: free again
+        pass

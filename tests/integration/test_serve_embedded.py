@@ -82,9 +82,10 @@ def served(tmp_path_factory):
         expected[name] = {p: offline_greedy(model, tokenizer, ids) for p, ids in completion_ids.items()}
         expected[name]["chat"] = offline_greedy(model, tokenizer, chat_ids)
 
+    os.environ["TUNEPIPE_TEST_SERVE_KEY"] = KEY  # the config refers to the key; the value never enters it
     config = ServeConfig(
         base=base, served_model_name="tiny", lora_modules={"alpha": adapters["alpha"], "beta": adapters["beta"]},
-        engine="embedded", api_key=KEY, allowed_adapter_dirs=[str(allowed)], max_tokens_limit=64, max_request_bytes=4096,
+        engine="embedded", api_key="${TUNEPIPE_TEST_SERVE_KEY}", allowed_adapter_dirs=[str(allowed)], max_tokens_limit=64, max_request_bytes=4096,
         max_lora_rank=8, batch_window_ms=50, max_loras=3,
         router={"name": "bot", "versions": {"alpha": 0.5, "beta": 0.5}, "log_path": str(root / "ab.jsonl"), "seed": 0},
     )
@@ -258,3 +259,74 @@ def test_ab_router_splits_by_weight_logs_each_request_and_sticks_to_users(client
     assert all(line["router"] == "bot" and line["status"] == "ok" and line["completion_tokens"] == MAX_TOKENS for line in lines)
     answer = complete(client, "bot", PROMPTS[0], user="user-0")
     assert answer.choices[0].text == served["expected"][answer.model][PROMPTS[0]]
+
+
+def raw_post(served, path: str, **kw) -> httpx.Response:
+    return httpx.post(served["url"] + path, headers={"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}, timeout=60, **kw)
+
+
+def test_empty_and_whitespace_prompts_generate_as_openai_does(client, served):
+    # OpenAI: an empty prompt generates as from the start of a new document. It answered 500 here.
+    for prompt in ("", "   ", "\n"):
+        answer = client.completions.create(model="alpha", prompt=prompt, max_tokens=3)
+        assert answer.usage.completion_tokens <= 3 and answer.choices[0].finish_reason in ("length", "stop")
+    reply = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "  "}], max_tokens=3)
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_malformed_bodies_name_the_problem_not_a_position(served):
+    broken = raw_post(served, "/v1/completions", content=b'{"model": "alpha", "prompt": "hi", "max_tokens": }',
+                      headers={"Content-Type": "application/json"})
+    error = broken.json()["error"]
+    assert broken.status_code == 400 and error["param"] is None and error["type"] == "invalid_request_error"
+    assert error["message"] == "request body is not valid JSON at character 49: Expecting value"
+    for body in (b"[1, 2]", b'"text"', b"null"):
+        answer = raw_post(served, "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and "JSON object" in answer.json()["error"]["message"], body
+    wrong = raw_post(served, "/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": 5}]})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "messages[0].content"
+
+
+@pytest.mark.parametrize("path, extra, param, message", [
+    ("/v1/completions", {"n": 2}, "n", "only n=1 is supported"),
+    ("/v1/completions", {"logprobs": 1}, "logprobs", "logprobs are not supported"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs", "logprobs are not supported"),
+    ("/v1/completions", {"echo": True}, "echo", "echo is not supported"),
+    ("/v1/completions", {"best_of": 3}, "best_of", "only best_of=1"),
+    ("/v1/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences, got 5"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ("/v1/chat/completions", {"logit_bias": {"50": 2}}, "logit_bias", "not supported"),
+])
+def test_unsupported_fields_are_a_400_naming_them(served, path, extra, param, message):
+    body = {"model": "alpha", "max_tokens": 2, **extra, **({"prompt": "hi"} if "chat" not in path else {"messages": CHAT})}
+    answer = raw_post(served, path, json=body)
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == param and message in error["message"], error
+
+
+def test_defaults_of_unsupported_fields_are_accepted(client):
+    # What the official clients send by default must not be refused.
+    answer = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, n=1, logprobs=False,
+                                            presence_penalty=0, frequency_penalty=0)
+    assert answer.usage.completion_tokens == 2
+    assert client.chat.completions.create(model="alpha", messages=CHAT, max_completion_tokens=2).usage.completion_tokens == 2
+
+
+def test_stop_lists_cut_at_the_first_stop_found(client, served):
+    full = served["expected"]["alpha"][PROMPTS[1]]
+    first, later = full[4:6], full[7:9]
+    cut = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, stop=["never-there", later, first])
+    assert cut.choices[0].text == full[: full.find(first)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_stream_options_include_usage_ends_with_a_usage_chunk(client, served):
+    chunks = list(client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=MAX_TOKENS, stream=True,
+                                                 stream_options={"include_usage": True}))
+    *content, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == MAX_TOKENS
+    assert last.usage.total_tokens == last.usage.prompt_tokens + MAX_TOKENS and last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in content)
+    assert "".join(c.choices[0].delta.content or "" for c in content) == served["expected"]["alpha"]["chat"]
+    pieces = list(complete(client, "beta", PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+    assert pieces[-1].choices == [] and pieces[-1].usage.completion_tokens == MAX_TOKENS

@@ -246,3 +246,41 @@ def test_mixing_counts_copies_apart(tmp_path):
     assert report["rejected"]["mix_downsampled"] == 1
     assert report["read"] == report["kept"] + report["rejected_total"]
     assert output.metrics["rejected_fraction"] == pytest.approx(21 / 62, abs=1e-6)  # mixing is not a quality loss (rule off: 21)
+
+
+DEGENERATE_PAIRS = [
+    {"prompt": "Suggest a name for a goldfish.", "chosen": "How about Bubbles?", "rejected": "how about   BUBBLES?"},
+    {"prompt": "Give a sleep tip.", "chosen": "Keep a regular bedtime.", "rejected": "   "},
+    {"prompt": "Recommend a novel.", "chosen": "", "rejected": "Try Moby-Dick."},
+]
+
+
+def degenerate_config(tmp_path: Path, **extra) -> DataConfig:
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"instruction": f"Question number {i} about the weather today?", "output": f"Answer {i}: it is sunny and warm."} for i in range(6)
+    ]))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DEGENERATE_PAIRS))
+    data = {"sources": [{"path": "good.jsonl", "format": "alpaca"}, {"path": "pairs.jsonl", "format": "preference"}],
+            "split": {"validation": 0.0, "test": 0.0}, "validation": {"enabled": False}, "max_rejected_fraction": 1.0, **extra}
+    return validate_yaml_mapping(DataConfig, data, text=None, source="data.yaml", context={"base_dir": str(tmp_path)})
+
+
+def test_degenerate_preference_pairs_are_rejected_and_an_all_rejected_source_is_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="test.data"):
+        run(degenerate_config(tmp_path), tmp_path / "out")
+    rejected = {r["source"]: (r["reason"], r["detail"]) for r in lines(tmp_path / "out" / "rejected.jsonl")}
+    assert rejected == {
+        "pairs.jsonl:1": ("identical_pair", "chosen and rejected are the same text after normalisation (case, whitespace)"),
+        "pairs.jsonl:2": ("empty_output", "the rejected response is empty after cleaning"),
+        "pairs.jsonl:3": ("empty_output", "the chosen response is empty after cleaning"),
+    }
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["preferences"]["total"] == 0 and report["kept"] == 6
+    assert report["warnings"] == ["every record of pairs.jsonl was rejected (3 read); see rejected.jsonl"]
+    assert "every record of pairs.jsonl was rejected" in caplog.text
+    assert not lines(tmp_path / "out" / "preferences.jsonl")
+
+
+def test_an_all_rejected_source_fails_when_configured(tmp_path):
+    with pytest.raises(StageFailed, match=r"every record of pairs.jsonl was rejected \(3 read\); see rejected.jsonl \(fail_on_empty_source\)"):
+        run(degenerate_config(tmp_path, fail_on_empty_source=True), tmp_path / "out")

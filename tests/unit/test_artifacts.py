@@ -53,7 +53,7 @@ def test_inputs_are_recorded_and_feed_the_key(tmp_path, cpu_env):
 
 
 @pytest.mark.parametrize("damage", ["edit", "delete", "extra", "manifest"])
-def test_damaged_artifact_is_recomputed_not_trusted(tmp_path, cpu_env, damage):
+def test_damaged_artifact_is_recomputed_not_trusted(tmp_path, cpu_env, damage, caplog):
     store = ArtifactStore(tmp_path / "artifacts")
     ref = run_stage(Producer(), ToyConfig(), {}, store, cpu_env)
     path = Path(ref.path)
@@ -66,8 +66,15 @@ def test_damaged_artifact_is_recomputed_not_trusted(tmp_path, cpu_env, damage):
     else:
         (path / MANIFEST).write_text("{not json")
     assert store.verify(path)
-    again = run_stage(Producer(), ToyConfig(), {}, store, cpu_env)
+    with caplog.at_level("WARNING", logger="tunepipe.artifacts"):
+        again = run_stage(Producer(), ToyConfig(), {}, store, cpu_env)
     assert again.cached is False and again.path == ref.path
+    # Said in the log: which artifact, which files, where it went.
+    named = {"edit": "out.txt: content differs from manifest", "delete": "out.txt: missing", "extra": "stray.bin: not in manifest",
+             "manifest": "manifest.json: unreadable"}[damage]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "tunepipe.artifacts"]
+    assert f"artifact producer/{ref.key} failed verification (1 file(s): " in warning and named in warning
+    assert "/.trash/" in warning and warning.endswith("recomputing")
     assert (path / "out.txt").read_text() == "hello\nhello\n"
     assert store.verify(path) == []
     trashed = list((tmp_path / "artifacts" / "producer" / ".trash").iterdir())

@@ -61,7 +61,8 @@ def test_user_metrics_fail_clearly():
 
 
 def _evidence(**overrides) -> GateEvidence:
-    win = {"wins": 15, "ties": 1, "losses": 4, "n": 20, "win_rate": 0.775, "ci_low": 0.6, "ci_high": 0.925, "confidence_level": 0.95}
+    win = {"wins": 15, "ties": 1, "losses": 4, "n": 20, "win_rate": 0.775, "decisive": 19, "decisive_win_rate": 0.7895,
+           "ci_low": 0.6, "ci_high": 0.925, "confidence_level": 0.95}
     return GateEvidence(**{"primary_metric": "token_f1", "win": win, "judge": "rule", "tasks": {"a": (0.8, 0.5), "b": (0.69, 0.7)},
                            "regression": {"r": (0.4, 0.5)}, "p_value": 0.01, **overrides})
 
@@ -69,8 +70,8 @@ def _evidence(**overrides) -> GateEvidence:
 def test_gate_reasons_state_the_numbers():
     passed, reasons = decide(GateRules(max_forgetting_drop=0.2, require_significant=True), _evidence())
     assert passed is True
-    assert reasons[0] == ("PASS win rate lower bound 0.600 > 0.5 (win rate 0.775, 95% CI [0.600, 0.925]; "
-                          "15 wins / 1 ties / 4 losses by rule, n=20)")
+    assert reasons[0] == ("PASS win rate lower bound 0.600 > 0.5 (wins among 19 decisive pairs 0.789, exact 95% CI "
+                          "[0.600, 0.925]; win rate 0.775; 15 wins / 1 ties / 4 losses by rule, n=20)")
     assert reasons[1].startswith("PASS max task metric drop 0.02: worst token_f1 change -0.010 on b (0.700 → 0.690)")
     assert reasons[2].startswith("PASS max forgetting drop 0.2: worst regression change -0.100 on r")
     assert reasons[3] == "PASS significant: sign test p = 0.01 < alpha 0.05 on token_f1"
@@ -82,8 +83,8 @@ def test_gate_reasons_state_the_numbers():
 
 
 def test_gate_fails_without_evidence():
-    passed, reasons = decide(GateRules(), _evidence(win={"n": 1, "ci_low": None}, regression={}))
-    assert passed is False and "no interval (n=1 prompts" in reasons[0]
+    passed, reasons = decide(GateRules(), _evidence(win={"n": 1, "ties": 1, "ci_low": None}, regression={}))
+    assert passed is False and "no interval (no decisive pair; 0 wins / 1 ties / 0 losses by rule, n=1)" in reasons[0]
     assert reasons[2] == "SKIP max forgetting drop: no regression tasks configured"
 
 
@@ -147,3 +148,33 @@ def test_serving_baseline_follows_the_registry_and_enters_the_key(tmp_path):
 def test_serving_baseline_needs_a_registry_name():
     with pytest.raises(ValidationError, match="baseline serving needs `registry` and `registry_name`"):
         EvaluateConfig.model_validate({"baseline": "serving"})
+
+
+def _gate_on(outcomes: list[str], rules: GateRules | None = None) -> tuple[bool, str]:
+    from tunepipe.tasks.evaluate.stats import win_rate
+
+    passed, reasons = decide(rules or GateRules(max_task_metric_drop=None, max_forgetting_drop=None), _evidence(win=win_rate(outcomes)))
+    return passed, reasons[0]
+
+
+def test_gate_holds_back_a_tie_heavy_candidate():
+    # The case: 4 wins, 28 ties, no loss. Neither the exact interval (sign test p = 0.0625)
+    # nor the decisive-pair minimum lets it through; both are said.
+    passed, reason = _gate_on(["win"] * 4 + ["tie"] * 28)
+    assert passed is False
+    assert reason.startswith("FAIL win rate lower bound 0.398 <= 0.5") and "only 4 decisive pairs, need at least 10" in reason
+    # Enough decisive pairs but still too few to be sure (7 of 10): the interval holds it back alone.
+    passed, reason = _gate_on(["win"] * 7 + ["loss"] * 3 + ["tie"] * 22)
+    assert passed is False and "0.347 <= 0.5" in reason and "need at least" not in reason
+    # A sure interval on too few decisive pairs (8 of 8, lower bound 0.631): the minimum holds it back.
+    passed, reason = _gate_on(["win"] * 8 + ["tie"] * 24)
+    assert passed is False and "0.631 > 0.5" in reason and "only 8 decisive pairs" in reason
+    passed, _ = _gate_on(["win"] * 8 + ["tie"] * 24, GateRules(min_decisive_pairs=8, max_task_metric_drop=None, max_forgetting_drop=None))
+    assert passed is True
+
+
+def test_gate_promotes_a_clearly_better_candidate_with_its_evidence():
+    passed, reason = _gate_on(["win"] * 20 + ["loss"] * 2 + ["tie"] * 10)
+    assert passed is True
+    assert reason == ("PASS win rate lower bound 0.708 > 0.5 (wins among 22 decisive pairs 0.909, exact 95% CI [0.708, 0.989]; "
+                      "win rate 0.781; 20 wins / 10 ties / 2 losses by rule, n=32)")

@@ -1,5 +1,5 @@
-"""The A/B statistics against values worked out by hand (exact bootstrap distributions of tiny
-samples, binomial tails) and against the normal approximation."""
+"""The A/B statistics against values worked out by hand (exact binomial intervals and tails,
+exact bootstrap distributions of tiny samples) and against the normal approximation."""
 
 from __future__ import annotations
 
@@ -12,34 +12,40 @@ from tunepipe.tasks.evaluate.stats import outcome_from_difference, paired_bootst
 
 def test_win_rate_counts_and_tie_policies():
     outcomes = ["win"] * 6 + ["tie"] * 2 + ["loss"] * 2
-    half = win_rate(outcomes, ties="half", n_resamples=500)
-    assert (half["wins"], half["ties"], half["losses"], half["n"]) == (6, 2, 2, 10)
-    assert half["win_rate"] == pytest.approx((6 + 0.5 * 2) / 10)
-    excluded = win_rate(outcomes, ties="exclude", n_resamples=500)
+    half = win_rate(outcomes, ties="half")
+    assert (half["wins"], half["ties"], half["losses"], half["n"], half["decisive"]) == (6, 2, 2, 10, 8)
+    assert half["win_rate"] == pytest.approx((6 + 0.5 * 2) / 10) and half["decisive_win_rate"] == 0.75
+    excluded = win_rate(outcomes, ties="exclude")
     assert excluded["win_rate"] == pytest.approx(6 / 8)
 
 
-def test_win_rate_interval_of_a_tiny_sample_matches_its_exact_bootstrap_distribution():
-    # Outcomes win, win, loss: a resample's mean is k/3 with k ~ Binomial(3, 2/3):
-    # P(0) = 1/27, P(1/3) = 6/27, P(2/3) = 12/27, P(1) = 8/27. The 10th percentile lies in 1/3
-    # (CDF 0.037 → 0.259) and the 90th in 1 (CDF at 2/3 is 0.704): the 80% interval is [1/3, 1].
-    result = win_rate(["win", "win", "loss"], confidence_level=0.8, n_resamples=20000, seed=1)
-    assert result["ci_low"] == pytest.approx(1 / 3, abs=1e-4) and result["ci_high"] == 1.0
+def test_win_rate_interval_is_the_exact_binomial_interval_by_hand():
+    # All n decisive pairs won: the Clopper-Pearson lower bound solves P(X >= n) = p^n = alpha/2,
+    # the upper is 1. 4 wins: 0.025 ** (1/4) = 0.3976; 80 wins: 0.025 ** (1/80) = 0.9549.
+    four = win_rate(["win"] * 4 + ["tie"] * 28)
+    assert four["ci_low"] == pytest.approx(0.025 ** 0.25, abs=1e-4) and four["ci_high"] == 1.0
+    assert win_rate(["win"] * 80 + ["tie"] * 48)["ci_low"] == pytest.approx(0.025 ** (1 / 80), abs=1e-4)
+    # One win of two decisive pairs, 80%: the bounds solve 1 - (1 - p)^2 = 0.1 and p^2 = 0.9.
+    one = win_rate(["win", "loss", "tie"], confidence_level=0.8)
+    assert one["ci_low"] == pytest.approx(1 - math.sqrt(0.9), abs=1e-4) and one["ci_high"] == pytest.approx(math.sqrt(0.9), abs=1e-4)
 
 
 def test_win_rate_interval_agrees_with_the_normal_approximation_on_a_large_sample():
     outcomes = ["win"] * 240 + ["loss"] * 160  # p = 0.6, n = 400
-    result = win_rate(outcomes, n_resamples=10000, seed=3)
+    result = win_rate(outcomes)
     half_width = 1.96 * math.sqrt(0.6 * 0.4 / 400)  # 0.048
     assert result["ci_low"] == pytest.approx(0.6 - half_width, abs=0.006)
     assert result["ci_high"] == pytest.approx(0.6 + half_width, abs=0.006)
 
 
-def test_unanimous_outcomes_give_a_point_interval():
-    assert (lambda r: (r["ci_low"], r["ci_high"]))(win_rate(["win"] * 5, n_resamples=200)) == (1.0, 1.0)
-    ties = win_rate(["tie"] * 5, n_resamples=200)
-    assert (ties["win_rate"], ties["ci_low"], ties["ci_high"]) == (0.5, 0.5, 0.5)
-    assert win_rate(["win"], n_resamples=200)["ci_low"] is None  # one prompt: no interval
+def test_ties_are_no_evidence_and_no_decisive_pair_gives_no_interval():
+    # 4 wins among 28 ties: the bootstrap over prompts gave [0.516, 0.625]; the exact interval
+    # on the 4 decisive pairs includes 0.5, as the sign test (p = 0.0625) says it must.
+    result = win_rate(["win"] * 4 + ["tie"] * 28)
+    assert result["win_rate"] == 0.5625 and result["ci_low"] < 0.5
+    ties = win_rate(["tie"] * 5)
+    assert (ties["win_rate"], ties["decisive"], ties["ci_low"], ties["ci_high"]) == (0.5, 0, None, None)
+    assert win_rate(["win"])["ci_low"] == pytest.approx(0.025, abs=1e-4)  # one decisive pair: an honest, wide interval
 
 
 def test_paired_bootstrap_p_value_of_a_two_prompt_sample():

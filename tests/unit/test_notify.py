@@ -46,12 +46,54 @@ class Receiver:
         return [r["body"] for r in self.received if r["body"]["event"] == kind]
 
 
-def test_post_reaches_a_loopback_receiver_with_headers():
+def test_post_reaches_a_loopback_receiver_with_headers(monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_TEST_HOOK_TOKEN", "tok-123456")
     with Receiver() as receiver:
-        settings = NotificationsConfig(webhook_url=receiver.url, headers={"X-Token": "t"}, allow_remote=False)
+        settings = NotificationsConfig(
+            webhook_url=receiver.url + "?token=${TUNEPIPE_TEST_HOOK_TOKEN}", allow_remote=False,
+            headers={"X-Token": "${TUNEPIPE_TEST_HOOK_TOKEN}", "Authorization": "Bearer ${TUNEPIPE_TEST_HOOK_TOKEN}", "X-Source": "ci"},
+        )
+        assert "tok-123456" not in settings.model_dump_json()  # what Prefect stores as the run's parameters
         assert notify.send(settings, {"event": "failure", "n": 1}) is True
     assert receiver.received[0]["body"] == {"event": "failure", "n": 1}
-    assert receiver.received[0]["headers"]["X-Token"] == "t"
+    headers = receiver.received[0]["headers"]
+    assert (headers["X-Token"], headers["Authorization"], headers["X-Source"]) == ("tok-123456", "Bearer tok-123456", "ci")
+
+
+def test_literal_credentials_are_refused_in_the_config():
+    for bad in ({"headers": {"Authorization": "Bearer abc123"}}, {"webhook_url": "http://127.0.0.1:9/x?token=abc123"},
+                {"webhook_url": "http://user:pw123@127.0.0.1:9/x"}, {"headers": {"X-Api-Key": "abc123"}}):
+        with pytest.raises(ValidationError, match=r"literal credential; give it by environment variable instead: `\$\{NAME\}`"):
+            NotificationsConfig(**{"webhook_url": "http://127.0.0.1:9/x", **bad})
+    NotificationsConfig(webhook_url="${SLACK_WEBHOOK_URL}")  # the whole URL by reference: checked when resolved
+
+
+def test_failed_post_and_missing_variable_are_logged_redacted(monkeypatch, caplog):
+    from tunepipe.tasks.ops.prefect_server import free_port
+
+    monkeypatch.setenv("TUNEPIPE_TEST_HOOK_TOKEN", "tok-abcdef")
+    port = free_port()
+    with caplog.at_level("INFO", logger="tunepipe.notify"):
+        settings = NotificationsConfig(webhook_url=f"http://127.0.0.1:{port}/x?token=${{TUNEPIPE_TEST_HOOK_TOKEN}}", timeout_s=1)
+        assert notify.send(settings, {"event": "failure"}) is False
+        missing = NotificationsConfig(webhook_url="http://127.0.0.1:9/x", headers={"Authorization": "Bearer ${TUNEPIPE_NOT_SET_ANYWHERE}"})
+        assert notify.send(missing, {"event": "failure"}) is False
+    assert f"notification to http://127.0.0.1:{port}/x?… failed" in caplog.text
+    assert "notifications.headers.Authorization: the environment variable TUNEPIPE_NOT_SET_ANYWHERE is not set" in caplog.text
+    assert "tok-abcdef" not in caplog.text
+
+
+def test_log_lines_are_redacted_whatever_logs_them(caplog):
+    import logging
+
+    from tunepipe.tasks.core.secrets import remember
+
+    remember("planted-s3cret-value")
+    with caplog.at_level("INFO"):
+        logging.getLogger("some.library").info("GET https://h.example/x?api_key=zzz999&page=2 with planted-s3cret-value")
+        logging.getLogger("other").warning("headers %s", {"Authorization": "Bearer qwerty-123"})
+    assert "zzz999" not in caplog.text and "planted-s3cret-value" not in caplog.text and "qwerty-123" not in caplog.text
+    assert "?api_key=***&page=2" in caplog.text and "{'Authorization': '***'}" in caplog.text
 
 
 def test_unreachable_webhook_is_logged_not_raised():

@@ -132,3 +132,21 @@ def test_router_splits_by_weight_sticks_to_users_and_logs_each_request(tmp_path)
     [line] = read_log(tmp_path / "ab.jsonl")
     assert line["version"] == assignment.version and line["user"] == "alice" and line["completion_tokens"] == 7
     assert line["request_id"] == assignment.request_id and line["latency_ms"] >= 0
+
+
+def test_api_key_is_a_reference_in_configs_and_the_cli_flag_keeps_working(monkeypatch):
+    import argparse
+
+    from tunepipe.flows.cli.serve import CLI_API_KEY_ENV, _overrides
+
+    with pytest.raises(ValueError, match="literal credential"):
+        ServeConfig(api_key="plain-key")
+    monkeypatch.setenv("MY_SERVE_KEY", "from-env-123")
+    assert api_key(ServeConfig(api_key="${MY_SERVE_KEY}")) == "from-env-123"
+    with pytest.raises(ServePlanError, match="api_key: the environment variable UNSET_SERVE_KEY is not set"):
+        api_key(ServeConfig(api_key="${UNSET_SERVE_KEY}"))
+    monkeypatch.delenv(CLI_API_KEY_ENV, raising=False)
+    flags = dict.fromkeys(["base", "engine", "host", "port", "api_key_env", "max_loras", "max_lora_rank", "served_model_name",
+                           "lora_modules", "allowed_adapter_dir", "router", "router_log", "vllm_python", "vllm_executable", "vllm_image"])
+    fields = _overrides(argparse.Namespace(**flags, api_key="cli-key-456"), "/tmp")
+    assert fields == {"api_key": "${TUNEPIPE_SERVE_API_KEY}"} and api_key(ServeConfig(**fields)) == "cli-key-456"

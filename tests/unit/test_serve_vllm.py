@@ -80,13 +80,14 @@ def write_base(path: Path, quant_method: str | None = None) -> str:
     return str(path)
 
 
-def test_command_and_environment_carry_the_registry_derived_flags(tmp_path):
+def test_command_and_environment_carry_the_registry_derived_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_TEST_VLLM_KEY", "k")
     base = write_base(tmp_path / "base-bnb4", "bitsandbytes")
     plan = ServingPlan(base=base, adapters={"notes": write_adapter(tmp_path / "reg" / "notes", 12),
                                             "triage": write_adapter(tmp_path / "reg" / "triage", 4)},
                        max_rank=12, quantization="bitsandbytes", registry=str(tmp_path / "reg"))
     profile = load_environment("serve-vllm")
-    config = resolve_serve_config(ServeConfig(engine="vllm", port=8123, api_key="k", vllm={"extra_args": ["--enforce-eager"]}),
+    config = resolve_serve_config(ServeConfig(engine="vllm", port=8123, api_key="${TUNEPIPE_TEST_VLLM_KEY}", vllm={"extra_args": ["--enforce-eager"]}),
                                   profile, plan)
     cmd = vllm_command(config)
     assert cmd[:5] == [profile.serving.vllm_python, "-m", "vllm.entrypoints.cli.main", "serve", base]
