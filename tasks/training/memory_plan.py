@@ -8,7 +8,10 @@ trainable count is the one training will print. Memory is an estimate per device
                  constants) and the rest in float32 (prepare_model_for_kbit_training)
     gradients    trainable parameters (PEFT keeps adapters in float32)
     optimizer    AdamW: 2 states per trainable parameter (8-bit optimisers: 1 byte each); DeepSpeed
-                 mixed precision: fp32 master + 2 fp32 states, partitioned by ZeRO stage / offloaded
+                 mixed precision: fp32 master + 2 fp32 states, partitioned by ZeRO stage / offloaded;
+                 LOMO: none, and its update is fused into the backward pass, so only the largest
+                 trainable tensor's gradient exists at a time; AdaLomo: the same plus factored second
+                 moments (a row and a column vector per matrix, float32)
     activations  per token per block about 8.5*h + 4*i values (+ 2.5*heads*seq for eager attention),
                  for the blocks gradients flow through; with gradient checkpointing only each block's
                  input plus one block recomputed; plus the logits (profile dtype, float32 under QLoRA,
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import FreezeMethod, QLoraMethod, TrainingConfig
+from tunepipe.schemas.sft import LOMO_OPTIMIZERS, FreezeMethod, QLoraMethod, TrainingConfig
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import peft_methods
@@ -111,6 +114,19 @@ def _quantized_params(model: Any) -> int:
     return total
 
 
+def _largest_trainable(model: Any) -> int:
+    return max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+
+
+def _factored_moments(model: Any) -> int:
+    """AdaLomo's state: a row and a column second-moment vector per matrix, the full tensor otherwise."""
+    total = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            total += sum(param.shape[-2:]) if param.dim() >= 2 else param.numel()
+    return total
+
+
 def _grad_blocks(model: Any, method: Any, layers: int) -> int:
     """Transformer blocks activations must be kept for (gradients flow through them)."""
     if isinstance(method, FreezeMethod) and not method.train_modules:
@@ -155,6 +171,10 @@ def memory_estimate(
             grads /= n
         if ds["stage"] >= 3:
             weights = 0.0 if ds["offload_param"] else weights / n
+    elif optim in LOMO_OPTIMIZERS:
+        # Fused update: each gradient is applied and freed as soon as backward produces it.
+        grads = _largest_trainable(prepared) * trainable_bytes
+        optimizer = _factored_moments(prepared) * 4 if optim == "adalomo" else 0.0
     elif "8bit" in optim:
         optimizer = trainable * 2.0
     elif optim == "sgd":

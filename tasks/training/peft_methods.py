@@ -14,6 +14,7 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import (
+    LOMO_OPTIMIZERS,
     AdaLoraMethod,
     BitFitMethod,
     FreezeMethod,
@@ -294,6 +295,15 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
     from tunepipe.tasks.core.environment import deepspeed_config_path
 
     ds_config = deepspeed_config_path(env)
+    if optim in LOMO_OPTIMIZERS and env.gradient_accumulation_steps > 1:
+        from tunepipe.tasks.core.stage import StageFailed
+
+        # LOMO applies each micro-batch's gradient inside its backward pass: nothing accumulates.
+        raise StageFailed(
+            f"training.optimizer {optim} updates the weights during every backward pass, so it cannot accumulate "
+            f"gradients: profile {env.name} has gradient_accumulation_steps {env.gradient_accumulation_steps}; use a "
+            "profile with 1 (raise per_device_batch_size instead)"
+        )
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": training.epochs,
