@@ -97,6 +97,12 @@ class _LoraFields(_Method):
         default=ALL_LINEAR,
         description="Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the output head).",
     )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="Parameters (not modules) to adapt, by name suffix: the fused 3-D expert weights of a Mixture-of-"
+        "Experts model, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (PEFT's `target_parameters`: one "
+        "low-rank update shared by all experts of a block). Empty: none.",
+    )
     use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r).")
     use_dora: bool = Field(default=False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train alongside the adapter.")

@@ -46,6 +46,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['method']}: {result['trainable_params']:,} trainable of {result['total_params']:,} parameters "
           f"({result['trainable_percent']}%), seq_len {seq_len}")
+    if result["experts"]:
+        print(f"mixture of experts: {result['experts']['active_per_token']} of {result['experts']['per_block']} experts per token, "
+              f"{result['active_params']:,} of {result['total_params']:,} parameters active")
     print(f"{'profile':<28} {'peak GiB':>9}  fits")
     for row in result["profiles"]:
         print(f"{row['environment']:<28} {row['total_gb']:>9.2f}  {'yes' if row['fits'] else 'NO'}")

@@ -20,6 +20,7 @@ from tunepipe.schemas.align import (
     ORPOMethod,
     RLOOMethod,
 )
+from tunepipe.tasks.training.moe import router_loss_weight
 from tunepipe.tasks.training.pairs import conversational_pair
 
 # TRL's step-log keys → our metric names.
@@ -31,6 +32,7 @@ PAIRWISE_STEP_METRICS = {
     "rewards/accuracies": "accuracy",
     "kl": "kl",
     "log_odds_ratio": "log_odds_ratio",
+    "router_aux_loss": "router_aux_loss",  # MoE policies (tasks/training/moe.py)
 }
 GROUP_STEP_METRICS = {
     "loss": "loss",
@@ -39,6 +41,7 @@ GROUP_STEP_METRICS = {
     "kl": "kl",
     "entropy": "entropy",
     "completions/mean_length": "completion_length",
+    "router_aux_loss": "router_aux_loss",
 }
 
 
@@ -65,6 +68,8 @@ def pairwise_trainer(
         args = DPOConfig(
             **base_args, beta=method.beta, loss_type=list(method.loss_type), loss_weights=method.loss_weights,
             label_smoothing=method.label_smoothing, max_length=config.max_length, disable_dropout=True,
+            # DPO computes its own loss and adds the router's load-balancing loss itself (MoE policies).
+            router_aux_loss_coef=router_loss_weight(model),
         )
         dataset = Dataset.from_list([conversational_pair(p) for p in pairs])
         return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)

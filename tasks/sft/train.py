@@ -19,6 +19,8 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import LoraMethod, SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
+from tunepipe.tasks.training.plots import step_history
 from tunepipe.tasks.training.encoding import (
     encode_records,
     read_split,
@@ -81,6 +83,7 @@ def sft_trainer(job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     env = EnvironmentProfile.model_validate(job["env"])
     method = config.method
     model = load_base(job["model_path"], method, env, config.revision)
+    apply_router(model, config.training.router)
     steps = estimated_steps(len(prepared["train_rows"]), env, config.training)
     init_dir = Path(job["checkpoint_dir"]) / "initial-adapter"
     model = peft_methods.apply_method(
@@ -141,6 +144,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             "truncated": prepared["train_stats"].truncated,
             "data": {"train": prepared["train_stats"].as_dict(), "validation": prepared["eval_stats"].as_dict()},
             "loss_history": loss_history(trainer),
+            "step_metrics": step_history(trainer.state.log_history, ROUTER_STEP_METRICS),
             **peak_memory(),
         }
     )

@@ -46,6 +46,7 @@ def lora_config(method: LoraMethod | QLoraMethod, *, for_counting: bool = False)
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
         target_modules=_targets(method.target_modules),
+        target_parameters=list(method.target_parameters) or None,
         use_rslora=method.use_rslora,
         use_dora=method.use_dora,
         bias=method.bias,

@@ -74,9 +74,12 @@ def make_callbacks(model: Any, method: Any, label: str = "training") -> list[Any
     """Live progress in the Prefect UI; AdaLoRA's budget re-allocation after each optimiser step
     (the Trainer does not call it)."""
     from transformers import TrainerCallback
+    from tunepipe.tasks.training.moe import router_loss_callback
     from tunepipe.tasks.training.progress import PrefectProgress
 
     callbacks: list[Any] = [PrefectProgress(label)]
+    if (router_log := router_loss_callback(model)) is not None:
+        callbacks.append(router_log)
     if getattr(method, "name", None) == "adalora":
 
         class AdaLoraBudget(TrainerCallback):
