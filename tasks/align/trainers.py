@@ -41,6 +41,7 @@ GROUP_STEP_METRICS = {
     "kl": "kl",
     "entropy": "entropy",
     "completions/mean_length": "completion_length",
+    "rewards/judge/mean": "judge_reward",
     "router_aux_loss": "router_aux_loss",
 }
 
@@ -91,9 +92,9 @@ def pairwise_trainer(
     raise TypeError(f"{method.name} does not train on pairs")
 
 
-def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None) -> list[Any]:
+def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None, judge: Any = None) -> list[Any]:
     """The TRL reward functions named in `method.rewards`."""
-    from tunepipe.tasks.align.rewards import rule_reward_func
+    from tunepipe.tasks.align.rewards import judge_reward_func, rule_reward_func
     from tunepipe.tasks.training.reward_model import reward_model_func
 
     funcs = []
@@ -101,6 +102,9 @@ def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None
         if name == "reward_model":
             assert reward is not None, "the stage checks that a reward input exists"
             funcs.append(reward_model_func(*reward))
+        elif name == "judge":
+            assert judge is not None, "the config requires a judge section for this reward"
+            funcs.append(judge_reward_func(judge))
         else:
             funcs.append(rule_reward_func(name))
     return funcs
@@ -108,7 +112,7 @@ def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None
 
 def group_trainer(
     config: AlignConfig, model: Any, tokenizer: Any, prompts: list[dict[str, Any]], base_args: dict[str, Any],
-    callbacks: list[Any], reward: tuple[Any, Any] | None,
+    callbacks: list[Any], reward: tuple[Any, Any] | None, judge: Any = None,
 ) -> Any:
     """GRPOTrainer / RLOOTrainer over prompts with their reference answers (for rule rewards)."""
     from datasets import Dataset
@@ -133,6 +137,6 @@ def group_trainer(
     else:
         raise TypeError(f"{method.name} is not a group-sampling method")
     return trainer_cls(
-        model=model, reward_funcs=reward_funcs(method, reward), args=args, train_dataset=dataset,
+        model=model, reward_funcs=reward_funcs(method, reward, judge), args=args, train_dataset=dataset,
         processing_class=tokenizer, callbacks=callbacks,
     )
