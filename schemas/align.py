@@ -175,8 +175,8 @@ class AIJudgeConfig(EndpointSettings):
     max_tokens: int = Field(default=8, ge=1, description="Longest judge reply (it should answer A, B or TIE).")
     max_calls: int = Field(
         default=2000, ge=1,
-        description="Budget of requests sent to the endpoint by one run (cached judgments are free). Per training "
-        "process under a multi-process launcher.",
+        description="Budget of requests sent to the endpoint by one training run (cached judgments are free), and the "
+        "same again for the agreement check; per training process under a multi-process launcher.",
     )
     on_budget_exhausted: Literal["fail", "stop"] = Field(
         default="fail",
