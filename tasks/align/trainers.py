@@ -80,6 +80,7 @@ def pairwise_trainer(
         args = KTOConfig(
             **base_args, beta=method.beta, desirable_weight=method.desirable_weight,
             undesirable_weight=method.undesirable_weight, max_length=config.max_length, disable_dropout=True,
+            router_aux_loss_coef=router_loss_weight(model),
         )
         dataset = Dataset.from_list(kto_examples(pairs))
         return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
@@ -122,6 +123,7 @@ def group_trainer(
         "num_generations": method.num_generations, "max_completion_length": method.max_completion_length,
         "temperature": method.temperature, "beta": method.beta, "reward_weights": method.reward_weights,
         "disable_dropout": True, "log_completions": False,
+        "router_aux_loss_coef": router_loss_weight(model),  # TRL adds the MoE load-balancing loss itself
     }
     dataset = Dataset.from_list([{"prompt": p["prompt"], "reference": p["reference"]} for p in prompts])
     if isinstance(method, GRPOMethod):

@@ -145,6 +145,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             "data": {"train": prepared["train_stats"].as_dict(), "validation": prepared["eval_stats"].as_dict()},
             "loss_history": loss_history(trainer),
             "step_metrics": step_history(trainer.state.log_history, ROUTER_STEP_METRICS),
+            # The load-balancing loss weight training ran with (MoE models; 0: off).
+            "router_aux_loss_coef": trainer.args.router_aux_loss_coef if getattr(trainer, "aux_loss_enabled", False) else 0.0,
             **peak_memory(),
         }
     )

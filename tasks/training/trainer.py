@@ -133,6 +133,7 @@ def build_trainer(
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
     from trl import SFTTrainer
+    from tunepipe.tasks.training.moe import router_loss_weight
 
     disable_progress_bar()  # per-map progress bars of tiny datasets drown the stage log
 
@@ -145,6 +146,9 @@ def build_trainer(
         optim=peft_methods.optimizer_name(method, training),
         has_eval=bool(eval_rows),
     )
+    # TRL's own MoE switch: it re-sets the model config's `output_router_logits` and coefficient
+    # from this (default 0.001, on), so it must carry ours (`training.router`, via the config).
+    args.router_aux_loss_coef = router_loss_weight(model)
     eval_dataset: Any = None
     if eval_rows:
         sets = {task: Dataset.from_list(rows) for task, rows in eval_rows.items() if rows}

@@ -63,6 +63,8 @@ def test_sft_trains_lora_with_the_router_loss_logged(moe):
     # layer... exactly k=2 when perfectly balanced, so about 4 here and never 0.
     assert all(1.0 < p["value"] < 16.0 for p in aux), aux
     assert (Path(moe["sft"].path) / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    run = json.loads((Path(moe["sft"].path) / "metrics.json").read_text())["all"]
+    assert run["router_aux_loss_coef"] == 0.05  # ours, not TRL's default 0.001
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +83,7 @@ def test_router_loss_off_is_not_logged(moe):
     )
     ref = run_stage(SFTStage(), config, {"data": moe["data"]}, moe["store"], cpu_profile())
     assert _manifest(ref)["step_metrics"]["all"] == {}
+    assert json.loads((Path(ref.path) / "metrics.json").read_text())["all"]["router_aux_loss_coef"] == 0.0
 
 
 def test_dpo_on_the_moe_policy(moe):
