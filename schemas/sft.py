@@ -117,6 +117,15 @@ class _LoraFields(_Method):
             raise ValueError("target_modules is empty: name modules or use all-linear")
         return value
 
+    @model_validator(mode="after")
+    def _parameter_lora(self) -> "_LoraFields":
+        if self.target_parameters and self.dropout:
+            raise ValueError(
+                f"target_parameters {self.target_parameters} needs dropout: 0 (PEFT's LoRA on parameters has no input "
+                f"dropout); dropout is {self.dropout}"
+            )
+        return self
+
 
 class LoraMethod(_LoraFields):
     """LoRA on a full-precision (or bf16) base."""

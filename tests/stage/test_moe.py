@@ -160,3 +160,10 @@ def test_plan_reports_total_and_active_parameters(moe, capsys):
     assert result["memory"]["weights_gb"] > 0
     assert main(["plan", "--model", str(moe["model"]), "--method", "lora", "--target-modules", *ATTENTION, "--seq-len", "64"]) == 0
     assert f"{result['active_params']:,} of {result['total_params']:,} parameters active" in capsys.readouterr().out
+    # LoRA on the fused experts too: more trainable parameters, the same base (total counts adapters).
+    assert main(["plan", "--model", str(moe["model"]), "--target-modules", *ATTENTION, "--target-parameters", *EXPERTS, "--json"]) == 0
+    experts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert experts["trainable_params"] > result["trainable_params"]
+    assert experts["total_params"] - experts["trainable_params"] == result["total_params"] - result["trainable_params"]
+    with pytest.raises(ValueError, match="needs dropout: 0"):
+        SFTConfig.model_validate({"method": {"name": "lora", "target_parameters": EXPERTS}})
