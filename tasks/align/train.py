@@ -27,8 +27,8 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
         pairwise_trainer,
     )
     from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.training.plots import step_history
     from tunepipe.tasks.training.judge import CachedJudge
+    from tunepipe.tasks.training.plots import step_history
     from tunepipe.tasks.training.reward_model import load_reward_model
     from tunepipe.tasks.training.trainer import (
         fit,

@@ -19,13 +19,13 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import LoraMethod, SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import peft_methods
-from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
-from tunepipe.tasks.training.plots import step_history
 from tunepipe.tasks.training.encoding import (
     encode_records,
     read_split,
     resolve_chat_template,
 )
+from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
+from tunepipe.tasks.training.plots import step_history
 from tunepipe.tasks.training.trainer import (
     build_trainer,
     estimated_steps,

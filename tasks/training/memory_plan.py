@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import LOMO_OPTIMIZERS, FreezeMethod, QLoraMethod, TrainingConfig
+from tunepipe.schemas.sft import (
+    LOMO_OPTIMIZERS,
+    FreezeMethod,
+    QLoraMethod,
+    TrainingConfig,
+)
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import moe, peft_methods

@@ -4,7 +4,7 @@ A MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) replaces the FFN with a router 
 of which `k` run per token. transformers adds the router's auxiliary (load-balancing) loss to the
 LM loss, weighted by `router_aux_loss_coef`, only when `output_router_logits` is on; it is off in
 the models' configs by default, so fine-tuning would let the router collapse onto few experts.
-`apply_router` turns it on from `training.router`; `RouterLossLog` records its value per logged
+`apply_router` turns it on from `training.router`; `router_loss_callback` records its value per logged
 step as `router_aux_loss` (the Trainer logs only the summed loss).
 
 The experts of transformers 5 models are fused 3-D parameters (`mlp.experts.gate_up_proj`,
@@ -82,10 +82,11 @@ def router_loss_callback(model: Any) -> Any | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not is_moe(base.config) or not getattr(text_config(base.config), "output_router_logits", False):
         return None
-    return RouterLossLog(base, TrainerCallback)
+    return _router_loss_log(base, TrainerCallback)
 
 
-def RouterLossLog(base: Any, callback_cls: Any) -> Any:  # noqa: N802 (a class built around a hook)
+def _router_loss_log(base: Any, callback_cls: Any) -> Any:
+    """The callback class around a forward hook on the causal LM that collects `outputs.aux_loss`."""
     import torch
 
     seen: list[float] = []

@@ -12,7 +12,6 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.export import ExportConfig
 from tunepipe.schemas.sft import SFTConfig
@@ -21,8 +20,14 @@ from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.export.stage import ExportStage
 from tunepipe.tasks.sft.stage import SFTStage
+
 from tests.helpers.alignment import ANSWERS, data_with_pairs
-from tests.helpers.training import WORDS, build_tiny_moe, cpu_profile, write_data_artifact
+from tests.helpers.training import (
+    WORDS,
+    build_tiny_moe,
+    cpu_profile,
+    write_data_artifact,
+)
 
 torch.set_num_threads(1)
 
@@ -110,7 +115,6 @@ def test_dpo_on_the_moe_policy(moe):
 def test_export_says_whether_vllm_serves_it_and_the_embedded_server_answers(moe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tunepipe.schemas.serve import ServeConfig
     from tunepipe.tasks.serving.embedded import build_app
     from tunepipe.tasks.serving.process import ServerThread
@@ -145,9 +149,8 @@ def test_export_says_whether_vllm_serves_it_and_the_embedded_server_answers(moe)
 
 
 def test_plan_reports_total_and_active_parameters(moe, capsys):
-    from tunepipe.flows.cli.main import main
-
     from transformers import AutoConfig
+    from tunepipe.flows.cli.main import main
 
     cfg = AutoConfig.from_pretrained(str(moe["model"]))
     assert main(["plan", "--model", str(moe["model"]), "--method", "lora", "--target-modules", *ATTENTION, "--seq-len", "64", "--json"]) == 0

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.sft.stage import SFTStage
 from tunepipe.tasks.training.memory_plan import plan
+
 from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 torch.set_num_threads(1)
@@ -67,7 +67,6 @@ def test_lomo_needs_a_full_parameter_method_and_no_accumulation(assets):
 
 def test_planner_counts_lomo_memory(assets):
     from transformers import LlamaConfig
-
     from tunepipe.schemas.sft import FullMethod, TrainingConfig
 
     # A 1B-class shape on the meta device (no weights), so the GiB figures are not rounded away.
