@@ -164,3 +164,28 @@ def test_judge_settings_are_checked(server):
         AlignConfig.model_validate({"method": {"name": "grpo", "rewards": ["judge"]}})
     with pytest.raises(ValueError, match="http"):
         AlignConfig.model_validate({"method": {"name": "grpo", "rewards": ["judge"]}, "judge": {"url": "ftp://x", "model": "m"}})
+
+
+def test_a_failed_attempt_over_budget_resumes_from_the_cached_judgments(assets, server, tmp_path):
+    from tunepipe.tasks.core.artifacts import ArtifactStore
+
+    def attempt(store, max_calls: int):
+        cfg = AlignConfig.model_validate(
+            {"max_length": 64, "heldout": {"max_examples_per_task": 0, "max_pairs": 0},
+             "method": {"name": "dpo"}, "training": {"max_steps": 1, "warmup_ratio": 0.0},
+             "preferences": {"source": "on_policy", "scorer": "judge", "k": 3, "max_prompts": 6, "max_new_tokens": 6},
+             "judge": {"url": server["url"], "model": "rule-judge", "api_key_env": KEY_ENV, "max_calls": max_calls, "agreement_pairs": 0}}
+        )
+        ref = run_stage(AlignStage(), cfg, {"data": assets["judge_data"], "sft": assets["sft"]}, store, env())
+        return json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]["judge"]["runs"]["all"]
+
+    needed = attempt(ArtifactStore(tmp_path / "unbounded"), 1000)["calls"]
+    assert needed >= 6
+    store = ArtifactStore(tmp_path / "bounded")
+    budget = needed // 2 + 1
+    with pytest.raises(StageFailed, match=f"max_calls {budget}"):
+        attempt(store, budget)
+    # Same config, same key: the attempt resumes in the same staging dir, where the first attempt's
+    # judgments are cached; only the rest are asked, within the same budget.
+    second = attempt(store, budget)
+    assert second["cache_hits"] == budget and second["calls"] == needed - budget
