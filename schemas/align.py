@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.evaluate import EndpointSettings
 from tunepipe.schemas.sft import TrainingConfig, method_shorthand
 
 # What trl 1.12's DPOConfig.loss_type accepts.
@@ -25,7 +26,7 @@ DPOLoss = Literal[
 ]
 # Rule-based (verifiable) rewards; `reward_model` scores with the `reward` input instead.
 RULE_REWARDS = ("exact_match", "token_f1", "triple_format")
-RewardName = Literal["exact_match", "token_f1", "triple_format", "reward_model"]
+RewardName = Literal["exact_match", "token_f1", "triple_format", "reward_model", "judge"]
 
 
 class DPOMethod(StrictModel):
@@ -102,14 +103,15 @@ class _GroupMethod(StrictModel):
     rewards: list[RewardName] = Field(
         default_factory=lambda: ["token_f1"],
         description=f"Reward functions, summed (weighted by `reward_weights`): rule-based ({', '.join(RULE_REWARDS)}; "
-        "scored against the record's reference answer) and/or `reward_model` (needs the `reward` input).",
+        "scored against the record's reference answer), `reward_model` (needs the `reward` input) and/or `judge` "
+        "(RLAIF: the `judge` endpoint compares the group's completions pairwise; reward = share of comparisons won).",
     )
     reward_weights: list[float] | None = Field(default=None, description="Weights of `rewards` (default: 1 each).")
 
     @model_validator(mode="after")
     def _rewards(self) -> "_GroupMethod":
         if not self.rewards:
-            raise ValueError("rewards is empty: name a rule (exact_match, token_f1, triple_format) or reward_model")
+            raise ValueError("rewards is empty: name a rule (exact_match, token_f1, triple_format), reward_model or judge")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
         return self
@@ -146,13 +148,46 @@ class PreferencesConfig(StrictModel):
         "and pair the best with the worst (written to the artifact as preferences.on_policy.jsonl).",
     )
     k: int = Field(default=4, ge=2, description="Completions sampled per prompt (on_policy).")
-    scorer: Literal["reward_model", "rule"] = Field(
-        default="rule", description="What ranks the samples (on_policy): the `reward` input, or `rule` against the reference answer."
+    scorer: Literal["reward_model", "rule", "judge"] = Field(
+        default="rule",
+        description="What ranks the samples (on_policy): the `reward` input, `rule` against the reference answer, or "
+        "`judge` (RLAIF: the `judge` endpoint compares every two samples; ranked by comparisons won).",
     )
     rule: Literal["exact_match", "token_f1", "triple_format"] = Field(default="token_f1", description="The rule of scorer `rule`.")
     max_prompts: int = Field(default=256, ge=1, description="Train prompts sampled from (on_policy).")
     max_new_tokens: int = Field(default=32, ge=1, description="Longest sampled completion (on_policy).")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (on_policy).")
+
+
+class AIJudgeConfig(EndpointSettings):
+    """RLAIF: an AI judge behind an OpenAI-compatible chat endpoint (tunepipe serve, vLLM, a hosted API).
+
+    Every setting here enters the stage's key; the API key itself never does: only the name of the
+    environment variable holding it (`api_key_env`).
+    """
+
+    model: str = Field(description="Judge model name on the endpoint.")
+    swap_positions: bool = Field(
+        default=True,
+        description="Ask every comparison in both orders; a verdict that flips with the order counts as a tie (removes "
+        "the judge's position bias; doubles the calls).",
+    )
+    max_tokens: int = Field(default=8, ge=1, description="Longest judge reply (it should answer A, B or TIE).")
+    max_calls: int = Field(
+        default=2000, ge=1,
+        description="Budget of requests sent to the endpoint by one training run (cached judgments are free), and the "
+        "same again for the agreement check; per training process under a multi-process launcher.",
+    )
+    on_budget_exhausted: Literal["fail", "stop"] = Field(
+        default="fail",
+        description="When the budget is spent: fail the stage, naming the budget, or `stop` judging (remaining "
+        "comparisons count as ties; counted in the metrics as `skipped_over_budget`).",
+    )
+    agreement_pairs: int = Field(
+        default=64, ge=0,
+        description="Preference pairs of the data artifact (held-out first) the judge also decides, to report its agreement "
+        "with the dataset's preferences (`judge.agreement` in the metrics); 0: off.",
+    )
 
 
 class AlignHeldoutConfig(StrictModel):
@@ -204,6 +239,11 @@ class AlignConfig(StrictModel):
         description="Largest allowed drop of `task_metric` from SFT to aligned; recorded as "
         "`task_metric_within_tolerance` (the evaluate gate acts on it; this stage does not fail).",
     )
+    judge: AIJudgeConfig | None = Field(
+        default=None,
+        description="The AI judge of RLAIF (preferences.scorer: judge, or a `judge` reward); judgments are cached in the "
+        "stage's checkpoint directory by the sha256 of the request.",
+    )
     lora: AlignLoraConfig = Field(
         default_factory=AlignLoraConfig, description="The adapter trained on a full-model SFT result."
     )
@@ -219,7 +259,18 @@ class AlignConfig(StrictModel):
     def _combos(self) -> "AlignConfig":
         if self.tasks is not None and not self.tasks:
             raise ValueError("tasks is empty: omit it to align every task")
+        if self.uses_judge() and self.judge is None:
+            raise ValueError("a `judge` reward or preferences.scorer: judge needs a `judge:` section (url, model)")
+        if self.judge is not None and not self.uses_judge() and not self.judge.agreement_pairs:
+            raise ValueError("judge is set but nothing uses it: add a `judge` reward, preferences.scorer: judge, or agreement_pairs")
         return self
+
+    def uses_judge(self) -> bool:
+        """True when training asks the AI judge (on-policy pair scoring or a GRPO/RLOO reward)."""
+        method = self.method
+        if method.name in ("grpo", "rloo") and "judge" in method.rewards:
+            return True
+        return method.name in PAIRWISE_METHODS and self.preferences.source == "on_policy" and self.preferences.scorer == "judge"
 
     def needs_reward_model(self) -> bool:
         """True when the stage cannot run without the `reward` input."""

@@ -97,6 +97,12 @@ class _LoraFields(_Method):
         default=ALL_LINEAR,
         description="Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the output head).",
     )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="Parameters (not modules) to adapt, by name suffix: the fused 3-D expert weights of a Mixture-of-"
+        "Experts model, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (PEFT's `target_parameters`: one "
+        "low-rank update shared by all experts of a block). Empty: none.",
+    )
     use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r).")
     use_dora: bool = Field(default=False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train alongside the adapter.")
@@ -110,6 +116,15 @@ class _LoraFields(_Method):
         if isinstance(value, list) and not value:
             raise ValueError("target_modules is empty: name modules or use all-linear")
         return value
+
+    @model_validator(mode="after")
+    def _parameter_lora(self) -> "_LoraFields":
+        if self.target_parameters and self.dropout:
+            raise ValueError(
+                f"target_parameters {self.target_parameters} needs dropout: 0 (PEFT's LoRA on parameters has no input "
+                f"dropout); dropout is {self.dropout}"
+            )
+        return self
 
 
 class LoraMethod(_LoraFields):
@@ -255,6 +270,22 @@ def method_shorthand(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class RouterConfig(StrictModel):
+    """The router of a Mixture-of-Experts model (Mixtral, Qwen-MoE, ...) during fine-tuning."""
+
+    output_router_logits: bool = Field(
+        default=True,
+        description="Add the router's load-balancing (auxiliary) loss to the training loss, so the experts stay evenly "
+        "used; it is logged per step as `router_aux_loss`. Sets the model config's `output_router_logits`.",
+    )
+    router_aux_loss_coef: float | None = Field(
+        default=None, ge=0, description="Weight of the load-balancing loss; default: the model config's own (Mixtral 0.02, Qwen-MoE 0.001)."
+    )
+
+
+LOMO_OPTIMIZERS = ("lomo", "adalomo")
+
+
 class TrainingConfig(StrictModel):
     """Optimisation hyper-parameters (shared by sft and pretrain). Batch and precision come from the profile."""
 
@@ -267,8 +298,15 @@ class TrainingConfig(StrictModel):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
-        default="adamw_torch", description="Optimiser (qlora uses its own `method.optimizer`)."
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "lomo", "adalomo"] = Field(
+        default="adamw_torch",
+        description="Optimiser (qlora uses its own `method.optimizer`). `lomo` / `adalomo` (the `lomo-optim` package, "
+        "full-parameter methods only): the update is fused into the backward pass, so no optimizer state (AdaLomo: "
+        "factored second moments) and one parameter's gradient at a time; no gradient accumulation.",
+    )
+    router: RouterConfig = Field(
+        default_factory=lambda: RouterConfig(),
+        description="Mixture-of-Experts models only (ignored for dense models): the router's load-balancing loss.",
     )
     seed: int = Field(default=42, description="Seed of initialisation, shuffling and dropout.")
     logging_steps: int = Field(default=1, ge=1, description="Log the loss every N steps (the loss curve's resolution).")
@@ -374,4 +412,9 @@ class SFTConfig(StrictModel):
             )
         if self.tasks is not None and not self.tasks:
             raise ValueError("tasks is empty: omit it to train on every task")
+        if self.training.optimizer in LOMO_OPTIMIZERS and method.is_peft:
+            raise ValueError(
+                f"training.optimizer {self.training.optimizer} fuses the update into the backward pass of full-parameter "
+                f"training: use method full (or freeze/bitfit), not {method.name}"
+            )
         return self

@@ -20,6 +20,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             method["r"] = args.lora_r
         if args.lora_alpha is not None:
             method["alpha"] = args.lora_alpha
+        if args.target_parameters:
+            method["target_parameters"] = args.target_parameters
+            method["dropout"] = 0.0  # parameter LoRA has none; counts do not depend on it
         if args.target_modules:
             method["target_modules"] = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
         try:
@@ -46,6 +49,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['method']}: {result['trainable_params']:,} trainable of {result['total_params']:,} parameters "
           f"({result['trainable_percent']}%), seq_len {seq_len}")
+    if result["experts"]:
+        print(f"mixture of experts: {result['experts']['active_per_token']} of {result['experts']['per_block']} experts per token, "
+              f"{result['active_params']:,} of {result['total_params']:,} parameters active")
     print(f"{'profile':<28} {'peak GiB':>9}  fits")
     for row in result["profiles"]:
         print(f"{row['environment']:<28} {row['total_gb']:>9.2f}  {'yes' if row['fits'] else 'NO'}")
@@ -60,6 +66,7 @@ def add_parsers(sub) -> None:
     plan.add_argument("--lora-r", type=int, help="LoRA rank (with --model)")
     plan.add_argument("--lora-alpha", type=int, help="LoRA alpha (with --model)")
     plan.add_argument("--target-modules", nargs="+", help="modules to adapt, or all-linear (with --model)")
+    plan.add_argument("--target-parameters", nargs="+", help="parameters to adapt, e.g. a MoE model's mlp.experts.gate_up_proj (with --model)")
     plan.add_argument("--seq-len", type=int, help="sequence length (default: the stage's max_length, or 512)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)

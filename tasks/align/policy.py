@@ -32,13 +32,22 @@ def sft_method(sft_config: dict[str, Any]) -> Any:
 
 
 def load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfile) -> tuple[Any, Any]:
-    """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter.
+    A MoE policy trains with its router's load-balancing loss (`training.router`)."""
     from tunepipe.tasks.training.modeling import load_tokenizer
-    from tunepipe.tasks.training.trainer import load_base
+    from tunepipe.tasks.training.moe import apply_router
 
     method = sft_method(job["sft_config"])
     tokenizer = load_tokenizer(job["sft_dir"])
+    model, tokenizer = _load_policy(job, config, env, method, tokenizer)
+    apply_router(model, config.training.router)
+    return model, tokenizer
+
+
+def _load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfile, method: Any, tokenizer: Any) -> tuple[Any, Any]:
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from tunepipe.tasks.training.trainer import load_base
+
     if job["sft_kind"] == "model":
         from peft import LoraConfig
 

@@ -1,6 +1,6 @@
 """On-policy preference pairs: sample `k` completions per train prompt from the SFT policy, score
-them with the reward model or a rule against the reference answer, and pair the best with the
-worst. Prompts whose samples all score the same give no preference and are skipped (counted).
+them with the reward model, a rule against the reference answer, or an AI judge (RLAIF:
+tasks/training/judge.py, every two samples compared), and pair the best with the worst. Prompts whose samples all score the same give no preference and are skipped (counted).
 
 The pairs have the data artifact's preference-record shape (plus `prompt_messages`, `scores`),
 and the stage writes them into its artifact as `preferences.on_policy.jsonl`: a data artifact
@@ -34,7 +34,8 @@ def sample_completions(model: Any, tokenizer: Any, prompt: str, settings: Prefer
 
 
 def on_policy_pairs(
-    model: Any, tokenizer: Any, prompts: list[dict[str, Any]], settings: PreferencesConfig, reward: tuple[Any, Any] | None, seed: int
+    model: Any, tokenizer: Any, prompts: list[dict[str, Any]], settings: PreferencesConfig, reward: tuple[Any, Any] | None, seed: int,
+    judge: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(pairs, counts): best-vs-worst pairs of the policy's own samples."""
     import torch
@@ -49,6 +50,10 @@ def on_policy_pairs(
             assert reward is not None, "the stage checks that a reward input exists"
             rm, rm_tokenizer = reward
             scores = score_texts(rm, rm_tokenizer, [render_conversation(rm_tokenizer, record["prompt"], s) for s in samples])
+        elif settings.scorer == "judge":
+            assert judge is not None, "the config requires a judge section for this scorer"
+            # RLAIF: every two samples compared by the AI judge (both orders); score = share won.
+            scores = judge.tournament(record["prompt"], record["reference"], samples)
         else:
             scores = [RULES[settings.rule](s, record["reference"]) for s in samples]
         best = max(range(len(samples)), key=scores.__getitem__)

@@ -1,5 +1,5 @@
 """Reward functions: rule-based (verifiable, against the record's reference answer) and the
-learned reward model (a `reward` stage artifact).
+learned reward model (a `reward` stage artifact), and an AI judge (RLAIF, `judge_reward_func`).
 
 Rules reuse the held-out scoring of the sft stage (`exact_match`, `token_f1`), plus a format
 rule for the quickstart's relation triples `(a, rel, b); (c, rel, d)`. Each rule is also offered
@@ -44,4 +44,27 @@ def rule_reward_func(name: str) -> Callable[..., list[float]]:
         return [rule(completion_text(c).strip(), ref) for c, ref in zip(completions, reference)]
 
     reward.__name__ = name  # TRL logs each reward function's mean under `rewards/<name>/mean`
+    return reward
+
+
+def judge_reward_func(judge: Any) -> Callable[..., list[float]]:
+    """RLAIF as a TRL reward function: the completions of one prompt (GRPO/RLOO's group, which TRL
+    passes as consecutive rows with the same prompt) are compared pairwise by the AI judge
+    (`tasks/training/judge.CachedJudge`, both orders); a completion's reward is its share of
+    comparisons won, ties counting half, in [0, 1]."""
+
+    def reward(prompts: list[Any], completions: list[Any], reference: list[str], **_: Any) -> list[float]:
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(repr(prompt), []).append(index)
+        scores = [0.0] * len(completions)
+        for rows in groups.values():
+            prompt = prompts[rows[0]]
+            conversation = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+            texts = [completion_text(completions[i]).strip() for i in rows]
+            for i, score in zip(rows, judge.tournament(conversation, reference[rows[0]], texts)):
+                scores[i] = score
+        return scores
+
+    reward.__name__ = "judge"
     return reward

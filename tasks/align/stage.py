@@ -33,6 +33,7 @@ from tunepipe.tasks.training.stage_base import training_env_payload
 
 ENTRYPOINT = "tunepipe.tasks.align.train:align_job"
 ON_POLICY_FILE = "preferences.on_policy.jsonl"
+JUDGE_CACHE = "judge_cache.jsonl"  # RLAIF judgments by sha256 of the request (tasks/training/judge.py)
 # Held-out share for pairs without a `split` (the data stage gives every pair one): by prompt hash.
 HELDOUT_FRACTION = 0.1
 
@@ -104,6 +105,7 @@ class AlignStage(Stage):
 
         metrics_by_run: dict[str, dict[str, Any]] = {}
         heldout_pairs: dict[str, list[dict[str, Any]]] = {}
+        dataset_pairs: dict[str, list[dict[str, Any]]] = {}  # held-out first: the judge's agreement check
         for run, spec in runs.items():
             trains_on_pairs = method.name in PAIRWISE_METHODS and config.preferences.source == "dataset"
             pairs: list[dict[str, Any]] = []
@@ -112,6 +114,7 @@ class AlignStage(Stage):
             elif has_pairs:  # only for the held-out preference accuracy
                 pairs = [p for p in read_jsonl(Path(data_dir) / "preferences.jsonl") if spec["tasks"] is None or p.get("task") in spec["tasks"]]
             train_pairs, heldout_pairs[run] = split_pairs(pairs, HELDOUT_FRACTION)
+            dataset_pairs[run] = heldout_pairs[run] + train_pairs
             prompts = prompt_records(data_dir, "train", spec["tasks"], config.max_prompts)
             if (method.name in ONLINE_METHODS or config.preferences.source == "on_policy") and not prompts:
                 raise StageFailed(f"align ({run}): no train prompts of tasks {spec['tasks'] or 'all'} in {data_dir}/train.jsonl")
@@ -128,6 +131,7 @@ class AlignStage(Stage):
                 "base_model": base_model, "reward_dir": reward_dir, "train_pairs": train_pairs, "prompts": prompts,
                 "pairs_file": str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
                 "output_dir": str(ctx.staging_dir), "save_to": spec["save_to"], "checkpoint_dir": str(ctx.checkpoint_dir / run),
+                "judge_cache": str(ctx.checkpoint_dir / JUDGE_CACHE),
             }
             ctx.logger.info("align: %s on %s → %s", method.name, run, spec["save_to"])
             metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / f"{run}.launch")
@@ -144,9 +148,38 @@ class AlignStage(Stage):
         )
         write_handoff(ctx.staging_dir, outputs)
         heldout = self._heldout(config, ctx, runs, outputs, sft_outputs, sft_config, heldout_pairs, data_dir, reward_dir)
-        write_json(ctx.staging_dir / "metrics.json", {"runs": metrics_by_run, "heldout": heldout})
+        judge = self._judge_agreement(config, ctx, metrics_by_run, dataset_pairs)
+        write_json(ctx.staging_dir / "metrics.json", {"runs": metrics_by_run, "heldout": heldout, "judge": judge})
         self._plots(config, ctx, metrics_by_run, plot_loss, plot_series)
-        return self._output(config, runs, outputs, metrics_by_run, heldout)
+        output = self._output(config, runs, outputs, metrics_by_run, heldout)
+        if judge is not None:
+            output.metrics["judge"] = judge
+            if judge.get("agreement"):
+                a = judge["agreement"]
+                output.summary += (
+                    f"\n\nAI judge `{config.judge.model}`: agrees with {a['agree']} of {a['pairs']} dataset preferences "
+                    f"({a['disagree']} disagree, {a['tie']} ties incl. order flips); {judge['calls']} calls, {judge['cache_hits']} cached."
+                )
+        return output
+
+    def _judge_agreement(self, config, ctx, metrics_by_run, dataset_pairs) -> dict[str, Any] | None:
+        """The AI judge's use during training, and its agreement with the dataset's preferences."""
+        from tunepipe.tasks.training.judge import CachedJudge
+
+        if config.judge is None:
+            return None
+        used = {run: m["judge"] for run, m in metrics_by_run.items() if "judge" in m}
+        calls = sum(u["calls"] for u in used.values())
+        out: dict[str, Any] = {"runs": used, "calls": calls, "cache_hits": sum(u["cache_hits"] for u in used.values())}
+        pairs = [p for run_pairs in dataset_pairs.values() for p in run_pairs][: config.judge.agreement_pairs]
+        if pairs:
+            judge = CachedJudge(config.judge, ctx.checkpoint_dir / JUDGE_CACHE, who="align (judge agreement)")
+            out["agreement"] = judge.agreement(pairs)
+            out["agreement_counts"] = judge.stats()
+            out["calls"] += judge.counts["calls"]
+            out["cache_hits"] += judge.counts["cache_hits"]
+            ctx.logger.info("align: the AI judge agrees with the dataset on %s", out["agreement"])
+        return out
 
     def _heldout(self, config, ctx, runs, outputs, sft_outputs, sft_config, heldout_pairs, data_dir, reward_dir) -> dict[str, Any]:
         """The aligned-vs-SFT checks of every run (tasks/align/evaluation.py)."""

@@ -27,6 +27,7 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
         pairwise_trainer,
     )
     from tunepipe.tasks.training import peft_methods
+    from tunepipe.tasks.training.judge import CachedJudge
     from tunepipe.tasks.training.plots import step_history
     from tunepipe.tasks.training.reward_model import load_reward_model
     from tunepipe.tasks.training.trainer import (
@@ -49,11 +50,14 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     base_args = training_kwargs(config.training, env, job["checkpoint_dir"])
     callbacks = make_callbacks(model, None, f"align ({method.name})")
     extra: dict[str, Any] = {}
+    judge = CachedJudge(config.judge, job["judge_cache"]) if config.uses_judge() else None
 
     if method.name in PAIRWISE_METHODS:
         pairs = job["train_pairs"]
         if config.preferences.source == "on_policy":
-            pairs, extra["on_policy"] = on_policy_pairs(model, tokenizer, job["prompts"], config.preferences, reward, config.training.seed)
+            pairs, extra["on_policy"] = on_policy_pairs(
+                model, tokenizer, job["prompts"], config.preferences, reward, config.training.seed, judge
+            )
             if is_main_process():
                 Path(job["pairs_file"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
             if not pairs:
@@ -72,13 +76,15 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
         keys = ppo.STEP_METRICS
     else:
         assert method.name in ONLINE_METHODS
-        trainer = group_trainer(config, model, tokenizer, job["prompts"], base_args, callbacks, reward)
+        trainer = group_trainer(config, model, tokenizer, job["prompts"], base_args, callbacks, reward, judge)
         keys = GROUP_STEP_METRICS
     policy = trainer.policy_model if method.name == "ppo" else trainer.model
     trainable, total = peft_methods.count_parameters(policy)
     metrics = ppo.train_ppo(trainer) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
     if is_main_process():
         save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
+    if judge is not None:
+        extra["judge"] = judge.stats()
     metrics.update(
         {
             **extra,

@@ -20,6 +20,7 @@ from tunepipe.schemas.align import (
     ORPOMethod,
     RLOOMethod,
 )
+from tunepipe.tasks.training.moe import router_loss_weight
 from tunepipe.tasks.training.pairs import conversational_pair
 
 # TRL's step-log keys → our metric names.
@@ -31,6 +32,7 @@ PAIRWISE_STEP_METRICS = {
     "rewards/accuracies": "accuracy",
     "kl": "kl",
     "log_odds_ratio": "log_odds_ratio",
+    "router_aux_loss": "router_aux_loss",  # MoE policies (tasks/training/moe.py)
 }
 GROUP_STEP_METRICS = {
     "loss": "loss",
@@ -39,6 +41,8 @@ GROUP_STEP_METRICS = {
     "kl": "kl",
     "entropy": "entropy",
     "completions/mean_length": "completion_length",
+    "rewards/judge/mean": "judge_reward",
+    "router_aux_loss": "router_aux_loss",
 }
 
 
@@ -65,6 +69,8 @@ def pairwise_trainer(
         args = DPOConfig(
             **base_args, beta=method.beta, loss_type=list(method.loss_type), loss_weights=method.loss_weights,
             label_smoothing=method.label_smoothing, max_length=config.max_length, disable_dropout=True,
+            # DPO computes its own loss and adds the router's load-balancing loss itself (MoE policies).
+            router_aux_loss_coef=router_loss_weight(model),
         )
         dataset = Dataset.from_list([conversational_pair(p) for p in pairs])
         return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
@@ -74,6 +80,7 @@ def pairwise_trainer(
         args = KTOConfig(
             **base_args, beta=method.beta, desirable_weight=method.desirable_weight,
             undesirable_weight=method.undesirable_weight, max_length=config.max_length, disable_dropout=True,
+            router_aux_loss_coef=router_loss_weight(model),
         )
         dataset = Dataset.from_list(kto_examples(pairs))
         return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
@@ -86,9 +93,9 @@ def pairwise_trainer(
     raise TypeError(f"{method.name} does not train on pairs")
 
 
-def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None) -> list[Any]:
+def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None, judge: Any = None) -> list[Any]:
     """The TRL reward functions named in `method.rewards`."""
-    from tunepipe.tasks.align.rewards import rule_reward_func
+    from tunepipe.tasks.align.rewards import judge_reward_func, rule_reward_func
     from tunepipe.tasks.training.reward_model import reward_model_func
 
     funcs = []
@@ -96,6 +103,9 @@ def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None
         if name == "reward_model":
             assert reward is not None, "the stage checks that a reward input exists"
             funcs.append(reward_model_func(*reward))
+        elif name == "judge":
+            assert judge is not None, "the config requires a judge section for this reward"
+            funcs.append(judge_reward_func(judge))
         else:
             funcs.append(rule_reward_func(name))
     return funcs
@@ -103,7 +113,7 @@ def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None
 
 def group_trainer(
     config: AlignConfig, model: Any, tokenizer: Any, prompts: list[dict[str, Any]], base_args: dict[str, Any],
-    callbacks: list[Any], reward: tuple[Any, Any] | None,
+    callbacks: list[Any], reward: tuple[Any, Any] | None, judge: Any = None,
 ) -> Any:
     """GRPOTrainer / RLOOTrainer over prompts with their reference answers (for rule rewards)."""
     from datasets import Dataset
@@ -113,6 +123,7 @@ def group_trainer(
         "num_generations": method.num_generations, "max_completion_length": method.max_completion_length,
         "temperature": method.temperature, "beta": method.beta, "reward_weights": method.reward_weights,
         "disable_dropout": True, "log_completions": False,
+        "router_aux_loss_coef": router_loss_weight(model),  # TRL adds the MoE load-balancing loss itself
     }
     dataset = Dataset.from_list([{"prompt": p["prompt"], "reference": p["reference"]} for p in prompts])
     if isinstance(method, GRPOMethod):
@@ -128,6 +139,6 @@ def group_trainer(
     else:
         raise TypeError(f"{method.name} is not a group-sampling method")
     return trainer_cls(
-        model=model, reward_funcs=reward_funcs(method, reward), args=args, train_dataset=dataset,
+        model=model, reward_funcs=reward_funcs(method, reward, judge), args=args, train_dataset=dataset,
         processing_class=tokenizer, callbacks=callbacks,
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +26,7 @@ from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training.encoding import read_split
 from tunepipe.tasks.training.generation import greedy_answers
+from tunepipe.tasks.training.judge import openai_client
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ class EndpointGenerator:
         self.endpoint = endpoint
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.client = openai_client(endpoint)
+        self.client = openai_client(endpoint)  # tasks/training/judge.py
 
     def answers(self, spec: ModelSpec, prompts: list[str]) -> list[str]:
         out: list[str] = []
@@ -286,19 +286,6 @@ def completion_request(model: str | None, prompts: list[str], max_new_tokens: in
         "temperature": 0.0,
         "extra_body": {"add_special_tokens": False, "skip_special_tokens": True},
     }
-
-
-def openai_client(endpoint: Any) -> Any:
-    from openai import OpenAI
-
-    key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
-    if endpoint.api_key_env and not key:
-        raise StageFailed(f"evaluate: {endpoint.url}: the API key variable {endpoint.api_key_env} is not set")
-    if key:
-        from tunepipe.tasks.core.secrets import remember
-
-        remember(key)  # masked in every log line from here on
-    return OpenAI(base_url=endpoint.url, api_key=key or "EMPTY", timeout=endpoint.timeout_s, max_retries=endpoint.max_retries)
 
 
 def served_spec(spec: ModelSpec, template: str, task: str) -> ModelSpec:

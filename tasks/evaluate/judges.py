@@ -4,12 +4,13 @@ OpenAI-compatible chat endpoint. Each returns one outcome per prompt from the ca
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from tunepipe.schemas.evaluate import JudgeEndpoint
 from tunepipe.tasks.evaluate.stats import LOSS, TIE, WIN, outcome_from_difference
+from tunepipe.tasks.training import judge as shared_judge
+from tunepipe.tasks.training.judge import parse_verdict
 
 
 @dataclass
@@ -48,47 +49,18 @@ def reward_model_scores(reward_dir: str, pairs: list[Pair], dtype: str, device: 
 # --------------------------------------------------------------------------------------------
 # A judge model behind an OpenAI-compatible endpoint
 
-JUDGE_SYSTEM = (
-    "You are a strict evaluator. Given a conversation, a reference answer and two candidate answers A and B, "
-    "decide which answer is better: more correct with respect to the reference, then more helpful and concise. "
-    "Reply with exactly one word: A, B, or TIE."
-)
-_VERDICT = re.compile(r"\b(A|B|TIE)\b", re.IGNORECASE)
-
-
 def judge_messages(pair: Pair, first: str, second: str) -> list[dict[str, str]]:
-    conversation = "\n".join(f"{m['role']}: {m['content']}" for m in pair.messages)
-    return [
-        {"role": "system", "content": JUDGE_SYSTEM},
-        {
-            "role": "user",
-            "content": f"[Conversation]\n{conversation}\n\n[Reference answer]\n{pair.reference}\n\n"
-            f"[Answer A]\n{first}\n\n[Answer B]\n{second}\n\nWhich is better? Reply A, B or TIE.",
-        },
-    ]
-
-
-def parse_verdict(text: str) -> str | None:
-    """"A", "B", "TIE" (the first such word), or None when the judge said none of them."""
-    match = _VERDICT.search(text or "")
-    return match.group(1).upper() if match else None
+    return shared_judge.judge_messages(pair.messages, pair.reference, first, second)
 
 
 def combine(forward: str | None, backward: str | None, swapped: bool) -> str:
-    """One outcome from the verdicts with the candidate as A (`forward`) and as B (`backward`).
-    With both orders asked, a winner must win in both; anything else (and no verdict) is a tie."""
-    first = {"A": WIN, "B": LOSS}.get(forward or "", TIE)
-    if not swapped:
-        return first
-    second = {"A": LOSS, "B": WIN}.get(backward or "", TIE)
-    return first if first == second else TIE
+    """The candidate's outcome, asked first as A (`forward`) and then as B (`backward`)."""
+    return {shared_judge.FIRST: WIN, shared_judge.SECOND: LOSS}.get(shared_judge.combine(forward, backward, swapped), TIE)
 
 
 def endpoint_outcomes(endpoint: JudgeEndpoint, pairs: list[Pair]) -> tuple[list[str], dict[str, Any]]:
     """Outcomes from the judge model, and how many answers it gave that could not be parsed."""
-    from tunepipe.tasks.evaluate.generation import openai_client
-
-    client = openai_client(endpoint)
+    client = shared_judge.openai_client(endpoint)
 
     def ask(pair: Pair, first: str, second: str) -> str | None:
         response = client.chat.completions.create(

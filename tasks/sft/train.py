@@ -24,6 +24,8 @@ from tunepipe.tasks.training.encoding import (
     read_split,
     resolve_chat_template,
 )
+from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
+from tunepipe.tasks.training.plots import step_history
 from tunepipe.tasks.training.trainer import (
     build_trainer,
     estimated_steps,
@@ -81,6 +83,7 @@ def sft_trainer(job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     env = EnvironmentProfile.model_validate(job["env"])
     method = config.method
     model = load_base(job["model_path"], method, env, config.revision)
+    apply_router(model, config.training.router)
     steps = estimated_steps(len(prepared["train_rows"]), env, config.training)
     init_dir = Path(job["checkpoint_dir"]) / "initial-adapter"
     model = peft_methods.apply_method(
@@ -141,6 +144,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             "truncated": prepared["train_stats"].truncated,
             "data": {"train": prepared["train_stats"].as_dict(), "validation": prepared["eval_stats"].as_dict()},
             "loss_history": loss_history(trainer),
+            "step_metrics": step_history(trainer.state.log_history, ROUTER_STEP_METRICS),
+            # The load-balancing loss weight training ran with (MoE models; 0: off).
+            "router_aux_loss_coef": trainer.args.router_aux_loss_coef if getattr(trainer, "aux_loss_enabled", False) else 0.0,
             **peak_memory(),
         }
     )

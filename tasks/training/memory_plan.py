@@ -4,12 +4,16 @@ The model is built on the meta device (`accelerate.init_empty_weights`), the rea
 of the chosen method is applied to it, and PEFT counts (`get_nb_trainable_parameters`), so the
 trainable count is the one training will print. Memory is an estimate per device:
 
-    weights      all parameters at the profile dtype; QLoRA: 4-bit linear layers (+ quantization
+    weights      all parameters at the profile dtype (a Mixture of Experts holds every expert,
+                 though a token uses only `active_params`); QLoRA: 4-bit linear layers (+ quantization
                  constants) and the rest in float32 (prepare_model_for_kbit_training)
     gradients    trainable parameters (PEFT keeps adapters in float32)
     optimizer    AdamW: 2 states per trainable parameter (8-bit optimisers: 1 byte each); DeepSpeed
-                 mixed precision: fp32 master + 2 fp32 states, partitioned by ZeRO stage / offloaded
-    activations  per token per block about 8.5*h + 4*i values (+ 2.5*heads*seq for eager attention),
+                 mixed precision: fp32 master + 2 fp32 states, partitioned by ZeRO stage / offloaded;
+                 LOMO: none, and its update is fused into the backward pass, so only the largest
+                 trainable tensor's gradient exists at a time; AdaLomo: the same plus factored second
+                 moments (a row and a column vector per matrix, float32)
+    activations  per token per block about 8.5*h + 4*i values (MoE: i = k experts' widths + shared) (+ 2.5*heads*seq for eager attention),
                  for the blocks gradients flow through; with gradient checkpointing only each block's
                  input plus one block recomputed; plus the logits (profile dtype, float32 under QLoRA,
                  and float32 for the loss),
@@ -26,10 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import FreezeMethod, QLoraMethod, TrainingConfig
+from tunepipe.schemas.sft import (
+    LOMO_OPTIMIZERS,
+    FreezeMethod,
+    QLoraMethod,
+    TrainingConfig,
+)
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training import moe, peft_methods
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -111,6 +120,19 @@ def _quantized_params(model: Any) -> int:
     return total
 
 
+def _largest_trainable(model: Any) -> int:
+    return max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+
+
+def _factored_moments(model: Any) -> int:
+    """AdaLomo's state: a row and a column second-moment vector per matrix, the full tensor otherwise."""
+    total = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            total += sum(param.shape[-2:]) if param.dim() >= 2 else param.numel()
+    return total
+
+
 def _grad_blocks(model: Any, method: Any, layers: int) -> int:
     """Transformer blocks activations must be kept for (gradients flow through them)."""
     if isinstance(method, FreezeMethod) and not method.train_modules:
@@ -128,6 +150,10 @@ def memory_estimate(
     layers = text_cfg.num_hidden_layers
     heads = text_cfg.num_attention_heads
     inter = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * h
+    if (counts := moe.experts(text_cfg)) is not None:
+        # A token's FFN activations: its k routed experts (+ a shared expert), not all E of them.
+        expert_inter = getattr(text_cfg, "moe_intermediate_size", None) or inter
+        inter = counts[1] * expert_inter + (getattr(text_cfg, "shared_expert_intermediate_size", None) or 0)
     vocab = text_cfg.vocab_size
     b, s = env.per_device_batch_size, seq_len
     dt = DTYPE_BYTES[env.dtype]
@@ -155,6 +181,10 @@ def memory_estimate(
             grads /= n
         if ds["stage"] >= 3:
             weights = 0.0 if ds["offload_param"] else weights / n
+    elif optim in LOMO_OPTIMIZERS:
+        # Fused update: each gradient is applied and freed as soon as backward produces it.
+        grads = _largest_trainable(prepared) * trainable_bytes
+        optimizer = _factored_moments(prepared) * 4 if optim == "adalomo" else 0.0
     elif "8bit" in optim:
         optimizer = trainable * 2.0
     elif optim == "sgd":
@@ -204,10 +234,15 @@ def plan(
     Raises StageFailed when the method cannot train the model at all (bitfit on a bias-less model).
     """
     trainable, total, prepared = count(model_name_or_path, method_config)
+    base = prepared.get_base_model() if hasattr(prepared, "get_base_model") else prepared
+    counts = moe.experts(base.config)
     return {
         "method": method_config.name,
         "environment": env.name,
         "total_params": total,
+        # Mixture of Experts: all parameters are held in memory, a token runs through the active ones.
+        "active_params": moe.active_parameters(base, total),
+        "experts": {"per_block": counts[0], "active_per_token": counts[1]} if counts else None,
         "trainable_params": trainable,
         "trainable_percent": round(100 * trainable / total, 4) if total else 0.0,
         "memory": memory_estimate(prepared, method_config, env, seq_len, trainable, total, training),

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import (
+    LOMO_OPTIMIZERS,
     AdaLoraMethod,
     BitFitMethod,
     FreezeMethod,
@@ -45,6 +46,7 @@ def lora_config(method: LoraMethod | QLoraMethod, *, for_counting: bool = False)
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
         target_modules=_targets(method.target_modules),
+        target_parameters=list(method.target_parameters) or None,
         use_rslora=method.use_rslora,
         use_dora=method.use_dora,
         bias=method.bias,
@@ -294,6 +296,15 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
     from tunepipe.tasks.core.environment import deepspeed_config_path
 
     ds_config = deepspeed_config_path(env)
+    if optim in LOMO_OPTIMIZERS and env.gradient_accumulation_steps > 1:
+        from tunepipe.tasks.core.stage import StageFailed
+
+        # LOMO applies each micro-batch's gradient inside its backward pass: nothing accumulates.
+        raise StageFailed(
+            f"training.optimizer {optim} updates the weights during every backward pass, so it cannot accumulate "
+            f"gradients: profile {env.name} has gradient_accumulation_steps {env.gradient_accumulation_steps}; use a "
+            "profile with 1 (raise per_device_batch_size instead)"
+        )
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": training.epochs,

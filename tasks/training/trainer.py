@@ -74,9 +74,12 @@ def make_callbacks(model: Any, method: Any, label: str = "training") -> list[Any
     """Live progress in the Prefect UI; AdaLoRA's budget re-allocation after each optimiser step
     (the Trainer does not call it)."""
     from transformers import TrainerCallback
+    from tunepipe.tasks.training.moe import router_loss_callback
     from tunepipe.tasks.training.progress import PrefectProgress
 
     callbacks: list[Any] = [PrefectProgress(label)]
+    if (router_log := router_loss_callback(model)) is not None:
+        callbacks.append(router_log)
     if getattr(method, "name", None) == "adalora":
 
         class AdaLoraBudget(TrainerCallback):
@@ -130,6 +133,7 @@ def build_trainer(
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
     from trl import SFTTrainer
+    from tunepipe.tasks.training.moe import router_loss_weight
 
     disable_progress_bar()  # per-map progress bars of tiny datasets drown the stage log
 
@@ -142,6 +146,9 @@ def build_trainer(
         optim=peft_methods.optimizer_name(method, training),
         has_eval=bool(eval_rows),
     )
+    # TRL's own MoE switch: it re-sets the model config's `output_router_logits` and coefficient
+    # from this (default 0.001, on), so it must carry ours (`training.router`, via the config).
+    args.router_aux_loss_coef = router_loss_weight(model)
     eval_dataset: Any = None
     if eval_rows:
         sets = {task: Dataset.from_list(rows) for task, rows in eval_rows.items() if rows}

@@ -66,8 +66,11 @@ def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
     """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tunepipe.schemas.base_model import ArchitectureSpec, BaseModelConfig, TokenizerSpec
+    from tunepipe.schemas.base_model import (
+        ArchitectureSpec,
+        BaseModelConfig,
+        TokenizerSpec,
+    )
     from tunepipe.tasks.base_model.stage import train_tokenizer, wrap_tokenizer
 
     config = BaseModelConfig(
@@ -85,6 +88,39 @@ def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(model_config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_moe(path: Path, kind: str) -> Path:
+    """A randomly initialised 2-block Mixture-of-Experts model (4 experts, 2 per token) with the tiny
+    model's tokenizer: `mixtral` (MixtralConfig) or `qwen2_moe` (Qwen2MoeConfig, with a shared expert)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        MixtralConfig,
+        Qwen2MoeConfig,
+    )
+
+    dense = path.parent / f"{path.name}-tokenizer"
+    if not dense.exists():
+        build_tiny_model(dense)
+    tokenizer = AutoTokenizer.from_pretrained(str(dense))
+    common = {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False, "num_experts_per_tok": 2,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    }
+    if kind == "mixtral":
+        config = MixtralConfig(intermediate_size=96, num_local_experts=4, router_aux_loss_coef=0.02, **common)
+    elif kind == "qwen2_moe":
+        config = Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=96, num_experts=4,
+                                decoder_sparse_step=1, router_aux_loss_coef=0.02, **common)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -206,11 +242,10 @@ def _snapshot(model) -> dict:
 def check_method(assets, tmp_path, case: str) -> None:
     """Train a few steps; trainable weights move, frozen ones do not; the result reloads identically."""
     import torch
-
-    from tunepipe.tasks.training.trainer import fit, load_base
-    from tunepipe.tasks.sft.train import save_result, sft_trainer
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from tunepipe.tasks.sft.train import save_result, sft_trainer
+    from tunepipe.tasks.training.trainer import fit, load_base
 
     job = _job(assets, tmp_path, METHODS[case])
     trainer, prepared = sft_trainer(job)
