@@ -93,15 +93,17 @@ def test_ppo_raises_reward_with_bounded_kl(assets, reward):
     ref, m = _align(
         assets,
         {"method": {"name": "ppo", "kl_coef": 0.05, "response_length": 8, "num_ppo_epochs": 2, "temperature": 1.0},
-         "training": {"max_steps": 6, "learning_rate": 1e-2, "warmup_ratio": 0.0}},
+         "training": {"max_steps": 12, "learning_rate": 1e-2, "warmup_ratio": 0.0}},
         reward=reward,
     )
+    # 12 updates, not 6: with the policy now seeded from training.seed, 6 updates lowered the
+    # held-out reward (-0.98 vs SFT -0.80); 12 raised it for seeds 42 and 7 at lr 1e-2 and 5e-3.
     task = m["heldout"]["all"]["task"]
     assert task["aligned_reward_mean"] > task["sft_reward_mean"], task
     assert 0 < task["kl_to_sft"] < 1.0
     assert m["win_rate"]["all"] > 0.5
     steps = m["step_metrics"]["all"]
-    assert {"reward_mean", "kl", "value_loss", "clip_fraction"} <= set(steps) and len(steps["kl"]) == 6
+    assert {"reward_mean", "kl", "value_loss", "clip_fraction"} <= set(steps) and len(steps["kl"]) == 12
     assert max(abs(p["value"]) for p in steps["kl"]) < 1.0
     _loads_on_sft_base(assets, ref)
 
