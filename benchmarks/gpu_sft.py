@@ -562,16 +562,23 @@ def targets(setup: str, rows: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several runs of the same setup: their runs pooled, the summary recomputed."""
-    setups = {json.dumps({k: v for k, v in r["setup"].items() if k != "build_s"}, sort_keys=True) for r in results}
-    if len(setups) > 1:
-        raise SystemExit("--merge: the results have different setups (model, steps, lengths, profile): not comparable")
+    """One result from several runs: repeats of a setup pooled, different models / sequence lengths side by side
+    (one device call per setup), the summary recomputed. Steps, data, batch tokens, profile and kernels must agree."""
+    per_call = ("build_s", "models", "seq_lengths")
+    shared = {json.dumps({k: v for k, v in r["setup"].items() if k not in per_call}, sort_keys=True) for r in results}
+    if len(shared) > 1:
+        raise SystemExit("--merge: the results have different setups (steps, data, batch, profile): not comparable")
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for result in results:
         for setup, by_variant in result["runs"].items():
             for variant, outcomes in by_variant.items():
                 runs.setdefault(setup, {}).setdefault(variant, []).extend(outcomes)
-    return {**results[0], "merged_from": [r["command"] for r in results], "runs": runs, "summary": summarise(runs)}
+    setup = {**results[0]["setup"],
+             "models": {k: v for r in results for k, v in (r["setup"].get("models") or {}).items()},
+             "seq_lengths": sorted({n for r in results for n in r["setup"].get("seq_lengths") or []})}
+    summary = summarise(runs)
+    return {**results[0], "setup": setup, "merged_from": [r["command"] for r in results], "runs": runs,
+            "summary": summary, "table": table(summary)}
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -23,7 +23,10 @@ trainable count is the one training will print. Memory is an estimate per device
                          for backward: batch x s^2 for padded rows, L^2 for a packed batch, which TRL flattens into one
                          row of L = batch x max_length tokens (16k tokens: 0.5 GiB per block, 12 GiB over 24 blocks;
                          this is what the planner missed on the H100 with Liger + packing; inferred from those
-                         figures, the benchmark's planned-vs-measured column checks it)
+                         figures, the benchmark's planned-vs-measured column checks it). Under QLoRA the bias is
+                         planned in float32: prepare_model_for_kbit_training upcasts the embeddings and bitsandbytes'
+                         Linear4bit returns its input's dtype, and the packed QLoRA peaks sat ~10 GiB above LoRA's
+                         (a fit to the H100 figures, like the rest of this term)
                    eager: the scores and probabilities, 2.5 x heads x s^2 values per row, or x L^2 for a packed batch
     logits       by loss path: `nll` (a plain Trainer): the logits at the head's dtype, their float32 copy and the
                  float32 log-softmax kept for backward (+8 bytes per position and vocabulary entry); TRL's default
@@ -236,7 +239,10 @@ def memory_estimate(
     acts = tokens * activation_bytes_per_token(h, inter, blocks, dt, liger=env.liger_kernel,
                                                qlora=isinstance(method, QLoraMethod), checkpointing=env.gradient_checkpointing)
     attention = packed_attention_kernel(env, packing)
-    attn = attention_bytes(attention, b, s, heads, 1 if env.gradient_checkpointing else blocks, dt,
+    # Under QLoRA the bias is float32: the packed QLoRA peaks measured on the H100 sat ~10 GiB above LoRA's,
+    # what a float32 L^2 bias adds (float32 hidden states reach attention there; see the docstring).
+    bias_bytes = 4 if isinstance(method, QLoraMethod) else dt
+    attn = attention_bytes(attention, b, s, heads, 1 if env.gradient_checkpointing else blocks, bias_bytes,
                            padding_free=peft_methods.is_padding_free(packing))
     loss = "liger" if env.liger_kernel else loss_type
     logits = logits_bytes(loss, tokens, vocab, dt, float32_head=isinstance(method, QLoraMethod))

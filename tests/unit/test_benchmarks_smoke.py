@@ -172,14 +172,19 @@ def test_gpu_sft_summary_compares_each_side_with_the_baseline_and_with_trl():
     assert "| 0.5b/1024/qlora | liger+packing | 22,000 | 1.1 | 20.0 | 27.0 | 0.9 | 0.9 | 22.0% | 44.0% |" in gpu.table(summary)
 
 
-def test_gpu_sft_merge_pools_runs_of_the_same_setup_only():
+def test_gpu_sft_merge_pools_repeats_and_joins_setups_of_separate_calls():
     gpu = _load("gpu_sft")
-    setup = {"steps": 20, "seq_lengths": [1024], "build_s": 3.0}
+    setup = {"steps": 20, "models": {"0.5b": {}}, "seq_lengths": [1024], "build_s": 3.0}
     first = {"command": "a", "setup": setup, "runs": {"0.5b/1024/lora": {"baseline": [_gpu_run(1000, 10.0)]}}}
     second = {"command": "b", "setup": {**setup, "build_s": 9.0}, "runs": {"0.5b/1024/lora": {"baseline": [_gpu_run(3000, 10.0)]}}}
-    merged = gpu.merge_results([first, second])
-    assert merged["merged_from"] == ["a", "b"] and len(merged["runs"]["0.5b/1024/lora"]["baseline"]) == 2
+    other = {"command": "c", "setup": {**setup, "models": {"1.5b": {}}, "seq_lengths": [4096]},
+             "runs": {"1.5b/4096/lora": {"baseline": [_gpu_run(500, 30.0)]}}}
+    merged = gpu.merge_results([first, second, other])
+    assert merged["merged_from"] == ["a", "b", "c"] and len(merged["runs"]["0.5b/1024/lora"]["baseline"]) == 2
     assert merged["summary"]["0.5b/1024/lora"]["baseline"]["tokens_per_s"] == 2000
+    assert merged["summary"]["1.5b/4096/lora"]["baseline"]["tokens_per_s"] == 500
+    assert merged["setup"]["models"] == {"0.5b": {}, "1.5b": {}} and merged["setup"]["seq_lengths"] == [1024, 4096]
+    assert "| 1.5b/4096/lora | baseline | 500 |" in merged["table"]
     with pytest.raises(SystemExit, match="different setups"):
         gpu.merge_results([first, {**second, "setup": {**setup, "steps": 40}}])
 
