@@ -197,7 +197,9 @@ def test_plan_of_packed_rows_depends_on_the_packed_kernel_and_the_loss():
     def plan_memory(env, **kwargs):
         return memory_estimate(prepared, lora, env, 1024, trainable, total, **kwargs)
 
-    env = load_environment("single-gpu-80gb").model_copy(update={"attn_implementation": "sdpa", "per_device_batch_size": 16})
+    env = load_environment("single-gpu-80gb").model_copy(
+        update={"attn_implementation": "sdpa", "packed_attention": [], "per_device_batch_size": 16}
+    )
     dense = plan_memory(env, packing=True)
     varlen = plan_memory(env.model_copy(update={"packed_attention": ["flash_attention_2", "flex_attention"]}), packing=True)
     unpacked = plan_memory(env.model_copy(update={"packed_attention": ["flash_attention_2"]}))
