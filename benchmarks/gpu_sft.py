@@ -56,7 +56,6 @@ Prints one JSON object (and writes it to `--out` after every run).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -581,6 +580,10 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
             "summary": summary, "table": table(summary)}
 
 
+def _percent(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if x is not None else ""
+
+
 def table(summary: dict[str, Any]) -> str:
     """The README's markdown table of a summary."""
     lines = ["| model / seq / method | side | tokens/s | vs TRL | vs baseline | peak GiB | vs TRL | planned / measured | MFU | MFU (6N) |",
@@ -592,11 +595,10 @@ def table(summary: dict[str, Any]) -> str:
             if "tokens_per_s" not in r:
                 lines.append(f"| {setup} | {side} | {r.get('unavailable') or r.get('error')} | | | | | | | |")
                 continue
-            pct = lambda x: f"{100 * x:.1f}%" if x is not None else ""  # noqa: E731
             lines.append(
                 f"| {setup} | {side} | {r['tokens_per_s']:,.0f} | {r.get('speed_vs_trl', '')} | {r.get('speed_vs_baseline', '')} "
                 f"| {r['peak_allocated_gb']:.1f} | {r.get('memory_vs_trl', '')} | {r.get('planned_vs_measured', '')} "
-                f"| {pct(r.get('mfu'))} | {pct(r.get('mfu_6n'))} |"
+                f"| {_percent(r.get('mfu'))} | {_percent(r.get('mfu_6n'))} |"
             )
     return "\n".join(lines)
 
