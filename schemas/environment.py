@@ -12,6 +12,9 @@ from pydantic import Field, model_validator
 from tunepipe.schemas.base import StrictModel
 
 
+AttnImplementation = Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
 class QuantizationDefaults(StrictModel):
     """bitsandbytes defaults a QLoRA stage starts from (its own config may override them)."""
 
@@ -50,8 +53,26 @@ class EnvironmentProfile(StrictModel):
     per_device_batch_size: int = Field(default=8, ge=1, description="Micro-batch size per device.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
-        default="sdpa", description="Attention kernel passed to from_pretrained."
+    attn_implementation: AttnImplementation = Field(
+        default="sdpa", description="Attention kernel passed to from_pretrained (training without packing, evaluation, serving)."
+    )
+    packed_attention: list[AttnImplementation] = Field(
+        default_factory=list,
+        description="Attention kernels for packed (padding-free) training rows, in order of preference: the first one "
+        "installed is used (`flash_attention_2`/`_3` need the flash-attn package). flash-attn's variable-length kernel "
+        "and `flex_attention` with a document mask compute attention within each packed example only; `sdpa` and "
+        "`eager` apply a dense mask over the whole flattened batch, whose cost grows with the square of its length. "
+        "Empty: attn_implementation.",
+    )
+    torch_compile: bool = Field(
+        default=False,
+        description="Compile the model with `torch.compile` (the Trainer's `torch_compile`): fused kernels, fewer "
+        "launches; the first steps pay the compilation. SFT and pretraining.",
+    )
+    length_bucketing: bool = Field(
+        default=False,
+        description="Batch unpacked examples of similar length together (the Trainer's `group_by_length` sampler), so "
+        "padded batches waste fewer tokens. SFT and pretraining; no effect on packed rows.",
     )
     liger_kernel: bool = Field(
         default=False,
@@ -75,6 +96,12 @@ class EnvironmentProfile(StrictModel):
             raise ValueError("dtype float16 is not supported for training on cpu: use float32 or bfloat16")
         if self.device == "cpu" and self.attn_implementation.startswith("flash_attention"):
             raise ValueError(f"attn_implementation {self.attn_implementation} needs a CUDA device")
+        for kernel in self.packed_attention:
+            if self.device == "cpu" and kernel.startswith("flash_attention"):
+                raise ValueError(f"packed_attention {kernel} needs a CUDA device")
+            if self.device == "cpu" and kernel == "flex_attention":
+                # PyTorch's flex_attention runs forward only on CPU (no backward): it cannot train there.
+                raise ValueError("packed_attention flex_attention cannot train on cpu (PyTorch has no CPU backward for it)")
         if self.device == "cpu" and self.liger_kernel:
             raise ValueError("liger_kernel needs a CUDA device (its kernels are Triton GPU kernels)")
         if self.launcher == "deepspeed" and not self.deepspeed_config:

@@ -365,9 +365,9 @@ class SFTConfig(StrictModel):
     )
     packing: bool = Field(
         default=False,
-        description="Pack several examples per row (best-fit decreasing). Examples keep their own positions and do "
-        "not attend to each other (position-id packing; honoured by flash attention, and by sdpa/eager in "
-        "transformers >= 5).",
+        description="Pack several examples per row (best-fit decreasing), padding-free: examples keep their own "
+        "positions and do not attend to each other. The profile's `packed_attention` picks the kernel (flash-attn "
+        "varlen or flex_attention compute per-example blocks only; sdpa/eager a dense mask over the flattened batch).",
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation hyper-parameters.")
     heldout: HeldoutConfig = Field(

@@ -30,6 +30,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"plan: {exc}") from None
         model, method_config, seq_len, training, env_name = sft.model, sft.method, sft.max_length, sft.training, args.env or "cpu"
+        packing = args.packing
     else:
         config = load_config(args)
         try:
@@ -38,11 +39,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
         seq_len = args.seq_len or seq_len
         env_name = config.environment
-    result = plan(model, method_config, load_environment(env_name), seq_len, training)
+        packing = args.packing or config.sft.packing
+    result = plan(model, method_config, load_environment(env_name), seq_len, training, packing=packing)
     result["profiles"] = [
         {"environment": name, "total_gb": row["memory"]["total_gb"], "fits": row["memory"]["fits"]}
         for name in bundled_profiles()
-        for row in [plan(model, method_config, load_environment(name), seq_len, training)]
+        for row in [plan(model, method_config, load_environment(name), seq_len, training, packing=packing)]
     ]
     if args.json:
         print(json.dumps(result, default=str))
@@ -68,6 +70,7 @@ def add_parsers(sub) -> None:
     plan.add_argument("--target-modules", nargs="+", help="modules to adapt, or all-linear (with --model)")
     plan.add_argument("--target-parameters", nargs="+", help="parameters to adapt, e.g. a MoE model's mlp.experts.gate_up_proj (with --model)")
     plan.add_argument("--seq-len", type=int, help="sequence length (default: the stage's max_length, or 512)")
+    plan.add_argument("--packing", action="store_true", help="plan packed, padding-free rows (default: the stage's packing)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 

@@ -30,7 +30,7 @@ class PretrainStage(TrainingStage):
         from tunepipe.tasks.training.trainer import write_json
 
         model_path = resolve_model(config.model, ctx.inputs, "pretrain", ("base_model",))
-        plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training)
+        plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training, config.packing)
         job = {
             "config": config.model_dump(mode="json"),
             "env": ctx.env.model_dump(mode="json"),

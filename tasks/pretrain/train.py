@@ -63,7 +63,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     train_rows, truncated = encode_texts(train_texts, tokenizer, max_length=cut)
     val_rows, _ = encode_texts(val_texts, tokenizer, max_length=cut)
     seed_everything(config.training.seed)  # before the adapter's initialisation draws
-    model = load_base(job["model_path"], config.method, env, config.revision)
+    model = load_base(job["model_path"], config.method, env, config.revision, packing=config.packing)
     model = peft_methods.apply_method(model, config.method, gradient_checkpointing=env.gradient_checkpointing)
     trainer = build_trainer(
         model=model, tokenizer=tokenizer, method=config.method, env=env, training=config.training,

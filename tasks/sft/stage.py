@@ -81,7 +81,7 @@ class SFTStage(TrainingStage):
 
         data_dir = ctx.inputs["data"].path
         model_path = resolve_model(config.model, ctx.inputs, "sft", ("pretrain", "base_model"))
-        plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training)
+        plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training, config.packing)
         ctx.logger.info(
             "sft: %s, %d of %d parameters trainable (%.3f%%), ~%.2f GiB per device",
             config.method.name, plan["trainable_params"], plan["total_params"], plan["trainable_percent"],

@@ -82,7 +82,7 @@ def sft_trainer(job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     seed_everything(config.training.seed)  # before the adapter's initialisation draws
     env = EnvironmentProfile.model_validate(job["env"])
     method = config.method
-    model = load_base(job["model_path"], method, env, config.revision)
+    model = load_base(job["model_path"], method, env, config.revision, packing=config.packing)
     apply_router(model, config.training.router)
     steps = estimated_steps(len(prepared["train_rows"]), env, config.training)
     init_dir = Path(job["checkpoint_dir"]) / "initial-adapter"

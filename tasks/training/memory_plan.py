@@ -13,11 +13,32 @@ trainable count is the one training will print. Memory is an estimate per device
                  LOMO: none, and its update is fused into the backward pass, so only the largest
                  trainable tensor's gradient exists at a time; AdaLomo: the same plus factored second
                  moments (a row and a column vector per matrix, float32)
-    activations  per token per block about 8.5*h + 4*i values (MoE: i = k experts' widths + shared) (+ 2.5*heads*seq for eager attention),
-                 for the blocks gradients flow through; with gradient checkpointing only each block's
-                 input plus one block recomputed; plus the logits (profile dtype, float32 under QLoRA,
-                 and float32 for the loss),
-                 which a profile with `liger_kernel` never materialises (fused, chunked cross-entropy)
+    activations  tokens per micro-batch x blocks gradients flow through x values kept per token per block:
+                 8.5*h + 4*i (Korthikanti et al.'s count for a SwiGLU block without dropout; MoE: i = the k
+                 routed experts' widths plus any shared expert's); Liger keeps
+                 4*h + 3*i (its RMSNorm keeps no float32 copies, its SwiGLU recomputes the activation). Under
+                 QLoRA the residual stream and the norm outputs (~4*h) are float32 (prepare_model_for_kbit_training
+                 upcasts the norms and embeddings). With gradient checkpointing: each block's input plus one block
+                 recomputed. Tokens per micro-batch are batch x max_length whether rows are padded (the longest
+                 batch is the peak) or packed (best-fit rows are full).
+    attention    what the kernel keeps beyond q/k/v/out, per block:
+                   flash-attn, flex_attention: nothing quadratic (per-example blocks; flex's block mask is tiny)
+                 (with gradient checkpointing, one block's)
+                   sdpa: the mask as an additive bias in the compute dtype, which the memory-efficient kernel keeps
+                         for backward: batch x s^2 for padded rows, L^2 for a packed batch, which TRL flattens into one
+                         row of L = batch x max_length tokens (16k tokens: 0.5 GiB per block, 12 GiB over 24 blocks;
+                         this is what the planner missed on the H100 with Liger + packing; inferred from those
+                         figures, the benchmark's planned-vs-measured column checks it). Under QLoRA the bias is
+                         planned in float32: prepare_model_for_kbit_training upcasts the embeddings and bitsandbytes'
+                         Linear4bit returns its input's dtype, and the packed QLoRA peaks sat ~10 GiB above LoRA's
+                         (a fit to the H100 figures, like the rest of this term)
+                   eager: the scores and probabilities, 2.5 x heads x s^2 values per row, or x L^2 for a packed batch
+    logits       by loss path: `nll` (a plain Trainer): the logits at the head's dtype, their float32 copy and the
+                 float32 log-softmax kept for backward (+8 bytes per position and vocabulary entry); TRL's default
+                 `chunked_nll` (what the sft and pretrain stages run): the head runs on chunks of 256 labelled
+                 tokens, so only one chunk's logits exist; Liger's fused linear cross-entropy: likewise chunked,
+                 planned as nothing. QLoRA's head is float32. (The plain Trainer's full logits are the 2x memory gap
+                 between it and tunepipe measured unpacked on the H100: benchmarks/README.md.)
     overhead     10% of the above (allocator fragmentation, workspaces)
 
 `check_fit` is what the sft stage runs first: it raises `StageFailed` naming what to change.
@@ -140,8 +161,60 @@ def _grad_blocks(model: Any, method: Any, layers: int) -> int:
     return layers
 
 
+CHUNKED_LOSS_TOKENS = 256  # TRL's chunked_nll chunk (trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE)
+
+
+def activation_bytes_per_token(
+    h: int, inter: int, blocks: int, dt: int, *, liger: bool, qlora: bool, checkpointing: bool
+) -> float:
+    """Bytes kept for backward per token, over the blocks gradients flow through (see the module docstring)."""
+    per_block_values = (4 * h + 3 * inter) if liger else (8.5 * h + 4 * inter)
+    per_block = per_block_values * dt + (4 * h * (4 - dt) if qlora else 0)  # float32 residual and norm outputs
+    if checkpointing:
+        return blocks * h * (4 if qlora else dt) + per_block
+    return blocks * per_block
+
+
+def packed_attention_kernel(env: EnvironmentProfile, packing: bool | str) -> str:
+    """The kernel training will load (`modeling.training_attention` without the installed check: a plan may be
+    made on another machine than the run; flash-attn and flex_attention, the usual preferences, plan alike)."""
+    if peft_methods.is_padding_free(packing) and env.packed_attention:
+        return env.packed_attention[0]
+    return env.attn_implementation
+
+
+def attention_bytes(kernel: str, b: int, s: int, heads: int, blocks: int, dt: int, *, padding_free: bool) -> float:
+    """Quadratic attention state kept for backward (see the module docstring): none for flash-attn and flex."""
+    # A padding-free batch is one flattened row of b*s tokens; padded rows are b rows of s.
+    rows, length = (1, b * s) if padding_free else (b, s)
+    if kernel == "sdpa":
+        return blocks * rows * length * length * dt
+    if kernel == "eager":
+        return blocks * rows * 2.5 * heads * length * length * dt
+    return 0.0
+
+
+def logits_bytes(loss: str, tokens: int, vocab: int, dt: int, *, float32_head: bool) -> float:
+    """Peak logits memory of the loss path: `nll`, `chunked_nll` (TRL's default) or `liger` (fused, chunked)."""
+    head = 4 if float32_head else dt
+    if loss == "liger":
+        return 0.0
+    if loss == "chunked_nll":
+        return min(tokens, CHUNKED_LOSS_TOKENS) * vocab * (head + 4 + 4)
+    return tokens * vocab * (head + 4 + 4)  # logits, their float32 copy, the float32 log-softmax
+
+
 def memory_estimate(
-    prepared: Any, method: Any, env: EnvironmentProfile, seq_len: int, trainable: int, total: int, training: TrainingConfig | None = None
+    prepared: Any,
+    method: Any,
+    env: EnvironmentProfile,
+    seq_len: int,
+    trainable: int,
+    total: int,
+    training: TrainingConfig | None = None,
+    *,
+    packing: bool | str = False,
+    loss_type: str = "chunked_nll",
 ) -> dict[str, Any]:
     """Peak training memory per device in GiB, by component (see the module docstring)."""
     cfg = prepared.config if not hasattr(prepared, "get_base_model") else prepared.get_base_model().config
@@ -193,22 +266,23 @@ def memory_estimate(
         optimizer = trainable * 2 * trainable_bytes
 
     blocks = _grad_blocks(prepared, method, layers)
-    per_token_block = 8.5 * h + 4 * inter + (2.5 * heads * s if env.attn_implementation == "eager" else 0)
-    if env.gradient_checkpointing:
-        acts = b * s * (blocks * h + per_token_block) * dt
-    else:
-        acts = b * s * blocks * per_token_block * dt
-    # The logits in the training dtype plus their float32 copy for the loss. QLoRA's output head is
-    # float32 (prepare_model_for_kbit_training), so its logits are float32 from the start: measured
-    # on an H100, the dtype figure under-estimated a QLoRA peak by 20%. Liger's cross-entropy is
-    # fused with the output head and works on chunks of tokens, so it never holds them.
-    logit_bytes = 4 + 4 if isinstance(method, QLoraMethod) else dt + 4
-    logits = 0 if env.liger_kernel else b * s * vocab * logit_bytes
+    tokens = b * s  # per micro-batch: full rows, packed or padded to the longest
+    acts = tokens * activation_bytes_per_token(h, inter, blocks, dt, liger=env.liger_kernel,
+                                               qlora=isinstance(method, QLoraMethod), checkpointing=env.gradient_checkpointing)
+    attention = packed_attention_kernel(env, packing)
+    # Under QLoRA the bias is float32: the packed QLoRA peaks measured on the H100 sat ~10 GiB above LoRA's,
+    # what a float32 L^2 bias adds (float32 hidden states reach attention there; see the docstring).
+    bias_bytes = 4 if isinstance(method, QLoraMethod) else dt
+    attn = attention_bytes(attention, b, s, heads, 1 if env.gradient_checkpointing else blocks, bias_bytes,
+                           padding_free=peft_methods.is_padding_free(packing))
+    loss = "liger" if env.liger_kernel else loss_type
+    logits = logits_bytes(loss, tokens, vocab, dt, float32_head=isinstance(method, QLoraMethod))
     components = {
         "weights_gb": weights / GIB,
         "gradients_gb": grads / GIB,
         "optimizer_gb": optimizer / GIB,
         "activations_gb": acts / GIB,
+        "attention_gb": attn / GIB,
         "logits_gb": logits / GIB,
     }
     subtotal = sum(components.values())
@@ -219,14 +293,22 @@ def memory_estimate(
     out["fits"] = out["total_gb"] <= env.device_memory_gb
     out["assumptions"] = {
         "batch": b, "seq_len": s, "dtype": env.dtype, "gradient_checkpointing": env.gradient_checkpointing,
-        "attn_implementation": env.attn_implementation, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"],
+        "attn_implementation": attention, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"],
+        "packing": packing, "padding_free": peft_methods.is_padding_free(packing), "loss": loss,
         "processes": n, "optimizer": optim,
     }
     return out
 
 
 def plan(
-    model_name_or_path: Any, method_config: Any, env: EnvironmentProfile, seq_len: int, training: TrainingConfig | None = None
+    model_name_or_path: Any,
+    method_config: Any,
+    env: EnvironmentProfile,
+    seq_len: int,
+    training: TrainingConfig | None = None,
+    *,
+    packing: bool | str = False,
+    loss_type: str = "chunked_nll",
 ) -> dict[str, Any]:
     """Parameter counts and memory estimate of training `method_config` on the model under `env`.
 
@@ -245,7 +327,9 @@ def plan(
         "experts": {"per_block": counts[0], "active_per_token": counts[1]} if counts else None,
         "trainable_params": trainable,
         "trainable_percent": round(100 * trainable / total, 4) if total else 0.0,
-        "memory": memory_estimate(prepared, method_config, env, seq_len, trainable, total, training),
+        "memory": memory_estimate(
+            prepared, method_config, env, seq_len, trainable, total, training, packing=packing, loss_type=loss_type
+        ),
     }
 
 
@@ -255,13 +339,18 @@ def plan_profiles(model_name_or_path: Any, method_config: Any, envs: list[Enviro
 
 
 def suggestions(
-    model_name_or_path: Any, method: Any, env: EnvironmentProfile, seq_len: int, training: TrainingConfig | None = None
+    model_name_or_path: Any,
+    method: Any,
+    env: EnvironmentProfile,
+    seq_len: int,
+    training: TrainingConfig | None = None,
+    packing: bool | str = False,
 ) -> list[str]:
     """What would make an over-budget run fit, each with its estimated total."""
     out: list[str] = []
 
     def total(m: Any, e: EnvironmentProfile) -> float:
-        return plan(model_name_or_path, m, e, seq_len, training)["memory"]["total_gb"]
+        return plan(model_name_or_path, m, e, seq_len, training, packing=packing)["memory"]["total_gb"]
 
     if method.is_peft and not isinstance(method, QLoraMethod) and hasattr(method, "r"):
         qlora = QLoraMethod(name="qlora", r=method.r, alpha=method.alpha, target_modules=method.target_modules)
@@ -292,19 +381,24 @@ def suggestions(
 
 
 def check_fit(
-    model_name_or_path: Any, method: Any, env: EnvironmentProfile, seq_len: int, training: TrainingConfig | None = None
+    model_name_or_path: Any,
+    method: Any,
+    env: EnvironmentProfile,
+    seq_len: int,
+    training: TrainingConfig | None = None,
+    packing: bool | str = False,
 ) -> dict[str, Any]:
     """The plan, or StageFailed saying what to change when the estimate exceeds the device's memory.
 
     `training` is the stage's own TrainingConfig, the object the trainer is built from."""
-    result = plan(model_name_or_path, method, env, seq_len, training)
+    result = plan(model_name_or_path, method, env, seq_len, training, packing=packing)
     mem = result["memory"]
     if not mem["fits"]:
         parts = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in mem.items() if k.endswith("_gb") and k != "total_gb" and k != "device_memory_gb")
         raise StageFailed(
             f"{method.name} on this model needs ~{mem['total_gb']:.1f} GiB per device ({parts} GiB) but profile "
             f"{env.name} has {env.device_memory_gb:g} GiB. To fit: "
-            + "; or ".join(suggestions(model_name_or_path, method, env, seq_len, training))
+            + "; or ".join(suggestions(model_name_or_path, method, env, seq_len, training, packing))
         )
     return result
 

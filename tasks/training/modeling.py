@@ -130,6 +130,39 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(name, **options)
 
 
+def attention_installed(kernel: str) -> bool:
+    """Whether transformers can run attention kernel `kernel` in this environment (package and device)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_torch_flex_attn_available
+
+    checks = {
+        "flash_attention_2": is_flash_attn_2_available,
+        "flash_attention_3": is_flash_attn_3_available,
+        "flex_attention": is_torch_flex_attn_available,
+    }
+    return checks[kernel]() if kernel in checks else kernel in ("eager", "sdpa")
+
+
+def training_attention(attn_implementation: str, packed_attention: list[str], *, padding_free: bool) -> str:
+    """The attention kernel a training run loads: for padding-free packed rows, the first of the profile's
+    `packed_attention` preferences that is installed (flash-attn's varlen kernel, else flex_attention with a
+    document mask), otherwise `attn_implementation`.
+
+    Which kernels are installed is a property of the environment, like the library versions, not a branch on
+    the hardware: the profile names the order, this function only skips what cannot be imported.
+    """
+    if not padding_free or not packed_attention:
+        return attn_implementation
+    for kernel in packed_attention:
+        if attention_installed(kernel):
+            return kernel
+    from tunepipe.tasks.core.stage import StageFailed
+
+    raise StageFailed(
+        f"packed_attention {packed_attention}: none of these attention kernels is installed here "
+        "(flash_attention_2/3 need the flash-attn package and a CUDA device; flex_attention needs torch >= 2.5)"
+    )
+
+
 def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
     """What a model contributes to a cache key.
 

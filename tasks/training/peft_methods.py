@@ -335,6 +335,14 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
     }
 
 
+def is_padding_free(packing: bool | str) -> bool:
+    """Whether packed rows reach the model padding-free: one flattened row per batch, `position_ids` that restart
+    at 0 for every example and no attention mask (TRL's collator for best-fit packing). Attention then stays
+    within each example: transformers derives a per-example mask from the restarts, and flash-attn/flex_attention
+    compute only the per-example blocks. `wrapped` packing is a plain stream: its documents attend to each other."""
+    return packing is True or packing in ("bfd", "bfd_split")
+
+
 def trainer_args(
     training: TrainingConfig,
     env: EnvironmentProfile,
@@ -358,6 +366,12 @@ def trainer_args(
             "max_length": max_length,
             "packing": bool(packing),
             "packing_strategy": strategy,
+            # Said explicitly (TRL turns it on for bfd packing by itself): packed rows reach the model as
+            # position_ids without an attention mask, the input flash-attn's varlen and flex_attention expect.
+            "padding_free": is_padding_free(packing),
+            "torch_compile": env.torch_compile,
+            # Sequence-length bucketing for unpacked rows: similar lengths share a batch, less padding.
+            "train_sampling_strategy": "group_by_length" if env.length_bucketing and not packing else "random",
             "disable_tqdm": False,  # the console progress bar; the Prefect UI gets a progress artifact
             "include_num_input_tokens_seen": "non_padding",
             "dataset_num_proc": None,

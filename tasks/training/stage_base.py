@@ -39,6 +39,9 @@ def training_env_payload(env: EnvironmentProfile) -> dict[str, Any]:
         "num_processes": env.num_processes,
         "attn_implementation": env.attn_implementation,
         "liger_kernel": env.liger_kernel,
+        "packed_attention": list(env.packed_attention),
+        "torch_compile": env.torch_compile,
+        "length_bucketing": env.length_bucketing,
         "deepspeed_config": env.deepspeed_config,
     }
 

@@ -49,15 +49,20 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
     return None
 
 
-def load_base(model_path: str, method: Any, env: EnvironmentProfile, revision: str | None = None) -> Any:
-    """The base model at the profile's dtype and attention kernel (4-bit for qlora)."""
-    from tunepipe.tasks.training.modeling import load_model
+def load_base(
+    model_path: str, method: Any, env: EnvironmentProfile, revision: str | None = None, *, packing: bool | str = False
+) -> Any:
+    """The base model at the profile's dtype and attention kernel (4-bit for qlora); packed, padding-free
+    training loads the profile's `packed_attention` kernel instead."""
+    from tunepipe.tasks.training.modeling import load_model, training_attention
 
     quantization = peft_methods.bnb_config(method, env) if isinstance(method, QLoraMethod) else None
+    attention = training_attention(env.attn_implementation, env.packed_attention, padding_free=peft_methods.is_padding_free(packing))
     model = load_model(
-        model_path, revision=revision, dtype=env.dtype, attn_implementation=env.attn_implementation, quantization=quantization,
+        model_path, revision=revision, dtype=env.dtype, attn_implementation=attention, quantization=quantization,
         device_map=quantized_device_map(env) if quantization is not None else None,
     )
+    # No KV cache in training: with one, transformers would not derive the per-example mask of a packed row.
     model.config.use_cache = False
     return model
 

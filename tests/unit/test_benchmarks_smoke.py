@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 
 import pytest
@@ -136,39 +137,54 @@ def test_overhead_summary_is_the_median_of_per_pair_ratios():
     assert summary["meets_target"] is False
 
 
-def _gpu_run(tokens_per_s: float, peak: float) -> dict:
-    return {"tokens_per_s": tokens_per_s, "peak_allocated_gb": peak, "mfu": tokens_per_s / 1e6}
+def _gpu_run(tokens_per_s: float, peak: float, planned_vs_measured: float | None = None) -> dict:
+    return {"tokens_per_s": tokens_per_s, "peak_allocated_gb": peak, "mfu": tokens_per_s / 1e5, "mfu_6n": tokens_per_s / 5e4,
+            "planned_vs_measured": planned_vs_measured}
 
 
-def test_gpu_sft_summary_compares_each_variant_with_its_method_baseline():
+def test_gpu_sft_summary_compares_each_side_with_the_baseline_and_with_trl():
     gpu = _load("gpu_sft")
     runs = {
-        "qlora": {
+        "0.5b/1024/qlora": {
             "baseline": [_gpu_run(1000, 40.0), _gpu_run(1200, 40.0)],
-            "packing": [_gpu_run(3300, 36.0), _gpu_run(3300, 36.0)],
-            "liger": [_gpu_run(1400, 44.0), {"error": "exit 1", "log_tail": "..."}],  # a failed run is left out
+            "trl": [_gpu_run(20000, 30.0, 1.05)],
+            "unsloth": [{"unavailable": "unsloth: ModuleNotFoundError: No module named 'unsloth'"}],
+            "tunepipe": [_gpu_run(5000, 20.0, 1.3), {"error": "exit 1", "log_tail": "..."}],  # a failed run is left out
+            "liger+packing": [_gpu_run(22000, 27.0, 0.9)],
         },
-        "lora": {"baseline": [_gpu_run(2000, 30.0)], "tunepipe": [_gpu_run(1000, 15.0)]},
+        "0.5b/1024/lora": {"trl": [_gpu_run(40000, 30.0)], "liger+packing": [_gpu_run(31000, 33.0, 1.1)]},
     }
     summary = gpu.summarise(runs)
-    assert summary["qlora"]["baseline"]["tokens_per_s"] == 1100  # median of two
-    assert summary["qlora"]["packing"]["speed_vs_baseline"] == 3.0
-    assert summary["qlora"]["packing"]["memory_vs_baseline"] == 0.9
-    assert summary["lora"]["tunepipe"]["speed_vs_baseline"] == 0.5
-    # The target: the fastest QLoRA variant at >= 1.5x the baseline's tokens/s and <= its peak memory.
-    assert summary["qlora_target"] == {"best_variant": "packing", "speed_vs_baseline": 3.0, "memory_vs_baseline": 0.9, "met": True}
-    runs["qlora"]["packing"] = [_gpu_run(3300, 44.0)]
-    assert gpu.summarise(runs)["qlora_target"]["met"] is False  # faster, but more memory than the baseline
+    qlora = summary["0.5b/1024/qlora"]
+    assert qlora["baseline"]["tokens_per_s"] == 1100  # median of two
+    assert qlora["liger+packing"]["speed_vs_trl"] == 1.1 and qlora["liger+packing"]["memory_vs_trl"] == 0.9
+    assert qlora["liger+packing"]["speed_vs_baseline"] == 20.0
+    assert qlora["unsloth"] == {"unavailable": "unsloth: ModuleNotFoundError: No module named 'unsloth'"}
+    # Targets: the fastest tunepipe side; QLoRA MFU >= 20%; >= 1.0x TRL at <= its memory (1.3x the aim); plans within 15%.
+    assert qlora["targets"] == {
+        "best_tunepipe_variant": "liger+packing", "mfu": 0.22, "mfu_met": True,
+        "speed_vs_trl": 1.1, "memory_vs_trl": 0.9, "floor_met": True, "aim_met": False,
+        "planned_vs_measured": {"trl": 1.05, "tunepipe": 1.3, "liger+packing": 0.9}, "plan_within_15pct": False,
+    }
+    lora = summary["0.5b/1024/lora"]["targets"]
+    assert lora["mfu"] == 0.31 and lora["mfu_met"] is True  # LoRA's target is 30%
+    assert lora["floor_met"] is False and lora["plan_within_15pct"] is True  # slower than TRL, and more memory
+    assert "| 0.5b/1024/qlora | liger+packing | 22,000 | 1.1 | 20.0 | 27.0 | 0.9 | 0.9 | 22.0% | 44.0% |" in gpu.table(summary)
 
 
-def test_gpu_sft_merge_pools_runs_of_the_same_setup_only():
+def test_gpu_sft_merge_pools_repeats_and_joins_setups_of_separate_calls():
     gpu = _load("gpu_sft")
-    setup = {"steps": 20, "max_length": 1024, "build_s": 3.0}
-    first = {"command": "a", "setup": setup, "runs": {"lora": {"baseline": [_gpu_run(1000, 10.0)]}}}
-    second = {"command": "b", "setup": {**setup, "build_s": 9.0}, "runs": {"lora": {"baseline": [_gpu_run(3000, 10.0)]}}}
-    merged = gpu.merge_results([first, second])
-    assert merged["merged_from"] == ["a", "b"] and len(merged["runs"]["lora"]["baseline"]) == 2
-    assert merged["summary"]["lora"]["baseline"]["tokens_per_s"] == 2000
+    setup = {"steps": 20, "models": {"0.5b": {}}, "seq_lengths": [1024], "build_s": 3.0}
+    first = {"command": "a", "setup": setup, "runs": {"0.5b/1024/lora": {"baseline": [_gpu_run(1000, 10.0)]}}}
+    second = {"command": "b", "setup": {**setup, "build_s": 9.0}, "runs": {"0.5b/1024/lora": {"baseline": [_gpu_run(3000, 10.0)]}}}
+    other = {"command": "c", "setup": {**setup, "models": {"1.5b": {}}, "seq_lengths": [4096]},
+             "runs": {"1.5b/4096/lora": {"baseline": [_gpu_run(500, 30.0)]}}}
+    merged = gpu.merge_results([first, second, other])
+    assert merged["merged_from"] == ["a", "b", "c"] and len(merged["runs"]["0.5b/1024/lora"]["baseline"]) == 2
+    assert merged["summary"]["0.5b/1024/lora"]["baseline"]["tokens_per_s"] == 2000
+    assert merged["summary"]["1.5b/4096/lora"]["baseline"]["tokens_per_s"] == 500
+    assert merged["setup"]["models"] == {"0.5b": {}, "1.5b": {}} and merged["setup"]["seq_lengths"] == [1024, 4096]
+    assert "| 1.5b/4096/lora | baseline | 500 |" in merged["table"]
     with pytest.raises(SystemExit, match="different setups"):
         gpu.merge_results([first, {**second, "setup": {**setup, "steps": 40}}])
 
@@ -180,5 +196,47 @@ def test_gpu_sft_model_flops_count_the_matmuls_the_adapters_and_attention(tmp_pa
                 num_key_value_heads=2, vocab_size=1000).save_pretrained(tmp_path)
     per_block = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k, v (2 kv heads of 16), o, gate/up/down
     matmul = 2 * per_block + 64 * 1000  # + the output head
-    flops = _load("gpu_sft").model_flops_per_token(str(tmp_path), trainable=500, mean_context=100.0)
-    assert flops == 4 * matmul + 6 * 500 + 12 * 2 * 64 * 100
+    gpu = _load("gpu_sft")
+    assert gpu.model_flops_per_token(str(tmp_path), trainable=500, mean_context=100.0) == 4 * matmul + 6 * 500 + 12 * 2 * 64 * 100
+    assert gpu.model_flops_per_token(str(tmp_path), trainable=500, mean_context=100.0, convention="6n") == 6 * matmul + 12 * 2 * 64 * 100
+
+
+def test_gpu_sft_configs_are_the_real_qwen25_shapes():
+    from transformers import Qwen2Config
+
+    from tunepipe.tasks.training.memory_plan import count
+    from tunepipe.schemas.sft import SFTConfig
+
+    gpu = _load("gpu_sft")
+    full = SFTConfig.model_validate({"method": "full"}).method
+    for name, (low, high) in {"0.5b": (0.49e9, 0.5e9), "1.5b": (1.53e9, 1.55e9)}.items():
+        arch = {k: v for k, v in gpu.ARCHS[name].items() if k not in ("model_type", "rope_theta")}
+        _, total, _ = count(Qwen2Config(**arch), full)
+        assert low < total < high, (name, total)
+
+
+def test_gpu_sft_smoke_runs_every_side_on_a_cpu(tmp_path):
+    """The whole benchmark (inputs, every side, figures, planner, summary, table) on a tiny model: the
+    script cannot rot between device sessions. LoRA only here (QLoRA: `--smoke` alone, ~1 more minute)."""
+    gpu = _load("gpu_sft")
+    out = tmp_path / "result.json"
+    assert gpu.main(["--smoke", "--methods", "lora", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    runs = {side: outcomes[0] for side, outcomes in result["runs"]["tiny/128/lora"].items()}
+    assert set(runs) == {"baseline", "trl", "unsloth", "tunepipe", "liger+packing"}
+    if importlib.util.find_spec("unsloth") is None:
+        assert runs.pop("unsloth")["unavailable"].startswith("unsloth: ModuleNotFoundError")
+    for side, run in runs.items():
+        assert "error" not in run, (side, run)
+        assert run["tokens_per_s"] > 0 and run["steps_timed"] == 2 and run["planned_memory_gb"] > 0, side
+        assert run["flops_per_token"] > 0 and run["trainable"] > 0
+    # Same rows on every side: the padded sides see the same tokens and reach the same loss; so do the packed ones
+    # (TRL configured for speed and tunepipe's packed run), which fill more of each row.
+    assert runs["baseline"]["tokens_per_step"] == runs["tunepipe"]["tokens_per_step"]
+    assert runs["trl"]["tokens_per_step"] == runs["liger+packing"]["tokens_per_step"] > runs["tunepipe"]["tokens_per_step"]
+    assert runs["baseline"]["train_loss"] == pytest.approx(runs["tunepipe"]["train_loss"], abs=1e-3)
+    assert runs["trl"]["train_loss"] == pytest.approx(runs["liger+packing"]["train_loss"], abs=1e-3)
+    # The plan of the plain Trainer holds its full logits; the others' losses never do.
+    assert runs["baseline"]["planned"]["logits_gb"] > runs["tunepipe"]["planned"]["logits_gb"]
+    assert "speed_vs_trl" in result["summary"]["tiny/128/lora"]["liger+packing"]
+    assert "| tiny/128/lora | trl |" in result["table"]
