@@ -15,14 +15,19 @@ from typing import Any
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import (
     AdaLoraMethod,
+    AdapterDropMethod,
+    AdapterMethod,
     BitFitMethod,
     FreezeMethod,
     FullMethod,
+    GaLoreMethod,
     IA3Method,
     LoraMethod,
+    LoraPlusMethod,
     PrefixTuningMethod,
     PromptTuningMethod,
     PTuningMethod,
+    PTuningV2Method,
     QLoraMethod,
     TrainingConfig,
 )
@@ -35,7 +40,7 @@ def _targets(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-def lora_config(method: LoraMethod | QLoraMethod, *, for_counting: bool = False) -> Any:
+def lora_config(method: LoraMethod | QLoraMethod | LoraPlusMethod, *, for_counting: bool = False) -> Any:
     """`peft.LoraConfig`. `for_counting`: default init (PiSSA/OLoRA need real weights; counts are the same)."""
     from peft import LoraConfig
 
@@ -49,7 +54,7 @@ def lora_config(method: LoraMethod | QLoraMethod, *, for_counting: bool = False)
         use_dora=method.use_dora,
         bias=method.bias,
         modules_to_save=list(method.modules_to_save) or None,
-        init_lora_weights=True if for_counting else _LORA_INIT[method.init],
+        init_lora_weights=True if for_counting else _LORA_INIT[getattr(method, "init", "default")],
     )
 
 
@@ -132,9 +137,32 @@ def p_tuning_config(method: PTuningMethod) -> Any:
     )
 
 
+def p_tuning_v2_config(method: PTuningV2Method) -> Any:
+    """P-Tuning v2: `peft.PrefixTuningConfig` with the prefixes trained directly (no projection MLP)."""
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type=CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens, prefix_projection=False)
+
+
+def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
+    """The `BottleneckConfig` of the bottleneck-adapter PEFT method (tasks/training/bottleneck.py)."""
+    from tunepipe.tasks.training import bottleneck
+
+    config_cls = bottleneck.register()
+    return config_cls(
+        task_type=CAUSAL_LM,
+        target_modules=list(method.target_modules),
+        bottleneck_size=method.bottleneck_size,
+        placement=method.placement,
+        non_linearity=method.non_linearity,
+        scaling=method.scaling,
+        drop_first_layers=getattr(method, "drop_first_layers", 0),
+    )
+
+
 def peft_config(method: Any, *, total_step: int = 1, tokenizer_path: str | None = None, for_counting: bool = False) -> Any:
-    """The PEFT config of a PEFT method; None for full / freeze / bitfit."""
-    if isinstance(method, (LoraMethod, QLoraMethod)):
+    """The PEFT config of a PEFT method; None for full / freeze / bitfit / galore."""
+    if isinstance(method, (LoraMethod, QLoraMethod, LoraPlusMethod)):
         return lora_config(method, for_counting=for_counting)
     if isinstance(method, AdaLoraMethod):
         return adalora_config(method, total_step)
@@ -146,6 +174,10 @@ def peft_config(method: Any, *, total_step: int = 1, tokenizer_path: str | None 
         return prefix_tuning_config(method)
     if isinstance(method, PTuningMethod):
         return p_tuning_config(method)
+    if isinstance(method, PTuningV2Method):
+        return p_tuning_v2_config(method)
+    if isinstance(method, (AdapterMethod, AdapterDropMethod)):
+        return bottleneck_config(method)
     return None
 
 
@@ -174,8 +206,48 @@ def bnb_config(method: QLoraMethod, env: EnvironmentProfile) -> Any:
 
 
 def optimizer_name(method: Any, training: TrainingConfig) -> str:
-    """The `TrainingArguments.optim` value."""
+    """The `TrainingArguments.optim` value (GaLore: the Trainer's galore optimizer, layerwise or not)."""
+    if isinstance(method, GaLoreMethod):
+        return method.optimizer + ("_layerwise" if method.layerwise else "")
     return method.optimizer if isinstance(method, QLoraMethod) else training.optimizer
+
+
+def optimizer_arguments(method: Any) -> dict[str, Any]:
+    """Extra `TrainingArguments` of the method's optimizer: GaLore's target modules and projection."""
+    if not isinstance(method, GaLoreMethod):
+        return {}
+    return {
+        "optim_target_modules": list(method.target_modules),
+        "optim_args": f"rank={method.rank},update_proj_gap={method.update_proj_gap},scale={method.scale},proj_type={method.proj_type}",
+    }
+
+
+def optimizer_class(optim: str) -> type:
+    """The optimizer class behind a `TrainingArguments.optim` name (what LoRA+ builds its groups for)."""
+    import torch
+
+    if optim == "adamw_torch":
+        return torch.optim.AdamW
+    if optim == "sgd":
+        return torch.optim.SGD
+    import bitsandbytes as bnb
+
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[optim]
+
+
+def custom_optimizer(model: Any, method: Any, training: TrainingConfig) -> Any:
+    """LoRA+'s optimizer (B matrices at `lr_ratio` times the learning rate); None: the Trainer builds its own."""
+    if not isinstance(method, LoraPlusMethod):
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    optim = optimizer_name(method, training)
+    kwargs: dict[str, Any] = {"weight_decay": training.weight_decay}
+    return create_loraplus_optimizer(
+        model, optimizer_class(optim), lr=training.learning_rate, loraplus_lr_ratio=method.lr_ratio,
+        loraplus_lr_embedding=method.embedding_lr, **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,9 +271,10 @@ def decoder_layers(model: Any) -> tuple[str, int]:
 
 
 def trainable_names(model: Any, method: Any) -> set[str]:
-    """Names of the parameters that train under full / freeze / bitfit."""
+    """Names of the parameters that train under full / freeze / bitfit / galore (GaLore trains every
+    parameter; only its optimizer states are low-rank)."""
     names = [n for n, _ in model.named_parameters()]
-    if isinstance(method, FullMethod):
+    if isinstance(method, (FullMethod, GaLoreMethod)):
         return set(names)
     if isinstance(method, BitFitMethod):
         return {n for n in names if n.endswith("bias")}
@@ -333,8 +406,10 @@ def trainer_args(
     packing: bool | str,
     optim: str,
     has_eval: bool,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
-    """`trl.SFTConfig`: the shared training arguments, plus packing, length and evaluation."""
+    """`trl.SFTConfig`: the shared training arguments, plus packing, length, evaluation and the
+    method's optimizer arguments (`extra`)."""
     from trl import SFTConfig as TrlSFTConfig
 
     strategy = packing if isinstance(packing, str) else "bfd"
@@ -351,5 +426,6 @@ def trainer_args(
             "include_num_input_tokens_seen": "non_padding",
             "dataset_num_proc": None,
             **eval_kwargs,
+            **(extra or {}),
         }
     )

@@ -141,6 +141,7 @@ def build_trainer(
         packing=packing,
         optim=peft_methods.optimizer_name(method, training),
         has_eval=bool(eval_rows),
+        extra=peft_methods.optimizer_arguments(method),
     )
     eval_dataset: Any = None
     if eval_rows:
@@ -153,6 +154,7 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=make_callbacks(model, method),
+        optimizers=(peft_methods.custom_optimizer(model, method, training), None),
     )
     if isinstance(method, QLoraMethod):
         # TRL casts a quantized model's trainable weights to bf16; keep them at the compute dtype

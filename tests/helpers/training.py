@@ -172,6 +172,12 @@ METHODS = {
     "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4, "init": "text", "init_text": "classify the sentiment"},
     "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 4},
     "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 32},
+    "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 4},
+    "lora_plus": {"name": "lora_plus", "r": 4, "lr_ratio": 16},
+    "galore": {"name": "galore", "rank": 8, "update_proj_gap": 2, "target_modules": [r".*self_attn.*", r".*mlp.*"]},
+    "adapter": {"name": "adapter", "bottleneck_size": 8},
+    "adapter-parallel": {"name": "adapter", "bottleneck_size": 8, "placement": "parallel", "scaling": 4.0},
+    "adapter_drop": {"name": "adapter_drop", "bottleneck_size": 8, "drop_first_layers": 1},
 }
 CONVERTED = {"lora-pissa", "lora-olora"}  # saved as plain LoRA on the original base: equal up to rounding
 
@@ -230,6 +236,7 @@ def check_method(assets, tmp_path, case: str) -> None:
     if case == "freeze":
         assert all(".layers.1." in n or "lm_head" in n for n in trainable)
         assert any(".layers.0." in n for n in before) and not any(".layers.0." in n for n in trainable)
+    check_method_specifics(trainer, method, trainable)
 
     dest = tmp_path / "result"
     save_result(trainer, prepared["tokenizer"], method, dest, prepared["initial_adapter"])
@@ -260,6 +267,36 @@ def check_method(assets, tmp_path, case: str) -> None:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     else:
         assert torch.equal(got, expected)
+
+
+def check_method_specifics(trainer, method, trainable: list[str]) -> None:
+    """What makes each newer method itself: adapters where the paper puts them, LoRA+'s faster B,
+    GaLore's optimizer."""
+    name = method.name
+    if name in ("adapter", "adapter_drop"):
+        assert all(".bottleneck_" in n for n in trainable)
+        blocks = {n.split(".layers.")[1].split(".")[0] for n in trainable}
+        places = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] for n in trainable}
+        assert places == {"self_attn", "mlp"}, places
+        assert blocks == ({"1"} if name == "adapter_drop" else {"0", "1"}), blocks  # AdapterDrop: block 0 has none
+    if name == "lora_plus":
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        rates = {}
+        for group in inner.param_groups:
+            for param in group["params"]:
+                rates[id(param)] = group["lr"] if "initial_lr" not in group else group["initial_lr"]
+        named = dict(trainer.model.named_parameters())
+        a = {rates[id(named[n])] for n in trainable if ".lora_A." in n}
+        b = {rates[id(named[n])] for n in trainable if ".lora_B." in n}
+        assert len(a) == 1 and len(b) == 1 and abs(b.pop() / a.pop() - method.lr_ratio) < 1e-9
+    if name == "galore":
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        assert type(inner).__module__.startswith("galore_torch"), type(inner)
+        projected = [g for g in inner.param_groups if "rank" in g]
+        assert projected and projected[0]["rank"] == method.rank and projected[0]["params"]
+    if name == "p_tuning_v2":
+        config = trainer.model.peft_config["default"]
+        assert type(config).__name__ == "PrefixTuningConfig" and not config.prefix_projection
 
 
 # --------------------------------------------------------------------------------------------
