@@ -328,17 +328,83 @@ class AdapterDropMethod(_BottleneckFields):
     drop_first_layers: int = Field(default=1, ge=1, description="Number of lowest transformer blocks without adapters.")
 
 
+class MamAdapterMethod(_Method):
+    """MAM Adapter (He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer
+    Learning"): prefix tuning on the attention (a small share of the budget) plus a parallel,
+    scaled bottleneck adapter on the feed-forward block (most of it)."""
+
+    name: Literal["mam_adapter"] = Field(description="Method: MAM Adapter (prefix on attention + parallel FFN adapter).")
+    prefix_length: int = Field(default=30, ge=1, description="Prefix keys/values per attention layer (the paper: 30).")
+    bottleneck_size: int = Field(default=512, ge=1, description="Width of the parallel FFN adapter (the paper: 512 on 1024-wide models).")
+    scaling: float = Field(default=4.0, gt=0, description="Multiplier s of the parallel adapter's output (the paper: 4).")
+    ffn_module: str = Field(default="mlp", description="Feed-forward sub-layer that gets the parallel adapter (Llama/Qwen: mlp).")
+    key_module: str = Field(default="k_proj", description="Key projection of each attention layer; its attention gets the prefix.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(default="relu", description="Activation of the adapter.")
+
+
+class UniPeltMethod(_Method):
+    """UniPELT (Mao et al. 2022): LoRA on the query/value projections, prefix tuning on the
+    attention and a sequential bottleneck adapter after the feed-forward block, each scaled by its
+    own learned gate sigmoid(W x) per token, so training decides which sub-method matters where."""
+
+    name: Literal["unipelt"] = Field(description="Method: UniPELT (gated LoRA + prefix + adapter).")
+    lora_r: int = Field(default=8, ge=1, description="LoRA rank (the paper: 8).")
+    lora_alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale alpha / r).")
+    lora_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Linear layers with gated LoRA (the paper: W_q, W_v).")
+    prefix_length: int = Field(default=10, ge=1, description="Prefix keys/values per attention layer (the paper: 10).")
+    key_module: str = Field(default="k_proj", description="Key projection of each attention layer; its attention gets the gated prefix.")
+    bottleneck_size: int = Field(default=48, ge=1, description="Width of the gated adapter after the feed-forward block (the paper: 48).")
+    ffn_module: str = Field(default="mlp", description="Feed-forward sub-layer followed by the adapter.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(default="relu", description="Activation of the adapter.")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "UniPeltMethod":
+        if not self.lora_modules:
+            raise ValueError("lora_modules is empty: name the projections to adapt (e.g. [q_proj, v_proj])")
+        if self.key_module in self.lora_modules:
+            raise ValueError(f"{self.key_module} is both the prefix's key_module and a lora_module: one layer holds one role")
+        return self
+
+
+class AdapterFusionMethod(_Method):
+    """AdapterFusion (Pfeiffer et al. 2021), the second of its two stages: the per-task bottleneck
+    adapters of an earlier sft run (`method: adapter`, `adapters: per_task`) are loaded frozen, and
+    a fusion layer after each adapter learns, per token, an attention over their outputs
+    (query: the sub-layer's output; keys/values: each adapter's output) on the union of tasks. The
+    result is one adapter directory holding the task adapters and the fusion weights."""
+
+    name: Literal["adapter_fusion"] = Field(description="Method: AdapterFusion over per-task adapters.")
+    adapters_from: str = Field(
+        description="The per-task sft artifact to fuse: its directory (with adapters/<task>/), relative to this "
+        "config file. Like a local `model:` directory, the path (not its content) is part of the cache key: point at "
+        "a published artifact, whose directory name is its own content key."
+    )
+    fuse: list[str] | None = Field(default=None, description="Task adapters to fuse; default: all of the artifact's.")
+
+    @field_validator("adapters_from")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_path(value, info)
+
+    @field_validator("fuse")
+    @classmethod
+    def _two(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) < 2:
+            raise ValueError("fuse needs at least two task adapters (fusing one is that adapter)")
+        return value
+
+
 MethodConfig = Annotated[
     Union[
         FullMethod, FreezeMethod, BitFitMethod, LoraMethod, QLoraMethod, AdaLoraMethod, IA3Method,
         PromptTuningMethod, PrefixTuningMethod, PTuningMethod, PTuningV2Method, LoraPlusMethod, GaLoreMethod,
-        AdapterMethod, AdapterDropMethod,
+        AdapterMethod, AdapterDropMethod, MamAdapterMethod, UniPeltMethod, AdapterFusionMethod,
     ],
     Field(discriminator="name"),
 ]
 METHOD_NAMES = (
     "full", "freeze", "bitfit", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
-    "p_tuning_v2", "lora_plus", "galore", "adapter", "adapter_drop",
+    "p_tuning_v2", "lora_plus", "galore", "adapter", "adapter_drop", "mam_adapter", "unipelt", "adapter_fusion",
 )
 
 
@@ -393,7 +459,8 @@ class SFTConfig(StrictModel):
     method: MethodConfig = Field(
         default_factory=lambda: LoraMethod(name="lora"),
         description="Fine-tuning method and its settings (`name`: full, freeze, bitfit, galore, lora, lora_plus, qlora, "
-        "adalora, ia3, prompt_tuning, prefix_tuning, p_tuning, p_tuning_v2, adapter, adapter_drop). `method: lora` is "
+        "adalora, ia3, prompt_tuning, prefix_tuning, p_tuning, p_tuning_v2, adapter, adapter_drop, mam_adapter, unipelt, "
+        "adapter_fusion). `method: lora` is "
         "shorthand for `{name: lora}`.",
     )
     adapters: Literal["shared", "per_task"] = Field(
@@ -460,6 +527,10 @@ class SFTConfig(StrictModel):
                 f"adapters: per_task trains one adapter per task, but method {method.name} saves full weights: "
                 "use a PEFT method (lora, qlora, adalora, ia3, adapter, prompt/prefix/p_tuning) or adapters: shared"
             )
+        if self.adapters == "per_task" and method.name == "adapter_fusion":
+            raise ValueError("adapter_fusion trains one fusion over the per-task adapters on the union of tasks: set adapters: shared")
+        if self.packing and method.name in ("mam_adapter", "unipelt"):
+            raise ValueError(f"packing: {method.name}'s prefix would be attended by every packed example: set packing: false")
         if self.packing and method.is_prompt_learning:
             raise ValueError(
                 f"packing: {method.name} prepends virtual tokens to every row, which would be shared by the packed "

@@ -17,6 +17,12 @@ One adapter on a sub-layer f with input x and output f(x) (down: d -> m, up: m -
 
 `up` starts at zero, so an untrained adapter is the identity (the base model's outputs). AdapterDrop
 (Rücklé et al. 2021) is `drop_first_layers`: the lowest transformer blocks get no adapter.
+
+The same layer also carries, per adapter, what the hybrid methods add:
+    prefix  (MAM, UniPELT)  trainable keys/values prepended in the attention (`prefix_attention`,
+                            registered with transformers' AttentionInterface), optionally gated
+    LoRA    (UniPELT)       a gated low-rank update on linear layers (q_proj, v_proj)
+    fusion  (AdapterFusion) frozen task adapters combined by a learned attention per token
 """
 
 from __future__ import annotations
@@ -69,6 +75,16 @@ def _config_class() -> type:
         scaling: float = field(default=1.0, metadata={"help": "s: the adapter term's multiplier."})
         gated: bool = field(default=False, metadata={"help": "UniPELT gate sigmoid(W x) on the adapter term."})
         drop_first_layers: int = field(default=0, metadata={"help": "AdapterDrop: no adapter in the lowest N blocks."})
+        prefix_length: int = field(default=0, metadata={"help": "Prefix keys/values per attention module (MAM, UniPELT)."})
+        prefix_modules: Optional[list[str]] = field(
+            default=None, metadata={"help": "Key projections (k_proj) whose attention module gets the prefix."}
+        )
+        lora_r: int = field(default=0, metadata={"help": "Rank of the low-rank update on lora_modules (UniPELT)."})
+        lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale alpha / r)."})
+        lora_modules: Optional[list[str]] = field(default=None, metadata={"help": "Linear layers with a low-rank update."})
+        fusion: Optional[list[str]] = field(
+            default=None, metadata={"help": "AdapterFusion: names of the frozen task adapters fused at each target module."}
+        )
         modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Unused (kept for PEFT)."})
 
         def __post_init__(self) -> None:
@@ -83,78 +99,283 @@ def _config_class() -> type:
     return BottleneckConfig
 
 
+PREFIX_ATTENTION = "tunepipe_prefix"
+
+
+def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The attention function of an attention module that carries prefixes (registered with
+    transformers' `AttentionInterface`): the prefix keys/values are prepended to the layer's keys
+    and values (after the cache update, so they are never cached) and every query sees them.
+
+    With a prefix gate (UniPELT) the prefix's share of each token's output is scaled by the token's
+    gate: out = attn(q, [P_k; K], [0; V]) + g * (attn(q, [P_k; K], [P_v; V]) - attn(q, [P_k; K], [0; V])).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    inner = _eager() if getattr(module, "tunepipe_inner_attention", "sdpa") == "eager" else ALL_ATTENTION_FUNCTIONS["sdpa"]
+    holder = getattr(module, module.tunepipe_prefix_holder)
+    prefix, holder.tunepipe_prefix = getattr(holder, "tunepipe_prefix", None), None
+    if prefix is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    keys, values, keep, gate = prefix  # (b, kv_heads, P, d) twice, (b, P) bool, (b, q) or None
+    b, _, q_len, _ = query.shape
+    k_len = key.shape[2]
+    key = torch.cat([keys.to(key.dtype), key], dim=2)
+    mask = _prefixed_mask(attention_mask, keep, b, q_len, k_len, query)
+    kwargs.pop("is_causal", None)
+    with_prefix, weights = inner(module, query, key, torch.cat([values.to(value.dtype), value], dim=2), mask, is_causal=False, **kwargs)
+    if gate is None:
+        return with_prefix, weights
+    without, _ = inner(module, query, key, torch.cat([torch.zeros_like(values, dtype=value.dtype), value], dim=2), mask,
+                       is_causal=False, **kwargs)
+    g = gate.to(with_prefix.dtype)[:, :, None, None]  # output is (b, q, heads, d)
+    return without + g * (with_prefix - without), weights
+
+
+def _eager() -> Any:
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def _prefixed_mask(mask: torch.Tensor | None, keep: torch.Tensor, b: int, q_len: int, k_len: int, query: torch.Tensor) -> torch.Tensor:
+    """The layer's mask with the prefix columns in front: visible to every query of a row that uses
+    a prefix. No mask (sdpa's causal shortcut) becomes the explicit causal mask, aligned to the end
+    of the keys (a cache holds the earlier ones)."""
+    prefix_cols = keep[:, None, None, :].expand(b, 1, q_len, keep.shape[1])
+    if mask is None:
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        real = (torch.arange(k_len, device=query.device)[None, :] <= rows)[None, None].expand(b, 1, q_len, k_len)
+        mask = real
+    else:
+        mask = mask[..., :k_len].expand(b, -1, q_len, k_len)
+    if mask.dtype == torch.bool:
+        return torch.cat([prefix_cols, mask], dim=-1)
+    blocked = torch.finfo(mask.dtype).min
+    prefix = torch.zeros(prefix_cols.shape, dtype=mask.dtype, device=mask.device).masked_fill(~prefix_cols, blocked)
+    return torch.cat([prefix, mask], dim=-1)
+
+
+def use_prefix_attention(attention: nn.Module, holder: str) -> None:
+    """Make `attention` call `prefix_attention`, with its prefix held by its child `holder` (the key
+    projection). Its config becomes a copy whose attention implementation is `prefix_attention`,
+    so other modules and the model's config keep theirs; without a prefix it runs the original
+    kernel (sdpa or eager; other kernels take no dense mask, so prefixes use sdpa)."""
+    import copy
+
+    from transformers import AttentionInterface
+
+    if getattr(attention, "tunepipe_prefix_holder", None) is not None:
+        return
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+    attention.tunepipe_inner_attention = attention.config._attn_implementation
+    attention.tunepipe_prefix_holder = holder
+    attention.config = copy.copy(attention.config)
+    attention.config._attn_implementation_internal = PREFIX_ATTENTION
+
+
+def _matches(key: str, names: list[str] | None) -> bool:
+    return any(key == t or key.endswith("." + t) for t in (names or []))
+
+
 class BottleneckLayer(nn.Module):
-    """A sub-layer with one bottleneck adapter per adapter name (PEFT's `BaseTunerLayer` contract)."""
+    """A wrapped sub-layer with, per adapter name, any of: a bottleneck adapter on its output, a
+    prefix (attention modules), a low-rank update (linear layers). PEFT's `BaseTunerLayer` contract."""
 
-    adapter_layer_names = ("bottleneck_down", "bottleneck_up", "bottleneck_gate")
-    other_param_names = ("bottleneck_settings",)
+    adapter_layer_names = (
+        "bottleneck_down", "bottleneck_up", "bottleneck_gate", "bottleneck_prefix_keys", "bottleneck_prefix_values",
+        "bottleneck_prefix_gate", "bottleneck_lora_A", "bottleneck_lora_B", "bottleneck_lora_gate",
+        "bottleneck_fusion_query", "bottleneck_fusion_key", "bottleneck_fusion_value",
+    )
+    # AdapterFusion's task adapters: saved and deleted with their adapter, never trained (not in
+    # adapter_layer_names, which set_adapter makes trainable).
+    other_param_names = ("bottleneck_settings", "bottleneck_fusion_down", "bottleneck_fusion_up")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, hidden_size: int, config: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, model_config: Any, config: Any, key: str) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.hidden_size = hidden_size
-        self.bottleneck_down = nn.ModuleDict({})
-        self.bottleneck_up = nn.ModuleDict({})
-        self.bottleneck_gate = nn.ModuleDict({})
+        self.model_config = model_config
+        for name in self.adapter_layer_names + ("bottleneck_fusion_down", "bottleneck_fusion_up"):
+            setattr(self, name, nn.ParameterDict({}) if "prefix_keys" in name or "prefix_values" in name else nn.ModuleDict({}))
         self.bottleneck_act = nn.ModuleDict({})
         self.bottleneck_settings: dict[str, dict[str, Any]] = {}
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, key)
 
-    def update_layer(self, adapter_name: str, config: Any) -> None:
-        base = self.base_layer
-        weight = next((p for p in base.parameters()), None)
-        kwargs = {"device": weight.device if weight is not None and weight.device.type != "meta" else None}
-        down = nn.Linear(self.hidden_size, config.bottleneck_size, **kwargs)
-        up = nn.Linear(config.bottleneck_size, self.hidden_size, **kwargs)
-        nn.init.zeros_(up.weight)  # an untrained adapter is the identity
-        nn.init.zeros_(up.bias)
-        self.bottleneck_down[adapter_name] = down
-        self.bottleneck_up[adapter_name] = up
-        self.bottleneck_act[adapter_name] = _ACTIVATIONS[config.non_linearity]()
-        if config.gated:
-            gate = nn.Linear(self.hidden_size, 1, **kwargs)
-            self.bottleneck_gate[adapter_name] = gate
-        self.bottleneck_settings[adapter_name] = {"placement": config.placement, "scaling": float(config.scaling)}
+    def _device(self) -> Any:
+        weight = next(self.base_layer.parameters(), None)
+        return weight.device if weight is not None and weight.device.type != "meta" else None
+
+    def update_layer(self, adapter_name: str, config: Any, key: str) -> None:
+        hidden = int(self.model_config.hidden_size)
+        device = self._device()
+        settings: dict[str, Any] = {"placement": config.placement, "scaling": float(config.scaling)}
+        if config.fusion and _matches(key, config.target_modules):
+            self._add_fusion(adapter_name, config, hidden, device)
+        elif _matches(key, config.target_modules):
+            down = nn.Linear(hidden, config.bottleneck_size, device=device)
+            up = nn.Linear(config.bottleneck_size, hidden, device=device)
+            nn.init.zeros_(up.weight)  # an untrained adapter is the identity
+            nn.init.zeros_(up.bias)
+            self.bottleneck_down[adapter_name] = down
+            self.bottleneck_up[adapter_name] = up
+            self.bottleneck_act[adapter_name] = _ACTIVATIONS[config.non_linearity]()
+            if config.gated:
+                self.bottleneck_gate[adapter_name] = nn.Linear(hidden, 1, device=device)
+        if config.prefix_length and _matches(key, config.prefix_modules):
+            self._add_prefix(adapter_name, config, device)
+            settings["prefix"] = True
+        if config.lora_r and _matches(key, config.lora_modules):
+            base = self.base_layer
+            a = nn.Linear(base.in_features, config.lora_r, bias=False, device=device)
+            b = nn.Linear(config.lora_r, base.out_features, bias=False, device=device)
+            nn.init.kaiming_uniform_(a.weight, a=5**0.5)
+            nn.init.zeros_(b.weight)
+            self.bottleneck_lora_A[adapter_name] = a
+            self.bottleneck_lora_B[adapter_name] = b
+            settings["lora_scaling"] = float(config.lora_alpha) / config.lora_r
+            if config.gated:
+                self.bottleneck_lora_gate[adapter_name] = nn.Linear(base.in_features, 1, device=device)
+        self.bottleneck_settings[adapter_name] = settings
         self.set_adapter(self.active_adapters)
 
-    def _term(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _add_fusion(self, adapter_name: str, config: Any, hidden: int, device: Any) -> None:
+        """The task adapters (filled from their own files by the caller, frozen) and the fusion's
+        query/key/value (Pfeiffer et al.: value starts as the identity, so an untrained fusion
+        averages the task adapters)."""
+        downs, ups = nn.ModuleDict({}), nn.ModuleDict({})
+        for task in config.fusion:
+            downs[task] = nn.Linear(hidden, config.bottleneck_size, device=device).requires_grad_(False)
+            ups[task] = nn.Linear(config.bottleneck_size, hidden, device=device).requires_grad_(False)
+        self.bottleneck_fusion_down[adapter_name] = downs
+        self.bottleneck_fusion_up[adapter_name] = ups
+        self.bottleneck_act[adapter_name] = _ACTIVATIONS[config.non_linearity]()
+        query = nn.Linear(hidden, hidden, device=device)
+        key = nn.Linear(hidden, hidden, device=device)
+        for layer in (query, key):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        value = nn.Linear(hidden, hidden, device=device)
+        if value.weight.device.type != "meta":
+            with torch.no_grad():
+                value.weight.copy_(torch.eye(hidden, device=value.weight.device))
+                value.bias.zero_()
+        self.bottleneck_fusion_query[adapter_name] = query
+        self.bottleneck_fusion_key[adapter_name] = key
+        self.bottleneck_fusion_value[adapter_name] = value
+
+    def _fusion_term(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """sum_n softmax_n(Q(h) . K(h + a_n) / sqrt(d)) V(a_n), a_n the n-th task adapter's term, h the
+        sub-layer's output."""
+        settings = self.bottleneck_settings[adapter]
+        query = self.bottleneck_fusion_query[adapter]
+        dtype = query.weight.dtype
+        h = out.to(dtype)
+        source = h if settings["placement"] == "sequential" else x.to(dtype)
+        act = self.bottleneck_act[adapter]
+        terms = torch.stack(
+            [up(act(down(source))) * settings["scaling"] for down, up in
+             zip(self.bottleneck_fusion_down[adapter].values(), self.bottleneck_fusion_up[adapter].values())],
+            dim=-2,
+        )  # (..., N, d)
+        keys = self.bottleneck_fusion_key[adapter](h.unsqueeze(-2) + terms)
+        scores = (keys @ query(h).unsqueeze(-1)).squeeze(-1) / h.shape[-1] ** 0.5
+        weights = torch.softmax(scores, dim=-1)
+        return (weights.unsqueeze(-1) * self.bottleneck_fusion_value[adapter](terms)).sum(-2).to(out.dtype)
+
+    def _add_prefix(self, adapter_name: str, config: Any, device: Any) -> None:
+        """Trainable prefix keys and values, held by the attention's key projection (this layer): it
+        sees the attention's input (for UniPELT's gate) and the batch's adapter names, and hands the
+        prefix to `prefix_attention` (see `use_prefix_attention`)."""
+        mc = self.model_config
+        head_dim = int(getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads)
+        shape = (self.base_layer.out_features // head_dim, config.prefix_length, head_dim)
+        self.bottleneck_prefix_keys[adapter_name] = nn.Parameter(torch.randn(shape, device=device) * 0.02)
+        self.bottleneck_prefix_values[adapter_name] = nn.Parameter(torch.randn(shape, device=device) * 0.02)
+        if config.gated:
+            self.bottleneck_prefix_gate[adapter_name] = nn.Linear(int(mc.hidden_size), 1, device=device)
+
+    # ------------------------------------------------------------------ forward
+
+    def _adapter_term(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         settings = self.bottleneck_settings[adapter]
         source = out if settings["placement"] == "sequential" else x
         down = self.bottleneck_down[adapter]
-        source = source.to(down.weight.dtype)
-        term = self.bottleneck_up[adapter](self.bottleneck_act[adapter](down(source))) * settings["scaling"]
+        term = self.bottleneck_up[adapter](self.bottleneck_act[adapter](down(source.to(down.weight.dtype)))) * settings["scaling"]
         if adapter in self.bottleneck_gate:
             term = term * torch.sigmoid(self.bottleneck_gate[adapter](x.to(down.weight.dtype)))
         return term.to(out.dtype)
+
+    def _lora_term(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a = self.bottleneck_lora_A[adapter]
+        term = self.bottleneck_lora_B[adapter](a(x.to(a.weight.dtype))) * self.bottleneck_settings[adapter]["lora_scaling"]
+        if adapter in self.bottleneck_lora_gate:
+            term = term * torch.sigmoid(self.bottleneck_lora_gate[adapter](x.to(a.weight.dtype)))
+        return term.to(out.dtype)
+
+    def _terms(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if adapter in self.bottleneck_lora_A:
+            out = out + self._lora_term(adapter, x, out)
+        if adapter in self.bottleneck_down:
+            out = out + self._adapter_term(adapter, x, out)
+        if adapter in self.bottleneck_fusion_query:
+            out = out + self._fusion_term(adapter, x, out)
+        return out
+
+    def _prefix(self, x: torch.Tensor, row_adapters: list[list[str]]) -> Any:
+        """(keys, values, keep, gate) for `prefix_attention`: each row's adapters' prefixes side by side."""
+        per_row = [[a for a in names if a in self.bottleneck_prefix_keys] for names in row_adapters]
+        width = max((sum(self.bottleneck_prefix_keys[a].shape[1] for a in names) for names in per_row), default=0)
+        if width == 0:
+            return None
+        some = next(a for names in per_row for a in names)
+        heads, _, dim = self.bottleneck_prefix_keys[some].shape
+        param = self.bottleneck_prefix_keys[some]
+        keys = x.new_zeros((len(per_row), heads, width, dim), dtype=param.dtype)
+        values = torch.zeros_like(keys)
+        keep = torch.zeros((len(per_row), width), dtype=torch.bool, device=x.device)
+        gate = None
+        for row, names in enumerate(per_row):
+            at = 0
+            for a in names:
+                k, v = self.bottleneck_prefix_keys[a], self.bottleneck_prefix_values[a]
+                keys[row, :, at:at + k.shape[1]] = k
+                values[row, :, at:at + k.shape[1]] = v
+                keep[row, at:at + k.shape[1]] = True
+                at += k.shape[1]
+            gated = [a for a in names if a in self.bottleneck_prefix_gate]
+            if gated:
+                if gate is None:
+                    gate = torch.ones(x.shape[:2], device=x.device, dtype=param.dtype)
+                gate[row] = torch.sigmoid(self.bottleneck_prefix_gate[gated[0]](x[row].to(param.dtype))).squeeze(-1)
+        return keys, values, keep, gate
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
         # The sub-layer's input: positional (mlp(x)) or by keyword (self_attn(hidden_states=...)).
         x = args[0] if args else kwargs["hidden_states"]
-        result = self.base_layer(*args, **kwargs)
         if self.disable_adapters:
-            return result
-        out = result[0] if isinstance(result, tuple) else result
+            return self.base_layer(*args, **kwargs)
         if adapter_names is not None:
-            out = self._mixed_batch(x, out, adapter_names)
+            row_adapters = [[n] if n != BASE_ADAPTER else [] for n in adapter_names]
         else:
+            row_adapters = [list(self.active_adapters)] * x.shape[0]
+        if self.bottleneck_prefix_keys:
+            self.tunepipe_prefix = self._prefix(x, row_adapters)  # read (and cleared) by prefix_attention
+        result = self.base_layer(*args, **kwargs)
+        out = result[0] if isinstance(result, tuple) else result
+        if adapter_names is None:
             for adapter in self.active_adapters:
-                if adapter in self.bottleneck_down:
-                    out = out + self._term(adapter, x, out)
+                out = self._terms(adapter, x, out)
+        else:
+            out = out.clone()
+            for adapter in {n for names in row_adapters for n in names}:
+                rows = [i for i, names in enumerate(row_adapters) if adapter in names]
+                out[rows] = self._terms(adapter, x[rows], out[rows])
         return (out, *result[1:]) if isinstance(result, tuple) else out
-
-    def _mixed_batch(self, x: torch.Tensor, out: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """Each row through its own adapter (rows of `__base__` unchanged)."""
-        out = out.clone()
-        for adapter in set(adapter_names):
-            if adapter == BASE_ADAPTER or adapter not in self.bottleneck_down:
-                continue
-            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
-            out[rows] = out[rows] + self._term(adapter, x[rows], out[rows])
-        return out
 
 
 def _tuner_layer_class() -> type:
@@ -173,10 +394,9 @@ def _tuner_layer_class() -> type:
     return PeftBottleneckLayer
 
 
-def _hidden_size(model: nn.Module) -> int:
+def _text_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.hidden_size)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -193,22 +413,27 @@ def _model_class(layer_cls: type) -> type:
         target_module_mapping: dict[str, list[str]] = {}
 
         def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
-            if not peft_config.target_modules:
+            if peft_config.target_modules is None:
                 peft_config.target_modules = ["self_attn", "mlp"]
             return peft_config
 
         @staticmethod
         def _check_target_module_exists(peft_config: Any, key: str) -> bool:
-            if not any(key == t or key.endswith("." + t) for t in peft_config.target_modules):
+            wanted = list(peft_config.target_modules or [])
+            wanted += list(peft_config.prefix_modules or []) if peft_config.prefix_length else []
+            wanted += list(peft_config.lora_modules or []) if peft_config.lora_r else []
+            if not _matches(key, wanted):
                 return False
             match = _LAYER_INDEX.search(key)
             return not (match and int(match.group(1)) < peft_config.drop_first_layers)
 
         def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kw):
+            if peft_config.prefix_length and _matches(current_key, peft_config.prefix_modules):
+                use_prefix_attention(parent, target_name)
             if isinstance(target, layer_cls):
-                target.update_layer(adapter_name, peft_config)
+                target.update_layer(adapter_name, peft_config, current_key)
                 return
-            new = layer_cls(target, adapter_name, _hidden_size(self.model), peft_config)
+            new = layer_cls(target, adapter_name, _text_config(self.model), peft_config, current_key)
             if adapter_name not in self.active_adapters:
                 new.requires_grad_(False)
             self._replace_module(parent, target_name, new, target)
@@ -223,7 +448,7 @@ def _model_class(layer_cls: type) -> type:
 
         def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
             for name, param in model.named_parameters():
-                if self.prefix not in name:
+                if self.prefix not in name or ".bottleneck_fusion_down." in name or ".bottleneck_fusion_up." in name:
                     param.requires_grad = False
 
         @contextmanager
@@ -235,7 +460,7 @@ def _model_class(layer_cls: type) -> type:
                 return
             if self.training:
                 raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-            known = {n for m in self.modules() if isinstance(m, layer_cls) for n in m.bottleneck_down}
+            known = {n for m in self.modules() if isinstance(m, layer_cls) for n in m.bottleneck_settings}
             unknown = {n for n in adapter_names if n != BASE_ADAPTER} - known
             if unknown:
                 raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")

@@ -16,6 +16,7 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import (
     AdaLoraMethod,
     AdapterDropMethod,
+    AdapterFusionMethod,
     AdapterMethod,
     BitFitMethod,
     FreezeMethod,
@@ -24,12 +25,14 @@ from tunepipe.schemas.sft import (
     IA3Method,
     LoraMethod,
     LoraPlusMethod,
+    MamAdapterMethod,
     PrefixTuningMethod,
     PromptTuningMethod,
     PTuningMethod,
     PTuningV2Method,
     QLoraMethod,
     TrainingConfig,
+    UniPeltMethod,
 )
 
 CAUSAL_LM = "CAUSAL_LM"
@@ -160,6 +163,96 @@ def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
     )
 
 
+def mam_config(method: MamAdapterMethod) -> Any:
+    """MAM Adapter: a prefix on every attention plus a scaled parallel adapter on every FFN."""
+    from tunepipe.tasks.training import bottleneck
+
+    return bottleneck.register()(
+        task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
+        placement="parallel", scaling=method.scaling, non_linearity=method.non_linearity,
+        prefix_length=method.prefix_length, prefix_modules=[method.key_module],
+    )
+
+
+def unipelt_config(method: UniPeltMethod) -> Any:
+    """UniPELT: gated LoRA, gated prefix and a gated sequential FFN adapter."""
+    from tunepipe.tasks.training import bottleneck
+
+    return bottleneck.register()(
+        task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
+        placement="sequential", non_linearity=method.non_linearity, gated=True,
+        prefix_length=method.prefix_length, prefix_modules=[method.key_module],
+        lora_r=method.lora_r, lora_alpha=method.lora_alpha, lora_modules=list(method.lora_modules),
+    )
+
+
+def fusion_components(method: AdapterFusionMethod) -> dict[str, Path]:
+    """The task adapters AdapterFusion fuses: {task: directory} from the per-task sft artifact."""
+    import json
+
+    root = Path(method.adapters_from)
+    adapters = root / "adapters"
+    found = sorted(p.name for p in adapters.iterdir() if (p / "adapter_config.json").is_file()) if adapters.is_dir() else []
+    if len(found) < 2:
+        raise ValueError(
+            f"adapter_fusion: {root} has {len(found)} per-task adapter(s) under adapters/ (need at least two): "
+            "point adapters_from at an sft artifact trained with method adapter and adapters: per_task"
+        )
+    wanted = method.fuse or found
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ValueError(f"adapter_fusion: fuse names {missing}, not in {root}/adapters (has {found})")
+    components = {task: adapters / task for task in wanted}
+    settings = {}
+    for task, path in components.items():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        if cfg.get("peft_type") != "BOTTLENECK" or cfg.get("prefix_length") or cfg.get("lora_r") or cfg.get("gated") or cfg.get("fusion"):
+            raise ValueError(f"adapter_fusion: {path} is not a plain bottleneck adapter (train the tasks with method adapter)")
+        settings[task] = {k: cfg.get(k) for k in ("target_modules", "bottleneck_size", "placement", "non_linearity", "scaling", "drop_first_layers")}
+    if len({json.dumps(v, sort_keys=True) for v in settings.values()}) > 1:
+        raise ValueError(f"adapter_fusion: the task adapters differ in their bottleneck settings: {settings}")
+    return components
+
+
+def fusion_config(method: AdapterFusionMethod) -> Any:
+    """A bottleneck config holding the task adapters (their own settings) and a fusion layer."""
+    import json
+
+    from tunepipe.tasks.training import bottleneck
+
+    components = fusion_components(method)
+    first = json.loads((next(iter(components.values())) / "adapter_config.json").read_text())
+    return bottleneck.register()(
+        task_type=CAUSAL_LM, fusion=list(components),
+        **{k: first[k] for k in ("target_modules", "bottleneck_size", "placement", "non_linearity", "scaling", "drop_first_layers")},
+    )
+
+
+def load_fusion_components(model: Any, method: AdapterFusionMethod, adapter_name: str = "default") -> int:
+    """Copy each task adapter's trained weights into the fusion layers' frozen copies; returns the
+    number of tensors copied (every one of the fusion's task-adapter tensors, or ValueError)."""
+    import torch
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    copied = 0
+    for task, path in fusion_components(method).items():
+        for key, value in load_file(str(path / "adapter_model.safetensors")).items():
+            part = "bottleneck_fusion_down" if ".bottleneck_down." in key else "bottleneck_fusion_up"
+            kind = "bottleneck_down" if part == "bottleneck_fusion_down" else "bottleneck_up"
+            module, leaf = key.split(f".{kind}.")
+            target = f"{module}.{part}.{adapter_name}.{task}.{leaf}"
+            if target not in params:
+                raise ValueError(f"adapter_fusion: {path}: {key} has no place in the fusion model (another base model?)")
+            with torch.no_grad():
+                params[target].copy_(value.to(params[target].dtype))
+            copied += 1
+    expected = sum(1 for n in params if ".bottleneck_fusion_down." in n or ".bottleneck_fusion_up." in n)
+    if copied != expected:
+        raise ValueError(f"adapter_fusion: filled {copied} of the fusion's {expected} task-adapter tensors")
+    return copied
+
+
 def peft_config(method: Any, *, total_step: int = 1, tokenizer_path: str | None = None, for_counting: bool = False) -> Any:
     """The PEFT config of a PEFT method; None for full / freeze / bitfit / galore."""
     if isinstance(method, (LoraMethod, QLoraMethod, LoraPlusMethod)):
@@ -178,6 +271,12 @@ def peft_config(method: Any, *, total_step: int = 1, tokenizer_path: str | None 
         return p_tuning_v2_config(method)
     if isinstance(method, (AdapterMethod, AdapterDropMethod)):
         return bottleneck_config(method)
+    if isinstance(method, MamAdapterMethod):
+        return mam_config(method)
+    if isinstance(method, UniPeltMethod):
+        return unipelt_config(method)
+    if isinstance(method, AdapterFusionMethod):
+        return fusion_config(method)
     return None
 
 
@@ -337,7 +436,10 @@ def apply_method(
             gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         )
     config = peft_config(method, total_step=total_step, tokenizer_path=tokenizer_path)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if isinstance(method, AdapterFusionMethod):
+        load_fusion_components(model, method)
+    return model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

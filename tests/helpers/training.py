@@ -178,6 +178,8 @@ METHODS = {
     "adapter": {"name": "adapter", "bottleneck_size": 8},
     "adapter-parallel": {"name": "adapter", "bottleneck_size": 8, "placement": "parallel", "scaling": 4.0},
     "adapter_drop": {"name": "adapter_drop", "bottleneck_size": 8, "drop_first_layers": 1},
+    "mam_adapter": {"name": "mam_adapter", "prefix_length": 4, "bottleneck_size": 16},
+    "unipelt": {"name": "unipelt", "lora_r": 4, "prefix_length": 4, "bottleneck_size": 8},
 }
 CONVERTED = {"lora-pissa", "lora-olora"}  # saved as plain LoRA on the original base: equal up to rounding
 
@@ -279,6 +281,14 @@ def check_method_specifics(trainer, method, trainable: list[str]) -> None:
         places = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] for n in trainable}
         assert places == {"self_attn", "mlp"}, places
         assert blocks == ({"1"} if name == "adapter_drop" else {"0", "1"}), blocks  # AdapterDrop: block 0 has none
+    if name == "mam_adapter":
+        roles = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] + ":" + n.split(".bottleneck_")[1].split(".")[0] for n in trainable}
+        assert roles == {"k_proj:prefix_keys", "k_proj:prefix_values", "mlp:down", "mlp:up"}, roles
+    if name == "unipelt":
+        roles = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] + ":" + n.split(".bottleneck_")[1].split(".")[0] for n in trainable}
+        assert roles == {"q_proj:lora_A", "q_proj:lora_B", "q_proj:lora_gate", "v_proj:lora_A", "v_proj:lora_B", "v_proj:lora_gate",
+                         "k_proj:prefix_keys", "k_proj:prefix_values", "k_proj:prefix_gate",
+                         "mlp:down", "mlp:up", "mlp:gate"}, roles
     if name == "lora_plus":
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         rates = {}
