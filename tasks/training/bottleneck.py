@@ -179,6 +179,9 @@ def _matches(key: str, names: list[str] | None) -> bool:
     return any(key == t or key.endswith("." + t) for t in (names or []))
 
 
+FUSION_TENSORS = ("bottleneck_fusion_down_weight", "bottleneck_fusion_down_bias", "bottleneck_fusion_up_weight", "bottleneck_fusion_up_bias")
+
+
 class BottleneckLayer(nn.Module):
     """A wrapped sub-layer with, per adapter name, any of: a bottleneck adapter on its output, a
     prefix (attention modules), a low-rank update (linear layers). PEFT's `BaseTunerLayer` contract."""
@@ -190,14 +193,18 @@ class BottleneckLayer(nn.Module):
     )
     # AdapterFusion's task adapters: saved and deleted with their adapter, never trained (not in
     # adapter_layer_names, which set_adapter makes trainable).
-    other_param_names = ("bottleneck_settings", "bottleneck_fusion_down", "bottleneck_fusion_up")
+    # Stacked over the task adapters (N, ...) rather than a nested dict per task: PEFT's save/load
+    # renames keys assuming the adapter name is the last dict level.
+    other_param_names = ("bottleneck_settings",) + FUSION_TENSORS
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, model_config: Any, config: Any, key: str) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.model_config = model_config
-        for name in self.adapter_layer_names + ("bottleneck_fusion_down", "bottleneck_fusion_up"):
+        for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}) if "prefix_keys" in name or "prefix_values" in name else nn.ModuleDict({}))
+        for name in FUSION_TENSORS:
+            setattr(self, name, nn.ParameterDict({}))
         self.bottleneck_act = nn.ModuleDict({})
         self.bottleneck_settings: dict[str, dict[str, Any]] = {}
         self._active_adapter = adapter_name
@@ -246,12 +253,10 @@ class BottleneckLayer(nn.Module):
         """The task adapters (filled from their own files by the caller, frozen) and the fusion's
         query/key/value (Pfeiffer et al.: value starts as the identity, so an untrained fusion
         averages the task adapters)."""
-        downs, ups = nn.ModuleDict({}), nn.ModuleDict({})
-        for task in config.fusion:
-            downs[task] = nn.Linear(hidden, config.bottleneck_size, device=device).requires_grad_(False)
-            ups[task] = nn.Linear(config.bottleneck_size, hidden, device=device).requires_grad_(False)
-        self.bottleneck_fusion_down[adapter_name] = downs
-        self.bottleneck_fusion_up[adapter_name] = ups
+        n, m = len(config.fusion), config.bottleneck_size
+        shapes = {"down_weight": (n, m, hidden), "down_bias": (n, m), "up_weight": (n, hidden, m), "up_bias": (n, hidden)}
+        for part, shape in shapes.items():
+            getattr(self, f"bottleneck_fusion_{part}")[adapter_name] = nn.Parameter(torch.zeros(shape, device=device), requires_grad=False)
         self.bottleneck_act[adapter_name] = _ACTIVATIONS[config.non_linearity]()
         query = nn.Linear(hidden, hidden, device=device)
         key = nn.Linear(hidden, hidden, device=device)
@@ -276,11 +281,9 @@ class BottleneckLayer(nn.Module):
         h = out.to(dtype)
         source = h if settings["placement"] == "sequential" else x.to(dtype)
         act = self.bottleneck_act[adapter]
-        terms = torch.stack(
-            [up(act(down(source))) * settings["scaling"] for down, up in
-             zip(self.bottleneck_fusion_down[adapter].values(), self.bottleneck_fusion_up[adapter].values())],
-            dim=-2,
-        )  # (..., N, d)
+        down = torch.einsum("...d,nmd->...nm", source, self.bottleneck_fusion_down_weight[adapter]) + self.bottleneck_fusion_down_bias[adapter]
+        terms = torch.einsum("...nm,ndm->...nd", act(down), self.bottleneck_fusion_up_weight[adapter])
+        terms = (terms + self.bottleneck_fusion_up_bias[adapter]) * settings["scaling"]  # (..., N, d): each task adapter's term
         keys = self.bottleneck_fusion_key[adapter](h.unsqueeze(-2) + terms)
         scores = (keys @ query(h).unsqueeze(-1)).squeeze(-1) / h.shape[-1] ** 0.5
         weights = torch.softmax(scores, dim=-1)
@@ -448,7 +451,7 @@ def _model_class(layer_cls: type) -> type:
 
         def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
             for name, param in model.named_parameters():
-                if self.prefix not in name or ".bottleneck_fusion_down." in name or ".bottleneck_fusion_up." in name:
+                if self.prefix not in name or any(f".{t}." in name for t in FUSION_TENSORS):
                     param.requires_grad = False
 
         @contextmanager

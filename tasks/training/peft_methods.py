@@ -236,18 +236,18 @@ def load_fusion_components(model: Any, method: AdapterFusionMethod, adapter_name
 
     params = dict(model.named_parameters())
     copied = 0
-    for task, path in fusion_components(method).items():
+    for index, (task, path) in enumerate(fusion_components(method).items()):
         for key, value in load_file(str(path / "adapter_model.safetensors")).items():
-            part = "bottleneck_fusion_down" if ".bottleneck_down." in key else "bottleneck_fusion_up"
-            kind = "bottleneck_down" if part == "bottleneck_fusion_down" else "bottleneck_up"
-            module, leaf = key.split(f".{kind}.")
-            target = f"{module}.{part}.{adapter_name}.{task}.{leaf}"
-            if target not in params:
+            kind = "down" if ".bottleneck_down." in key else "up"
+            module, leaf = key.split(f".bottleneck_{kind}.")  # leaf: weight | bias
+            target = f"{module}.bottleneck_fusion_{kind}_{leaf}.{adapter_name}"
+            if target not in params or params[target][index].shape != value.shape:
                 raise ValueError(f"adapter_fusion: {path}: {key} has no place in the fusion model (another base model?)")
             with torch.no_grad():
-                params[target].copy_(value.to(params[target].dtype))
+                params[target][index].copy_(value.to(params[target].dtype))
             copied += 1
-    expected = sum(1 for n in params if ".bottleneck_fusion_down." in n or ".bottleneck_fusion_up." in n)
+    layers = sum(1 for n in params if ".bottleneck_fusion_down_weight." in n)
+    expected = 4 * layers * len(fusion_components(method))
     if copied != expected:
         raise ValueError(f"adapter_fusion: filled {copied} of the fusion's {expected} task-adapter tensors")
     return copied

@@ -62,8 +62,9 @@ def write_data_artifact(path: Path, *, long_record: bool = False) -> ArtifactRef
     return ArtifactRef(stage="data", key="data" + ("long" if long_record else "k"), path=str(path))
 
 
-def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
-    """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template."""
+def build_tiny_model(path: Path, *, biases: bool = False, texts: list[str] | None = None) -> Path:
+    """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template
+    (trained on `texts` as well when given)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,7 +76,7 @@ def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
         architecture=ArchitectureSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=256),
     )
-    texts = [" ".join(WORDS)] * 3 + [r["instruction"] + " " + r["output"] for r in records("train") if "instruction" in r]
+    texts = [" ".join(WORDS)] * 3 + [r["instruction"] + " " + r["output"] for r in records("train") if "instruction" in r] + list(texts or [])
     tokenizer = wrap_tokenizer(train_tokenizer(texts, config), config)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -87,6 +88,36 @@ def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
     LlamaForCausalLM(model_config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+QUICKSTART_DATA = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "data"
+
+
+def quickstart_records(per_task: int = 60) -> list[dict]:
+    """The quickstart's two instruction tasks (triples, sentiment), `per_task` records each, every
+    fourth one in validation (the data stage's own split is not needed to compare adapters)."""
+    import csv
+
+    triples = [json.loads(line) for line in (QUICKSTART_DATA / "triples.jsonl").read_text().splitlines() if line.strip()]
+    with open(QUICKSTART_DATA / "sentiment_extra.csv", newline="") as handle:
+        sentiment = list(csv.DictReader(handle))
+    out = []
+    for task, rows in (("triples", triples[:per_task]), ("sentiment", sentiment[:per_task])):
+        for i, row in enumerate(rows):
+            split = "validation" if i % 4 == 3 else "train"
+            out.append({"id": f"{task}-{i}", "task": task, "split": split, "instruction": row["instruction"],
+                        "input": row["input"], "output": row["output"]})
+    return out
+
+
+def write_quickstart_artifact(path: Path, per_task: int = 60) -> ArtifactRef:
+    """A data artifact of `quickstart_records` (train / validation; test = validation)."""
+    path.mkdir(parents=True, exist_ok=True)
+    rows = quickstart_records(per_task)
+    for split in ("train", "validation", "test"):
+        wanted = "train" if split == "train" else "validation"
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == wanted))
+    return ArtifactRef(stage="data", key=f"quickstart{per_task}", path=str(path))
 
 
 def cpu_profile(**update):
