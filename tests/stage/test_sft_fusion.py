@@ -14,7 +14,7 @@ import torch
 from tests.helpers.training import build_tiny_model, cpu_profile, quickstart_records, write_quickstart_artifact
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 30, "learning_rate": 1e-2, "warmup_ratio": 0.0, "save_steps": 100}
+TRAINING = {"max_steps": 60, "learning_rate": 5e-2, "warmup_ratio": 0.0, "save_steps": 100}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     store = ArtifactStore(root / "artifacts")
     common = {"model": str(model), "max_length": 96, "training": TRAINING, "heldout": {"max_examples_per_task": 0}}
     per_task = run_stage(
-        SFTStage(), SFTConfig.model_validate({**common, "method": {"name": "adapter", "bottleneck_size": 16}, "adapters": "per_task"}),
+        SFTStage(), SFTConfig.model_validate({**common, "method": {"name": "adapter", "bottleneck_size": 64}, "adapters": "per_task"}),
         {"data": data}, store, cpu_profile(),
     )
     fused = run_stage(
