@@ -300,6 +300,41 @@ def check_method(assets, tmp_path, case: str) -> None:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     else:
         assert torch.equal(got, expected)
+    if method.is_peft and peft_type(dest) in ("LORA", "BOTTLENECK"):
+        check_served(job["model_path"], dest, reloaded, ids)
+
+
+def peft_type(adapter_dir: Path) -> str:
+    import json
+
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"]
+
+
+def engine_tokens(engine, prompt_ids: list[int], adapter: str | None, max_tokens: int = 6) -> list[int]:
+    """Greedy tokens the embedded engine generates for one row."""
+    from tunepipe.tasks.serving.engine import Row
+
+    rows = [Row(prompt_ids=list(prompt_ids), adapter=adapter, max_tokens=max_tokens, emit=lambda event: None)]
+    engine.generate(rows)
+    return rows[0].tokens
+
+
+def offline_tokens(model, prompt_ids: list[int], eos_ids: set[int], max_tokens: int = 6) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt_ids):].tolist()
+    return [t for t in out[: next((i for i, t in enumerate(out) if t in eos_ids), len(out))]]
+
+
+def check_served(model_path: str, adapter_dir: Path, reloaded, ids) -> None:
+    """The embedded engine serves the adapter: its greedy answer is the reloaded model's."""
+    from tunepipe.tasks.serving.engine import MultiLoraEngine
+
+    engine = MultiLoraEngine(model_path)
+    engine.load_adapter("served", adapter_dir)
+    prompt = ids[0, :12].tolist()
+    assert engine_tokens(engine, prompt, "served") == offline_tokens(reloaded, prompt, engine.eos_ids)
 
 
 def check_method_specifics(trainer, method, trainable: list[str]) -> None:
