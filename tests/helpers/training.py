@@ -212,7 +212,21 @@ METHODS = {
     "mam_adapter": {"name": "mam_adapter", "prefix_length": 4, "bottleneck_size": 16},
     "unipelt": {"name": "unipelt", "lora_r": 4, "prefix_length": 4, "bottleneck_size": 8},
 }
-CONVERTED = {"lora-pissa", "lora-olora"}  # saved as plain LoRA on the original base: equal up to rounding
+CONVERTED = {"lora-pissa", "lora-olora"}
+# The seeds' methods added beside PEFT's: their loss on the training rows must fall in the few steps.
+LOSS_CHECKED = {"p_tuning_v2", "lora_plus", "galore", "adapter", "adapter-parallel", "adapter_drop", "mam_adapter", "unipelt"}
+
+
+def batch_loss(model, rows: list[dict]) -> float:
+    """Mean loss over the training rows (eval mode: no dropout), one row at a time."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss) for r in rows]
+    model.train(was_training)
+    return sum(losses) / len(losses)  # saved as plain LoRA on the original base: equal up to rounding
 
 
 def method_assets(root: Path) -> dict:
@@ -257,8 +271,12 @@ def check_method(assets, tmp_path, case: str) -> None:
     before = _snapshot(trainer.model)
     trainable = [n for n, (grad, _) in before.items() if grad]
     assert trainable, "nothing trainable"
+    loss_before = batch_loss(trainer.model, prepared["train_rows"])
     fit(trainer, job["checkpoint_dir"])
     after = _snapshot(trainer.model)
+    if case in LOSS_CHECKED:
+        loss_after = batch_loss(trainer.model, prepared["train_rows"])
+        assert loss_after < loss_before, f"training loss did not fall: {loss_before:.4f} -> {loss_after:.4f}"
 
     moved = [n for n in trainable if not torch.equal(before[n][1], after[n][1])]
     assert moved == trainable, f"trainable but unchanged: {sorted(set(trainable) - set(moved))}"
