@@ -271,7 +271,7 @@ def check_method(assets, tmp_path, case: str) -> None:
     before = _snapshot(trainer.model)
     trainable = [n for n, (grad, _) in before.items() if grad]
     assert trainable, "nothing trainable"
-    loss_before = batch_loss(trainer.model, prepared["train_rows"])
+    loss_before = batch_loss(trainer.model, prepared["train_rows"]) if case in LOSS_CHECKED else None
     fit(trainer, job["checkpoint_dir"])
     after = _snapshot(trainer.model)
     if case in LOSS_CHECKED:
