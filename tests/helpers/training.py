@@ -318,8 +318,22 @@ def check_method(assets, tmp_path, case: str) -> None:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     else:
         assert torch.equal(got, expected)
-    if method.is_peft and peft_type(dest) in ("LORA", "BOTTLENECK"):
+    if method.is_peft and engine_serves(dest):
         check_served(job["model_path"], dest, reloaded, ids)
+
+
+def engine_serves(adapter_dir: Path) -> bool:
+    """Whether the embedded engine takes the adapter: every bottleneck adapter; the LoRA adapters
+    vLLM would serve too (it refuses DoRA, modules_to_save, ... as vLLM does, by design)."""
+    from tunepipe.tasks.serving.engine import AdapterError, check_adapter
+
+    if peft_type(adapter_dir) == "BOTTLENECK":
+        return True
+    try:
+        check_adapter(adapter_dir, max_rank=64)
+    except AdapterError:
+        return False
+    return True
 
 
 def peft_type(adapter_dir: Path) -> str:
