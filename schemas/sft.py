@@ -51,12 +51,12 @@ class _Method(StrictModel):
     @property
     def is_peft(self) -> bool:
         """True when the result is a PEFT adapter (the base weights stay frozen and unsaved)."""
-        return self.name not in ("full", "freeze", "bitfit")  # type: ignore[attr-defined]
+        return self.name not in ("full", "freeze", "bitfit", "galore")  # type: ignore[attr-defined]
 
     @property
     def is_prompt_learning(self) -> bool:
         """Virtual-token methods (prompt, prefix, P-tuning)."""
-        return self.name in ("prompt_tuning", "prefix_tuning", "p_tuning")  # type: ignore[attr-defined]
+        return self.name in ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")  # type: ignore[attr-defined]
 
 
 class FullMethod(_Method):
@@ -253,15 +253,173 @@ class PTuningMethod(_Method):
     encoder_dropout: float = Field(default=0.0, ge=0, lt=1, description="Prompt encoder dropout.")
 
 
+class PTuningV2Method(_Method):
+    """P-Tuning v2 (Liu et al. 2022): deep prompts, i.e. trainable key/value prefixes in every
+    attention layer, trained directly (no re-parameterisation encoder). PEFT's prefix tuning with
+    `prefix_projection: false`, by its own name."""
+
+    name: Literal["p_tuning_v2"] = Field(description="Method: P-Tuning v2 (deep prompt tuning).")
+    num_virtual_tokens: int = Field(
+        default=16, ge=1, description="Prompt length per layer (the paper uses 20-128 for generation and hard NLU tasks)."
+    )
+
+
+class LoraPlusMethod(_LoraFields):
+    """LoRA+ (Hayou et al. 2024): LoRA whose B matrices learn `lr_ratio` times faster than the A
+    matrices (peft.optimizers.create_loraplus_optimizer). Same adapter as LoRA: it saves, merges and
+    serves like one."""
+
+    name: Literal["lora_plus"] = Field(description="Method: LoRA+.")
+    lr_ratio: float = Field(
+        default=16.0, gt=0, description="Learning rate of B over that of A (the paper's lambda; 2^4 recommended)."
+    )
+    embedding_lr: float = Field(
+        default=1e-6, gt=0, description="Learning rate of LoRA on embedding layers (the paper keeps them small)."
+    )
+
+
+class GaLoreMethod(_Method):
+    """GaLore (Zhao et al. 2024): every parameter trains, but the gradients of the chosen linear
+    layers are projected to a low-rank subspace (refreshed every `update_proj_gap` steps) where the
+    optimizer keeps its states. transformers' Trainer builds it (`optim=galore_adamw*`, galore-torch)."""
+
+    name: Literal["galore"] = Field(description="Method: GaLore (full-parameter training, low-rank optimizer states).")
+    rank: int = Field(default=128, ge=1, description="Rank of the gradient projection (the paper: 128 for 60M-1B, 512 for 7B).")
+    update_proj_gap: int = Field(default=200, ge=1, description="Steps between two recomputations of the projection (SVD of the gradient).")
+    scale: float = Field(default=0.25, gt=0, description="Scale of the projected-back update (the paper's alpha).")
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = Field(default="std", description="Which side the gradient is projected on.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [r".*attn.*", r".*mlp.*"],
+        description="Regular expressions of the linear layers whose gradients are projected (the other parameters "
+        "get plain AdamW).",
+    )
+    optimizer: Literal["galore_adamw", "galore_adamw_8bit", "galore_adafactor"] = Field(
+        default="galore_adamw", description="The GaLore optimizer of transformers' Trainer."
+    )
+    layerwise: bool = Field(
+        default=False, description="Update each layer during the backward pass (saves the gradient memory; needs "
+        "gradient_accumulation_steps 1)."
+    )
+
+
+class _BottleneckFields(_Method):
+    bottleneck_size: int = Field(
+        default=16, ge=1, description="Width m of the adapter's down-projection (Houlsby et al.: 8-256; 2mr + d + m "
+        "parameters per adapter for hidden size d)."
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["self_attn", "mlp"],
+        description="Sub-layers whose output gets an adapter (module names: Llama/Qwen `self_attn`, `mlp`; GPT-2 "
+        "`attn`, `mlp`). Houlsby places one after attention and one after the feed-forward block.",
+    )
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(default="relu", description="Activation between down and up projection.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("target_modules is empty: name the sub-layers to adapt (e.g. [self_attn, mlp])")
+        return value
+
+
+class AdapterMethod(_BottleneckFields):
+    """Adapter Tuning: bottleneck adapters (down-project, non-linearity, up-project, residual) on the
+    sub-layers' outputs. `sequential` is Houlsby et al. 2019 (the adapter reads the sub-layer's
+    output); `parallel` is He et al. 2022 (it reads the sub-layer's input, its output is added)."""
+
+    name: Literal["adapter"] = Field(description="Method: bottleneck adapters (Adapter Tuning).")
+    placement: Literal["sequential", "parallel"] = Field(default="sequential", description="Sequential (Houlsby) or parallel (He et al.) adapters.")
+    scaling: float = Field(default=1.0, gt=0, description="Multiplier s of the adapter's output (He et al. use 4 for parallel adapters).")
+
+
+class AdapterDropMethod(_BottleneckFields):
+    """AdapterDrop (Rücklé et al. 2021): bottleneck adapters with those of the lowest transformer
+    blocks removed, for training and inference: backpropagation stops above them and inference
+    skips them (the paper keeps most accuracy dropping adapters from the first 5 of 12 layers)."""
+
+    name: Literal["adapter_drop"] = Field(description="Method: AdapterDrop (adapters in the upper layers only).")
+    placement: Literal["sequential", "parallel"] = Field(default="sequential", description="Sequential (Houlsby) or parallel adapters.")
+    scaling: float = Field(default=1.0, gt=0, description="Multiplier of the adapter's output.")
+    drop_first_layers: int = Field(default=1, ge=1, description="Number of lowest transformer blocks without adapters.")
+
+
+class MamAdapterMethod(_Method):
+    """MAM Adapter (He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer
+    Learning"): prefix tuning on the attention (a small share of the budget) plus a parallel,
+    scaled bottleneck adapter on the feed-forward block (most of it)."""
+
+    name: Literal["mam_adapter"] = Field(description="Method: MAM Adapter (prefix on attention + parallel FFN adapter).")
+    prefix_length: int = Field(default=30, ge=1, description="Prefix keys/values per attention layer (the paper: 30).")
+    bottleneck_size: int = Field(default=512, ge=1, description="Width of the parallel FFN adapter (the paper: 512 on 1024-wide models).")
+    scaling: float = Field(default=4.0, gt=0, description="Multiplier s of the parallel adapter's output (the paper: 4).")
+    ffn_module: str = Field(default="mlp", description="Feed-forward sub-layer that gets the parallel adapter (Llama/Qwen: mlp).")
+    key_module: str = Field(default="k_proj", description="Key projection of each attention layer; its attention gets the prefix.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(default="relu", description="Activation of the adapter.")
+
+
+class UniPeltMethod(_Method):
+    """UniPELT (Mao et al. 2022): LoRA on the query/value projections, prefix tuning on the
+    attention and a sequential bottleneck adapter after the feed-forward block, each scaled by its
+    own learned gate sigmoid(W x) per token, so training decides which sub-method matters where."""
+
+    name: Literal["unipelt"] = Field(description="Method: UniPELT (gated LoRA + prefix + adapter).")
+    lora_r: int = Field(default=8, ge=1, description="LoRA rank (the paper: 8).")
+    lora_alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale alpha / r).")
+    lora_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Linear layers with gated LoRA (the paper: W_q, W_v).")
+    prefix_length: int = Field(default=10, ge=1, description="Prefix keys/values per attention layer (the paper: 10).")
+    key_module: str = Field(default="k_proj", description="Key projection of each attention layer; its attention gets the gated prefix.")
+    bottleneck_size: int = Field(default=48, ge=1, description="Width of the gated adapter after the feed-forward block (the paper: 48).")
+    ffn_module: str = Field(default="mlp", description="Feed-forward sub-layer followed by the adapter.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(default="relu", description="Activation of the adapter.")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "UniPeltMethod":
+        if not self.lora_modules:
+            raise ValueError("lora_modules is empty: name the projections to adapt (e.g. [q_proj, v_proj])")
+        if self.key_module in self.lora_modules:
+            raise ValueError(f"{self.key_module} is both the prefix's key_module and a lora_module: one layer holds one role")
+        return self
+
+
+class AdapterFusionMethod(_Method):
+    """AdapterFusion (Pfeiffer et al. 2021), the second of its two stages: the per-task bottleneck
+    adapters of an earlier sft run (`method: adapter`, `adapters: per_task`) are loaded frozen, and
+    a fusion layer after each adapter learns, per token, an attention over their outputs
+    (query: the sub-layer's output; keys/values: each adapter's output) on the union of tasks. The
+    result is one adapter directory holding the task adapters and the fusion weights."""
+
+    name: Literal["adapter_fusion"] = Field(description="Method: AdapterFusion over per-task adapters.")
+    adapters_from: str = Field(
+        description="The per-task sft artifact to fuse: its directory (with adapters/<task>/), relative to this "
+        "config file. Like a local `model:` directory, the path (not its content) is part of the cache key: point at "
+        "a published artifact, whose directory name is its own content key."
+    )
+    fuse: list[str] | None = Field(default=None, description="Task adapters to fuse; default: all of the artifact's.")
+
+    @field_validator("adapters_from")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_path(value, info)
+
+    @field_validator("fuse")
+    @classmethod
+    def _two(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) < 2:
+            raise ValueError("fuse needs at least two task adapters (fusing one is that adapter)")
+        return value
+
+
 MethodConfig = Annotated[
     Union[
         FullMethod, FreezeMethod, BitFitMethod, LoraMethod, QLoraMethod, AdaLoraMethod, IA3Method,
-        PromptTuningMethod, PrefixTuningMethod, PTuningMethod,
+        PromptTuningMethod, PrefixTuningMethod, PTuningMethod, PTuningV2Method, LoraPlusMethod, GaLoreMethod,
+        AdapterMethod, AdapterDropMethod, MamAdapterMethod, UniPeltMethod, AdapterFusionMethod,
     ],
     Field(discriminator="name"),
 ]
 METHOD_NAMES = (
     "full", "freeze", "bitfit", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+    "p_tuning_v2", "lora_plus", "galore", "adapter", "adapter_drop", "mam_adapter", "unipelt", "adapter_fusion",
 )
 
 
@@ -338,8 +496,10 @@ class SFTConfig(StrictModel):
     revision: str | None = Field(default=None, description="Hub revision (commit sha for reproducible caching).")
     method: MethodConfig = Field(
         default_factory=lambda: LoraMethod(name="lora"),
-        description="Fine-tuning method and its settings (`name`: full, freeze, bitfit, lora, qlora, adalora, ia3, "
-        "prompt_tuning, prefix_tuning, p_tuning). `method: lora` is shorthand for `{name: lora}`.",
+        description="Fine-tuning method and its settings (`name`: full, freeze, bitfit, galore, lora, lora_plus, qlora, "
+        "adalora, ia3, prompt_tuning, prefix_tuning, p_tuning, p_tuning_v2, adapter, adapter_drop, mam_adapter, unipelt, "
+        "adapter_fusion). `method: lora` is "
+        "shorthand for `{name: lora}`.",
     )
     adapters: Literal["shared", "per_task"] = Field(
         default="shared",
@@ -403,8 +563,12 @@ class SFTConfig(StrictModel):
         if self.adapters == "per_task" and not method.is_peft:
             raise ValueError(
                 f"adapters: per_task trains one adapter per task, but method {method.name} saves full weights: "
-                "use a PEFT method (lora, qlora, adalora, ia3, prompt/prefix/p_tuning) or adapters: shared"
+                "use a PEFT method (lora, qlora, adalora, ia3, adapter, prompt/prefix/p_tuning) or adapters: shared"
             )
+        if self.adapters == "per_task" and method.name == "adapter_fusion":
+            raise ValueError("adapter_fusion trains one fusion over the per-task adapters on the union of tasks: set adapters: shared")
+        if self.packing and method.name in ("mam_adapter", "unipelt"):
+            raise ValueError(f"packing: {method.name}'s prefix would be attended by every packed example: set packing: false")
         if self.packing and method.is_prompt_learning:
             raise ValueError(
                 f"packing: {method.name} prepends virtual tokens to every row, which would be shared by the packed "

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunepipe.flows.cli import info, operations, plan, registry, run, serve
+from tunepipe.flows.cli import compare, info, operations, plan, registry, run, serve
 from tunepipe.tasks.core.loading import ConfigError
 
-COMMAND_MODULES = (run, plan, info, operations, serve, registry)
+COMMAND_MODULES = (run, plan, compare, info, operations, serve, registry)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -165,6 +165,13 @@ def vllm_problems(run: str, cfg: dict[str, Any], max_rank: int, architecture: tu
             "only as per-expert weights; export the merged model, or retrain with LoRA on target_modules (attention) only"
         )
     peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type == "BOTTLENECK":
+        problems.append(
+            f"{run}: a bottleneck adapter ({bottleneck_kind(cfg)}): vLLM serves LoRA adapters only, and an adapter module "
+            "(non-linear) cannot be merged into the base weights; serve it with tunepipe's embedded engine "
+            "(serving_engine: embedded / tunepipe serve), or train a LoRA-family method for vLLM"
+        )
+        return problems
     if peft_type != "LORA":
         kind = "prompt-learning" if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") else peft_type
         problems.append(f"{run}: a {kind} adapter (peft_type {peft_type}): vLLM serves LoRA adapters only; export the merged model instead")
@@ -198,6 +205,19 @@ def vllm_verdicts(source: Source, max_rank: int) -> dict[str, dict[str, Any]] | 
     return out
 
 
+def bottleneck_kind(cfg: dict[str, Any]) -> str:
+    """Which sft method made a bottleneck adapter, from its adapter_config.json."""
+    if cfg.get("fusion"):
+        return "AdapterFusion"
+    if cfg.get("lora_r") and cfg.get("prefix_length"):
+        return "UniPELT"
+    if cfg.get("prefix_length"):
+        return "MAM Adapter"
+    if cfg.get("drop_first_layers"):
+        return "AdapterDrop"
+    return f"{cfg.get('placement', 'sequential')} Adapter Tuning"
+
+
 def check_adapters(source: Source, targets: list[str], engine: str, max_rank: int) -> None:
     """Refuse, before any work, adapters the requested targets cannot be made from."""
     if source.kind == "model":
@@ -212,6 +232,9 @@ def check_adapters(source: Source, targets: list[str], engine: str, max_rank: in
             problems += verdicts[run]["problems"]
         if cfg.get("peft_type", "").upper() in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") and set(targets) - {"adapters"}:
             problems.append(f"{run}: prompt-learning adapters have no weights to merge: targets {sorted(set(targets) - {'adapters'})} need a LoRA-family adapter")
+        if cfg.get("peft_type", "").upper() == "BOTTLENECK" and set(targets) - {"adapters"}:
+            problems.append(f"{run}: a bottleneck adapter ({bottleneck_kind(cfg)}) adds non-linear modules, which cannot be merged "
+                            f"into the base weights: targets {sorted(set(targets) - {'adapters'})} need a LoRA-family adapter")
     if problems:
         raise StageFailed(f"export: {len(problems)} problem(s) with the adapters of {source.ref.stage} ({source.ref.path}) for engine {engine}:\n  " + "\n  ".join(problems))
 

@@ -3,7 +3,13 @@
 The base is wrapped in a `PeftModel` holding every loaded adapter in a slot (a peft adapter
 named `slot-N`); one `generate` call serves a batch whose rows use different adapters through
 peft's `adapter_names=` (rows of the base model use `__base__`). An unloaded adapter's slot is
-kept and refilled by the next adapter of the same shape, so a hot swap is a weight copy. All
+kept and refilled by the next adapter of the same shape, so a hot swap is a weight copy.
+
+Besides LoRA (what vLLM serves too), the engine serves tunepipe's bottleneck adapters (sft
+methods adapter, adapter_drop, mam_adapter, unipelt, adapter_fusion: a PEFT method of its own,
+tasks/training/bottleneck.py), which vLLM cannot. One PeftModel holds adapters of one PEFT type
+only, so each type ("family") gets its own PeftModel over its own copy of the base, loaded when
+its first adapter arrives; a batch with rows of both families runs one `generate` per family. All
 model work (generation, loading, unloading) runs on one worker thread (see batcher.py), so an
 adapter never changes under a running batch.
 
@@ -95,15 +101,30 @@ class Row:
         return self.finish_reason is not None
 
 
+# PEFT types the engine serves: LORA (vLLM serves it too) and tunepipe's bottleneck adapters.
+SERVED_FAMILIES = ("LORA", "BOTTLENECK")
+
+
+def adapter_family(config: Any) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
 def adapter_rank(config: Any) -> int:
+    """The LoRA rank (UniPELT's gated LoRA for a bottleneck adapter; 0 when it has none)."""
+    if adapter_family(config) == "BOTTLENECK":
+        return int(getattr(config, "lora_r", 0) or 0)
     return max([int(config.r), *(int(v) for v in (getattr(config, "rank_pattern", None) or {}).values())])
 
 
 def check_adapter(path: str | Path, max_rank: int) -> Any:
-    """The adapter's `LoraConfig`, or `AdapterError` for what vLLM would refuse too, so an adapter that
-    serves here also serves in production."""
+    """The adapter's config, or `AdapterError`. A LoRA adapter is refused for what vLLM would refuse
+    too, so a LoRA adapter that serves here also serves in production; a bottleneck adapter serves
+    here only (vLLM serves LoRA only), which `tunepipe export` says when it refuses it for vLLM."""
     from peft import PeftConfig
 
+    from tunepipe.tasks.training import bottleneck
+
+    bottleneck.register()
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
@@ -111,9 +132,14 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
         config = PeftConfig.from_pretrained(str(path))
     except (ValueError, json.JSONDecodeError, TypeError) as exc:
         raise AdapterError(f"{path}: unreadable adapter_config.json: {exc}") from None
-    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    kind = adapter_family(config)
+    if kind == "BOTTLENECK":
+        return config
     if kind != "LORA":
-        raise AdapterError(f"{path}: a {kind} adapter; multi-adapter serving (here and in vLLM) takes LoRA adapters only")
+        raise AdapterError(
+            f"{path}: a {kind} adapter; multi-adapter serving takes LoRA adapters (here and in vLLM) and tunepipe's "
+            "bottleneck adapters (adapter, adapter_drop, mam_adapter, unipelt, adapter_fusion; here only)"
+        )
     if getattr(config, "use_dora", False):
         raise AdapterError(f"{path}: a DoRA adapter; vLLM does not serve DoRA: merge it (export) or train plain LoRA")
     if getattr(config, "modules_to_save", None):
@@ -135,12 +161,15 @@ class MultiLoraEngine:
         self.base = base
         self.max_rank = max_rank
         self.tokenizer = load_tokenizer(base)
-        self.model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, device_map={"": device}).eval()
+        self._load = lambda: load_model(base, dtype=dtype, attn_implementation=attn_implementation, device_map={"": device}).eval()
+        self.model = self._load()  # the plain base until the first adapter wraps it
+        self.models: dict[str, Any] = {}  # adapter family (peft type) -> its PeftModel
         self.device = self.model.device
         self.adapters: dict[str, str] = {}  # served name -> adapter directory
         self.ranks: dict[str, int] = {}
         self.slots: dict[str, str] = {}  # served name -> the peft adapter holding its weights
         self.slot_shapes: dict[str, str] = {}  # peft adapter -> slot_shape of what it holds
+        self.slot_family: dict[str, str] = {}  # peft adapter -> the family whose PeftModel holds it
         self.free_slots: list[str] = []  # unloaded peft adapters kept for reuse, oldest first
         self._slot_ids = itertools.count()
         self._torch = torch
@@ -167,7 +196,7 @@ class MultiLoraEngine:
                     self._fill_slot(slot, path)
                     self.free_slots.remove(slot)
                 else:
-                    slot = self._new_slot(path, shape)
+                    slot = self._new_slot(path, shape, adapter_family(config))
             except (RuntimeError, ValueError, KeyError, OSError) as exc:  # shape mismatch: another base's adapter
                 raise AdapterError(f"{path}: does not fit base {self.base}: {str(exc).splitlines()[0]}") from None
             self.adapters[name] = str(path)
@@ -186,18 +215,24 @@ class MultiLoraEngine:
             del self.ranks[name]
             while len(self.free_slots) > MAX_FREE_SLOTS:
                 oldest = self.free_slots.pop(0)
-                self.model.delete_adapter(oldest)
+                self.models[self.slot_family.pop(oldest)].delete_adapter(oldest)
                 del self.slot_shapes[oldest]
 
-    def _new_slot(self, path: str | Path, shape: str) -> str:
+    def _new_slot(self, path: str | Path, shape: str, family: str) -> str:
         from peft import PeftModel
 
         slot = f"slot-{next(self._slot_ids)}"
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(path), adapter_name=slot)
+        if family in self.models:
+            self.models[family].load_adapter(str(path), adapter_name=slot)
         else:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=slot).eval()
+            # The first family wraps the loaded base; a later one gets its own copy (peft injects
+            # its layers into the modules it wraps, and one PeftModel holds one adapter type).
+            base = self._load() if self.models else self.model
+            self.models[family] = PeftModel.from_pretrained(base, str(path), adapter_name=slot).eval()
+            if len(self.models) == 1:
+                self.model = self.models[family]
         self.slot_shapes[slot] = shape
+        self.slot_family[slot] = family
         return slot
 
     def _fill_slot(self, slot: str, path: str | Path) -> None:
@@ -206,7 +241,7 @@ class MultiLoraEngine:
         from peft.utils import load_peft_weights, set_peft_model_state_dict
 
         weights = load_peft_weights(str(path), device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights, adapter_name=slot)
+        result = set_peft_model_state_dict(self.models[self.slot_family[slot]], weights, adapter_name=slot)
         missing = [key for key in result.missing_keys if f".{slot}." in key]
         if missing or result.unexpected_keys:
             raise ValueError(f"its weights do not fill a slot of its own shape ({len(missing)} missing, "
@@ -226,46 +261,59 @@ class MultiLoraEngine:
     # ---------------------------------------------------------------- generation
 
     def generate(self, rows: list[Row]) -> None:
-        """Generate every row in one batch; rows finish (and emit) independently. A failure ends
-        the batch's unfinished rows with an ("error", message) event and is re-raised."""
+        """Generate every row; rows finish (and emit) independently. Rows of one adapter family (and
+        the base model's rows, with the first family) share one `generate` call. A failure ends the
+        call's unfinished rows with an ("error", message) event and is re-raised."""
         with self._lock:
             rows = self._servable(rows)
             if not rows:
                 return
-            for group in self._adapter_groups(rows):
-                self._generate(group)
+            for group, model, peft in self._generation_groups(rows):
+                self._generate(group, model, peft=peft)
 
-    def _adapter_groups(self, rows: list[Row]) -> list[list[Row]]:
-        """One group (a mixed-adapter batch) unless an adapter cannot take part in one: LoRA on
-        parameters (`target_parameters`, a Mixture-of-Experts model's fused experts) has no
-        per-row adapter selection in peft, so those batches run one adapter at a time."""
-        if not self._uniform_only():
-            return [rows]
-        groups: dict[str | None, list[Row]] = {}
+    def _generation_groups(self, rows: list[Row]) -> list[tuple[list[Row], Any, bool]]:
+        """(rows, model, peft?) per generate call. One PeftModel holds one PEFT type, so rows go to
+        the model of their adapter's family (base rows to the first). Within a family the rows are
+        one mixed-adapter batch, unless an adapter cannot take part in one: LoRA on parameters
+        (`target_parameters`, a Mixture-of-Experts model's fused experts) has no per-row adapter
+        selection in peft, so those rows run one adapter at a time."""
+        families: dict[str | None, list[Row]] = {}
+        first = next(iter(self.models), None)
         for row in rows:
-            groups.setdefault(row.adapter, []).append(row)
-        return list(groups.values())
+            family = self.slot_family[self.slots[row.adapter]] if row.adapter else first
+            families.setdefault(family, []).append(row)
+        out = []
+        for family, group in families.items():
+            model = self.models[family] if family else self.model
+            if family is None or not _uniform_only(model):
+                out.append((group, model, family is not None))
+                continue
+            by_adapter: dict[str | None, list[Row]] = {}
+            for row in group:
+                by_adapter.setdefault(row.adapter, []).append(row)
+            out.extend((rows_of_one, model, True) for rows_of_one in by_adapter.values())
+        return out
 
-    def _generate(self, rows: list[Row]) -> None:
+    def _generate(self, rows: list[Row], model: Any, peft: bool) -> None:
         import contextlib
 
         input_ids, attention_mask, pad = self._left_padded(rows)
         kwargs: dict[str, Any] = {}
         adapter_context: Any = contextlib.nullcontext()
-        if self._is_peft():
+        if peft:
             names = [self.slots[r.adapter] if r.adapter else BASE_ADAPTER for r in rows]
-            if not self._uniform_only():
+            if not _uniform_only(model):
                 kwargs["adapter_names"] = names
             elif names[0] == BASE_ADAPTER:
-                adapter_context = self.model.disable_adapter()
+                adapter_context = model.disable_adapter()
             else:
-                self.model.set_adapter(names[0])
+                model.set_adapter(names[0])
         if rows[0].sampling.seed is not None:
             self._torch.manual_seed(rows[0].sampling.seed)
         tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
         try:
             with self._torch.inference_mode(), adapter_context:
-                self.model.generate(
+                model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
                     pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
                 )
@@ -276,15 +324,6 @@ class MultiLoraEngine:
                     row.emit(("error", f"generation failed: {exc}"))
             raise
         tracker.close()
-
-    def _uniform_only(self) -> bool:
-        """True when a loaded adapter rules out mixed-adapter batches (see _adapter_groups)."""
-        return self._is_peft() and any(getattr(c, "target_parameters", None) for c in self.model.peft_config.values())
-
-    def _is_peft(self) -> bool:
-        from peft import PeftModel
-
-        return isinstance(self.model, PeftModel)
 
     def _servable(self, rows: list[Row]) -> list[Row]:
         """Drop cancelled rows, and fail rows whose adapter was unloaded after they were accepted."""
@@ -372,3 +411,9 @@ class RowTracker(StoppingCriteria):
                     row.emit(("delta", row.text[row.sent:]))
                     row.sent = len(row.text)
                 row.emit(("done", row.finish_reason, len(row.tokens)))
+
+
+def _uniform_only(model: Any) -> bool:
+    """True when an adapter of this PeftModel rules out mixed-adapter batches (see
+    `_generation_groups`)."""
+    return any(getattr(c, "target_parameters", None) for c in getattr(model, "peft_config", {}).values())

@@ -119,6 +119,12 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from tunepipe.tasks.training import bottleneck
+
+    # Adapters are loaded onto a base this function loads (training, held-out check, export,
+    # evaluation, serving): tunepipe's own PEFT method must be registered in every such process
+    # before `PeftModel.from_pretrained` meets a bottleneck adapter's config.
+    bottleneck.register()
     name = _check_name(name_or_path)
     options: dict[str, Any] = {"revision": revision, "dtype": torch_dtype(dtype), **kwargs}
     if attn_implementation is not None:

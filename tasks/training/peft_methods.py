@@ -16,16 +16,24 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import (
     LOMO_OPTIMIZERS,
     AdaLoraMethod,
+    AdapterDropMethod,
+    AdapterFusionMethod,
+    AdapterMethod,
     BitFitMethod,
     FreezeMethod,
     FullMethod,
+    GaLoreMethod,
     IA3Method,
     LoraMethod,
+    LoraPlusMethod,
+    MamAdapterMethod,
     PrefixTuningMethod,
     PromptTuningMethod,
     PTuningMethod,
+    PTuningV2Method,
     QLoraMethod,
     TrainingConfig,
+    UniPeltMethod,
 )
 
 CAUSAL_LM = "CAUSAL_LM"
@@ -36,7 +44,7 @@ def _targets(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-def lora_config(method: LoraMethod | QLoraMethod, *, for_counting: bool = False) -> Any:
+def lora_config(method: LoraMethod | QLoraMethod | LoraPlusMethod, *, for_counting: bool = False) -> Any:
     """`peft.LoraConfig`. `for_counting`: default init (PiSSA/OLoRA need real weights; counts are the same)."""
     from peft import LoraConfig
 
@@ -51,7 +59,7 @@ def lora_config(method: LoraMethod | QLoraMethod, *, for_counting: bool = False)
         use_dora=method.use_dora,
         bias=method.bias,
         modules_to_save=list(method.modules_to_save) or None,
-        init_lora_weights=True if for_counting else _LORA_INIT[method.init],
+        init_lora_weights=True if for_counting else _LORA_INIT[getattr(method, "init", "default")],
     )
 
 
@@ -134,9 +142,122 @@ def p_tuning_config(method: PTuningMethod) -> Any:
     )
 
 
+def p_tuning_v2_config(method: PTuningV2Method) -> Any:
+    """P-Tuning v2: `peft.PrefixTuningConfig` with the prefixes trained directly (no projection MLP)."""
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type=CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens, prefix_projection=False)
+
+
+def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
+    """The `BottleneckConfig` of the bottleneck-adapter PEFT method (tasks/training/bottleneck.py)."""
+    from tunepipe.tasks.training import bottleneck
+
+    config_cls = bottleneck.register()
+    return config_cls(
+        task_type=CAUSAL_LM,
+        target_modules=list(method.target_modules),
+        bottleneck_size=method.bottleneck_size,
+        placement=method.placement,
+        non_linearity=method.non_linearity,
+        scaling=method.scaling,
+        drop_first_layers=getattr(method, "drop_first_layers", 0),
+    )
+
+
+def mam_config(method: MamAdapterMethod) -> Any:
+    """MAM Adapter: a prefix on every attention plus a scaled parallel adapter on every FFN."""
+    from tunepipe.tasks.training import bottleneck
+
+    return bottleneck.register()(
+        task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
+        placement="parallel", scaling=method.scaling, non_linearity=method.non_linearity,
+        prefix_length=method.prefix_length, prefix_modules=[method.key_module],
+    )
+
+
+def unipelt_config(method: UniPeltMethod) -> Any:
+    """UniPELT: gated LoRA, gated prefix and a gated sequential FFN adapter."""
+    from tunepipe.tasks.training import bottleneck
+
+    return bottleneck.register()(
+        task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
+        placement="sequential", non_linearity=method.non_linearity, gated=True,
+        prefix_length=method.prefix_length, prefix_modules=[method.key_module],
+        lora_r=method.lora_r, lora_alpha=method.lora_alpha, lora_modules=list(method.lora_modules),
+    )
+
+
+def fusion_components(method: AdapterFusionMethod) -> dict[str, Path]:
+    """The task adapters AdapterFusion fuses: {task: directory} from the per-task sft artifact."""
+    import json
+
+    root = Path(method.adapters_from)
+    adapters = root / "adapters"
+    found = sorted(p.name for p in adapters.iterdir() if (p / "adapter_config.json").is_file()) if adapters.is_dir() else []
+    if len(found) < 2:
+        raise ValueError(
+            f"adapter_fusion: {root} has {len(found)} per-task adapter(s) under adapters/ (need at least two): "
+            "point adapters_from at an sft artifact trained with method adapter and adapters: per_task"
+        )
+    wanted = method.fuse or found
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ValueError(f"adapter_fusion: fuse names {missing}, not in {root}/adapters (has {found})")
+    components = {task: adapters / task for task in wanted}
+    settings = {}
+    for task, path in components.items():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        if cfg.get("peft_type") != "BOTTLENECK" or cfg.get("prefix_length") or cfg.get("lora_r") or cfg.get("gated") or cfg.get("fusion"):
+            raise ValueError(f"adapter_fusion: {path} is not a plain bottleneck adapter (train the tasks with method adapter)")
+        settings[task] = {k: cfg.get(k) for k in ("target_modules", "bottleneck_size", "placement", "non_linearity", "scaling", "drop_first_layers")}
+    if len({json.dumps(v, sort_keys=True) for v in settings.values()}) > 1:
+        raise ValueError(f"adapter_fusion: the task adapters differ in their bottleneck settings: {settings}")
+    return components
+
+
+def fusion_config(method: AdapterFusionMethod) -> Any:
+    """A bottleneck config holding the task adapters (their own settings) and a fusion layer."""
+    import json
+
+    from tunepipe.tasks.training import bottleneck
+
+    components = fusion_components(method)
+    first = json.loads((next(iter(components.values())) / "adapter_config.json").read_text())
+    return bottleneck.register()(
+        task_type=CAUSAL_LM, fusion=list(components),
+        **{k: first[k] for k in ("target_modules", "bottleneck_size", "placement", "non_linearity", "scaling", "drop_first_layers")},
+    )
+
+
+def load_fusion_components(model: Any, method: AdapterFusionMethod, adapter_name: str = "default") -> int:
+    """Copy each task adapter's trained weights into the fusion layers' frozen copies; returns the
+    number of tensors copied (every one of the fusion's task-adapter tensors, or ValueError)."""
+    import torch
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    copied = 0
+    for index, (task, path) in enumerate(fusion_components(method).items()):
+        for key, value in load_file(str(path / "adapter_model.safetensors")).items():
+            kind = "down" if ".bottleneck_down." in key else "up"
+            module, leaf = key.split(f".bottleneck_{kind}.")  # leaf: weight | bias
+            target = f"{module}.bottleneck_fusion_{kind}_{leaf}.{adapter_name}"
+            if target not in params or params[target][index].shape != value.shape:
+                raise ValueError(f"adapter_fusion: {path}: {key} has no place in the fusion model (another base model?)")
+            with torch.no_grad():
+                params[target][index].copy_(value.to(params[target].dtype))
+            copied += 1
+    layers = sum(1 for n in params if ".bottleneck_fusion_down_weight." in n)
+    expected = 4 * layers * len(fusion_components(method))
+    if copied != expected:
+        raise ValueError(f"adapter_fusion: filled {copied} of the fusion's {expected} task-adapter tensors")
+    return copied
+
+
 def peft_config(method: Any, *, total_step: int = 1, tokenizer_path: str | None = None, for_counting: bool = False) -> Any:
-    """The PEFT config of a PEFT method; None for full / freeze / bitfit."""
-    if isinstance(method, (LoraMethod, QLoraMethod)):
+    """The PEFT config of a PEFT method; None for full / freeze / bitfit / galore."""
+    if isinstance(method, (LoraMethod, QLoraMethod, LoraPlusMethod)):
         return lora_config(method, for_counting=for_counting)
     if isinstance(method, AdaLoraMethod):
         return adalora_config(method, total_step)
@@ -148,6 +269,16 @@ def peft_config(method: Any, *, total_step: int = 1, tokenizer_path: str | None 
         return prefix_tuning_config(method)
     if isinstance(method, PTuningMethod):
         return p_tuning_config(method)
+    if isinstance(method, PTuningV2Method):
+        return p_tuning_v2_config(method)
+    if isinstance(method, (AdapterMethod, AdapterDropMethod)):
+        return bottleneck_config(method)
+    if isinstance(method, MamAdapterMethod):
+        return mam_config(method)
+    if isinstance(method, UniPeltMethod):
+        return unipelt_config(method)
+    if isinstance(method, AdapterFusionMethod):
+        return fusion_config(method)
     return None
 
 
@@ -176,8 +307,48 @@ def bnb_config(method: QLoraMethod, env: EnvironmentProfile) -> Any:
 
 
 def optimizer_name(method: Any, training: TrainingConfig) -> str:
-    """The `TrainingArguments.optim` value."""
+    """The `TrainingArguments.optim` value (GaLore: the Trainer's galore optimizer, layerwise or not)."""
+    if isinstance(method, GaLoreMethod):
+        return method.optimizer + ("_layerwise" if method.layerwise else "")
     return method.optimizer if isinstance(method, QLoraMethod) else training.optimizer
+
+
+def optimizer_arguments(method: Any) -> dict[str, Any]:
+    """Extra `TrainingArguments` of the method's optimizer: GaLore's target modules and projection."""
+    if not isinstance(method, GaLoreMethod):
+        return {}
+    return {
+        "optim_target_modules": list(method.target_modules),
+        "optim_args": f"rank={method.rank},update_proj_gap={method.update_proj_gap},scale={method.scale},proj_type={method.proj_type}",
+    }
+
+
+def optimizer_class(optim: str) -> type:
+    """The optimizer class behind a `TrainingArguments.optim` name (what LoRA+ builds its groups for)."""
+    import torch
+
+    if optim == "adamw_torch":
+        return torch.optim.AdamW
+    if optim == "sgd":
+        return torch.optim.SGD
+    import bitsandbytes as bnb
+
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[optim]
+
+
+def custom_optimizer(model: Any, method: Any, training: TrainingConfig) -> Any:
+    """LoRA+'s optimizer (B matrices at `lr_ratio` times the learning rate); None: the Trainer builds its own."""
+    if not isinstance(method, LoraPlusMethod):
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    optim = optimizer_name(method, training)
+    kwargs: dict[str, Any] = {"weight_decay": training.weight_decay}
+    return create_loraplus_optimizer(
+        model, optimizer_class(optim), lr=training.learning_rate, loraplus_lr_ratio=method.lr_ratio,
+        loraplus_lr_embedding=method.embedding_lr, **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,9 +372,10 @@ def decoder_layers(model: Any) -> tuple[str, int]:
 
 
 def trainable_names(model: Any, method: Any) -> set[str]:
-    """Names of the parameters that train under full / freeze / bitfit."""
+    """Names of the parameters that train under full / freeze / bitfit / galore (GaLore trains every
+    parameter; only its optimizer states are low-rank)."""
     names = [n for n, _ in model.named_parameters()]
-    if isinstance(method, FullMethod):
+    if isinstance(method, (FullMethod, GaLoreMethod)):
         return set(names)
     if isinstance(method, BitFitMethod):
         return {n for n in names if n.endswith("bias")}
@@ -266,7 +438,10 @@ def apply_method(
             gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         )
     config = peft_config(method, total_step=total_step, tokenizer_path=tokenizer_path)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if isinstance(method, AdapterFusionMethod):
+        load_fusion_components(model, method)
+    return model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -352,8 +527,10 @@ def trainer_args(
     packing: bool | str,
     optim: str,
     has_eval: bool,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
-    """`trl.SFTConfig`: the shared training arguments, plus packing, length and evaluation."""
+    """`trl.SFTConfig`: the shared training arguments, plus packing, length, evaluation and the
+    method's optimizer arguments (`extra`)."""
     from trl import SFTConfig as TrlSFTConfig
 
     strategy = packing if isinstance(packing, str) else "bfd"
@@ -376,5 +553,6 @@ def trainer_args(
             "include_num_input_tokens_seen": "non_padding",
             "dataset_num_proc": None,
             **eval_kwargs,
+            **(extra or {}),
         }
     )

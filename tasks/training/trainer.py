@@ -150,6 +150,7 @@ def build_trainer(
         packing=packing,
         optim=peft_methods.optimizer_name(method, training),
         has_eval=bool(eval_rows),
+        extra=peft_methods.optimizer_arguments(method),
     )
     # TRL's own MoE switch: it re-sets the model config's `output_router_logits` and coefficient
     # from this (default 0.001, on), so it must carry ours (`training.router`, via the config).
@@ -165,6 +166,7 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=make_callbacks(model, method),
+        optimizers=(peft_methods.custom_optimizer(model, method, training), None),
     )
     if isinstance(method, QLoraMethod):
         # TRL casts a quantized model's trainable weights to bf16; keep them at the compute dtype

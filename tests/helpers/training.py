@@ -62,8 +62,9 @@ def write_data_artifact(path: Path, *, long_record: bool = False) -> ArtifactRef
     return ArtifactRef(stage="data", key="data" + ("long" if long_record else "k"), path=str(path))
 
 
-def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
-    """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template."""
+def build_tiny_model(path: Path, *, biases: bool = False, texts: list[str] | None = None) -> Path:
+    """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template
+    (trained on `texts` as well when given)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from tunepipe.schemas.base_model import (
@@ -78,7 +79,7 @@ def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
         architecture=ArchitectureSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=256),
     )
-    texts = [" ".join(WORDS)] * 3 + [r["instruction"] + " " + r["output"] for r in records("train") if "instruction" in r]
+    texts = [" ".join(WORDS)] * 3 + [r["instruction"] + " " + r["output"] for r in records("train") if "instruction" in r] + list(texts or [])
     tokenizer = wrap_tokenizer(train_tokenizer(texts, config), config)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -123,6 +124,36 @@ def build_tiny_moe(path: Path, kind: str) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+QUICKSTART_DATA = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "data"
+
+
+def quickstart_records(per_task: int = 60) -> list[dict]:
+    """The quickstart's two instruction tasks (triples, sentiment), `per_task` records each, every
+    fourth one in validation (the data stage's own split is not needed to compare adapters)."""
+    import csv
+
+    triples = [json.loads(line) for line in (QUICKSTART_DATA / "triples.jsonl").read_text().splitlines() if line.strip()]
+    with open(QUICKSTART_DATA / "sentiment_extra.csv", newline="") as handle:
+        sentiment = list(csv.DictReader(handle))
+    out = []
+    for task, rows in (("triples", triples[:per_task]), ("sentiment", sentiment[:per_task])):
+        for i, row in enumerate(rows):
+            split = "validation" if i % 4 == 3 else "train"
+            out.append({"id": f"{task}-{i}", "task": task, "split": split, "instruction": row["instruction"],
+                        "input": row["input"], "output": row["output"]})
+    return out
+
+
+def write_quickstart_artifact(path: Path, per_task: int = 60) -> ArtifactRef:
+    """A data artifact of `quickstart_records` (train / validation; test = validation)."""
+    path.mkdir(parents=True, exist_ok=True)
+    rows = quickstart_records(per_task)
+    for split in ("train", "validation", "test"):
+        wanted = "train" if split == "train" else "validation"
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == wanted))
+    return ArtifactRef(stage="data", key=f"quickstart{per_task}", path=str(path))
 
 
 def cpu_profile(**update):
@@ -208,8 +239,30 @@ METHODS = {
     "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4, "init": "text", "init_text": "classify the sentiment"},
     "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 4},
     "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 32},
+    "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 4},
+    "lora_plus": {"name": "lora_plus", "r": 4, "lr_ratio": 16},
+    "galore": {"name": "galore", "rank": 8, "update_proj_gap": 2, "target_modules": [r".*self_attn.*", r".*mlp.*"]},
+    "adapter": {"name": "adapter", "bottleneck_size": 8},
+    "adapter-parallel": {"name": "adapter", "bottleneck_size": 8, "placement": "parallel", "scaling": 4.0},
+    "adapter_drop": {"name": "adapter_drop", "bottleneck_size": 8, "drop_first_layers": 1},
+    "mam_adapter": {"name": "mam_adapter", "prefix_length": 4, "bottleneck_size": 16},
+    "unipelt": {"name": "unipelt", "lora_r": 4, "prefix_length": 4, "bottleneck_size": 8},
 }
-CONVERTED = {"lora-pissa", "lora-olora"}  # saved as plain LoRA on the original base: equal up to rounding
+CONVERTED = {"lora-pissa", "lora-olora"}
+# The seeds' methods added beside PEFT's: their loss on the training rows must fall in the few steps.
+LOSS_CHECKED = {"p_tuning_v2", "lora_plus", "galore", "adapter", "adapter-parallel", "adapter_drop", "mam_adapter", "unipelt"}
+
+
+def batch_loss(model, rows: list[dict]) -> float:
+    """Mean loss over the training rows (eval mode: no dropout), one row at a time."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss) for r in rows]
+    model.train(was_training)
+    return sum(losses) / len(losses)  # saved as plain LoRA on the original base: equal up to rounding
 
 
 def method_assets(root: Path) -> dict:
@@ -253,8 +306,12 @@ def check_method(assets, tmp_path, case: str) -> None:
     before = _snapshot(trainer.model)
     trainable = [n for n, (grad, _) in before.items() if grad]
     assert trainable, "nothing trainable"
+    loss_before = batch_loss(trainer.model, prepared["train_rows"]) if case in LOSS_CHECKED else None
     fit(trainer, job["checkpoint_dir"])
     after = _snapshot(trainer.model)
+    if case in LOSS_CHECKED:
+        loss_after = batch_loss(trainer.model, prepared["train_rows"])
+        assert loss_after < loss_before, f"training loss did not fall: {loss_before:.4f} -> {loss_after:.4f}"
 
     moved = [n for n in trainable if not torch.equal(before[n][1], after[n][1])]
     assert moved == trainable, f"trainable but unchanged: {sorted(set(trainable) - set(moved))}"
@@ -265,6 +322,7 @@ def check_method(assets, tmp_path, case: str) -> None:
     if case == "freeze":
         assert all(".layers.1." in n or "lm_head" in n for n in trainable)
         assert any(".layers.0." in n for n in before) and not any(".layers.0." in n for n in trainable)
+    check_method_specifics(trainer, method, trainable)
 
     dest = tmp_path / "result"
     save_result(trainer, prepared["tokenizer"], method, dest, prepared["initial_adapter"])
@@ -295,6 +353,93 @@ def check_method(assets, tmp_path, case: str) -> None:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     else:
         assert torch.equal(got, expected)
+    if method.is_peft and engine_serves(dest):
+        check_served(job["model_path"], dest, reloaded, ids)
+
+
+def engine_serves(adapter_dir: Path) -> bool:
+    """Whether the embedded engine takes the adapter: every bottleneck adapter; the LoRA adapters
+    vLLM would serve too (it refuses DoRA, modules_to_save, ... as vLLM does, by design)."""
+    from tunepipe.tasks.serving.engine import AdapterError, check_adapter
+
+    if peft_type(adapter_dir) == "BOTTLENECK":
+        return True
+    try:
+        check_adapter(adapter_dir, max_rank=64)
+    except AdapterError:
+        return False
+    return True
+
+
+def peft_type(adapter_dir: Path) -> str:
+    import json
+
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"]
+
+
+def engine_tokens(engine, prompt_ids: list[int], adapter: str | None, max_tokens: int = 6) -> list[int]:
+    """Greedy tokens the embedded engine generates for one row."""
+    from tunepipe.tasks.serving.engine import Row
+
+    rows = [Row(prompt_ids=list(prompt_ids), adapter=adapter, max_tokens=max_tokens, emit=lambda event: None)]
+    engine.generate(rows)
+    return rows[0].tokens
+
+
+def offline_tokens(model, prompt_ids: list[int], eos_ids: set[int], max_tokens: int = 6) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt_ids):].tolist()
+    return [t for t in out[: next((i for i, t in enumerate(out) if t in eos_ids), len(out))]]
+
+
+def check_served(model_path: str, adapter_dir: Path, reloaded, ids) -> None:
+    """The embedded engine serves the adapter: its greedy answer is the reloaded model's."""
+    from tunepipe.tasks.serving.engine import MultiLoraEngine
+
+    engine = MultiLoraEngine(model_path)
+    engine.load_adapter("served", adapter_dir)
+    prompt = ids[0, :12].tolist()
+    assert engine_tokens(engine, prompt, "served") == offline_tokens(reloaded, prompt, engine.eos_ids)
+
+
+def check_method_specifics(trainer, method, trainable: list[str]) -> None:
+    """What makes each newer method itself: adapters where the paper puts them, LoRA+'s faster B,
+    GaLore's optimizer."""
+    name = method.name
+    if name in ("adapter", "adapter_drop"):
+        assert all(".bottleneck_" in n for n in trainable)
+        blocks = {n.split(".layers.")[1].split(".")[0] for n in trainable}
+        places = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] for n in trainable}
+        assert places == {"self_attn", "mlp"}, places
+        assert blocks == ({"1"} if name == "adapter_drop" else {"0", "1"}), blocks  # AdapterDrop: block 0 has none
+    if name == "mam_adapter":
+        roles = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] + ":" + n.split(".bottleneck_")[1].split(".")[0] for n in trainable}
+        assert roles == {"k_proj:prefix_keys", "k_proj:prefix_values", "mlp:down", "mlp:up"}, roles
+    if name == "unipelt":
+        roles = {n.split(".bottleneck_")[0].rsplit(".", 1)[-1] + ":" + n.split(".bottleneck_")[1].split(".")[0] for n in trainable}
+        assert roles == {"q_proj:lora_A", "q_proj:lora_B", "q_proj:lora_gate", "v_proj:lora_A", "v_proj:lora_B", "v_proj:lora_gate",
+                         "k_proj:prefix_keys", "k_proj:prefix_values", "k_proj:prefix_gate",
+                         "mlp:down", "mlp:up", "mlp:gate"}, roles
+    if name == "lora_plus":
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        rates = {}
+        for group in inner.param_groups:
+            for param in group["params"]:
+                rates[id(param)] = group["lr"] if "initial_lr" not in group else group["initial_lr"]
+        named = dict(trainer.model.named_parameters())
+        a = {rates[id(named[n])] for n in trainable if ".lora_A." in n}
+        b = {rates[id(named[n])] for n in trainable if ".lora_B." in n}
+        assert len(a) == 1 and len(b) == 1 and abs(b.pop() / a.pop() - method.lr_ratio) < 1e-9
+    if name == "galore":
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        assert type(inner).__module__.startswith("galore_torch"), type(inner)
+        projected = [g for g in inner.param_groups if "rank" in g]
+        assert projected and projected[0]["rank"] == method.rank and projected[0]["params"]
+    if name == "p_tuning_v2":
+        config = trainer.model.peft_config["default"]
+        assert type(config).__name__ == "PrefixTuningConfig" and not config.prefix_projection
 
 
 # --------------------------------------------------------------------------------------------

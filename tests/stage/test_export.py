@@ -159,6 +159,27 @@ def test_adapters_vllm_cannot_serve_are_refused(assets, tmp_path):
     assert (Path(ref.path) / "adapters/all/adapter_config.json").exists()
 
 
+def test_bottleneck_adapters_are_refused_for_vllm_and_merging_but_exported_for_the_embedded_engine(assets, tmp_path):
+    from tunepipe.tasks.training import peft_methods
+
+    cases = {
+        "adapter": ({"name": "adapter", "bottleneck_size": 4}, "sequential Adapter Tuning"),
+        "adapter_drop": ({"name": "adapter_drop", "bottleneck_size": 4}, "AdapterDrop"),
+        "mam_adapter": ({"name": "mam_adapter", "prefix_length": 2, "bottleneck_size": 4}, "MAM Adapter"),
+        "unipelt": ({"name": "unipelt", "lora_r": 2, "prefix_length": 2, "bottleneck_size": 4}, "UniPELT"),
+    }
+    for name, (spec, kind) in cases.items():
+        config = peft_methods.peft_config(SFTConfig.model_validate({"method": spec}).method)
+        source = peft_source(tmp_path, assets["model"], config, name)
+        with pytest.raises(StageFailed, match=rf"bottleneck adapter \({kind}\): vLLM serves LoRA adapters only"):
+            _export(assets, {"targets": ["adapters"], "serving_engine": "vllm"}, inputs={"sft": source, "data": assets["data"]})
+        with pytest.raises(StageFailed, match="cannot be merged"):
+            _export(assets, {"targets": ["merged"], "serving_engine": "embedded"}, inputs={"sft": source, "data": assets["data"]})
+    ref = _export(assets, {"targets": ["adapters"], "serving_engine": "embedded", "reeval": {"max_examples_per_task": 1, "max_new_tokens": 2}},
+                  inputs={"sft": source, "data": assets["data"]})
+    assert json.loads((Path(ref.path) / "adapters/all/adapter_config.json").read_text())["peft_type"] == "BOTTLENECK"
+
+
 def test_vllm_problems_accepts_plain_lora_within_rank():
     assert vllm_problems("all", {"peft_type": "LORA", "r": 8, "use_dora": False, "modules_to_save": None}, 8) == []
     assert "rank 32" in vllm_problems("all", {"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 32}}, 16)[0]

@@ -33,7 +33,6 @@ def test_killed_sft_resumes_from_last_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # While the child starts up, load the training libraries here for the rerun.
     import matplotlib.pyplot  # noqa: F401
-    import tunepipe.tasks.sft.train as train
     import trl  # noqa: F401
 
     done = kill_at_first_checkpoint(proc, root, "sft", "all", timeout_s=90)

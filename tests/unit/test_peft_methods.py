@@ -48,6 +48,15 @@ def test_method_shorthand_and_default():
         ({"overlong": "ignore"}, "overlong"),
         ({"tasks": []}, "tasks is empty"),
         ({"epochs": 3}, "epochs"),  # belongs under training:
+        ({"method": {"name": "adapter", "placement": "diagonal"}}, "method.adapter.placement"),
+        ({"method": {"name": "adapter", "target_modules": []}}, "method.adapter.target_modules"),
+        ({"method": {"name": "adapter_drop", "drop_first_layers": 0}}, "method.adapter_drop.drop_first_layers"),
+        ({"method": {"name": "unipelt", "key_module": "q_proj"}}, "one layer holds one role"),
+        ({"method": "mam_adapter", "packing": True}, "packing"),
+        ({"method": {"name": "adapter_fusion", "adapters_from": "x", "fuse": ["a"]}}, "at least two"),
+        ({"method": {"name": "adapter_fusion", "adapters_from": "x"}, "adapters": "per_task"}, "adapters: shared"),
+        ({"method": {"name": "lora_plus", "lr_ratio": 0}}, "method.lora_plus.lr_ratio"),
+        ({"method": {"name": "galore", "optimizer": "adamw_torch"}}, "method.galore.optimizer"),
     ],
 )
 def test_invalid_sft_configs_name_the_field(data, expected):
@@ -182,3 +191,28 @@ def test_liger_changes_the_training_key():
 
     gpu = load_environment("single-gpu-24gb")
     assert training_env_payload(gpu.model_copy(update={"liger_kernel": True})) != training_env_payload(gpu)
+
+
+def test_newer_methods_convert_to_their_library_objects():
+    from tunepipe.schemas.sft import TrainingConfig
+
+    v2 = peft_methods.peft_config(SFTConfig.model_validate({"method": {"name": "p_tuning_v2", "num_virtual_tokens": 7}}).method)
+    assert type(v2).__name__ == "PrefixTuningConfig" and v2.num_virtual_tokens == 7 and not v2.prefix_projection
+    plus = peft_methods.peft_config(SFTConfig.model_validate({"method": {"name": "lora_plus", "r": 4}}).method)
+    assert type(plus).__name__ == "LoraConfig" and plus.r == 4  # LoRA+ is a LoRA: only the optimizer differs
+    mam = peft_methods.peft_config(SFTConfig.model_validate({"method": "mam_adapter"}).method)
+    assert (mam.peft_type, mam.placement, mam.scaling, mam.target_modules, mam.prefix_modules, mam.prefix_length) == (
+        "BOTTLENECK", "parallel", 4.0, ["mlp"], ["k_proj"], 30)
+    uni = peft_methods.peft_config(SFTConfig.model_validate({"method": "unipelt"}).method)
+    assert uni.gated and uni.lora_r == 8 and uni.lora_modules == ["q_proj", "v_proj"] and uni.placement == "sequential"
+    galore = SFTConfig.model_validate({"method": {"name": "galore", "rank": 16, "layerwise": True}}).method
+    assert not galore.is_peft and peft_methods.peft_config(galore) is None
+    assert peft_methods.optimizer_name(galore, TrainingConfig()) == "galore_adamw_layerwise"
+    extra = peft_methods.optimizer_arguments(galore)
+    assert extra["optim_target_modules"] == [r".*attn.*", r".*mlp.*"] and "rank=16" in extra["optim_args"]
+
+
+def test_adapter_fusion_refuses_an_artifact_without_per_task_adapters(tmp_path):
+    method = SFTConfig.model_validate({"method": {"name": "adapter_fusion", "adapters_from": str(tmp_path)}}).method
+    with pytest.raises(ValueError, match="need at least two"):
+        peft_methods.peft_config(method)

@@ -213,3 +213,33 @@ def test_plan_of_packed_rows_depends_on_the_packed_kernel_and_the_loss():
     # A plain Trainer's full logits (nll) against TRL's chunked loss: the 2x gap measured unpacked on the H100.
     nll = plan_memory(env, loss_type="nll")
     assert nll["logits_gb"] - unpacked["logits_gb"] == pytest.approx(16384 * 151936 * 10 / 2**30 - 256 * 151936 * 10 / 2**30, abs=1e-3)
+
+
+# The seeds' taxonomy beyond PEFT's built-ins: bottleneck adapters (a PEFT method registered by
+# tunepipe), MAM/UniPELT (prefix + adapter (+ gated LoRA)), P-Tuning v2, LoRA+ and GaLore.
+NEW_METHODS = {
+    "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 5},
+    "lora_plus": {"name": "lora_plus", "r": 4},
+    "galore": {"name": "galore", "rank": 8},
+    "adapter": {"name": "adapter", "bottleneck_size": 8},
+    "adapter-parallel": {"name": "adapter", "bottleneck_size": 8, "placement": "parallel"},
+    "adapter_drop": {"name": "adapter_drop", "bottleneck_size": 8, "drop_first_layers": 1},
+    "mam_adapter": {"name": "mam_adapter", "prefix_length": 3, "bottleneck_size": 16},
+    "unipelt": {"name": "unipelt", "lora_r": 4, "prefix_length": 3, "bottleneck_size": 8},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_meta_counts_of_the_newer_methods_equal_peft_counts(arch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()[arch]
+    env = load_environment("cpu")
+    for label, spec in NEW_METHODS.items():
+        method = SFTConfig.model_validate({"method": spec}).method
+        result = plan(cfg, method, env, seq_len=32)
+        torch.manual_seed(0)
+        real = peft_methods.apply_method(AutoModelForCausalLM.from_config(cfg), method, total_step=10)
+        expected = real.get_nb_trainable_parameters() if method.is_peft else peft_methods.count_parameters(real)
+        assert (result["trainable_params"], result["total_params"]) == tuple(expected), f"{arch} {label}"
+        assert result["trainable_params"] > 0
