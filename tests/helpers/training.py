@@ -62,8 +62,10 @@ def write_data_artifact(path: Path, *, long_record: bool = False) -> ArtifactRef
     return ArtifactRef(stage="data", key="data" + ("long" if long_record else "k"), path=str(path))
 
 
-def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
-    """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template."""
+def build_tiny_model(path: Path, *, biases: bool = False, hidden_size: int = 64, num_key_value_heads: int = 2,
+                     max_position_embeddings: int = 256) -> Path:
+    """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template.
+    (vLLM's CPU attention wants a head size of at least 32: hidden_size=128 gives that.)"""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,14 +74,16 @@ def build_tiny_model(path: Path, *, biases: bool = False) -> Path:
 
     config = BaseModelConfig(
         tokenizer=TokenizerSpec(vocab_size=400, min_frequency=1),
-        architecture=ArchitectureSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=256),
+        architecture=ArchitectureSpec(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=num_key_value_heads,
+                                      max_position_embeddings=max_position_embeddings),
     )
     texts = [" ".join(WORDS)] * 3 + [r["instruction"] + " " + r["output"] for r in records("train") if "instruction" in r]
     tokenizer = wrap_tokenizer(train_tokenizer(texts, config), config)
     model_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
         attention_bias=biases, mlp_bias=biases,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
