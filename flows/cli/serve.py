@@ -63,6 +63,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--vllm-python", help="interpreter of vLLM's own environment")
     serve.add_argument("--vllm-executable", help="a `vllm` executable")
     serve.add_argument("--vllm-image", help="container image with vLLM")
+    serve.add_argument("--vllm-arg", action="append", metavar="ARG",
+                       help="one more argument for vLLM's server, verbatim (repeatable; --vllm-arg=--enable-prefix-caching)")
     serve.add_argument("--registry", help="adapter registry root (default: deploy.registry, else <workdir>/registry)")
     serve.add_argument("--alias", help=f"registry alias to serve (default: deploy.alias, else {DEFAULT_ALIAS})")
     serve.add_argument("--config", "-c", help="pipeline YAML (default: the bundled quickstart)")
@@ -111,6 +113,8 @@ def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         log = args.router_log or str(Path(workdir) / "logs" / f"ab-{args.router['name']}.jsonl")
         fields["router"] = {**args.router, "log_path": str(Path(log).resolve())}
     launcher = {k: v for k, v in (("python", args.vllm_python), ("executable", args.vllm_executable), ("image", args.vllm_image)) if v}
+    if args.vllm_arg:
+        launcher["extra_args"] = list(args.vllm_arg)
     if launcher:
         fields["vllm"] = launcher
     return fields
