@@ -43,6 +43,7 @@ from tests.helpers.vllm import vllm_python_or_skip
 
 torch.set_num_threads(1)
 
+pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 12
 MAX_RANK = 16

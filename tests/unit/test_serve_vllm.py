@@ -120,7 +120,7 @@ def test_cpu_profile_sets_the_kv_cache_context_and_dtype(tmp_path, monkeypatch):
     assert cmd[0] == str(tmp_path / "cache" / "vllm" / "cpu-0.32.0" / "bin" / "python")
     assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[cmd.index("--max-model-len") + 1] == "512"
     assert VLLMServer(config, log_file=tmp_path / "log").env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    with pytest.raises(VLLMError, match=r"vLLM's environment is missing: .* tunepipe vllm-env cpu"):
+    with pytest.raises(VLLMError, match=r"vLLM's environment is missing: .*tunepipe vllm-env cpu"):
         VLLMServer(config, log_file=tmp_path / "log").start()  # not built in this cache: says how to build it
     assert "rebuild the environment" in explain("... operator torchvision::nms does not exist")
     assert "raise --max-lora-rank" in explain("ValueError: LoRA rank 32 is greater than max_lora_rank 16")
@@ -217,7 +217,11 @@ def test_cli_starts_vllm_and_stops_it_on_sigterm(tmp_path, fake_vllm):
             assert time.monotonic() < deadline, "the fake vLLM never became healthy"
             time.sleep(0.2)
         record = json.loads(fake_vllm["record"].read_text())
-        assert record["argv"][:2] == ["serve", base] and f"notes={adapter}" in record["argv"]
+        assert record["argv"][:2] == ["serve", base]
+        # behind the front: vLLM knows the adapter by its versioned name, on a private port
+        assert any(arg.startswith("notes@") and arg.endswith(f"={adapter}") for arg in record["argv"])
+        assert record["argv"][record["argv"].index("--port") + 1] != str(port)
+        assert record["env"]["VLLM_API_KEY"]  # a private key only the front knows
         cli.send_signal(signal.SIGTERM)
         assert cli.wait(30) == 0
     finally:
