@@ -198,9 +198,9 @@ KNOWN_FAILURES = (
      "--vllm-python (python -m vllm.entrypoints.openai.api_server), as `tunepipe vllm-env` environments are"),
     ("torchvision::nms", "torchvision does not match vLLM's torch: rebuild the environment with `tunepipe vllm-env --force`"),
     ("Address already in use", "the port is in use: choose another --port"),
-    ("max_lora_rank", "an adapter's rank is above --max-lora-rank: raise --max-lora-rank"),
-    ("DoRA", "vLLM does not serve DoRA adapters: export without use_dora, or serve with --engine embedded"),
-    ("modules_to_save", "vLLM does not serve adapters with modules_to_save: train without them or use --engine embedded"),
+    ("is greater than max_lora_rank", "an adapter's rank is above --max-lora-rank: raise --max-lora-rank"),
+    ("support DoRA", "vLLM does not serve DoRA adapters: export without use_dora, or serve with --engine embedded"),
+    ("supports modules_to_save", "vLLM does not serve adapters with modules_to_save: train without them or use --engine embedded"),
     ("Unsupported LoRA", "vLLM refused an adapter: check it with the export stage's vLLM compatibility check"),
     ("No available memory for the cache blocks", "the KV cache does not fit: raise serving.vllm_cpu_kvcache_gb / "
      "--gpu-memory-utilization, or lower --max-model-len"),

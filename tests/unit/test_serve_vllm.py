@@ -124,6 +124,7 @@ def test_cpu_profile_sets_the_kv_cache_context_and_dtype(tmp_path, monkeypatch):
         VLLMServer(config, log_file=tmp_path / "log").start()  # not built in this cache: says how to build it
     assert "rebuild the environment" in explain("... operator torchvision::nms does not exist")
     assert "raise --max-lora-rank" in explain("ValueError: LoRA rank 32 is greater than max_lora_rank 16")
+    assert "DoRA" in explain("config: max_lora_rank=16 ...\nValueError: vLLM does not yet support DoRA.")  # not the config dump
 
 
 def test_rank_is_raised_to_a_value_vllm_accepts_and_max_loras_to_the_adapter_count(tmp_path):
