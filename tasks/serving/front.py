@@ -127,8 +127,17 @@ class Front:
         await self._upstream_ok("/v1/unload_lora_adapter", {"lora_name": version})
         self.paths.pop(version, None)
 
+    async def upstream(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request to vLLM; 503 in OpenAI's shape when it does not answer (never a 500)."""
+        import httpx
+
+        try:
+            return await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
+
     async def _upstream_ok(self, path: str, payload: dict[str, str]) -> None:
-        response = await self.http.post(path, json=payload)
+        response = await self.upstream("POST", path, json=payload)
         if response.status_code != 200:
             raise APIError(response.status_code if 400 <= response.status_code < 500 else 400,
                            f"vLLM refused {path} {payload}: {_message(response)}")
@@ -136,7 +145,7 @@ class Front:
     # ------------------------------------------------------------ models
 
     async def model_cards(self) -> list[dict[str, Any]]:
-        upstream = (await self.http.get("/v1/models")).json().get("data", [])
+        upstream = (await self.upstream("GET", "/v1/models")).json().get("data", [])
         by_id = {card["id"]: card for card in upstream}
         cards = list(upstream)
         for name, version in sorted(self.aliases.items()):
@@ -212,8 +221,14 @@ def _forwarder(front: Front, path: str):
             body["model"] = assignment.version  # answered under the version's name, as the embedded engine does
         asked = body.get("model")
         body["model"] = front.target(str(asked))
-        upstream = front.http.build_request("POST", path, json=body)
-        response = await front.http.send(upstream, stream=True)
+        import httpx
+
+        try:
+            response = await front.http.send(front.http.build_request("POST", path, json=body), stream=True)
+        except httpx.HTTPError as exc:
+            if assignment is not None:
+                front.router.record(assignment, endpoint=path, status="error 503")
+            raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
         if response.status_code != 200 or not body.get("stream"):
             content = await response.aread()
             await response.aclose()
