@@ -290,15 +290,23 @@ def test_evaluate_scores_the_served_model_and_runs_lm_eval_through_its_api(world
     from tunepipe.schemas.evaluate import EvaluateConfig
     from tunepipe.tasks.evaluate.stage import EvaluateStage
 
+    import shutil
+
+    from tunepipe.schemas.handoffs import ModelOutputs
+
     data = write_data_artifact(world["root"] / "data")
-    common = {"candidate": world["adapters"]["alpha"], "baseline": "base", "base_model": world["base"],
+    sft = world["root"] / "sft-alpha"  # an sft-shaped artifact holding alpha (evaluate's required input)
+    shutil.copytree(world["adapters"]["alpha"], sft / "adapter")
+    write_handoff(sft, ModelOutputs(kind="adapter", method="lora", base_model=world["base"], paths={"all": "adapter"}))
+    inputs = {"data": data, "sft": ArtifactRef(stage="sft", key="sft-alpha", path=str(sft))}
+    common = {"baseline": "base", "base_model": world["base"],
               "tasks": ["sentiment", "count"], "max_examples_per_task": 8, "ab": {"bootstrap_samples": 200},
               "lm_eval": {"enabled": True}}
     endpoint = {"url": world["url"] + "/v1", "candidate_model": "alpha", "baseline_model": world["base"]}
     metrics = {}
     for backend in ("hf", "endpoint"):
         generation = {"max_new_tokens": 8, "backend": backend, **({"endpoint": endpoint} if backend == "endpoint" else {})}
-        ref = run_stage(EvaluateStage(), EvaluateConfig.model_validate({**common, "generation": generation}), {"data": data},
+        ref = run_stage(EvaluateStage(), EvaluateConfig.model_validate({**common, "generation": generation}), inputs,
                         world["store"], cpu_profile())
         metrics[backend] = json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]
     served, local = metrics["endpoint"], metrics["hf"]
