@@ -1,8 +1,9 @@
 """The `serve:` section and `tunepipe serve`: one base model, many LoRA adapters, OpenAI-compatible HTTP.
 
 Two engines answer the same API: `embedded` (transformers + peft in this process, for CPU hosts,
-tests and small deployments) and `vllm` (a `vllm serve` process started from its own environment:
-vLLM cannot share ours). Settings that depend on the hardware (engine choice, vLLM interpreter,
+tests and small deployments) and `vllm` (vLLM's OpenAI server started from its own environment,
+which `tunepipe vllm-env` builds: vLLM cannot share ours; behind tunepipe's front, which confines
+runtime loads, versions adapter names and runs the A/B router). Settings that depend on the hardware (engine choice, vLLM interpreter,
 max-loras, max-lora-rank, GPU memory share) default to the environment profile's `serving:`
 block; a field set here overrides it. Flags of `tunepipe serve` are named as vLLM names them.
 """
