@@ -234,3 +234,16 @@ def test_cli_starts_vllm_and_stops_it_on_sigterm(tmp_path, fake_vllm):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     with pytest.raises(ProcessLookupError):
         os.kill(record["pid"], 0)
+
+
+def test_a_failed_environment_build_says_where_and_is_not_taken_for_ready(tmp_path, monkeypatch):
+    """`tunepipe vllm-env` with a package pip cannot find (offline: --no-index): one error with pip's own words and
+    the log, no marker, so the next run builds again; tests read that as the registry's refusal (a skip)."""
+    from tunepipe.tasks.serving import vllm_env
+    from tests.helpers.vllm import REGISTRY_REFUSAL
+
+    monkeypatch.setitem(vllm_env.BUILDS, "cpu", vllm_env.VLLMBuild("cpu", "0.0.0", ("--no-index", "tunepipe-absent-package==0.0.0")))
+    with pytest.raises(vllm_env.VLLMEnvError, match=r"(?s)failed at `pip install .*No matching distribution.*full log: ") as failure:
+        vllm_env.build_env("cpu", root=tmp_path, say=lambda line: None)
+    assert REGISTRY_REFUSAL.search(str(failure.value))
+    assert not vllm_env.is_built("cpu", root=tmp_path) and not (tmp_path / "vllm" / "cpu-0.0.0" / vllm_env.MARKER).exists()
