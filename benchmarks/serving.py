@@ -28,9 +28,14 @@ Hot-load. On a server with one start-up adapter, `POST /v1/load_lora_adapter` of
 compared with the target 0.05. Both read warm files (page cache) and run with the libraries
 imported, so the reload figure is the lower bound of a real restart.
 
-`--engine vllm --base DIR` measures vLLM instead: `vllm serve` started through tunepipe's own
-launcher (tasks/serve/vllm.py), one server per adapter count with N start-up adapters, base and
-adapter requests on that same server; hot-load against a full restart of the same command.
+`--engine vllm` measures vLLM instead, as `tunepipe serve --engine vllm` runs it: vLLM from the
+profile's environment (`--environment serve-vllm-cpu`: `tunepipe vllm-env cpu`'s) behind
+tunepipe's front (tasks/serving/front.py), one server per adapter count with N start-up adapters,
+base and adapter requests on that same server; hot-load (through the front) against a full
+restart. With one adapter it also sends the same load to vLLM directly, alternating with the
+front: `front` is what the front adds (p50/p95 ratio and milliseconds). `--engine both` runs the
+embedded engine and vLLM on the same base, adapters and load in one run. Without --base, the base
+is the tiny Llama at hidden size 128 for vLLM (its CPU attention needs a head size of 32).
 
 The load generator shares the process (and the GIL) with the server, alike on both sides of a
 ratio; compare ratios across machines, not absolute rates. Prints one JSON object.
@@ -79,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attn", default=None, help="attention kernel instead of the profile's (e.g. sdpa where flash-attn is not installed)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="server max_batch_size (default: ServeConfig's)")
     parser.add_argument("--no-hot-load", action="store_true", help="skip the hot-load vs reload measurement")
-    parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded",
-                        help="embedded: tunepipe's server in this process; vllm: `vllm serve` through tunepipe's launcher (needs --base)")
+    parser.add_argument("--engine", choices=("embedded", "vllm", "both"), default="embedded",
+                        help="embedded: tunepipe's server in this process; vllm: vLLM behind tunepipe's front; both: each, same load")
     parser.add_argument("--vllm-executable", default=None,
                         help="a `vllm` executable (default: the profile's serving.vllm_python / vllm_image)")
     parser.add_argument("--vllm-arg", action="append", default=[], help="one more `vllm serve` argument (repeatable)")
@@ -94,8 +99,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if any(n < 1 for n in args.adapters):
         raise SystemExit(f"--adapters: counts must be at least 1 (the base alone is always measured): {args.adapters}")
-    if args.engine == "vllm" and not args.base:
-        raise SystemExit("--engine vllm needs --base: vLLM serves a real model directory (it cannot build the tiny one)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +148,12 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # Model and adapters
 
 
-def make_base(workdir: Path) -> str:
+def make_base(workdir: Path, engine: str) -> str:
     from tests.helpers.training import build_tiny_model
 
-    return str(build_tiny_model(workdir / "base"))
+    if engine == "embedded":
+        return str(build_tiny_model(workdir / "base"))
+    return str(build_tiny_model(workdir / "base", hidden_size=128, num_key_value_heads=4, max_position_embeddings=512))
 
 
 def make_adapters(base: str, root: Path, names: list[str], rank: int, dtype: str) -> dict[str, str]:
@@ -226,12 +231,35 @@ def vllm_config(base: str, adapters: dict[str, str], args: argparse.Namespace, a
     )
 
 
-def start_vllm(config, profile, log_file: Path):
-    """`vllm serve` through tunepipe's launcher, returned once /health answers."""
-    from tunepipe.tasks.serving.settings import resolve_serve_config
-    from tunepipe.tasks.serving.vllm import VLLMServer
+@dataclass
+class FrontedVLLM:
+    """vLLM behind tunepipe's front, as `tunepipe serve --engine vllm` runs them; `url` is the front's."""
 
-    return VLLMServer(resolve_serve_config(config, profile), log_file=log_file).start()
+    server: Any  # VLLMServer (private port and key)
+    front: Any  # ServerThread of the front app
+    names: dict[str, str]  # alias → the versioned name vLLM knows
+
+    @property
+    def url(self) -> str:
+        return self.front.url
+
+    def stop(self) -> None:
+        self.front.stop()
+        self.server.stop()
+
+
+def start_vllm(config, profile, log_file: Path) -> FrontedVLLM:
+    """vLLM and its front, returned once both answer /health."""
+    from tunepipe.tasks.serving.front import vllm_behind_front
+    from tunepipe.tasks.serving.settings import resolve_serve_config
+
+    app, front, server = vllm_behind_front(resolve_serve_config(config, profile), api_key=None, log_file=log_file)
+    server.start()
+    try:
+        return FrontedVLLM(server, serve_app(app), dict(front.aliases))
+    except Exception:
+        server.stop()
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +371,7 @@ def time_reload(config, profile) -> dict[str, float]:
 
 
 def time_vllm_restart(config, profile, log_file: Path) -> dict[str, float]:
-    """A full reload under vLLM: a new `vllm serve` of the same config, from start to /health."""
+    """A full reload under vLLM: a new vLLM (and front) of the same config, from start to /health."""
     started = time.perf_counter()
     server = start_vllm(config, profile, log_file)
     healthy = time.perf_counter()
@@ -360,10 +388,10 @@ def hot_load_pair(hot_load: dict[str, float], reloaded: dict[str, float], order:
 
 
 def measure_hot_load(client, base: str, adapters: dict[str, str], allowed: Path, args: argparse.Namespace, profile,
-                     workdir: Path) -> dict[str, Any]:
+                     workdir: Path, engine: str) -> dict[str, Any]:
     (first, first_path), (hot, hot_path) = list(adapters.items())[:2]
     repeats = []
-    if args.engine == "vllm":
+    if engine == "vllm":
         # Two vLLM engines do not share a GPU at the profile's memory utilisation: the hot-loads run
         # first on one server, then the restarts once it is stopped (minutes each: order adds no noise).
         config = vllm_config(base, {first: first_path}, args, allowed)
@@ -412,17 +440,46 @@ def embedded_throughput(client, base, adapters, names, allowed, args, profile, w
 
 
 def vllm_throughput(client, base, adapters, names, allowed, args, profile, workdir) -> list[dict[str, Any]]:
-    """For each N, one `vllm serve` with N adapters: requests naming the base against requests naming
-    the adapters, on the same server (a deployment serves both from one LoRA-enabled engine)."""
+    """For each N, one vLLM (behind the front) with N adapters: requests naming the base against requests naming
+    the adapters, on the same server (a deployment serves both from one LoRA-enabled engine). With the first N,
+    also the front's own cost (see measure_front)."""
     overhead = []
     for count in args.adapters:
         served = {name: adapters[name] for name in names[:count]}
         server = start_vllm(vllm_config(base, served, args, allowed), profile, workdir / "logs" / f"vllm-{count}.log")
         try:
             overhead.append(measure_overhead(client, server, server, list(served), args))
+            if count == args.adapters[0]:
+                overhead[-1]["front"] = measure_front(server, list(served), args)
         finally:
             server.stop()
     return overhead
+
+
+def measure_front(server: FrontedVLLM, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The same adapter load through the front and straight to vLLM (its private port and key), alternating."""
+    import httpx
+
+    load = dict(endpoint=args.endpoint, concurrency=args.concurrency, max_tokens=args.max_tokens)
+    limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
+    key = server.server.env.get("VLLM_API_KEY")
+    with httpx.Client(timeout=600, limits=limits, trust_env=False) as front_client, \
+            httpx.Client(timeout=600, limits=limits, trust_env=False, headers={"Authorization": f"Bearer {key}"}) as direct:
+        sides = {"front": (front_client, server.url, round_robin(names, args.requests)),
+                 "direct": (direct, server.server.url, round_robin([server.names[n] for n in names], args.requests))}
+        for http, url, models in sides.values():
+            run_load(http, url, models[: args.concurrency], **load)
+        repeats = []
+        for r in range(args.repeats):
+            order = ["direct", "front"] if r % 2 == 0 else ["front", "direct"]
+            figures = {side: run_load(*sides[side], **load).figures() for side in order}
+            repeats.append({"order": order, **figures,
+                            "p50_ratio": rounded(ratio(figures["front"]["p50_s"], figures["direct"]["p50_s"]), 4),
+                            "p50_added_ms": rounded(1000 * (figures["front"]["p50_s"] - figures["direct"]["p50_s"]), 2),
+                            "p95_added_ms": rounded(1000 * (figures["front"]["p95_s"] - figures["direct"]["p95_s"]), 2),
+                            "throughput_ratio": rounded(ratio(figures["front"]["requests_per_s"], figures["direct"]["requests_per_s"]), 4)})
+    return {"repeats": repeats, "median": {k: rounded(median(rep[k] for rep in repeats), 4)
+                                           for k in ("p50_ratio", "p50_added_ms", "p95_added_ms", "throughput_ratio")}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +498,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         profile = profile.model_copy(update={"attn_implementation": args.attn})
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunepipe-bench-serving-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    base = str(Path(args.base).resolve()) if args.base else make_base(workdir)
+    engines = ["embedded", "vllm"] if args.engine == "both" else [args.engine]
+    base = str(Path(args.base).resolve()) if args.base else make_base(workdir, "vllm" if "vllm" in engines else "embedded")
     allowed = workdir / "adapters"
     names = [f"adapter-{i}" for i in range(max(max(args.adapters), 2))]  # at least two: hot-load needs a spare
     started = time.perf_counter()
@@ -456,27 +514,47 @@ def main(argv: list[str]) -> dict[str, Any]:
         "batch_window_ms": serve_config(base, {}, args, allowed).batch_window_ms,
         "engine": args.engine,
     }
-    if args.engine == "vllm":  # the embedded batcher's settings do not apply; vLLM's command line does
+    if "vllm" in engines:  # vLLM's command line (the embedded batcher's settings apply to the embedded side only)
         from tunepipe.tasks.serving.settings import resolve_serve_config
         from tunepipe.tasks.serving.vllm import vllm_command
 
-        del result["setup"]["max_batch_size"], result["setup"]["batch_window_ms"]
         example = resolve_serve_config(vllm_config(base, {names[0]: adapters[names[0]]}, args, allowed), profile)
         result["setup"]["vllm_command"] = vllm_command(example)
 
     limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
+    runs = {}
     with httpx.Client(timeout=600, limits=limits, trust_env=False) as client:
-        measure = vllm_throughput if args.engine == "vllm" else embedded_throughput
-        result["throughput"] = overhead = measure(client, base, adapters, names, allowed, args, profile, workdir)
-        if not args.no_hot_load:
-            result["hot_load"] = measure_hot_load(client, base, adapters, allowed, args, profile, workdir)
-    result["summary"] = {
-        "adapter_overhead_ratio": {str(run["adapters"]): run["median"]["ratio"] for run in overhead},
-        "adapter_overhead_tokens_ratio": {str(run["adapters"]): run["median"]["tokens_ratio"] for run in overhead},
-        **({"hot_load_ratio": result["hot_load"]["median"]["ratio"], "hot_load_target": HOT_LOAD_TARGET,
-            "hot_load_target_met": result["hot_load"]["target_met"]} if "hot_load" in result else {}),
-    }
+        for engine in engines:
+            measure = vllm_throughput if engine == "vllm" else embedded_throughput
+            run = {"throughput": measure(client, base, adapters, names, allowed, args, profile, workdir)}
+            if not args.no_hot_load:
+                run["hot_load"] = measure_hot_load(client, base, adapters, allowed, args, profile, workdir, engine)
+            runs[engine] = run
+    if len(engines) == 1:
+        result.update(runs[engines[0]])
+    else:
+        result["engines"] = runs
+    result["summary"] = {engine: summary(run) for engine, run in runs.items()} if len(engines) > 1 else summary(runs[engines[0]])
     return result
+
+
+def summary(run: dict[str, Any]) -> dict[str, Any]:
+    overhead = run["throughput"]
+    out = {
+        "adapter_overhead_ratio": {str(r["adapters"]): r["median"]["ratio"] for r in overhead},
+        "adapter_overhead_tokens_ratio": {str(r["adapters"]): r["median"]["tokens_ratio"] for r in overhead},
+        "requests_per_s": {"base": overhead[0]["median"]["base"]["requests_per_s"],
+                           **{str(r["adapters"]): r["median"]["adapters"]["requests_per_s"] for r in overhead}},
+        "p50_s": {"base": overhead[0]["median"]["base"]["p50_s"], **{str(r["adapters"]): r["median"]["adapters"]["p50_s"] for r in overhead}},
+        "p95_s": {"base": overhead[0]["median"]["base"]["p95_s"], **{str(r["adapters"]): r["median"]["adapters"]["p95_s"] for r in overhead}},
+    }
+    if "front" in overhead[0]:
+        out["front"] = overhead[0]["front"]["median"]
+    if "hot_load" in run:
+        out.update({"hot_load_ratio": run["hot_load"]["median"]["ratio"], "hot_load_target": HOT_LOAD_TARGET,
+                    "hot_load_target_met": run["hot_load"]["target_met"], "hot_load_s": run["hot_load"]["median"]["load_s"],
+                    "reload_s": run["hot_load"]["median"]["reload_s"]})
+    return out
 
 
 if __name__ == "__main__":

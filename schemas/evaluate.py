@@ -79,7 +79,9 @@ class GenerationSettings(StrictModel):
 
 
 class LmEvalSettings(StrictModel):
-    """lm-evaluation-harness: the test split as local generate_until tasks, plus named tasks."""
+    """lm-evaluation-harness: the test split as local generate_until tasks, plus named tasks. With
+    generation.backend endpoint, lm-eval runs through its OpenAI-compatible completions backend
+    against the served models (prompts as token ids from each model's own tokenizer)."""
 
     enabled: bool = Field(default=True, description="Run lm-eval on the candidate and the baseline.")
     tasks: list[str] = Field(
@@ -306,11 +308,6 @@ class EvaluateConfig(StrictModel):
             raise ValueError(f"regression.tasks {overlap} are also evaluated as trained tasks: a forgetting check needs tasks not trained on")
         if self.candidate == self.baseline and self.candidate != "auto":
             raise ValueError(f"candidate and baseline are both {self.candidate!r}: compare two different models")
-        if self.lm_eval.enabled and self.generation.backend == "endpoint":
-            raise ValueError(
-                "lm_eval runs on the models in this process, but generation.backend is endpoint: set lm_eval.enabled: false "
-                "(lm-eval against a served model is not offered yet)"
-            )
         if self.regression.lm_eval_tasks and not self.lm_eval.enabled:
             raise ValueError("regression.lm_eval_tasks needs lm_eval.enabled: true")
         return self

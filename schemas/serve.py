@@ -1,8 +1,9 @@
 """The `serve:` section and `tunepipe serve`: one base model, many LoRA adapters, OpenAI-compatible HTTP.
 
 Two engines answer the same API: `embedded` (transformers + peft in this process, for CPU hosts,
-tests and small deployments) and `vllm` (a `vllm serve` process started from its own environment:
-vLLM cannot share ours). Settings that depend on the hardware (engine choice, vLLM interpreter,
+tests and small deployments) and `vllm` (vLLM's OpenAI server started from its own environment,
+which `tunepipe vllm-env` builds: vLLM cannot share ours; behind tunepipe's front, which confines
+runtime loads, versions adapter names and runs the A/B router). Settings that depend on the hardware (engine choice, vLLM interpreter,
 max-loras, max-lora-rank, GPU memory share) default to the environment profile's `serving:`
 block; a field set here overrides it. Flags of `tunepipe serve` are named as vLLM names them.
 """
@@ -23,8 +24,8 @@ class VLLMOptions(StrictModel):
 
     python: str | None = Field(
         default=None,
-        description="Interpreter of vLLM's own environment; runs `python -m vllm.entrypoints.cli.main serve`. "
-        "Default: the profile's serving.vllm_python.",
+        description="Interpreter of vLLM's own environment; runs `python -m vllm.entrypoints.openai.api_server`. "
+        "Default: the profile's serving.vllm_python, else the managed environment its serving.vllm_env names.",
     )
     executable: str | None = Field(
         default=None, description="A `vllm` executable to run as `vllm serve ...` (instead of python or image)."
@@ -46,7 +47,12 @@ class VLLMOptions(StrictModel):
     )
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM --tensor-parallel-size; default: the profile's.")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="vLLM --max-cpu-loras; default: the profile's.")
-    max_model_len: int | None = Field(default=None, ge=1, description="vLLM --max-model-len; default: vLLM's (the model's).")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="vLLM --max-model-len; default: the profile's serving.vllm_max_model_len, else the model's."
+    )
+    cpu_kvcache_gb: float | None = Field(
+        default=None, gt=0, description="KV-cache GiB of a CPU vLLM (VLLM_CPU_KVCACHE_SPACE); default: the profile's."
+    )
     extra_args: list[str] = Field(default_factory=list, description="Further `vllm serve` arguments, appended verbatim.")
     health_timeout_s: float = Field(
         default=900.0, gt=0, description="Seconds to wait for vLLM's /health after starting (model load and CUDA graphs)."

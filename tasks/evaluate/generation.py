@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -274,6 +275,27 @@ class EndpointGenerator:
                 raise StageFailed(f"evaluate: {self.endpoint.url} answered {len(texts)} completions for {len(batch)} prompts")
             out.extend(texts[i].strip() for i in range(len(batch)))
         return out
+
+    @contextlib.contextmanager
+    def active(self, spec: ModelSpec) -> Iterator[ModelSpec]:
+        """Nothing to switch: the server holds every model; lm-eval talks to it (see lm_eval_model)."""
+        yield spec
+
+    def tokenizer(self, spec: ModelSpec) -> str:
+        return spec.tokenizer
+
+    def lm_eval_model(self, spec: ModelSpec, batch_size: int) -> Any:
+        """lm-eval's OpenAI-compatible completions backend on the served model. Prompts travel as token ids from
+        the spec's own tokenizer (no special tokens added: the rendered prompt holds them), as the HF path reads them."""
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        key = os.environ.get(self.endpoint.api_key_env) if self.endpoint.api_key_env else None
+        return LocalCompletionsAPI(
+            model=spec.served_name, base_url=f"{self.endpoint.url}/completions", tokenizer_backend="huggingface",
+            tokenizer=spec.tokenizer, tokenized_requests=True, add_bos_token=False, batch_size=batch_size,
+            num_concurrent=1, max_retries=self.endpoint.max_retries + 1, timeout=int(self.endpoint.timeout_s),
+            max_gen_toks=self.max_new_tokens, **({"auth_token": key} if key else {}),
+        )
 
 
 def completion_request(model: str | None, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:

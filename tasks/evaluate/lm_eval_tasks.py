@@ -111,11 +111,13 @@ def run_lm_eval(
     batch_size: int,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """{"results": {task: {metric: value}}, "samples": {task: [{doc, prediction, exact_match?}]}}."""
+    """{"results": {task: {metric: value}}, "samples": {task: [{doc, prediction, exact_match?}]}}. `model` is a
+    model object (run through HFLM) or an lm-eval model already (a served model's API backend)."""
     from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
+    lm = model if isinstance(model, LM) else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
     try:
         out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=True)
     except Exception as exc:  # lm-eval raises many kinds; the dataset of a hub task being unreachable is the usual one

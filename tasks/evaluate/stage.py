@@ -276,6 +276,8 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
         for side, spec in (("candidate", run.candidate_spec), ("baseline", run.baseline_spec)):
             for lm_task, limit in jobs:
                 with generator.active(spec) as model:
+                    if hasattr(generator, "lm_eval_model"):  # a served model: lm-eval's OpenAI-compatible backend
+                        model = generator.lm_eval_model(spec, settings.batch_size)
                     out = run_lm_eval(model, generator.tokenizer(spec), [lm_task], manager, batch_size=settings.batch_size, limit=limit)
                 for name, values in out["results"].items():
                     figures.setdefault(name, {})[side] = values

@@ -350,16 +350,20 @@ class MultiLoraEngine:
 
 def _held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` not yet safe to send: a possible start of a stop string, or
-    an incomplete UTF-8 character (the byte-level decoder shows it as U+FFFD until it completes)."""
+    an incomplete UTF-8 character (the byte-level decoder shows its bytes as U+FFFD until it completes)."""
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:k]):
                 hold = max(hold, k)
                 break
-    if text.endswith("\ufffd"):
-        hold = max(hold, 1)
-    return hold
+    return max(hold, len(text) - len(text.rstrip("\ufffd")))
+
+
+def _finished_text(text: str) -> str:
+    """A finished answer without the U+FFFD of a character its last tokens left incomplete (max_tokens cut it):
+    vLLM's detokenizer never emits those bytes either, so both engines answer the same text."""
+    return text.rstrip("\ufffd")
 
 
 class RowTracker(StoppingCriteria):
@@ -395,6 +399,8 @@ class RowTracker(StoppingCriteria):
                 row.finish_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.finish_reason = "length"
+        if row.finished:
+            row.text = _finished_text(row.text)
         end = len(row.text) if row.finished else len(row.text) - _held_back(row.text, row.stop)
         if end > row.sent:
             row.emit(("delta", row.text[row.sent:end]))
@@ -407,6 +413,7 @@ class RowTracker(StoppingCriteria):
         for row in self.rows:
             if not row.finished:
                 row.finish_reason = "length"
+                row.text = _finished_text(row.text)
                 if len(row.text) > row.sent:
                     row.emit(("delta", row.text[row.sent:]))
                     row.sent = len(row.text)

