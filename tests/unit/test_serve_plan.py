@@ -142,7 +142,7 @@ def test_router_splits_by_weight_sticks_to_users_and_logs_each_request(tmp_path)
 def test_api_key_is_a_reference_in_configs_and_the_cli_flag_keeps_working(monkeypatch):
     import argparse
 
-    from tunepipe.flows.cli.serve import CLI_API_KEY_ENV, _overrides
+    from tunepipe.flows.cli.serve import CLI_API_KEY_ENV, _overrides, add_parsers
 
     with pytest.raises(ValueError, match="literal credential"):
         ServeConfig(api_key="plain-key")
@@ -151,7 +151,8 @@ def test_api_key_is_a_reference_in_configs_and_the_cli_flag_keeps_working(monkey
     with pytest.raises(ServePlanError, match="api_key: the environment variable UNSET_SERVE_KEY is not set"):
         api_key(ServeConfig(api_key="${UNSET_SERVE_KEY}"))
     monkeypatch.delenv(CLI_API_KEY_ENV, raising=False)
-    flags = dict.fromkeys(["base", "engine", "host", "port", "api_key_env", "max_loras", "max_lora_rank", "served_model_name",
-                           "lora_modules", "allowed_adapter_dir", "router", "router_log", "vllm_python", "vllm_executable", "vllm_image"])
-    fields = _overrides(argparse.Namespace(**flags, api_key="cli-key-456"), "/tmp")
+    # The flags as the real parser leaves them, with only --api-key given.
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    fields = _overrides(parser.parse_args(["serve", "--api-key", "cli-key-456"]), "/tmp")
     assert fields == {"api_key": "${TUNEPIPE_SERVE_API_KEY}"} and api_key(ServeConfig(**fields)) == "cli-key-456"
