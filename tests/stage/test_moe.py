@@ -112,7 +112,7 @@ def test_dpo_on_the_moe_policy(moe):
     assert run["step_metrics"]["router_aux_loss"][0]["value"] > 1.0
 
 
-def test_export_says_whether_vllm_serves_it_and_the_embedded_server_answers(moe):
+def test_export_says_whether_vllm_serves_it_and_the_embedded_server_answers(moe, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tunepipe.schemas.serve import ServeConfig
@@ -140,8 +140,9 @@ def test_export_says_whether_vllm_serves_it_and_the_embedded_server_answers(moe)
     offline = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(moe["model"])), adapter).eval()
     with torch.no_grad():
         expected = tokenizer.decode(offline.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+    monkeypatch.setenv("MOE_TEST_SERVE_KEY", "k")  # keys are given by environment variable, never literally
     config = ServeConfig(base=str(moe["model"]), served_model_name="moe", lora_modules={"tuned": adapter}, engine="embedded",
-                         api_key="k", allowed_adapter_dirs=[str(Path(ref.path))], max_lora_rank=8, max_tokens_limit=16)
+                         api_key="${MOE_TEST_SERVE_KEY}", allowed_adapter_dirs=[str(Path(ref.path))], max_lora_rank=8, max_tokens_limit=16)
     with ServerThread(build_app(resolve_serve_config(config, cpu_profile()), cpu_profile())) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=60)
         reply = client.chat.completions.create(model="tuned", messages=messages, max_tokens=6)
