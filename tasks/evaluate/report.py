@@ -161,15 +161,18 @@ def plot_ab(metrics: dict[str, Any], path: Path) -> None:
     left.set_title(f"A/B per task ({ab['judge']} judge)")
     left.legend()
     win = ab["win_rate"]
-    if win["win_rate"] is not None:
-        low = win["ci_low"] if win["ci_low"] is not None else win["win_rate"]
-        high = win["ci_high"] if win["ci_high"] is not None else win["win_rate"]
-        right.errorbar([0], [win["win_rate"]], yerr=[[win["win_rate"] - low], [high - win["win_rate"]]], fmt="o", capsize=6)
+    # The interval is on the share of decisive pairs won (ties carry no evidence), so that share is
+    # the point it brackets; the tie-as-half win rate can lie outside it.
+    point = win.get("decisive_win_rate")
+    if point is not None:
+        low = win["ci_low"] if win["ci_low"] is not None else point
+        high = win["ci_high"] if win["ci_high"] is not None else point
+        right.errorbar([0], [point], yerr=[[point - low], [high - point]], fmt="o", capsize=6)
     right.axhline(0.5, color="#999999", linestyle="--", linewidth=1)
     right.set_xlim(-1, 1)
     right.set_xticks([])
     right.set_ylim(0, 1)
-    right.set_title("win rate")
+    right.set_title("win rate (decisive pairs)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

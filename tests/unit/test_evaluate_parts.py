@@ -177,3 +177,16 @@ def test_gate_promotes_a_clearly_better_candidate_with_its_evidence():
     assert passed is True
     assert reason == ("PASS win rate lower bound 0.708 > 0.5 (wins among 22 decisive pairs 0.909, exact 95% CI [0.708, 0.989]; "
                       "win rate 0.781; 20 wins / 10 ties / 2 losses by rule, n=32)")
+
+
+def test_ab_plot_brackets_the_decisive_win_rate_with_its_interval(tmp_path):
+    """10 wins, 30 ties, 0 losses: the tie-as-half win rate (0.625) lies below the exact interval of
+    the decisive share ([0.69, 1.0]); the plot draws the share the interval is for."""
+    from tunepipe.tasks.evaluate.report import plot_ab
+    from tunepipe.tasks.evaluate.stats import win_rate
+
+    win = win_rate(["win"] * 10 + ["tie"] * 30)
+    assert win["win_rate"] < win["ci_low"] <= win["decisive_win_rate"] == 1.0
+    ab = {"judge": "rule", "win_rate": win, "per_task": {"t": {"wins": 10, "ties": 30, "losses": 0}}}
+    plot_ab({"ab": ab}, tmp_path / "ab.png")
+    assert (tmp_path / "ab.png").read_bytes()[:4] == b"\x89PNG"
