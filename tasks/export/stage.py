@@ -213,9 +213,14 @@ def run_tokenizer(source: Source, run: str) -> Any:
 
 
 def generation_config_for(model: Any, tokenizer: Any) -> Any:
-    """The model's generation config with the tokenizer's special tokens (so generation stops at end of turn)."""
+    """The model's generation config with the tokenizer's special tokens. eos_token_id keeps the
+    base's list and adds the tokenizer's eos and the template's end-of-turn token, so generation
+    from the merged model stops at the end of a turn (Gemma's `<end_of_turn>` is not its eos)."""
+    from tunepipe.tasks.training.encoding import stop_token_ids
+
     config = model.generation_config
-    config.eos_token_id = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, config)
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
     config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         config.bos_token_id = tokenizer.bos_token_id

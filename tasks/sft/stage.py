@@ -164,6 +164,7 @@ class SFTStage(TrainingStage):
             "planned_memory_gb": plan["memory"]["total_gb"],
             "loss_history": {run: m["loss_history"] for run, m in metrics_by_run.items()},
             "heldout": heldout,
+            "checks": {run: m.get("checks", {}) for run, m in metrics_by_run.items()},
         }
         truncated_note = (
             f" {metrics['truncated']} example(s) were longer than max_length {config.max_length} and were cut."
