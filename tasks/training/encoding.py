@@ -148,28 +148,40 @@ def encode_conversation(
     """Token ids and labels of one conversation (labels -100 outside assistant turns).
 
     Usually one row. A template that renders an earlier assistant turn differently once later
-    turns exist (Qwen3 drops past reasoning, Mistral moves the system message to the last user
-    turn, Phi-3 ends a conversation with eos) gives one row per assistant turn instead: the
-    conversation up to that turn, rendered as the server renders it when that turn is asked
-    for, with loss on that turn only. The last turn must render stably, else the assistant's
-    tokens cannot be located at all and the conversation is refused.
+    turns exist (Qwen3 drops past reasoning, Phi-3 ends a conversation with eos) gives one row per
+    assistant turn instead: the conversation up to that turn, rendered as the server renders it
+    when that turn is asked for, with loss on that turn only. A template whose rendering of the
+    prompt before the last answer is not the prompt it serves (Mistral v0.3 shows the system
+    message only while a user turn is last) cannot be trained to match serving: refused.
     """
     text = render_messages(tokenizer, template, messages, False)
     spans, unstable = _turn_spans(tokenizer, template, messages, text)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if last in unstable:
+        roles = ", ".join(m["role"] for m in messages)
         raise StageFailed(
-            f"the {model_family(tokenizer)} chat template does not render a conversation's prefix as a prefix of the "
-            "whole, so the assistant's tokens cannot be located: use another chat_template"
+            f"the {model_family(tokenizer)} chat template renders the conversation before the last answer (roles [{roles}]) "
+            "differently from the prompt it serves for it (it moves or drops a message, e.g. a system message it only shows "
+            "in the last user turn), so training would not see what serving sends: drop the system message or use another "
+            "chat_template"
         )
-    if unstable:
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        rows = []
-        for i in turns:
-            rows += encode_conversation(
-                tokenizer, template, messages[: i + 1], max_length=max_length, train_on_inputs=train_on_inputs
-            )[-1:]
-        return rows
+    if not unstable:
+        return [_encode(tokenizer, text, spans, messages, max_length=max_length, train_on_inputs=train_on_inputs)]
+    rows = []
+    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+        prefix = messages[: i + 1]
+        prefix_text = render_messages(tokenizer, template, prefix, False)
+        prefix_spans, prefix_unstable = _turn_spans(tokenizer, template, prefix, prefix_text)
+        if i in prefix_unstable:
+            return encode_conversation(tokenizer, template, prefix, max_length=max_length, train_on_inputs=train_on_inputs)  # raises
+        rows.append(_encode(tokenizer, prefix_text, prefix_spans[-1:], prefix, max_length=max_length, train_on_inputs=train_on_inputs))
+    return rows
+
+
+def _encode(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], messages: list[dict[str, str]], *, max_length: int | None,
+    train_on_inputs: bool,
+) -> Encoded:
     enc = encode_text(tokenizer, text, offsets=True)
     ids = list(enc["input_ids"])
     if train_on_inputs:
@@ -182,7 +194,7 @@ def encode_conversation(
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return [Encoded(ids, labels, truncated, messages)]
+    return Encoded(ids, labels, truncated, messages)
 
 
 def end_of_turn_token(tokenizer: Any, template: str) -> int | None:

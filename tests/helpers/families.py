@@ -183,14 +183,17 @@ class Family:
 
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 512}
+        "num_key_value_heads": 2, "max_position_embeddings": 512,
+        # Larger than the published 0.02: random tied embeddings that small give near-uniform logits a
+        # rank-8 adapter cannot sharpen in a few steps (real checkpoints have trained, larger embeddings).
+        "initializer_range": 0.1}
 
 
 def _llama3(ids, vocab):
     from transformers import LlamaConfig
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 256}  # 8192 published; below the tiny context
     return LlamaConfig(vocab_size=vocab, rope_parameters=rope, tie_word_embeddings=False, rms_norm_eps=1e-5, **TINY, **ids)
 
 
@@ -254,8 +257,8 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(
         "mistral", MISTRAL_V03_TEMPLATE, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
         bos="<s>", eos="</s>", pad=None, unk="<unk>", end_of_turn="</s>",
-        generation_eos=["</s>"], adds_bos=True, config=_mistral, rewrites_history=True,
-        notes=["system message folded into the last user turn", "no pad token (unk chosen)"],
+        generation_eos=["</s>"], adds_bos=True, config=_mistral, system_ok=False,
+        notes=["shows a system message only in the last user turn (refused in training data)", "no pad token (unk chosen)"],
     ),
     "gemma2": Family(
         "gemma2", GEMMA2_TEMPLATE, ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
