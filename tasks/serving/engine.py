@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from transformers import StoppingCriteria
-from tunepipe.tasks.training.encoding import encode_text, render_messages, stop_token_ids
+from tunepipe.tasks.training.encoding import TemplateRefused, encode_text, render_messages, stop_token_ids
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # Unloaded adapters' slots kept for reuse. Loading into a new slot is peft's module injection,
@@ -220,7 +220,10 @@ class MultiLoraEngine:
         if not self.tokenizer.chat_template:
             raise ValueError(f"the model {self.base} has no chat template: use /v1/completions")
         # Rendered and tokenized exactly as the training stages render a prompt (the template owns BOS).
-        text = render_messages(self.tokenizer, self.tokenizer.chat_template, messages, True)
+        try:
+            text = render_messages(self.tokenizer, self.tokenizer.chat_template, messages, True)
+        except TemplateRefused as exc:  # e.g. a system message to Gemma: the client's error (400), not ours
+            raise ValueError(str(exc)) from None
         return list(encode_text(self.tokenizer, text)["input_ids"])
 
     # ---------------------------------------------------------------- generation

@@ -194,9 +194,10 @@ def test_sft_checks_and_plan_counts(run):
 
 def test_dpo_evaluate_and_export_ran_with_their_checks(run):
     align = _metrics(run["align"])
-    assert align["global_step"]["all"] == 2 if isinstance(align.get("global_step"), dict) else True
+    assert align["global_step"] == {"all": 2}
+    assert align["checks"]["all"]["steps"]["passed"] and align["checks"]["all"]["loss"]["passed"]
     evaluate = _metrics(run["evaluate"])
-    assert "gate_passed" in evaluate
+    assert isinstance(evaluate["gate_passed"], bool)
     export = _metrics(run["export"])
     check = export["checks"]["merged_matches_adapter"]["all"]
     assert check["passed"] and check["max_logit_difference"] < 1e-3
@@ -257,6 +258,10 @@ def test_system_message_on_a_template_that_refuses_one(run, tmp_path):
     assert run["family"] in message and "sys-1" in message and "system message" in message
     if run["family"] == "gemma2":
         assert "System role not supported" in message  # the template's own reason, not a Jinja traceback
+        from tunepipe.tasks.serving.engine import MultiLoraEngine
+
+        with pytest.raises(ValueError, match="gemma2 chat template refuses"):  # the server answers 400 with this
+            MultiLoraEngine(str(run["model"])).chat_ids([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     # the stage fails the same way, before any training
     data = tmp_path / "data"
     data.mkdir()
