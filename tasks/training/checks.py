@@ -124,8 +124,13 @@ def prompt_batches(tokenizer: Any, prompts: list[str], device: Any, batch_size: 
     return out
 
 
-def adapter_effect_check(peft_model: Any, batches: list[dict[str, Any]], min_difference: float = 1e-6) -> dict[str, Any]:
-    """Base (adapter disabled) against base + adapter on held-out prompts: they must differ."""
+def adapter_effect_check(peft_model: Any, batches: list[dict[str, Any]], min_difference: float = 0.0) -> dict[str, Any]:
+    """Base (adapter disabled) against base + adapter on held-out prompts: they must differ.
+
+    Any difference passes: an adapter that was never applied, or whose up-projection is still
+    zero, adds exact zeros, so its logits equal the base's bit for bit. A deliberately tiny
+    update (learning rate 1e-9) still differs (~3e-7) and is not this check's business.
+    """
     import torch
 
     worst = 0.0
