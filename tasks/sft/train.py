@@ -166,7 +166,8 @@ def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConf
     return checks_.require(
         "adapter_effect", result,
         f"the saved adapter does not change the model's output on {result['prompts']} held-out prompts "
-        f"(largest logit difference {result['max_logit_difference']:.2e}): it would serve the bare base model",
+        f"(largest logit difference {result['max_logit_difference']:.2e}): it would serve the bare base model. Check the "
+        "learning rate and warmup (a run no longer than its warmup trains at learning rate 0)",
     )
 
 
