@@ -14,6 +14,7 @@ from typing import Any
 
 from tunepipe.schemas.align import PreferencesConfig
 from tunepipe.tasks.align.rewards import RULES
+from tunepipe.tasks.training.encoding import stop_token_ids
 from tunepipe.tasks.training.pairs import render_conversation, render_prompt
 from tunepipe.tasks.training.reward_model import score_texts
 
@@ -28,7 +29,7 @@ def sample_completions(model: Any, tokenizer: Any, prompt: str, settings: Prefer
         out = model.generate(
             **batch, do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0,
             max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.k,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer, model.generation_config),
         )
     return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
 

@@ -14,6 +14,27 @@ from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 
 
+def self_checks(method: str, config: AlignConfig, trainer: Any, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+    """`steps` for the Trainer-based methods; `loss` (finite, moved) for the pairwise ones, whose
+    loss moves from its first step (GRPO/RLOO losses are legitimately 0 while advantages are)."""
+    from tunepipe.tasks.training import checks
+
+    if method == "ppo":
+        return {}
+    requested = int(config.training.max_steps or trainer.state.max_steps)
+    out = {"steps": checks.require(
+        "steps", checks.steps_check(metrics["global_step"], requested),
+        f"align ({method}) ran {metrics['global_step']} optimizer steps of the {requested} requested",
+    )}
+    if method in PAIRWISE_METHODS:
+        loss = checks.loss_check(history, metrics.get("train_loss"))
+        out["loss"] = checks.require(
+            "loss", loss, f"align ({method}): the loss is {'not finite' if not loss['finite'] else 'constant'} "
+            f"(first {loss['first']}, last {loss['last']})",
+        )
+    return out
+
+
 def align_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one policy; returns its metrics (rank 0 also saves the adapter)."""
     from datasets.utils.logging import disable_progress_bar
@@ -81,6 +102,7 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     policy = trainer.policy_model if method.name == "ppo" else trainer.model
     trainable, total = peft_methods.count_parameters(policy)
     metrics = ppo.train_ppo(trainer) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
+    metrics["checks"] = self_checks(method.name, config, trainer, metrics, loss_history(trainer))
     if is_main_process():
         save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
     if judge is not None:

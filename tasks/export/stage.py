@@ -43,6 +43,7 @@ from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.artifacts import read_manifest
 from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training import checks
 
 UNCONVERTED_INITS = ("pissa", "olora", "corda", "eva")  # adapters that only fit their modified base
 COMPRESSOR_TARGETS = ("gptq", "awq")
@@ -281,9 +282,14 @@ def run_tokenizer(source: Source, run: str) -> Any:
 
 
 def generation_config_for(model: Any, tokenizer: Any) -> Any:
-    """The model's generation config with the tokenizer's special tokens (so generation stops at end of turn)."""
+    """The model's generation config with the tokenizer's special tokens. eos_token_id keeps the
+    base's list and adds the tokenizer's eos and the template's end-of-turn token, so generation
+    from the merged model stops at the end of a turn (Gemma's `<end_of_turn>` is not its eos)."""
+    from tunepipe.tasks.training.encoding import stop_token_ids
+
     config = model.generation_config
-    config.eos_token_id = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, config)
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
     config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         config.bos_token_id = tokenizer.bos_token_id
@@ -416,6 +422,28 @@ def task_scores(evals: EvalSet, answers: list[str]) -> dict[str, dict[str, float
     return out
 
 
+def logits_of(model: Any, batches: list[dict[str, Any]]) -> list[Any]:
+    import torch
+
+    with torch.no_grad():
+        return [model(**batch).logits.float().cpu() for batch in batches]
+
+
+# Largest logit difference allowed between merged and base + adapter, by the profile's dtype: a
+# float32 merge rounds W + BA once (about 1e-6 on the tiny families); bf16/fp16 weights round the
+# sum to 8/11 mantissa bits. A merge that lost the adapter differs by the adapter's whole effect.
+MERGE_TOLERANCE = {"float32": 1e-3, "auto": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+
+
+def merged_match(reference: list[Any], merged: list[Any], batches: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The merged model's logits against base + adapter's, on real (unpadded) positions."""
+    worst = 0.0
+    for ref, got, batch in zip(reference, merged, batches):
+        mask = batch["attention_mask"].bool().cpu()
+        worst = max(worst, float((ref - got).abs()[mask].max()))
+    return {"passed": worst <= tolerance, "max_logit_difference": worst, "tolerance": tolerance}
+
+
 def agreement(a: list[str], b: list[str]) -> float:
     return round(sum(x == y for x, y in zip(a, b)) / len(a), 4) if a else 1.0
 
@@ -500,6 +528,7 @@ class ExportStage(Stage):
         written: dict[str, dict[str, str]] = {t: {} for t in targets}
         scores: dict[str, dict[str, Any]] = {}
         merged_agreement: dict[str, float] = {}
+        merged_checks: dict[str, dict[str, Any]] = {}
         for run, run_dir in source.runs.items():
             ctx.logger.info("export: %s", run)
             tokenizer = run_tokenizer(source, run)
@@ -509,6 +538,8 @@ class ExportStage(Stage):
                 written["adapters"][run] = f"adapters/{run}"
             reference = load_reference(source, run, ctx.env)
             reference_answers = answer(reference, tokenizer, evals.prompts, config)
+            batches = checks.prompt_batches(tokenizer, evals.prompts, reference.device)
+            reference_logits = logits_of(reference, batches)
             scores[run] = {"reference": task_scores(evals, reference_answers)}
             model_targets = [t for t in targets if t != "adapters"]
             if not model_targets:
@@ -520,6 +551,11 @@ class ExportStage(Stage):
             merged = load_model(str(merged_dir), dtype=ctx.env.dtype, device_map={"": ctx.env.device}).eval()
             merged_answers = answer(merged, tokenizer, evals.prompts, config)
             merged_agreement[run] = agreement(merged_answers, reference_answers)
+            merged_checks[run] = checks.require(
+                "merged_matches_adapter", merged_match(reference_logits, logits_of(merged, batches), batches, MERGE_TOLERANCE[ctx.env.dtype]),
+                f"export: run {run}: the merged model and base + adapter disagree on the held-out prompts (largest logit "
+                "difference above tolerance): the merge lost or changed the adapter",
+            )
             if "merged" in targets:
                 written["merged"][run] = f"merged/{run}"
                 scores[run]["merged"] = task_scores(evals, merged_answers)
@@ -560,7 +596,8 @@ class ExportStage(Stage):
             "source": f"{source.ref.stage}:{source.ref.key}", "kind": source.kind, "method": source.method,
             "targets": targets, "runs": list(source.runs), "engine": engine, "max_lora_rank": max_rank,
             "data_key": data_ref.key, "reeval": scores, "quantization_delta_exact_match": deltas,
-            "merged_agreement": merged_agreement, "gate_passed": None if gate is None else gate.passed,
+            "merged_agreement": merged_agreement, "checks": {"merged_matches_adapter": merged_checks},
+            "gate_passed": None if gate is None else gate.passed,
             "vllm_lora": vllm_verdicts(source, max_rank),
             "size_mb": {t: round(sum(f.stat().st_size for f in (out / t).rglob("*") if f.is_file()) / 2**20, 3) for t in written},
         }

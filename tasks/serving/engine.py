@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from transformers import StoppingCriteria
+from tunepipe.tasks.training.encoding import TemplateRefused, encode_text, render_messages, stop_token_ids
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # Unloaded adapters' slots kept for reuse. Loading into a new slot is peft's module injection,
@@ -174,10 +175,8 @@ class MultiLoraEngine:
         self._slot_ids = itertools.count()
         self._torch = torch
         self._lock = threading.Lock()  # guards model mutation against a stray second caller
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        # generation_config's eos list, the tokenizer's eos and the chat template's end-of-turn token
+        self.eos_ids = set(stop_token_ids(self.tokenizer, self.model.generation_config))
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
     # ---------------------------------------------------------------- adapters
@@ -255,8 +254,12 @@ class MultiLoraEngine:
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.tokenizer.chat_template:
             raise ValueError(f"the model {self.base} has no chat template: use /v1/completions")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Rendered and tokenized exactly as the training stages render a prompt (the template owns BOS).
+        try:
+            text = render_messages(self.tokenizer, self.tokenizer.chat_template, messages, True)
+        except TemplateRefused as exc:  # e.g. a system message to Gemma: the client's error (400), not ours
+            raise ValueError(str(exc)) from None
+        return list(encode_text(self.tokenizer, text)["input_ids"])
 
     # ---------------------------------------------------------------- generation
 

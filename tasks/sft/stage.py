@@ -170,6 +170,7 @@ class SFTStage(TrainingStage):
             "loss_history": {run: m["loss_history"] for run, m in metrics_by_run.items()},
             "step_metrics": step_metrics,
             "heldout": heldout,
+            "checks": {run: m.get("checks", {}) for run, m in metrics_by_run.items()},
         }
         truncated_note = (
             f" {metrics['truncated']} example(s) were longer than max_length {config.max_length} and were cut."

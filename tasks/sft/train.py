@@ -18,6 +18,7 @@ from typing import Any
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import LoraMethod, SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.training import checks as checks_
 from tunepipe.tasks.training import peft_methods
 from tunepipe.tasks.training.encoding import (
     encode_records,
@@ -123,6 +124,56 @@ def save_result(trainer: Any, tokenizer: Any, method: Any, dest: Path, initial_a
     tmp.rename(dest)
 
 
+def requested_steps(trainer: Any, config: SFTConfig) -> int:
+    """The optimizer steps asked for: `max_steps`, else what the Trainer derived from the epochs."""
+    return int(config.training.max_steps or trainer.state.max_steps)
+
+
+def check_prompts(job: dict[str, Any], config: SFTConfig, tokenizer: Any, limit: int = 8) -> list[str]:
+    """Held-out prompts for the adapter check: the test split's (else validation's, else train's) prompts."""
+    from tunepipe.tasks.training.generation import prompts_and_references
+
+    wanted = set(job["tasks"]) if job.get("tasks") else None
+    for split in ("test", "validation", "train"):
+        records = [r for r in read_split(job["data_dir"], split) if wanted is None or str(r.get("task") or "default") in wanted]
+        if records:
+            return prompts_and_references(records[:limit], tokenizer, tokenizer.chat_template, config.system_prompt)[0]
+    return []
+
+
+def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, dest: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """The saved adapter, loaded back beside the trained one, must change the base's output on
+    held-out prompts: an adapter that is empty, was never trained or was saved without its weights
+    would be served as the bare base model."""
+    model = trainer.model
+    if not config.method.is_peft or config.method.is_prompt_learning:
+        return {"passed": True, "skipped": f"{config.method.name}: no LoRA-style adapter to reload"}
+    prompts = check_prompts(job, config, prepared["tokenizer"])
+    batches = checks_.prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        if config.method.name in ("lora", "qlora"):  # what serving loads: the saved files, beside the trained adapter
+            active = model.active_adapter
+            model.load_adapter(str(dest), adapter_name="saved-check")
+            model.set_adapter("saved-check")
+            try:
+                result = checks_.adapter_effect_check(model, batches)
+            finally:
+                model.set_adapter(active)
+                model.delete_adapter("saved-check")
+        else:  # AdaLoRA and IA3 take one adapter at a time: the trained one, in memory
+            result = checks_.adapter_effect_check(model, batches)
+    finally:
+        model.train(was_training)
+    return checks_.require(
+        "adapter_effect", result,
+        f"the saved adapter does not change the model's output on {result['prompts']} held-out prompts "
+        f"(largest logit difference {result['max_logit_difference']:.2e}): it would serve the bare base model. Check the "
+        "learning rate and warmup (a run no longer than its warmup trains at learning rate 0)",
+    )
+
+
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one SFT job to completion; returns its metrics (rank 0 also saves the result)."""
     trainer, prepared = sft_trainer(job)
@@ -130,11 +181,25 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     trainable, total = peft_methods.count_parameters(trainer.model)
     log.info("sft %s: %d examples, %d trainable of %d parameters", config.method.name, len(prepared["train_rows"]), trainable, total)
     metrics = fit(trainer, job["checkpoint_dir"])
+    checks = {
+        "label_mask": {"passed": True, "rows": len(prepared["train_rows"])},  # checked row by row while encoding
+        "steps": checks_.require(
+            "steps", checks_.steps_check(metrics["global_step"], requested_steps(trainer, config)),
+            f"the trainer ran {metrics['global_step']} optimizer steps of the {requested_steps(trainer, config)} requested",
+        ),
+    }
+    history = loss_history(trainer)
+    loss = checks_.loss_check(history, metrics["train_loss"])
+    checks["loss"] = checks_.require(
+        "loss", loss, f"the training loss is {'not finite' if not loss['finite'] else 'constant'} "
+        f"(first {loss['first']}, last {loss['last']}): nothing was learned",
+    )
     metrics.update(evaluate(trainer))
     dest = Path(job["output_dir"]) / job["save_to"]
     if is_main_process():
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_result(trainer, prepared["tokenizer"], config.method, dest, prepared["initial_adapter"])
+        checks["adapter_effect"] = saved_adapter_effect(trainer, prepared, config, dest, job)
     metrics.update(
         {
             "trainable_parameters": trainable,
@@ -143,7 +208,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             "train_examples": len(prepared["train_rows"]),
             "truncated": prepared["train_stats"].truncated,
             "data": {"train": prepared["train_stats"].as_dict(), "validation": prepared["eval_stats"].as_dict()},
-            "loss_history": loss_history(trainer),
+            "loss_history": history,
+            "checks": checks,
             "step_metrics": step_history(trainer.state.log_history, ROUTER_STEP_METRICS),
             # The load-balancing loss weight training ran with (MoE models; 0: off).
             "router_aux_loss_coef": trainer.args.router_aux_loss_coef if getattr(trainer, "aux_loss_enabled", False) else 0.0,

@@ -72,32 +72,117 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    messages: list[dict[str, str]] = field(default_factory=list)  # the conversation this row renders
+
+
+def model_family(tokenizer: Any) -> str:
+    """The model family a tokenizer belongs to, for messages: `model_type` from the config.json next
+    to it (e.g. `gemma2`), else the tokenizer's directory or hub name."""
+    import json
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    config = Path(name) / "config.json"
+    if name and config.is_file():
+        try:
+            return str(json.loads(config.read_text()).get("model_type") or name)
+        except ValueError:
+            pass
+    return name or type(tokenizer).__name__
+
+
+class TemplateRefused(StageFailed):
+    """The chat template raised on a conversation (a role it does not take, roles out of order)."""
 
 
 def render_messages(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    """The template's text for a conversation. A template that refuses the conversation (Gemma
+    takes no system message; Mistral and Gemma need user/assistant alternation) becomes a
+    `TemplateRefused` naming the family and the template's own reason, not a Jinja traceback."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateError as exc:
+        roles = ", ".join(m["role"] for m in messages)
+        hint = (
+            " (drop the system message: leave sft.system_prompt unset and remove `system` from the data, or pick "
+            "another chat_template)" if any(m["role"] == "system" for m in messages) and "system" in str(exc).lower() else ""
+        )
+        raise TemplateRefused(
+            f"the {model_family(tokenizer)} chat template refuses a conversation with roles [{roles}]: {exc}{hint}"
+        ) from None
 
 
-def encode_conversation(
-    tokenizer: Any, template: str, messages: list[dict[str, str]], *, max_length: int | None, train_on_inputs: bool
-) -> Encoded:
-    """Token ids and labels of one conversation (labels -100 outside assistant turns)."""
-    text = render_messages(tokenizer, template, messages, False)
+def encode_text(tokenizer: Any, text: str, *, offsets: bool = False) -> Any:
+    """Token ids of rendered chat text, as every stage and the server tokenize it.
+
+    The template owns the special tokens: a template that emits BOS has it in the text, so the
+    tokenizer must not add another (the double-BOS of Llama 3 and Gemma checkpoints). This is what
+    `apply_chat_template(tokenize=True)` and vLLM's chat endpoint do: `add_special_tokens=False`.
+    """
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+
+
+def _turn_spans(tokenizer: Any, template: str, messages: list[dict[str, str]], text: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """Character spans of the assistant turns whose rendering is a prefix of the whole `text`,
+    and the indices of those whose is not (the template rewrites them once later turns exist)."""
     spans: list[tuple[int, int]] = []
+    unstable: list[int] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = render_messages(tokenizer, template, messages[:i], True) if i else ""
         upto = render_messages(tokenizer, template, messages[: i + 1], False)
-        if not (text.startswith(upto) and upto.startswith(before)):
-            raise StageFailed(
-                "the chat template does not render a conversation's prefix as a prefix of the whole, so the "
-                "assistant's tokens cannot be located: use another chat_template"
-            )
-        spans.append((len(before), len(upto)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if text.startswith(upto) and upto.startswith(before):
+            spans.append((len(before), len(upto)))
+        else:
+            unstable.append(i)
+    return spans, unstable
+
+
+def encode_conversation(
+    tokenizer: Any, template: str, messages: list[dict[str, str]], *, max_length: int | None, train_on_inputs: bool
+) -> list[Encoded]:
+    """Token ids and labels of one conversation (labels -100 outside assistant turns).
+
+    Usually one row. A template that renders an earlier assistant turn differently once later
+    turns exist (Qwen3 drops past reasoning, Phi-3 ends a conversation with eos) gives one row per
+    assistant turn instead: the conversation up to that turn, rendered as the server renders it
+    when that turn is asked for, with loss on that turn only. A template whose rendering of the
+    prompt before the last answer is not the prompt it serves (Mistral v0.3 shows the system
+    message only while a user turn is last) cannot be trained to match serving: refused.
+    """
+    text = render_messages(tokenizer, template, messages, False)
+    spans, unstable = _turn_spans(tokenizer, template, messages, text)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last in unstable:
+        roles = ", ".join(m["role"] for m in messages)
+        raise StageFailed(
+            f"the {model_family(tokenizer)} chat template renders the conversation before the last answer (roles [{roles}]) "
+            "differently from the prompt it serves for it (it moves or drops a message, e.g. a system message it only shows "
+            "in the last user turn), so training would not see what serving sends: drop the system message or use another "
+            "chat_template"
+        )
+    if not unstable:
+        return [_encode(tokenizer, text, spans, messages, max_length=max_length, train_on_inputs=train_on_inputs)]
+    rows = []
+    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+        prefix = messages[: i + 1]
+        prefix_text = render_messages(tokenizer, template, prefix, False)
+        prefix_spans, prefix_unstable = _turn_spans(tokenizer, template, prefix, prefix_text)
+        if i in prefix_unstable:
+            return encode_conversation(tokenizer, template, prefix, max_length=max_length, train_on_inputs=train_on_inputs)  # raises
+        rows.append(_encode(tokenizer, prefix_text, prefix_spans[-1:], prefix, max_length=max_length, train_on_inputs=train_on_inputs))
+    return rows
+
+
+def _encode(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], messages: list[dict[str, str]], *, max_length: int | None,
+    train_on_inputs: bool,
+) -> Encoded:
+    enc = encode_text(tokenizer, text, offsets=True)
     ids = list(enc["input_ids"])
     if train_on_inputs:
         labels = list(ids)
@@ -109,7 +194,40 @@ def encode_conversation(
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, truncated, messages)
+
+
+def end_of_turn_token(tokenizer: Any, template: str) -> int | None:
+    """The token the template puts right after an assistant's answer (`<|eot_id|>`, `<end_of_turn>`,
+    `<|im_end|>`, `<|end|>`, `</s>`): found by rendering a probe conversation, not from a table.
+    None when no special token follows the answer."""
+    probe = "zq"
+    try:
+        text = render_messages(tokenizer, template, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], False)
+    except StageFailed:
+        return None
+    after = text[text.rfind(probe) + len(probe):]
+    special = set(tokenizer.all_special_ids)
+    for token in encode_text(tokenizer, after)["input_ids"]:
+        if token in special:
+            return int(token)
+    return None
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None, template: str | None = None) -> list[int]:
+    """Every token that ends generation: the model's `generation_config.eos_token_id` (a list for
+    Llama 3, Gemma, Phi-3, Qwen), the tokenizer's eos, and the template's end-of-turn token."""
+    ids: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None)
+    for token in (eos if isinstance(eos, list) else [eos]):
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    template = template or getattr(tokenizer, "chat_template", None)
+    if template and (eot := end_of_turn_token(tokenizer, template)) is not None and eot not in ids:
+        ids.append(eot)
+    return ids
 
 
 @dataclass
@@ -121,6 +239,7 @@ class SplitStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_target: int = 0
+    split_turns: int = 0  # conversations split into one row per assistant turn (see encode_conversation)
     tokens: int = 0
     target_tokens: int = 0
     per_task: Counter = field(default_factory=Counter)
@@ -129,7 +248,7 @@ class SplitStats:
         return {
             "examples": self.examples, "kept": self.kept, "truncated": self.truncated,
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
-            "tokens": self.tokens, "target_tokens": self.target_tokens, "per_task": dict(self.per_task),
+            "split_turns": self.split_turns, "tokens": self.tokens, "target_tokens": self.target_tokens, "per_task": dict(self.per_task),
         }
 
 
@@ -149,28 +268,38 @@ def encode_records(
     stats = SplitStats()
     for record in records:
         stats.examples += 1
-        enc = encode_conversation(
-            tokenizer, template, record_messages(record, system_prompt), max_length=max_length, train_on_inputs=train_on_inputs
-        )
-        if enc.truncated:
-            if overlong == "fail":
-                raise StageFailed(
-                    f"{split} record {record.get('id', '?')} is longer than max_length {max_length} tokens "
-                    "(overlong: fail): raise max_length, or set overlong to truncate or drop"
-                )
-            if overlong == "drop":
-                stats.dropped_overlong += 1
+        try:
+            rows = encode_conversation(
+                tokenizer, template, record_messages(record, system_prompt), max_length=max_length, train_on_inputs=train_on_inputs
+            )
+        except StageFailed as exc:
+            raise type(exc)(f"{split} record {record.get('id', '?')}: {exc}") from None
+        stats.split_turns += len(rows) > 1
+        for enc in rows:
+            if enc.truncated:
+                if overlong == "fail":
+                    raise StageFailed(
+                        f"{split} record {record.get('id', '?')} is longer than max_length {max_length} tokens "
+                        "(overlong: fail): raise max_length, or set overlong to truncate or drop"
+                    )
+                if overlong == "drop":
+                    stats.dropped_overlong += 1
+                    continue
+                stats.truncated += 1
+            if not enc.truncated and not train_on_inputs:
+                from tunepipe.tasks.training.checks import label_mask_problem
+
+                if problem := label_mask_problem(tokenizer, template, enc):
+                    raise StageFailed(f"self-check label_mask failed: {split} record {record.get('id', '?')}: {problem}")
+            if all(label == IGNORE for label in enc.labels):
+                stats.dropped_no_target += 1  # truncation cut away the whole answer: no loss to learn from
                 continue
-            stats.truncated += 1
-        if all(label == IGNORE for label in enc.labels):
-            stats.dropped_no_target += 1  # truncation cut away the whole answer: no loss to learn from
-            continue
-        task = str(record.get("task") or "default")
-        by_task.setdefault(task, []).append({"input_ids": enc.input_ids, "labels": enc.labels})
-        stats.kept += 1
-        stats.per_task[task] += 1
-        stats.tokens += len(enc.input_ids)
-        stats.target_tokens += sum(label != IGNORE for label in enc.labels)
+            task = str(record.get("task") or "default")
+            by_task.setdefault(task, []).append({"input_ids": enc.input_ids, "labels": enc.labels})
+            stats.kept += 1
+            stats.per_task[task] += 1
+            stats.tokens += len(enc.input_ids)
+            stats.target_tokens += sum(label != IGNORE for label in enc.labels)
     return by_task, stats
 
 

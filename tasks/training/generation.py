@@ -11,7 +11,9 @@ from typing import Any
 from tunepipe.tasks.training.encoding import (
     read_split,
     record_messages,
+    encode_text,
     render_messages,
+    stop_token_ids,
 )
 
 
@@ -36,7 +38,8 @@ def prompts_and_references(records: list[dict[str, Any]], tokenizer: Any, templa
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions, batched with left padding; the rendered prompt already holds any BOS."""
+    """Greedy completions, batched with left padding; the rendered prompt already holds any BOS.
+    Generation stops on any of the model's stop tokens (eos and the template's end of turn)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -44,15 +47,17 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
         tokenizer.pad_token = tokenizer.eos_token
     answers: list[str] = []
     device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(
                 **batch,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
             )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tunepipe.schemas.base_model import BaseModelConfig
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -22,6 +23,8 @@ from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.tasks.core.fingerprint import content_digest, glob_files
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+log = logging.getLogger("tunepipe.modeling")
 
 _DIGEST_CACHE: dict[tuple, str] = {}
 _DIGEST_LOCK = threading.Lock()
@@ -48,7 +51,7 @@ def load_tokenizer(
 ):
     """`AutoTokenizer.from_pretrained`, plus: an optional chat template override, and a pad token.
 
-    A tokenizer without a pad token gets its eos token as pad (the usual choice for causal LMs).
+    A tokenizer without a pad token gets one (see `choose_pad_token`), and the choice is logged.
     """
     from transformers import AutoTokenizer
 
@@ -56,9 +59,51 @@ def load_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **kwargs)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        choice = choose_pad_token(tokenizer)
+        if choice is not None:
+            token, why = choice
+            log.info("%s has no pad token: using %r (%s)", name, token, why)
+            tokenizer.pad_token = token
     return tokenizer
+
+
+def choose_pad_token(tokenizer: Any) -> tuple[str, str] | None:
+    """(token, why) for a tokenizer without a pad token, or None when it has no candidate.
+
+    A reserved padding token the vocabulary already has (Llama 3.1's `<|finetune_right_pad_id|>`)
+    first, then `unk` (Mistral), then eos. Padding is masked out of attention and labels either
+    way (labels come from the loss mask, never from "not a pad"), so even eos as pad does not stop
+    the model from learning eos; a dedicated token still keeps padded batches readable.
+    """
+    for token in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})):
+        if "pad" in token.lower():
+            return token, "the vocabulary's reserved padding token"
+    if tokenizer.unk_token is not None:
+        return tokenizer.unk_token, "no padding token in the vocabulary; unk never occurs in byte-level or trained text"
+    if tokenizer.eos_token is not None:
+        return tokenizer.eos_token, "no padding or unk token; pad positions are masked, so eos is still learned"
+    return None
+
+
+def attention_for(name_or_path: str, requested: str | None, revision: str | None = None) -> str | None:
+    """The attention kernel to load a model with: the profile's, unless the family needs another.
+
+    Gemma 2's attention logit soft-capping is computed by the eager kernel only (sdpa and flash
+    attention 2 skip it, so a model trained or served with them is not the published model):
+    such a model loads with `eager`, and the override is logged.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError):
+        return requested
+    if getattr(config, "attn_logit_softcapping", None) and requested not in (None, "eager"):
+        log.info("%s: %s uses attention logit soft-capping, which only eager attention computes: loading with eager, not %s",
+                 name_or_path, config.model_type, requested)
+        return "eager"
+    return requested
 
 
 def torch_dtype(dtype: Any):
@@ -127,6 +172,7 @@ def load_model(
     bottleneck.register()
     name = _check_name(name_or_path)
     options: dict[str, Any] = {"revision": revision, "dtype": torch_dtype(dtype), **kwargs}
+    attn_implementation = attention_for(name, attn_implementation, revision)
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
     if (qconfig := quantization_config(quantization)) is not None:

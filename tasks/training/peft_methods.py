@@ -493,6 +493,9 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "seed": training.seed,
         "data_seed": training.seed,
         "logging_steps": training.logging_steps,
+        # Log a NaN/inf loss as it is: the default filter replaces it with the running mean (0.0 on
+        # the first step), which would hide a diverged run from the stages' `loss` self-check.
+        "logging_nan_inf_filter": False,
         "save_strategy": "steps",
         "save_steps": training.save_steps,
         "save_total_limit": training.save_total_limit,

@@ -59,7 +59,8 @@ def test_pretrain_publishes_a_model_sft_can_start_from(assets, tmp_path, method)
     before, after = _weights(assets["model"]), _weights(root)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
-    sft = SFTConfig.model_validate({"method": {"name": "lora", "r": 4}, "max_length": 64, "training": {"max_steps": 1}})
+    # no warmup: a single step at warmup's starting learning rate (0) would train nothing (sft's adapter_effect check)
+    sft = SFTConfig.model_validate({"method": {"name": "lora", "r": 4}, "max_length": 64, "training": {"max_steps": 1, "warmup_ratio": 0.0}})
     sft_ref = run_stage(SFTStage(), sft, {"data": assets["data"], "pretrain": ref}, store, cpu_profile())
     outputs = json.loads((Path(sft_ref.path) / "outputs.json").read_text())
     assert outputs["base_model"] == ref.path

@@ -70,7 +70,8 @@ def test_training_after_zero2_runs_without_deepspeed(tmp_path):
     from tests.helpers.training import cpu_profile
 
     model, data = build_tiny_model(tmp_path / "model"), write_data_artifact(tmp_path / "data")
-    config = SFTConfig.model_validate({"model": str(model), "method": "lora", "max_length": 64, "training": {"max_steps": 1}})
+    config = SFTConfig.model_validate({"model": str(model), "method": "lora", "max_length": 64,
+                                        "training": {"max_steps": 1, "warmup_ratio": 0.0}})  # one warmup step is lr 0: nothing trains
     job = {"config": config.model_dump(mode="json"), "env": cpu_profile().model_dump(mode="json"), "model_path": str(model),
            "data_dir": data.path, "tasks": None, "output_dir": str(tmp_path), "save_to": "out",
            "checkpoint_dir": str(tmp_path / "ckpt")}

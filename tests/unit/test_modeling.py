@@ -38,11 +38,23 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_load_tokenizer_local_sets_pad_and_template(tiny_model_dir):
     tok = modeling.load_tokenizer(tiny_model_dir)
-    assert tok.pad_token == tok.eos_token == "</s>"  # no pad in the dir: eos stands in
+    assert tok.pad_token == tok.unk_token == "<unk>"  # no pad in the dir: unk stands in (then eos; see choose_pad_token)
     assert tok.chat_template is None
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok = modeling.load_tokenizer(str(tiny_model_dir), chat_template=template)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "user: hi\n"
+
+
+def test_pad_token_choice_prefers_a_reserved_pad_then_unk_then_eos():
+    from types import SimpleNamespace
+
+    def tok(specials, unk=None, eos="</s>", added=()):
+        return SimpleNamespace(all_special_tokens=specials, added_tokens_encoder=dict.fromkeys(added, 0), unk_token=unk, eos_token=eos)
+
+    assert modeling.choose_pad_token(tok(["<s>"], added=["<|finetune_right_pad_id|>"]))[0] == "<|finetune_right_pad_id|>"
+    assert modeling.choose_pad_token(tok(["<s>", "<unk>"], unk="<unk>"))[0] == "<unk>"
+    assert modeling.choose_pad_token(tok(["<s>"]))[0] == "</s>"
+    assert modeling.choose_pad_token(tok([], eos=None)) is None
 
 
 def test_load_model_local_dtype_and_attention(tiny_model_dir):

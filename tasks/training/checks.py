@@ -1,0 +1,144 @@
+"""A training stage proves its own result before it publishes.
+
+Each check returns a result `{"passed": bool, ...what it measured}`; `require` turns a failed one
+into a `StageFailed` whose message starts `self-check <name> failed:` so the log says which
+check. The stages put every result in their manifest's metrics under `checks`.
+
+- `label_mask`: every row's loss covers exactly the assistant's answer (and its end-of-turn
+  token), never the prompt; no row has a second BOS. Checked per row at encoding time, by
+  tokenizing the prompt on its own (independently of how the labels were computed).
+- `steps`: the trainer ran every optimizer step it was asked for.
+- `loss`: the loss is finite and moved.
+- `adapter_effect`: base + saved adapter gives different outputs than the base on held-out
+  prompts (an adapter that was never applied, or saved empty, changes nothing).
+- `merged_matches_adapter` (export): the merged model and base + adapter agree on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tunepipe.tasks.core.stage import StageFailed
+
+IGNORE = -100
+
+
+def require(name: str, result: dict[str, Any], why: str) -> dict[str, Any]:
+    if not result["passed"]:
+        raise StageFailed(f"self-check {name} failed: {why}")
+    return result
+
+
+def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
+    """Why a row's labels are not exactly its last assistant answer (None when they are)."""
+    from tunepipe.tasks.training.encoding import encode_text, end_of_turn_token, render_messages
+
+    ids, labels, messages = enc.input_ids, enc.labels, enc.messages
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids.count(bos) > 1:
+        return f"{ids.count(bos)} BOS tokens in one row (the template emits BOS and the tokenizer added another)"
+    labeled = [i for i, label in enumerate(labels) if label != IGNORE]
+    if not labeled:
+        return "no token is labeled: the assistant's answer was not found in the rendering"
+    if any(labels[i] != ids[i] for i in labeled):
+        return "labels differ from the input ids they should copy"
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = render_messages(tokenizer, template, messages[:last], True) if last else ""
+    prompt_ids = list(encode_text(tokenizer, prompt)["input_ids"])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        return "the row does not start with the prompt as the server would render it"
+    answer_labeled = [i for i in labeled if i >= len(prompt_ids)]
+    if not answer_labeled:
+        return "the last assistant answer has no labeled token"
+    if any(i < len(prompt_ids) for i in labeled) and _labels_prompt_tokens(tokenizer, template, messages, labels, len(prompt_ids)):
+        return "labels cover prompt (system/user/template) tokens"
+    start, end = answer_labeled[0], answer_labeled[-1] + 1
+    if any(labels[i] == IGNORE for i in range(start, end)):
+        return "the answer's labels have holes"
+    text = tokenizer.decode(ids[start:end], skip_special_tokens=True)
+    if messages[last]["content"].strip() not in text:
+        return f"the labeled text {text!r} does not hold the answer {messages[last]['content']!r}"
+    eot = end_of_turn_token(tokenizer, template)
+    if eot is not None and eot not in ids[start:end]:
+        return f"the end-of-turn token {tokenizer.convert_ids_to_tokens(eot)!r} is not labeled, so the model never learns to stop"
+    return None
+
+
+def _labels_prompt_tokens(tokenizer: Any, template: str, messages: list[dict[str, str]], labels: list[int], prompt_len: int) -> bool:
+    """True when a token labeled before the last answer lies outside every earlier assistant answer."""
+    from tunepipe.tasks.training.encoding import encode_text, render_messages
+
+    allowed: set[int] = set()
+    for i, m in enumerate(messages[:-1]):
+        if m["role"] != "assistant":
+            continue
+        start = len(encode_text(tokenizer, render_messages(tokenizer, template, messages[:i], True))["input_ids"]) if i else 0
+        end = len(encode_text(tokenizer, render_messages(tokenizer, template, messages[: i + 1], False))["input_ids"])
+        allowed.update(range(start, end))
+    return any(labels[i] != IGNORE and i not in allowed for i in range(prompt_len))
+
+
+def steps_check(global_step: int, requested: int) -> dict[str, Any]:
+    return {"passed": global_step >= requested, "global_step": int(global_step), "requested": int(requested)}
+
+
+def loss_check(history: list[dict[str, float]], train_loss: float | None) -> dict[str, Any]:
+    """Finite, and not constant (with at least two logged points)."""
+    losses = [float(p["loss"]) for p in history]
+    finite = all(math.isfinite(x) for x in losses) and (train_loss is None or math.isfinite(float(train_loss)))
+    moved = len(losses) < 2 or max(losses) - min(losses) > 1e-6
+    return {"passed": finite and moved, "finite": finite, "moved": moved, "first": losses[0] if losses else None,
+            "last": losses[-1] if losses else None}
+
+
+def output_difference(a: Any, b: Any, batches: list[dict[str, Any]]) -> float:
+    """Largest absolute difference of the two models' logits over the batches."""
+    import torch
+
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            la = a(**batch).logits.float()
+            lb = b(**batch).logits.float()
+            mask = batch["attention_mask"].bool()
+            worst = max(worst, float((la - lb).abs()[mask].max()))
+    return worst
+
+
+def prompt_batches(tokenizer: Any, prompts: list[str], device: Any, batch_size: int = 8) -> list[dict[str, Any]]:
+    from tunepipe.tasks.training.encoding import encode_text
+
+    tokenizer.padding_side = "left"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        import torch
+
+        out.append({
+            "input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device),
+        })
+    return out
+
+
+def adapter_effect_check(peft_model: Any, batches: list[dict[str, Any]], min_difference: float = 0.0) -> dict[str, Any]:
+    """Base (adapter disabled) against base + adapter on held-out prompts: they must differ.
+
+    Any difference passes: an adapter that was never applied, or whose up-projection is still
+    zero, adds exact zeros, so its logits equal the base's bit for bit. A deliberately tiny
+    update (learning rate 1e-9) still differs (~3e-7) and is not this check's business.
+    """
+    import torch
+
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            on = peft_model(**batch).logits.float()
+            with peft_model.disable_adapter():
+                off = peft_model(**batch).logits.float()
+            mask = batch["attention_mask"].bool()
+            worst = max(worst, float((on - off).abs()[mask].max()))
+    return {"passed": worst > min_difference, "max_logit_difference": worst, "prompts": sum(len(b["input_ids"]) for b in batches)}
