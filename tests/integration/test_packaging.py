@@ -43,9 +43,11 @@ def fresh_venv(tmp_path_factory, wheel) -> Path:
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()
-    # Dependencies from the project venv: a path line only, so its editable-install hook (a .pth
-    # file there) is not run and the source tree stays out of reach.
-    Path(site, "project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Dependencies from the project venv: path lines only (every site-packages this interpreter
+    # reads, also those a .pth of it adds), so its editable-install hook is not run and the
+    # source tree stays out of reach.
+    dependency_dirs = [p for p in sys.path if p.endswith("site-packages")] or [sysconfig.get_paths()["purelib"]]
+    Path(site, "project_dependencies.pth").write_text("".join(d + "\n" for d in dependency_dirs))
     return venv
 
 
@@ -78,11 +80,12 @@ def _tunepipe(venv: Path, cwd: Path, *args: str, timeout: int = 600) -> subproce
 
 
 def test_installed_wheel_runs_the_quickstart_beside_a_user_project(fresh_venv, user_project):
-    where = subprocess.run(
+    imported = subprocess.run(
         [str(fresh_venv / "bin" / "python"), "-c", "import tunepipe.tasks.core.stage as m; print(m.__file__)"],
-        cwd=user_project, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert where.startswith(str(fresh_venv)), where
+        cwd=user_project, capture_output=True, text=True,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert imported.stdout.strip().startswith(str(fresh_venv)), imported.stdout
 
     validated = _tunepipe(fresh_venv, user_project, "validate")
     assert validated.returncode == 0, validated.stderr

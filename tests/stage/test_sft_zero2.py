@@ -44,7 +44,7 @@ def test_zero2_profile_runs_steps_on_cpu(tmp_path, single_process_distributed):
     from tunepipe.tasks.sft.train import train_job
 
     env = load_environment("multi-gpu-deepspeed").model_copy(
-        update={"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa", "launcher": "in_process",
+        update={"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa", "packed_attention": [], "launcher": "in_process",
                 "num_processes": 1, "gradient_checkpointing": False, "per_device_batch_size": 2, "gradient_accumulation_steps": 2}
     )
     model, data = build_tiny_model(tmp_path / "model"), write_data_artifact(tmp_path / "data")
