@@ -1,5 +1,5 @@
 """`tunepipe compare-methods`: train a set of fine-tuning methods on the same data, budget and seed
-and print the measured comparison (flows/compare_methods.py)."""
+and print the measured comparison (tasks/ops/compare_methods.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def parse_method(text: str) -> object:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tunepipe.flows.compare_methods import compare_methods, markdown_table, sft_variant
+    from tunepipe.tasks.ops.compare_methods import compare_methods, markdown_table, sft_variant
 
     config = load_config(args)
     if config.sft is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tunepipe.flows.cli.main import main
-from tunepipe.flows.compare_methods import markdown_table, method_label, sft_variant, vllm_verdict
+from tunepipe.tasks.ops.compare_methods import markdown_table, method_label, sft_variant, vllm_verdict
 from tunepipe.tasks.core.config import load_pipeline_config
 
 
