@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from tunepipe.flows.cli.common import add_config_args, load_config
@@ -21,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from prefect.exceptions import TerminationSignal
 
-    with owned_prefect_server():
+    with owned_prefect_server(), _stdout_to_stderr(args.json):
         try:
             summary = pipeline(config=config, plan=plan)
         except (KeyboardInterrupt, TerminationSignal) as exc:
@@ -35,6 +37,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool):
+    """With --json, stdout holds exactly one JSON document: while the run works, everything else
+    written to stdout (the trainers' step dicts, library warnings printed from C, a launched
+    worker's output) goes to stderr, at the file-descriptor level so that no writer escapes."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_plan(config, args: argparse.Namespace):

@@ -30,7 +30,8 @@ def tunepipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedP
 
 def run_json(*args: str, cwd: Path) -> dict:
     proc = tunepipe("run", *args, "--json", cwd=cwd)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # With --json, stdout is exactly one JSON document (jq can read it); the rest went to stderr.
+    return json.loads(proc.stdout)
 
 
 def portable_copy(tmp_path: Path, **section_updates) -> Path:
@@ -133,7 +134,7 @@ def test_unchanged_rerun_reports_every_stage_cached(first_run):
     proc = tunepipe("run", "--json", cwd=cwd)
     # Every run log reached the run's own Prefect server before it stopped (no lost lines).
     assert "Error logging to API" not in proc.stderr
-    second = json.loads(proc.stdout.strip().splitlines()[-1])
+    second = json.loads(proc.stdout)
     assert second["run_id"] != first["run_id"]
     assert {name: s["cached"] for name, s in second["stages"].items()} == {name: True for name in STAGES}
     assert {n: s["key"] for n, s in second["stages"].items()} == {n: s["key"] for n, s in first["stages"].items()}
