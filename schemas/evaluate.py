@@ -178,6 +178,11 @@ class GateRules(StrictModel):
     require_significant: bool = Field(
         default=False, description="The significance test's p-value must be below alpha (1 - ab.confidence_level)."
     )
+    require_align_within_tolerance: bool = Field(
+        default=True,
+        description="When the candidate is the `align` artifact, its recorded `task_metric_within_tolerance` must be "
+        "true: alignment may not buy its objective with a task-metric drop from SFT beyond `align.task_tolerance`.",
+    )
 
 
 class EvaluateConfig(StrictModel):

@@ -25,6 +25,8 @@ class GateEvidence:
     p_value: float | None = None
     test: str = "sign"
     alpha: float = 0.05
+    # What the align stage measured of the candidate against its SFT policy (None: not an align candidate).
+    alignment: dict[str, Any] | None = None
 
 
 def _verdict(ok: bool, text: str) -> str:
@@ -74,6 +76,16 @@ def significance_rule(e: GateEvidence) -> str:
     return _verdict(ok, f"significant: {e.test} test p = {e.p_value:.4g} {'<' if ok else '>='} alpha {e.alpha:.3g} on {e.primary_metric}")
 
 
+def alignment_rule(alignment: dict[str, Any]) -> str:
+    """The align stage's own verdict on the task metric it was held to (drop from SFT per run)."""
+    within = alignment.get("within")
+    drops = ", ".join(f"{run} {drop:+.3f}" for run, drop in sorted(alignment.get("drops", {}).items()))
+    label = f"align kept {alignment.get('metric') or 'the task metric'} within its tolerance {alignment.get('tolerance')} of SFT"
+    if within is None:
+        return f"SKIP {label}: align recorded no held-out task metric"
+    return _verdict(bool(within), f"{label} (drop per run: {drops or 'none recorded'})")
+
+
 def decide(rules: GateRules, e: GateEvidence) -> tuple[bool, list[str]]:
     """(passed, reasons): one reason per configured rule."""
     reasons = []
@@ -85,5 +97,7 @@ def decide(rules: GateRules, e: GateEvidence) -> tuple[bool, list[str]]:
         reasons.append(drop_rule("max forgetting drop", rules.max_forgetting_drop, e.regression, "regression", "no regression tasks configured"))
     if rules.require_significant:
         reasons.append(significance_rule(e))
+    if rules.require_align_within_tolerance and e.alignment is not None:
+        reasons.append(alignment_rule(e.alignment))
     passed = all(not r.startswith("FAIL") for r in reasons)
     return passed, reasons

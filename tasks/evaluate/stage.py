@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import BUILTIN_METRICS, EvaluateConfig
 from tunepipe.schemas.handoffs import GateVerdict
+from tunepipe.tasks.core.artifacts import read_manifest
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.evaluate.generation import ModelSource, ModelSpec
@@ -134,7 +136,7 @@ class EvaluateStage(Stage):
         lm_eval = run_lm_eval_all(config, task_runs, generator, ctx) if config.lm_eval.enabled else {"figures": {}, "agreement": {}}
         regression = regression_scores(config, runs, lm_eval["figures"])
 
-        metrics = stage_metrics(config, candidate, baseline, task_runs, ab, regression, lm_eval)
+        metrics = stage_metrics(config, candidate, baseline, task_runs, ab, regression, lm_eval, align_tolerance(candidate, ctx.inputs))
         examples_shown = report_examples(task_runs, outcomes, config.report_examples)
         write_predictions(ctx.staging_dir / "predictions.jsonl", runs, outcomes)
         summary = write_report(ctx.staging_dir, metrics, examples_shown)
@@ -324,9 +326,25 @@ def regression_scores(config: EvaluateConfig, runs: dict[str, TaskRun], lm_figur
     return out
 
 
+def align_tolerance(candidate: ModelSource, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """What the align stage recorded of the candidate's task metric against SFT, when the candidate
+    is the align artifact: its verdict, the drop per run and the tolerance it was held to."""
+    align = inputs.get("align")
+    if align is None or Path(candidate.root).resolve() != Path(align.path).resolve():
+        return None
+    manifest = read_manifest(align.path)
+    task = {run: h["task"] for run, h in (manifest.metrics.get("heldout") or {}).items() if h.get("task")}
+    return {
+        "within": manifest.metrics.get("task_metric_within_tolerance"),
+        "drops": {run: t["task_metric_drop"] for run, t in task.items() if "task_metric_drop" in t},
+        "metric": next((t.get("task_metric") for t in task.values() if t.get("task_metric")), None),
+        "tolerance": (manifest.config or {}).get("task_tolerance"),
+    }
+
+
 def stage_metrics(
     config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, runs: dict[str, TaskRun],
-    ab: dict[str, Any], regression: dict[str, Any], lm_eval: dict[str, Any],
+    ab: dict[str, Any], regression: dict[str, Any], lm_eval: dict[str, Any], alignment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from tunepipe.tasks.evaluate.gate import GateEvidence, decide
     from tunepipe.tasks.evaluate.metrics import aggregate
@@ -351,6 +369,7 @@ def stage_metrics(
         p_value=test["p_value"],
         test=config.ab.significance_test,
         alpha=round(1 - config.ab.confidence_level, 6),
+        alignment=alignment,
     )
     passed, reasons = decide(config.gate, evidence)
     win = ab["win_rate"]

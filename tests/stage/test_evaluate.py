@@ -253,3 +253,30 @@ def test_reward_model_judge_decides_by_the_reward_models_scores(assets, promoted
     assert [r["outcome"] for r in rows] == ["win" if c > b else "loss" if c < b else "tie" for c, b in zip(cand, base)]
     assert m["ab"]["judge"] == "reward_model" and m["ab"]["reward_candidate_mean"] == round(sum(cand) / len(cand), 4)
     assert not any("win rate" in r for r in m["gate_reasons"])  # that rule was switched off
+
+
+def test_an_aligned_candidate_beyond_its_task_tolerance_is_held_back(assets, tmp_path):
+    """A planted drop: an align artifact (here the good SFT adapter under an align manifest) whose
+    align stage recorded task_metric_within_tolerance false is not promoted, though it wins the A/B."""
+    import shutil
+
+    from tunepipe.schemas.manifest import ArtifactRef, Manifest
+
+    aligned = tmp_path / "align"
+    shutil.copytree(assets["good"].path, aligned)
+    manifest = Manifest.model_validate_json((aligned / "manifest.json").read_text())
+    manifest = manifest.model_copy(update={
+        "stage": "align", "config": {**(manifest.config or {}), "task_tolerance": 0.05},
+        "metrics": {"task_metric_within_tolerance": False,
+                    "heldout": {"all": {"task": {"task_metric": "token_f1", "task_metric_drop": 0.3}}}},
+    })
+    (aligned / "manifest.json").write_text(manifest.model_dump_json())
+    align_ref = ArtifactRef(stage="align", key="planted-drop", path=str(aligned))
+    config = EvaluateConfig.model_validate({"max_examples_per_task": 16, "generation": {"max_new_tokens": 6},
+                                            "lm_eval": {"enabled": False}, "baseline": "base"})
+    ref = run_stage(EvaluateStage(), config, {"data": assets["data"], "sft": assets["good"], "align": align_ref},
+                    assets["store"], cpu_profile())
+    m = json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]
+    assert m["candidate"] == "align" and m["wins"] >= 14
+    assert m["gate_passed"] is False
+    assert "FAIL align kept token_f1 within its tolerance 0.05 of SFT (drop per run: all +0.300)" in m["gate_reasons"]

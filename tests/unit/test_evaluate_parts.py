@@ -190,3 +190,21 @@ def test_ab_plot_brackets_the_decisive_win_rate_with_its_interval(tmp_path):
     ab = {"judge": "rule", "win_rate": win, "per_task": {"t": {"wins": 10, "ties": 30, "losses": 0}}}
     plot_ab({"ab": ab}, tmp_path / "ab.png")
     assert (tmp_path / "ab.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gate_holds_back_an_aligned_candidate_that_dropped_its_task_metric():
+    """The gate reads what align measured: a drop from SFT beyond align.task_tolerance fails it,
+    whatever the A/B says."""
+    win = {"wins": 30, "ties": 0, "losses": 0, "n": 30, "decisive": 30, "decisive_win_rate": 1.0, "win_rate": 1.0,
+           "ci_low": 0.88, "ci_high": 1.0, "confidence_level": 0.95}
+    dropped = {"within": False, "drops": {"sentiment": 0.375, "triples": 0.0}, "metric": "token_f1", "tolerance": 0.05}
+    rules = GateRules()
+    passed, reasons = decide(rules, GateEvidence(primary_metric="exact_match", win=win, judge="rule", alignment=dropped))
+    assert passed is False
+    assert reasons[-1] == "FAIL align kept token_f1 within its tolerance 0.05 of SFT (drop per run: sentiment +0.375, triples +0.000)"
+    kept = {**dropped, "within": True, "drops": {"sentiment": 0.01}}
+    assert decide(rules, GateEvidence(primary_metric="exact_match", win=win, judge="rule", alignment=kept))[0] is True
+    # Not an align candidate: no such rule; the rule can be switched off.
+    assert not any("align kept" in r for r in decide(rules, GateEvidence(primary_metric="exact_match", win=win, judge="rule"))[1])
+    off = GateRules(require_align_within_tolerance=False)
+    assert decide(off, GateEvidence(primary_metric="exact_match", win=win, judge="rule", alignment=dropped))[0] is True
