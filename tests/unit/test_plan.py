@@ -15,6 +15,20 @@ from tunepipe.tasks.core.stage import StageFailed
 torch.set_num_threads(1)
 
 
+def assert_plan_counts_equal_peft(cfg, methods: dict, env, arch: str) -> None:
+    """`plan`'s meta-device counts equal PEFT's on the real (randomly initialised) model, per method."""
+    from transformers import AutoModelForCausalLM
+
+    for label, spec in methods.items():
+        method = SFTConfig.model_validate({"method": spec}).method
+        result = plan(cfg, method, env, seq_len=32)
+        torch.manual_seed(0)
+        real = peft_methods.apply_method(AutoModelForCausalLM.from_config(cfg), method, total_step=10)
+        expected = real.get_nb_trainable_parameters() if method.is_peft else peft_methods.count_parameters(real)
+        assert (result["trainable_params"], result["total_params"]) == tuple(expected), f"{arch} {label}"
+        assert result["trainable_params"] > 0 and 0 < result["trainable_percent"] <= 100, f"{arch} {label}"
+
+
 def _configs():
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
@@ -42,21 +56,13 @@ METHODS = {
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_meta_counts_equal_peft_counts_on_real_models(arch):
-    from transformers import AutoModelForCausalLM
 
     cfg = _configs()[arch]
     env = load_environment("cpu")
     methods = dict(METHODS)
     if arch != "llama":
         methods["bitfit"] = "bitfit"  # GPT-2 and Qwen2 (q/k/v) have biases
-    for label, spec in methods.items():
-        method = SFTConfig.model_validate({"method": spec}).method
-        result = plan(cfg, method, env, seq_len=32)
-        torch.manual_seed(0)
-        real = peft_methods.apply_method(AutoModelForCausalLM.from_config(cfg), method, total_step=10)
-        expected = real.get_nb_trainable_parameters() if method.is_peft else peft_methods.count_parameters(real)
-        assert (result["trainable_params"], result["total_params"]) == tuple(expected), f"{arch} {label}"
-        assert 0 < result["trainable_percent"] <= 100
+    assert_plan_counts_equal_peft(cfg, methods, env, arch)
 
 
 def test_qlora_counts_equal_a_real_4bit_model(tmp_path):
@@ -231,15 +237,7 @@ NEW_METHODS = {
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_meta_counts_of_the_newer_methods_equal_peft_counts(arch):
-    from transformers import AutoModelForCausalLM
 
     cfg = _configs()[arch]
     env = load_environment("cpu")
-    for label, spec in NEW_METHODS.items():
-        method = SFTConfig.model_validate({"method": spec}).method
-        result = plan(cfg, method, env, seq_len=32)
-        torch.manual_seed(0)
-        real = peft_methods.apply_method(AutoModelForCausalLM.from_config(cfg), method, total_step=10)
-        expected = real.get_nb_trainable_parameters() if method.is_peft else peft_methods.count_parameters(real)
-        assert (result["trainable_params"], result["total_params"]) == tuple(expected), f"{arch} {label}"
-        assert result["trainable_params"] > 0
+    assert_plan_counts_equal_peft(cfg, NEW_METHODS, env, arch)
