@@ -52,6 +52,67 @@ class ServingProfile(StrictModel):
     max_lora_rank: int = Field(default=64, ge=1, description="Largest adapter rank the server accepts (--max-lora-rank).")
 
 
+class RayProfile(StrictModel):
+    """Where and how a `launcher: ray` stage runs its training workers (Ray Train's TorchTrainer).
+
+    The workers are `num_processes` Ray actors anywhere in the cluster; rank 0 writes the
+    artifact's files and the result, so the workdir must be on storage every node sees.
+    """
+
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to join: `auto` (the cluster this machine belongs to, e.g. a KubeRay or SLURM head "
+        "started with `ray start --head`), `HOST:PORT` of the head, or `ray://HOST:10001` (Ray Client). None: "
+        "RAY_ADDRESS if set, else a Ray started on this machine for the run.",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="What each training worker reserves (Ray Train's ScalingConfig.resources_per_worker), e.g. "
+        "{CPU: 8, GPU: 1}, or a custom node resource to pin workers to a node group. Empty: 1 CPU, and 1 GPU on "
+        "cuda profiles.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How the workers are placed on nodes (a Ray placement group strategy): PACK fills a node "
+        "first; SPREAD puts them on different nodes where it can; STRICT_* fail instead of falling back.",
+    )
+
+
+class MultiNodeProfile(StrictModel):
+    """torchrun across machines whose scheduler (SLURM, a Kubernetes job) starts one launcher per node.
+
+    The node running the stage launches its torchrun and posts the job on `job_board`; on every
+    other node `tunepipe join --env PROFILE` watches the board and starts the same torchrun for
+    it. All nodes meet at the rendezvous endpoint and form one job of `nodes x num_processes`
+    ranks. Rank 0 writes the artifact's files: the workdir must be on storage every node sees.
+    """
+
+    nodes: int = Field(ge=2, description="Machines in the job (torchrun --nnodes).")
+    node_rank: int | None = Field(
+        default=None,
+        ge=0,
+        description="This machine's rank among the nodes (torchrun --node-rank). Needed by the static rendezvous; "
+        "with c10d the ranks are assigned at the rendezvous. None: torchrun's own PET_NODE_RANK if the scheduler "
+        "sets it (e.g. PET_NODE_RANK=$SLURM_NODEID), else `tunepipe join --node-rank`.",
+    )
+    rdzv_endpoint: str = Field(
+        description="HOST:PORT every node reaches, where the nodes meet (torchrun --rdzv-endpoint); with c10d the "
+        "launcher on HOST serves the store."
+    )
+    rdzv_backend: Literal["c10d", "static"] = Field(
+        default="c10d", description="torchrun --rdzv-backend: c10d (elastic, any node order) or static (fixed node ranks)."
+    )
+    rdzv_id: str | None = Field(
+        default=None,
+        description="torchrun --rdzv-id. None: a fresh id per launch (from the job file and the time), posted with "
+        "the job so every node uses it.",
+    )
+    job_board: str = Field(
+        description="Directory on shared storage where the stage posts each training job for the other nodes' "
+        "`tunepipe join`."
+    )
+
+
 class EnvironmentProfile(StrictModel):
     """One hardware/runtime profile."""
 
@@ -91,10 +152,22 @@ class EnvironmentProfile(StrictModel):
         "that never materialises the logits): less memory and faster steps on CUDA. Needs the `liger-kernel` "
         "package (`pip install tunepipe[gpu]`).",
     )
-    launcher: Literal["in_process", "accelerate", "deepspeed", "torchrun"] = Field(
-        default="in_process", description="How training runs: in the Prefect worker, or a supervised multi-process launch."
+    launcher: Literal["in_process", "accelerate", "deepspeed", "torchrun", "ray"] = Field(
+        default="in_process",
+        description="How training runs: in the Prefect worker, a supervised multi-process launch on this machine, "
+        "or Ray Train workers on a Ray cluster (`ray`; see `ray`).",
     )
-    num_processes: int = Field(default=1, ge=1, description="Processes (GPUs) the launcher starts.")
+    num_processes: int = Field(
+        default=1,
+        ge=1,
+        description="Processes (GPUs) the launcher starts: per node for torchrun (see `multi_node`); the number of "
+        "Ray Train workers in the whole cluster for `ray`.",
+    )
+    ray: RayProfile = Field(default_factory=RayProfile, description="Ray cluster and worker resources (launcher `ray`).")
+    multi_node: MultiNodeProfile | None = Field(
+        default=None,
+        description="torchrun across several machines (launcher `torchrun`); None: one machine (`--standalone`).",
+    )
     deepspeed_config: str | None = Field(
         default=None, description="DeepSpeed JSON config, relative to environments/ or absolute (ZeRO stage, offload)."
     )
@@ -117,6 +190,15 @@ class EnvironmentProfile(StrictModel):
             raise ValueError("liger_kernel needs a CUDA device (its kernels are Triton GPU kernels)")
         if self.launcher == "deepspeed" and not self.deepspeed_config:
             raise ValueError("launcher deepspeed needs deepspeed_config")
+        if self.multi_node is not None and self.launcher != "torchrun":
+            raise ValueError("multi_node is a torchrun setting: set launcher torchrun (or use launcher ray)")
+        if self.multi_node is not None and self.multi_node.node_rank is not None and self.multi_node.node_rank >= self.multi_node.nodes:
+            raise ValueError(f"multi_node.node_rank {self.multi_node.node_rank} is not below nodes {self.multi_node.nodes}")
         if self.launcher == "in_process" and self.num_processes != 1:
             raise ValueError("launcher in_process runs one process: set num_processes to 1 or choose a launcher")
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in the whole job (every node's), what the global batch is made of."""
+        return self.num_processes * (self.multi_node.nodes if self.multi_node else 1)

@@ -46,7 +46,7 @@ def ppo_args(config: AlignConfig, env: EnvironmentProfile, base_args: dict[str, 
 
     method: PPOMethod = config.method  # type: ignore[assignment]
     args = {k: v for k, v in base_args.items() if k not in ("max_steps", "eval_strategy")}
-    batch = env.per_device_batch_size * env.gradient_accumulation_steps * env.num_processes
+    batch = env.per_device_batch_size * env.gradient_accumulation_steps * env.world_size
     return PPOConfig(
         **args,
         # PPO counts episodes (prompts), not optimizer steps: one update per rollout batch.

@@ -88,9 +88,11 @@ def _glob_root(pattern: str) -> str:
 
 
 # Distributions that a stage imports but that cannot change the bytes of its artifact: the
-# orchestrator, HTTP plumbing and the CLI's YAML reader. Every other third-party distribution a
-# module of the closure imports enters the key with its version.
-NON_RESULT_DISTRIBUTIONS = frozenset({"prefect", "httpx", "uvicorn", "fastapi", "openai", "tunepipe"})
+# orchestrator, HTTP plumbing and the CLI's YAML reader, and Ray (the `ray` launcher places the
+# workers; the profile's launcher stays out of the key too, so installing the optional extra reruns
+# nothing). Every other third-party distribution a module of the closure imports enters the key
+# with its version.
+NON_RESULT_DISTRIBUTIONS = frozenset({"prefect", "httpx", "uvicorn", "fastapi", "openai", "tunepipe", "ray"})
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ is written to a JSON file and `python -m tunepipe.tasks.training.launcher JOB` r
 starts; their output is streamed line by line to the stage's logger, and a worker that dies
 fails the stage with the tail of the log. Rank 0 writes the entry point's result (a metrics
 dict) next to the job file.
+
+`ray`: the supervised command is a Ray Train driver (`tasks/training/ray_launcher.py`) whose
+workers run the same job on a Ray cluster. `torchrun` with `multi_node`: the job is also posted on
+the profile's job board, where `tunepipe join` on the other nodes starts their launchers
+(`tasks/training/multinode.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from tunepipe.tasks.core.stage import StageFailed
 
 TAIL_LINES = 40
 # A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.
-_ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?[\w.]*(?:Error|Exception|Interrupt)\b.*")
+# A launcher's prefix comes first: `[rank1]:` (torchrun), `(RayTrainWorker pid=12, ip=10.0.0.2)` (Ray).
+_ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*|\([^)]*\)\s*)?[\w.]*(?:Error|Exception|Interrupt)\b.*")
 
 
 def entry_point(spec: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -35,10 +41,15 @@ def entry_point(spec: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return getattr(importlib.import_module(module), name)
 
 
-def launch_command(env: EnvironmentProfile, job_file: str | Path) -> list[str]:
-    """The command that runs `python -m tunepipe.tasks.training.launcher JOB` in `env.num_processes` workers."""
+def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: str | None = None) -> list[str]:
+    """The command that runs `python -m tunepipe.tasks.training.launcher JOB` in `env.num_processes` workers
+    (for `ray`: the driver whose Ray workers run the job; `rdzv_id`: a multi-node torchrun's rendezvous id)."""
     n = str(env.num_processes)
     job = str(job_file)
+    if env.launcher == "ray":
+        from tunepipe.tasks.training.ray_launcher import driver_command
+
+        return driver_command(env, job)
     if env.launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n, "--num_machines", "1"]
         if env.deepspeed_config:
@@ -52,7 +63,13 @@ def launch_command(env: EnvironmentProfile, job_file: str | Path) -> list[str]:
         # The DeepSpeed config itself reaches the workers through TrainingArguments.deepspeed.
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--module", "tunepipe.tasks.training.launcher", job]
     if env.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n, "-m", "tunepipe.tasks.training.launcher", job]
+        if env.multi_node is not None:
+            from tunepipe.tasks.training.multinode import torchrun_node_arguments
+
+            nodes = torchrun_node_arguments(env.multi_node, rdzv_id)
+        else:
+            nodes = ["--standalone"]
+        return [sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", n, "-m", "tunepipe.tasks.training.launcher", job]
     raise ValueError(f"launcher {env.launcher!r} runs in process: no command")
 
 
@@ -115,9 +132,17 @@ def run_training(
     job_file, result_file = work / "job.json", work / "result.json"
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps({**job, "_entrypoint": entrypoint, "_result_file": str(result_file)}, default=str))
-    stream_command(
-        launch_command(env, job_file), logger, what=f"{env.launcher} x{env.num_processes}", log_file=work / "launch.log"
-    )
+    what = f"{env.launcher} x{env.num_processes}"
+    if env.launcher == "torchrun" and env.multi_node is not None:
+        from tunepipe.tasks.training.multinode import posted_job
+
+        with posted_job(env.multi_node, job_file, logger) as rdzv_id:
+            stream_command(
+                launch_command(env, job_file, rdzv_id=rdzv_id), logger,
+                what=f"{what} x{env.multi_node.nodes} nodes", log_file=work / "launch.log",
+            )
+    else:
+        stream_command(launch_command(env, job_file), logger, what=what, log_file=work / "launch.log")
     if not result_file.exists():
         raise StageFailed(f"{env.launcher}: the workers exited cleanly but rank 0 wrote no result ({result_file})")
     return json.loads(result_file.read_text())
@@ -132,12 +157,17 @@ workers need no PYTHONPATH from us)."""
         print("usage: python -m tunepipe.tasks.training.launcher JOB.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    job = json.loads(Path(args[0]).read_text())
-    result = entry_point(job.pop("_entrypoint"))(job)
-    result_file = job.pop("_result_file")
+    run_job(json.loads(Path(args[0]).read_text()))
+    return 0
+
+
+def run_job(job: dict[str, Any]) -> None:
+    """One worker's part of a launch: run the job's entry point; rank 0 writes its result."""
+    job = dict(job)
+    entry, result_file = job.pop("_entrypoint"), job.pop("_result_file")
+    result = entry_point(entry)(job)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_file).write_text(json.dumps(result, default=str))
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def training_env_payload(env: EnvironmentProfile) -> dict[str, Any]:
         "quantization": env.quantization.model_dump(mode="json"),
         "per_device_batch_size": env.per_device_batch_size,
         "gradient_accumulation_steps": env.gradient_accumulation_steps,
-        "num_processes": env.num_processes,
+        # Every rank's processes: the global batch (a multi-node job's nodes x per-node processes;
+        # one machine's value is unchanged, so its keys did not move).
+        "num_processes": env.world_size,
         "attn_implementation": env.attn_implementation,
         "liger_kernel": env.liger_kernel,
         "packed_attention": list(env.packed_attention),

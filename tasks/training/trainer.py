@@ -116,7 +116,7 @@ def loss_history(trainer: Any) -> list[dict[str, float]]:
 def estimated_steps(rows: int, env: EnvironmentProfile, training: Any) -> int:
     if training.max_steps:
         return training.max_steps
-    per_step = env.per_device_batch_size * env.gradient_accumulation_steps * env.num_processes
+    per_step = env.per_device_batch_size * env.gradient_accumulation_steps * env.world_size
     return max(1, math.ceil(math.ceil(rows / per_step) * training.epochs))
 
 

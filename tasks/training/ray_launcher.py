@@ -1,0 +1,100 @@
+"""The `ray` launcher: a training job on Ray Train workers (TorchTrainer) across a Ray cluster.
+
+`python -m tunepipe.tasks.training.ray_launcher JOB.json --address ... --workers N` is the
+driver the stage supervises like any launcher (its output is the stage's log, its exit code the
+stage's fate). It joins the profile's Ray cluster (KubeRay, `ray start` on SLURM or bare hosts)
+and starts `num_processes` TorchTrainer workers wherever the cluster has room; Ray Train forms
+their process group (gloo on CPU, nccl on CUDA) and sets RANK / LOCAL_RANK / WORLD_SIZE as
+torchrun would, and each worker runs the job's entry point, the same function every launcher
+runs (`launcher.run_job`). The Trainer checkpoints into the job's checkpoint dir and rank 0
+writes the artifact's files and the result, so the workdir must be on storage every node sees;
+Ray's own checkpointing and retries stay off (a rerun of the stage resumes instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunepipe.schemas.environment import EnvironmentProfile
+
+# Variables a training worker on another node must see as the driver does (offline hubs, caches).
+_PASSED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "TUNEPIPE_", "TOKENIZERS_", "OMP_NUM_THREADS")
+
+
+def driver_command(env: EnvironmentProfile, job_file: str) -> list[str]:
+    """The supervised command of a `ray` launch."""
+    cmd = [sys.executable, "-m", "tunepipe.tasks.training.ray_launcher", job_file, "--workers", str(env.num_processes)]
+    if env.ray.address:
+        cmd += ["--address", env.ray.address]
+    if env.ray.resources_per_worker:
+        cmd += ["--resources", json.dumps(env.ray.resources_per_worker, sort_keys=True)]
+    if env.device == "cuda":
+        cmd += ["--gpu"]
+    return cmd + ["--placement-strategy", env.ray.placement_strategy]
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: the job's entry point, as under torchrun."""
+    from tunepipe.tasks.training.launcher import run_job
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    run_job(job)
+
+
+def run(job_file: Path, *, workers: int, address: str | None, resources: dict[str, float], gpu: bool, strategy: str) -> None:
+    """Join the cluster and train; raises Ray Train's error if a worker fails."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    job = json.loads(job_file.read_text())
+    passed = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ENV_PREFIXES)}
+    ray.init(address=address, runtime_env={"env_vars": passed} if passed else None, include_dashboard=False,
+             log_to_driver=True, logging_level=logging.WARNING)
+    print(f"ray: cluster {ray.get_runtime_context().gcs_address}, {ray.cluster_resources()}", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker=resources or None, placement_strategy=strategy
+        ),
+        # Ray's run directory sits beside the job (the stage's staging dir, shared storage), never ~/ray_results.
+        run_config=RunConfig(
+            name=job_file.parent.name, storage_path=str(job_file.parent.resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunepipe.tasks.training.ray_launcher")
+    parser.add_argument("job", type=Path)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--address", default=None)
+    parser.add_argument("--resources", type=json.loads, default={})
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--placement-strategy", default="PACK")
+    args = parser.parse_args(argv)
+    try:
+        run(args.job, workers=args.workers, address=args.address, resources=args.resources, gpu=args.gpu,
+            strategy=args.placement_strategy)
+    except Exception as exc:  # noqa: BLE001 - the driver's one job is to report why the workers failed
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        print(f"ray: training failed: {type(exc).__name__}", flush=True)
+        print(f"{type(cause).__name__}: {cause}".splitlines()[0], flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
