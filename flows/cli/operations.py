@@ -1,5 +1,6 @@
 """Operations: `tunepipe up` (a local Prefect server and workers), `tunepipe deployments` (the
-retrain flow's Prefect deployments) and `tunepipe watch` (data drops → data versions)."""
+retrain flow's Prefect deployments), `tunepipe watch` (data drops → data versions) and `tunepipe
+join` (a cluster node joining the multi-node training jobs another node's stages post)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,28 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    import logging
+
+    from tunepipe.tasks.core.environment import load_environment
+    from tunepipe.tasks.training.multinode import follow
+
+    env = load_environment(args.env)
+    if env.multi_node is None or env.launcher != "torchrun":
+        raise ConfigError(f"{args.env}: not a multi-node profile: `tunepipe join` needs launcher torchrun and a multi_node section")
+    if args.node_rank is not None:
+        if args.node_rank >= env.multi_node.nodes:
+            raise ConfigError(f"--node-rank {args.node_rank} is not below multi_node.nodes {env.multi_node.nodes}")
+        env = env.model_copy(update={"multi_node": env.multi_node.model_copy(update={"node_rank": args.node_rank})})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        ran = follow(env, logging.getLogger("tunepipe.join"), max_jobs=args.max_jobs, idle_timeout_s=args.idle_timeout)
+    except KeyboardInterrupt:
+        return 0
+    print(f"joined {ran} training job(s)", flush=True)
+    return 0
+
+
 def add_parsers(sub) -> None:
     up = sub.add_parser("up", help="start a local Prefect server (UI) and a process worker for the workdir; Ctrl-C stops both")
     add_config_args(up)
@@ -143,3 +166,12 @@ def add_parsers(sub) -> None:
     watch.add_argument("--api-url", help="Prefect API (default $PREFECT_API_URL, else http://127.0.0.1:4200/api)")
     watch.add_argument("--once", action="store_true", help="take what is in the inbox now (no debounce), announce it, exit")
     watch.set_defaults(func=cmd_watch)
+
+    join = sub.add_parser(
+        "join", help="on every other node of a multi-node torchrun profile: run this node's launcher for each training job the stages post"
+    )
+    join.add_argument("--env", required=True, help="the multi-node profile (the one the pipeline runs with)")
+    join.add_argument("--node-rank", type=int, help="this node's rank (static rendezvous; default the profile's, or PET_NODE_RANK)")
+    join.add_argument("--max-jobs", type=int, help="stop after this many jobs (default: run until stopped)")
+    join.add_argument("--idle-timeout", type=float, help="stop when nothing was posted for this many seconds")
+    join.set_defaults(func=cmd_join)

@@ -86,6 +86,7 @@ def test_ray_launcher_trains_publishes_and_resumes(tmp_path, ray_cluster):
     model, data = build_tiny_model(tmp_path / "model"), write_data_artifact(tmp_path / "data")
     config = SFTConfig.model_validate({
         "model": str(model), "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, "max_length": 64,
+        "heldout": {"max_examples_per_task": 0},
         "training": {"max_steps": 30, "save_steps": 3, "warmup_ratio": 0.0, "learning_rate": 0.01},
     })
     env = cpu_profile(
