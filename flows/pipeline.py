@@ -9,7 +9,8 @@ from prefect import flow
 from tunepipe.schemas.graph import STAGE_GRAPH
 from tunepipe.schemas.pipeline import PipelineConfig
 from tunepipe.tasks.core.environment import load_environment
-from tunepipe.tasks.core.prefect_stage import stage_task
+from tunepipe.tasks.core.prefect_stage import stage_result_storage, stage_task
+from tunepipe.tasks.core.runtime import route_tunepipe_logs
 from tunepipe.tasks.core.selection import RunPlan
 from tunepipe.tasks.ops.notify import on_completion, on_failure
 from tunepipe.tasks.ops.run_summary import summarize_run
@@ -20,13 +21,13 @@ STAGE_TASKS = {name: stage_task(name) for name in STAGE_GRAPH}
 # The hooks post the `notifications:` webhook (failure: stage, reason, fix; completion and gate verdicts).
 @flow(name="tunepipe-pipeline", flow_run_name="{config.name}", on_failure=[on_failure], on_completion=[on_completion])
 def pipeline(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
+    route_tunepipe_logs()
     env = load_environment(config.environment)
     refs: dict[str, Any] = {}
     for name, node in STAGE_GRAPH.items():
         if not plan.includes(name):
             continue
         upstream = {source: refs[source] for source in node.inputs if source in refs}
-        refs[name] = STAGE_TASKS[name](
-            getattr(config, name), upstream, env=env, workdir=config.workdir, refresh=plan.refresh(name)
-        )
+        task = STAGE_TASKS[name].with_options(result_storage=stage_result_storage(config.workdir))
+        refs[name] = task(getattr(config, name), upstream, env=env, workdir=config.workdir, refresh=plan.refresh(name))
     return summarize_run(config.workdir, refs)

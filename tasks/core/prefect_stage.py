@@ -45,6 +45,17 @@ class StageCachePolicy(CachePolicy):
         return f"{stage.name}-{identity.key}-{sha256_bytes(str(store.root).encode())[:8]}"
 
 
+def stage_result_storage(workdir: str | Path) -> Path:
+    """Where the stage tasks' Prefect results (and so their cache records) live: with the
+    artifacts, in the workdir, not in the Prefect home of whichever process ran the flow.
+
+    A worker with its own Prefect home (a GPU host's) then finds the records the first worker
+    wrote and shows reused stages as `Cached` instead of running them again; it is the path
+    `tunepipe run` used already (its Prefect home is `<workdir>/.prefect`).
+    """
+    return Path(workdir).resolve() / ".prefect" / "storage"
+
+
 def prefect_key(stage_name: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return stage_name.replace("_", "-").lower()

@@ -35,6 +35,25 @@ def configure_runtime(workdir: str | Path) -> None:
     install_log_redaction()  # credential-shaped URL parts and headers never reach a log line
 
 
+def route_tunepipe_logs() -> None:
+    """Every `tunepipe.*` logger (stage code, the training's `tunepipe.train`) at INFO into the
+    Prefect run log and the process's console, in whatever process runs the flow.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS (set by `configure_runtime`) gives a logger Prefect's API
+    handler but no level: under the root's WARNING the training's INFO lines (its resume message)
+    were dropped, and a flow run that a `prefect worker` started has no such variable at all.
+    """
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("tunepipe")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+        logger.addHandler(APILogHandler())
+
+
 class _Subprocess:
     """`subprocess` as Prefect's server module sees it, with Popen starting the server tied to us."""
 

@@ -123,7 +123,10 @@ class LocalStack:
         self.stop()
         raise ServerError(f"prefect server did not answer at {self.url} within {timeout:.0f}s")
 
-    def start_worker(self, pool: str, *, queue: str | None = None, query_seconds: float | None = None) -> None:
+    def start_worker(
+        self, pool: str, *, queue: str | None = None, query_seconds: float | None = None, prefect_home: Path | None = None
+    ) -> None:
+        """A process worker for `pool`; `prefect_home`: its own (a worker on another host has one), else the server's."""
         ensure_process_pool(pool, self.url)
         cmd = [*_prefect_cli(), "worker", "start", "--pool", pool, "--type", "process"]
         if queue:
@@ -132,7 +135,7 @@ class LocalStack:
         if query_seconds is not None:
             extra["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
         self.workers[pool] = subprocess.Popen(
-            cmd, env=worker_env(self.url, self.prefect_home, **extra), stdout=self._log(f"worker-{pool}"),
+            cmd, env=worker_env(self.url, prefect_home or self.prefect_home, **extra), stdout=self._log(f"worker-{pool}"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -39,6 +39,31 @@ def segments(stages: list[str], default_env: str, routed: dict[str, str]) -> lis
     return out
 
 
+def segment_stages(stages: list[str], default_env: str, routed: dict[str, str], env: str, last: str) -> list[str]:
+    """The stages of the segment on `env` that ends at `last` (for the hand-off's log line)."""
+    out: list[str] = []
+    current = default_env
+    for stage in sorted(stages, key=STAGE_ORDER.index):
+        current = routed.get(stage, current)
+        if current == env:
+            out.append(stage)
+        elif out:
+            out = []  # a later segment on the same profile starts afresh
+        if stage == last:
+            break
+    return out
+
+
+def run_name(pipeline: str | None, data_version: str | None, routed: bool = True, environment: str | None = None,
+             until: str | None = None) -> str:
+    """`<pipeline>@<version>`; a routed segment's run (routed=False with a profile) says what it is:
+    `<pipeline>@<version> → <profile> (up to <stage>)`, so it never reads as its parent."""
+    base = f"{pipeline or 'retrain'}@{data_version or 'all-data'}"
+    if routed or not environment:
+        return base
+    return f"{base} → {Path(environment).stem}" + (f" (up to {until})" if until else "")
+
+
 def deployment_name(pipeline: str, environment: str | None = None) -> str:
     """`<pipeline>`, or `<pipeline>--<profile>` for a routed segment's deployment."""
     if environment is None:
