@@ -43,7 +43,16 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     """What each Ray Train worker runs: the job's entry point, as under torchrun."""
     from tunepipe.tasks.training.launcher import run_job
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    # Our loggers at INFO (the resume line reaches the stage log); the root stays at WARNING: a
+    # root at INFO inside a Ray worker printed other libraries' debug output (bytecode listings).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("tunepipe").setLevel(logging.INFO)
+    import ray
+
+    logging.getLogger("tunepipe.train").info(
+        "ray worker rank %s of %s on node %s", os.environ.get("RANK"), os.environ.get("WORLD_SIZE"),
+        ray.get_runtime_context().get_node_id(),
+    )
     run_job(job)
 
 

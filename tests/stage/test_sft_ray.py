@@ -2,7 +2,7 @@
 
 One cluster per module (Ray's start-up is the slow part): a head that runs no training (Ray
 Train's controller only) and two worker nodes, each with one CPU and one `trainer` slot, so the
-two training workers land on two nodes. The sft stage's own job runs on Ray Train workers (gloo);
+two training workers land on two nodes (each logs its Ray node id). The sft stage's own job runs on Ray Train workers (gloo);
 the driver is killed after the first checkpoint, the stage fails with the launcher's error and
 keeps its staging dir, and the rerun resumes from that checkpoint; rank 0 publishes the artifact
 under the key the same config has on any other launcher.
@@ -87,7 +87,7 @@ def test_ray_launcher_trains_publishes_and_resumes(tmp_path, ray_cluster):
     config = SFTConfig.model_validate({
         "model": str(model), "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, "max_length": 64,
         "heldout": {"max_examples_per_task": 0},
-        "training": {"max_steps": 30, "save_steps": 3, "warmup_ratio": 0.0, "learning_rate": 0.01},
+        "training": {"max_steps": 60, "save_steps": 3, "warmup_ratio": 0.0, "learning_rate": 0.01},
     })
     env = cpu_profile(
         launcher="ray", num_processes=2, per_device_batch_size=2,
@@ -106,7 +106,7 @@ def test_ray_launcher_trains_publishes_and_resumes(tmp_path, ray_cluster):
     assert killed, "the driver was found and killed after the first checkpoint"
     assert "exited with code -9" in str(failure.value)
     kept = complete_checkpoints(tmp_path / "artifacts", "sft", "all")
-    assert kept and max(kept) < 30, "the staging dir kept the checkpoints of the interrupted run"
+    assert kept and max(kept) < 60, "the staging dir kept the checkpoints of the interrupted run"
 
     second = time.perf_counter()
     logger, lines = _collecting_logger()
@@ -121,13 +121,18 @@ def test_ray_launcher_trains_publishes_and_resumes(tmp_path, ray_cluster):
     # Rank 0 published once, under the contract: a manifest whose files verify.
     assert [r.key for r in store.published("sft")] == [ref.key] and store.verify(ref.path) == []
     manifest = json.loads((Path(ref.path) / "manifest.json").read_text())
-    assert manifest["metrics"]["global_step"] == {"all": 30}
+    assert manifest["metrics"]["global_step"] == {"all": 60}
     run = json.loads((Path(ref.path) / "metrics.json").read_text())["all"]
     assert run["resumed_from"] in kept, "the rerun resumed from a checkpoint the interrupted run left"
     assert run["checks"]["adapter_effect"]["passed"] and (Path(ref.path) / "adapter" / "adapter_config.json").exists()
 
     # Two Ray Train workers, one per worker node, each in its own process; the resume message of
     # the workers' `tunepipe.train` logger reached the stage's log through the driver.
-    pids = set(re.findall(r"\(RayTrainWorker pid=(\d+)", log))
+    pids = {int(pid) for pid in re.findall(r"\(RayTrainWorker pid=(\d+)", log)}
     assert len(pids) == 2, log[-3000:]
+    # Ray Train derives node ranks from IPs (all nodes here share one, so both say node_rank 0):
+    # each worker logs the Ray node it runs on.
+    nodes = dict(re.findall(r"ray worker rank (\d) of 2 on node (\w+)", log))
+    assert set(nodes) == {"0", "1"} and len(set(nodes.values())) == 2, log[-3000:]
+    assert cluster.head_node.node_id not in nodes.values()
     assert re.search(r"tunepipe\.train INFO resuming from .*checkpoint-\d+", log)
