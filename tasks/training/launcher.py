@@ -139,7 +139,7 @@ def run_training(
         with posted_job(env.multi_node, job_file, logger) as rdzv_id:
             stream_command(
                 launch_command(env, job_file, rdzv_id=rdzv_id), logger,
-                what=f"{what} x{env.multi_node.nodes} nodes", log_file=work / "launch.log",
+                what=f"torchrun {env.multi_node.nodes} nodes x{env.num_processes}", log_file=work / "launch.log",
             )
     else:
         stream_command(launch_command(env, job_file), logger, what=what, log_file=work / "launch.log")

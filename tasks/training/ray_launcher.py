@@ -63,6 +63,10 @@ def run(job_file: Path, *, workers: int, address: str | None, resources: dict[st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     job = json.loads(job_file.read_text())
+    # Plain `(RayTrainWorker pid=…)` prefixes and every rank's lines: the stage log (and its
+    # error-line search) gets no colour codes and no `[repeated 3x across cluster]` summaries.
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     passed = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ENV_PREFIXES)}
     ray.init(address=address, runtime_env={"env_vars": passed} if passed else None, include_dashboard=False,
              log_to_driver=True, logging_level=logging.WARNING)
@@ -96,13 +100,30 @@ def main(argv: list[str] | None = None) -> int:
         run(args.job, workers=args.workers, address=args.address, resources=args.resources, gpu=args.gpu,
             strategy=args.placement_strategy)
     except Exception as exc:  # noqa: BLE001 - the driver's one job is to report why the workers failed
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        print(f"ray: training failed: {type(exc).__name__}", flush=True)
-        print(f"{type(cause).__name__}: {cause}".splitlines()[0], flush=True)
+        import ray
+
+        ray.shutdown()  # the workers' forwarded lines come first: the launcher reports the last error line
+        print(f"ray: training failed ({type(exc).__name__})", flush=True)
+        for line in failure_lines(exc):
+            print(line, flush=True)
         return 1
     return 0
+
+
+def failure_lines(exc: BaseException) -> list[str]:
+    """One `ErrorType: message (rank R)` line per failed worker (Ray Train's WorkerGroupError maps
+    ranks to their exceptions), else the root cause: the launcher reports the last such line."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    causes = [(f" (rank {rank})", error) for rank, error in sorted(failures.items())]
+    if not causes:
+        causes = [("", getattr(exc, "controller_failure", None) or exc)]
+    lines = []
+    for where, error in causes:
+        while getattr(error, "cause", None) is not None or error.__cause__ is not None:  # RayTaskError wraps the user's error
+            error = getattr(error, "cause", None) or error.__cause__
+        message = (str(error).strip().splitlines() or [""])[0]
+        lines.append(f"{type(error).__name__}: {message}{where}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -136,3 +136,16 @@ def test_ray_launcher_trains_publishes_and_resumes(tmp_path, ray_cluster):
     assert set(nodes) == {"0", "1"} and len(set(nodes.values())) == 2, log[-3000:]
     assert cluster.head_node.node_id not in nodes.values()
     assert re.search(r"tunepipe\.train INFO resuming from .*checkpoint-\d+", log)
+
+
+def test_a_failing_worker_fails_the_launch_with_its_error(tmp_path, ray_cluster):
+    from tunepipe.tasks.training.launcher import run_training
+
+    cluster, _ = ray_cluster
+    env = cpu_profile(launcher="ray", num_processes=2, ray=RayProfile(address=cluster.address, resources_per_worker={"CPU": 1, "trainer": 1}))
+    logger, lines = _collecting_logger()
+    with pytest.raises(StageFailed) as failure:
+        run_training("tests.helpers.training:failing_job", {}, env, logger, tmp_path)
+    message = str(failure.value)
+    assert "exited with code 1" in message and "Worker error: RuntimeError: planted failure in the worker" in message, message
+    assert "about to fail" in (tmp_path / "launch.log").read_text()
