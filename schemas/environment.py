@@ -111,6 +111,12 @@ class MultiNodeProfile(StrictModel):
         description="Directory on shared storage where the stage posts each training job for the other nodes' "
         "`tunepipe join`."
     )
+    join_timeout_s: int = Field(
+        default=600,
+        ge=1,
+        description="How long a launcher waits at the rendezvous for the other nodes (torchrun's `--rdzv-conf "
+        "join_timeout`) before the launch fails: a node whose `tunepipe join` is not running fails the stage then.",
+    )
 
 
 class EnvironmentProfile(StrictModel):

@@ -30,6 +30,7 @@ def torchrun_node_arguments(multi_node: MultiNodeProfile, rdzv_id: str | None) -
         "--rdzv-backend", multi_node.rdzv_backend,
         "--rdzv-endpoint", multi_node.rdzv_endpoint,
         "--rdzv-id", rdzv_id or multi_node.rdzv_id or "tunepipe",
+        "--rdzv-conf", f"join_timeout={multi_node.join_timeout_s}",
     ]
     if multi_node.node_rank is not None:
         args += ["--node-rank", str(multi_node.node_rank)]

@@ -52,8 +52,9 @@ def test_multi_node_arguments_replace_standalone(tmp_path):
     env = load_environment("multi-node-torchrun")
     cmd = launch_command(env, tmp_path / "job.json", rdzv_id="r1")
     assert "--standalone" not in cmd
-    args = dict(zip(cmd[3:11:2], cmd[4:12:2]))
-    assert args == {"--nnodes": "2", "--rdzv-backend": "c10d", "--rdzv-endpoint": "node-0.cluster.local:29400", "--rdzv-id": "r1"}
+    args = dict(zip(cmd[3:13:2], cmd[4:14:2]))
+    assert args == {"--nnodes": "2", "--rdzv-backend": "c10d", "--rdzv-endpoint": "node-0.cluster.local:29400", "--rdzv-id": "r1",
+                    "--rdzv-conf": "join_timeout=600"}
     assert cmd[cmd.index("--nproc_per_node") + 1] == "8" and env.world_size == 16
     static = env.model_copy(update={"multi_node": env.multi_node.model_copy(update={"rdzv_backend": "static", "node_rank": 1})})
     cmd = launch_command(static, tmp_path / "job.json", rdzv_id="r1")
@@ -104,3 +105,17 @@ def test_two_launchers_on_localhost_form_one_job(tmp_path):
     assert ref.key == identify(SFTStage(), config, {"data": data}, one_node).key
     log = "\n".join(lines)
     assert "multi-node: job posted on" in log and "--nnodes 2" in log and "--standalone" not in log
+
+
+def test_a_node_that_never_joins_fails_the_launch_at_the_join_timeout(tmp_path):
+    from tunepipe.tasks.core.stage import StageFailed
+    from tunepipe.tasks.training.launcher import run_training
+
+    env = load_environment(str(_profile(tmp_path)))
+    env = env.model_copy(update={"multi_node": env.multi_node.model_copy(update={"join_timeout_s": 3})})
+    logger = logging.getLogger("tunepipe.test-multinode-timeout")
+    started = time.perf_counter()
+    with pytest.raises(StageFailed) as failure:
+        run_training("tunepipe.tasks.training.launcher:main", {}, env, logger, tmp_path / "launch")
+    assert "RendezvousTimeoutError" in str(failure.value), str(failure.value)[-2000:]
+    assert time.perf_counter() - started < 120 and list((tmp_path / "board").glob("*.json")) == []
