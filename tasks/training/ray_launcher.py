@@ -14,14 +14,20 @@ Ray's own checkpointing and retries stay off (a rerun of the stage resumes inste
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
+
+# Ray Train's placement-group cleaner says this once a second, for the whole run, where the cluster
+# has no State API (a Ray without the dashboard of `ray[default]`, like the `ray[train]` extra alone).
+_NO_STATE_API = "Failed to query Ray Train Controller actor state"
 
 # Variables a training worker on another node must see as the driver does (offline hubs, caches).
 _PASSED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "TUNEPIPE_", "TOKENIZERS_", "OMP_NUM_THREADS")
@@ -37,6 +43,31 @@ def driver_command(env: EnvironmentProfile, job_file: str) -> list[str]:
     if env.device == "cuda":
         cmd += ["--gpu"]
     return cmd + ["--placement-strategy", env.ray.placement_strategy]
+
+
+class _OnceNoise(io.TextIOBase):
+    """The driver's stdout/stderr, passing the workers' forwarded lines through, except repeats of
+    the cleaner's State API warning after the first (line-buffered; Ray prints from a thread)."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._partial, self._seen = stream, "", False
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                if _NO_STATE_API in line:
+                    if self._seen:
+                        continue
+                    self._seen = True
+                    line += " [repeats dropped: this cluster has no State API; `ray[default]` on the cluster provides it]"
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._stream.flush()
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
@@ -68,8 +99,10 @@ def run(job_file: Path, *, workers: int, address: str | None, resources: dict[st
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     passed = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ENV_PREFIXES)}
-    ray.init(address=address, runtime_env={"env_vars": passed} if passed else None, include_dashboard=False,
-             log_to_driver=True, logging_level=logging.WARNING)
+    # Joining a cluster (address or RAY_ADDRESS) takes its settings; a Ray started for the run needs no dashboard.
+    local = {} if address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+    ray.init(address=address, runtime_env={"env_vars": passed} if passed else None, log_to_driver=True,
+             logging_level=logging.WARNING, **local)
     print(f"ray: cluster {ray.get_runtime_context().gcs_address}, {ray.cluster_resources()}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -96,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--placement-strategy", default="PACK")
     args = parser.parse_args(argv)
+    sys.stdout, sys.stderr = _OnceNoise(sys.stdout), _OnceNoise(sys.stderr)
     try:
         run(args.job, workers=args.workers, address=args.address, resources=args.resources, gpu=args.gpu,
             strategy=args.placement_strategy)
