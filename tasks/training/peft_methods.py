@@ -303,6 +303,9 @@ def bnb_config(method: QLoraMethod, env: EnvironmentProfile) -> Any:
         bnb_4bit_quant_type=s["quant_type"],
         bnb_4bit_use_double_quant=s["double_quant"],
         bnb_4bit_compute_dtype=getattr(torch, s["compute_dtype"]),
+        # FSDP flattens every parameter of a block into one tensor of one dtype: the packed 4-bit weights must be
+        # stored in the dtype of the rest (transformers' FSDP-QLoRA recipe), not bitsandbytes' default uint8.
+        bnb_4bit_quant_storage=getattr(torch, s["compute_dtype"]) if env.fsdp is not None else torch.uint8,
     )
 
 
