@@ -26,7 +26,7 @@ from tunepipe.tasks.core.stage import StageFailed
 
 TAIL_LINES = 40
 # A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.
-_ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?[\w.]*(?:Error|Exception|Interrupt)\b.*")
+_ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?[\w.]*(?:Error|Exception|Interrupt)\b.*")
 
 
 # torchrun's summary of the first worker that failed ("Root Cause (first observed failure)"), one field a line.

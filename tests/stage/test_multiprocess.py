@@ -240,3 +240,73 @@ def test_killed_rank_fails_the_stage_and_the_rerun_resumes(assets, one_process, 
     losses = [p["loss"] for p in metrics["loss_history"]["all"]]
     expected = [p["loss"] for p in one_process["lora"]["loss_history"]]
     assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) <= LOSS_TOLERANCE, (losses, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Every training stage launches the same way: the cheapest config of each under torchrun x 2 (DDP).
+
+@pytest.fixture(scope="module")
+def stage_assets(tmp_path_factory):
+    """An SFT artifact (in process) and preference pairs designed against it, as the align tests use."""
+    from tests.helpers.alignment import build_assets, data_with_pairs, pairs_against_sft
+
+    built = build_assets(tmp_path_factory.mktemp("stages"))
+    built["pairs_data"] = data_with_pairs(built, "data-pairs", pairs_against_sft(built))
+    return built
+
+
+def _run_two_processes(stage_assets, stage: str):
+    """(artifact ref, manifest metrics) of `stage` trained 3 steps by two processes."""
+    from tunepipe.schemas.align import AlignConfig
+    from tunepipe.schemas.pretrain import PretrainConfig
+    from tunepipe.schemas.reward import RewardConfig
+    from tunepipe.tasks.align.stage import AlignStage
+    from tunepipe.tasks.pretrain.stage import PretrainStage
+    from tunepipe.tasks.reward.stage import RewardStage
+
+    training = {"max_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0}
+    model, store, env = str(stage_assets["model"]), stage_assets["store"], _two_processes()
+    lora = {"name": "lora", "r": 4}
+    if stage == "pretrain":
+        config = PretrainConfig.model_validate({"model": model, "method": lora, "max_length": 24, "training": training})
+        ref = run_stage(PretrainStage(), config, {"data": stage_assets["data"]}, store, env)
+    elif stage == "reward":
+        ref = _reward(stage_assets)
+    else:
+        method = {"dpo": {"name": "dpo", "beta": 0.5},
+                  "ppo": {"name": "ppo", "response_length": 8, "num_ppo_epochs": 1}}[stage]
+        inputs = {"data": stage_assets["pairs_data"], "sft": stage_assets["sft"]}
+        if stage == "ppo":  # PPO's extra models: the reward model (trained by two processes too), value and reference
+            inputs["reward"] = _reward(stage_assets)
+        config = AlignConfig.model_validate({"method": method, "max_length": 64, "training": training,
+                                             "heldout": {"max_examples_per_task": 2, "max_new_tokens": 4}})
+        ref = run_stage(AlignStage(), config, inputs, store, env)
+    return ref, json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]
+
+
+def _reward(stage_assets):
+    from tunepipe.schemas.reward import RewardConfig
+    from tunepipe.tasks.reward.stage import RewardStage
+
+    config = RewardConfig.model_validate({"model": str(stage_assets["model"]), "method": {"name": "lora", "r": 4},
+                                          "max_length": 64,
+                                          "training": {"max_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0}})
+    # Cached by key after the first call: the ppo case reuses the reward case's artifact.
+    return run_stage(RewardStage(), config, {"data": stage_assets["pairs_data"]}, stage_assets["store"], _two_processes())
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "reward", "dpo", "ppo"])
+def test_every_training_stage_launches_two_processes(stage_assets, stage):
+    ref, metrics = _run_two_processes(stage_assets, stage)
+    per_run = isinstance(metrics["global_step"], dict)  # align: one entry per adapter run
+    steps = metrics["global_step"]["all"] if per_run else metrics["global_step"]
+    world = metrics["world_size"]["all"] if per_run else metrics["world_size"]
+    assert world == 2 and steps == 3
+    if stage == "ppo":  # PPO logs its objectives per update, not a `loss`
+        history = [{"loss": p["value"]} for p in metrics["step_metrics"]["all"]["policy_loss"]]
+    else:
+        history = metrics["loss_history"]["all"] if per_run else metrics["loss_history"]
+    assert len(history) == 3 and all(p["loss"] == p["loss"] for p in history)  # logged each step, and not NaN
+    published = {"pretrain": "model.safetensors", "reward": "adapter/adapter_model.safetensors",
+                 "dpo": "adapter/adapter_model.safetensors", "ppo": "adapter/adapter_model.safetensors"}[stage]
+    assert (Path(ref.path) / published).exists()
