@@ -165,18 +165,6 @@ def test_two_processes_match_one_process_at_twice_the_batch(assets, one_process,
         assert optim == pytest.approx(share[1], abs=0.01), f"{kind}: rank {rank['rank']} holds {optim:.3f} of the optimizer states"
 
 
-def test_fsdp2_on_cpu_is_refused_not_run_unsharded():
-    """A CPU profile asking for FSDP is refused (see TWO_GPUS' reason) rather than silently trained unsharded."""
-    from pydantic import ValidationError
-
-    from tunepipe.tasks.core.environment import load_environment
-
-    fsdp = load_environment("multi-gpu-fsdp")
-    with pytest.raises(ValidationError, match="fsdp needs a CUDA device"):
-        type(fsdp).model_validate({**fsdp.model_dump(), "device": "cpu", "dtype": "float32", "attn_implementation": "sdpa",
-                                   "packed_attention": []})
-
-
 @QLORA_FSDP
 def test_qlora_trains_under_fsdp2(assets, tmp_path):
     """QLoRA's 4-bit base stored in the compute dtype, sharded by FSDP2 over 2 GPUs: it trains, each rank holds
