@@ -395,15 +395,16 @@ def suggestions(
         )
     if not env.gradient_checkpointing:
         out.append(f"turn on gradient_checkpointing: ~{total(method, env.model_copy(update={'gradient_checkpointing': True})):.1f} GiB")
-    if _deepspeed(env)["stage"] < 3:
+    if "weights" not in sharding(env)["divided"]:
         from tunepipe.tasks.core.environment import load_environment
 
-        zero3 = load_environment("multi-gpu-deepspeed-zero3").model_copy(
-            update={"per_device_batch_size": env.per_device_batch_size, "device_memory_gb": env.device_memory_gb}
-        )
+        same_batch = {"per_device_batch_size": env.per_device_batch_size, "device_memory_gb": env.device_memory_gb}
+        zero3 = load_environment("multi-gpu-deepspeed-zero3").model_copy(update=same_batch)
+        fsdp = load_environment("multi-gpu-fsdp").model_copy(update=same_batch)
         out.append(
             f"shard with DeepSpeed ZeRO (profile multi-gpu-deepspeed for ZeRO-2, multi-gpu-deepspeed-zero3 for "
-            f"ZeRO-3 with CPU offload: ~{total(method, zero3):.1f} GiB per GPU on {zero3.num_processes} GPUs)"
+            f"ZeRO-3 with CPU offload: ~{total(method, zero3):.1f} GiB per GPU on {zero3.num_processes} GPUs) or FSDP2 "
+            f"(profile multi-gpu-fsdp: ~{total(method, fsdp):.1f} GiB per GPU on {fsdp.num_processes} GPUs)"
         )
     out.append(f"lower max_length from {seq_len}")
     return out
