@@ -14,8 +14,9 @@ FSDP2 (and QLoRA under it) cannot run on CPU (accelerate drops its FSDP plugin f
 run on a host with 2+ GPUs and skip here with the reason; the profile's wiring is checked in
 tests/unit/test_distributed_profiles.py.
 
-Each two-process run takes 25-40 s here (two interpreters importing torch/transformers/deepspeed, then a
-few steps); the first ZeRO run on a machine JIT-builds DeepSpeed's CPU comm op (about 4 minutes, once).
+Each two-process run takes 40-60 s on 2 shared cores (two interpreters importing torch/transformers/deepspeed
+dominate; a few steps follow); the whole file about 7.5 minutes. The first ZeRO run on a machine JIT-builds
+DeepSpeed's CPU comm op (about 4 minutes, once; tests/stage/test_sft_zero2.py usually pays it first).
 """
 
 from __future__ import annotations
