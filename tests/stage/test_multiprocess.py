@@ -152,6 +152,9 @@ def test_two_processes_match_one_process_at_twice_the_batch(assets, one_process,
     weight_gap = max(float((got[k].float().cpu() - want[k]).abs().max()) for k in want)
     assert weight_gap <= LOSS_TOLERANCE, f"{kind} {method}: weights differ by {weight_gap:.2e}"
 
+    if method == "lora":  # the adapter self-check ran (collectively, when the parameters are sharded)
+        assert result["checks"]["adapter_effect"]["passed"] and result["checks"]["adapter_effect"]["max_logit_difference"] > 0
+
     # What each rank holds against the unsharded single process.
     (unsharded,) = reference["per_rank_state"]
     ranks = result["per_rank_state"]
