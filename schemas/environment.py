@@ -119,6 +119,23 @@ class MultiNodeProfile(StrictModel):
     )
 
 
+class FsdpProfile(StrictModel):
+    """PyTorch FSDP2 (`fully_shard`) through accelerate's FSDP plugin (the Trainer's `fsdp_config`, version 2)."""
+
+    reshard_after_forward: bool = Field(
+        default=True,
+        description="Free each block's gathered parameters after its forward pass (full shard: parameters, gradients "
+        "and optimizer states all divided over the processes, like ZeRO-3); false keeps them gathered until backward "
+        "(like ZeRO-2: faster, parameters held whole between forward and backward).",
+    )
+    cpu_offload: bool = Field(default=False, description="Keep sharded parameters, gradients and optimizer states in CPU memory.")
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = Field(
+        default="FULL_STATE_DICT",
+        description="How checkpoints are written: gathered on rank 0 (loadable anywhere) or one shard per rank (faster "
+        "for large models; resuming needs the same number of processes). The published model is always gathered.",
+    )
+
+
 class EnvironmentProfile(StrictModel):
     """One hardware/runtime profile."""
 
@@ -177,6 +194,11 @@ class EnvironmentProfile(StrictModel):
     deepspeed_config: str | None = Field(
         default=None, description="DeepSpeed JSON config, relative to environments/ or absolute (ZeRO stage, offload)."
     )
+    fsdp: FsdpProfile | None = Field(
+        default=None,
+        description="Shard training with PyTorch FSDP2 across the launched processes (CUDA only: accelerate runs CPU "
+        "processes as plain DDP). The profile's gradient_checkpointing becomes FSDP's activation checkpointing.",
+    )
     work_pool: str | None = Field(default=None, description="Prefect work pool stages on this profile are sent to.")
     serving: ServingProfile = Field(default_factory=ServingProfile, description="Model server settings.")
 
@@ -200,6 +222,12 @@ class EnvironmentProfile(StrictModel):
             raise ValueError("multi_node is a torchrun setting: set launcher torchrun (or use launcher ray)")
         if self.multi_node is not None and self.multi_node.node_rank is not None and self.multi_node.node_rank >= self.multi_node.nodes:
             raise ValueError(f"multi_node.node_rank {self.multi_node.node_rank} is not below nodes {self.multi_node.nodes}")
+        if self.fsdp is not None and self.deepspeed_config:
+            raise ValueError("fsdp and deepspeed_config both shard the model: choose one")
+        if self.fsdp is not None and self.device == "cpu":
+            # accelerate 1.15 (state.py, AcceleratorState) turns the FSDP plugin on only for GPU-like distributed types;
+            # CPU processes run as MULTI_CPU, where the plugin is dropped: the run would silently be unsharded DDP.
+            raise ValueError("fsdp needs a CUDA device: accelerate runs CPU processes as plain DDP and ignores the FSDP plugin")
         if self.launcher == "in_process" and self.num_processes != 1:
             raise ValueError("launcher in_process runs one process: set num_processes to 1 or choose a launcher")
         return self

@@ -1,4 +1,4 @@
-"""`tunepipe plan`: parameter counts and peak training memory per profile, from the model config alone."""
+"""`tunepipe plan`: parameter counts and peak training memory per device for each profile, from the model config alone."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         packing = args.packing or config.sft.packing
     result = plan(model, method_config, load_environment(env_name), seq_len, training, packing=packing)
     result["profiles"] = [
-        {"environment": name, "total_gb": row["memory"]["total_gb"], "fits": row["memory"]["fits"]}
+        {"environment": name, "total_gb": row["memory"]["total_gb"], "fits": row["memory"]["fits"],
+         "processes": row["memory"]["assumptions"]["processes"], "sharding": row["memory"]["assumptions"]["sharding"]}
         for name in bundled_profiles()
         for row in [plan(model, method_config, load_environment(name), seq_len, training, packing=packing)]
     ]
@@ -54,10 +55,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if result["experts"]:
         print(f"mixture of experts: {result['experts']['active_per_token']} of {result['experts']['per_block']} experts per token, "
               f"{result['active_params']:,} of {result['total_params']:,} parameters active")
-    print(f"{'profile':<28} {'peak GiB':>9}  fits")
+    # Per device: each process of a multi-GPU profile holds its share of the sharded state plus its own activations.
+    print(f"{'profile':<38} {'processes':>9}  {'sharding':<70} {'GiB/device':>10}  fits")
     for row in result["profiles"]:
-        print(f"{row['environment']:<28} {row['total_gb']:>9.2f}  {'yes' if row['fits'] else 'NO'}")
+        print(f"{row['environment']:<38} {row['processes']:>9}  {sharding_label(row['sharding']):<70} {row['total_gb']:>10.2f}  "
+              f"{'yes' if row['fits'] else 'NO'}")
     return 0
+
+
+def sharding_label(shards: dict) -> str:
+    """`zero-3 /8: weights, gradients, optimizer; on cpu: optimizer, weights`: what each device holds a share of."""
+    label = shards["scheme"]
+    if shards["divided"]:
+        label += f" /{shards['world_size']}: {', '.join(shards['divided'])}"
+    if shards["offloaded"]:
+        label += f"; on cpu: {', '.join(shards['offloaded'])}"
+    return label
 
 
 def add_parsers(sub) -> None:

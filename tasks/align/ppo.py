@@ -80,6 +80,43 @@ def prompt_dataset(tokenizer: Any, prompts: list[dict[str, Any]]) -> Any:
     return Dataset.from_list(rows)
 
 
+def _see_through(wrapper: Any) -> None:
+    """Let attribute reads on a DistributedDataParallel wrapper fall through to the module it wraps (its class
+    becomes a subclass whose `__getattr__` tries the wrapped module last): what TRL's PPO reads off its
+    policy-and-value model (`.policy`, `.config`) then works on the wrapper too. Parameters, state dict and
+    forward are untouched."""
+    base = type(wrapper)
+
+    def __getattr__(self: Any, name: str) -> Any:
+        try:
+            return base.__getattr__(self, name)
+        except AttributeError:
+            return getattr(base.__getattr__(self, "module"), name)
+
+    wrapper.__class__ = type(f"SeeThrough{base.__name__}", (base,), {"__getattr__": __getattr__})
+
+
+def _multiprocess_safe(trainer_cls: Any) -> Any:
+    """TRL 1.12's PPOTrainer made to run under DDP (several processes).
+
+    TRL reads its policy-and-value model's attributes off `self.model` (`self.model.policy` for the reference
+    adapter switch and the reference forward pass, `.config` for the checkpoint's model card), but once
+    `accelerate` has wrapped that model for several processes `self.model` is a DistributedDataParallel
+    without them (AttributeError on every rank). One process never wraps it and is rank 0: nothing changes there."""
+
+    class PPOTrainer(trainer_cls):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # Set by transformers' Trainer.__init__, which TRL's PPOTrainer never calls; read when a rank other
+            # than 0 skips writing a checkpoint.
+            if not hasattr(self, "is_distributed_loading_by_transformers"):
+                self.is_distributed_loading_by_transformers = False
+            if isinstance(self.model, __import__("torch").nn.parallel.DistributedDataParallel):
+                _see_through(self.model)
+
+    return PPOTrainer
+
+
 def ppo_trainer(
     config: AlignConfig, env: EnvironmentProfile, model: Any, tokenizer: Any, prompts: list[dict[str, Any]],
     base_args: dict[str, Any], callbacks: list[Any], reward: tuple[Any, Any],
@@ -97,7 +134,7 @@ def ppo_trainer(
     tokenizer.padding_side = "left"  # PPO takes the prompt as everything before column `context_length`
     torch.manual_seed(config.training.seed)
     dataset = prompt_dataset(tokenizer, prompts)
-    return PPOTrainer(
+    return _multiprocess_safe(PPOTrainer)(
         args=ppo_args(config, env, base_args, tokenizer),
         processing_class=tokenizer,
         model=model,

@@ -230,6 +230,7 @@ class AlignStage(Stage):
             "kind": outputs.kind,
             "runs": list(runs),
             "global_step": {run: m["global_step"] for run, m in metrics_by_run.items()},
+            "world_size": {run: m.get("world_size", 1) for run, m in metrics_by_run.items()},  # training processes
             "checks": {run: m.get("checks", {}) for run, m in metrics_by_run.items()},
             "train_loss": {run: m.get("train_loss") for run, m in metrics_by_run.items()},
             "trainable_parameters": next(iter(metrics_by_run.values()))["trainable_parameters"],

@@ -111,6 +111,7 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
         {
             **extra,
             "prompts": len(job.get("prompts") or []),
+            "world_size": int(trainer.args.world_size),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "loss_history": loss_history(trainer),

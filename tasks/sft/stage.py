@@ -160,6 +160,11 @@ class SFTStage(TrainingStage):
             "total_parameters": first["total_parameters"],
             "trainable_percent": first["trainable_percent"],
             "global_step": {run: m["global_step"] for run, m in metrics_by_run.items()},
+            # The checkpoint step a run resumed from (None: trained from the start), and each rank's parameter and
+            # optimizer bytes (a multi-process profile: 1/world of them per rank under ZeRO-3 or FSDP).
+            "world_size": {run: m.get("world_size", 1) for run, m in metrics_by_run.items()},
+            "resumed_from": {run: m.get("resumed_from") for run, m in metrics_by_run.items()},
+            "per_rank_state": {run: m.get("per_rank_state") for run, m in metrics_by_run.items()},
             "train_loss": {run: m["train_loss"] for run, m in metrics_by_run.items()},
             "eval_loss": {run: _mean_eval(m) for run, m in metrics_by_run.items()},
             "truncated": sum(m["truncated"] for m in metrics_by_run.values()),

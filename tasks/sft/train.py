@@ -25,6 +25,7 @@ from tunepipe.tasks.training.encoding import (
     read_split,
     resolve_chat_template,
 )
+from tunepipe.tasks.training.distributed import parameters_sharded
 from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
 from tunepipe.tasks.training.plots import step_history
 from tunepipe.tasks.training.trainer import (
@@ -105,15 +106,26 @@ def sft_trainer(job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return trainer, prepared
 
 
-def save_result(trainer: Any, tokenizer: Any, method: Any, dest: Path, initial_adapter: Path | None) -> None:
-    """An adapter dir (PEFT methods) or a full model dir, with the tokenizer, written atomically."""
+def save_result(
+    trainer: Any, tokenizer: Any, method: Any, dest: Path, initial_adapter: Path | None, *, collective: bool = False
+) -> None:
+    """An adapter dir (PEFT methods) or a full model dir, with the tokenizer, written atomically.
+
+    `collective`: the parameters are sharded over the ranks; every rank calls this, the Trainer gathers
+    the weights and rank 0 writes them (PiSSA/OLoRA conversion needs the whole adapter: not done then)."""
     tmp = dest.with_name(dest.name + ".partial")
-    if tmp.exists():
+    if is_main_process() and tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
     model = trainer.model
-    if method.is_peft:
+    if collective:
+        if is_main_process():
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_model(str(tmp))
+        if not is_main_process():
+            return
+    elif method.is_peft:
         kwargs = {}
         if isinstance(method, LoraMethod) and method.init in ("pissa", "olora") and initial_adapter is not None:
             kwargs["path_initial_model_for_weight_conversion"] = str(initial_adapter)
@@ -174,10 +186,37 @@ def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConf
     )
 
 
+def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, job: dict[str, Any]) -> dict[str, Any]:
+    """`saved_adapter_effect` for sharded parameters: the trained adapter in memory against the base, run by
+    every rank together (each forward pass gathers the shards); the saved files are checked on reload."""
+    model = trainer.model
+    if not config.method.is_peft or config.method.is_prompt_learning:
+        return {"passed": True, "skipped": f"{config.method.name}: no LoRA-style adapter to check"}
+    prompts = check_prompts(job, config, prepared["tokenizer"])
+    batches = checks_.prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        result = checks_.adapter_effect_check(model, batches)
+    finally:
+        model.train(was_training)
+    return checks_.require(
+        "adapter_effect", result,
+        f"the trained adapter does not change the model's output on {result['prompts']} held-out prompts",
+    )
+
+
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one SFT job to completion; returns its metrics (rank 0 also saves the result)."""
+    config = SFTConfig.model_validate(job["config"])
+    if parameters_sharded(EnvironmentProfile.model_validate(job["env"])) and getattr(config.method, "init", None) in ("pissa", "olora"):
+        raise StageFailed(
+            f"sft.method.init {config.method.init} converts the trained adapter against the whole initial adapter at save "
+            "time, which a profile that shards parameters (ZeRO-3, FSDP) never holds on one rank: use init gaussian or a "
+            "ZeRO-2/DDP profile"
+        )
     trainer, prepared = sft_trainer(job)
-    config: SFTConfig = prepared["config"]
+    config = prepared["config"]
     trainable, total = peft_methods.count_parameters(trainer.model)
     log.info("sft %s: %d examples, %d trainable of %d parameters", config.method.name, len(prepared["train_rows"]), trainable, total)
     metrics = fit(trainer, job["checkpoint_dir"])
@@ -196,7 +235,12 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     metrics.update(evaluate(trainer))
     dest = Path(job["output_dir"]) / job["save_to"]
-    if is_main_process():
+    env = EnvironmentProfile.model_validate(job["env"])
+    if parameters_sharded(env):
+        # ZeRO-3 / FSDP: every rank takes part in gathering the weights and in the check's forward passes.
+        save_result(trainer, prepared["tokenizer"], config.method, dest, None, collective=True)
+        checks["adapter_effect"] = trained_adapter_effect(trainer, prepared, config, job)
+    elif is_main_process():
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_result(trainer, prepared["tokenizer"], config.method, dest, prepared["initial_adapter"])
         checks["adapter_effect"] = saved_adapter_effect(trainer, prepared, config, dest, job)

@@ -35,6 +35,53 @@ TAIL_LINES = 40
 _ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*|\([^)]*\)\s*)?[\w.]*(?:Error|Exception|Interrupt)\b.*")
 
 
+# torchrun's summary of the first worker that failed ("Root Cause (first observed failure)"), one field a line.
+_ROOT_FIELD = re.compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$")
+_RANK_PREFIX = re.compile(r"^\s*\[rank(\d+)\]:")
+
+
+def root_cause(lines: list[str]) -> dict[str, str] | None:
+    """The failed rank, its exit code and torchrun's note on it (`Signal 9 (SIGKILL) received by PID ...`), from
+    the summary torchrun prints when a worker fails; None when there is none."""
+    try:
+        start = max(i for i, line in enumerate(lines) if "Root Cause (first observed failure)" in line)
+    except ValueError:
+        return None
+    found: dict[str, str] = {}
+    for line in lines[start:]:
+        if (match := _ROOT_FIELD.match(line)) and match.group(1) not in found:
+            found[match.group(1)] = match.group(2).strip()
+    if "rank" not in found:
+        return None
+    for field in ("rank", "exitcode"):  # `1 (local_rank: 1)`, `-9 (pid: 123)`: the number
+        if field in found:
+            found[field] = found[field].split()[0]
+    return found
+
+
+def failure_summary(lines: list[str], errors: list[str]) -> str:
+    """Which worker failed and how: the first failed rank (torchrun's root cause) with its own exception line when
+    it printed one (a rank killed by a signal prints none: its exit code and signal say it), else the last
+    exception line any worker printed."""
+    cause = root_cause(lines)
+    if cause is None:
+        return f". Worker error: {errors[-1]}" if errors else ""
+    rank = cause["rank"]
+    own = [_RANK_PREFIX.sub("", e).strip() for e in errors if (m := _RANK_PREFIX.match(e)) and m.group(1) == rank]
+    # Lines without a [rankN] prefix (a worker that never joined a process group) cannot be told apart: its own.
+    own = own or [e for e in errors if not _RANK_PREFIX.match(e)]
+    others = [e for e in errors if (m := _RANK_PREFIX.match(e)) and m.group(1) != rank]
+    text = f". Rank {rank} failed first (exit code {cause.get('exitcode', '?')}"
+    if cause.get("traceback") and not cause["traceback"].startswith("To enable traceback"):
+        text += f": {cause['traceback']}"
+    text += ")"
+    if own:
+        text += f". Worker error: {own[-1]}"
+    if others:
+        text += f". Other ranks then reported: {others[-1]}"
+    return text
+
+
 def entry_point(spec: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """`package.module:function` → the function."""
     module, _, name = spec.partition(":")
@@ -87,7 +134,7 @@ def stream_command(
     environ = {**os.environ, **(extra_env or {})}
     environ.setdefault("PYTHONUNBUFFERED", "1")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    errors: collections.deque[str] = collections.deque(maxlen=5)
+    errors: collections.deque[str] = collections.deque(maxlen=20)
     logger.info("%s: %s", what, " ".join(cmd))
     try:
         proc = subprocess.Popen(
@@ -115,7 +162,7 @@ def stream_command(
     if code != 0:
         raise StageFailed(
             f"{what}: `{' '.join(cmd[:6])} ...` exited with code {code}"
-            + (f". Worker error: {errors[-1]}" if errors else "")
+            + failure_summary(list(tail), list(errors))
             + (f". Full log: {log_file}" if log_file else "")
             + f". Last {len(tail)} lines of its log:\n" + "\n".join(tail)
         )

@@ -9,7 +9,7 @@ trainable count is the one training will print. Memory is an estimate per device
                  constants) and the rest in float32 (prepare_model_for_kbit_training)
     gradients    trainable parameters (PEFT keeps adapters in float32)
     optimizer    AdamW: 2 states per trainable parameter (8-bit optimisers: 1 byte each); DeepSpeed
-                 mixed precision: fp32 master + 2 fp32 states, partitioned by ZeRO stage / offloaded;
+                 mixed precision: fp32 master + 2 fp32 states;
                  LOMO: none, and its update is fused into the backward pass, so only the largest
                  trainable tensor's gradient exists at a time; AdaLomo: the same plus factored second
                  moments (a row and a column vector per matrix, float32)
@@ -40,6 +40,10 @@ trainable count is the one training will print. Memory is an estimate per device
                  planned as nothing. QLoRA's head is float32. (The plain Trainer's full logits are the 2x memory gap
                  between it and tunepipe measured unpacked on the H100: benchmarks/README.md.)
     overhead     10% of the above (allocator fragmentation, workspaces)
+
+Sharding (`sharding`): with several processes, weights, gradients and optimizer states are divided by
+the world size as the profile's ZeRO stage or FSDP mode says (and offloaded ones leave the device);
+activations, attention and logits belong to each process's own micro-batch and are never divided.
 
 `check_fit` is what the sft stage runs first: it raises `StageFailed` naming what to change.
 """
@@ -122,6 +126,28 @@ def _deepspeed(env: EnvironmentProfile) -> dict[str, Any]:
         "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
         "offload_param": (zero.get("offload_param") or {}).get("device", "none") not in ("none", None),
     }
+
+
+def sharding(env: EnvironmentProfile) -> dict[str, Any]:
+    """What each of the profile's processes holds of the training state: the components divided by the world
+    size (the others every process holds whole) and those moved to CPU memory.
+
+    DeepSpeed ZeRO-1 divides the optimizer states, ZeRO-2 the gradients too, ZeRO-3 the weights as well
+    (offload_optimizer / offload_param move them to the CPU). FSDP full shard (`reshard_after_forward`)
+    divides all three; without resharding the weights stay gathered from forward to backward, so the peak
+    holds them whole; `cpu_offload` moves all three to the CPU. DDP divides nothing."""
+    n = env.world_size  # all nodes: sharding divides over every process of the job
+    if env.fsdp is not None:
+        divided = (["weights"] if env.fsdp.reshard_after_forward else []) + ["gradients", "optimizer"]
+        offloaded = ["weights", "gradients", "optimizer"] if env.fsdp.cpu_offload else []
+        scheme = "fsdp full shard" if env.fsdp.reshard_after_forward else "fsdp shard grad/optimizer"
+    else:
+        ds = _deepspeed(env)
+        stage = ds["stage"]
+        divided = [name for name, needs in (("weights", 3), ("gradients", 2), ("optimizer", 1)) if stage >= needs]
+        offloaded = (["optimizer"] if ds["offload_optimizer"] else []) + (["weights"] if ds["offload_param"] and stage >= 3 else [])
+        scheme = f"zero-{stage}" if stage else ("ddp" if n > 1 else "single process")
+    return {"scheme": scheme, "world_size": n, "divided": divided if n > 1 else [], "offloaded": offloaded}
 
 
 def _is_linear(module: Any) -> bool:
@@ -216,7 +242,8 @@ def memory_estimate(
     packing: bool | str = False,
     loss_type: str = "chunked_nll",
 ) -> dict[str, Any]:
-    """Peak training memory per device in GiB, by component (see the module docstring)."""
+    """Peak training memory per device (each of the profile's processes) in GiB, by component (see the module
+    docstring); weights, gradients and optimizer states divided over the processes as `sharding` says."""
     cfg = prepared.config if not hasattr(prepared, "get_base_model") else prepared.get_base_model().config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     h = text_cfg.hidden_size
@@ -231,7 +258,7 @@ def memory_estimate(
     b, s = env.per_device_batch_size, seq_len
     dt = DTYPE_BYTES[env.dtype]
     ds = _deepspeed(env)
-    n = env.num_processes
+    n = env.world_size
 
     if isinstance(method, QLoraMethod):
         quantized = _quantized_params(prepared)
@@ -246,14 +273,8 @@ def memory_estimate(
     # trainable parameter, not Adam's 8).
     optim = peft_methods.optimizer_name(method, training or TrainingConfig())
     if ds["stage"] > 0:
-        # DeepSpeed mixed precision: fp32 master weights + two fp32 Adam states, partitioned over ranks.
-        optimizer = trainable * (4 + 8) / n
-        if ds["offload_optimizer"]:
-            optimizer = 0.0
-        if ds["stage"] >= 2:
-            grads /= n
-        if ds["stage"] >= 3:
-            weights = 0.0 if ds["offload_param"] else weights / n
+        # DeepSpeed keeps fp32 master weights + two fp32 Adam states (divided over the ranks below).
+        optimizer = trainable * (4 + 8)
     elif optim in LOMO_OPTIMIZERS:
         # Fused update: each gradient is applied and freed as soon as backward produces it.
         grads = _largest_trainable(prepared) * trainable_bytes
@@ -264,6 +285,14 @@ def memory_estimate(
         optimizer = 0.0
     else:
         optimizer = trainable * 2 * trainable_bytes
+
+    shards = sharding(env)
+    state = {"weights": weights, "gradients": grads, "optimizer": optimizer}
+    for name in shards["divided"]:
+        state[name] /= n
+    for name in shards["offloaded"]:
+        state[name] = 0.0
+    weights, grads, optimizer = state["weights"], state["gradients"], state["optimizer"]
 
     blocks = _grad_blocks(prepared, method, layers)
     tokens = b * s  # per micro-batch: full rows, packed or padded to the longest
@@ -295,7 +324,7 @@ def memory_estimate(
         "batch": b, "seq_len": s, "dtype": env.dtype, "gradient_checkpointing": env.gradient_checkpointing,
         "attn_implementation": attention, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"],
         "packing": packing, "padding_free": peft_methods.is_padding_free(packing), "loss": loss,
-        "processes": n, "optimizer": optim,
+        "processes": n, "optimizer": optim, "sharding": shards,
     }
     return out
 
@@ -366,15 +395,16 @@ def suggestions(
         )
     if not env.gradient_checkpointing:
         out.append(f"turn on gradient_checkpointing: ~{total(method, env.model_copy(update={'gradient_checkpointing': True})):.1f} GiB")
-    if _deepspeed(env)["stage"] < 3:
+    if "weights" not in sharding(env)["divided"]:
         from tunepipe.tasks.core.environment import load_environment
 
-        zero3 = load_environment("multi-gpu-deepspeed-zero3").model_copy(
-            update={"per_device_batch_size": env.per_device_batch_size, "device_memory_gb": env.device_memory_gb}
-        )
+        same_batch = {"per_device_batch_size": env.per_device_batch_size, "device_memory_gb": env.device_memory_gb}
+        zero3 = load_environment("multi-gpu-deepspeed-zero3").model_copy(update=same_batch)
+        fsdp = load_environment("multi-gpu-fsdp").model_copy(update=same_batch)
         out.append(
             f"shard with DeepSpeed ZeRO (profile multi-gpu-deepspeed for ZeRO-2, multi-gpu-deepspeed-zero3 for "
-            f"ZeRO-3 with CPU offload: ~{total(method, zero3):.1f} GiB per GPU on {zero3.num_processes} GPUs)"
+            f"ZeRO-3 with CPU offload: ~{total(method, zero3):.1f} GiB per GPU on {zero3.num_processes} GPUs) or FSDP2 "
+            f"(profile multi-gpu-fsdp: ~{total(method, fsdp):.1f} GiB per GPU on {fsdp.num_processes} GPUs)"
         )
     out.append(f"lower max_length from {seq_len}")
     return out

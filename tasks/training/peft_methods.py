@@ -303,6 +303,9 @@ def bnb_config(method: QLoraMethod, env: EnvironmentProfile) -> Any:
         bnb_4bit_quant_type=s["quant_type"],
         bnb_4bit_use_double_quant=s["double_quant"],
         bnb_4bit_compute_dtype=getattr(torch, s["compute_dtype"]),
+        # FSDP flattens every parameter of a block into one tensor of one dtype: the packed 4-bit weights must be
+        # stored in the dtype of the rest (transformers' FSDP-QLoRA recipe), not bitsandbytes' default uint8.
+        bnb_4bit_quant_storage=getattr(torch, s["compute_dtype"]) if env.fsdp is not None else torch.uint8,
     )
 
 
@@ -465,6 +468,24 @@ def precision_flags(env: EnvironmentProfile) -> dict[str, Any]:
     }
 
 
+def fsdp_arguments(env: EnvironmentProfile) -> dict[str, Any]:
+    """The Trainer's `fsdp` / `fsdp_config` for the profile's FSDP2 settings (none without `fsdp`)."""
+    if env.fsdp is None:
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": env.fsdp.reshard_after_forward,
+            "cpu_offload": env.fsdp.cpu_offload,
+            "state_dict_type": env.fsdp.state_dict_type,
+            "activation_checkpointing": env.gradient_checkpointing,
+            # Wrap each decoder block (the model's `_no_split_modules`), accelerate's default policy.
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        },
+    }
+
+
 def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, output_dir: str | Path, optim: str) -> dict[str, Any]:
     """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
     PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
@@ -502,9 +523,11 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "per_device_train_batch_size": env.per_device_batch_size,
         "per_device_eval_batch_size": env.per_device_batch_size,
         "gradient_accumulation_steps": env.gradient_accumulation_steps,
-        "gradient_checkpointing": env.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if env.gradient_checkpointing else None,
+        # Under FSDP, checkpointing is FSDP's own (fsdp_config): the Trainer's would add an all-gather per block.
+        "gradient_checkpointing": env.gradient_checkpointing and env.fsdp is None,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if env.gradient_checkpointing and env.fsdp is None else None,
         "deepspeed": str(ds_config) if ds_config else None,
+        **fsdp_arguments(env),
         "use_liger_kernel": env.liger_kernel,
         "report_to": "none",
         "dataloader_num_workers": 0,

@@ -187,7 +187,12 @@ def fit(trainer: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    from tunepipe.tasks.training.distributed import per_rank_state
+
     return {
+        "world_size": int(trainer.args.world_size),
+        # Each rank's parameters and optimizer states: about 1/world_size of the unsharded run's under ZeRO-3 or FSDP.
+        "per_rank_state": per_rank_state(trainer),
         "global_step": int(trainer.state.global_step),
         "resumed_from": resume and int(Path(resume).name.split("-")[-1]),
         "train_loss": round(float(result.training_loss), 6),
