@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -366,17 +367,15 @@ def test_merged_export_runs_in_lm_eval_hf(run, tmp_path):
     merged = Path(run["export"].path) / "merged" / "all"
     model_args = f"pretrained={merged},dtype=float32"
     if run["family"] == LM_EVAL_CLI:
-        env = {**__import__("os").environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
         done = subprocess.run(
             [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--device", "cpu", "--include_path", ".",
              "--tasks", "tunepipe_sentiment", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
-            cwd=tasks_dir, env=env, capture_output=True, text=True, timeout=300)
+            cwd=tasks_dir, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
         figure = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["tunepipe_sentiment"]
         samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_tunepipe_sentiment_*.jsonl")).read_text().splitlines()]
     else:
-        import os
-
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
 
@@ -411,7 +410,7 @@ class VLLMPool:
         self.root = root
         self.servers: dict[str, object] = {}
         self.threads: dict[str, object] = {}
-        self.errors: dict[str, BaseException] = {}
+        self.errors: dict[str, Exception] = {}
         self.startup_s: dict[str, float] = {}
         self.waited_s: dict[str, float] = {}
 
@@ -437,7 +436,7 @@ class VLLMPool:
             began = time.monotonic()
             try:
                 server.start()
-            except BaseException as exc:  # re-raised in the test that waits for it
+            except Exception as exc:  # re-raised in the test that waits for it
                 self.errors[family] = exc
             self.startup_s[family] = round(time.monotonic() - began, 1)
 
