@@ -34,6 +34,35 @@ def split_corpus(records: list[dict[str, Any]], fraction: float) -> tuple[list[s
     return train, validation
 
 
+def labels_check(trainer: Any) -> dict[str, Any]:
+    """`labels`: the blocks as the trainer's collator hands them to the model carry labeled tokens."""
+    from tunepipe.tasks.training import checks
+
+    result = checks.labels_present_check(checks.first_batches(trainer))
+    return checks.require(
+        "labels", result, f"pretrain: {result['empty_rows']} of the first {result['rows']} training blocks have no labeled "
+        "token: the loss would read nothing (is a completion-only or assistant-only loss set on plain text?)",
+    )
+
+
+def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """`steps` (every requested optimizer step ran) and `loss` (finite, moved)."""
+    from tunepipe.tasks.training import checks
+    from tunepipe.tasks.training.trainer import loss_history
+
+    requested = int(config.training.max_steps or trainer.state.max_steps)
+    out = {"steps": checks.require(
+        "steps", checks.steps_check(metrics["global_step"], requested),
+        f"pretrain ran {metrics['global_step']} optimizer steps of the {requested} requested",
+    )}
+    loss = checks.loss_check(loss_history(trainer), metrics.get("train_loss"))
+    out["loss"] = checks.require(
+        "loss", loss, f"pretrain: the loss is {'not finite' if not loss['finite'] else 'constant'} (first {loss['first']}, "
+        f"last {loss['last']})",
+    )
+    return out
+
+
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one continued-pretraining job; rank 0 saves the (merged) model into `output_dir`."""
     import math
@@ -71,7 +100,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         checkpoint_dir=job["checkpoint_dir"], max_length=config.max_length, packing=config.packing,
     )
     trainable, total = peft_methods.count_parameters(trainer.model)
+    checks = {"labels": labels_check(trainer)}  # before training: an unlabeled block would train on nothing
     metrics = fit(trainer, job["checkpoint_dir"])
+    checks.update(self_checks(config, trainer, metrics))
     metrics.update(evaluate(trainer))
     if "eval_loss" in metrics:
         metrics["eval_perplexity"] = round(math.exp(min(metrics["eval_loss"], 50)), 4)
@@ -93,6 +124,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             "corpus_tokens": sum(len(r["input_ids"]) for r in train_rows),
             "truncated": truncated,
             "loss_history": loss_history(trainer),
+            "checks": checks,
             **peak_memory(),
         }
     )

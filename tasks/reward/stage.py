@@ -146,6 +146,6 @@ class RewardStage(TrainingStage):
             "heldout_margin": after["margin"], "global_step": metrics["global_step"], "train_loss": metrics["train_loss"],
             "trainable_parameters": metrics["trainable_parameters"], "total_parameters": metrics["total_parameters"],
             "loss_history": metrics["loss_history"], "step_metrics": metrics["step_metrics"],
-            "peak_memory_gb": metrics["peak_memory_gb"], "world_size": metrics["world_size"],
+            "peak_memory_gb": metrics["peak_memory_gb"], "world_size": metrics["world_size"], "checks": metrics["checks"],
         }
         return StageOutput(metrics=stage_metrics, summary=summary, table=table)

@@ -41,6 +41,33 @@ def reward_model_for_training(model_path: str, config: RewardConfig, env: Enviro
     return get_peft_model(model, lora)
 
 
+CHECK_TRAIN_PAIRS = 16  # training pairs the reward_scores check scores when no pair is held out
+
+
+def self_checks(config: RewardConfig, trainer: Any, metrics: dict[str, Any], scores_before: tuple, scores_after: tuple,
+                on: str) -> dict[str, Any]:
+    """`steps`, `loss` (finite, moved) and `reward_scores` (the trained model scores the pairs differently)."""
+    from tunepipe.tasks.training import checks
+    from tunepipe.tasks.training.trainer import loss_history
+
+    requested = int(config.training.max_steps or trainer.state.max_steps)
+    out = {"steps": checks.require(
+        "steps", checks.steps_check(metrics["global_step"], requested),
+        f"reward ran {metrics['global_step']} optimizer steps of the {requested} requested",
+    )}
+    loss = checks.loss_check(loss_history(trainer), metrics.get("train_loss"))
+    out["loss"] = checks.require(
+        "loss", loss, f"reward: the loss is {'not finite' if not loss['finite'] else 'constant'} (first {loss['first']}, "
+        f"last {loss['last']})",
+    )
+    scores = checks.reward_scores_check(scores_before, scores_after, on)
+    out["reward_scores"] = checks.require(
+        "reward_scores", scores, f"reward: the trained model scores the {scores['pairs']} {on} pairs exactly as the untrained "
+        "one did: nothing was learned (check the learning rate, and that the score head and adapter are trainable)",
+    )
+    return out
+
+
 def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train the reward model of a job; returns its metrics (rank 0 also saves it)."""
     from datasets import Dataset
@@ -51,7 +78,7 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     from tunepipe.tasks.training.modeling import load_tokenizer
     from tunepipe.tasks.training.pairs import conversational_pair
     from tunepipe.tasks.training.plots import step_history
-    from tunepipe.tasks.training.reward_model import pairwise_accuracy
+    from tunepipe.tasks.training.reward_model import pair_scores, pairwise_summary
     from tunepipe.tasks.training.trainer import (
         fit,
         is_main_process,
@@ -68,7 +95,12 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(job["tokenizer_path"])
     seed_everything(config.training.seed)  # the score head is initialised at random
     model = reward_model_for_training(job["model_path"], config, env, tokenizer.pad_token_id)
-    before = pairwise_accuracy(model.eval(), tokenizer, job["heldout"])
+    # Scored before and after training: held-out accuracy, and the reward_scores self-check (on a few
+    # training pairs when nothing is held out).
+    check_on = "heldout" if job["heldout"] else "train"
+    check_pairs = job["heldout"] or job["train"][:CHECK_TRAIN_PAIRS]
+    scores_before = pair_scores(model.eval(), tokenizer, check_pairs)
+    before = pairwise_summary(*scores_before) if job["heldout"] else pairwise_summary([], [])
     args = TrlRewardConfig(
         **training_kwargs(config.training, env, job["checkpoint_dir"]),
         max_length=config.max_length,
@@ -84,7 +116,9 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     trainable, total = peft_methods.count_parameters(trainer.model)
     metrics = fit(trainer, job["checkpoint_dir"])
-    after = pairwise_accuracy(trainer.model.eval(), tokenizer, job["heldout"])
+    scores_after = pair_scores(trainer.model.eval(), tokenizer, check_pairs)
+    after = pairwise_summary(*scores_after) if job["heldout"] else pairwise_summary([], [])
+    checks = self_checks(config, trainer, metrics, scores_before, scores_after, check_on)
     if is_main_process():
         save_reward_model(trainer.model, tokenizer, Path(job["output_dir"]) / job["save_to"], merge=job["merge"])
     metrics.update(
@@ -92,6 +126,7 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
             "heldout_before": before, "heldout_after": after, "train_pairs": len(job["train"]),
             "trainable_parameters": trainable, "total_parameters": total,
             "loss_history": loss_history(trainer), "step_metrics": step_history(trainer.state.log_history, STEP_METRICS),
+            "checks": checks,
             **peak_memory(),
         }
     )

@@ -12,6 +12,9 @@ check. The stages put every result in their manifest's metrics under `checks`.
 - `adapter_effect`: base + saved adapter gives different outputs than the base on held-out
   prompts (an adapter that was never applied, or saved empty, changes nothing).
 - `merged_matches_adapter` (export): the merged model and base + adapter agree on held-out prompts.
+- `labels` (pretrain): every block the trainer trains on has labeled tokens.
+- `reward_scores` (reward): the trained reward model scores the check pairs' chosen and rejected
+  responses differently than the untrained one did (a model that never learned scores as before).
 """
 
 from __future__ import annotations
@@ -142,3 +145,34 @@ def adapter_effect_check(peft_model: Any, batches: list[dict[str, Any]], min_dif
             mask = batch["attention_mask"].bool()
             worst = max(worst, float((on - off).abs()[mask].max()))
     return {"passed": worst > min_difference, "max_logit_difference": worst, "prompts": sum(len(b["input_ids"]) for b in batches)}
+
+
+def labels_present_check(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every row of the collated batches has at least one labeled token (the loss has something to read)."""
+    rows = empty = labeled = tokens = 0
+    for batch in batches:
+        for row in batch["labels"]:
+            count = int((row != IGNORE).sum())
+            rows, labeled, tokens, empty = rows + 1, labeled + count, tokens + int(row.numel()), empty + (count == 0)
+    return {"passed": rows > 0 and empty == 0, "rows": rows, "empty_rows": empty, "labeled_tokens": labeled, "tokens": tokens}
+
+
+def first_batches(trainer: Any, rows: int = 16) -> list[dict[str, Any]]:
+    """The trainer's collator applied to its first training rows, in per-device batches (no sampler:
+    the check draws nothing from the training run's random streams)."""
+    dataset = trainer.train_dataset
+    n, size = min(rows, len(dataset)), max(1, int(trainer.args.per_device_train_batch_size))
+    return [trainer.data_collator([dataset[i] for i in range(start, min(start + size, n))]) for start in range(0, n, size)]
+
+
+def reward_scores_check(before: tuple[list[float], list[float]], after: tuple[list[float], list[float]], on: str) -> dict[str, Any]:
+    """The trained reward model's (chosen, rejected) scores against the untrained one's on the same pairs: they must
+    differ. With held-out pairs (`on`="heldout") the accuracy before and after is reported beside it."""
+    old, new = [*before[0], *before[1]], [*after[0], *after[1]]
+    change = max((abs(a - b) for a, b in zip(old, new)), default=0.0)
+
+    def accuracy(chosen: list[float], rejected: list[float]) -> float | None:
+        return round(sum(c > r for c, r in zip(chosen, rejected)) / len(chosen), 4) if chosen else None
+
+    return {"passed": bool(old) and change > 0, "max_score_change": change, "pairs": len(before[0]), "on": on,
+            "accuracy_before": accuracy(*before), "accuracy_after": accuracy(*after)}

@@ -54,18 +54,29 @@ def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 
 
 def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:
     """Share of pairs whose chosen response scores above the rejected one, and the mean margin."""
+    return pairwise_summary(*pair_scores(model, tokenizer, pairs, batch_size))
+
+
+def pair_scores(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) of the pairs, each response rendered after its prompt."""
     from tunepipe.tasks.training.pairs import pair_prompt, render_conversation
 
     if not pairs:
-        return {"accuracy": None, "margin": None, "n": 0}
+        return [], []
     prompts = [pair_prompt(p) for p in pairs]
     chosen = score_texts(model, tokenizer, [render_conversation(tokenizer, q, p["chosen"]) for q, p in zip(prompts, pairs)], batch_size)
     rejected = score_texts(model, tokenizer, [render_conversation(tokenizer, q, p["rejected"]) for q, p in zip(prompts, pairs)], batch_size)
+    return chosen, rejected
+
+
+def pairwise_summary(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    if not chosen:
+        return {"accuracy": None, "margin": None, "n": 0}
     wins = [c > r for c, r in zip(chosen, rejected)]
     return {
         "accuracy": round(sum(wins) / len(wins), 4),
-        "margin": round(sum(c - r for c, r in zip(chosen, rejected)) / len(pairs), 4),
-        "n": len(pairs),
+        "margin": round(sum(c - r for c, r in zip(chosen, rejected)) / len(chosen), 4),
+        "n": len(chosen),
     }
 
 

@@ -182,7 +182,8 @@ class Family:
     notes: list[str] = field(default_factory=list)
 
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+# Head size 32 (128 / 4 heads): the smallest vLLM's CPU attention serves (its CPU_ATTN backend's list).
+TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 512,
         # Larger than the published 0.02: random tied embeddings that small give near-uniform logits a
         # rank-8 adapter cannot sharpen in a few steps (real checkpoints have trained, larger embeddings).
@@ -207,7 +208,7 @@ def _qwen2(ids, vocab):
 def _qwen3(ids, vocab):
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=vocab, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    return Qwen3Config(vocab_size=vocab, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6,
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **TINY, **ids)
 
 
@@ -221,7 +222,7 @@ def _mistral(ids, vocab):
 def _gemma2(ids, vocab):
     from transformers import Gemma2Config
 
-    return Gemma2Config(vocab_size=vocab, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+    return Gemma2Config(vocab_size=vocab, head_dim=32, query_pre_attn_scalar=32, sliding_window=32,
                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True,
                         hidden_activation="gelu_pytorch_tanh", **TINY, **ids)
 

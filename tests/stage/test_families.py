@@ -6,15 +6,23 @@ QLoRA for Llama 3 and Phi-3) → DPO → evaluate → export (adapters + merged)
 server, and the tests check on values what breaks fine-tuning of that family in practice:
 BOS count, label spans, the end-of-turn token, the served prompt against the training rows,
 template refusals, history-rewriting templates, `tunepipe plan` counts, defaults chosen from
-the model. (vLLM parity on these families comes with the real-vLLM work.)
+the model, evaluate's figures against what the served adapter answers, the merged export in
+`lm_eval --model hf`. Tests marked `vllm` serve each family's base with its exported adapter on
+real vLLM (the CPU build; one server per family, started once) and hold it to the training
+rendering, one BOS, the end-of-turn stop and the embedded engine's greedy answers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -37,8 +45,10 @@ from tunepipe.tasks.training.encoding import (
     record_messages,
     render_messages,
 )
+from tunepipe.tasks.serving.engine import Row
 from tests.helpers.families import FAMILIES, family_model
 from tests.helpers.training import WORDS, cpu_profile, records
+from tests.helpers.vllm import vllm_python_or_skip
 
 torch.set_num_threads(1)
 
@@ -81,6 +91,7 @@ def run(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"family-{family}")
     model = family_model(family, tmp_path_factory.getbasetemp() / "family-models")
+    _prestart_vllm(request, family)  # vLLM's start-up overlaps this family's training (only when its vLLM tests run)
     data = write_family_data(root / "data", family)
     store = ArtifactStore(root / "artifacts")
     env = cpu_profile(per_device_batch_size=8)
@@ -98,7 +109,7 @@ def run(request, tmp_path_factory):
     })
     align = run_stage(AlignStage(), align_config, {"data": data, "sft": sft}, store, env)
     evaluate = run_stage(EvaluateStage(), EvaluateConfig.model_validate({
-        "baseline": "base", "max_examples_per_task": 3, "generation": {"max_new_tokens": 6}, "lm_eval": {"enabled": False},
+        "baseline": "base", "max_examples_per_task": 3, "generation": {"max_new_tokens": 6}, "lm_eval": {"enabled": True},
         "ab": {"bootstrap_samples": 200},
     }), {"data": data, "sft": sft, "align": align}, store, env)
     export = run_stage(ExportStage(), ExportConfig.model_validate({
@@ -198,6 +209,10 @@ def test_dpo_evaluate_and_export_ran_with_their_checks(run):
     assert align["checks"]["all"]["steps"]["passed"] and align["checks"]["all"]["loss"]["passed"]
     evaluate = _metrics(run["evaluate"])
     assert isinstance(evaluate["gate_passed"], bool)
+    for task, scores in evaluate["tasks"].items():  # lm-eval on the same prompts scored what the stage scored
+        assert 1 <= scores["n"] <= 3 and set(scores["candidate"]) >= {"exact_match", "token_f1"}
+        agreement = evaluate["lm_eval_agreement"][task]
+        assert agreement["lm_eval_exact_match"] == agreement["stage_exact_match"] == scores["candidate"]["exact_match"], (task, agreement)
     export = _metrics(run["export"])
     check = export["checks"]["merged_matches_adapter"]["all"]
     assert check["passed"] and check["max_logit_difference"] < 1e-3
@@ -286,3 +301,269 @@ def test_qwen3_history_rewrite_is_split_per_turn(run):
     second_prompt = tokenizer.decode(rows[1].input_ids)
     assert "small" not in second_prompt  # later on, the template drops it: the row is what the server will see
     assert render_messages(tokenizer, tokenizer.chat_template, messages[:3], True) in second_prompt
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate's figures are the served adapter's answers; the merged export in lm-eval
+
+
+def _predictions(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run["evaluate"].path) / "predictions.jsonl").read_text().splitlines()]
+
+
+def _engine_answers(engine, tokenizer, prompts: list[str], adapter: str | None, max_tokens: int) -> list[Row]:
+    """Greedy answers of the embedded engine to rendered prompts (tokenized as evaluate does: no special tokens added)."""
+    from tunepipe.tasks.training.encoding import encode_text
+
+    rows = [Row(prompt_ids=list(encode_text(tokenizer, p)["input_ids"]), adapter=adapter, max_tokens=max_tokens, emit=lambda e: None)
+            for p in prompts]
+    engine.generate(rows)
+    return rows
+
+
+LEARNS_SENTIMENT = {"mistral", "gemma2", "phi3"}
+
+
+def test_evaluate_figures_are_what_the_served_adapter_answers(run):
+    """Every answer in evaluate's predictions is the served exported adapter's (candidate) or the base's (baseline)
+    greedy answer to the same rendered prompt, and the per-task figures are those answers scored."""
+    from tunepipe.tasks.serving.engine import MultiLoraEngine
+    from tunepipe.tasks.training.metrics import exact_match, token_f1
+
+    predictions = _predictions(run)
+    engine = MultiLoraEngine(str(run["model"]), max_rank=16)
+    engine.load_adapter("tuned", Path(run["export"].path) / "adapters" / "all")
+    prompts = [p["prompt"] for p in predictions]
+    for side, adapter in (("candidate", "tuned"), ("baseline", None)):
+        # the served tokens, decoded as evaluate decodes (a character cut in half at max_tokens is U+FFFD there, while a
+        # streaming server holds its bytes back: the tokens are what must agree)
+        rows = _engine_answers(engine, engine.tokenizer, prompts, adapter, 6)
+        served = [engine.tokenizer.decode(row.tokens, skip_special_tokens=True).strip() for row in rows]
+        assert served == [p[side] for p in predictions], (run["family"], side)
+    metrics = _metrics(run["evaluate"])
+    for task, scores in metrics["tasks"].items():
+        rows = [p for p in predictions if p["task"] == task]
+        for side in ("candidate", "baseline"):
+            em = sum(exact_match(p[side], p["reference"]) for p in rows) / len(rows)
+            f1 = sum(token_f1(p[side], p["reference"]) for p in rows) / len(rows)
+            assert scores[side]["exact_match"] == pytest.approx(em, abs=1e-4) and scores[side]["token_f1"] == pytest.approx(f1, abs=1e-4)
+    # trained tasks: the candidate is never below the untrained base (which answers noise), and where 40 steps learn
+    # sentiment (measured: exact match 1.0 on the 3 test prompts for these families, 0.0 for the others) it beats it
+    for task, scores in metrics["tasks"].items():
+        assert scores["candidate"]["token_f1"] >= scores["baseline"]["token_f1"], (run["family"], task, scores)
+    if run["family"] in LEARNS_SENTIMENT:
+        sentiment = metrics["tasks"]["sentiment"]
+        assert sentiment["candidate"]["exact_match"] == 1.0 > sentiment["baseline"]["exact_match"], (run["family"], sentiment)
+
+
+LM_EVAL_CLI = "gemma2"  # the family run through the `lm_eval` command itself (a process: ~25 s of imports)
+
+
+def test_merged_export_runs_in_lm_eval_hf(run, tmp_path):
+    """lm-eval's `hf` model built from `pretrained=<merged export>` (the `lm_eval --model hf --model_args ...` command
+    for one family, the same `simple_evaluate` call in-process for the others) on the task evaluate wrote into its
+    artifact, offline: the merged model answers and scores what base + adapter did inside the evaluate stage."""
+    tasks_dir = Path(run["evaluate"].path) / "lm_eval_tasks"
+    merged = Path(run["export"].path) / "merged" / "all"
+    model_args = f"pretrained={merged},dtype=float32"
+    if run["family"] == LM_EVAL_CLI:
+        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+        done = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--device", "cpu", "--include_path", ".",
+             "--tasks", "tunepipe_sentiment", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
+            cwd=tasks_dir, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        figure = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["tunepipe_sentiment"]
+        samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_tunepipe_sentiment_*.jsonl")).read_text().splitlines()]
+    else:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        here = os.getcwd()
+        os.chdir(tasks_dir)  # the artifact's task files name their data relative to their directory
+        try:
+            out = simple_evaluate(model="hf", model_args=model_args, device="cpu", tasks=["tunepipe_sentiment"], batch_size=4,
+                                  task_manager=TaskManager(include_path=".", include_defaults=False), log_samples=True, bootstrap_iters=0)
+        finally:
+            os.chdir(here)
+        figure, samples = out["results"]["tunepipe_sentiment"], out["samples"]["tunepipe_sentiment"]
+    evaluated = json.loads((Path(run["evaluate"].path) / "lm_eval_results.json").read_text())
+    assert figure["exact_match,normalised"] == pytest.approx(evaluated["figures"]["tunepipe_sentiment"]["candidate"]["exact_match,normalised"])
+    expected = [(s["doc"]["prompt"], s["prediction"]) for s in evaluated["samples"]["candidate"]["tunepipe_sentiment"]]
+    got = [(s["doc"]["prompt"], s["filtered_resps"][0]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+    assert got == expected and len(got) >= 2, run["family"]
+
+
+# --------------------------------------------------------------------------------------------
+# real vLLM (the CPU build): one server per family, the family's base with its exported adapter
+
+# Start-up, not behaviour: no torch.compile warm-up and no separate worker process (minutes saved on 2 cores).
+VLLM_ARGS = ["--enforce-eager", "--distributed-executor-backend", "uni"]
+
+
+class VLLMPool:
+    """One vLLM server per family, each started ahead of need in a background thread (vLLM takes 1-2.5 minutes
+    to become healthy on 2 cores): a family's server starts when its pipeline run starts, and the next family's
+    when this one's vLLM tests begin, so start-up overlaps training and tests. At most two run at once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.servers: dict[str, object] = {}
+        self.threads: dict[str, object] = {}
+        self.errors: dict[str, Exception] = {}
+        self.startup_s: dict[str, float] = {}
+        self.waited_s: dict[str, float] = {}
+
+    def start(self, family: str, python: str) -> None:
+        import threading
+
+        from tunepipe.schemas.serve import ServeConfig
+        from tunepipe.tasks.core.environment import load_environment
+        from tunepipe.tasks.ops.prefect_server import free_port
+        from tunepipe.tasks.serving.settings import resolve_serve_config
+        from tunepipe.tasks.serving.vllm import VLLMServer
+
+        if family in self.threads:
+            return
+        model = family_model(family, self.root / "family-models")
+        config = resolve_serve_config(ServeConfig(
+            base=str(model), engine="vllm", port=free_port(), max_loras=1,
+            vllm={"python": python, "extra_args": VLLM_ARGS, "health_timeout_s": 600},
+        ), load_environment("serve-vllm-cpu"))
+        server = VLLMServer(config, log_file=self.root / f"vllm-{family}.log")
+
+        def start() -> None:
+            began = time.monotonic()
+            try:
+                server.start()
+            except Exception as exc:  # re-raised in the test that waits for it
+                self.errors[family] = exc
+            self.startup_s[family] = round(time.monotonic() - began, 1)
+
+        self.servers[family] = server
+        self.threads[family] = threading.Thread(target=start, name=f"vllm-{family}", daemon=True)
+        self.threads[family].start()
+
+    def wait(self, family: str):
+        began = time.monotonic()
+        self.threads[family].join()
+        self.waited_s[family] = round(time.monotonic() - began, 1)
+        if family in self.errors:
+            raise self.errors[family]
+        return self.servers[family]
+
+    def stop(self, family: str) -> None:
+        if family in self.servers:
+            self.servers.pop(family).stop()
+
+    def stop_all(self) -> None:
+        for family in list(self.servers):
+            self.threads[family].join()
+            self.stop(family)
+
+
+def _vllm_families(session) -> list[str]:
+    """The families whose vLLM tests are selected, in the order they run."""
+    wanted = [item.callspec.params.get("run") for item in session.items
+              if item.get_closest_marker("vllm") and hasattr(item, "callspec")]
+    return list(dict.fromkeys(f for f in wanted if f))
+
+
+@pytest.fixture(scope="module")
+def vllm_pool(tmp_path_factory):
+    pool = VLLMPool(tmp_path_factory.getbasetemp())
+    yield pool
+    pool.stop_all()
+    if pool.startup_s:
+        print(f"\nvLLM start-up per family (s): {pool.startup_s}; waited for by the tests (s): {pool.waited_s}")
+
+
+def _prestart_vllm(request, family: str) -> None:
+    """Start the family's vLLM early when its vLLM tests are selected and vLLM's environment is built."""
+    from tunepipe.tasks.serving.vllm_env import env_python, is_built
+
+    if family in _vllm_families(request.session) and is_built("cpu"):
+        request.getfixturevalue("vllm_pool").start(family, str(env_python("cpu")))
+
+
+@pytest.fixture(scope="module")
+def served(run, vllm_pool, request):
+    """vLLM serving the family's base with its exported adapter loaded as `tuned`."""
+    import httpx
+
+    family = run["family"]
+    python = vllm_python_or_skip()
+    vllm_pool.start(family, python)
+    server = vllm_pool.wait(family)
+    order = _vllm_families(request.session)
+    if family in order and order.index(family) + 1 < len(order):
+        vllm_pool.start(order[order.index(family) + 1], python)
+    adapter = Path(run["export"].path) / "adapters" / "all"
+    loaded = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "tuned", "lora_path": str(adapter)}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    yield {"url": server.url, "base": server.config.base, "adapter": adapter,
+           "client": openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)}
+    vllm_pool.stop(family)
+
+
+def _vllm_chat(served, model: str, messages: list[dict], max_tokens: int) -> dict:
+    """One greedy chat completion with the token ids vLLM used and produced (its `return_token_ids` extension)."""
+    reply = served["client"].chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                                     extra_body={"return_token_ids": True, "skip_special_tokens": True})
+    choice = reply.choices[0]
+    return {"prompt": reply.model_extra["prompt_token_ids"], "tokens": choice.model_extra["token_ids"],
+            "finish": choice.finish_reason, "text": choice.message.content}
+
+
+@pytest.mark.vllm
+def test_vllm_prompt_is_the_training_rendering_with_one_bos_and_stops_at_end_of_turn(run, served):
+    tokenizer = _tokenizer(run)
+    bos, eot = tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(run["spec"].end_of_turn)
+    for messages in (record_messages(r) for r in family_records(run["family"], "train")):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = _vllm_chat(served, "tuned", messages[:last], 1)["prompt"]
+        row = encode_conversation(tokenizer, tokenizer.chat_template, messages[: last + 1], max_length=None, train_on_inputs=False)[-1]
+        assert prompt == row.input_ids[: len(prompt)] and row.labels[len(prompt)] != IGNORE, (run["family"], tokenizer.decode(prompt))
+        assert (prompt.count(bos) if bos is not None else 0) == (1 if "bos_token" in run["spec"].template else 0)
+    answers = [_vllm_chat(served, "tuned", record_messages(r)[:-1], 12) for r in records("train") if r["task"] == "sentiment"]
+    stopped = [a for a in answers if a["finish"] == "stop"]
+    assert len(stopped) >= len(answers) // 2, (run["family"], [(a["finish"], a["text"]) for a in answers])
+    assert all(a["tokens"][-1] == eot for a in stopped), (run["family"], [a["tokens"] for a in stopped])  # the learned end of turn
+
+
+@pytest.mark.vllm
+def test_vllm_greedy_answers_equal_the_embedded_engines_and_the_adapter_is_applied(run, served):
+    from tunepipe.tasks.serving.engine import MultiLoraEngine
+
+    engine = MultiLoraEngine(str(run["model"]), max_rank=16)
+    engine.load_adapter("tuned", served["adapter"])
+    conversations = [record_messages(r)[:-1] for r in family_records(run["family"], "validation")]
+    answers = {}
+    for name, adapter in (("tuned", "tuned"), (served["base"], None)):
+        vllm = [_vllm_chat(served, name, messages, 12) for messages in conversations]
+        rows = [Row(prompt_ids=engine.chat_ids(m), adapter=adapter, max_tokens=12, emit=lambda e: None) for m in conversations]
+        engine.generate(rows)
+        for v, row in zip(vllm, rows):
+            assert v["prompt"] == row.prompt_ids  # the same rendering on both engines
+            produced = v["tokens"][:-1] if v["finish"] == "stop" else v["tokens"]  # vLLM lists the stop token, the engine does not
+            assert (produced, v["finish"]) == (row.tokens, row.finish_reason), (run["family"], name, v["text"], row.text)
+        answers[adapter] = [tuple(v["tokens"]) for v in vllm]
+    differ = sum(a != b for a, b in zip(answers["tuned"], answers[None]))
+    assert differ >= len(conversations) // 2, (run["family"], differ, len(conversations))
+
+
+@pytest.mark.vllm
+def test_vllm_answers_what_evaluate_scored(run, served):
+    """The evaluate stage's candidate answers (HF, in-process) are what vLLM serving the exported adapter answers."""
+    from tunepipe.tasks.evaluate.generation import completion_request
+
+    predictions = _predictions(run)
+    tokenizer = _tokenizer(run)
+    for side, model in (("candidate", "tuned"), ("baseline", served["base"])):
+        request = completion_request(model, [p["prompt"] for p in predictions], 6)
+        request["extra_body"]["return_token_ids"] = True
+        reply = served["client"].completions.create(**request)
+        # decoded as evaluate decodes its own tokens (see test_evaluate_figures_are_what_the_served_adapter_answers)
+        texts = [tokenizer.decode(c.model_extra["token_ids"], skip_special_tokens=True).strip()
+                 for c in sorted(reply.choices, key=lambda c: c.index)]
+        assert texts == [p[side] for p in predictions], (run["family"], side)
