@@ -160,7 +160,9 @@ class PreferencesConfig(StrictModel):
     include_greedy: bool = Field(
         default=True,
         description="Also rank the policy's greedy answer with the `k` samples (on_policy). A weak SFT policy's mode is "
-        "often right while its samples are not; without it, such a policy gives no pair.",
+        "often right while its samples are gibberish: on the quickstart's sentiment adapter (64 prompts, k 4, token_f1) "
+        "temperature 1.0 gave 8 pairs, all gibberish against gibberish; with the greedy answer 38, each choosing the "
+        "right label; temperature 0.3 with it 45.",
     )
     min_margin: float = Field(
         default=0.0, ge=0,

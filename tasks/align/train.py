@@ -109,7 +109,7 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     from datasets.utils.logging import disable_progress_bar
     from tunepipe.tasks.align import ppo
     from tunepipe.tasks.align.policy import load_policy, save_policy
-    from tunepipe.tasks.align.preferences import on_policy_pairs
+    from tunepipe.tasks.align.preferences import on_policy_pairs, require_pairs
     from tunepipe.tasks.align.trainers import group_trainer, pairwise_trainer
     from tunepipe.tasks.training import checks, peft_methods
     from tunepipe.tasks.training.judge import CachedJudge

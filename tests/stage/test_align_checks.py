@@ -103,3 +103,33 @@ def test_rloo_with_a_varying_reward_reports_trl_step_metrics_and_passes(assets, 
     assert verdict["kl_to_sft"] == task["kl_to_sft"] and "rule_rewards" in task
     assert verdict["better_than_sft"] == (verdict["aligned"] > verdict["sft"] and task["task_metric_within_tolerance"])
     assert (Path(ref.path) / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+ON_POLICY = {"method": {"name": "dpo", "beta": 0.5}, "max_length": 64, "heldout": {"max_examples_per_task": 0, "max_pairs": 0},
+             "training": {"max_steps": 1, "learning_rate": 1e-2, "warmup_ratio": 0.0}}
+
+
+def test_on_policy_without_a_pair_names_the_task_its_counts_and_the_fix(assets):
+    # One token is never a `(a, rel, b)` triple: every answer scores 0, so no prompt gives a pair.
+    config = {**ON_POLICY, "preferences": {"source": "on_policy", "scorer": "rule", "rule": "triple_format", "k": 2,
+                                           "max_prompts": 4, "max_new_tokens": 1}}
+    with pytest.raises(StageFailed) as failure:
+        _align(assets, config)
+    message = str(failure.value)
+    assert message.startswith("align (all): on-policy sampling gave no preference pair: sentiment: 4 prompts, 12 samples ("), message
+    assert message.count(" ties") == 1 and ", 0 pairs. " in message
+    assert "from rule triple_format (0: too weak to ever hit the reference)" in message
+    assert "Lower preferences.temperature" in message and "raise preferences.k (2)" in message
+
+
+def test_on_policy_pairs_are_counted_per_task_and_chosen_outscores_rejected(assets, reward):
+    config = {**ON_POLICY, "preferences": {"source": "on_policy", "scorer": "reward_model", "k": 2, "max_prompts": 6, "max_new_tokens": 4}}
+    ref = run_stage(AlignStage(), AlignConfig.model_validate(config), {"data": assets["data"], "sft": assets["sft"], "reward": reward},
+                    assets["store"], env())
+    m = json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]
+    counts = m["on_policy"]["all"]
+    pairs = [json.loads(line) for line in (Path(ref.path) / "preferences.on_policy.jsonl").read_text().splitlines()]
+    assert counts["prompts"] == 6 and counts["samples"] == 6 * 3  # the greedy answer + k samples
+    assert counts["pairs"] == len(pairs) > 0 and counts["pairs"] + counts["no_preference"] == 6
+    assert sum(c["pairs"] for c in counts["per_task"].values()) == len(pairs)
+    assert all(p["scores"][0] > p["scores"][1] and p["chosen"] != p["rejected"] for p in pairs)
