@@ -55,15 +55,20 @@ def self_checks(
     return out
 
 
-def weak_signal_advice(method: str, config: AlignConfig) -> str:
-    """What to change when the policy's samples all earn the same reward, in this method's knobs."""
-    if method == "ppo":
-        knobs = f"raise align.method.temperature ({config.method.temperature}) or response_length"
+def weak_signal_advice(method: str, config: AlignConfig, earned_nothing: bool) -> str:
+    """What to change when the policy's samples all earn the same reward, in this method's knobs.
+
+    A policy whose samples earn nothing is usually near-uniform: its greedy answer may be right
+    while its temperature-1 samples are gibberish, so *lowering* the temperature gives it signal
+    (measured on the quickstart's sentiment SFT adapter, GRPO with token_f1: temperature 1.0 had
+    identical rewards in 100% of groups, 0.3 in 42%, and its reward rose 0.19 -> 0.42 in 6 steps).
+    A policy whose samples all earn the same non-zero reward needs more diversity instead."""
+    temperature = config.method.temperature
+    size = "response_length" if method == "ppo" else f"num_generations ({config.method.num_generations})"
+    if earned_nothing:
+        knobs = f"lower align.method.temperature ({temperature}; e.g. 0.3 for a near-uniform policy), raise {size}"
     else:
-        knobs = (
-            f"raise align.method.temperature ({config.method.temperature}) or num_generations "
-            f"({config.method.num_generations})"
-        )
+        knobs = f"raise align.method.temperature ({temperature}) or {size}"
     return f"{knobs}, train SFT longer, or use a finer reward (token_f1, reward_model)"
 
 
@@ -81,16 +86,17 @@ def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list
     else:
         zero_std = [p["value"] for p in steps.get("frac_reward_zero_std", [])]
     mean_reward = sum(rewards) / len(rewards) if rewards else 0.0
+    earned_nothing = abs(mean_reward) < 1e-9
     variance = checks.reward_variance_check(zero_std, settings.max_zero_std_fraction)
     cause = (
-        f"policy too weak: its samples earned no reward (mean {mean_reward:.3g})" if abs(mean_reward) < 1e-9
+        f"policy too weak: its samples earned no reward (mean {mean_reward:.3g})" if earned_nothing
         else f"the reward does not separate the policy's samples (mean reward {mean_reward:.3g})"
     )
     out = {"reward_variance": checks.enforce(
         "reward_variance", variance,
         f"{who}: {cause}: {100 * (variance['mean_zero_std_fraction'] or 0):.0f}% of groups had identical rewards over "
         f"{variance['steps']} steps (align.checks.max_zero_std_fraction {settings.max_zero_std_fraction}), so they "
-        f"gave no gradient; {weak_signal_advice(method, config)}",
+        f"gave no gradient; {weak_signal_advice(method, config, earned_nothing)}",
         settings.on_weak_signal, logger,
     )}
     moved = checks.reward_moved_check(rewards, settings.min_reward_range)
@@ -101,7 +107,7 @@ def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list
     out["reward_moved"] = checks.enforce(
         "reward_moved", moved,
         f"{who}: the mean reward never moved ({moved.get('min')} to {moved.get('max')} over {moved['steps']} steps; "
-        f"align.checks.min_reward_range {settings.min_reward_range}); {weak_signal_advice(method, config)}, or raise "
+        f"align.checks.min_reward_range {settings.min_reward_range}); {weak_signal_advice(method, config, earned_nothing)}, or raise "
         "training.learning_rate / max_steps",
         settings.on_weak_signal, logger,
     )

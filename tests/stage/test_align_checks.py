@@ -50,7 +50,7 @@ def test_constant_rule_reward_fails_naming_task_and_cause(assets):
     message = str(failure.value)
     assert message.startswith("self-check reward_variance failed: align (all, grpo): policy too weak"), message
     assert "100% of groups had identical rewards over 2 steps" in message
-    assert "raise align.method.temperature (1.0) or num_generations (2)" in message
+    assert "lower align.method.temperature (1.0; e.g. 0.3 for a near-uniform policy), raise num_generations (2)" in message
 
 
 def test_unchanged_adapter_fails_even_when_weak_signal_only_warns(assets, caplog):
