@@ -162,7 +162,7 @@ class PreferencesConfig(StrictModel):
         description="Also rank the policy's greedy answer with the `k` samples (on_policy). A weak SFT policy's mode is "
         "often right while its samples are gibberish: on the quickstart's sentiment adapter (64 prompts, k 4, token_f1) "
         "temperature 1.0 gave 8 pairs, all gibberish against gibberish; with the greedy answer 38, each choosing the "
-        "right label; temperature 0.3 with it 45.",
+        "right label; temperature 0.3 with it 45. On the triples adapter (32 prompts): 0 pairs without it, 18 with it.",
     )
     min_margin: float = Field(
         default=0.0, ge=0,
