@@ -59,6 +59,13 @@ class RewardConfig(StrictModel):
         description="Held-out share of pairs, used only for pairs that carry no `split` (the data stage splits them; "
         "then its validation and test pairs are the held-out ones). Chosen by a hash of the prompt, so it is stable.",
     )
+    min_accuracy: float | None = Field(
+        default=0.6, ge=0, le=1,
+        description="Smallest held-out pairwise accuracy (share of held-out pairs whose chosen answer scores above the "
+        "rejected one) at which the reward model is published: below it the stage fails, so no align run optimises "
+        "against a reward model that cannot tell preferred from rejected answers (a policy would learn to game it). "
+        "Calibration (ECE, Brier of sigmoid(r_chosen - r_rejected)) is reported next to it. `null`: no minimum.",
+    )
     training: TrainingConfig = Field(default_factory=_reward_training, description="Optimisation hyper-parameters.")
 
     @field_validator("method", mode="before")

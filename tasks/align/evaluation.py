@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.align import PAIRWISE_METHODS, AlignConfig
+from tunepipe.tasks.align.rewards import RULES
 from tunepipe.tasks.training.generation import greedy_answers
 from tunepipe.tasks.training.metrics import score
 from tunepipe.tasks.training.pairs import (
@@ -114,6 +115,7 @@ def task_and_reward_metrics(
         with model_pair.use(which) as model:
             answers[which] = greedy_answers(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     scores = {w: score(answers[w], references) for w in answers}
+    rules = [r for r in getattr(config.method, "rewards", []) if r in RULES]
     metric = config.task_metric
     drop = scores["sft"][metric] - scores["aligned"][metric]
     out: dict[str, Any] = {
@@ -125,6 +127,10 @@ def task_and_reward_metrics(
         "task_metric_within_tolerance": drop <= config.task_tolerance,
         "kl_to_sft": token_kl(model_pair, tokenizer, prompts, answers["aligned"], settings.batch_size),
     }
+    if rules:  # grpo/rloo's verifiable rewards on held-out prompts: what the run optimised
+        out["rule_rewards"] = {
+            name: {w: round(sum(map(RULES[name], answers[w], references)) / len(references), 4) for w in answers} for name in rules
+        }
     if reward is not None:
         rm, rm_tokenizer = reward
         rewards = {
@@ -141,4 +147,55 @@ def task_and_reward_metrics(
         {"prompt": p[-200:], "reference": r, "sft": s, "aligned": a}
         for p, r, s, a in list(zip(prompts, references, answers["sft"], answers["aligned"]))[:5]
     ]
+    return out
+
+
+def objective(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) -> tuple[str, float, float] | None:
+    """(name, SFT value, aligned value) of what this method optimised, measured on held-out data:
+    grpo/rloo's rule rewards (their weighted sum) or the reward model's score; ppo's reward model;
+    for dpo/kto/orpo the reward model's score when there is one, else preference accuracy."""
+    method = config.method
+    rules = task.get("rule_rewards")
+    if rules and "reward_model" not in getattr(method, "rewards", []):
+        names = list(getattr(method, "rewards", []))
+        weights = dict(zip(names, method.reward_weights or [1.0] * len(names)))
+        total = {w: round(sum(weights[n] * v[w] for n, v in rules.items()), 4) for w in ("sft", "aligned")}
+        return f"held-out reward ({' + '.join(rules)})", total["sft"], total["aligned"]
+    if "sft_reward_mean" in task:
+        return "held-out reward-model score", task["sft_reward_mean"], task["aligned_reward_mean"]
+    if method.name in PAIRWISE_METHODS and prefs:
+        return "held-out preference accuracy", prefs["sft_accuracy"], prefs["aligned_accuracy"]
+    return None
+
+
+def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) -> dict[str, Any]:
+    """Is the aligned policy better than SFT? Only when its objective rose on held-out data AND its
+    task metric stayed within `align.task_tolerance`: a reward that rises while the task metric
+    falls is the reward model being gamed, not a better policy."""
+    measured = objective(config, task, prefs)
+    within = task.get("task_metric_within_tolerance")
+    metric = config.task_metric
+    out: dict[str, Any] = {"objective": None, "objective_improved": None, "task_metric_within_tolerance": within,
+                           "kl_to_sft": task.get("kl_to_sft"), "better_than_sft": False}
+    if measured is None:
+        out["reason"] = "not better: the objective was not measured on held-out data (align.heldout, a reward input)"
+        return out
+    name, before, after = measured
+    out.update({"objective": name, "sft": before, "aligned": after, "objective_improved": after > before})
+    task_change = f"{metric} {task['sft'][metric]} -> {task['aligned'][metric]}" if within is not None else None
+    if after <= before:
+        out["reason"] = f"not better: {name} did not rise ({before} -> {after})"
+    elif within is None:
+        out["reason"] = (
+            f"not better: {name} rose ({before} -> {after}) but the task metric was not measured "
+            "(align.heldout.max_examples_per_task 0): reward alone does not make a policy better"
+        )
+    elif not within:
+        out["reason"] = (
+            f"not better: {name} rose ({before} -> {after}) but {task_change} fell beyond align.task_tolerance "
+            f"{config.task_tolerance}: the reward rose without the task (reward hacking?)"
+        )
+    else:
+        out["better_than_sft"] = True
+        out["reason"] = f"better: {name} {before} -> {after}, {task_change} within tolerance {config.task_tolerance}, KL to SFT {task.get('kl_to_sft')}"
     return out

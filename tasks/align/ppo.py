@@ -20,7 +20,8 @@ are kept by the stage).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from tunepipe.schemas.align import AlignConfig, PPOMethod
 from tunepipe.schemas.environment import EnvironmentProfile
@@ -28,7 +29,10 @@ from tunepipe.tasks.align.policy import REF_ADAPTER, add_reference_adapter
 from tunepipe.tasks.training.pairs import render_prompt
 
 STEP_METRICS = {
+    "loss": "loss",  # not TRL's: written into the log history by `train_ppo` (see `ppo_loss`)
+    "reward_std": "reward_std",  # not TRL's either: recorded by `train_ppo` (see `recorded_scores`)
     "objective/scores": "reward_mean",
+    "objective/non_score_reward": "kl_penalty",
     "objective/kl": "kl",
     "objective/rlhf_reward": "rlhf_reward",
     "objective/entropy": "entropy",
@@ -147,15 +151,66 @@ def ppo_trainer(
     )
 
 
-def train_ppo(trainer: Any) -> dict[str, Any]:
-    """Run PPO; the policy (PeftModel) is `trainer.policy_model` afterwards."""
+def ppo_loss(entry: dict[str, Any], vf_coef: float) -> float | None:
+    """The loss PPO minimised in one update: TRL 1.12 optimises `pg_loss + vf_coef * vf_loss` per
+    micro-batch and logs the two parts' means (`loss/policy_avg`, `loss/value_avg`), never their sum;
+    the mean of the sum is this sum of the means."""
+    if "loss/policy_avg" not in entry or "loss/value_avg" not in entry:
+        return None
+    return float(entry["loss/policy_avg"]) + vf_coef * float(entry["loss/value_avg"])
+
+
+@contextmanager
+def recorded_scores(trainer: Any) -> Iterator[dict[int, list[float]]]:
+    """{update: the reward model's score of each rollout}: TRL 1.12 logs only their mean
+    (`objective/scores`), and a spread of zero (every rollout scored the same) is the failure the
+    stage must see. TRL scores through the module-level `get_reward`; it is wrapped for the run."""
+    from trl.experimental.ppo import ppo_trainer as module
+
+    original = module.get_reward
+    scores: dict[int, list[float]] = {}
+
+    def get_reward(model: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(model, *args, **kwargs)
+        if model is trainer.reward_model:  # not the value model, scored through the same function
+            scores.setdefault(int(trainer.state.global_step) + 1, []).extend(float(x) for x in out[1].flatten())
+        return out
+
+    module.get_reward = get_reward
+    try:
+        yield scores
+    finally:
+        module.get_reward = original
+
+
+def train_ppo(trainer: Any, vf_coef: float) -> dict[str, Any]:
+    """Run PPO; the policy (PeftModel) is `trainer.policy_model` afterwards. Each logged update
+    gets `loss` (what PPO minimised) and `reward_std` (of this process's rollouts) added to the
+    log history, so loss curves, step metrics and self-checks read PPO like any other trainer."""
+    import statistics
     import time
 
     started = time.perf_counter()
-    trainer.train()
+    with recorded_scores(trainer) as scores:
+        trainer.train()
+    losses = []
+    for entry in trainer.state.log_history:
+        if "step" in entry and (loss := ppo_loss(entry, vf_coef)) is not None:
+            entry["loss"] = loss
+            losses.append(loss)
+            if len(scores.get(int(entry["step"]), [])) > 1:
+                entry["reward_std"] = statistics.pstdev(scores[int(entry["step"])])
     return {
         "global_step": int(trainer.state.global_step),
         "episodes": int(trainer.state.episode),
+        "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
         "train_seconds": round(time.perf_counter() - started, 3),
         "resumed_from": None,
     }
+
+
+def trainable_parameters(trainer: Any) -> dict[str, tuple[int, int]]:
+    """{role: (trainable, total)}: PPO trains the policy's adapter and the whole value model."""
+    from tunepipe.tasks.training import peft_methods
+
+    return {"policy": peft_methods.count_parameters(trainer.policy_model), "value_model": peft_methods.count_parameters(trainer.value_model)}

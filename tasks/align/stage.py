@@ -126,7 +126,7 @@ class AlignStage(Stage):
                 metrics_by_run[run] = json.loads(done_file.read_text())
                 continue
             job = {
-                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"),
+                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"), "run": run,
                 "sft_dir": spec["sft_dir"], "sft_kind": sft_outputs.kind, "sft_config": sft_config,
                 "base_model": base_model, "reward_dir": reward_dir, "train_pairs": train_pairs, "prompts": prompts,
                 "pairs_file": str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
@@ -139,6 +139,10 @@ class AlignStage(Stage):
             write_json(done_file, metrics)
             metrics_by_run[run] = metrics
 
+        for run, m in metrics_by_run.items():
+            for name, check in m.get("checks", {}).items():
+                if "warned" in check:
+                    ctx.logger.warning("align: self-check %s failed (align.checks.on_weak_signal: warn): %s", name, check["warned"])
         outputs = ModelOutputs(
             kind="adapters" if sft_outputs.kind == "adapters" else "adapter",
             method=method.name,
@@ -218,6 +222,7 @@ class AlignStage(Stage):
         plot_series(series, ctx.staging_dir / "metrics.png", f"align ({config.method.name}): per step")
 
     def _output(self, config, runs, outputs, metrics_by_run, heldout) -> StageOutput:
+        from tunepipe.tasks.align.evaluation import verdict
         from tunepipe.tasks.training.plots import summarize_series
 
         method = config.method
@@ -245,6 +250,14 @@ class AlignStage(Stage):
             "kl_to_sft": {run: t["kl_to_sft"] for run, t in task.items()},
             "win_rate": {run: t["win_rate"] for run, t in task.items() if "win_rate" in t} or None,
             "preference_accuracy": {run: {"sft": p["sft_accuracy"], "aligned": p["aligned_accuracy"]} for run, p in prefs.items()} or None,
+            "trainable_parameters_by_model": next(iter(metrics_by_run.values())).get("trainable_parameters_by_model"),
+        }
+        # Objective (reward) together with the task metric and KL: better than SFT only with both.
+        verdicts = {run: verdict(config, task.get(run, {}), prefs.get(run, {})) for run in runs}
+        metrics["verdict"] = verdicts
+        metrics["better_than_sft"] = all(v["better_than_sft"] for v in verdicts.values())
+        warned = {
+            f"{run}: {name}": c["warned"] for run, m in metrics_by_run.items() for name, c in m.get("checks", {}).items() if "warned" in c
         }
         on_policy = {run: m["on_policy"] for run, m in metrics_by_run.items() if "on_policy" in m}
         if on_policy:
@@ -261,6 +274,7 @@ class AlignStage(Stage):
                     "KL to sft": t.get("kl_to_sft"), "win rate": t.get("win_rate"),
                     "reward sft": t.get("sft_reward_mean"), "reward aligned": t.get("aligned_reward_mean"),
                     "pref acc sft": p.get("sft_accuracy"), "pref acc aligned": p.get("aligned_accuracy"),
+                    "better than sft": verdicts[run]["better_than_sft"],
                 }
             )
         lines = [
@@ -275,4 +289,6 @@ class AlignStage(Stage):
                 f"| {row['run']} | {row[f'sft {config.task_metric}']} | {row[f'aligned {config.task_metric}']} | "
                 f"{row['within tolerance']} | {row['KL to sft']} | {row['win rate']} | {row['pref acc sft']} → {row['pref acc aligned']} |"
             )
+        lines += ["", *(f"- {run}: {v['reason']}" for run, v in verdicts.items())]
+        lines += [f"- **warning** (self-check, align.checks.on_weak_signal: warn) {name}: {why}" for name, why in warned.items()]
         return StageOutput(metrics=metrics, summary="\n".join(lines), table=table)

@@ -14,24 +14,103 @@ from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 
 
-def self_checks(method: str, config: AlignConfig, trainer: Any, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
-    """`steps` for the Trainer-based methods; `loss` (finite, moved) for the pairwise ones, whose
-    loss moves from its first step (GRPO/RLOO losses are legitimately 0 while advantages are)."""
+def self_checks(
+    method: str, config: AlignConfig, trainer: Any, metrics: dict[str, Any], history: list[dict[str, float]],
+    steps: dict[str, list[dict[str, float]]], changed: dict[str, Any], run: str,
+) -> dict[str, Any]:
+    """The run proves it learned something before it publishes.
+
+    `steps` for the Trainer-based methods; `loss` (finite, moved) for the pairwise ones, whose loss
+    moves from its first step (GRPO/RLOO losses are legitimately 0 while advantages are);
+    `reward_variance` and `reward_moved` for the reward-driven ones (their signal); and for every
+    method `adapter_changed`: the adapter about to be published differs from the one training
+    started from. The weak-signal checks fail or warn (`align.checks.on_weak_signal`)."""
     from tunepipe.tasks.training import checks
 
-    if method == "ppo":
-        return {}
-    requested = int(config.training.max_steps or trainer.state.max_steps)
-    out = {"steps": checks.require(
-        "steps", checks.steps_check(metrics["global_step"], requested),
-        f"align ({method}) ran {metrics['global_step']} optimizer steps of the {requested} requested",
-    )}
+    who = f"align ({run}, {method})"
+    out: dict[str, Any] = {}
+    if method != "ppo":
+        requested = int(config.training.max_steps or trainer.state.max_steps)
+        out["steps"] = checks.require(
+            "steps", checks.steps_check(metrics["global_step"], requested),
+            f"{who} ran {metrics['global_step']} optimizer steps of the {requested} requested",
+        )
     if method in PAIRWISE_METHODS:
         loss = checks.loss_check(history, metrics.get("train_loss"))
         out["loss"] = checks.require(
-            "loss", loss, f"align ({method}): the loss is {'not finite' if not loss['finite'] else 'constant'} "
+            "loss", loss, f"{who}: the loss is {'not finite' if not loss['finite'] else 'constant'} "
             f"(first {loss['first']}, last {loss['last']})",
         )
+    else:
+        out.update(reward_signal_checks(method, config, steps, who))
+    why = (
+        "every gradient was zero: the rewards gave no advantage (see reward_std / frac_reward_zero_std in the step metrics)"
+        if method not in PAIRWISE_METHODS else "check training.learning_rate and max_steps"
+    )
+    out["adapter_changed"] = checks.require(
+        "adapter_changed", changed,
+        f"{who}: the trained adapter is identical to the one training started from (the SFT adapter; "
+        f"{changed['tensors']} tensors, none changed): publishing it would call the SFT policy aligned; {why}",
+    )
+    return out
+
+
+def weak_signal_advice(method: str, config: AlignConfig, earned_nothing: bool) -> str:
+    """What to change when the policy's samples all earn the same reward, in this method's knobs.
+
+    A policy whose samples earn nothing is usually near-uniform: its greedy answer may be right
+    while its temperature-1 samples are gibberish, so *lowering* the temperature gives it signal
+    (measured on the quickstart's sentiment SFT adapter, GRPO with token_f1: temperature 1.0 had
+    identical rewards in 100% of groups, 0.3 in 42%, and its reward rose 0.19 -> 0.42 in 6 steps).
+    A policy whose samples all earn the same non-zero reward needs more diversity instead."""
+    temperature = config.method.temperature
+    size = "response_length" if method == "ppo" else f"num_generations ({config.method.num_generations})"
+    if earned_nothing:
+        knobs = f"lower align.method.temperature ({temperature}; e.g. 0.3 for a near-uniform policy), raise {size}"
+    else:
+        knobs = f"raise align.method.temperature ({temperature}) or {size}"
+    return f"{knobs}, train SFT longer, or use a finer reward (token_f1, reward_model)"
+
+
+def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list[dict[str, float]]], who: str) -> dict[str, Any]:
+    """`reward_variance` (groups with identical rewards give no gradient) and `reward_moved`."""
+    import logging
+
+    from tunepipe.tasks.training import checks
+
+    logger = logging.getLogger("tunepipe.align")
+    settings = config.checks
+    rewards = [p["value"] for p in steps.get("reward_mean", [])]
+    if method == "ppo":  # one group per update: the rollout batch
+        zero_std = [float(p["value"] == 0.0) for p in steps.get("reward_std", [])]
+    else:
+        zero_std = [p["value"] for p in steps.get("frac_reward_zero_std", [])]
+    mean_reward = sum(rewards) / len(rewards) if rewards else 0.0
+    earned_nothing = abs(mean_reward) < 1e-9
+    variance = checks.reward_variance_check(zero_std, settings.max_zero_std_fraction)
+    cause = (
+        f"policy too weak: its samples earned no reward (mean {mean_reward:.3g})" if earned_nothing
+        else f"the reward does not separate the policy's samples (mean reward {mean_reward:.3g})"
+    )
+    out = {"reward_variance": checks.enforce(
+        "reward_variance", variance,
+        f"{who}: {cause}: {100 * (variance['mean_zero_std_fraction'] or 0):.0f}% of groups had identical rewards over "
+        f"{variance['steps']} steps (align.checks.max_zero_std_fraction {settings.max_zero_std_fraction}), so they "
+        f"gave no gradient; {weak_signal_advice(method, config, earned_nothing)}",
+        settings.on_weak_signal, logger,
+    )}
+    moved = checks.reward_moved_check(rewards, settings.min_reward_range)
+    if method != "ppo" and set(config.method.rewards) == {"judge"}:
+        # A judge tournament's rewards are shares of comparisons won: every group's mean is 0.5 by
+        # construction, whatever the policy does. Only their spread (above) says anything.
+        moved = {**moved, "passed": True, "skipped": "judge tournament rewards: every group's mean is 0.5"}
+    out["reward_moved"] = checks.enforce(
+        "reward_moved", moved,
+        f"{who}: the mean reward never moved ({moved.get('min')} to {moved.get('max')} over {moved['steps']} steps; "
+        f"align.checks.min_reward_range {settings.min_reward_range}); {weak_signal_advice(method, config, earned_nothing)}, or raise "
+        "training.learning_rate / max_steps",
+        settings.on_weak_signal, logger,
+    )
     return out
 
 
@@ -40,14 +119,9 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     from datasets.utils.logging import disable_progress_bar
     from tunepipe.tasks.align import ppo
     from tunepipe.tasks.align.policy import load_policy, save_policy
-    from tunepipe.tasks.align.preferences import on_policy_pairs
-    from tunepipe.tasks.align.trainers import (
-        GROUP_STEP_METRICS,
-        PAIRWISE_STEP_METRICS,
-        group_trainer,
-        pairwise_trainer,
-    )
-    from tunepipe.tasks.training import peft_methods
+    from tunepipe.tasks.align.preferences import on_policy_pairs, require_pairs
+    from tunepipe.tasks.align.trainers import group_trainer, pairwise_trainer
+    from tunepipe.tasks.training import checks, peft_methods
     from tunepipe.tasks.training.judge import CachedJudge
     from tunepipe.tasks.training.plots import step_history
     from tunepipe.tasks.training.reward_model import load_reward_model
@@ -65,11 +139,13 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     config = AlignConfig.model_validate(job["config"])
     env = EnvironmentProfile.model_validate(job["env"])
     method = config.method
+    run = job.get("run", "all")
     seed_everything(config.training.seed)
     model, tokenizer = load_policy(job, config, env)
     reward = load_reward_model(job["reward_dir"], env.dtype) if job.get("reward_dir") else None
     base_args = training_kwargs(config.training, env, job["checkpoint_dir"])
-    callbacks = make_callbacks(model, None, f"align ({method.name})")
+    keys = step_metric_keys(config)
+    callbacks = make_callbacks(model, None, f"align ({run}, {method.name})", watch=keys)
     extra: dict[str, Any] = {}
     judge = CachedJudge(config.judge, job["judge_cache"]) if config.uses_judge() else None
 
@@ -81,28 +157,26 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
             )
             if is_main_process():
                 Path(job["pairs_file"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
-            if not pairs:
-                from tunepipe.tasks.core.stage import StageFailed
-
-                raise StageFailed(
-                    f"align: on-policy sampling gave no preference pair from {extra['on_policy']['prompts']} prompts (all "
-                    f"{config.preferences.k} samples of every prompt scored the same): raise preferences.k or "
-                    "temperature, or use another scorer"
-                )
+            require_pairs(run, config, extra["on_policy"])
         trainer = pairwise_trainer(config, model, tokenizer, pairs, base_args, callbacks)
-        keys = PAIRWISE_STEP_METRICS
         extra["train_pairs"] = len(pairs)
     elif method.name == "ppo":
         trainer = ppo.ppo_trainer(config, env, model, tokenizer, job["prompts"], base_args, callbacks, reward)
-        keys = ppo.STEP_METRICS
     else:
         assert method.name in ONLINE_METHODS
         trainer = group_trainer(config, model, tokenizer, job["prompts"], base_args, callbacks, reward, judge)
-        keys = GROUP_STEP_METRICS
     policy = trainer.policy_model if method.name == "ppo" else trainer.model
-    trainable, total = peft_methods.count_parameters(policy)
-    metrics = ppo.train_ppo(trainer) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
-    metrics["checks"] = self_checks(method.name, config, trainer, metrics, loss_history(trainer))
+    if method.name == "ppo":  # the value model trains too (in full)
+        counts = ppo.trainable_parameters(trainer)
+        extra["trainable_parameters_by_model"] = {role: c[0] for role, c in counts.items()}
+        trainable, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    else:
+        trainable, total = peft_methods.count_parameters(policy)
+    started_from = checks.trainable_snapshot(policy)
+    metrics = ppo.train_ppo(trainer, config.method.vf_coef) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
+    steps = step_history(trainer.state.log_history, keys)
+    changed = checks.parameters_changed_check(started_from, policy)
+    metrics["checks"] = self_checks(method.name, config, trainer, metrics, loss_history(trainer), steps, changed, run)
     if is_main_process():
         save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
     if judge is not None:
@@ -115,8 +189,20 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
             "trainable_parameters": trainable,
             "total_parameters": total,
             "loss_history": loss_history(trainer),
-            "step_metrics": step_history(trainer.state.log_history, keys),
+            "step_metrics": steps,
             **peak_memory(),
         }
     )
     return metrics
+
+
+def step_metric_keys(config: AlignConfig) -> dict[str, str]:
+    """{TRL log key: our name} of the per-step metrics this method's trainer logs."""
+    from tunepipe.tasks.align import ppo
+    from tunepipe.tasks.align.trainers import PAIRWISE_STEP_METRICS, group_step_metrics
+
+    if config.method.name in PAIRWISE_METHODS:
+        return PAIRWISE_STEP_METRICS
+    if config.method.name == "ppo":
+        return ppo.STEP_METRICS
+    return group_step_metrics(config.method)

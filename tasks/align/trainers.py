@@ -38,12 +38,27 @@ GROUP_STEP_METRICS = {
     "loss": "loss",
     "reward": "reward_mean",
     "reward_std": "reward_std",
-    "kl": "kl",
+    # Share of groups whose samples all earned the same reward: zero advantage, no gradient.
+    "frac_reward_zero_std": "frac_reward_zero_std",
+    "kl": "kl",  # logged only with beta > 0
     "entropy": "entropy",
+    "clip_ratio/region_mean": "clip_fraction",  # tokens whose importance ratio was clipped
+    "clip_ratio/low_mean": "clip_fraction_low",
+    "clip_ratio/high_mean": "clip_fraction_high",
     "completions/mean_length": "completion_length",
-    "rewards/judge/mean": "judge_reward",
+    "completions/clipped_ratio": "completions_truncated",
     "router_aux_loss": "router_aux_loss",
 }
+
+
+def group_step_metrics(method: GRPOMethod | RLOOMethod) -> dict[str, str]:
+    """GROUP_STEP_METRICS plus each reward function's own mean and std (TRL: `rewards/<name>/mean`)."""
+    keys = dict(GROUP_STEP_METRICS)
+    for name in method.rewards:
+        # `judge_reward`: the name the RLAIF metrics have always had (tests/integration/test_align_judge.py)
+        keys[f"rewards/{name}/mean"] = "judge_reward" if name == "judge" else f"reward_{name}_mean"
+        keys[f"rewards/{name}/std"] = f"reward_{name}_std"
+    return keys
 
 
 def kto_examples(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -83,6 +83,24 @@ def resolve_start(config: RewardConfig, ctx: StageContext) -> tuple[str, str, bo
     raise StageFailed("reward: no model to start from: set reward.model, or give the stage an sft, pretrain or base_model input")
 
 
+def require_min_accuracy(config: RewardConfig, heldout: dict, train_pairs: int) -> None:
+    """StageFailed when the held-out pairwise accuracy is below `reward.min_accuracy` (or unmeasured)."""
+    if config.min_accuracy is None:
+        return
+    if not heldout["n"]:
+        raise StageFailed(
+            f"reward: no held-out preference pairs to check reward.min_accuracy {config.min_accuracy} on: give the data "
+            "stage validation/test pairs (or pairs without a split: reward.heldout_fraction), or set reward.min_accuracy: null"
+        )
+    if heldout["accuracy"] < config.min_accuracy:
+        raise StageFailed(
+            f"reward: held-out pairwise accuracy {heldout['accuracy']} (n={heldout['n']}; ECE {heldout['ece']}, Brier "
+            f"{heldout['brier']}) is below reward.min_accuracy {config.min_accuracy}: a policy optimised against this "
+            f"reward model would learn what it gets wrong. Train it longer or on more than {train_pairs} pairs, start "
+            "from a stronger model (reward.start_from: sft), or lower reward.min_accuracy knowingly"
+        )
+
+
 class RewardStage(TrainingStage):
     """Reward model on preference pairs (LoRA/QLoRA adapter with a score head, or full)."""
 
@@ -118,6 +136,7 @@ class RewardStage(TrainingStage):
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_json(done_file, metrics)
 
+        require_min_accuracy(config, metrics["heldout_after"], len(train))
         outputs = ModelOutputs(
             kind="adapter" if save_to == "adapter" else "model",
             method=config.method.name,
@@ -134,7 +153,8 @@ class RewardStage(TrainingStage):
         summary = (
             f"Reward model (**{config.method.name}**) on {len(train)} preference pairs: held-out pairwise accuracy "
             f"**{after['accuracy']}** (untrained head: {before['accuracy']}; n={after['n']}, chance 0.5), "
-            f"mean margin {after['margin']}."
+            f"mean margin {after['margin']}; calibration of sigmoid(margin): ECE {after['ece']}, Brier {after['brier']} "
+            f"(minimum accuracy to publish: {config.min_accuracy})."
         )
         table = [
             {"when": "before", **before},
@@ -143,7 +163,8 @@ class RewardStage(TrainingStage):
         stage_metrics = {
             "method": config.method.name, "kind": outputs.kind, "train_pairs": len(train), "heldout_pairs": len(heldout),
             "heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
-            "heldout_margin": after["margin"], "global_step": metrics["global_step"], "train_loss": metrics["train_loss"],
+            "heldout_margin": after["margin"], "heldout_ece": after["ece"], "heldout_brier": after["brier"],
+            "min_accuracy": config.min_accuracy, "global_step": metrics["global_step"], "train_loss": metrics["train_loss"],
             "trainable_parameters": metrics["trainable_parameters"], "total_parameters": metrics["total_parameters"],
             "loss_history": metrics["loss_history"], "step_metrics": metrics["step_metrics"],
             "peak_memory_gb": metrics["peak_memory_gb"], "world_size": metrics["world_size"], "checks": metrics["checks"],

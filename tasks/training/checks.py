@@ -176,3 +176,57 @@ def reward_scores_check(before: tuple[list[float], list[float]], after: tuple[li
 
     return {"passed": bool(old) and change > 0, "max_score_change": change, "pairs": len(before[0]), "on": on,
             "accuracy_before": accuracy(*before), "accuracy_after": accuracy(*after)}
+# --------------------------------------------------------------------------------------------
+# Reward-driven alignment (ppo, grpo, rloo): a run that learned nothing must not publish quietly.
+
+
+def reward_variance_check(zero_std_fractions: list[float], max_fraction: float) -> dict[str, Any]:
+    """The mean share of groups whose samples all earned the same reward (TRL's
+    `frac_reward_zero_std` per step) must not exceed `max_fraction`: such groups have zero
+    advantage, so they give the policy no gradient at all."""
+    mean = sum(zero_std_fractions) / len(zero_std_fractions) if zero_std_fractions else None
+    return {
+        "passed": mean is None or mean <= max_fraction,
+        "mean_zero_std_fraction": None if mean is None else round(mean, 4),
+        "max_allowed": max_fraction,
+        "steps": len(zero_std_fractions),
+    }
+
+
+def reward_moved_check(reward_means: list[float], min_range: float) -> dict[str, Any]:
+    """The per-step mean reward must span more than `min_range` over the run (max - min)."""
+    if not reward_means:
+        return {"passed": True, "steps": 0}
+    low, high = min(reward_means), max(reward_means)
+    return {
+        "passed": len(reward_means) < 2 or high - low > min_range,
+        "first": reward_means[0], "last": reward_means[-1], "min": low, "max": high,
+        "min_range": min_range, "steps": len(reward_means),
+    }
+
+
+def trainable_snapshot(model: Any) -> dict[str, Any]:
+    """A CPU copy of every trainable tensor (the adapter being aligned), to compare after training."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad and p.numel()}
+
+
+def parameters_changed_check(before: dict[str, Any], model: Any) -> dict[str, Any]:
+    """The trained tensors must differ from their state before training (for a continued adapter:
+    the SFT adapter). Any difference passes; an optimizer that got only zero gradients (every
+    advantage zero) leaves them equal bit for bit."""
+    after = dict(model.named_parameters())
+    changed, worst = 0, 0.0
+    for name, old in before.items():
+        new = after[name].detach().to("cpu")
+        difference = float((new.float() - old.float()).abs().max()) if new.shape == old.shape else float("inf")
+        changed += difference > 0
+        worst = max(worst, difference)
+    return {"passed": changed > 0, "tensors_changed": changed, "tensors": len(before), "max_abs_change": worst}
+
+
+def enforce(name: str, result: dict[str, Any], why: str, action: str, logger: Any) -> dict[str, Any]:
+    """`require` for action `fail`; for `warn`, log the same message and mark the result `warned`."""
+    if result["passed"] or action == "fail":
+        return require(name, result, why)
+    logger.warning("self-check %s failed (configured to warn): %s", name, why)
+    return {**result, "warned": why}

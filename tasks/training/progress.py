@@ -5,7 +5,9 @@ updates one progress artifact as steps complete. Each update is a synchronous ca
 Prefect API, in the training loop: on a 2-core machine one update per percent cost ~9 s of a
 100-step, two-run sft stage (benchmarks/README.md, orchestration overhead). So updates are
 throttled to whole percents *and* to one per `min_interval_s` (the UI needs no more), and the
-end of training always reports 100. Launched workers have no Prefect context; their progress
+end of training always reports 100. With `watch` ({log key: name}), the artifact's description
+carries the latest logged value of each (an RL run's reward mean/std, share of zero-variance
+groups, KL, clip fraction), so a run that learns nothing shows it while it runs. Launched workers have no Prefect context; their progress
 reaches the run through the streamed logs instead.
 """
 
@@ -27,8 +29,13 @@ def in_prefect_task() -> bool:
 class PrefectProgress(TrainerCallback):
     """Percent of optimizer steps done, as a Prefect progress artifact."""
 
-    def __init__(self, label: str, min_interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, label: str, min_interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic, watch: dict[str, str] | None = None
+    ):
         self.label = label
+        self.watch = watch or {}
+        self.latest: dict[str, float] = {}
+        self.latest_step = 0
         self.min_interval_s = min_interval_s
         self.clock = clock
         self.artifact_id: Any = None
@@ -42,6 +49,19 @@ class PrefectProgress(TrainerCallback):
             self.artifact_id = create_progress_artifact(progress=0.0, description=f"{self.label}: training progress (%)")
             self.reported, self.reported_at = 0, self.clock()
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, name in self.watch.items():
+            if logs and isinstance(logs.get(key), (int, float)):
+                self.latest[name] = float(logs[key])
+                self.latest_step = state.global_step
+
+    def description(self) -> str | None:
+        """`label: step N: name value, ...` of the watched metrics last logged, or None before any."""
+        if not self.latest:
+            return None
+        values = ", ".join(f"{name} {value:.4g}" for name, value in self.latest.items())
+        return f"{self.label}: training progress (%); step {self.latest_step}: {values}"
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.artifact_id is not None and state.max_steps and self.clock() - self.reported_at >= self.min_interval_s:
             self._report(int(100 * state.global_step / state.max_steps))
@@ -54,5 +74,6 @@ class PrefectProgress(TrainerCallback):
         if percent > self.reported:
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.artifact_id, progress=float(percent))
+            described = {"description": d} if (d := self.description()) else {}
+            update_progress_artifact(self.artifact_id, progress=float(percent), **described)
             self.reported, self.reported_at = percent, self.clock()

@@ -71,13 +71,42 @@ def pair_scores(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_s
 
 def pairwise_summary(chosen: list[float], rejected: list[float]) -> dict[str, float]:
     if not chosen:
-        return {"accuracy": None, "margin": None, "n": 0}
+        return {"accuracy": None, "margin": None, "n": 0, "ece": None, "brier": None}
     wins = [c > r for c, r in zip(chosen, rejected)]
     return {
         "accuracy": round(sum(wins) / len(wins), 4),
         "margin": round(sum(c - r for c, r in zip(chosen, rejected)) / len(chosen), 4),
         "n": len(chosen),
+        **calibration([c - r for c, r in zip(chosen, rejected)]),
     }
+
+
+def calibration(margins: list[float], bins: int = 10) -> dict[str, float]:
+    """How far the reward model's confidence can be trusted, from the held-out margins r_chosen - r_rejected.
+
+    Under the Bradley-Terry model the reward model was trained with, p = sigmoid(margin) is its
+    probability that `chosen` is preferred. `brier`: mean (1 - p)^2 (0 is perfect, 0.25 is a
+    model that always says 0.5). `ece`: expected calibration error of its pairwise decisions, as
+    for any binary classifier: each pair's decision (chosen above rejected or not) has confidence
+    max(p, 1 - p); pairs are binned by confidence (`bins` equal-width bins on [0, 1]) and each bin's
+    |accuracy - mean confidence| is weighted by its share of pairs. A model that is right on 68% of
+    pairs while claiming 99% has an ECE near 0.31.
+    """
+    import math
+
+    if not margins:
+        return {"ece": None, "brier": None}
+    probs = [1 / (1 + math.exp(-max(-60.0, min(60.0, m)))) for m in margins]
+    brier = sum((1 - p) ** 2 for p in probs) / len(probs)
+    grouped: dict[int, list[tuple[float, bool]]] = {}
+    for p in probs:
+        confidence = max(p, 1 - p)
+        grouped.setdefault(min(int(confidence * bins), bins - 1), []).append((confidence, p > 0.5))
+    ece = sum(
+        len(items) / len(probs) * abs(sum(ok for _, ok in items) / len(items) - sum(c for c, _ in items) / len(items))
+        for items in grouped.values()
+    )
+    return {"ece": round(ece, 4), "brier": round(brier, 4)}
 
 
 def completion_text(completion: Any) -> str:

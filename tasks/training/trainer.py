@@ -75,14 +75,14 @@ def quantized_device_map(env: EnvironmentProfile) -> dict[str, Any] | None:
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
-def make_callbacks(model: Any, method: Any, label: str = "training") -> list[Any]:
-    """Live progress in the Prefect UI; AdaLoRA's budget re-allocation after each optimiser step
-    (the Trainer does not call it)."""
+def make_callbacks(model: Any, method: Any, label: str = "training", watch: dict[str, str] | None = None) -> list[Any]:
+    """Live progress in the Prefect UI (with the latest values of the `watch` log keys, {TRL key:
+    our name}); AdaLoRA's budget re-allocation after each optimiser step (the Trainer does not call it)."""
     from transformers import TrainerCallback
     from tunepipe.tasks.training.moe import router_loss_callback
     from tunepipe.tasks.training.progress import PrefectProgress
 
-    callbacks: list[Any] = [PrefectProgress(label)]
+    callbacks: list[Any] = [PrefectProgress(label, watch=watch)]
     if (router_log := router_loss_callback(model)) is not None:
         callbacks.append(router_log)
     if getattr(method, "name", None) == "adalora":

@@ -133,8 +133,8 @@ def test_on_policy_dpo_pairs_scored_by_the_judge(assets, server):
     pairs = [json.loads(line) for line in (Path(ref.path) / "preferences.on_policy.jsonl").read_text().splitlines()]
     assert pairs and all(p["scores"][0] > p["scores"][1] for p in pairs)
     used = m["judge"]["runs"]["all"]
-    # k=3: 3 comparisons per prompt, each in both orders (identical samples are not asked).
-    assert 0 < used["calls"] + used["cache_hits"] <= 6 * 3 * 2
+    # k=3 samples and the greedy answer: 6 comparisons per prompt, each in both orders (identical answers are not asked).
+    assert 0 < used["calls"] + used["cache_hits"] <= 6 * 6 * 2
     assert m["judge"]["agreement"] == {"pairs": 12, "agree": 8, "disagree": 2, "tie": 2, "agreement": 0.6667, "agreement_decided": 0.8}
     assert m["judge"]["agreement_counts"]["order_disagreements"] == 2
     assert len(server["requests"]) - before == m["judge"]["calls"]

@@ -45,6 +45,7 @@ def test_quickstart_reward_model_beats_chance_on_heldout_pairs(assets):
     assert m["train_pairs"] == 241 and m["global_step"] == 30
     assert m["heldout_accuracy"] >= 0.65 and m["heldout_accuracy"] > m["heldout_accuracy_before"]
     assert len(m["loss_history"]) == 30 and {"train_accuracy", "train_margin"} <= set(m["step_metrics"])
+    assert m["min_accuracy"] == 0.6 and 0 <= m["heldout_ece"] <= 1 and 0 < m["heldout_brier"] < 0.25
 
     outputs = json.loads((root / "outputs.json").read_text())
     assert outputs == {"kind": "model", "method": "full", "base_model": str(assets["model"]), "paths": {"all": "model"}}
@@ -76,3 +77,17 @@ def test_missing_preferences_fail_naming_the_fix(assets, tmp_path):
     with pytest.raises(StageFailed, match=r"no preference pairs of tasks \['nope'\].*tasks present: \['sentiment', 'triples'\]"):
         run_stage(RewardStage(), RewardConfig.model_validate({"model": str(assets["model"]), "tasks": ["nope"]}),
                   {"data": assets["data"]}, ArtifactStore(tmp_path / "b"), cpu_profile())
+
+
+def test_reward_model_below_its_minimum_accuracy_is_not_published(assets):
+    config = RewardConfig.model_validate(
+        {"model": str(assets["model"]), **QUICKSTART_SETTING, "min_accuracy": 0.99,
+         "training": {"max_steps": 2, "learning_rate": 3e-3, "warmup_ratio": 0.0}}
+    )
+    with pytest.raises(StageFailed) as failure:
+        run_stage(RewardStage(), config, {"data": assets["data"]}, assets["store"], cpu_profile(per_device_batch_size=16))
+    message = str(failure.value)
+    assert message.startswith("reward: held-out pairwise accuracy ") and "(n=60; ECE " in message, message
+    assert "is below reward.min_accuracy 0.99: a policy optimised against this reward model" in message
+    accuracy = float(message.split("accuracy ")[1].split(" ")[0])
+    assert accuracy < 0.99

@@ -120,6 +120,7 @@ def test_reward_head_and_dpo_weights_do_not_depend_on_earlier_draws(tmp_path):
     pairs = data_with_pairs(assets, "pairs", quickstart_pairs())
     reward = RewardConfig.model_validate(
         {"model": str(assets["model"]), "method": {"name": "lora", "r": 4}, "max_length": 64,
+         "min_accuracy": None,  # 2 steps: a determinism check, not a usable reward model
          "training": {"max_steps": 2, "warmup_ratio": 0.0}}
     )
     dpo = AlignConfig.model_validate(

@@ -32,3 +32,20 @@ def test_no_calls_outside_a_prefect_task(monkeypatch):
     callback.on_step_end(None, state, None)
     callback.on_train_end(None, state, None)
     assert callback.artifact_id is None
+
+
+def test_watched_step_metrics_ride_along_in_the_description(monkeypatch):
+    sent: list[tuple] = []
+    monkeypatch.setattr(
+        prefect.artifacts, "update_progress_artifact", lambda artifact_id, progress, **kw: sent.append((progress, kw.get("description")))
+    )
+    callback = PrefectProgress("align (all, grpo)", min_interval_s=0.0, clock=lambda: 1.0,
+                               watch={"reward": "reward_mean", "frac_reward_zero_std": "frac_reward_zero_std"})
+    callback.artifact_id, callback.reported, callback.reported_at = "id", 0, 0.0
+    state = SimpleNamespace(max_steps=4, global_step=1)
+    callback.on_step_end(None, state, None)
+    assert sent == [(25.0, None)]  # nothing logged yet: the plain progress
+    callback.on_log(None, state, None, logs={"reward": 0.0, "frac_reward_zero_std": 1.0, "loss": 0.0, "note": "x"})
+    state.global_step = 2
+    callback.on_step_end(None, state, None)
+    assert sent[-1] == (50.0, "align (all, grpo): training progress (%); step 1: reward_mean 0, frac_reward_zero_std 1")
