@@ -101,9 +101,9 @@ def results_markdown(stages: dict[str, dict[str, Any]]) -> str:
     """The results tables of one run (stage → manifest), deterministic given the artifacts."""
     sft, evaluate = stages["sft"], stages["evaluate"]
     e = evaluate["metrics"]
-    base = "`pretrain`ed" if "pretrain" in stages else "`base_model`"
+    base = "the `pretrain` stage's model" if "pretrain" in stages else "the `base_model` stage's model"
     lines = [
-        f"Held-out test records, greedy answers. Base = the {base} model (the adapter disabled); SFT = the per-task "
+        f"Held-out test records, greedy answers. Base = {base} (the adapter disabled); SFT = the per-task "
         f"`{sft['metrics']['method']}` adapters; candidate = evaluate's `{e['candidate']}`, compared with its "
         f"baseline `{e['baseline']}` on the same prompts.",
         "",
@@ -135,10 +135,14 @@ def results_markdown(stages: dict[str, dict[str, Any]]) -> str:
     if "align" in stages:
         lines.extend(_align_rows(stages["align"]))
     ab = e.get("ab", {})
+    win = ab.get("win_rate", {})
+    judge = ab.get("judge", "rule")
+    judged_on = f" on {e['primary_metric']}" if judge == "rule" else ""
+    level = round(100 * win.get("confidence_level", 0.95))
     lines.append(
-        f"| `evaluate` | {e['candidate']} vs {e['baseline']}: wins / ties / losses by {ab.get('judge', 'rule')} "
-        f"({e['primary_metric']}), win rate [95% CI] | {e['wins']} / {e['ties']} / {e['losses']}, "
-        f"{_f(e['win_rate'])} [{_f(e['win_rate_ci_low'])}, {_f(e['win_rate_ci_high'])}] |"
+        f"| `evaluate` | {e['candidate']} vs {e['baseline']} judged by {judge}{judged_on}: wins / ties / losses; share of "
+        f"decisive pairs won [exact {level}% CI]; win rate, ties as half | {e['wins']} / {e['ties']} / {e['losses']}; "
+        f"{_f(win.get('decisive_win_rate'))} [{_f(e['win_rate_ci_low'])}, {_f(e['win_rate_ci_high'])}]; {_f(e['win_rate'])} |"
     )
     verdict = "**promoted**" if e["gate_passed"] else "**held back**"
     lines.append(f"| | gate | {verdict}: " + "; ".join(r.replace("|", "/") for r in e["gate_reasons"]) + " |")
