@@ -113,3 +113,14 @@ def test_write_then_check_and_a_stale_readme_fails(workdir, tmp_path, monkeypatc
     capsys.readouterr()
     assert results.main([str(workdir), "--check"]) == 1
     assert "--write" in capsys.readouterr().err
+
+
+def test_a_pretrained_base_is_named_and_its_loss_stated(tmp_path):
+    publish(tmp_path, "pretrain", "p1", {"global_step": 122, "eval_loss": 1.031635, "eval_perplexity": 2.8056}, {}, "2026-11-30T07:01:00+00:00")
+    publish(tmp_path, "sft", "s1", sft_metrics(0.43), {"pretrain": {"stage": "pretrain", "key": "p1"}}, "2026-11-30T07:02:00+00:00")
+    last = publish(tmp_path, "evaluate", "e1", evaluate_metrics(True), {"sft": {"stage": "sft", "key": "s1"}}, "2026-11-30T07:03:00+00:00")
+    table = results.results_markdown(results.lineage(tmp_path, last))
+    assert "Base = the `pretrain` stage's model" in table
+    assert "| `pretrain` | corpus validation loss / perplexity after 122 steps | 1.032 / 2.81 |" in table
+    assert "**promoted**" in table and "`align`" not in table.split("| stage |")[1]  # no align stage in this run
+    assert results.times_markdown(results.lineage(tmp_path, last)).splitlines()[0] == "| pretrain | sft | evaluate | sum |"
