@@ -77,6 +77,9 @@ def test_sft_trains_per_task_adapters_that_beat_the_base(first_run):
     # A clear margin on each task's metric: exact match for the labels, token F1 for the triples.
     assert heldout["sentiment"]["exact_match"] >= heldout["sentiment"]["base_exact_match"] + 0.5
     assert heldout["triples"]["token_f1"] >= heldout["triples"]["base_token_f1"] + 0.1
+    # A policy sharp enough for preference and RL signals: the sentiment answers' validation loss
+    # (about 4.5 when the initialisation capped the logits and the policy stayed near uniform).
+    assert sft["metrics"]["eval_loss"]["sentiment"] < 0.5
     for task in ("sentiment", "triples"):
         assert (Path(sft["path"]) / "adapters" / task / "adapter_model.safetensors").is_file()
 
@@ -92,19 +95,41 @@ def test_reward_and_dpo_improve_their_objectives_within_tolerance(first_run):
         # relative to the SFT policy (its implicit reward) on most pairs.
         assert heldout["preferences"]["implicit_reward_accuracy"] > 0.5, task
         assert heldout["preferences"]["implicit_reward_margin"] > 0, task
+        assert heldout["preferences"]["aligned_accuracy"] >= heldout["preferences"]["sft_accuracy"], task
+        assert heldout["task"]["task_metric_drop"] <= align["task_tolerance"], task
 
 
-def test_gate_promotes_and_deploy_registers_the_adapters(first_run):
+def test_gate_compares_aligned_with_sft_and_deploy_registers_the_adapters(first_run):
     _, summary = first_run
     evaluate = summary["stages"]["evaluate"]["metrics"]
+    # What a team decides between: the aligned adapters or the SFT adapters they came from.
+    assert (evaluate["candidate"], evaluate["baseline"], evaluate["ab"]["judge"]) == ("align", "sft", "reward_model")
     assert evaluate["gate_passed"] is True and evaluate["win_rate_ci_low"] > 0.5
     assert any("CI [" in reason for reason in evaluate["gate_reasons"])  # the interval is stated
+    # Preferred by the reward model and no task metric lower than SFT's beyond the limits.
+    assert any(r.startswith("PASS max task metric drop") for r in evaluate["gate_reasons"])
+    assert any(r.startswith("PASS align kept token_f1") for r in evaluate["gate_reasons"])
     assert (Path(summary["stages"]["evaluate"]["path"]) / "report.html").is_file()
     export = summary["stages"]["export"]["metrics"]
     assert export["merged_agreement"] == {"sentiment": 1.0, "triples": 1.0}
     deploy = summary["stages"]["deploy"]["metrics"]
     assert deploy["decision"] == "promoted"
     assert sorted(deploy["serving"]) == ["quickstart-sentiment", "quickstart-triples"]
+
+
+def test_quickstart_readme_results_are_this_run(first_run):
+    """examples/quickstart/README.md's results table is what results.py writes from a fresh run's
+    manifests: the documented numbers are the ones the quickstart produces."""
+    from tunepipe.examples.quickstart import results
+
+    _, summary = first_run
+    workdir = Path(summary["workdir"])
+    stages = results.lineage(workdir, Path(summary["stages"]["evaluate"]["path"]))
+    assert sorted(stages) == sorted(set(STAGES) - {"export", "deploy"})
+    assert results.results_markdown(stages) == results.readme_block(results.README.read_text()), (
+        "examples/quickstart/README.md is stale: python examples/quickstart/results.py runs/quickstart --write"
+    )
+    assert results.main([str(workdir), "--check"]) == 0  # the CLI finds the same run on its own
 
 
 TRAINING_STAGES = ["base_model", "sft", "reward", "align"]
