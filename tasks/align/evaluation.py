@@ -156,11 +156,17 @@ def objective(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) 
     for dpo/kto/orpo the reward model's score when there is one, else preference accuracy."""
     method = config.method
     rules = task.get("rule_rewards")
-    if rules and "reward_model" not in getattr(method, "rewards", []):
-        names = list(getattr(method, "rewards", []))
+    names = list(getattr(method, "rewards", []))
+    with_model = "reward_model" in names and "sft_reward_mean" in task
+    if rules and ("reward_model" not in names or with_model):
+        # The weighted sum the run optimised, rules and (where it was one of the rewards) the reward model alike:
+        # the reward model's score alone would call a run better that traded the verifiable reward for it.
         weights = dict(zip(names, method.reward_weights or [1.0] * len(names)))
-        total = {w: round(sum(weights[n] * v[w] for n, v in rules.items()), 4) for w in ("sft", "aligned")}
-        return f"held-out reward ({' + '.join(rules)})", total["sft"], total["aligned"]
+        total = {w: sum(weights[n] * v[w] for n, v in rules.items()) for w in ("sft", "aligned")}
+        if with_model:
+            total = {w: total[w] + weights["reward_model"] * task[f"{w}_reward_mean"] for w in total}
+        parts = [*rules, *(["reward_model"] if with_model else [])]
+        return f"held-out reward ({' + '.join(parts)})", round(total["sft"], 4), round(total["aligned"], 4)
     if "sft_reward_mean" in task:
         return "held-out reward-model score", task["sft_reward_mean"], task["aligned_reward_mean"]
     if method.name in PAIRWISE_METHODS and prefs:

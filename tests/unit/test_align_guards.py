@@ -55,6 +55,21 @@ def test_grpo_objective_is_its_weighted_rule_rewards():
     assert (v["sft"], v["aligned"]) == (0.7, 0.85) and v["better_than_sft"] is True
 
 
+def test_grpo_objective_with_a_reward_model_among_its_rewards_is_the_whole_weighted_sum():
+    # The quickstart's GRPO run (token_f1 + 0.05 x reward model): the reward model's score rose 2.67 -> 4.84 while
+    # token F1 fell 0.3698 -> 0.3646; the objective is what the run optimised, both parts weighted.
+    config = AlignConfig.model_validate({"method": {"name": "grpo", "rewards": ["token_f1", "reward_model"], "reward_weights": [1.0, 0.05]}})
+    task = _task(0.3698, 0.3646, rule_rewards={"token_f1": {"sft": 0.3698, "aligned": 0.3646}},
+                 sft_reward_mean=2.6703, aligned_reward_mean=4.8404)
+    v = verdict(config, task, {})
+    assert v["objective"] == "held-out reward (token_f1 + reward_model)"
+    assert (v["sft"], v["aligned"]) == (round(0.3698 + 0.05 * 2.6703, 4), round(0.3646 + 0.05 * 4.8404, 4))
+    # With the reward model weighted so it dominates, a falling rule reward no longer decides it; at a small
+    # weight a big enough rule drop does.
+    small = AlignConfig.model_validate({"method": {"name": "grpo", "rewards": ["token_f1", "reward_model"], "reward_weights": [1.0, 0.001]}})
+    assert verdict(small, task, {})["objective_improved"] is False
+
+
 def test_rank_drops_identical_samples_ties_and_small_margins():
     assert rank(["a", "a", "a"], [1.0, 1.0, 1.0], 0.0) == "identical"
     assert rank(["a", "b", "c"], [0.0, 0.0, 0.0], 0.0) == "tie"
