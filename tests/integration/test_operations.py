@@ -205,6 +205,7 @@ def test_deploy_drop_trigger_queue_and_reuse(stack, tmp_path):
 def test_two_concurrent_runs_on_one_workdir(stack, tmp_path):
     """Two pipeline runs at once (threads: the store's flock is per open file, so they contend exactly
     as two processes do), both against the server, both on one fresh workdir."""
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     from tunepipe.flows.pipeline import pipeline
@@ -212,8 +213,14 @@ def test_two_concurrent_runs_on_one_workdir(stack, tmp_path):
     from tunepipe.tasks.core.selection import RunPlan
 
     config = load_pipeline_config(tiny_config(tmp_path, "concurrent"))
+    # Each thread runs in a copy of this context: Prefect's settings (the test server's API URL) live in
+    # context variables, which a new thread does not inherit; without the copy each thread started its own
+    # ephemeral server (two at once race in Prefect: "Server process did not start"), and leaked it.
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(pipeline, config=config, plan=RunPlan(stages=config.stages())) for _ in range(2)]
+        futures = [
+            pool.submit(contextvars.copy_context().run, pipeline, config=config, plan=RunPlan(stages=config.stages()))
+            for _ in range(2)
+        ]
         summaries = [f.result(timeout=180) for f in futures]
     data = [s["stages"]["data"] for s in summaries]
     assert data[0]["key"] == data[1]["key"] and data[0]["path"] == data[1]["path"]
