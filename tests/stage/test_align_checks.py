@@ -96,10 +96,13 @@ def test_rloo_with_a_varying_reward_reports_trl_step_metrics_and_passes(assets, 
     checks = m["checks"]["all"]
     assert checks["reward_variance"] == {"passed": True, "mean_zero_std_fraction": 0.0, "max_allowed": 0.8, "steps": 2}
     assert checks["reward_moved"]["passed"] and checks["adapter_changed"]["tensors_changed"] > 0
-    # The objective on held-out prompts (the reward model's score), next to the task metric and KL.
+    # The objective on held-out prompts: the weighted sum of the run's rewards (token F1 + the reward model's score,
+    # weights 1), next to the task metric and KL.
     task, verdict = m["heldout"]["all"]["task"], m["verdict"]["all"]
-    assert verdict["objective"] == "held-out reward-model score"
-    assert (verdict["sft"], verdict["aligned"]) == (task["sft_reward_mean"], task["aligned_reward_mean"])
+    assert verdict["objective"] == "held-out reward (token_f1 + reward_model)"
+    assert (verdict["sft"], verdict["aligned"]) == tuple(
+        round(task["rule_rewards"]["token_f1"][w] + task[f"{w}_reward_mean"], 4) for w in ("sft", "aligned")
+    )
     assert verdict["kl_to_sft"] == task["kl_to_sft"] and "rule_rewards" in task
     assert verdict["better_than_sft"] == (verdict["aligned"] > verdict["sft"] and task["task_metric_within_tolerance"])
     assert (Path(ref.path) / "metrics.png").read_bytes()[:4] == b"\x89PNG"
