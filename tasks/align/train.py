@@ -31,16 +31,9 @@ def self_checks(
     out: dict[str, Any] = {}
     if method != "ppo":
         requested = int(config.training.max_steps or trainer.state.max_steps)
-        out["steps"] = checks.require(
-            "steps", checks.steps_check(metrics["global_step"], requested),
-            f"{who} ran {metrics['global_step']} optimizer steps of the {requested} requested",
-        )
+        out["steps"] = checks.require_steps(who, metrics["global_step"], requested)
     if method in PAIRWISE_METHODS:
-        loss = checks.loss_check(history, metrics.get("train_loss"))
-        out["loss"] = checks.require(
-            "loss", loss, f"{who}: the loss is {'not finite' if not loss['finite'] else 'constant'} "
-            f"(first {loss['first']}, last {loss['last']})",
-        )
+        out["loss"] = checks.require_loss(f"{who}: the loss", history, metrics.get("train_loss"))
     else:
         out.update(reward_signal_checks(method, config, steps, who))
     why = (

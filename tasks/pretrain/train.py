@@ -51,16 +51,10 @@ def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -
     from tunepipe.tasks.training.trainer import loss_history
 
     requested = int(config.training.max_steps or trainer.state.max_steps)
-    out = {"steps": checks.require(
-        "steps", checks.steps_check(metrics["global_step"], requested),
-        f"pretrain ran {metrics['global_step']} optimizer steps of the {requested} requested",
-    )}
-    loss = checks.loss_check(loss_history(trainer), metrics.get("train_loss"))
-    out["loss"] = checks.require(
-        "loss", loss, f"pretrain: the loss is {'not finite' if not loss['finite'] else 'constant'} (first {loss['first']}, "
-        f"last {loss['last']})",
-    )
-    return out
+    return {
+        "steps": checks.require_steps("pretrain", metrics["global_step"], requested),
+        "loss": checks.require_loss("pretrain: the loss", loss_history(trainer), metrics.get("train_loss")),
+    }
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:

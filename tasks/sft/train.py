@@ -222,17 +222,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     metrics = fit(trainer, job["checkpoint_dir"])
     checks = {
         "label_mask": {"passed": True, "rows": len(prepared["train_rows"])},  # checked row by row while encoding
-        "steps": checks_.require(
-            "steps", checks_.steps_check(metrics["global_step"], requested_steps(trainer, config)),
-            f"the trainer ran {metrics['global_step']} optimizer steps of the {requested_steps(trainer, config)} requested",
-        ),
+        "steps": checks_.require_steps("the trainer", metrics["global_step"], requested_steps(trainer, config)),
     }
     history = loss_history(trainer)
-    loss = checks_.loss_check(history, metrics["train_loss"])
-    checks["loss"] = checks_.require(
-        "loss", loss, f"the training loss is {'not finite' if not loss['finite'] else 'constant'} "
-        f"(first {loss['first']}, last {loss['last']}): nothing was learned",
-    )
+    checks["loss"] = checks_.require_loss("the training loss", history, metrics["train_loss"], ": nothing was learned")
     metrics.update(evaluate(trainer))
     dest = Path(job["output_dir"]) / job["save_to"]
     env = EnvironmentProfile.model_validate(job["env"])

@@ -95,6 +95,18 @@ def loss_check(history: list[dict[str, float]], train_loss: float | None) -> dic
             "last": losses[-1] if losses else None}
 
 
+def require_steps(who: str, global_step: int, requested: int) -> dict[str, Any]:
+    """`steps`, enforced: every requested optimizer step ran (`who` opens the message: "pretrain", "the trainer")."""
+    return require("steps", steps_check(global_step, requested), f"{who} ran {global_step} optimizer steps of the {requested} requested")
+
+
+def require_loss(subject: str, history: list[dict[str, float]], train_loss: float | None, advice: str = "") -> dict[str, Any]:
+    """`loss`, enforced: finite and moved (`subject` names the loss in the message: "reward: the loss")."""
+    loss = loss_check(history, train_loss)
+    state = "not finite" if not loss["finite"] else "constant"
+    return require("loss", loss, f"{subject} is {state} (first {loss['first']}, last {loss['last']}){advice}")
+
+
 def output_difference(a: Any, b: Any, batches: list[dict[str, Any]]) -> float:
     """Largest absolute difference of the two models' logits over the batches."""
     import torch
