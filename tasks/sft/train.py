@@ -153,6 +153,18 @@ def check_prompts(job: dict[str, Any], config: SFTConfig, tokenizer: Any, limit:
     return []
 
 
+def effect_on_check_prompts(model: Any, prepared: dict[str, Any], config: SFTConfig, job: dict[str, Any], measure: Any) -> dict[str, Any]:
+    """`measure(batches)` on the held-out check prompts, with the model in eval mode (restored after)."""
+    prompts = check_prompts(job, config, prepared["tokenizer"])
+    batches = checks_.prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        return measure(batches)
+    finally:
+        model.train(was_training)
+
+
 def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, dest: Path, job: dict[str, Any]) -> dict[str, Any]:
     """The saved adapter, loaded back beside the trained one, must change the base's output on
     held-out prompts: an adapter that is empty, was never trained or was saved without its weights
@@ -160,24 +172,20 @@ def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConf
     model = trainer.model
     if not config.method.is_peft or config.method.is_prompt_learning:
         return {"passed": True, "skipped": f"{config.method.name}: no LoRA-style adapter to reload"}
-    prompts = check_prompts(job, config, prepared["tokenizer"])
-    batches = checks_.prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    try:
-        if config.method.name in ("lora", "qlora"):  # what serving loads: the saved files, beside the trained adapter
-            active = model.active_adapter
-            model.load_adapter(str(dest), adapter_name="saved-check")
-            model.set_adapter("saved-check")
-            try:
-                result = checks_.adapter_effect_check(model, batches)
-            finally:
-                model.set_adapter(active)
-                model.delete_adapter("saved-check")
-        else:  # AdaLoRA and IA3 take one adapter at a time: the trained one, in memory
-            result = checks_.adapter_effect_check(model, batches)
-    finally:
-        model.train(was_training)
+
+    def saved_files_effect(batches: list[dict[str, Any]]) -> dict[str, Any]:
+        if config.method.name not in ("lora", "qlora"):  # AdaLoRA and IA3 take one adapter at a time: the trained one
+            return checks_.adapter_effect_check(model, batches)
+        active = model.active_adapter  # what serving loads: the saved files, beside the trained adapter
+        model.load_adapter(str(dest), adapter_name="saved-check")
+        model.set_adapter("saved-check")
+        try:
+            return checks_.adapter_effect_check(model, batches)
+        finally:
+            model.set_adapter(active)
+            model.delete_adapter("saved-check")
+
+    result = effect_on_check_prompts(model, prepared, config, job, saved_files_effect)
     return checks_.require(
         "adapter_effect", result,
         f"the saved adapter does not change the model's output on {result['prompts']} held-out prompts "
@@ -192,14 +200,7 @@ def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTCo
     model = trainer.model
     if not config.method.is_peft or config.method.is_prompt_learning:
         return {"passed": True, "skipped": f"{config.method.name}: no LoRA-style adapter to check"}
-    prompts = check_prompts(job, config, prepared["tokenizer"])
-    batches = checks_.prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    try:
-        result = checks_.adapter_effect_check(model, batches)
-    finally:
-        model.train(was_training)
+    result = effect_on_check_prompts(model, prepared, config, job, lambda batches: checks_.adapter_effect_check(model, batches))
     return checks_.require(
         "adapter_effect", result,
         f"the trained adapter does not change the model's output on {result['prompts']} held-out prompts",
