@@ -93,22 +93,30 @@ def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: st
     (for `ray`: the driver whose Ray workers run the job; `rdzv_id`: a multi-node torchrun's rendezvous id)."""
     n = str(env.num_processes)
     job = str(job_file)
+    # accelerate and deepspeed default to port 29500 for their single-node rendezvous, so two jobs on one
+    # machine (two runs, two stages routed to one worker) collided; torchrun's --standalone picks its own.
+    from tunepipe.tasks.ops.prefect_server import free_port
     if env.launcher == "ray":
         from tunepipe.tasks.training.ray_launcher import driver_command
 
         return driver_command(env, job)
     if env.launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n, "--num_machines", "1"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n, "--num_machines", "1",
+               "--main_process_port", str(free_port())]
+        # accelerate takes one mode flag (two fail its launch). `--cpu` starts a single process whatever
+        # --num_processes says (more CPU processes need mpirun), so several processes on any device go
+        # through `--multi_gpu`, i.e. torchrun; the workers' TrainingArguments choose the device and backend.
         if env.deepspeed_config:
             cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config_path(env))]
         elif env.num_processes > 1:
             cmd += ["--multi_gpu"]
-        if env.device == "cpu":
+        elif env.device == "cpu":
             cmd += ["--cpu"]
         return cmd + ["--module", "tunepipe.tasks.training.launcher", job]
     if env.launcher == "deepspeed":
         # The DeepSpeed config itself reaches the workers through TrainingArguments.deepspeed.
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--module", "tunepipe.tasks.training.launcher", job]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", str(free_port()),
+                "--module", "tunepipe.tasks.training.launcher", job]
     if env.launcher == "torchrun":
         if env.multi_node is not None:
             from tunepipe.tasks.training.multinode import torchrun_node_arguments

@@ -169,6 +169,38 @@ def test_two_processes_match_one_process_at_twice_the_batch(assets, one_process,
         assert optim == pytest.approx(share[1], abs=0.01), f"{kind}: rank {rank['rank']} holds {optim:.3f} of the optimizer states"
 
 
+@pytest.fixture
+def default_port_taken():
+    """Port 29500 (accelerate's and DeepSpeed's default rendezvous port) held, as by another job on this machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", 29500))
+        except OSError:
+            pass  # already held by something else: the condition this test wants
+        sock.listen()
+        yield
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_accelerate_and_deepspeed_launchers_start_two_processes_beside_another_job(assets, one_process, launcher, default_port_taken):
+    """The LoRA job through `accelerate launch` (DDP) and the `deepspeed` runner (ZeRO-2): both start two workers
+    (accelerate's `--cpu` would start one) on a rendezvous port of their own, and the result is the one-process run's."""
+    if launcher == "deepspeed":
+        pytest.importorskip("deepspeed")
+    root = assets["root"] / f"two-{launcher}"
+    zero2 = {"deepspeed_config": "deepspeed/zero2.json"} if launcher == "deepspeed" else {}  # the runner needs a config
+    env = cpu_profile(launcher=launcher, num_processes=2, per_device_batch_size=2, **zero2)
+    result = _train(assets, root, "lora", env)
+    reference = one_process["lora"]
+    assert result["world_size"] == 2 and [r["rank"] for r in result["per_rank_state"]] == [0, 1]
+    losses, expected = [p["loss"] for p in result["loss_history"]], [p["loss"] for p in reference["loss_history"]]
+    assert len(losses) == len(expected) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses, expected)) <= LOSS_TOLERANCE, (losses, expected)
+
+
 @QLORA_FSDP
 def test_qlora_trains_under_fsdp2(assets, tmp_path):
     """QLoRA's 4-bit base stored in the compute dtype, sharded by FSDP2 over 2 GPUs: it trains, each rank holds
