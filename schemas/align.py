@@ -211,6 +211,14 @@ class AlignHeldoutConfig(StrictModel):
     )
     max_new_tokens: int = Field(default=64, ge=1, description="Longest generated answer, in tokens.")
     batch_size: int = Field(default=16, ge=1, description="Prompts generated or scored together.")
+    samples_per_prompt: int = Field(
+        default=4, ge=0,
+        description="grpo/rloo with rule rewards: completions sampled per held-out prompt from each policy at the "
+        "method's `temperature` (seeded from `training.seed`, the same draws for both), whose mean rule reward "
+        "(`sampled_rule_rewards`) is the expected reward the run maximised. It is reported beside the greedy answers' "
+        "rewards, which the verdict uses: a run can raise the one and not the other (it sharpened its sampling "
+        "distribution around answers greedy decoding already gave). 0: off.",
+    )
 
 
 class AlignChecksConfig(StrictModel):

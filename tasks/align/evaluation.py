@@ -7,7 +7,9 @@
   and whether the drop stays within `align.task_tolerance`;
 - KL(aligned || SFT) per token on the aligned policy's own held-out answers;
 - with a reward model: the mean and spread of its score for each policy's answers, and the win
-  rate of aligned over SFT (ties count half).
+  rate of aligned over SFT (ties count half);
+- grpo/rloo's rule rewards of the greedy answers, and their mean over seeded samples at the
+  method's temperature (the expected reward those methods maximise).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from tunepipe.schemas.align import PAIRWISE_METHODS, AlignConfig
 from tunepipe.tasks.align.rewards import RULES
-from tunepipe.tasks.training.generation import greedy_answers
+from tunepipe.tasks.training.generation import greedy_answers, sampled_answers
 from tunepipe.tasks.training.metrics import score
 from tunepipe.tasks.training.pairs import (
     pair_prompt,
@@ -131,6 +133,8 @@ def task_and_reward_metrics(
         out["rule_rewards"] = {
             name: {w: round(sum(map(RULES[name], answers[w], references)) / len(references), 4) for w in answers} for name in rules
         }
+        if settings.samples_per_prompt:
+            out["sampled_rule_rewards"] = sampled_rule_rewards(model_pair, tokenizer, prompts, references, config, rules)
     if reward is not None:
         rm, rm_tokenizer = reward
         rewards = {
@@ -148,6 +152,26 @@ def task_and_reward_metrics(
         for p, r, s, a in list(zip(prompts, references, answers["sft"], answers["aligned"]))[:5]
     ]
     return out
+
+
+def sampled_rule_rewards(
+    model_pair: Any, tokenizer: Any, prompts: list[str], references: list[str], config: AlignConfig, rules: list[str]
+) -> dict[str, Any]:
+    """Each rule's mean reward over `heldout.samples_per_prompt` completions per prompt, sampled as the
+    run sampled its rollouts (the method's temperature), for the SFT and the aligned policy; both
+    policies draw from the same seeded stream."""
+    settings, method = config.heldout, config.method
+    means: dict[str, dict[str, float]] = {name: {} for name in rules}
+    for which in ("sft", "aligned"):
+        with model_pair.use(which) as model:
+            groups = sampled_answers(
+                model, tokenizer, prompts, samples=settings.samples_per_prompt, temperature=method.temperature,
+                max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, seed=config.training.seed,
+            )
+        for name in rules:
+            values = [RULES[name](answer, reference) for group, reference in zip(groups, references) for answer in group]
+            means[name][which] = round(sum(values) / len(values), 4)
+    return {**means, "sampling": {"samples_per_prompt": settings.samples_per_prompt, "temperature": method.temperature}}
 
 
 def objective(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) -> tuple[str, float, float] | None:
@@ -174,6 +198,20 @@ def objective(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) 
     return None
 
 
+def sampled_objective(config: AlignConfig, task: dict[str, Any]) -> dict[str, Any] | None:
+    """The weighted sum of the rule rewards over sampled answers (`sampled_rule_rewards`), SFT and aligned;
+    None when they were not measured. The reward model, where it was one of the rewards, is not in it."""
+    sampled = task.get("sampled_rule_rewards")
+    if not sampled:
+        return None
+    names = list(config.method.rewards)
+    weights = dict(zip(names, config.method.reward_weights or [1.0] * len(names)))
+    rules = [n for n in names if n in sampled]
+    total = {w: round(sum(weights[n] * sampled[n][w] for n in rules), 4) for w in ("sft", "aligned")}
+    temperature = sampled["sampling"]["temperature"]
+    return {"objective": f"sampled reward ({' + '.join(rules)}, temperature {temperature})", **total}
+
+
 def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) -> dict[str, Any]:
     """Is the aligned policy better than SFT? Only when its objective rose on held-out data AND its
     task metric stayed within `align.task_tolerance`: a reward that rises while the task metric
@@ -188,9 +226,17 @@ def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) ->
         return out
     name, before, after = measured
     out.update({"objective": name, "sft": before, "aligned": after, "objective_improved": after > before})
+    sampled = sampled_objective(config, task)
+    if sampled:
+        out["sampled_objective"] = sampled
     task_change = f"{metric} {task['sft'][metric]} -> {task['aligned'][metric]}" if within is not None else None
     if after <= before:
         out["reason"] = f"not better: {name} did not rise ({before} -> {after})"
+        if sampled and sampled["aligned"] > sampled["sft"]:
+            out["reason"] += (
+                f" on greedy answers; {sampled['objective']} rose ({sampled['sft']} -> {sampled['aligned']}): the run made "
+                "its samples better without changing what greedy decoding answers"
+            )
     elif within is None:
         out["reason"] = (
             f"not better: {name} rose ({before} -> {after}) but the task metric was not measured "

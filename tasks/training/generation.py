@@ -1,5 +1,5 @@
-"""Greedy answers on held-out prompts: the test records of each task, their prompts rendered by the
-chat template up to the last assistant turn, and batched greedy decoding.
+"""Answers on held-out prompts: the test records of each task, their prompts rendered by the chat
+template up to the last assistant turn, and batched greedy decoding (or seeded sampling).
 """
 
 from __future__ import annotations
@@ -61,4 +61,39 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
             )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def sampled_answers(
+    model: Any, tokenizer: Any, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
+) -> list[list[str]]:
+    """`samples` completions of each prompt at `temperature` (no top-k/top-p cut, as TRL's GRPO and
+    RLOO sample), batched with left padding. The stream is seeded from `seed` alone, so two policies
+    sampled with the same seed see the same random numbers: their difference is the policies', not the draw's."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    torch.manual_seed(seed)
+    answers: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stops,
+            )
+        texts = [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
+        answers.extend(texts[i : i + samples] for i in range(0, len(texts), samples))
     return answers

@@ -104,6 +104,11 @@ def test_rloo_with_a_varying_reward_reports_trl_step_metrics_and_passes(assets, 
         round(task["rule_rewards"]["token_f1"][w] + task[f"{w}_reward_mean"], 4) for w in ("sft", "aligned")
     )
     assert verdict["kl_to_sft"] == task["kl_to_sft"] and "rule_rewards" in task
+    # The expected rule reward over samples drawn as the rollouts were (default 4 per prompt, temperature 1.0).
+    sampled = task["sampled_rule_rewards"]
+    assert sampled["sampling"] == {"samples_per_prompt": 4, "temperature": 1.0}
+    assert all(0.0 <= sampled["token_f1"][w] <= 1.0 for w in ("sft", "aligned")) and "reward_model" not in sampled
+    assert verdict["sampled_objective"]["objective"] == "sampled reward (token_f1, temperature 1.0)"
     assert verdict["better_than_sft"] == (verdict["aligned"] > verdict["sft"] and task["task_metric_within_tolerance"])
     assert (Path(ref.path) / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
