@@ -216,8 +216,8 @@ class AlignHeldoutConfig(StrictModel):
         description="grpo/rloo with rule rewards: completions sampled per held-out prompt from each policy at the "
         "method's `temperature` (seeded from `training.seed`, the same draws for both), whose mean rule reward "
         "(`sampled_rule_rewards`) is the expected reward the run maximised. It is reported beside the greedy answers' "
-        "rewards, which the verdict uses: a run can raise the one and not the other (it sharpened its sampling "
-        "distribution around answers greedy decoding already gave). 0: off.",
+        "rewards, which the verdict uses: a run can raise the one and not the other (on the quickstart's triples, "
+        "GRPO raised its samples' reward while the greedy answers' stayed or fell). 0: off.",
     )
 
 

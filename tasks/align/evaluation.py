@@ -234,8 +234,8 @@ def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) ->
         out["reason"] = f"not better: {name} did not rise ({before} -> {after})"
         if sampled and sampled["aligned"] > sampled["sft"]:
             out["reason"] += (
-                f" on greedy answers; {sampled['objective']} rose ({sampled['sft']} -> {sampled['aligned']}): the run made "
-                "its samples better without changing what greedy decoding answers"
+                f" on greedy answers; {sampled['objective']} rose ({sampled['sft']} -> {sampled['aligned']}): the run "
+                "improved its samples, not its greedy answers"
             )
     elif within is None:
         out["reason"] = (
