@@ -14,7 +14,7 @@ from typing import Any
 
 from tunepipe.schemas.align import PreferencesConfig
 from tunepipe.tasks.align.rewards import RULES
-from tunepipe.tasks.training.encoding import stop_token_ids
+from tunepipe.tasks.training.encoding import final_answer, reasoning_end, stop_token_ids
 from tunepipe.tasks.training.pairs import render_conversation, render_prompt
 from tunepipe.tasks.training.reward_model import score_texts
 
@@ -37,7 +37,8 @@ def sample_completions(model: Any, tokenizer: Any, prompt: str, settings: Prefer
             **batch, do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0, num_return_sequences=settings.k, **common,
         ))
     width = batch["input_ids"].shape[1]
-    return [t.strip() for out in outputs for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    end = reasoning_end(tokenizer)
+    return [final_answer(t, end) for out in outputs for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
 
 
 def rank(samples: list[str], scores: list[float], min_margin: float) -> tuple[int, int] | str:

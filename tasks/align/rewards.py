@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from tunepipe.tasks.training.encoding import final_answer
 from tunepipe.tasks.training.metrics import exact_match, token_f1
 from tunepipe.tasks.training.reward_model import completion_text
 
@@ -36,18 +37,19 @@ RULES: dict[str, Callable[[str, str], float]] = {
 
 
 
-def rule_reward_func(name: str) -> Callable[..., list[float]]:
-    """A TRL reward function scoring completions with rule `name` against the `reference` column."""
+def rule_reward_func(name: str, think_end: str | None = None) -> Callable[..., list[float]]:
+    """A TRL reward function scoring completions with rule `name` against the `reference` column; a
+    reasoning family's think block (before `think_end`) is not scored, only the answer after it."""
     rule = RULES[name]
 
     def reward(prompts: list[Any], completions: list[Any], reference: list[str], **_: Any) -> list[float]:
-        return [rule(completion_text(c).strip(), ref) for c, ref in zip(completions, reference)]
+        return [rule(final_answer(completion_text(c), think_end), ref) for c, ref in zip(completions, reference)]
 
     reward.__name__ = name  # TRL logs each reward function's mean under `rewards/<name>/mean`
     return reward
 
 
-def judge_reward_func(judge: Any) -> Callable[..., list[float]]:
+def judge_reward_func(judge: Any, think_end: str | None = None) -> Callable[..., list[float]]:
     """RLAIF as a TRL reward function: the completions of one prompt (GRPO/RLOO's group, which TRL
     passes as consecutive rows with the same prompt) are compared pairwise by the AI judge
     (`tasks/training/judge.CachedJudge`, both orders); a completion's reward is its share of
@@ -61,7 +63,7 @@ def judge_reward_func(judge: Any) -> Callable[..., list[float]]:
         for rows in groups.values():
             prompt = prompts[rows[0]]
             conversation = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-            texts = [completion_text(completions[i]).strip() for i in rows]
+            texts = [final_answer(completion_text(completions[i]), think_end) for i in rows]
             for i, score in zip(rows, judge.tournament(conversation, reference[rows[0]], texts)):
                 scores[i] = score
         return scores

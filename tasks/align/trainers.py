@@ -20,6 +20,7 @@ from tunepipe.schemas.align import (
     ORPOMethod,
     RLOOMethod,
 )
+from tunepipe.tasks.training.encoding import reasoning_end
 from tunepipe.tasks.training.moe import router_loss_weight
 from tunepipe.tasks.training.pairs import conversational_pair
 
@@ -108,8 +109,11 @@ def pairwise_trainer(
     raise TypeError(f"{method.name} does not train on pairs")
 
 
-def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None, judge: Any = None) -> list[Any]:
-    """The TRL reward functions named in `method.rewards`."""
+def reward_funcs(
+    method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None, judge: Any = None, think_end: str | None = None
+) -> list[Any]:
+    """The TRL reward functions named in `method.rewards` (rules and judge score the answer after a
+    reasoning family's think block, `think_end`)."""
     from tunepipe.tasks.align.rewards import judge_reward_func, rule_reward_func
     from tunepipe.tasks.training.reward_model import reward_model_func
 
@@ -120,9 +124,9 @@ def reward_funcs(method: GRPOMethod | RLOOMethod, reward: tuple[Any, Any] | None
             funcs.append(reward_model_func(*reward))
         elif name == "judge":
             assert judge is not None, "the config requires a judge section for this reward"
-            funcs.append(judge_reward_func(judge))
+            funcs.append(judge_reward_func(judge, think_end))
         else:
-            funcs.append(rule_reward_func(name))
+            funcs.append(rule_reward_func(name, think_end))
     return funcs
 
 
@@ -154,6 +158,6 @@ def group_trainer(
     else:
         raise TypeError(f"{method.name} is not a group-sampling method")
     return trainer_cls(
-        model=model, reward_funcs=reward_funcs(method, reward, judge), args=args, train_dataset=dataset,
+        model=model, reward_funcs=reward_funcs(method, reward, judge, reasoning_end(tokenizer)), args=args, train_dataset=dataset,
         processing_class=tokenizer, callbacks=callbacks,
     )

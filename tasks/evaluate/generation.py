@@ -26,6 +26,7 @@ from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training.encoding import read_split
+from tunepipe.tasks.training.encoding import final_answer, reasoning_end
 from tunepipe.tasks.training.generation import greedy_answers
 from tunepipe.tasks.training.judge import openai_client
 
@@ -264,8 +265,21 @@ class EndpointGenerator:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.client = openai_client(endpoint)  # tasks/training/judge.py
+        self._think_ends: dict[str, str | None] = {}
+
+    def think_end(self, spec: ModelSpec) -> str | None:
+        """The reasoning marker of the spec's tokenizer: a server returns a reasoning family's think block
+        in the completion text, and the answer is what follows it (as greedy_answers reads it)."""
+        if not spec.tokenizer:
+            return None
+        if spec.tokenizer not in self._think_ends:
+            from tunepipe.tasks.training.modeling import load_tokenizer
+
+            self._think_ends[spec.tokenizer] = reasoning_end(load_tokenizer(spec.tokenizer))
+        return self._think_ends[spec.tokenizer]
 
     def answers(self, spec: ModelSpec, prompts: list[str]) -> list[str]:
+        end = self.think_end(spec)
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
@@ -273,7 +287,7 @@ class EndpointGenerator:
             texts = {choice.index: choice.text for choice in response.choices}
             if sorted(texts) != list(range(len(batch))):
                 raise StageFailed(f"evaluate: {self.endpoint.url} answered {len(texts)} completions for {len(batch)} prompts")
-            out.extend(texts[i].strip() for i in range(len(batch)))
+            out.extend(final_answer(texts[i], end) for i in range(len(batch)))
         return out
 
     @contextlib.contextmanager

@@ -102,6 +102,16 @@ def task_manager(include_paths: list[str], wanted: list[str]) -> Any:
     return full
 
 
+def think_end_id(tokenizer: Any) -> int | None:
+    """A reasoning family's `</think>` as a token id, for HFLM's `think_end_token`: lm-eval then scores the
+    answer after the think block, as evaluate's own generation does (by id, so it works whether or not the
+    tokenizer marks the tag special and decoding drops it)."""
+    from tunepipe.tasks.training.encoding import reasoning_end
+
+    end = reasoning_end(tokenizer)
+    return None if end is None else int(tokenizer.convert_tokens_to_ids(end))
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -117,7 +127,9 @@ def run_lm_eval(
     from lm_eval.api.model import LM
     from lm_eval.models.huggingface import HFLM
 
-    lm = model if isinstance(model, LM) else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
+    lm = model if isinstance(model, LM) else HFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False, think_end_token=think_end_id(tokenizer)
+    )
     try:
         out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=True)
     except Exception as exc:  # lm-eval raises many kinds; the dataset of a hub task being unreachable is the usual one

@@ -230,6 +230,28 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None, template: str 
     return ids
 
 
+# Reasoning families (Qwen3, QwQ, DeepSeek-R1 and their distillations) answer after a `<think>...</think>`
+# block, which their templates render into the assistant turn (Qwen3 an empty one when there is no
+# reasoning): the tags are ordinary added tokens there, so decoding keeps them in the text.
+REASONING_START, REASONING_END = "<think>", "</think>"
+
+
+def reasoning_end(tokenizer: Any) -> str | None:
+    """`</think>` when the tokenizer has it as one token (a reasoning family), else None."""
+    return REASONING_END if REASONING_END in tokenizer.get_vocab() else None
+
+
+def final_answer(text: str, end: str | None) -> str:
+    """The answer in a generated text: with a reasoning marker `end`, what follows its last occurrence (as
+    lm-eval's `think_end_token` does), or "" while the reasoning is still open (it ran out of tokens);
+    the whole text otherwise. Stripped either way."""
+    if end is None:
+        return text.strip()
+    if end in text:
+        return text.split(end)[-1].strip()
+    return "" if text.lstrip().startswith(REASONING_START) else text.strip()
+
+
 @dataclass
 class SplitStats:
     """What happened to one split's records."""

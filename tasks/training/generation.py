@@ -12,6 +12,8 @@ from tunepipe.tasks.training.encoding import (
     read_split,
     record_messages,
     encode_text,
+    final_answer,
+    reasoning_end,
     render_messages,
     stop_token_ids,
 )
@@ -39,7 +41,8 @@ def prompts_and_references(records: list[dict[str, Any]], tokenizer: Any, templa
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy completions, batched with left padding; the rendered prompt already holds any BOS.
-    Generation stops on any of the model's stop tokens (eos and the template's end of turn)."""
+    Generation stops on any of the model's stop tokens (eos and the template's end of turn). A
+    reasoning family's think block is not part of the answer (`final_answer`)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -48,6 +51,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
     answers: list[str] = []
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    end = reasoning_end(tokenizer)  # a reasoning family's answer follows its think block
     for start in range(0, len(prompts), batch_size):
         ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
@@ -60,7 +64,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
                 eos_token_id=stops,
             )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(final_answer(t, end) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
 
@@ -77,6 +81,7 @@ def sampled_answers(
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    end = reasoning_end(tokenizer)  # a reasoning family's answer follows its think block
     torch.manual_seed(seed)
     answers: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
@@ -94,6 +99,6 @@ def sampled_answers(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stops,
             )
-        texts = [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
+        texts = [final_answer(t, end) for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
         answers.extend(texts[i : i + samples] for i in range(0, len(texts), samples))
     return answers

@@ -179,6 +179,7 @@ class Family:
     config: Callable[[dict[str, int | None], int], Any]
     system_ok: bool = True
     rewrites_history: bool = False  # the template renders earlier assistant turns differently later on
+    added: list[str] = field(default_factory=list)  # added tokens that are not special (decoding keeps them), after `specials`
     notes: list[str] = field(default_factory=list)
 
 
@@ -250,10 +251,12 @@ FAMILIES: dict[str, Family] = {
         notes=["no BOS", "q/k/v biases", "tied embeddings", "default system prompt"],
     ),
     "qwen3": Family(
-        "qwen3", QWEN3_TEMPLATE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        "qwen3", QWEN3_TEMPLATE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None, end_of_turn="<|im_end|>",
         generation_eos=["<|im_end|>", "<|endoftext|>"], adds_bos=False, config=_qwen3, rewrites_history=True,
-        notes=["rewrites earlier assistant turns (multi-turn rows are split per turn)", "q/k norms", "tied embeddings"],
+        added=["<think>", "</think>"],  # "special": false in the published tokenizer_config.json: decoding keeps them
+        notes=["rewrites earlier assistant turns (multi-turn rows are split per turn)", "think block before every answer",
+               "q/k norms", "tied embeddings"],
     ),
     "mistral": Family(
         "mistral", MISTRAL_V03_TEMPLATE, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
@@ -285,7 +288,7 @@ def tokenizer_texts() -> list[str]:
 
 
 def build_tokenizer(family: Family):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE())
@@ -294,6 +297,7 @@ def build_tokenizer(family: Family):
     trainer = trainers.BpeTrainer(vocab_size=420, min_frequency=1, special_tokens=family.specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     raw.train_from_iterator(tokenizer_texts(), trainer)
+    raw.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.added])
     if family.adds_bos:
         raw.post_processor = processors.TemplateProcessing(
             single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, raw.token_to_id(family.bos))]
