@@ -99,6 +99,31 @@ def test_reward_and_dpo_improve_their_objectives_within_tolerance(first_run):
         assert heldout["task"]["task_metric_drop"] <= align["task_tolerance"], task
 
 
+def test_grpo_with_a_verifiable_reward_raises_it_on_held_out_prompts(first_run, tmp_path):
+    """examples/quickstart/align_grpo.yaml in place of DPO: GRPO on the triples adapter, rewarded by token F1 and the
+    triple format against the references. On the test split's prompts, the reward it optimised rises for its samples
+    (temperature 0.5, 4 per prompt, the same seeded draws for SFT and aligned), and its greedy answers keep the task
+    metric within tolerance. Costs one align stage (~2 min); the stages before it are the first run's, cached."""
+    cwd, first = first_run
+    path = portable_copy(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["align"] = yaml.safe_load((QUICKSTART.parent / "align_grpo.yaml").read_text())["align"]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    summary = run_json(str(path), "--until", "align", "--workdir", first["workdir"], cwd=cwd)
+    assert [name for name, s in summary["stages"].items() if not s["cached"]] == ["align"]
+    align = summary["stages"]["align"]["metrics"]
+    assert align["method"] == "grpo" and align["checks"]["triples"]["reward_moved"]["passed"]
+    task = align["heldout"]["triples"]["task"]
+    sampled, greedy = task["sampled_rule_rewards"]["token_f1"], task["rule_rewards"]["token_f1"]
+    # Measured with training seeds 42 (this config's), 1 and 2: sampled 0.249 -> 0.394, 0.250 -> 0.386, 0.279 -> 0.378;
+    # greedy 0.391 -> 0.417, 0.396, 0.385. The samples' reward rises with every seed, the greedy answers' only with some.
+    assert sampled["aligned"] >= sampled["sft"] + 0.05, sampled
+    assert task["task_metric_within_tolerance"] is True and greedy["sft"] - greedy["aligned"] <= align["task_tolerance"], greedy
+    verdict = align["verdict"]["triples"]
+    assert verdict["sampled_objective"]["aligned"] > verdict["sampled_objective"]["sft"]
+    assert verdict["better_than_sft"] == verdict["objective_improved"], verdict  # within tolerance: the objective decides
+
+
 def test_gate_compares_aligned_with_sft_and_deploy_registers_the_adapters(first_run):
     _, summary = first_run
     evaluate = summary["stages"]["evaluate"]["metrics"]
