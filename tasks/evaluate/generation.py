@@ -25,8 +25,7 @@ from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.encoding import read_split
-from tunepipe.tasks.training.encoding import final_answer, reasoning_end
+from tunepipe.tasks.training.encoding import final_answer, read_split, reasoning_end
 from tunepipe.tasks.training.generation import greedy_answers
 from tunepipe.tasks.training.judge import openai_client
 

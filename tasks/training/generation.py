@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tunepipe.tasks.training.encoding import (
     read_split,
@@ -43,37 +43,33 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
     """Greedy completions, batched with left padding; the rendered prompt already holds any BOS.
     Generation stops on any of the model's stop tokens (eos and the template's end of turn). A
     reasoning family's think block is not part of the answer (`final_answer`)."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = []
-    device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    end = reasoning_end(tokenizer)  # a reasoning family's answer follows its think block
-    for start in range(0, len(prompts), batch_size):
-        ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
-        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stops,
-            )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        answers.extend(final_answer(t, end) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return answers
+    texts = _generated_texts(model, tokenizer, prompts, batch_size, do_sample=False, max_new_tokens=max_new_tokens)
+    return [answer for batch in texts for answer in batch]
 
 
 def sampled_answers(
     model: Any, tokenizer: Any, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
 ) -> list[list[str]]:
     """`samples` completions of each prompt at `temperature` (no top-k/top-p cut, as TRL's GRPO and
-    RLOO sample), batched with left padding. The stream is seeded from `seed` alone, so two policies
-    sampled with the same seed see the same random numbers: their difference is the policies', not the draw's."""
+    RLOO sample), batched as greedy_answers batches. The draws are seeded from `seed` alone, in a forked
+    RNG (the process's own stream is left as it was), so two policies sampled with the same seed see the
+    same random numbers: their difference is the policies', not the draw's."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        texts = list(_generated_texts(
+            model, tokenizer, prompts, batch_size, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            num_return_sequences=samples, max_new_tokens=max_new_tokens,
+        ))
+    flat = [answer for batch in texts for answer in batch]
+    return [flat[i : i + samples] for i in range(0, len(flat), samples)]
+
+
+def _generated_texts(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, **generate: Any) -> Iterator[list[str]]:
+    """The answers `model.generate(**generate)` gives to each batch of rendered prompts (left padding, no
+    special tokens added, stopping on any stop token; `num_return_sequences` answers per prompt, in order)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -82,23 +78,10 @@ def sampled_answers(
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     end = reasoning_end(tokenizer)  # a reasoning family's answer follows its think block
-    torch.manual_seed(seed)
-    answers: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = model.generate(
-                **batch,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=samples,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stops,
-            )
-        texts = [final_answer(t, end) for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
-        answers.extend(texts[i : i + samples] for i in range(0, len(texts), samples))
-    return answers
+            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, **generate)
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        yield [final_answer(t, end) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

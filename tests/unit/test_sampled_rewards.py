@@ -53,7 +53,9 @@ def test_sampled_answers_are_seeded_by_their_argument_alone(tiny):
     draw = lambda seed: sampled_answers(models_["sft"], tok, prompts, samples=3, temperature=1.0, max_new_tokens=6, batch_size=2, seed=seed)
     first = draw(7)
     torch.rand(100)  # what the process drew before must not matter
+    state = torch.random.get_rng_state()
     assert draw(7) == first
+    assert torch.equal(torch.random.get_rng_state(), state)  # nor is the process's own stream moved by the draws
     assert [len(group) for group in first] == [3, 3, 3]
     assert draw(8) != first  # a real draw: another seed gives other samples
     assert len({answer for group in first for answer in group}) > 1
