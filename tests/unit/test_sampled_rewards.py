@@ -9,34 +9,27 @@ import pytest
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.evaluation import sampled_rule_rewards, verdict
 from tunepipe.tasks.training.generation import sampled_answers
+from tests.helpers.training import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """Two different tiny Llamas over one byte-level BPE tokenizer (no hub)."""
+def tiny(tmp_path_factory):
+    """The tests' tiny Llama as the SFT policy, and a perturbed copy of it as the aligned one (no hub)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        ["Alice works at Acme in Paris.", "Bruno works at Globex in Lima."] * 20,
-        trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    models_ = {}
-    for name, seed in (("sft", 0), ("aligned", 1)):
-        torch.manual_seed(seed)
-        models_[name] = LlamaForCausalLM(cfg).eval()
-    return tok, models_
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    policies = {which: AutoModelForCausalLM.from_pretrained(path).eval() for which in ("sft", "aligned")}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for parameter in policies["aligned"].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return AutoTokenizer.from_pretrained(path), policies
 
 
 class Pair:
+    """PolicyPair's interface (`use(which)` yields that policy) over two models in memory."""
+
     def __init__(self, models_):
         self.models = models_
 
