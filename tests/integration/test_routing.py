@@ -91,6 +91,29 @@ def _wait_final(run_id, timeout: float, stack: LocalStack):
     raise AssertionError(f"run {run_id} not final within {timeout}s\n{logs}")
 
 
+def _logs_once_flushed(client, log_filter, parent_id, timeout: float = 30.0) -> list:
+    """The runs' logs, read again until the parent's closing hand-off line and the training's resume line
+    have arrived (or `timeout` passed: the assertions then say what is missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = _all_logs(client, log_filter)
+        ended = any(log.flow_run_id == parent_id and "ended " in log.message for log in logs)
+        resumed = any(log.name == "tunepipe.train" and "resuming from" in log.message for log in logs)
+        if (ended and resumed) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
+def _all_logs(client, log_filter, page: int = 200) -> list:
+    """Every log line the filter matches, in time order: the API answers at most its default limit (200) per call."""
+    logs: list = []
+    while True:
+        batch = client.read_logs(log_filter=log_filter, limit=page, offset=len(logs))
+        logs += batch
+        if len(batch) < page:
+            return logs
+
+
 def _subflows(client, parent_ids: list) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
@@ -129,8 +152,10 @@ def test_sft_routed_to_a_second_pool(tmp_path):
                 local = [r for r in children if r.deployment_id is None]  # the pipeline sub-run on route-a
                 routed_pipeline = _subflows(client, [r.id for r in routed])
                 tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in routed_pipeline])))
-                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-                    any_=[parent.id, *[r.id for r in children], *[r.id for r in routed_pipeline]])))
+                # A run's last log lines reach the API in the log handler's next batch, which may come after the
+                # run is recorded final (on a loaded machine it did): read until the lines asserted below are there.
+                run_ids = [parent.id, *[r.id for r in children], *[r.id for r in routed_pipeline]]
+                logs = _logs_once_flushed(client, LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)), parent.id)
     finally:
         stack.stop()
     print(f"interrupted pre-run {interrupted:.1f} s, whole test {time.perf_counter() - started:.1f} s")
