@@ -1,4 +1,4 @@
-"""Tiny models of the real families users fine-tune: Llama 3.1, Qwen2.5, Qwen3, Mistral v0.3, Gemma 2, Phi-3.
+"""Tiny models of the real families users fine-tune: Llama 3.1, Qwen2.5, Qwen3, Mistral v0.3, Gemma 2 and 3, Phi-3.
 
 No hub: each model is built from its family's real config class (so its modelling code, LoRA
 target names, tied embeddings, soft-capping and fused projections are the real ones) with
@@ -8,8 +8,8 @@ the family's special tokens, its BOS/EOS/pad settings and a copy of its publishe
 The templates were written from the published `tokenizer_config.json` files named above each
 one. The branches for tool calls are left out (tunepipe's data has no tools); everything a
 plain system/user/assistant conversation goes through is as published, including what makes
-the family hard: Llama 3.1's BOS and always-present system header, Gemma's refusal of a system
-message and its `model` role, Mistral's system message folded into the last user turn, Qwen3's
+the family hard: Llama 3.1's BOS and always-present system header, Gemma 2's refusal of a system
+message (Gemma 3 folds it into the first user turn) and their `model` role, Mistral's system message folded into the last user turn, Qwen3's
 rewriting of earlier assistant turns (it drops past reasoning and marks the last answer with an
 empty think block), Phi-3's end-of-text after the conversation.
 """
@@ -162,6 +162,52 @@ PHI3_TEMPLATE = (
 )
 
 
+# google/gemma-3-1b-it, tokenizer_config.json `chat_template` (verbatim): a system message is folded into the first
+# user turn instead of refused.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: its tokenizer's special tokens and settings, its config, its generation config."""
@@ -228,6 +274,15 @@ def _gemma2(ids, vocab):
                         hidden_activation="gelu_pytorch_tanh", **TINY, **ids)
 
 
+def _gemma3(ids, vocab):
+    from transformers import Gemma3TextConfig
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    return Gemma3TextConfig(vocab_size=vocab, head_dim=32, query_pre_attn_scalar=32, sliding_window=32, tie_word_embeddings=True,
+                            hidden_activation="gelu_pytorch_tanh", rope_parameters=rope, **TINY, **ids)
+
+
 def _phi3(ids, vocab):
     from transformers import Phi3Config
 
@@ -269,6 +324,13 @@ FAMILIES: dict[str, Family] = {
         bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", end_of_turn="<end_of_turn>",
         generation_eos=["<eos>", "<end_of_turn>"], adds_bos=True, config=_gemma2, system_ok=False,
         notes=["refuses a system message", "end of turn differs from eos", "soft-capping: eager attention", "tied embeddings"],
+    ),
+    "gemma3": Family(
+        "gemma3", GEMMA3_TEMPLATE, ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", end_of_turn="<end_of_turn>",
+        generation_eos=["<eos>", "<end_of_turn>"], adds_bos=True, config=_gemma3,
+        notes=["folds a system message into the first user turn", "end of turn differs from eos", "sliding-window layers",
+               "q/k norms", "tied embeddings"],
     ),
     "phi3": Family(
         "phi3", PHI3_TEMPLATE, ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"],

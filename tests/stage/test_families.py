@@ -1,4 +1,4 @@
-"""Real model families end to end: Llama 3.1, Qwen2.5, Qwen3, Mistral v0.3, Gemma 2, Phi-3.
+"""Real model families end to end: Llama 3.1, Qwen2.5, Qwen3, Mistral v0.3, Gemma 2, Gemma 3, Phi-3.
 
 For each family (tests/helpers/families.py: the family's real config class, its special tokens
 and its published chat template), one module-scoped run per family goes data → sft (LoRA;
@@ -331,7 +331,7 @@ def _engine_answers(engine, tokenizer, prompts: list[str], adapter: str | None, 
     return rows
 
 
-LEARNS_SENTIMENT = {"mistral", "gemma2", "phi3"}
+LEARNS_SENTIMENT = {"mistral", "gemma2", "gemma3", "phi3"}
 
 
 def test_evaluate_figures_are_what_the_served_adapter_answers(run):
@@ -360,7 +360,8 @@ def test_evaluate_figures_are_what_the_served_adapter_answers(run):
             f1 = sum(token_f1(p[side], p["reference"]) for p in rows) / len(rows)
             assert scores[side]["exact_match"] == pytest.approx(em, abs=1e-4) and scores[side]["token_f1"] == pytest.approx(f1, abs=1e-4)
     # trained tasks: the candidate is never below the untrained base (which answers noise), and where 40 steps learn
-    # sentiment (measured: exact match 1.0 on the 3 test prompts for these families, 0.0 for the others) it beats it
+    # sentiment (measured: exact match 1.0 on the 3 test prompts for these families, 0.67 for Qwen3, 0.0 for the others)
+    # it beats it
     for task, scores in metrics["tasks"].items():
         assert scores["candidate"]["token_f1"] >= scores["baseline"]["token_f1"], (run["family"], task, scores)
     if run["family"] in LEARNS_SENTIMENT:
