@@ -7,6 +7,7 @@ base_model stage's own functions), the model a 2-block Llama (hidden 64) built f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -458,3 +459,25 @@ def echo_job(job: dict) -> dict:
 def failing_job(job: dict) -> dict:
     print("about to fail", flush=True)
     raise RuntimeError("planted failure in the worker")
+
+
+def collecting_logger(name: str) -> tuple[logging.Logger, list[str]]:
+    """Logger `name` with its records' messages collected in the returned list (its only handler)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return logger, lines
+
+
+def plant_loss(monkeypatch, trainer_class, planted) -> None:
+    """Pass every loss `trainer_class.compute_loss` returns through `planted` (a NaN, a constant), as a broken run would."""
+    original = trainer_class.compute_loss
+
+    def compute_loss(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return (planted(out[0]), *out[1:]) if isinstance(out, tuple) else planted(out)
+
+    monkeypatch.setattr(trainer_class, "compute_loss", compute_loss)

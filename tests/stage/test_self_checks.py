@@ -19,7 +19,7 @@ from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.export.stage import ExportStage
 from tunepipe.tasks.sft.stage import SFTStage
-from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
+from tests.helpers.training import build_tiny_model, cpu_profile, plant_loss, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -82,13 +82,7 @@ def test_label_mask_empty_or_covering_the_prompt(assets, tmp_path, monkeypatch, 
 def test_loss_nan_or_never_moving(assets, tmp_path, monkeypatch, planted, reason):
     from trl import SFTTrainer
 
-    original = SFTTrainer.compute_loss
-
-    def compute_loss(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        return (planted(out[0]), *out[1:]) if isinstance(out, tuple) else planted(out)
-
-    monkeypatch.setattr(SFTTrainer, "compute_loss", compute_loss)
+    plant_loss(monkeypatch, SFTTrainer, planted)
     with pytest.raises(StageFailed, match=f"self-check loss failed: {reason}"):
         _sft(assets, tmp_path)
 

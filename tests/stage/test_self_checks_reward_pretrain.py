@@ -21,7 +21,7 @@ from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.pretrain.stage import PretrainStage
 from tunepipe.tasks.reward.stage import RewardStage
 from tests.helpers.alignment import quickstart_pairs
-from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
+from tests.helpers.training import build_tiny_model, cpu_profile, plant_loss, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -68,16 +68,6 @@ def _stop_after_two_steps(monkeypatch):
     monkeypatch.setattr(trainer_module, "make_callbacks", lambda *a, **k: [*original(*a, **k), StopEarly()])
 
 
-def _plant_loss(monkeypatch, trainer_class, planted):
-    original = trainer_class.compute_loss
-
-    def compute_loss(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        return (planted(out[0]), *out[1:]) if isinstance(out, tuple) else planted(out)
-
-    monkeypatch.setattr(trainer_class, "compute_loss", compute_loss)
-
-
 # ---------------------------------------------------------------------------------------- reward
 
 
@@ -105,7 +95,7 @@ def test_reward_steps_that_did_not_all_run(assets, tmp_path, monkeypatch):
 def test_reward_loss_nan_or_never_moving(assets, tmp_path, monkeypatch, planted, reason):
     from trl import RewardTrainer
 
-    _plant_loss(monkeypatch, RewardTrainer, planted)
+    plant_loss(monkeypatch, RewardTrainer, planted)
     with pytest.raises(StageFailed, match=f"self-check loss failed: reward: the loss is {reason}"):
         _reward(assets, tmp_path)
 
@@ -177,6 +167,6 @@ def test_pretrain_steps_that_did_not_all_run(assets, tmp_path, monkeypatch):
 def test_pretrain_loss_not_finite(assets, tmp_path, monkeypatch):
     from trl import SFTTrainer
 
-    _plant_loss(monkeypatch, SFTTrainer, lambda loss: loss * float("nan"))
+    plant_loss(monkeypatch, SFTTrainer, lambda loss: loss * float("nan"))
     with pytest.raises(StageFailed, match=r"self-check loss failed: pretrain: the loss is not finite"):
         _pretrain(assets, tmp_path)

@@ -4,7 +4,6 @@ running a few real steps on CPU in one process."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import pytest
@@ -12,23 +11,7 @@ import pytest
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.training.launcher import launch_command, run_training
 from tunepipe.tasks.core.stage import StageFailed
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def _logger():
-    logger = logging.getLogger("tunepipe.test-launcher")
-    handler = _Collect()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return logger, handler
+from tests.helpers.training import collecting_logger
 
 
 def test_launch_commands_per_profile(tmp_path):
@@ -53,14 +36,14 @@ def _torchrun_cpu():
 
 
 def test_supervised_launch_streams_logs_and_returns_the_result(tmp_path):
-    logger, handler = _logger()
+    logger, lines = collecting_logger("tunepipe.test-launcher")
     result = run_training("tests.helpers.training:echo_job", {"message": "hello"}, _torchrun_cpu(), logger, tmp_path)
     assert result == {"message": "hello", "rank": 0, "world": 1}
-    assert any("worker says hello" in line for line in handler.lines)
+    assert any("worker says hello" in line for line in lines)
 
 
 def test_dead_worker_fails_with_the_tail_of_its_log(tmp_path):
-    logger, _ = _logger()
+    logger, _ = collecting_logger("tunepipe.test-launcher")
     with pytest.raises(StageFailed) as info:
         run_training("tests.helpers.training:failing_job", {}, _torchrun_cpu(), logger, tmp_path)
     message = str(info.value)
@@ -69,5 +52,5 @@ def test_dead_worker_fails_with_the_tail_of_its_log(tmp_path):
 
 
 def test_in_process_launcher_calls_the_entry_point(tmp_path):
-    logger, _ = _logger()
+    logger, _ = collecting_logger("tunepipe.test-launcher")
     assert run_training("tests.helpers.training:echo_job", {"message": "x"}, load_environment("cpu"), logger, tmp_path)["message"] == "x"

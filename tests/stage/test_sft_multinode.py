@@ -27,7 +27,7 @@ from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.stage import identify, run_stage
 from tunepipe.tasks.sft.stage import SFTStage
 from tunepipe.tasks.training.launcher import launch_command
-from tests.helpers.training import build_tiny_model, cpu_profile, records, write_data_artifact
+from tests.helpers.training import build_tiny_model, collecting_logger, cpu_profile, records, write_data_artifact
 
 pytestmark = pytest.mark.distributed
 
@@ -70,12 +70,7 @@ def test_two_launchers_on_localhost_form_one_job(tmp_path):
         "heldout": {"max_examples_per_task": 0}, "training": {"epochs": 1, "warmup_ratio": 0.0, "learning_rate": 0.01},
     })
     store = ArtifactStore(tmp_path / "artifacts")
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("tunepipe.test-multinode")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    logger, lines = collecting_logger("tunepipe.test-multinode")
 
     started = time.perf_counter()
     joiner = subprocess.Popen(

@@ -11,7 +11,6 @@ under the key the same config has on any other launcher.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.stage import StageFailed, identify, run_stage
 from tunepipe.tasks.sft.stage import SFTStage
-from tests.helpers.training import build_tiny_model, complete_checkpoints, cpu_profile, write_data_artifact
+from tests.helpers.training import build_tiny_model, collecting_logger, complete_checkpoints, cpu_profile, write_data_artifact
 
 ray = pytest.importorskip("ray", reason="Ray is the optional `ray` extra (pip install tunepipe[ray])")
 
@@ -45,16 +44,6 @@ def ray_cluster():
     print(f"ray cluster up in {time.perf_counter() - started:.1f} s")
     yield cluster, workers
     cluster.shutdown()
-
-
-def _collecting_logger() -> tuple[logging.Logger, list[str]]:
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("tunepipe.test-ray")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    return logger, lines
 
 
 def _driver_pids(marker: str) -> list[int]:
@@ -109,7 +98,7 @@ def test_ray_launcher_trains_publishes_and_resumes(tmp_path, ray_cluster):
     assert kept and max(kept) < 60, "the staging dir kept the checkpoints of the interrupted run"
 
     second = time.perf_counter()
-    logger, lines = _collecting_logger()
+    logger, lines = collecting_logger("tunepipe.test-ray")
     ref = run_stage(SFTStage(), config, inputs, store, env, logger=logger)
     log = "\n".join(lines)
     second = time.perf_counter() - second
@@ -143,7 +132,7 @@ def test_a_failing_worker_fails_the_launch_with_its_error(tmp_path, ray_cluster)
 
     cluster, _ = ray_cluster
     env = cpu_profile(launcher="ray", num_processes=2, ray=RayProfile(address=cluster.address, resources_per_worker={"CPU": 1, "trainer": 1}))
-    logger, lines = _collecting_logger()
+    logger, lines = collecting_logger("tunepipe.test-ray")
     with pytest.raises(StageFailed) as failure:
         run_training("tests.helpers.training:failing_job", {}, env, logger, tmp_path)
     message = str(failure.value)
