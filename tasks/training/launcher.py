@@ -28,6 +28,7 @@ from typing import Any, Callable
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.ops.prefect_server import free_port
 
 TAIL_LINES = 40
 # A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.
@@ -94,8 +95,8 @@ def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: st
     n = str(env.num_processes)
     job = str(job_file)
     # accelerate and deepspeed default to port 29500 for their single-node rendezvous, so two jobs on one
-    # machine (two runs, two stages routed to one worker) collided; torchrun's --standalone picks its own.
-    from tunepipe.tasks.ops.prefect_server import free_port
+    # machine (two runs, two stages routed to one worker) collided: each gets a free port (torchrun's
+    # --standalone picks its own).
     if env.launcher == "ray":
         from tunepipe.tasks.training.ray_launcher import driver_command
 
