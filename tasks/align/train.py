@@ -30,8 +30,7 @@ def self_checks(
     who = f"align ({run}, {method})"
     out: dict[str, Any] = {}
     if method != "ppo":
-        requested = int(config.training.max_steps or trainer.state.max_steps)
-        out["steps"] = checks.require_steps(who, metrics["global_step"], requested)
+        out["steps"] = checks.require_steps(who, metrics["global_step"], trainer, config.training.max_steps)
     if method in PAIRWISE_METHODS:
         out["loss"] = checks.require_loss(f"{who}: the loss", history, metrics.get("train_loss"))
     else:

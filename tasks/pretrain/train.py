@@ -50,9 +50,8 @@ def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -
     from tunepipe.tasks.training import checks
     from tunepipe.tasks.training.trainer import loss_history
 
-    requested = int(config.training.max_steps or trainer.state.max_steps)
     return {
-        "steps": checks.require_steps("pretrain", metrics["global_step"], requested),
+        "steps": checks.require_steps("pretrain", metrics["global_step"], trainer, config.training.max_steps),
         "loss": checks.require_loss("pretrain: the loss", loss_history(trainer), metrics.get("train_loss")),
     }
 

@@ -50,9 +50,8 @@ def self_checks(config: RewardConfig, trainer: Any, metrics: dict[str, Any], sco
     from tunepipe.tasks.training import checks
     from tunepipe.tasks.training.trainer import loss_history
 
-    requested = int(config.training.max_steps or trainer.state.max_steps)
     out = {
-        "steps": checks.require_steps("reward", metrics["global_step"], requested),
+        "steps": checks.require_steps("reward", metrics["global_step"], trainer, config.training.max_steps),
         "loss": checks.require_loss("reward: the loss", loss_history(trainer), metrics.get("train_loss")),
     }
     scores = checks.reward_scores_check(scores_before, scores_after, on)

@@ -136,11 +136,6 @@ def save_result(
     tmp.rename(dest)
 
 
-def requested_steps(trainer: Any, config: SFTConfig) -> int:
-    """The optimizer steps asked for: `max_steps`, else what the Trainer derived from the epochs."""
-    return int(config.training.max_steps or trainer.state.max_steps)
-
-
 def check_prompts(job: dict[str, Any], config: SFTConfig, tokenizer: Any, limit: int = 8) -> list[str]:
     """Held-out prompts for the adapter check: the test split's (else validation's, else train's) prompts."""
     from tunepipe.tasks.training.generation import prompts_and_references
@@ -210,7 +205,8 @@ def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTCo
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one SFT job to completion; returns its metrics (rank 0 also saves the result)."""
     config = SFTConfig.model_validate(job["config"])
-    if parameters_sharded(EnvironmentProfile.model_validate(job["env"])) and getattr(config.method, "init", None) in ("pissa", "olora"):
+    sharded = parameters_sharded(EnvironmentProfile.model_validate(job["env"]))
+    if sharded and getattr(config.method, "init", None) in ("pissa", "olora"):
         raise StageFailed(
             f"sft.method.init {config.method.init} converts the trained adapter against the whole initial adapter at save "
             "time, which a profile that shards parameters (ZeRO-3, FSDP) never holds on one rank: use init gaussian or a "
@@ -223,14 +219,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     metrics = fit(trainer, job["checkpoint_dir"])
     checks = {
         "label_mask": {"passed": True, "rows": len(prepared["train_rows"])},  # checked row by row while encoding
-        "steps": checks_.require_steps("the trainer", metrics["global_step"], requested_steps(trainer, config)),
+        "steps": checks_.require_steps("the trainer", metrics["global_step"], trainer, config.training.max_steps),
     }
     history = loss_history(trainer)
     checks["loss"] = checks_.require_loss("the training loss", history, metrics["train_loss"], ": nothing was learned")
     metrics.update(evaluate(trainer))
     dest = Path(job["output_dir"]) / job["save_to"]
-    env = EnvironmentProfile.model_validate(job["env"])
-    if parameters_sharded(env):
+    if sharded:
         # ZeRO-3 / FSDP: every rank takes part in gathering the weights and in the check's forward passes.
         save_result(trainer, prepared["tokenizer"], config.method, dest, None, collective=True)
         checks["adapter_effect"] = trained_adapter_effect(trainer, prepared, config, job)

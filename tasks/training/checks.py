@@ -95,8 +95,10 @@ def loss_check(history: list[dict[str, float]], train_loss: float | None) -> dic
             "last": losses[-1] if losses else None}
 
 
-def require_steps(who: str, global_step: int, requested: int) -> dict[str, Any]:
-    """`steps`, enforced: every requested optimizer step ran (`who` opens the message: "pretrain", "the trainer")."""
+def require_steps(who: str, global_step: int, trainer: Any, max_steps: int | None) -> dict[str, Any]:
+    """`steps`, enforced: every requested optimizer step ran (`who` opens the message: "pretrain", "the trainer").
+    Requested: the stage's `training.max_steps`, else what the Trainer derived from the epochs."""
+    requested = int(max_steps or trainer.state.max_steps)
     return require("steps", steps_check(global_step, requested), f"{who} ran {global_step} optimizer steps of the {requested} requested")
 
 
