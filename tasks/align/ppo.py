@@ -108,6 +108,8 @@ def _multiprocess_safe(trainer_cls: Any) -> Any:
     `accelerate` has wrapped that model for several processes `self.model` is a DistributedDataParallel
     without them (AttributeError on every rank). One process never wraps it and is rank 0: nothing changes there."""
 
+    from torch.nn.parallel import DistributedDataParallel
+
     class PPOTrainer(trainer_cls):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -115,7 +117,7 @@ def _multiprocess_safe(trainer_cls: Any) -> Any:
             # than 0 skips writing a checkpoint.
             if not hasattr(self, "is_distributed_loading_by_transformers"):
                 self.is_distributed_loading_by_transformers = False
-            if isinstance(self.model, __import__("torch").nn.parallel.DistributedDataParallel):
+            if isinstance(self.model, DistributedDataParallel):
                 _see_through(self.model)
 
     return PPOTrainer

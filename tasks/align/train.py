@@ -168,7 +168,8 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     metrics = ppo.train_ppo(trainer, config.method.vf_coef) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
     steps = step_history(trainer.state.log_history, keys)
     changed = checks.parameters_changed_check(started_from, policy)
-    metrics["checks"] = self_checks(method.name, config, trainer, metrics, loss_history(trainer), steps, changed, run)
+    history = loss_history(trainer)
+    metrics["checks"] = self_checks(method.name, config, trainer, metrics, history, steps, changed, run)
     if is_main_process():
         save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
     if judge is not None:
@@ -180,7 +181,7 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
             "world_size": int(trainer.args.world_size),
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "loss_history": loss_history(trainer),
+            "loss_history": history,
             "step_metrics": steps,
             **peak_memory(),
         }

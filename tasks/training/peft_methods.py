@@ -501,6 +501,8 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
             f"gradients: profile {env.name} has gradient_accumulation_steps {env.gradient_accumulation_steps}; use a "
             "profile with 1 (raise per_device_batch_size instead)"
         )
+    # Under FSDP, checkpointing is FSDP's own (fsdp_config): the Trainer's would add an all-gather per block.
+    trainer_checkpointing = env.gradient_checkpointing and env.fsdp is None
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": training.epochs,
@@ -523,9 +525,8 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "per_device_train_batch_size": env.per_device_batch_size,
         "per_device_eval_batch_size": env.per_device_batch_size,
         "gradient_accumulation_steps": env.gradient_accumulation_steps,
-        # Under FSDP, checkpointing is FSDP's own (fsdp_config): the Trainer's would add an all-gather per block.
-        "gradient_checkpointing": env.gradient_checkpointing and env.fsdp is None,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if env.gradient_checkpointing and env.fsdp is None else None,
+        "gradient_checkpointing": trainer_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if trainer_checkpointing else None,
         "deepspeed": str(ds_config) if ds_config else None,
         **fsdp_arguments(env),
         "use_liger_kernel": env.liger_kernel,
