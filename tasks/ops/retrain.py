@@ -28,30 +28,28 @@ def segments(stages: list[str], default_env: str, routed: dict[str, str]) -> lis
     A routed stage starts a segment on its profile; the stages after it stay there until the
     next routed stage (training, reward and alignment usually share the GPU pool).
     """
-    out: list[tuple[str, str]] = []
-    env = default_env
-    for stage in sorted(stages, key=STAGE_ORDER.index):
-        env = routed.get(stage, env)
-        if out and out[-1][0] == env:
-            out[-1] = (env, stage)
-        else:
-            out.append((env, stage))
-    return out
+    return [(env, names[-1]) for env, names in _segment_runs(stages, default_env, routed)]
 
 
 def segment_stages(stages: list[str], default_env: str, routed: dict[str, str], env: str, last: str) -> list[str]:
     """The stages of the segment on `env` that ends at `last` (for the hand-off's log line)."""
-    out: list[str] = []
-    current = default_env
+    for segment_env, names in _segment_runs(stages, default_env, routed):
+        if last in names:
+            return names[: names.index(last) + 1] if segment_env == env else []
+    return []
+
+
+def _segment_runs(stages: list[str], default_env: str, routed: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(environment, its stages) per run of consecutive stages on one profile, in stage order."""
+    runs: list[tuple[str, list[str]]] = []
+    env = default_env
     for stage in sorted(stages, key=STAGE_ORDER.index):
-        current = routed.get(stage, current)
-        if current == env:
-            out.append(stage)
-        elif out:
-            out = []  # a later segment on the same profile starts afresh
-        if stage == last:
-            break
-    return out
+        env = routed.get(stage, env)
+        if runs and runs[-1][0] == env:
+            runs[-1][1].append(stage)
+        else:
+            runs.append((env, [stage]))
+    return runs
 
 
 def run_name(pipeline: str | None, data_version: str | None, routed: bool = True, environment: str | None = None,
