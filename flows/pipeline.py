@@ -23,11 +23,12 @@ STAGE_TASKS = {name: stage_task(name) for name in STAGE_GRAPH}
 def pipeline(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
     route_tunepipe_logs()
     env = load_environment(config.environment)
+    storage = stage_result_storage(config.workdir)
     refs: dict[str, Any] = {}
     for name, node in STAGE_GRAPH.items():
         if not plan.includes(name):
             continue
         upstream = {source: refs[source] for source in node.inputs if source in refs}
-        task = STAGE_TASKS[name].with_options(result_storage=stage_result_storage(config.workdir))
+        task = STAGE_TASKS[name].with_options(result_storage=storage)
         refs[name] = task(getattr(config, name), upstream, env=env, workdir=config.workdir, refresh=plan.refresh(name))
     return summarize_run(config.workdir, refs)
