@@ -26,7 +26,11 @@ from typing import Any, Iterator
 from tunepipe.schemas.align import AlignConfig, PPOMethod
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.align.policy import REF_ADAPTER, add_reference_adapter
+from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training.pairs import render_prompt
+
+# The last TRL release that ships `trl.experimental.ppo` (pyproject's range admits later ones).
+PPO_TRL = "1.12.0"
 
 STEP_METRICS = {
     "loss": "loss",  # not TRL's: written into the log history by `train_ppo` (see `ppo_loss`)
@@ -44,9 +48,28 @@ STEP_METRICS = {
 }
 
 
+def trl_ppo() -> Any:
+    """`trl.experimental.ppo`, or a StageFailed naming the TRL pin PPO needs.
+
+    tunepipe's range admits newer TRL so that it installs beside a user's own stack; on those,
+    every align method but PPO works, and PPO stops here with the fix instead of an ImportError.
+    """
+    try:
+        from trl.experimental import ppo
+    except ImportError as exc:
+        import trl
+
+        raise StageFailed(
+            f"align.method ppo needs trl=={PPO_TRL}: TRL removed trl.experimental.ppo after 1.12 and this environment "
+            f"has trl {trl.__version__} ({exc}). Install it with: pip install 'trl=={PPO_TRL}' "
+            "(or use grpo/rloo, TRL's maintained online methods, which need no value model)"
+        ) from None
+    return ppo
+
+
 def ppo_args(config: AlignConfig, env: EnvironmentProfile, base_args: dict[str, Any], tokenizer: Any) -> Any:
     """`trl.experimental.ppo.PPOConfig`: PPO's knobs from `align.method`, the rest as for every trainer."""
-    from trl.experimental.ppo import PPOConfig
+    PPOConfig = trl_ppo().PPOConfig
 
     method: PPOMethod = config.method  # type: ignore[assignment]
     args = {k: v for k, v in base_args.items() if k not in ("max_steps", "eval_strategy")}
@@ -129,7 +152,8 @@ def ppo_trainer(
 ) -> Any:
     """The PPOTrainer: policy (PeftModel, `default` adapter trains), ref adapter, reward and value models."""
     import torch
-    from trl.experimental.ppo import PPOTrainer
+
+    PPOTrainer = trl_ppo().PPOTrainer
 
     reward_model, _ = reward
     value_model = copy.deepcopy(reward_model)
@@ -167,7 +191,7 @@ def recorded_scores(trainer: Any) -> Iterator[dict[int, list[float]]]:
     """{update: the reward model's score of each rollout}: TRL 1.12 logs only their mean
     (`objective/scores`), and a spread of zero (every rollout scored the same) is the failure the
     stage must see. TRL scores through the module-level `get_reward`; it is wrapped for the run."""
-    from trl.experimental.ppo import ppo_trainer as module
+    module = trl_ppo().ppo_trainer
 
     original = module.get_reward
     scores: dict[int, list[float]] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tunepipe.tasks.core.net import free_port  # noqa: F401 - re-exported: servers and tests pick ports here too
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -28,12 +29,6 @@ class ServerError(RuntimeError):
 
 def api_url(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
     return f"http://{host}:{port}/api"
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def is_healthy(url: str, timeout: float = 2.0) -> bool:

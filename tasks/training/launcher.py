@@ -28,7 +28,7 @@ from typing import Any, Callable
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.ops.prefect_server import free_port
+from tunepipe.tasks.core.net import free_port
 
 TAIL_LINES = 40
 # A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.

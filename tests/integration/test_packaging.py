@@ -70,6 +70,20 @@ def test_the_wheel_holds_one_top_level_package(wheel):
     assert "tunepipe/examples/quickstart/data/triples.jsonl" in names
     assert "tunepipe/environments/cpu.yaml" in names
     assert not any(name.startswith("tunepipe/tests/") or name.startswith("tunepipe/benchmarks/") for name in names)
+    # The build script sits in the package's directory but is not a module of it.
+    assert "tunepipe/setup.py" not in names
+
+
+def test_the_wheel_carries_its_licence_and_classifiers(wheel):
+    archive = zipfile.ZipFile(wheel)
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    text = archive.read(metadata).decode()
+    assert "License-Expression: Apache-2.0" in text
+    assert "Classifier: Programming Language :: Python :: 3.11" in text
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in archive.namelist())
+    # Ranges, not exact pins, for the libraries a user's own stack is likely to hold.
+    for requirement in ("Requires-Dist: transformers<6,>=5.23", "Requires-Dist: trl<2,>=1.12", "Requires-Dist: prefect<4,>=3.8.8"):
+        assert requirement in text
 
 
 def _tunepipe(venv: Path, cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
