@@ -53,6 +53,9 @@ class StageContext:
     inputs: dict[str, ArtifactRef]
     env: EnvironmentProfile
     logger: logging.Logger
+    # The config payload the key was computed from: a stage that reads files whose digests are
+    # in it (the data stage) checks that it read those very bytes.
+    key_payload: Any = None
     checkpoint_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,7 +127,7 @@ def run_stage(
         staging = store.open_staging(stage.name, identity.key, fresh=not stage.resumable)
         if any(staging.iterdir()):
             logger.info("%s: resuming in %s", stage.name, staging)
-        ctx = StageContext(stage.name, identity.key, staging, inputs, env, logger)
+        ctx = StageContext(stage.name, identity.key, staging, inputs, env, logger, identity.config_payload)
         seed_process(int(identity.key, 16))
         started, clock = _utc_now(), time.perf_counter()
         output = stage.run(config, ctx)
