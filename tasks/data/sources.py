@@ -86,6 +86,34 @@ def open_digesting(file: Path, digest: ReadDigest) -> io.BufferedReader:
     return io.BufferedReader(_DigestingReader(handle, digest._hash), buffer_size=1 << 20)
 
 
+class UnreadableEncoding(ValueError):
+    """A file in an encoding the readers cannot take (named in the message)."""
+
+
+# Byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's): the codec named here
+# strips the mark, so a BOM never becomes part of the first column's name or the first record.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"),
+)
+
+
+def detect_encoding(handle: io.BufferedReader, label: str) -> str:
+    """The text encoding of a source file from its first bytes: UTF-8 (with or without a BOM,
+    as Excel's "CSV UTF-8" writes it), or UTF-16/32 by their BOM. UTF-16/32 without a BOM is
+    refused naming the encoding, rather than every line being rejected as malformed."""
+    head = handle.peek(4)[:4]
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if len(head) >= 2 and b"\x00" in head:
+        guess = "UTF-32" if head.count(0) >= 3 else "UTF-16"
+        raise UnreadableEncoding(
+            f"{label}: the file looks like {guess} without a byte-order mark; save it as UTF-8 (or {guess} with a BOM)"
+        )
+    return "utf-8"
+
+
 def plan_files(source: SourceConfig) -> list[tuple[Path | None, str, str]]:
     """(file, file type, label) for each file of a source, checked before any record is read.
 
@@ -164,7 +192,13 @@ def read_file(
 def _read_jsonl(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
     loads = orjson.loads
     with open_digesting(file, digest) as handle:
-        for number, line in enumerate(handle, start=1):
+        encoding = detect_encoding(handle, label)
+        lines: Any = handle
+        if encoding == "utf-8-sig":
+            handle.read(3)
+        elif encoding != "utf-8":  # UTF-16/32: decode, and give orjson UTF-8 lines
+            lines = (line.encode("utf-8") for line in io.TextIOWrapper(handle, encoding=encoding, errors="replace", newline=""))
+        for number, line in enumerate(lines, start=1):
             if not line.strip():  # blank lines are layout, not records
                 continue
             try:
@@ -178,7 +212,8 @@ def _read_json(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str
     else at the top level (one object, a string) is one rejected record that says what it is,
     not a record "missing 'instruction'"."""
     with open_digesting(file, digest) as handle:
-        text = handle.read().decode("utf-8", errors="replace")
+        encoding = detect_encoding(handle, label)
+        text = handle.read().decode(encoding, errors="replace")
     decoder = json.JSONDecoder()
     pos = _skip_ws(text, 0)
     if pos < len(text) and text[pos] != "[":
@@ -238,7 +273,8 @@ def _line_of(text: str, pos: int) -> int:
 
 
 def _read_csv(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
-    with io.TextIOWrapper(open_digesting(file, digest), newline="", encoding="utf-8", errors="replace") as handle:
+    raw = open_digesting(file, digest)
+    with io.TextIOWrapper(raw, newline="", encoding=detect_encoding(raw, label), errors="replace") as handle:
         reader = csv.DictReader(handle)
         previous_end = 1  # the header line
         for row in reader:
@@ -270,7 +306,8 @@ def _read_parquet(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[
 
 
 def _read_txt(file: Path, label: str, unit: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
-    with io.TextIOWrapper(open_digesting(file, digest), encoding="utf-8", errors="replace") as handle:
+    raw = open_digesting(file, digest)
+    with io.TextIOWrapper(raw, encoding=detect_encoding(raw, label), errors="replace") as handle:
         if unit == "file":
             text = handle.read()
             if text.strip():

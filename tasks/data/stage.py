@@ -45,7 +45,14 @@ from tunepipe.tasks.data.report import (
     summary,
     table,
 )
-from tunepipe.tasks.data.sources import FileChanged, Malformed, ReadDigest, plan_files, read_file
+from tunepipe.tasks.data.sources import (
+    FileChanged,
+    Malformed,
+    ReadDigest,
+    UnreadableEncoding,
+    plan_files,
+    read_file,
+)
 from tunepipe.tasks.data.split import assign_splits, mix_train
 from tunepipe.tasks.data.validate import (
     ValidationOutcome,
@@ -211,6 +218,8 @@ class _DataRun:
             yield from read_file(file, file_type, label, source, digest)
         except FileChanged as exc:
             raise StageFailed(f"data: {exc}; nothing was published: rerun once the file is no longer being written") from None
+        except UnreadableEncoding as exc:
+            raise StageFailed(f"data: {exc}") from None
 
     def _check_read_bytes(self, index: int, label: str, digest: ReadDigest) -> None:
         """The records must come from the bytes the key was computed from: a file rewritten after
