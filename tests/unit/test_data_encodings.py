@@ -62,3 +62,58 @@ def test_a_bom_csv_keeps_its_first_column(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes(b"\xef\xbb\xbfinstruction,output\r\nhello,world\r\n")
     assert read_all(path) == [("excel.csv:2", {"instruction": "hello", "output": "world"})]
+
+
+# -- role order (issue 29, item 5) -----------------------------------------------------------
+
+from tunepipe.tasks.data.formats import RecordError, parse_record, validate_chat  # noqa: E402
+
+
+def chat(*roles: str) -> list[dict]:
+    return [{"role": r, "content": f"{r} text"} for r in roles]
+
+
+@pytest.mark.parametrize("roles, turn", [
+    (("system", "assistant", "user", "assistant"), 2),
+    (("user", "user", "assistant"), 2),
+    (("user", "assistant", "system", "user", "assistant"), 3),
+    (("assistant", "user", "assistant"), 1),
+    (("user", "tool", "assistant"), 2),
+])
+def test_impossible_role_orders_are_rejected_naming_the_turn(roles, turn):
+    with pytest.raises(RecordError) as caught:
+        validate_chat(chat(*roles))
+    assert caught.value.reason == "role_order" and f"turn {turn} is {roles[turn - 1]}" in caught.value.detail
+
+
+@pytest.mark.parametrize("roles", [
+    ("user", "assistant"), ("system", "user", "assistant"), ("user", "assistant", "user", "assistant"),
+    ("user", "assistant", "tool", "tool", "assistant"),
+])
+def test_possible_role_orders_pass(roles):
+    validate_chat(chat(*roles))
+
+
+def test_sharegpt_with_impossible_order_is_rejected_with_file_and_line(tmp_path):
+    import logging
+
+    from tunepipe.schemas.data import DataConfig
+    from tunepipe.tasks.core.environment import load_environment
+    from tunepipe.tasks.core.stage import StageContext
+    from tunepipe.tasks.data.stage import DataStage
+
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi there friend"}, {"from": "gpt", "value": "hello to you"}]},
+        {"conversations": [{"from": "system", "value": "be nice"}, {"from": "gpt", "value": "answer one"},
+                           {"from": "human", "value": "question"}, {"from": "gpt", "value": "answer two"}]},
+        {"conversations": [{"from": "human", "value": "first"}, {"from": "human", "value": "second"}, {"from": "gpt", "value": "reply"}]},
+    ]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = DataConfig(sources=[{"path": str(tmp_path / "chats.jsonl"), "format": "sharegpt", "task": "chat"}],
+                        split={"validation": 0.0, "test": 0.0}, max_rejected_fraction=1.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    DataStage().run(config, StageContext("data", "t", out, {}, load_environment("cpu"), logging.getLogger("t")))
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["source"]) for r in rejected] == [("role_order", "chats.jsonl:2"), ("role_order", "chats.jsonl:3")]
+    assert len((out / "train.jsonl").read_text().splitlines()) == 1
