@@ -7,17 +7,52 @@ carries a description, because the descriptions are the config reference in the 
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class StrictModel(BaseModel):
-    """A config model that refuses unknown keys and validates defaults and assignments."""
+def _takes_numbers_not_bools(annotation: Any) -> bool:
+    """An int or float field (or an optional one) that takes no bool."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return bool not in args and any(a in (int, float) for a in args)
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """A config model that refuses unknown keys and validates defaults and assignments. Numbers are
+    finite (`.inf` and `.nan` fail here, not as a NaN loss after training), and a boolean is not a
+    number (`max_steps: true` is an error, not 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        # A model validator, not a field one: pydantic allows no before-validator on the
+        # discriminator fields of tagged unions. The errors still carry each field's location.
+        if not isinstance(data, dict):
+            return data
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError("bool_not_number", "{value} is a boolean, not a number: give a number", {"value": str(value).lower()}),
+                loc=(name,), input=value,
+            )
+            for name, value in data.items()
+            if isinstance(value, bool) and name in cls.model_fields and _takes_numbers_not_bools(cls.model_fields[name].annotation)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
 
 # A name ending like a data file is a mistyped local path, not a hub repository: hub ids are

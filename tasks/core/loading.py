@@ -86,6 +86,7 @@ class StrictYamlLoader(yaml.SafeLoader):
       so `notifications: {on: [failure]}` has the key "on" and `country: no` is "no". (A boolean
       field still accepts them: pydantic reads "yes"/"on" as true where a bool is declared.)
     - A key given twice in one mapping is an error naming both lines, not "the last one wins".
+      Merge keys (`<<: *defaults`) work: the mapping's own keys override the merged ones.
     """
 
 
@@ -98,9 +99,16 @@ StrictYamlLoader.add_implicit_resolver(
 )
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _no_duplicate_keys(loader: StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # Keys written in this mapping only: merge keys (`<<: *train`) bring in defaults that the
+    # mapping's own keys override, which is what merging is for; construct_mapping merges them.
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG:
+            continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         try:

@@ -22,6 +22,14 @@ def run_cli(argv: list[str], timeout: float = 60) -> int:
     return result["rc"]
 
 
+def minimal_pipeline(tmp_path: Path, extra: str = "", top: str = "") -> Path:
+    """A valid pipeline YAML (a data stage on one JSONL file) with `extra` sections appended."""
+    (tmp_path / "d.jsonl").write_text('{"instruction": "q?", "output": "a"}\n')
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"name: p\nworkdir: work\n{top}data:\n  sources:\n    - {{path: d.jsonl, task: t}}\n{extra}")
+    return path
+
+
 # -- item 6: non-regular files, bounded size -------------------------------------------------
 
 def test_validate_refuses_a_device_without_reading_it(capsys):
@@ -48,3 +56,31 @@ def test_a_config_with_a_bom_is_read(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_bytes(b"\xef\xbb\xbfname: x\n")
     assert loading.read_yaml(path)[1] == {"name": "x"}
+
+
+# -- item 7: YAML merge keys -----------------------------------------------------------------
+
+def test_yaml_merge_keys_merge_and_own_keys_override():
+    text = "defaults: &train\n  lr: 0.1\n  steps: 5\nsft:\n  <<: *train\n  steps: 9\n"
+    assert loading.parse_yaml(text, "p.yaml") == {"defaults": {"lr": 0.1, "steps": 5}, "sft": {"lr": 0.1, "steps": 9}}
+
+
+def test_duplicate_keys_are_still_refused_next_to_a_merge():
+    text = "defaults: &train\n  lr: 0.1\nsft:\n  <<: *train\n  steps: 9\n  steps: 10\n"
+    with pytest.raises(loading.ConfigError, match="p.yaml:6: duplicate key 'steps' \\(first given at line 5\\)"):
+        loading.parse_yaml(text, "p.yaml")
+
+
+# -- item 8: finite numbers, booleans are not numbers ----------------------------------------
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("learning_rate", ".inf", "finite number"),
+    ("learning_rate", ".nan", "finite number"),
+    ("max_steps", "true", "true is a boolean, not a number"),
+    ("max_steps", "false", "false is a boolean, not a number"),
+])
+def test_numbers_are_finite_and_booleans_are_not_numbers(tmp_path, field, value, problem, capsys):
+    config = minimal_pipeline(tmp_path, f"sft:\n  model: owner/model\n  training:\n    {field}: {value}\n")
+    assert run_cli(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"sft.training.{field} (line 9)" in err and problem in err
