@@ -84,3 +84,25 @@ def test_numbers_are_finite_and_booleans_are_not_numbers(tmp_path, field, value,
     assert run_cli(["validate", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"sft.training.{field} (line 9)" in err and problem in err
+
+
+# -- item 9: the top-level seed reseeds every stage ------------------------------------------
+
+def seeded_pipeline(tmp_path: Path, top: str, extra: str = "") -> Path:
+    sft = "sft:\n  model: owner/model\n" + extra
+    return minimal_pipeline(tmp_path, sft, top=top)
+
+
+def test_the_global_seed_reaches_every_stage_seed_and_key(tmp_path):
+    from tunepipe.tasks.core.config import load_pipeline_config
+    from tunepipe.tasks.data.stage import DataStage
+
+    def load(top: str, extra: str = ""):
+        return load_pipeline_config(seeded_pipeline(tmp_path, top, extra))
+
+    seven, forty_two, unset = load("seed: 7\n"), load("seed: 42\n"), load("")
+    assert (seven.data.split.seed, seven.data.dedup.seed, seven.data.mix.seed, seven.sft.training.seed) == (7, 7, 7, 7)
+    assert forty_two.data.split.seed == 42 and unset.data.split.seed == 0  # the stage default when no seed is written
+    assert DataStage().key_payload(seven.data) != DataStage().key_payload(forty_two.data)
+    own = load("seed: 7\n", "  training:\n    seed: 3\n")
+    assert own.sft.training.seed == 3 and own.data.split.seed == 7  # a stage's own seed wins
