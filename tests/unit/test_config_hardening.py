@@ -106,3 +106,18 @@ def test_the_global_seed_reaches_every_stage_seed_and_key(tmp_path):
     assert DataStage().key_payload(seven.data) != DataStage().key_payload(forty_two.data)
     own = load("seed: 7\n", "  training:\n    seed: 3\n")
     assert own.sft.training.seed == 3 and own.data.split.seed == 7  # a stage's own seed wins
+
+
+# -- item 10: an unset ${NAME} is a config error naming it -----------------------------------
+
+def test_an_unset_reference_anywhere_is_a_config_error_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TUNEPIPE_SURELY_UNSET", raising=False)
+    path = tmp_path / "pipeline.yaml"
+    minimal_pipeline(tmp_path)
+    path.write_text(path.read_text().replace("workdir: work", "workdir: ${TUNEPIPE_SURELY_UNSET}/x"))
+    assert run_cli(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "workdir (line 2): ${TUNEPIPE_SURELY_UNSET} refers to the environment variable TUNEPIPE_SURELY_UNSET, which is not set" in err
+    assert not (tmp_path / "${TUNEPIPE_SURELY_UNSET}").exists()
+    monkeypatch.setenv("TUNEPIPE_SURELY_UNSET", "set")
+    assert run_cli(["validate", str(path)]) == 0
