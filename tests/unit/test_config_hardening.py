@@ -121,3 +121,79 @@ def test_an_unset_reference_anywhere_is_a_config_error_naming_it(tmp_path, monke
     assert not (tmp_path / "${TUNEPIPE_SURELY_UNSET}").exists()
     monkeypatch.setenv("TUNEPIPE_SURELY_UNSET", "set")
     assert run_cli(["validate", str(path)]) == 0
+
+
+# -- item 11 and 13: expected failures are one `tunepipe:` line; --debug shows the traceback --
+
+def cli_subprocess(args: list[str], cwd: Path) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(REPO.parent)
+    proc = subprocess.run([sys.executable, "-m", "tunepipe.flows.cli.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def _sys_refuses_mkdir() -> bool:
+    """/sys is read-only in containers and for users, even for root: an unwritable path that
+    needs no chmod (root ignores permissions)."""
+    try:
+        os.mkdir("/sys/tunepipe-probe")
+    except OSError:
+        return True
+    os.rmdir("/sys/tunepipe-probe")
+    return False
+
+
+@pytest.mark.skipif(not _sys_refuses_mkdir(), reason="needs a path that refuses mkdir")
+def test_an_unwritable_workdir_is_one_line_naming_the_path(tmp_path):
+    config = minimal_pipeline(tmp_path)
+    config.write_text(config.read_text().replace("workdir: work", "workdir: /sys/tunepipe-nowhere/work"))
+    rc, err = cli_subprocess(["run", str(config), "--until", "data"], tmp_path)
+    assert rc == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("tunepipe: cannot write /sys/tunepipe-nowhere") and "--workdir" in lines[-1], err
+    rc, err = cli_subprocess(["--debug", "run", str(config), "--until", "data"], tmp_path)
+    assert rc == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("tunepipe: cannot write")
+
+
+def test_a_missing_model_directory_and_an_offline_hub_id_say_how_to_fix_them(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tunepipe.tasks.core.stage import StageFailed
+    from tunepipe.tasks.training import memory_plan, modeling
+
+    with pytest.raises(StageFailed, match="no such local model directory, and not a hub id.*config.json"):
+        modeling.load_tokenizer(tmp_path / "missing-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(StageFailed, match="HF_HUB_OFFLINE=1 and the model is not in the local hub cache.*hf download someorg/nothing-here"):
+        modeling.load_model("someorg/nothing-here")
+    with pytest.raises(StageFailed, match="not in the local hub cache"):
+        memory_plan.model_config("someorg/nothing-here")  # the sft stage's memory plan reads the config first
+    assert modeling.model_fingerprint("someorg/nothing-here") == "hub:someorg/nothing-here@main"  # keys need no download
+
+
+def test_a_logged_stage_failure_keeps_its_line_and_drops_its_traceback(caplog):
+    import logging
+
+    from tunepipe.tasks.core.stage import StageFailed, quiet_expected_failures
+
+    saved = logging.getLogRecordFactory()
+    try:
+        quiet_expected_failures()
+        try:
+            raise StageFailed("sft: the model is missing")
+        except StageFailed:
+            logging.getLogger("prefect.task_runs").error("Task run failed with exception", exc_info=True)
+        try:
+            raise KeyError("a bug")
+        except KeyError:
+            logging.getLogger("prefect.task_runs").error("Task run failed with exception", exc_info=True)
+    finally:
+        logging.setLogRecordFactory(saved)
+    expected, bug = caplog.records[-2:]
+    assert expected.exc_info is None and bug.exc_info is not None  # a bug keeps its traceback
