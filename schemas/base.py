@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -42,11 +41,11 @@ class StrictModel(BaseModel):
         # discriminator fields of tagged unions. The errors still carry each field's location.
         if not isinstance(data, dict):
             return data
+        # pydantic's own `value_error` type (a custom one needs pydantic_core, which would enter
+        # every stage's key as one more library): the loc still names the field.
         errors = [
-            InitErrorDetails(
-                type=PydanticCustomError("bool_not_number", "{value} is a boolean, not a number: give a number", {"value": str(value).lower()}),
-                loc=(name,), input=value,
-            )
+            {"type": "value_error", "loc": (name,), "input": value,
+             "ctx": {"error": ValueError(f"{str(value).lower()} is a boolean, not a number: give a number")}}
             for name, value in data.items()
             if isinstance(value, bool) and name in cls.model_fields and _takes_numbers_not_bools(cls.model_fields[name].annotation)
         ]

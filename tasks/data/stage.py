@@ -46,6 +46,7 @@ from tunepipe.tasks.data.report import (
     table,
 )
 from tunepipe.tasks.data.sources import (
+    MAX_RAW_CHARS,
     FileChanged,
     Malformed,
     ReadDigest,
@@ -59,6 +60,10 @@ from tunepipe.tasks.data.validate import (
     validate_counts,
     validate_rows,
 )
+
+# A rejected record is kept to be read by a person: one longer than this is cut to its first
+# MAX_RAW_CHARS characters (as malformed records are) with its original size.
+MAX_REJECTED_LINE_BYTES = 4 * MAX_RAW_CHARS
 
 OUTPUT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "preferences.jsonl", "corpus.jsonl")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -111,9 +116,16 @@ class _DataRun:
     def _reject(self, record: Any, reason: str, location: str, detail: str = "", **extra: Any) -> None:
         line = {"reason": reason, "source": location, "record": record}
         if detail:
-            line["detail"] = detail
+            line["detail"] = detail[:MAX_RAW_CHARS]
         line.update(extra)
-        self._rejected_file.write(_dumps(line) + b"\n")
+        dumped = _dumps(line)
+        if len(dumped) > MAX_REJECTED_LINE_BYTES:
+            # A 50 MB record is not copied whole: its JSON's first MAX_RAW_CHARS characters, and its size.
+            whole = _dumps(record)
+            line["record"] = whole[:MAX_RAW_CHARS].decode("utf-8", "ignore")
+            line["record_truncated_from_bytes"] = len(whole)
+            dumped = _dumps(line)
+        self._rejected_file.write(dumped + b"\n")
         self.rejected[reason] += 1
         self.per_file[location.rpartition(":")[0]]["rejected"] += 1
 

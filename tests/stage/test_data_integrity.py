@@ -87,3 +87,24 @@ def test_a_file_replaced_between_keying_and_reading_fails_the_stage(tmp_path, mo
     data.write_bytes(original)
     ref = run_stage(DataStage(), config, {}, store, env)
     assert not ref.cached and published_rows(ref) == 3000
+
+
+def test_an_over_long_rejected_record_is_capped(tmp_path):
+    from tunepipe.tasks.core.stage import StageContext
+    from tunepipe.tasks.data.sources import MAX_RAW_CHARS
+
+    data = tmp_path / "d.jsonl"
+    huge = "word " * 400_000  # 2 MB: over clean.max_chars
+    data.write_text(json.dumps({"instruction": "q?", "output": "fine"}) + "\n" + json.dumps({"instruction": huge, "output": "x"}) + "\n"
+                    + "{not json " + "y" * 300_000 + "\n")
+    config = DataConfig(sources=[{"path": str(data), "format": "alpaca", "task": "t"}], split={"validation": 0.0, "test": 0.0},
+                        max_rejected_fraction=1.0, clean={"max_chars": 1000})
+    out = tmp_path / "out"
+    out.mkdir()
+    DataStage().run(config, StageContext("data", "t", out, {}, load_environment("cpu"), logging.getLogger("t")))
+    lines = (out / "rejected.jsonl").read_bytes().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["source"] for r in rows] == ["d.jsonl:2", "d.jsonl:3"]
+    assert all(len(line) < 5 * MAX_RAW_CHARS for line in lines)
+    assert rows[0]["record_truncated_from_bytes"] > 2_000_000 and rows[0]["record"].startswith('{"instruction":"word word')
+    assert rows[1]["record_truncated_from_bytes"] > 300_000 and rows[1]["reason"] == "malformed_json"
