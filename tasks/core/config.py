@@ -68,8 +68,8 @@ def unset_references(data: Any, text: str | None, source: str) -> None:
                 at = f" (line {line})" if line else ""
                 problems.append(f"  {field_path(loc)}{at}: ${{{name}}} refers to the environment variable {name}, which is not set")
     if problems:
-        raise ConfigError(f"{source}: {len(problems)} problem(s)\n" + "\n".join(problems)
-                          + "\n  (set each variable in the environment of the process that runs, or write the value)")
+        raise ConfigError(f"{source}: {len(problems)} problem(s) (set each variable in the environment of the process "
+                          "that runs, or write the value)\n" + "\n".join(problems))
 
 
 def _strings(node: Any, loc: tuple) -> Any:

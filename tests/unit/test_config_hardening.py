@@ -197,3 +197,16 @@ def test_a_logged_stage_failure_keeps_its_line_and_drops_its_traceback(caplog):
         logging.setLogRecordFactory(saved)
     expected, bug = caplog.records[-2:]
     assert expected.exc_info is None and bug.exc_info is not None  # a bug keeps its traceback
+
+
+def test_unset_reference_errors_have_the_shape_of_every_config_error(tmp_path, monkeypatch, capsys):
+    import re
+
+    monkeypatch.delenv("NOPE", raising=False)
+    path = minimal_pipeline(tmp_path, "notifications:\n  webhook_url: http://127.0.0.1:9/x?token=${NOPE}\n")
+    assert run_cli(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "tunepipe: config error" and lines[1].startswith(f"{path}: 1 problem(s)")
+    assert [line for line in lines[2:] if line.strip()] == [
+        "  notifications.webhook_url (line 7): ${NOPE} refers to the environment variable NOPE, which is not set"]
+    assert all(re.match(r"  [A-Za-z_\[].*?( \(line \d+\))?: \S", line) for line in lines[2:])
