@@ -105,7 +105,8 @@ def redact_url(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return MASK
-    path = parts.path if parts.path and redact(parts.path) == parts.path and len(parts.path) <= 64 else ("/…" if parts.path else "")
+    located = f"{host}{parts.path}"  # with the host: a webhook's path is its secret only on its host
+    path = parts.path if parts.path and redact(located) == located and len(parts.path) <= 64 else ("/…" if parts.path else "")
     return f"{parts.scheme}://{host}{port}{path}{'?…' if parts.query else ''}"
 
 

@@ -104,3 +104,11 @@ def test_a_base_url_with_a_query_keeps_its_query_after_the_path(recorder, monkey
     judge = JudgeEndpoint(url=f"{base}/openai/v1?api-version=2024-10-21", model="m")
     assert [m.id for m in openai_client(judge).models.list()] == ["m"]
     assert seen == ["/v1/models?api-version=2024-10-21&token=tok-abcdef", "/openai/v1/models?api-version=2024-10-21"]
+
+
+def test_a_webhook_url_for_a_log_line_hides_its_path_secret():
+    from tunepipe.tasks.core.secrets import redact_url
+
+    assert redact_url("https://hooks.slack.com/services/T0AAA/B0BBB/sEcReT") == "https://hooks.slack.com/…"
+    assert redact_url("https://discord.com/api/webhooks/1/tok") == "https://discord.com/…"
+    assert redact_url("https://hooks.example.org/tunepipe?x=1") == "https://hooks.example.org/tunepipe?…"
