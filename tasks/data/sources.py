@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -84,6 +85,10 @@ def open_digesting(file: Path, digest: ReadDigest) -> io.BufferedReader:
     if _on_open is not None:
         _on_open(file)
     return io.BufferedReader(_DigestingReader(handle, digest._hash), buffer_size=1 << 20)
+
+
+class SourceUnavailable(ValueError):
+    """A source that cannot be read here (a hub dataset while offline); the message says the fix."""
 
 
 class UnreadableEncoding(ValueError):
@@ -366,5 +371,17 @@ def _read_hub(source: SourceConfig) -> Iterator[tuple[str, Any]]:
     # Hub datasets: the same code path real users take; tests cover only local data (no hub here).
     import datasets
 
-    dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
+    from huggingface_hub import constants
+
+    try:
+        dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
+    except (ConnectionError, OSError, ValueError) as exc:
+        if not (constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"):
+            raise
+        # Offline, a dataset that is not in the local cache is the expected failure: say how to fix it.
+        raise SourceUnavailable(
+            f"data source {source.path}: a hub dataset id, but the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and "
+            f"the dataset is not in the local cache ({type(exc).__name__}): download it once where the hub is reachable, "
+            "or give a local path"
+        ) from None
     yield from _iter_dataset_rows(dataset, f"{source.path}[{source.split}]")

@@ -50,6 +50,7 @@ from tunepipe.tasks.data.sources import (
     FileChanged,
     Malformed,
     ReadDigest,
+    SourceUnavailable,
     UnreadableEncoding,
     plan_files,
     read_file,
@@ -230,7 +231,7 @@ class _DataRun:
             yield from read_file(file, file_type, label, source, digest)
         except FileChanged as exc:
             raise StageFailed(f"data: {exc}; nothing was published: rerun once the file is no longer being written") from None
-        except UnreadableEncoding as exc:
+        except (UnreadableEncoding, SourceUnavailable) as exc:
             raise StageFailed(f"data: {exc}") from None
 
     def _check_read_bytes(self, index: int, label: str, digest: ReadDigest) -> None:

@@ -108,3 +108,13 @@ def test_an_over_long_rejected_record_is_capped(tmp_path):
     assert all(len(line) < 5 * MAX_RAW_CHARS for line in lines)
     assert rows[0]["record_truncated_from_bytes"] > 2_000_000 and rows[0]["record"].startswith('{"instruction":"word word')
     assert rows[1]["record_truncated_from_bytes"] > 300_000 and rows[1]["reason"] == "malformed_json"
+
+
+def test_a_hub_dataset_offline_is_one_line_with_the_fix(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    config = DataConfig(sources=[{"path": "someorg/no-such-dataset", "format": "alpaca", "task": "t"}])
+    with pytest.raises(StageFailed, match="someorg/no-such-dataset: a hub dataset id, but the hub is offline.*download it once"):
+        run_stage(DataStage(), config, {}, ArtifactStore(tmp_path / "a"), load_environment("cpu"))
