@@ -93,3 +93,14 @@ def resolve_path(value: str, info: ValidationInfo) -> str:
     if not candidate.exists() and not any(ch in value for ch in "*?[") and plausible_hub_id(value, base_dir):
         return value
     return str(candidate.resolve())
+
+
+def resolve_model(value: str, info: ValidationInfo) -> str:
+    """A model field: a hub id, or a local directory resolved like any path that must exist, so a
+    mistyped directory is a config error at `tunepipe validate`, not a failure when training starts.
+    (Checked for YAML configs, which carry their directory as validation context.)"""
+    resolved = resolve_path(value, info)
+    if (info.context or {}).get("base_dir") is not None and Path(resolved).is_absolute() and not Path(resolved).exists():
+        raise ValueError(f"{value!r}: no such local model directory ({resolved}), and not a hub id (owner/name): give the "
+                         "directory that holds the model's config.json, or a hub id")
+    return resolved

@@ -210,3 +210,12 @@ def test_unset_reference_errors_have_the_shape_of_every_config_error(tmp_path, m
     assert [line for line in lines[2:] if line.strip()] == [
         "  notifications.webhook_url (line 7): ${NOPE} refers to the environment variable NOPE, which is not set"]
     assert all(re.match(r"  [A-Za-z_\[].*?( \(line \d+\))?: \S", line) for line in lines[2:])
+
+
+def test_a_missing_local_model_directory_is_a_config_error_at_validate(tmp_path, capsys):
+    path = minimal_pipeline(tmp_path, "sft:\n  model: ./no-such-model-dir\n")
+    assert run_cli(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sft.model (line 7): Value error, './no-such-model-dir': no such local model directory" in err
+    (tmp_path / "no-such-model-dir").mkdir()
+    assert run_cli(["validate", str(path)]) == 0
