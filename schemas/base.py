@@ -7,17 +7,51 @@ carries a description, because the descriptions are the config reference in the 
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class StrictModel(BaseModel):
-    """A config model that refuses unknown keys and validates defaults and assignments."""
+def _takes_numbers_not_bools(annotation: Any) -> bool:
+    """An int or float field (or an optional one) that takes no bool."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return bool not in args and any(a in (int, float) for a in args)
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """A config model that refuses unknown keys and validates defaults and assignments. Numbers are
+    finite (`.inf` and `.nan` fail here, not as a NaN loss after training), and a boolean is not a
+    number (`max_steps: true` is an error, not 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        # A model validator, not a field one: pydantic allows no before-validator on the
+        # discriminator fields of tagged unions. The errors still carry each field's location.
+        if not isinstance(data, dict):
+            return data
+        # pydantic's own `value_error` type (a custom one needs pydantic_core, which would enter
+        # every stage's key as one more library): the loc still names the field.
+        errors = [
+            {"type": "value_error", "loc": (name,), "input": value,
+             "ctx": {"error": ValueError(f"{str(value).lower()} is a boolean, not a number: give a number")}}
+            for name, value in data.items()
+            if isinstance(value, bool) and name in cls.model_fields and _takes_numbers_not_bools(cls.model_fields[name].annotation)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
 
 # A name ending like a data file is a mistyped local path, not a hub repository: hub ids are
@@ -59,3 +93,14 @@ def resolve_path(value: str, info: ValidationInfo) -> str:
     if not candidate.exists() and not any(ch in value for ch in "*?[") and plausible_hub_id(value, base_dir):
         return value
     return str(candidate.resolve())
+
+
+def resolve_model(value: str, info: ValidationInfo) -> str:
+    """A model field: a hub id, or a local directory resolved like any path that must exist, so a
+    mistyped directory is a config error at `tunepipe validate`, not a failure when training starts.
+    (Checked for YAML configs, which carry their directory as validation context.)"""
+    resolved = resolve_path(value, info)
+    if (info.context or {}).get("base_dir") is not None and Path(resolved).is_absolute() and not Path(resolved).exists():
+        raise ValueError(f"{value!r}: no such local model directory ({resolved}), and not a hub id (owner/name): give the "
+                         "directory that holds the model's config.json, or a hub id")
+    return resolved

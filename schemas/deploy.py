@@ -71,4 +71,6 @@ class DeployConfig(StrictModel):
     def _url(cls, value: Any) -> Any:
         if value is not None and not str(value).startswith(("http://", "https://")):
             raise ValueError(f"server_url {value!r}: give an http:// or https:// URL")
-        return value.rstrip("/") if value else value
+        from tunepipe.tasks.core.secrets import check_url
+
+        return check_url(value, "server_url", userinfo=False).rstrip("/") if value else value

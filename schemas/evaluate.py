@@ -44,7 +44,9 @@ class EndpointSettings(StrictModel):
     def _http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"url {value!r}: must start with http:// or https://")
-        return value.rstrip("/")
+        from tunepipe.tasks.core.secrets import check_url
+
+        return check_url(value, "url", userinfo=False).rstrip("/")
 
 
 class GenerationEndpoint(EndpointSettings):

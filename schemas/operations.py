@@ -106,7 +106,7 @@ class NotificationsConfig(StrictModel):
     timeout_s: float = Field(default=10.0, gt=0, le=60, description="Seconds a POST may take; a failed POST is logged, never fatal.")
     headers: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra HTTP headers. Credential headers (Authorization, *token*, *key*, cookies) must refer to an "
+        description="Extra HTTP headers. Credential headers (Authorization, *token*, *key*, X-Api*, *signature*, cookies) must refer to an "
         "environment variable: `Authorization: \"Bearer ${HOOK_TOKEN}\"`.",
     )
     allow_remote: bool = Field(
@@ -116,10 +116,10 @@ class NotificationsConfig(StrictModel):
     @field_validator("headers")
     @classmethod
     def _no_literal_credentials(cls, value: dict[str, str]) -> dict[str, str]:
-        from tunepipe.tasks.core.secrets import SENSITIVE_NAME, check_literal
+        from tunepipe.tasks.core.secrets import SENSITIVE_HEADER, check_literal
 
         for name, header in value.items():
-            if SENSITIVE_NAME.search(name):
+            if SENSITIVE_HEADER.search(name):
                 check_literal(header, f"headers.{name}")
         return value
 
@@ -136,9 +136,7 @@ class NotificationsConfig(StrictModel):
 def check_webhook_url(url: str, allow_remote: bool, *, literal: bool) -> None:
     """An http(s) URL with a host (loopback only unless allow_remote); in a config (`literal`), no
     credential-like query value or userinfo that is not a `${NAME}` reference."""
-    from urllib.parse import parse_qsl
-
-    from tunepipe.tasks.core.secrets import REFERENCE, SENSITIVE_NAME, check_literal
+    from tunepipe.tasks.core.secrets import REFERENCE, check_url
 
     parsed = urlparse(REFERENCE.sub("x", url) if literal else url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -146,12 +144,7 @@ def check_webhook_url(url: str, allow_remote: bool, *, literal: bool) -> None:
     if not allow_remote and not _is_loopback(parsed.hostname):
         raise ValueError(f"webhook_url host {parsed.hostname} is not a loopback address (allow_remote is false)")
     if literal:
-        original = urlparse(url)
-        if original.password or ("@" in original.netloc and original.username):
-            check_literal(original.netloc.rpartition("@")[0], "webhook_url userinfo")
-        for name, value in parse_qsl(original.query, keep_blank_values=True):
-            if SENSITIVE_NAME.search(name):
-                check_literal(value, f"webhook_url query parameter {name}")
+        check_url(url, "webhook_url")
 
 
 class DeploymentConfig(StrictModel):

@@ -35,7 +35,12 @@ class PipelineConfig(StrictModel):
         default="cpu",
         description="Hardware profile: a bundled name (see environments/) or a path to a profile YAML.",
     )
-    seed: int = Field(default=42, description="Global seed; stages derive theirs from it unless they set one.")
+    seed: int = Field(
+        default=42,
+        description="Global seed. When given, every stage seed left unset (data split salt, MinHash and mix sampling, "
+        "training, base-model initialisation, evaluation bootstrap) takes this value, so one line reseeds the "
+        "pipeline (and changes every key); a seed set in a stage's section wins. Unset: each stage's own default.",
+    )
     data: DataConfig = Field(description="The `data` stage: sources → cleaned, deduplicated, validated instruction JSON.")
     base_model: BaseModelConfig | None = Field(
         default=None,
@@ -106,6 +111,15 @@ class PipelineConfig(StrictModel):
             evaluate["registry_name"] = deploy["name"]
         return {**data, "evaluate": evaluate}
 
+    @model_validator(mode="after")
+    def _global_seed(self) -> "PipelineConfig":
+        # Only a seed the user wrote reseeds: the stages' own defaults (0 for the split salt and the
+        # bootstrap, 42 elsewhere) stay what they were for configs that never mention `seed`.
+        if "seed" in self.model_fields_set:
+            for name in STAGE_ORDER:
+                _seed_unset(getattr(self, name, None), self.seed)
+        return self
+
     @field_validator("workdir")
     @classmethod
     def _resolve_workdir(cls, value: str, info: ValidationInfo) -> str:
@@ -152,3 +166,19 @@ class PipelineConfig(StrictModel):
     def stages(self) -> list[str]:
         """The configured stages, in pipeline order."""
         return [name for name in STAGE_ORDER if getattr(self, name) is not None]
+
+
+def _seed_unset(node: Any, seed: int) -> None:
+    """Set every `seed` field below `node` that its YAML left unset to `seed`."""
+    if isinstance(node, (list, tuple)):
+        for item in node:
+            _seed_unset(item, seed)
+        return
+    if not isinstance(node, StrictModel):
+        return
+    for name, field in type(node).model_fields.items():
+        value = getattr(node, name)
+        if name == "seed" and name not in node.model_fields_set and (value is None or isinstance(value, int)) and field.annotation is not bool:
+            setattr(node, name, seed)
+        else:
+            _seed_unset(value, seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model
 from tunepipe.schemas.sft import (
     FreezeMethod,
     FullMethod,
@@ -52,7 +52,7 @@ class PretrainConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model(value, info)
 
     @field_validator("method", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
 
 ALL_LINEAR = "all-linear"
 
@@ -543,7 +543,7 @@ class SFTConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model(value, info)
 
     @field_validator("chat_template")
     @classmethod

@@ -62,13 +62,18 @@ def group_step_metrics(method: GRPOMethod | RLOOMethod) -> dict[str, str]:
     return keys
 
 
-def kto_examples(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def kto_examples(pairs: list[dict[str, Any]], tokenizer: Any = None) -> list[dict[str, Any]]:
     """Each pair as two unpaired KTO examples: chosen (desirable) and rejected (undesirable)."""
+    from tunepipe.tasks.training.encoding import data_messages
+
+    def text(messages: list[dict[str, str]]) -> list[dict[str, str]]:  # contents tokenize as text
+        return data_messages(tokenizer, messages) if tokenizer is not None else messages
+
     out = []
     for pair in pairs:
-        prompt = [{"role": "user", "content": pair["prompt"]}]
-        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": pair["chosen"]}], "label": True})
-        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": pair["rejected"]}], "label": False})
+        prompt = text([{"role": "user", "content": pair["prompt"]}])
+        out.append({"prompt": prompt, "completion": text([{"role": "assistant", "content": pair["chosen"]}]), "label": True})
+        out.append({"prompt": prompt, "completion": text([{"role": "assistant", "content": pair["rejected"]}]), "label": False})
     return out
 
 
@@ -88,7 +93,7 @@ def pairwise_trainer(
             # DPO computes its own loss and adds the router's load-balancing loss itself (MoE policies).
             router_aux_loss_coef=router_loss_weight(model),
         )
-        dataset = Dataset.from_list([conversational_pair(p) for p in pairs])
+        dataset = Dataset.from_list([conversational_pair(p, tokenizer) for p in pairs])
         return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     if isinstance(method, KTOMethod):
         from trl import KTOConfig, KTOTrainer
@@ -98,13 +103,13 @@ def pairwise_trainer(
             undesirable_weight=method.undesirable_weight, max_length=config.max_length, disable_dropout=True,
             router_aux_loss_coef=router_loss_weight(model),
         )
-        dataset = Dataset.from_list(kto_examples(pairs))
+        dataset = Dataset.from_list(kto_examples(pairs, tokenizer))
         return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     if isinstance(method, ORPOMethod):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(**base_args, beta=method.beta, max_length=config.max_length, disable_dropout=True)
-        dataset = Dataset.from_list([conversational_pair(p) for p in pairs])
+        dataset = Dataset.from_list([conversational_pair(p, tokenizer) for p in pairs])
         return ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     raise TypeError(f"{method.name} does not train on pairs")
 
@@ -144,7 +149,9 @@ def group_trainer(
         "disable_dropout": True, "log_completions": False,
         "router_aux_loss_coef": router_loss_weight(model),  # TRL adds the MoE load-balancing loss itself
     }
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "reference": p["reference"]} for p in prompts])
+    from tunepipe.tasks.training.encoding import data_messages
+
+    dataset = Dataset.from_list([{"prompt": data_messages(tokenizer, p["prompt"]), "reference": p["reference"]} for p in prompts])
     if isinstance(method, GRPOMethod):
         from trl import GRPOConfig, GRPOTrainer
 

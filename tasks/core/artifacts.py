@@ -7,7 +7,10 @@ Layout under `<workdir>/artifacts/`:
     <stage>/.locks/<key>.lock   one writer per (stage, key), across processes
     <stage>/.trash/             artifacts that failed verification or were replaced
 
-A directory without a verified manifest is never returned as an artifact.
+A directory without a verified manifest is never returned as an artifact. Bookkeeping is
+bounded: `.trash` keeps the newest KEEP_TRASH entries per stage, and `.staging` the newest
+KEEP_STAGING directories of other keys (failed or interrupted runs, kept for a resume) besides the
+one being written; older ones are deleted unless another process holds their key's lock.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from tunepipe.schemas.manifest import ArtifactRef, FileEntry, Manifest
 from tunepipe.tasks.core.fingerprint import sha256_file
 
 MANIFEST = "manifest.json"
+KEEP_TRASH = 3  # discarded artifacts per stage, newest first: enough to inspect what went wrong
+KEEP_STAGING = 3  # other keys' staging directories per stage (resumable after a crash), newest first
 log = logging.getLogger("tunepipe.artifacts")  # reaches the Prefect run log (PREFECT_LOGGING_EXTRA_LOGGERS)
 
 
@@ -116,7 +121,26 @@ class ArtifactStore:
         if fresh and staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)
+        self._prune_staging(stage, keep=staging)
         return staging
+
+    def _prune_staging(self, stage: str, keep: Path) -> None:
+        """Delete all but the newest KEEP_STAGING staging directories besides `keep`; one whose key
+        another process holds locked is in use and stays."""
+        others = [d for d in keep.parent.iterdir() if d.is_dir() and d != keep]
+        others.sort(key=_mtime, reverse=True)
+        for old in others[KEEP_STAGING:]:
+            lock_path = self.root / stage / ".locks" / f"{old.name}.lock"
+            with open(lock_path, "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    shutil.rmtree(old, ignore_errors=True)
+                    log.info("removed the stale staging directory %s (keeping the newest %d)", old, KEEP_STAGING)
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def publish(self, staging: Path, manifest: Manifest) -> ArtifactRef:
         """Write the manifest into `staging`, then make it the published artifact in one rename.
@@ -148,7 +172,16 @@ class ArtifactStore:
         target = trash / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         os.rename(path, target)
         (target / ".discarded-because").write_text(reason + "\n")
+        for old in sorted((d for d in trash.iterdir() if d.is_dir()), key=_mtime, reverse=True)[KEEP_TRASH:]:
+            shutil.rmtree(old, ignore_errors=True)
         return target
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def read_manifest(path: str | Path) -> Manifest:

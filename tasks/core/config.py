@@ -40,6 +40,7 @@ def load_pipeline_config(
             data["workdir"] = str(Path(workdir).resolve())
         if environment is not None:
             data["environment"] = environment
+    unset_references(data, text, str(path))
     config = validate_yaml_mapping(PipelineConfig, data, text=text, source=str(path), context={"base_dir": str(path.parent)})
     from tunepipe.tasks.core.environment import load_environment
 
@@ -48,6 +49,38 @@ def load_pipeline_config(
     except ConfigError as exc:
         raise ConfigError(f"{path}: environment: {exc}") from None
     return config
+
+
+def unset_references(data: Any, text: str | None, source: str) -> None:
+    """A ConfigError naming every `${NAME}` whose environment variable is not set, with its field
+    and line: otherwise `workdir: ${UNSET}/x` makes a directory literally named `${UNSET}`, and a
+    secret reference fails only when a late stage first uses it."""
+    import os
+
+    from tunepipe.tasks.core.loading import _yaml_line, field_path
+    from tunepipe.tasks.core.secrets import references
+
+    problems = []
+    for loc, value in _strings(data, ()):
+        for name in references(value):
+            if not os.environ.get(name):
+                line = _yaml_line(text, loc)
+                at = f" (line {line})" if line else ""
+                problems.append(f"  {field_path(loc)}{at}: ${{{name}}} refers to the environment variable {name}, which is not set")
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s) (set each variable in the environment of the process "
+                          "that runs, or write the value)\n" + "\n".join(problems))
+
+
+def _strings(node: Any, loc: tuple) -> Any:
+    if isinstance(node, str):
+        yield loc, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value, (*loc, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _strings(value, (*loc, index))
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class StrictYamlLoader(yaml.SafeLoader):
       so `notifications: {on: [failure]}` has the key "on" and `country: no` is "no". (A boolean
       field still accepts them: pydantic reads "yes"/"on" as true where a bool is declared.)
     - A key given twice in one mapping is an error naming both lines, not "the last one wins".
+      Merge keys (`<<: *defaults`) work: the mapping's own keys override the merged ones.
     """
 
 
@@ -98,9 +99,16 @@ StrictYamlLoader.add_implicit_resolver(
 )
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _no_duplicate_keys(loader: StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # Keys written in this mapping only: merge keys (`<<: *train`) bring in defaults that the
+    # mapping's own keys override, which is what merging is for; construct_mapping merges them.
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG:
+            continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         try:
@@ -137,10 +145,26 @@ def parse_yaml(text: str, source: str) -> Any:
             loader.dispose()
 
 
+MAX_TEXT_FILE_BYTES = 8 << 20  # a config or profile is a few KB: 8 MiB is generous, and bounds memory
+
+
 def read_text_file(path: Path, what: str = "config file") -> str:
-    """A user's text file, or a ConfigError that says why not (missing, a directory, not UTF-8)."""
+    """A user's text file, or a ConfigError that says why not (missing, a directory, a device or
+    FIFO, over MAX_TEXT_FILE_BYTES, not UTF-8). A byte-order mark is accepted and dropped."""
+    import stat
+
     try:
-        return path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode  # stat, not open: opening a FIFO would wait for a writer
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+            raise ConfigError(f"{path}: is {kind}, not a {what} (give a regular file)")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TEXT_FILE_BYTES + 1)
+        if len(data) > MAX_TEXT_FILE_BYTES:
+            raise ConfigError(f"{path}: the {what} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB; is this the right file?")
+        return data.decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
     except IsADirectoryError:
@@ -148,7 +172,7 @@ def read_text_file(path: Path, what: str = "config file") -> str:
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the {what}") from None
     except UnicodeDecodeError as exc:
-        text = path.read_bytes()[: exc.start]
+        text = exc.object[: exc.start]
         line = text.count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except OSError as exc:

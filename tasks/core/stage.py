@@ -34,6 +34,28 @@ class StageFailed(RuntimeError):
     """A stage refused its input or could not finish; the message says what, how many and where."""
 
 
+class _QuietExpectedFailures:
+    """Wraps the log record factory: a record carrying a StageFailed (Prefect logs a failed task
+    with its traceback) keeps its one-line message and loses the traceback, which says nothing
+    the message does not. `tunepipe --debug` does not install it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        record = self.inner(*args, **kwargs)
+        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+            record.exc_info, record.exc_text = None, None
+        return record
+
+
+def quiet_expected_failures() -> None:
+    """Log expected failures (StageFailed) without tracebacks, in this process (idempotent)."""
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _QuietExpectedFailures):
+        logging.setLogRecordFactory(_QuietExpectedFailures(factory))
+
+
 @dataclass
 class StageOutput:
     """What a stage returns besides the files it wrote."""
@@ -53,6 +75,9 @@ class StageContext:
     inputs: dict[str, ArtifactRef]
     env: EnvironmentProfile
     logger: logging.Logger
+    # The config payload the key was computed from: a stage that reads files whose digests are
+    # in it (the data stage) checks that it read those very bytes.
+    key_payload: Any = None
     checkpoint_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,7 +149,7 @@ def run_stage(
         staging = store.open_staging(stage.name, identity.key, fresh=not stage.resumable)
         if any(staging.iterdir()):
             logger.info("%s: resuming in %s", stage.name, staging)
-        ctx = StageContext(stage.name, identity.key, staging, inputs, env, logger)
+        ctx = StageContext(stage.name, identity.key, staging, inputs, env, logger, identity.config_payload)
         seed_process(int(identity.key, 16))
         started, clock = _utc_now(), time.perf_counter()
         output = stage.run(config, ctx)

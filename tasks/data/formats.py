@@ -183,12 +183,34 @@ def record_task(value: Any, field: str) -> str:
     return value
 
 
+# Which role may follow which (after an optional leading system message): a user turn, then the
+# assistant; after the assistant another user turn or a tool result; after a tool result more
+# results or the assistant. Chat templates assume this order (Mistral and Gemma raise on anything
+# else, others render a conversation the model never sees in serving).
+_NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
+
+
 def validate_chat(messages: list[dict]) -> None:
-    """A trainable conversation: some user turn, and an assistant turn last."""
+    """A trainable conversation: system first if any, then user/assistant alternating (tool results
+    after an assistant turn), ending in an assistant turn. The reason names the first bad turn."""
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise RecordError("invalid_messages", "the last turn is not an assistant turn")
     if not any(m["role"] == "user" for m in messages):
         raise RecordError("invalid_messages", "no user turn")
+    previous = None
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and index == 0:
+            continue
+        if role not in _NEXT_ROLES[previous]:
+            roles = ", ".join(m["role"] for m in messages)
+            expected = " or ".join(_NEXT_ROLES[previous])
+            where = "a system message must come first" if role == "system" else f"expected {expected}"
+            raise RecordError(
+                "role_order", f"turn {index + 1} is {role}: {where} (roles [{roles}]; system first if any, then user and "
+                "assistant alternating, ending in assistant)"
+            )
+        previous = role
 
 
 def prompt_text(record: dict) -> str:

@@ -9,11 +9,14 @@ line becomes a rejected record instead of a crash.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 from tunepipe.schemas.data import (
@@ -33,6 +36,87 @@ class Malformed:
     text: str
     error: str
     reason: str = "malformed_json"
+
+
+class FileChanged(RuntimeError):
+    """A source file's bytes differ from those the stage's key was computed from."""
+
+
+@dataclass
+class ReadDigest:
+    """sha256 of exactly the bytes a reader consumed from one file (None for a hub dataset).
+
+    The data stage compares it with the digest its cache key was computed from: a file rewritten
+    between keying and reading, or while being read, must fail the stage, not publish records of
+    other bytes under the old bytes' key."""
+
+    sha256: str | None = None
+    _hash: Any = field(default_factory=hashlib.sha256, repr=False)
+
+
+class _DigestingReader(io.RawIOBase):
+    """A binary file that hashes every byte read through it (reads are sequential)."""
+
+    def __init__(self, handle: Any, digest: Any) -> None:
+        self._handle, self._digest = handle, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._handle.readinto(buffer)
+        if count:
+            self._digest.update(memoryview(buffer)[:count])
+        return count
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
+
+
+# Called with the path each time a reader opens a source file, before the first byte is read:
+# the tests use it to rewrite a file mid-read deterministically.
+_on_open: Callable[[Path], None] | None = None
+
+
+def open_digesting(file: Path, digest: ReadDigest) -> io.BufferedReader:
+    """`file` opened for buffered binary reading; every byte read updates `digest`."""
+    handle = open(file, "rb", buffering=0)
+    if _on_open is not None:
+        _on_open(file)
+    return io.BufferedReader(_DigestingReader(handle, digest._hash), buffer_size=1 << 20)
+
+
+class SourceUnavailable(ValueError):
+    """A source that cannot be read here (a hub dataset while offline); the message says the fix."""
+
+
+class UnreadableEncoding(ValueError):
+    """A file in an encoding the readers cannot take (named in the message)."""
+
+
+# Byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's): the codec named here
+# strips the mark, so a BOM never becomes part of the first column's name or the first record.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"),
+)
+
+
+def detect_encoding(handle: io.BufferedReader, label: str) -> str:
+    """The text encoding of a source file from its first bytes: UTF-8 (with or without a BOM,
+    as Excel's "CSV UTF-8" writes it), or UTF-16/32 by their BOM. UTF-16/32 without a BOM is
+    refused naming the encoding, rather than every line being rejected as malformed."""
+    head = handle.peek(4)[:4]
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if len(head) >= 2 and b"\x00" in head:
+        guess = "UTF-32" if head.count(0) >= 3 else "UTF-16"
+        raise UnreadableEncoding(
+            f"{label}: the file looks like {guess} without a byte-order mark; save it as UTF-8 (or {guess} with a BOM)"
+        )
+    return "utf-8"
 
 
 def plan_files(source: SourceConfig) -> list[tuple[Path | None, str, str]]:
@@ -80,30 +164,46 @@ def _glob_root(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def read_file(file: Path | None, file_type: str, label: str, source: SourceConfig) -> Iterator[tuple[str, Any]]:
-    """Yield `(location, raw)` for every record of one file (or hub dataset)."""
+def read_file(
+    file: Path | None, file_type: str, label: str, source: SourceConfig, digest: ReadDigest | None = None
+) -> Iterator[tuple[str, Any]]:
+    """Yield `(location, raw)` for every record of one file (or hub dataset).
+
+    When the file is exhausted, `digest.sha256` holds the sha256 of the bytes the records came
+    from (for a `save_to_disk` directory: its content digest, the same before and after reading,
+    or FileChanged)."""
+    digest = digest if digest is not None else ReadDigest()
     if file_type == "jsonl":
-        yield from _read_jsonl(file, label)
+        yield from _read_jsonl(file, label, digest)
     elif file_type == "json":
-        yield from _read_json(file, label)
+        yield from _read_json(file, label, digest)
     elif file_type == "csv":
-        yield from _read_csv(file, label)
+        yield from _read_csv(file, label, digest)
     elif file_type == "parquet":
-        yield from _read_parquet(file, label)
+        yield from _read_parquet(file, label, digest)
     elif file_type == "txt":
-        yield from _read_txt(file, label, source.text_unit)
+        yield from _read_txt(file, label, source.text_unit, digest)
     elif file_type == "datasets":
-        yield from _read_datasets_dir(file, label, source.split)
+        yield from _read_datasets_dir(file, label, source.split, digest)
     elif file_type == "hub":
         yield from _read_hub(source)
+        return
     else:  # guarded by plan_files; kept so a new type cannot be silently skipped
         raise ValueError(f"{label}: unsupported file type {file_type!r}")
+    if digest.sha256 is None:
+        digest.sha256 = digest._hash.hexdigest()
 
 
-def _read_jsonl(file: Path, label: str) -> Iterator[tuple[str, Any]]:
+def _read_jsonl(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
     loads = orjson.loads
-    with open(file, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open_digesting(file, digest) as handle:
+        encoding = detect_encoding(handle, label)
+        lines: Any = handle
+        if encoding == "utf-8-sig":
+            handle.read(3)
+        elif encoding != "utf-8":  # UTF-16/32: decode, and give orjson UTF-8 lines
+            lines = (line.encode("utf-8") for line in io.TextIOWrapper(handle, encoding=encoding, errors="replace", newline=""))
+        for number, line in enumerate(lines, start=1):
             if not line.strip():  # blank lines are layout, not records
                 continue
             try:
@@ -112,11 +212,13 @@ def _read_jsonl(file: Path, label: str) -> Iterator[tuple[str, Any]]:
                 yield f"{label}:{number}", Malformed(line.decode("utf-8", "replace").rstrip("\r\n"), str(exc))
 
 
-def _read_json(file: Path, label: str) -> Iterator[tuple[str, Any]]:
+def _read_json(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
     """A JSON array of records. Elements are decoded one at a time to know their line. Anything
     else at the top level (one object, a string) is one rejected record that says what it is,
     not a record "missing 'instruction'"."""
-    text = file.read_text(encoding="utf-8", errors="replace")
+    with open_digesting(file, digest) as handle:
+        encoding = detect_encoding(handle, label)
+        text = handle.read().decode(encoding, errors="replace")
     decoder = json.JSONDecoder()
     pos = _skip_ws(text, 0)
     if pos < len(text) and text[pos] != "[":
@@ -175,8 +277,9 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _read_csv(file: Path, label: str) -> Iterator[tuple[str, Any]]:
-    with open(file, newline="", encoding="utf-8", errors="replace") as handle:
+def _read_csv(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
+    raw = open_digesting(file, digest)
+    with io.TextIOWrapper(raw, newline="", encoding=detect_encoding(raw, label), errors="replace") as handle:
         reader = csv.DictReader(handle)
         previous_end = 1  # the header line
         for row in reader:
@@ -193,18 +296,23 @@ def _clean_value(value: Any) -> Any:
     return value
 
 
-def _read_parquet(file: Path, label: str) -> Iterator[tuple[str, Any]]:
+def _read_parquet(file: Path, label: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # Parquet is read by seeking (footer first): read the bytes once, hash them, parse those.
+    with open_digesting(file, digest) as handle:
+        data = handle.read()
     number = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=8192):
+    for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=8192):
         for row in batch.to_pylist():
             number += 1
             yield f"{label}:{number}", {k: _clean_value(v) for k, v in row.items()}
 
 
-def _read_txt(file: Path, label: str, unit: str) -> Iterator[tuple[str, Any]]:
-    with open(file, encoding="utf-8", errors="replace") as handle:
+def _read_txt(file: Path, label: str, unit: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
+    raw = open_digesting(file, digest)
+    with io.TextIOWrapper(raw, encoding=detect_encoding(raw, label), errors="replace") as handle:
         if unit == "file":
             text = handle.read()
             if text.strip():
@@ -238,9 +346,15 @@ def _iter_dataset_rows(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
             yield f"{label}:{number}", {c: _clean_value(v) for c, v in zip(columns, values)}
 
 
-def _read_datasets_dir(file: Path, label: str, split: str) -> Iterator[tuple[str, Any]]:
+def _read_datasets_dir(file: Path, label: str, split: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
     import datasets
 
+    from tunepipe.tasks.core.fingerprint import content_digest
+
+    # Arrow files are memory-mapped, not streamed: compare the directory's digest before and after.
+    before = content_digest(file)
+    if _on_open is not None:
+        _on_open(file)
     loaded = datasets.load_from_disk(str(file))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -248,11 +362,26 @@ def _read_datasets_dir(file: Path, label: str, split: str) -> Iterator[tuple[str
         loaded = loaded[split]
         label = f"{label}[{split}]"
     yield from _iter_dataset_rows(loaded, label)
+    if content_digest(file) != before:
+        raise FileChanged(f"{file}: the dataset directory changed while it was being read")
+    digest.sha256 = before
 
 
 def _read_hub(source: SourceConfig) -> Iterator[tuple[str, Any]]:
     # Hub datasets: the same code path real users take; tests cover only local data (no hub here).
     import datasets
 
-    dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
+    from huggingface_hub import constants
+
+    try:
+        dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
+    except (ConnectionError, OSError, ValueError) as exc:
+        if not (constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"):
+            raise
+        # Offline, a dataset that is not in the local cache is the expected failure: say how to fix it.
+        raise SourceUnavailable(
+            f"data source {source.path}: a hub dataset id, but the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and "
+            f"the dataset is not in the local cache ({type(exc).__name__}): download it once where the hub is reachable, "
+            "or give a local path"
+        ) from None
     yield from _iter_dataset_rows(dataset, f"{source.path}[{source.split}]")

@@ -45,13 +45,26 @@ from tunepipe.tasks.data.report import (
     summary,
     table,
 )
-from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
+from tunepipe.tasks.data.sources import (
+    MAX_RAW_CHARS,
+    FileChanged,
+    Malformed,
+    ReadDigest,
+    SourceUnavailable,
+    UnreadableEncoding,
+    plan_files,
+    read_file,
+)
 from tunepipe.tasks.data.split import assign_splits, mix_train
 from tunepipe.tasks.data.validate import (
     ValidationOutcome,
     validate_counts,
     validate_rows,
 )
+
+# A rejected record is kept to be read by a person: one longer than this is cut to its first
+# MAX_RAW_CHARS characters (as malformed records are) with its original size.
+MAX_REJECTED_LINE_BYTES = 4 * MAX_RAW_CHARS
 
 OUTPUT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "preferences.jsonl", "corpus.jsonl")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -104,9 +117,16 @@ class _DataRun:
     def _reject(self, record: Any, reason: str, location: str, detail: str = "", **extra: Any) -> None:
         line = {"reason": reason, "source": location, "record": record}
         if detail:
-            line["detail"] = detail
+            line["detail"] = detail[:MAX_RAW_CHARS]
         line.update(extra)
-        self._rejected_file.write(_dumps(line) + b"\n")
+        dumped = _dumps(line)
+        if len(dumped) > MAX_REJECTED_LINE_BYTES:
+            # A 50 MB record is not copied whole: its JSON's first MAX_RAW_CHARS characters, and its size.
+            whole = _dumps(record)
+            line["record"] = whole[:MAX_RAW_CHARS].decode("utf-8", "ignore")
+            line["record_truncated_from_bytes"] = len(whole)
+            dumped = _dumps(line)
+        self._rejected_file.write(dumped + b"\n")
         self.rejected[reason] += 1
         self.per_file[location.rpartition(":")[0]]["rejected"] += 1
 
@@ -183,12 +203,13 @@ class _DataRun:
         records: list[dict] = []
         append = records.append
         clean_record = self.cleaner.clean_record
-        for source, files in plans:
+        for index, (source, files) in enumerate(plans):
             fmt, task, field_map, task_field = source.format, source.task, source.field_map, source.task_field
             for file, file_type, label in files:
                 self.log.info("data: reading %s (%s, %s)", label, file_type, fmt)
                 before = self.read
-                for location, raw in read_file(file, file_type, label, source):
+                digest = ReadDigest()
+                for location, raw in self._read_checked(file, file_type, label, source, digest):
                     self.read += 1
                     if type(raw) is Malformed:
                         self._reject(raw.text, raw.reason, location, raw.error)
@@ -202,7 +223,30 @@ class _DataRun:
                     record["source"] = location
                     append(record)
                 self.per_file[label]["read"] += self.read - before
+                self._check_read_bytes(index, label, digest)
         return records
+
+    def _read_checked(self, file, file_type: str, label: str, source, digest: ReadDigest):
+        try:
+            yield from read_file(file, file_type, label, source, digest)
+        except FileChanged as exc:
+            raise StageFailed(f"data: {exc}; nothing was published: rerun once the file is no longer being written") from None
+        except (UnreadableEncoding, SourceUnavailable) as exc:
+            raise StageFailed(f"data: {exc}") from None
+
+    def _check_read_bytes(self, index: int, label: str, digest: ReadDigest) -> None:
+        """The records must come from the bytes the key was computed from: a file rewritten after
+        keying (or while it was read) would otherwise publish other records under its old key."""
+        payload = self.ctx.key_payload
+        if payload is None or digest.sha256 is None:  # a hub dataset, or a run outside run_stage
+            return
+        keyed = payload["sources"][index]["path"]
+        if isinstance(keyed, list) and digest.sha256 not in keyed:
+            raise StageFailed(
+                f"data: {label} changed while the stage was reading it (its bytes now have sha256 "
+                f"{digest.sha256[:12]}…, not one of the digests the cache key was computed from); nothing was "
+                "published: rerun once the file is no longer being written"
+            )
 
     def _token_bounds(self, records: list[dict], count_tokens) -> list[dict]:
         kept = []

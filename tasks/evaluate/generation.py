@@ -302,9 +302,14 @@ class EndpointGenerator:
         the spec's own tokenizer (no special tokens added: the rendered prompt holds them), as the HF path reads them."""
         from lm_eval.models.openai_completions import LocalCompletionsAPI
 
+        from urllib.parse import urlencode
+
+        from tunepipe.tasks.core.secrets import url_parts
+
         key = os.environ.get(self.endpoint.api_key_env) if self.endpoint.api_key_env else None
+        base, query = url_parts(self.endpoint.url, "evaluate: url")
         return LocalCompletionsAPI(
-            model=spec.served_name, base_url=f"{self.endpoint.url}/completions", tokenizer_backend="huggingface",
+            model=spec.served_name, base_url=f"{base}/completions" + (f"?{urlencode(query)}" if query else ""), tokenizer_backend="huggingface",
             tokenizer=spec.tokenizer, tokenized_requests=True, add_bos_token=False, batch_size=batch_size,
             num_concurrent=1, max_retries=self.endpoint.max_retries + 1, timeout=int(self.endpoint.timeout_s),
             max_gen_toks=self.max_new_tokens, **({"auth_token": key} if key else {}),

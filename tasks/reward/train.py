@@ -104,7 +104,7 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     trainer = RewardTrainer(
         model=model.train(),
         args=args,
-        train_dataset=Dataset.from_list([conversational_pair(p) for p in job["train"]]),
+        train_dataset=Dataset.from_list([conversational_pair(p, tokenizer) for p in job["train"]]),
         processing_class=tokenizer,
         callbacks=make_callbacks(model, config.method, "reward"),
     )

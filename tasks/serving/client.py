@@ -20,11 +20,14 @@ class ServerClient:
     def __init__(self, url: str, api_key: str | None, timeout: float):
         import httpx
 
-        self.url = url
+        from tunepipe.tasks.core.secrets import redact_url, url_parts
+
+        self.url = redact_url(url)  # for messages; requests use the resolved base and its query
         self.api_key = api_key
         self.timeout = timeout
+        self._base, self._query = url_parts(url, "server_url")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=self._base, params=self._query, headers=headers, timeout=timeout)
 
     def served(self) -> dict[str, str]:
         """{model id: root} of what the server serves now (adapters' root is their directory)."""
@@ -51,7 +54,8 @@ class ServerClient:
     def chat(self, model: str, prompt: str, max_tokens: int) -> str:
         import openai
 
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0, timeout=self.timeout)
+        client = openai.OpenAI(base_url=f"{self._base}/v1", api_key=self.api_key or "none", max_retries=0, timeout=self.timeout,
+                               default_query=self._query or None)
         try:
             reply = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0

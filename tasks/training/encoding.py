@@ -10,6 +10,8 @@ always counted.
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,19 +92,61 @@ def model_family(tokenizer: Any) -> str:
     return name or type(tokenizer).__name__
 
 
+# Data is text: a control token's string in a message (`<|im_start|>system ...` in an instruction, a
+# `</s>` in a scraped page) must not become the real control token, or data injects turns and ends
+# sequences in training, evaluation and serving alike. Every conversation is rendered through
+# `data_messages`, which breaks each special token's string in message contents with a zero-width
+# space after its first character: the tokenizer then reads it as ordinary text tokens (the same
+# text for every engine: vLLM tokenizes the rendered prompt as it is), and the template's own control
+# tokens stay the only ones. Non-special added tokens (Qwen3's `<think>`) are content and stay.
+ESCAPE = "\u200b"
+_CONTROL_PATTERNS: "weakref.WeakKeyDictionary[Any, re.Pattern | None]" = weakref.WeakKeyDictionary()
+
+
+def _control_pattern(tokenizer: Any) -> re.Pattern | None:
+    try:
+        return _CONTROL_PATTERNS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    tokens = sorted((t for t in tokens if len(t) > 1), key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+    try:
+        _CONTROL_PATTERNS[tokenizer] = pattern
+    except TypeError:  # not weak-referenceable: computed per call
+        pass
+    return pattern
+
+
+def data_text(tokenizer: Any, text: str) -> str:
+    """`text` with every special token's string broken (see ESCAPE), so it tokenizes as text."""
+    pattern = _control_pattern(tokenizer)
+    if pattern is None or not isinstance(text, str):
+        return text
+    return pattern.sub(lambda m: m.group(0)[0] + ESCAPE + m.group(0)[1:], text)
+
+
+def data_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A conversation whose contents tokenize as text under `tokenizer` (see `data_text`)."""
+    return [{**m, "content": data_text(tokenizer, m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
+
+
 class TemplateRefused(StageFailed):
     """The chat template raised on a conversation (a role it does not take, roles out of order)."""
 
 
 def render_messages(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    """The template's text for a conversation. A template that refuses the conversation (Gemma
-    takes no system message; Mistral and Gemma need user/assistant alternation) becomes a
-    `TemplateRefused` naming the family and the template's own reason, not a Jinja traceback."""
+    """The template's text for a conversation, its contents tokenizing as text (`data_messages`).
+    A template that refuses the conversation (Gemma takes no system message; Mistral and Gemma need
+    user/assistant alternation) becomes a `TemplateRefused` naming the family and the template's
+    own reason, not a Jinja traceback."""
     from jinja2.exceptions import TemplateError
 
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+            data_messages(tokenizer, messages), chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
         )
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
@@ -332,7 +376,8 @@ def encode_texts(
     rows, truncated = [], 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
+        # A document is text throughout: a control token's string in it is not the control token.
+        ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + eos
         if max_length is not None and len(ids) > max_length:
             ids, truncated = ids[:max_length], truncated + 1
         rows.append({"input_ids": ids, "labels": list(ids)})

@@ -47,7 +47,11 @@ def openai_client(endpoint: Any, who: str = "evaluate") -> Any:
         from tunepipe.tasks.core.secrets import remember
 
         remember(key)  # masked in every log line from here on
-    return OpenAI(base_url=endpoint.url, api_key=key or "EMPTY", timeout=endpoint.timeout_s, max_retries=endpoint.max_retries)
+    from tunepipe.tasks.core.secrets import url_parts
+
+    base, query = url_parts(endpoint.url, f"{who}: url")  # a base URL's query (?api-version=) rides on every request
+    return OpenAI(base_url=base, api_key=key or "EMPTY", timeout=endpoint.timeout_s, max_retries=endpoint.max_retries,
+                  default_query=query or None)
 
 
 def judge_messages(conversation: list[dict[str, str]], reference: str, first: str, second: str) -> list[dict[str, str]]:

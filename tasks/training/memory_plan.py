@@ -76,7 +76,9 @@ def model_config(model: Any) -> Any:
         return model
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(model))
+    from tunepipe.tasks.training.modeling import check_loadable
+
+    return AutoConfig.from_pretrained(check_loadable(str(model)))
 
 
 def meta_model(model: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.tasks.core.fingerprint import content_digest, glob_files
+from tunepipe.tasks.core.stage import StageFailed
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,11 +36,44 @@ def is_local(name_or_path: str | os.PathLike) -> bool:
     return Path(name_or_path).exists()
 
 
-def _check_name(name_or_path: str | os.PathLike) -> str:
+class ModelUnavailable(StageFailed, FileNotFoundError):
+    """A model that cannot be loaded here; the message says how to fix it. A StageFailed, so the
+    CLI shows it as one line (a FileNotFoundError for callers that catch that)."""
+
+
+def _check_name(name_or_path: str | os.PathLike, revision: str | None = None, *, loading: bool = True) -> str:
+    """The name, when it is a local path or a hub id (that, offline and `loading`, is in the hub cache)."""
     name = str(name_or_path)
-    if not is_local(name) and not looks_like_hub_id(name):
-        raise FileNotFoundError(f"{name}: no such local model directory, and not a hub id (owner/name)")
+    if is_local(name):
+        return name
+    if not looks_like_hub_id(name):
+        raise ModelUnavailable(f"{name}: no such local model directory, and not a hub id (owner/name): give the directory "
+                           "that holds the model's config.json, or a hub id")
+    if loading:
+        _require_cached_when_offline(name, revision)
     return name
+
+
+def check_loadable(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
+    """The name of a model that can be loaded here, or ModelUnavailable saying how to fix it (for
+    callers that load a part of a model, its config, themselves)."""
+    return _check_name(name_or_path, revision)
+
+
+def _require_cached_when_offline(name: str, revision: str | None) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub id must already be in the local hub cache: say so and how
+    to fix it, rather than a 300-line connection traceback."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    for filename in ("config.json", "tokenizer_config.json"):
+        if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+            return
+    raise ModelUnavailable(
+        f"{name}: a hub id, but HF_HUB_OFFLINE=1 and the model is not in the local hub cache: download it once where "
+        f"the hub is reachable (`hf download {name}`), or give a local model directory"
+    )
 
 
 def load_tokenizer(
@@ -55,7 +89,7 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    name = _check_name(name_or_path)
+    name = _check_name(name_or_path, revision)
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **kwargs)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -170,7 +204,7 @@ def load_model(
     # evaluation, serving): tunepipe's own PEFT method must be registered in every such process
     # before `PeftModel.from_pretrained` meets a bottleneck adapter's config.
     bottleneck.register()
-    name = _check_name(name_or_path)
+    name = _check_name(name_or_path, revision)
     options: dict[str, Any] = {"revision": revision, "dtype": torch_dtype(dtype), **kwargs}
     attn_implementation = attention_for(name, attn_implementation, revision)
     if attn_implementation is not None:
@@ -223,7 +257,7 @@ def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = No
     process by the files' (size, mtime), so a large model is hashed once. A hub id:
     `hub:<id>@<revision>` (`main` when none: pin a commit sha for reproducible caching).
     """
-    name = _check_name(name_or_path)
+    name = _check_name(name_or_path, loading=False)  # a key needs no download
     if not is_local(name):
         return f"hub:{name}@{revision or 'main'}"
     path = Path(name).resolve()

@@ -63,12 +63,18 @@ def pair_prompt(pair: dict[str, Any]) -> list[dict[str, str]]:
     return pair.get("prompt_messages") or [{"role": "user", "content": pair["prompt"]}]
 
 
-def conversational_pair(pair: dict[str, Any]) -> dict[str, Any]:
-    """A pair in TRL's conversational preference format (the tokenizer's chat template renders it)."""
+def conversational_pair(pair: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+    """A pair in TRL's conversational preference format (the tokenizer's chat template renders it;
+    with `tokenizer`, contents are made to tokenize as text: see encoding.data_messages)."""
+    from tunepipe.tasks.training.encoding import data_messages
+
+    def text(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        return data_messages(tokenizer, messages) if tokenizer is not None else messages
+
     return {
-        "prompt": pair_prompt(pair),
-        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        "prompt": text(pair_prompt(pair)),
+        "chosen": text([{"role": "assistant", "content": pair["chosen"]}]),
+        "rejected": text([{"role": "assistant", "content": pair["rejected"]}]),
     }
 
 
@@ -88,8 +94,13 @@ def prompt_records(data_dir: str | Path, split: str, tasks: list[str] | None, li
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from tunepipe.tasks.training.encoding import data_messages
+
+    return tokenizer.apply_chat_template(data_messages(tokenizer, messages), tokenize=False, add_generation_prompt=True)
 
 
 def render_conversation(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> str:
-    return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    from tunepipe.tasks.training.encoding import data_messages
+
+    messages = data_messages(tokenizer, [*prompt, {"role": "assistant", "content": response}])
+    return tokenizer.apply_chat_template(messages, tokenize=False)

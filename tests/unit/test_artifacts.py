@@ -169,3 +169,40 @@ def test_a_stage_without_its_required_inputs_fails_before_it_runs(tmp_path, cpu_
     with pytest.raises(StageFailed, match=r"^sft: needs the `data` stage's artifact as input `data`$"):
         run_stage(get_stage("sft"), SFTConfig.model_validate({"model": "x/y"}), {}, store, cpu_env)
     assert not (tmp_path / "artifacts" / "sft").exists()  # nothing staged
+
+
+def test_trash_and_stale_staging_are_bounded(tmp_path):
+    """`.trash` keeps the newest KEEP_TRASH entries; `.staging` the newest KEEP_STAGING other keys,
+    except one whose key another process holds locked (issue 29, item 12)."""
+    import fcntl
+    import os
+
+    from tunepipe.tasks.core import artifacts
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    for i in range(artifacts.KEEP_TRASH + 3):
+        victim = tmp_path / f"victim{i}"
+        victim.mkdir()
+        store._discard("s", victim, reason=f"number {i}")
+    trash = sorted((tmp_path / "artifacts" / "s" / ".trash").iterdir())
+    assert len(trash) == artifacts.KEEP_TRASH
+    assert sorted((t / ".discarded-because").read_text() for t in trash) == [f"number {i}\n" for i in range(3, 6)]
+
+    keys = [f"k{i}" for i in range(artifacts.KEEP_STAGING + 3)]
+    with store.lock("s", keys[0]):
+        store.open_staging("s", keys[0])
+    for age, key in enumerate(keys[1:], start=1):  # k1 oldest after k0, k5 newest
+        with store.lock("s", key):
+            staging = store.open_staging("s", key)
+        os.utime(staging, (1000 + age, 1000 + age))
+    os.utime(store.staging_dir("s", "k0"), (10, 10))  # the oldest of all, but locked by another process
+    lock = open(tmp_path / "artifacts" / "s" / ".locks" / "k0.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        with store.lock("s", "current"):
+            store.open_staging("s", "current")
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    left = sorted(d.name for d in (tmp_path / "artifacts" / "s" / ".staging").iterdir())
+    assert left == ["current", "k0", "k3", "k4", "k5"]

@@ -172,6 +172,78 @@ def test_fuzz_a_json_object_file_says_it_is_not_a_list(obj, tmp_path_factory):
     assert (read, kept, rejected) == (1, 0, [("one.json:1", "json_not_a_list")])
 
 
+# Encodings and byte-order marks: the same records, whatever encoding and BOM they are saved with,
+# read to the same records at the same lines (issue 29).
+ENCODINGS = [("utf-8", b""), ("utf-8", b"\xef\xbb\xbf"), ("utf-16-le", b"\xff\xfe"), ("utf-16-be", b"\xfe\xff"),
+             ("utf-32-le", b"\xff\xfe\x00\x00"), ("utf-32-be", b"\x00\x00\xfe\xff")]
+safe_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12)
+
+
+@FUZZ
+@given(rows=st.lists(st.fixed_dictionaries({"instruction": safe_text, "output": safe_text}), min_size=1, max_size=5),
+       encoding=st.sampled_from(ENCODINGS), layout=st.sampled_from(["jsonl", "json", "csv"]))
+def test_fuzz_encodings_and_boms_read_the_same_records(rows, encoding, layout, tmp_path_factory):
+    import csv
+    import io
+
+    from tunepipe.schemas.data import SourceConfig
+    from tunepipe.tasks.data.sources import plan_files, read_file
+
+    tmp = tmp_path_factory.mktemp("enc")
+    if layout == "jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif layout == "json":
+        text = json.dumps(rows, ensure_ascii=False, indent=1)
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["instruction", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+
+    def read(codec: str, bom: bytes) -> list:
+        path = tmp / f"rows-{codec}-{len(bom)}.{layout}"
+        path.write_bytes(bom + text.encode(codec))
+        source = SourceConfig(path=str(path), format="alpaca")
+        return [(loc.rpartition(":")[2], raw) for file, kind, label in plan_files(source) for loc, raw in read_file(file, kind, label, source)]
+
+    assert read(*encoding) == read("utf-8", b"")
+    assert [raw for _, raw in read(*encoding)] == rows
+
+
+# Role order: a conversation is kept exactly when its roles are a possible chat (system first if
+# any, then user/assistant alternating, tool results only after an assistant, ending in assistant);
+# otherwise it is rejected with its reason, never kept or lost.
+ROLES = ["system", "user", "assistant", "tool", "human", "gpt"]
+CANONICAL = {"human": "user", "gpt": "assistant"}
+
+
+def possible_order(roles: list[str]) -> bool:
+    roles = [CANONICAL.get(r, r) for r in roles]
+    if roles[:1] == ["system"]:
+        roles = roles[1:]
+    allowed = {None: {"user"}, "user": {"assistant"}, "assistant": {"user", "tool"}, "tool": {"tool", "assistant"}}
+    previous = None
+    for role in roles:
+        if role not in allowed[previous]:
+            return False
+        previous = role
+    return previous == "assistant"
+
+
+@FUZZ
+@given(roles=st.lists(st.sampled_from(ROLES), min_size=1, max_size=6))
+def test_fuzz_role_order(roles, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("roles")
+    path = tmp / "chats.jsonl"
+    turns = [{"from": role, "value": f"turn {i} text"} for i, role in enumerate(roles)]
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    read, rejected, kept = read_and_parse(path, "sharegpt")
+    assert read == 1 and kept == int(possible_order(roles)), (roles, rejected)
+    if rejected:
+        assert rejected[0][0] == "chats.jsonl:1" and rejected[0][1] in ("role_order", "invalid_messages")
+
+
 # -- server requests ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
