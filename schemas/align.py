@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.evaluate import EndpointSettings
 from tunepipe.schemas.sft import TrainingConfig, method_shorthand
 
@@ -292,6 +293,10 @@ class AlignConfig(StrictModel):
     )
     training: TrainingConfig = Field(default_factory=_align_training, description="Optimisation hyper-parameters.")
     heldout: AlignHeldoutConfig = Field(default_factory=AlignHeldoutConfig, description="Aligned-vs-SFT checks recorded in the metrics.")
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How the held-out check's answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
+    )
     checks: AlignChecksConfig = Field(
         default_factory=AlignChecksConfig, description="Self-checks that a reward-driven run (ppo, grpo, rloo) learned something."
     )

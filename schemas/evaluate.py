@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
@@ -239,6 +240,10 @@ class EvaluateConfig(StrictModel):
     primary_metric: str = Field(
         default="token_f1",
         description="The metric the rule judge, the significance tests and the gate's task-drop and forgetting rules use.",
+    )
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How exact match and token F1 are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="How answers are generated.")
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings, description="lm-evaluation-harness runs.")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.scoring import ScoringConfig
 
 ALL_LINEAR = "all-linear"
 
@@ -533,6 +534,10 @@ class SFTConfig(StrictModel):
     heldout: HeldoutConfig = Field(
         default_factory=HeldoutConfig,
         description="Held-out learning check: exact match / token F1 on the test split, trained vs base, in the metrics.",
+    )
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How the held-out check's answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
     )
 
     @field_validator("method", mode="before")

@@ -19,7 +19,7 @@ from typing import Any
 from tunepipe.schemas.align import PAIRWISE_METHODS, AlignConfig
 from tunepipe.tasks.align.rewards import RULES
 from tunepipe.tasks.training.generation import greedy_answers, sampled_answers
-from tunepipe.tasks.training.metrics import score
+from tunepipe.tasks.training.metrics import DEFAULT_SCORER, TaskScorer
 from tunepipe.tasks.training.pairs import (
     pair_prompt,
     render_conversation,
@@ -101,8 +101,20 @@ def token_kl(model_pair: Any, tokenizer: Any, prompts: list[str], answers: list[
     return round(total / count, 6) if count else 0.0
 
 
+def mixed_scores(answers: list[str], examples: list[dict[str, Any]], scorers: dict[str, TaskScorer]) -> dict[str, float]:
+    """Exact match and token F1 over examples of several tasks, each scored by its task's scorer."""
+    n = len(examples)
+    rows = [(scorers.get(e["task"], DEFAULT_SCORER), a, e["reference"]) for a, e in zip(answers, examples)]
+    return {
+        "exact_match": round(sum(s.exact_match(a, r) for s, a, r in rows) / n, 4) if n else 0.0,
+        "token_f1": round(sum(s.token_f1(a, r) for s, a, r in rows) / n, 4) if n else 0.0,
+        "n": n,
+    }
+
+
 def task_and_reward_metrics(
-    model_pair: Any, tokenizer: Any, examples: list[dict[str, Any]], config: AlignConfig, reward: tuple[Any, Any] | None
+    model_pair: Any, tokenizer: Any, examples: list[dict[str, Any]], config: AlignConfig, reward: tuple[Any, Any] | None,
+    scorers: dict[str, TaskScorer] | None = None,
 ) -> dict[str, Any]:
     """Task metric, KL and (with a reward model) reward and win rate on held-out prompts."""
     from tunepipe.tasks.training.reward_model import score_texts
@@ -116,7 +128,7 @@ def task_and_reward_metrics(
     for which in ("sft", "aligned"):
         with model_pair.use(which) as model:
             answers[which] = greedy_answers(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
-    scores = {w: score(answers[w], references) for w in answers}
+    scores = {w: mixed_scores(answers[w], examples, scorers or {}) for w in answers}
     rules = [r for r in getattr(config.method, "rewards", []) if r in RULES]
     metric = config.task_metric
     drop = scores["sft"][metric] - scores["aligned"][metric]

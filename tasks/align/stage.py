@@ -194,6 +194,7 @@ class AlignStage(Stage):
         from tunepipe.tasks.align.policy import PolicyPair
         from tunepipe.tasks.training.modeling import load_tokenizer
         from tunepipe.tasks.training.reward_model import load_reward_model
+        from tunepipe.tasks.training.scoring import task_scorers
 
         settings = config.heldout
         reward = load_reward_model(reward_dir, ctx.env.dtype) if reward_dir else None
@@ -205,9 +206,10 @@ class AlignStage(Stage):
             tokenizer = load_tokenizer(aligned_dir)
             pairs = heldout_pairs.get(run, [])[: settings.max_pairs] if settings.max_pairs else []
             examples = heldout_prompts(data_dir, spec["tasks"], settings.max_examples_per_task) if settings.max_examples_per_task else []
+            scorers = task_scorers(config.scoring, data_dir, sorted({e["task"] for e in examples}))
             results[run] = {
                 "preferences": preference_metrics(pair, tokenizer, pairs, settings.batch_size, beta),
-                "task": task_and_reward_metrics(pair, tokenizer, examples, config, reward),
+                "task": task_and_reward_metrics(pair, tokenizer, examples, config, reward, scorers),
             }
             ctx.logger.info("align: %s held-out %s", run, {k: v for k, v in results[run]["task"].items() if k != "examples"})
         return results

@@ -96,6 +96,7 @@ class EvaluateStage(Stage):
         from tunepipe.tasks.evaluate.metrics import metric_functions
         from tunepipe.tasks.evaluate.report import write_report
         from tunepipe.tasks.training.generation import heldout_examples
+        from tunepipe.tasks.training.scoring import task_scorers
         from tunepipe.tasks.training.trainer import write_json
 
         if config.ab.judge == "reward_model" and "reward" not in ctx.inputs:
@@ -122,9 +123,12 @@ class EvaluateStage(Stage):
             raise StageFailed(f"evaluate: tasks {missing} have no records in {data_dir}/test.jsonl: check evaluate.tasks / regression.tasks")
         ctx.logger.info("evaluate: %s against %s on %s (regression: %s)", candidate.name, baseline.name, tasks, config.regression.tasks or "none")
 
-        functions = metric_functions(config.metrics, config.user_metrics)
+        scorers = task_scorers(config.scoring, data_dir, wanted)
         generator = make_generator(config, ctx.env)
-        runs = {task: answer_task(task, examples[task], candidate, baseline, config, generator, functions) for task in wanted}
+        runs = {
+            task: answer_task(task, examples[task], candidate, baseline, config, generator, metric_functions(config.metrics, config.user_metrics, scorers[task]))
+            for task in wanted
+        }
         for task, run in runs.items():
             ctx.logger.info(
                 "evaluate: %s: %s %.3f (candidate) vs %.3f (baseline), n=%d", task, config.primary_metric,
@@ -133,7 +137,7 @@ class EvaluateStage(Stage):
         task_runs = {t: runs[t] for t in tasks}
 
         ab, outcomes = pairwise(config, task_runs, ctx)
-        lm_eval = run_lm_eval_all(config, task_runs, generator, ctx) if config.lm_eval.enabled else {"figures": {}, "agreement": {}}
+        lm_eval = run_lm_eval_all(config, task_runs, generator, ctx, scorers) if config.lm_eval.enabled else {"figures": {}, "agreement": {}}
         regression = regression_scores(config, runs, lm_eval["figures"])
 
         metrics = stage_metrics(config, candidate, baseline, task_runs, ab, regression, lm_eval, align_tolerance(candidate, ctx.inputs))
@@ -252,7 +256,7 @@ def _counts(outcomes: list[str]) -> tuple[int, int, int]:
 # lm-eval
 
 
-def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator: Any, ctx: StageContext) -> dict[str, Any]:
+def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator: Any, ctx: StageContext, scorers: dict[str, Any]) -> dict[str, Any]:
     """The generated task of each evaluated task on its own candidate/baseline spec, and the extra
     and regression lm-eval tasks on the first task's specs. Returns figures and the agreement of
     lm-eval's exact match with the stage's own."""
@@ -267,8 +271,8 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
     rows = {task: list(zip(run.prompts, run.references)) for task, run in runs.items()}
     max_new = config.generation.max_new_tokens
     local_dir = ctx.checkpoint_dir / "lm_eval_tasks"
-    names = write_local_tasks(local_dir, rows, max_new, cache_dir=str(ctx.checkpoint_dir / "hf_datasets"))
-    write_local_tasks(ctx.staging_dir / "lm_eval_tasks", rows, max_new, portable=True)
+    names = write_local_tasks(local_dir, rows, max_new, cache_dir=str(ctx.checkpoint_dir / "hf_datasets"), scorers=scorers)
+    write_local_tasks(ctx.staging_dir / "lm_eval_tasks", rows, max_new, portable=True, scorers=scorers)
     extra = list(dict.fromkeys([*settings.tasks, *config.regression.lm_eval_tasks]))
     manager = task_manager([str(local_dir), *settings.include_paths], [*names.values(), *extra])
     figures: dict[str, dict[str, dict[str, float]]] = {}
@@ -287,19 +291,13 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
     agreement = {}
     for task, run in runs.items():
         name = lm_eval_task_name(task)
-        stage_em = round(_mean(_exact(run.candidate, run.references)), 4)
+        stage_em = round(_mean([scorers[task].exact_match(p, r) for p, r in zip(run.candidate, run.references)]), 4)
         lm_em = figures.get(name, {}).get("candidate", {}).get("exact_match,normalised")
         agreement[task] = {"stage_exact_match": stage_em, "lm_eval_exact_match": lm_em}
         if lm_em is None or abs(lm_em - stage_em) > 1e-9:
             ctx.logger.warning("evaluate: %s: lm-eval exact match %s differs from the stage's %s", task, lm_em, stage_em)
     (ctx.staging_dir / "lm_eval_results.json").write_text(json.dumps({"figures": figures, "samples": samples}, indent=1, default=str))
     return {"figures": figures, "agreement": agreement}
-
-
-def _exact(predictions: list[str], references: list[str]) -> list[float]:
-    from tunepipe.tasks.training.metrics import exact_match
-
-    return [exact_match(p, r) for p, r in zip(predictions, references)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -383,25 +383,32 @@ class EvalSet:
     """The test prompts of one run, rendered with its chat template, and their references."""
 
     tasks: dict[str, tuple[list[str], list[str]]]  # task → (prompts, references)
+    scorers: dict[str, Any] = field(default_factory=dict)  # task → TaskScorer (export.scoring)
 
     @property
     def prompts(self) -> list[str]:
         return [p for prompts, _ in self.tasks.values() for p in prompts]
 
 
-def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, per_task: int) -> EvalSet:
+def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, config: ExportConfig) -> EvalSet:
     from tunepipe.tasks.training.encoding import read_split, resolve_chat_template
     from tunepipe.tasks.training.generation import (
         heldout_examples,
         prompts_and_references,
     )
+    from tunepipe.tasks.training.scoring import task_scorers
+
+    per_task = config.reeval.max_examples_per_task
 
     present = sorted({str(r.get("task") or "default") for r in read_split(data_dir, "test")})
     examples = heldout_examples(data_dir, source.tasks_of(run, present), per_task)
     if not examples:
         raise StageFailed(f"export: run {run}: the test split of {data_dir} has no records of tasks {source.tasks_of(run, present)} to re-evaluate on")
     template = resolve_chat_template("model", tokenizer)
-    return EvalSet({task: prompts_and_references(records, tokenizer, template, source.system_prompt) for task, records in examples.items()})
+    return EvalSet(
+        {task: prompts_and_references(records, tokenizer, template, source.system_prompt) for task, records in examples.items()},
+        task_scorers(config.scoring, data_dir, list(examples)),
+    )
 
 
 def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig) -> list[str]:
@@ -413,11 +420,11 @@ def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig)
 
 
 def task_scores(evals: EvalSet, answers: list[str]) -> dict[str, dict[str, float]]:
-    from tunepipe.tasks.training.metrics import score
+    from tunepipe.tasks.training.metrics import DEFAULT_SCORER
 
     out, start = {}, 0
     for task, (prompts, references) in evals.tasks.items():
-        out[task] = score(answers[start : start + len(prompts)], references)
+        out[task] = evals.scorers.get(task, DEFAULT_SCORER).score(answers[start : start + len(prompts)], references)
         start += len(prompts)
     return out
 
@@ -532,7 +539,7 @@ class ExportStage(Stage):
         for run, run_dir in source.runs.items():
             ctx.logger.info("export: %s", run)
             tokenizer = run_tokenizer(source, run)
-            evals = eval_set(source, run, tokenizer, data_ref.path, config.reeval.max_examples_per_task)
+            evals = eval_set(source, run, tokenizer, data_ref.path, config)
             if "adapters" in targets:
                 shutil.copytree(run_dir, out / "adapters" / run)
                 written["adapters"][run] = f"adapters/{run}"

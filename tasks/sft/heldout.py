@@ -2,7 +2,7 @@
 
 The same prompts (the chat template's rendering up to the last assistant turn) go to the
 untrained base and to each trained adapter or model; the answers are scored against the
-reference by exact match and token F1 (both on whitespace-normalised text). The evaluate stage
+reference by exact match and token F1 (normalised as `sft.scoring` says: SQuAD-style by default). The evaluate stage
 (issue 5) does the full comparison; this is the stage's own learning signal, recorded in its
 metrics so a run that learned nothing is visible at once.
 """
@@ -22,7 +22,7 @@ from tunepipe.tasks.training.generation import (
     heldout_examples,
     prompts_and_references,
 )
-from tunepipe.tasks.training.metrics import score
+from tunepipe.tasks.training.scoring import task_scorers
 
 
 def heldout_metrics(
@@ -39,6 +39,7 @@ def heldout_metrics(
         return {}
     generate = lambda model, tok, prompts: greedy_answers(model, tok, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
 
+    scorers = task_scorers(config.scoring, data_dir, list(examples))
     run_tasks = {run: ([run] if outputs.kind == "adapters" else list(examples)) for run in outputs.paths}
     base = load_base(model_path, config.method, env, config.revision).eval()
     if getattr(base, "quantization_method", None) is None:  # a 4-bit base is already on its GPU
@@ -67,8 +68,8 @@ def heldout_metrics(
             else:
                 with trained.disable_adapter():  # the reference is the same weights with the adapter off
                     base_answers = generate(trained, tokenizer, prompts)
-            trained_scores = score(generate(trained, tokenizer, prompts), references)
-            base_scores = score(base_answers, references)
+            trained_scores = scorers[task].score(generate(trained, tokenizer, prompts), references)
+            base_scores = scorers[task].score(base_answers, references)
             results[task] = {
                 **trained_scores,
                 "base_exact_match": base_scores["exact_match"],
