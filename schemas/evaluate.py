@@ -111,6 +111,14 @@ class RegressionSettings(StrictModel):
         default_factory=list,
         description="lm-eval tasks (found through lm_eval.include_paths or built in) scored by their first metric.",
     )
+    general_set: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="tunepipe's general-knowledge/chat regression set (48 questions: capitals, arithmetic, facts, short "
+        "instructions; an answer counts when it contains an accepted answer), as the regression entry `general_chat` "
+        "(per-task adapters: `general_chat:<task>`, one per adapter), held to gate.max_forgetting_drop. `auto`: when the "
+        "base is a pretrained model, not the pipeline's `base_model` artifact (which knows nothing to lose).",
+    )
+    general_max_new_tokens: int = Field(default=48, ge=1, description="Longest answer to a general-set question, in tokens.")
 
 
 class JudgeEndpoint(EndpointSettings):

@@ -484,6 +484,12 @@ class HeldoutConfig(StrictModel):
     )
     max_new_tokens: int = Field(default=64, ge=1, description="Longest generated answer, in tokens.")
     batch_size: int = Field(default=16, ge=1, description="Prompts generated together.")
+    general_set: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Retention, base against trained, on tunepipe's general-knowledge/chat regression set (48 questions: capitals, arithmetic, "
+        "facts, short instructions; an answer counts when it contains an accepted answer), recorded as `retention`. "
+        "`auto`: when the base is a pretrained model (not the pipeline's `base_model` artifact, which knows nothing to lose).",
+    )
 
 
 class SFTConfig(StrictModel):

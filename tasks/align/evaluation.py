@@ -166,6 +166,18 @@ def task_and_reward_metrics(
     return out
 
 
+def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[str, Any]:
+    """The general-knowledge set asked of the SFT and the aligned policy (tasks/training/retention.py)."""
+    from tunepipe.tasks.training import retention
+
+    questions = [render_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}]) for item in retention.general_set()]
+    answers = {}
+    for which in ("sft", "aligned"):
+        with model_pair.use(which) as model:
+            answers[which] = greedy_answers(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    return retention.retention(answers["sft"], answers["aligned"], ("sft", "aligned"))
+
+
 def sampled_rule_rewards(
     model_pair: Any, tokenizer: Any, prompts: list[str], references: list[str], config: AlignConfig, rules: list[str]
 ) -> dict[str, Any]:
@@ -224,14 +236,25 @@ def sampled_objective(config: AlignConfig, task: dict[str, Any]) -> dict[str, An
     return {"objective": f"sampled reward ({' + '.join(rules)}, temperature {temperature})", **total}
 
 
+def preference_fell(config: AlignConfig, prefs: dict[str, Any]) -> bool:
+    """dpo/kto/orpo: the aligned policy's held-out preference accuracy fell from SFT's by more than
+    `align.preference_tolerance` (what those methods train is that very preference)."""
+    if config.method.name not in PAIRWISE_METHODS or not prefs:
+        return False
+    return prefs["sft_accuracy"] - prefs["aligned_accuracy"] > config.preference_tolerance + 1e-12
+
+
 def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) -> dict[str, Any]:
-    """Is the aligned policy better than SFT? Only when its objective rose on held-out data AND its
-    task metric stayed within `align.task_tolerance`: a reward that rises while the task metric
-    falls is the reward model being gamed, not a better policy."""
+    """Is the aligned policy better than SFT? Only when its objective rose on held-out data, its
+    task metric stayed within `align.task_tolerance`, and (dpo/kto/orpo) its own held-out preference
+    accuracy did not fall beyond `align.preference_tolerance`: a reward that rises while the task
+    metric or the preference the method trains falls is the reward model being gamed, not a better
+    policy."""
     measured = objective(config, task, prefs)
     within = task.get("task_metric_within_tolerance")
     metric = config.task_metric
     out: dict[str, Any] = {"objective": None, "objective_improved": None, "task_metric_within_tolerance": within,
+                           "preference_accuracy_fell": preference_fell(config, prefs),
                            "kl_to_sft": task.get("kl_to_sft"), "better_than_sft": False}
     if measured is None:
         out["reason"] = "not better: the objective was not measured on held-out data (align.heldout, a reward input)"
@@ -258,6 +281,12 @@ def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) ->
         out["reason"] = (
             f"not better: {name} rose ({before} -> {after}) but {task_change} fell beyond align.task_tolerance "
             f"{config.task_tolerance}: the reward rose without the task (reward hacking?)"
+        )
+    elif preference_fell(config, prefs):
+        out["reason"] = (
+            f"not better: {name} rose ({before} -> {after}) but the policy's own held-out preference accuracy fell "
+            f"({prefs['sft_accuracy']} -> {prefs['aligned_accuracy']}, beyond align.preference_tolerance "
+            f"{config.preference_tolerance}): it prefers the chosen answers less often than SFT did"
         )
     else:
         out["better_than_sft"] = True

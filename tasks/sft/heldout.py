@@ -22,21 +22,24 @@ from tunepipe.tasks.training.generation import (
     heldout_examples,
     prompts_and_references,
 )
+from tunepipe.tasks.training import retention
 from tunepipe.tasks.training.scoring import task_scorers
 
 
 def heldout_metrics(
-    config: SFTConfig, outputs: ModelOutputs, artifact_dir: Path, model_path: str, data_dir: str, env: EnvironmentProfile, tasks: list[str]
-) -> dict[str, dict[str, Any]]:
-    """{task: {exact_match, token_f1, base_exact_match, base_token_f1, n}} on the test split."""
+    config: SFTConfig, outputs: ModelOutputs, artifact_dir: Path, model_path: str, data_dir: str, env: EnvironmentProfile, tasks: list[str],
+    general: bool = False,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """({task: {exact_match, token_f1, base_exact_match, base_token_f1, n}} on the test split,
+    {run: retention on the general set, base → trained} when `general`)."""
     from peft import PeftModel
     from tunepipe.tasks.training.modeling import load_model, load_tokenizer
     from tunepipe.tasks.training.trainer import load_base
 
     settings = config.heldout
     examples = heldout_examples(data_dir, tasks, settings.max_examples_per_task)
-    if not examples:
-        return {}
+    if not examples and not general:
+        return {}, {}
     generate = lambda model, tok, prompts: greedy_answers(model, tok, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
 
     scorers = task_scorers(config.scoring, data_dir, list(examples))
@@ -46,6 +49,7 @@ def heldout_metrics(
         base = base.to(env.device)
     base.config.use_cache = True
     results: dict[str, dict[str, Any]] = {}
+    kept: dict[str, dict[str, Any]] = {}
     trained_with_adapters = None
     for run, save_to in outputs.paths.items():
         trained_dir = artifact_dir / save_to
@@ -75,4 +79,12 @@ def heldout_metrics(
                 "base_exact_match": base_scores["exact_match"],
                 "base_token_f1": base_scores["token_f1"],
             }
-    return results
+        if general:
+            questions = retention.prompts(tokenizer, template, config.system_prompt)
+            if outputs.kind == "model":
+                before = generate(base, tokenizer, questions)
+            else:
+                with trained.disable_adapter():
+                    before = generate(trained, tokenizer, questions)
+            kept[run] = retention.retention(before, generate(trained, tokenizer, questions), ("base", "trained"))
+    return results, kept
