@@ -166,8 +166,9 @@ def task_and_reward_metrics(
     return out
 
 
-def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[str, Any]:
-    """The general-knowledge set asked of the SFT and the aligned policy (tasks/training/retention.py)."""
+def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[str, Any] | None:
+    """The general-knowledge set asked of the SFT and the aligned policy (tasks/training/retention.py);
+    None when the SFT policy answers none of it."""
     from tunepipe.tasks.training import retention
 
     questions = [render_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}]) for item in retention.general_set()]
@@ -175,6 +176,8 @@ def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[st
     for which in ("sft", "aligned"):
         with model_pair.use(which) as model:
             answers[which] = greedy_answers(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+        if which == "sft" and not any(retention.scores(answers[which])):
+            return None  # the SFT policy answers none of it: nothing to lose
     return retention.retention(answers["sft"], answers["aligned"], ("sft", "aligned"))
 
 

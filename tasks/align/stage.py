@@ -216,9 +216,10 @@ class AlignStage(Stage):
                 "preferences": preference_metrics(pair, tokenizer, pairs, settings.batch_size, beta),
                 "task": task_and_reward_metrics(pair, tokenizer, examples, config, reward, scorers),
             }
-            if general:
-                results[run]["retention"] = general_retention(pair, tokenizer, settings)
-                ctx.logger.info("align: %s general-set retention %s", run, results[run]["retention"])
+            kept = general_retention(pair, tokenizer, settings) if general else None
+            if kept:
+                results[run]["retention"] = kept
+                ctx.logger.info("align: %s general-set retention %.3f (sft) -> %.3f (aligned), n=%d", run, kept["sft"], kept["aligned"], kept["n"])
             ctx.logger.info("align: %s held-out %s", run, {k: v for k, v in results[run]["task"].items() if k != "examples"})
         return results
 

@@ -86,5 +86,6 @@ def heldout_metrics(
             else:
                 with trained.disable_adapter():
                     before = generate(trained, tokenizer, questions)
-            kept[run] = retention.retention(before, generate(trained, tokenizer, questions), ("base", "trained"))
+            if any(retention.scores(before)):  # a base that answers none of it has nothing to lose
+                kept[run] = retention.retention(before, generate(trained, tokenizer, questions), ("base", "trained"))
     return results, kept

@@ -1,0 +1,111 @@
+"""What ships after the gate (no models): evaluate's winner, export's pick under `source: auto`,
+deploy's refusal of an export that is not the winner, and the general set's scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from tunepipe.schemas.deploy import DeployConfig
+from tunepipe.schemas.export import ExportConfig
+from tunepipe.schemas.handoffs import ExportIndex, ExportSource, GateVerdict
+from tunepipe.schemas.manifest import ArtifactRef
+from tunepipe.tasks.core.handoff import write_handoff
+from tunepipe.tasks.deploy.stage import gate_verdict
+from tunepipe.tasks.evaluate.stage import winner
+from tunepipe.tasks.export.stage import pick_source
+from tunepipe.tasks.training import retention
+
+FORGOT = "FAIL max forgetting drop 0.05: worst regression change -0.400 on general_chat (0.800 → 0.400), a drop of 0.400 > 0.05"
+
+
+def _metrics(passed: bool, reasons: list[str]) -> dict:
+    return {"candidate": "align", "baseline": "sft", "gate_passed": passed, "gate_reasons": reasons}
+
+
+def test_the_winner_is_the_candidate_or_sft_when_align_is_held_back_or_nothing():
+    assert winner("align", _metrics(True, ["PASS x"]), None)["winner"] == "align"
+    shipped = winner("align", _metrics(False, ["PASS x", FORGOT]), {"gate_passed": True, "gate_reasons": ["PASS y"]})
+    assert shipped["winner"] == "sft"
+    assert FORGOT in shipped["winner_reason"] and "the sft adapters passed the same gate against the base" in shipped["winner_reason"]
+    nothing = winner("align", _metrics(False, [FORGOT]), {"gate_passed": False, "gate_reasons": ["FAIL win rate"]})
+    assert nothing["winner"] is None and "FAIL win rate" in nothing["winner_reason"] and nothing["winner_reason"].endswith("nothing ships")
+    assert winner("align", _metrics(False, [FORGOT]), None)["winner"] is None
+    # a path candidate that passed is not a pipeline artifact export could ship
+    assert winner(None, {**_metrics(True, ["PASS"]), "candidate": "/some/adapter"}, None)["winner"] is None
+
+
+def _artifact(root: Path, stage: str, key: str, handoff=None) -> ArtifactRef:
+    path = root / stage / key
+    path.mkdir(parents=True)
+    if handoff is not None:
+        write_handoff(path, handoff)
+    return ArtifactRef(stage=stage, key=key, path=str(path))
+
+
+def test_export_auto_takes_evaluates_winner(tmp_path):
+    sft, align = _artifact(tmp_path, "sft", "s1"), _artifact(tmp_path, "align", "a1")
+    held_back = GateVerdict(passed=False, reasons=[FORGOT], candidate="align", winner="sft", winner_key="s1", winner_reason="align was held back")
+    evaluate = _artifact(tmp_path, "evaluate", "e1", held_back)
+    picked, why = pick_source(ExportConfig(), {"sft": sft, "align": align, "evaluate": evaluate})
+    assert picked.stage == "sft" and why == "evaluate's winner: align was held back"
+    # an explicit source is obeyed; no evaluate input: align as before
+    assert pick_source(ExportConfig(source="align"), {"sft": sft, "align": align, "evaluate": evaluate})[0].stage == "align"
+    assert pick_source(ExportConfig(), {"sft": sft, "align": align})[0].stage == "align"
+    none = _artifact(tmp_path, "evaluate", "e2", GateVerdict(passed=False, reasons=[], candidate="align", winner_reason="nothing ships"))
+    picked, why = pick_source(ExportConfig(), {"sft": sft, "align": align, "evaluate": none})
+    assert picked.stage == "align" and "deploy will not promote it" in why
+
+
+def _deploy_ctx(evaluate: ArtifactRef) -> SimpleNamespace:
+    return SimpleNamespace(inputs={"evaluate": evaluate})
+
+
+def _export(stage: str, key: str) -> ExportIndex:
+    return ExportIndex(source=ExportSource(stage=stage, key=key), kind="adapters", method="lora", base_model="/b", runs=["t"],
+                       targets={"adapters": {"t": "adapters/t"}}, engine="vllm", max_lora_rank=8)
+
+
+def test_deploy_promotes_only_the_winner(tmp_path):
+    verdict = GateVerdict(passed=False, reasons=[FORGOT], candidate="align", winner="sft", winner_key="s1",
+                          winner_reason="align was held back; sft passed", fallback_reasons=["PASS sft win rate"])
+    ctx = _deploy_ctx(_artifact(tmp_path, "evaluate", "e1", verdict))
+    config = DeployConfig(name="x")
+    ok, reasons = gate_verdict(config, ctx, _export("sft", "s1"))
+    assert ok and reasons == ["evaluate's winner sft: align was held back; sft passed", "PASS sft win rate"]
+    refused, reasons = gate_verdict(config, ctx, _export("align", "a1"))
+    assert not refused and "but evaluate's winner is sft:s1" in reasons[0]
+    stale, _ = gate_verdict(config, ctx, _export("sft", "older"))
+    assert not stale
+    # a verdict from before winners existed: its `passed` decides, as it did
+    old = _deploy_ctx(_artifact(tmp_path, "evaluate", "e0", GateVerdict(passed=True, reasons=["PASS"])))
+    assert gate_verdict(config, old, _export("align", "a1")) == (True, ["PASS"])
+
+
+def test_general_set_is_well_formed_and_scored_by_containment():
+    items = retention.general_set()
+    assert len(items) == 48 and len({i["id"] for i in items}) == 48
+    # every accepted answer survives normalisation (an answer "A" would normalise to nothing)
+    from tunepipe.tasks.training.metrics import normalise
+
+    assert all(normalise(answer) for item in items for answer in item["answers"])
+    right = [f"I think it is {item['answers'][0]}." for item in items]
+    assert retention.scores(right) == [1.0] * 48
+    kept = retention.retention(right, ["no idea"] * 24 + right[24:], ("base", "trained"))
+    assert kept["base"] == 1.0 and kept["trained"] == 0.5 and kept["change"] == -0.5 and len(kept["lost"]) == 24
+
+
+def test_only_a_pretrained_base_is_checked(tmp_path):
+    built = _artifact(tmp_path, "base_model", "b1")
+    assert retention.applies("auto", built.path, {"base_model": built}) is False
+    assert retention.applies("auto", str(tmp_path / "smollm2"), {"base_model": built}) is True
+    assert retention.applies("off", str(tmp_path / "smollm2"), {}) is False
+    assert retention.applies("on", built.path, {"base_model": built}) is True
+    # continued pretraining of the pipeline's own base is still from scratch; of a pretrained model it is not
+    import json
+
+    pretrain = _artifact(tmp_path, "pretrain", "p1")
+    (Path(pretrain.path) / "manifest.json").write_text(json.dumps({"config": {"model": None}}))
+    assert retention.applies("auto", pretrain.path, {"base_model": built, "pretrain": pretrain}) is False
+    (Path(pretrain.path) / "manifest.json").write_text(json.dumps({"config": {"model": "/models/smollm2"}}))
+    assert retention.applies("auto", pretrain.path, {"base_model": built, "pretrain": pretrain}) is True
