@@ -335,7 +335,7 @@ def regression_scores(config: EvaluateConfig, runs: dict[str, TaskRun], lm_figur
 def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, ctx: StageContext) -> dict[str, TaskRun]:
     """The general-knowledge set (tasks/training/retention.py) answered by both models, once per
     adapter of the candidate (`general_chat:<task>` for per-task adapters), where it applies: a
-    pretrained base (`regression.general_set: auto`) or `on`, and a baseline that answers at least
+    pretrained base (`regression.general_set: auto`) or `on`, and a base model that answers at least
     one of its questions (a model with nothing to lose is not checked)."""
     from tunepipe.tasks.training import retention
 
@@ -346,7 +346,7 @@ def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: Model
         name = retention.SET_NAME if task is None else f"{retention.SET_NAME}:{task}"
         run = general_run(config, candidate, baseline, generator, task or retention.SET_NAME)
         if run is None:
-            ctx.logger.info("evaluate: %s: the baseline answers none of its %d questions: nothing to lose, not checked", name, len(retention.general_set()))
+            ctx.logger.info("evaluate: %s: the base model answers none of its %d questions: nothing to lose, not checked", name, len(retention.general_set()))
             continue
         runs[name] = run
         ctx.logger.info("evaluate: %s: answered %.3f (candidate) vs %.3f (baseline)", name,
@@ -355,8 +355,8 @@ def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: Model
 
 
 def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, task: str) -> TaskRun | None:
-    """Both models' answers to the general set; None when the baseline answers none of it."""
-    from tunepipe.tasks.evaluate.generation import served_spec
+    """Both models' answers to the general set; None when the base model answers none of it."""
+    from tunepipe.tasks.evaluate.generation import base_source, served_spec
     from tunepipe.tasks.training import retention
     from tunepipe.tasks.training.modeling import load_tokenizer
 
@@ -369,11 +369,15 @@ def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelS
     prompts = retention.prompts(tokenizer, prompt_template(config, tokenizer), system_prompt)
     items = retention.general_set()
     messages = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": i["prompt"]}] for i in items]
+    # Whether there is anything to lose is the base model's question (the baseline may be SFT, which
+    # could have lost it already); through an endpoint only the served baseline can be asked.
+    origin = base_spec if baseline.kind == "base" or config.generation.backend == "endpoint" else base_source(candidate).spec(task)
     kept, generator.max_new_tokens = generator.max_new_tokens, config.regression.general_max_new_tokens
     try:
-        base_answers = generator.answers(base_spec, prompts)
-        if not any(retention.scores(base_answers)):
-            return None  # the baseline knows none of it: nothing to lose (a model initialised from a seed)
+        origin_answers = generator.answers(origin, prompts)
+        if not any(retention.scores(origin_answers)):
+            return None  # the base knows none of it: nothing to lose (a model initialised from a seed)
+        base_answers = origin_answers if origin == base_spec else generator.answers(base_spec, prompts)
         cand_answers = generator.answers(cand_spec, prompts)
     finally:
         generator.max_new_tokens = kept

@@ -85,7 +85,7 @@ def world(tmp_path_factory):
     pretrained = _sft(str(tiny), knows, store, method={"name": "full"},
                       training={"max_steps": 150, "learning_rate": 3e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 1000},
                       heldout={"max_examples_per_task": 0})
-    base = str(Path(pretrained.path) / read_handoff(pretrained, ModelOutputs).paths["all"])
+    base = str(Path(pretrained.path) / read_handoff(pretrained, ModelOutputs, reader="test").paths["all"])
 
     train, test = _sentiment()
     data = _write_data(root / "data", "sentiment", train, test)
@@ -137,14 +137,14 @@ def test_planted_forgetting_is_held_back_and_the_sft_adapters_ship_instead(world
     assert fallback["candidate"] == "sft" and fallback["baseline"] == "base" and fallback["gate_passed"] is True
     assert fallback["regression"]["general_chat"]["baseline"] - fallback["regression"]["general_chat"]["candidate"] <= 0.1
     assert m["winner"] == "sft" and "the sft adapters passed the same gate against the base" in m["winner_reason"]
-    verdict = read_handoff(evaluate, GateVerdict)
+    verdict = read_handoff(evaluate, GateVerdict, reader="test")
     assert verdict.winner == "sft" and verdict.winner_key == world["sft"].key and verdict.fallback_reasons
 
     export = run_stage(
         ExportStage(), ExportConfig.model_validate({"targets": ["adapters"], "serving_engine": "embedded", "reeval": {"max_examples_per_task": 4, "max_new_tokens": 4}}),
         {**inputs, "evaluate": evaluate}, world["store"], cpu_profile(),
     )
-    index = read_handoff(export, ExportIndex)
+    index = read_handoff(export, ExportIndex, reader="test")
     assert (index.source.stage, index.source.key) == ("sft", world["sft"].key)
     assert "evaluate's winner" in json.loads((Path(export.path) / "manifest.json").read_text())["metrics"]["source_reason"]
 
@@ -152,7 +152,7 @@ def test_planted_forgetting_is_held_back_and_the_sft_adapters_ship_instead(world
         DeployStage(), DeployConfig.model_validate({"name": "forgetful", "registry": str(world["root"] / "registry")}),
         {"export": export, "evaluate": evaluate}, world["store"], cpu_profile(),
     )
-    decision = read_handoff(deploy, DeployDecision)
+    decision = read_handoff(deploy, DeployDecision, reader="test")
     assert decision.decision == "promoted" and decision.source == f"sft:{world['sft'].key}"
     assert decision.gate_reasons[0].startswith("evaluate's winner sft:") and decision.serving["forgetful"]["version"] == 1
 
@@ -175,6 +175,6 @@ def test_an_export_of_the_rejected_candidate_is_not_promoted(world, tmp_path):
         DeployStage(), DeployConfig.model_validate({"name": "forgetful2", "registry": str(tmp_path / "registry")}),
         {"export": export, "evaluate": evaluate}, world["store"], cpu_profile(),
     )
-    decision = read_handoff(deploy, DeployDecision)
+    decision = read_handoff(deploy, DeployDecision, reader="test")
     assert decision.decision == "not_promoted" and decision.registered == {}
     assert "but evaluate's winner is sft" in decision.gate_reasons[0]
