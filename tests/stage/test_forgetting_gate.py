@@ -5,10 +5,11 @@ instead of nothing.
 
 The controlled setup, on the tiny model: a "pretrained" base is the tiny model fully fine-tuned
 to answer the general set (so it has knowledge to lose, which a random tiny model has not); SFT
-is a LoRA on a sentiment task over that base; the planted candidate is a LoRA trained on the same
-sentiment task plus the general questions with wrong answers (each question gets the next one's
-answer), published under an align manifest that says it kept its task metric, so only the
-forgetting can hold it back.
+is a LoRA on a sentiment task over that base, with the general questions replayed; the planted
+candidate is the same run with the replayed questions answered by a refusal ("I cannot say."),
+published under an align manifest that says it kept its task metric. The gate here has no
+win-rate rule (aligned and SFT adapters tie on the sentiment task), so the forgetting rule is
+the only one that can hold the candidate back, and the test checks it is the one that did.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from tests.helpers.training import WORDS, build_tiny_model, cpu_profile
 torch.set_num_threads(1)
 
 SUBJECTS = sorted(set(WORDS))[:24]
+# No win-rate rule (aligned and SFT adapters tie on sentiment); a task-metric tolerance of one of the
+# 12 test prompts (the planted run misses one more than SFT); forgetting held to 0.1.
+GATE = {"min_win_rate_lower_bound": None, "max_task_metric_drop": 0.1, "max_forgetting_drop": 0.1}
 
 
 def _write_data(path: Path, key: str, train: list[dict], test: list[dict]) -> ArtifactRef:
@@ -48,9 +52,9 @@ def _write_data(path: Path, key: str, train: list[dict], test: list[dict]) -> Ar
     return ArtifactRef(stage="data", key=key, path=str(path))
 
 
-def _general(answer_of) -> list[dict]:
+def _general(answer_of, task: str = "general") -> list[dict]:
     items = general_set()
-    return [{"id": f"g{i}", "task": "general", "instruction": item["prompt"], "input": "", "output": answer_of(i)} for i, item in enumerate(items)]
+    return [{"id": f"g{i}", "task": task, "instruction": item["prompt"], "input": "", "output": answer_of(i)} for i, item in enumerate(items)]
 
 
 def _sentiment() -> tuple[list[dict], list[dict]]:
@@ -65,7 +69,7 @@ def _sft(base: str, data: ArtifactRef, store: ArtifactStore, **config) -> Artifa
     settings = {
         "model": base, "max_length": 64,
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"max_steps": 40, "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 1000},
+        "training": {"max_steps": 60, "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 1000},
         "heldout": {"max_examples_per_task": 8, "max_new_tokens": 8},
         **config,
     }
@@ -87,18 +91,20 @@ def world(tmp_path_factory):
                       heldout={"max_examples_per_task": 0})
     base = str(Path(pretrained.path) / read_handoff(pretrained, ModelOutputs, reader="test").paths["all"])
 
+    # SFT: the sentiment task with the general questions replayed (a LoRA this small on a model this
+    # small forgets them otherwise), so it keeps what the base knew.
     train, test = _sentiment()
-    data = _write_data(root / "data", "sentiment", train, test)
+    data = _write_data(root / "data", "sentiment", train + _general(lambda i: items[i]["answers"][0]), test)
     sft = _sft(base, data, store)
 
-    # The planted forgetting: the same task, plus every general question answered with the next one's answer.
-    wrong = _write_data(root / "wrong", "wrong", train + _general(lambda i: items[(i + 1) % len(items)]["answers"][0]) * 2, test)
-    forgot = _sft(base, wrong, store, training={"max_steps": 80, "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 1000})
+    # The planted forgetting: the same run, but every replayed general question answered with a refusal.
+    wrong = _write_data(root / "wrong", "wrong", train + _general(lambda i: "I cannot say."), test)
+    forgot = _sft(base, wrong, store)
     aligned = root / "align"
     shutil.copytree(forgot.path, aligned)
     manifest = Manifest.model_validate_json((aligned / "manifest.json").read_text())
     manifest = manifest.model_copy(update={
-        "stage": "align", "config": {**(manifest.config or {}), "task_tolerance": 0.05, "tasks": ["sentiment"]},
+        "stage": "align", "config": {**(manifest.config or {}), "task_tolerance": 0.05},
         "metrics": {"task_metric_within_tolerance": True, "heldout": {"all": {"task": {"task_metric": "token_f1", "task_metric_drop": 0.0}}}},
     })
     (aligned / "manifest.json").write_text(manifest.model_dump_json())
@@ -119,9 +125,9 @@ def test_planted_forgetting_is_held_back_and_the_sft_adapters_ship_instead(world
     evaluate = run_stage(
         EvaluateStage(),
         EvaluateConfig.model_validate({
-            "max_examples_per_task": 16, "generation": {"max_new_tokens": 6}, "lm_eval": {"enabled": False},
+            "tasks": ["sentiment"], "max_examples_per_task": 16, "generation": {"max_new_tokens": 6}, "lm_eval": {"enabled": False},
             "regression": {"general_max_new_tokens": 8},
-            "gate": {"min_win_rate_lower_bound": 0.5, "max_task_metric_drop": 0.02, "max_forgetting_drop": 0.1},
+            "gate": GATE,
         }),
         inputs, world["store"], cpu_profile(),
     )
@@ -130,7 +136,8 @@ def test_planted_forgetting_is_held_back_and_the_sft_adapters_ship_instead(world
     assert m["candidate"] == "align" and m["baseline"] == "sft"
     assert general["baseline"] - general["candidate"] > 0.1 and general["lost"]
     assert m["gate_passed"] is False
-    assert any(r.startswith("FAIL max forgetting drop 0.1: worst regression change") and "general_chat" in r for r in m["gate_reasons"])
+    failed = [r for r in m["gate_reasons"] if r.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL max forgetting drop 0.1: worst regression change") and "on general_chat" in failed[0]
 
     # SFT against the base: it learned the task and kept the general set within the tolerance.
     fallback = m["fallback"]
@@ -161,9 +168,9 @@ def test_an_export_of_the_rejected_candidate_is_not_promoted(world, tmp_path):
     """export.source: align against a verdict whose winner is sft: deploy refuses, saying why."""
     inputs = {"data": world["data"], "sft": world["sft"], "align": world["align"]}
     config = EvaluateConfig.model_validate({
-        "max_examples_per_task": 16, "generation": {"max_new_tokens": 6}, "lm_eval": {"enabled": False},
+        "tasks": ["sentiment"], "max_examples_per_task": 16, "generation": {"max_new_tokens": 6}, "lm_eval": {"enabled": False},
         "regression": {"general_max_new_tokens": 8},
-        "gate": {"min_win_rate_lower_bound": 0.5, "max_task_metric_drop": 0.02, "max_forgetting_drop": 0.1},
+        "gate": GATE,
     })
     evaluate = run_stage(EvaluateStage(), config, inputs, world["store"], cpu_profile())  # cached: the same key as above
     export = run_stage(
