@@ -109,3 +109,32 @@ def test_only_a_pretrained_base_is_checked(tmp_path):
     assert retention.applies("auto", pretrain.path, {"base_model": built, "pretrain": pretrain}) is False
     (Path(pretrain.path) / "manifest.json").write_text(json.dumps({"config": {"model": "/models/smollm2"}}))
     assert retention.applies("auto", pretrain.path, {"base_model": built, "pretrain": pretrain}) is True
+
+
+def test_align_reports_retention_sft_to_aligned_and_skips_what_sft_never_knew(monkeypatch):
+    """align's general-set check on canned answers: SFT answers the set, the aligned policy lost half;
+    an SFT policy that answers none of it has nothing to lose and is not reported."""
+    import contextlib
+
+    from tunepipe.tasks.align import evaluation
+
+    items = retention.general_set()
+    right = [item["answers"][0] for item in items]
+    answers = {"sft": right, "aligned": right[:24] + ["I cannot say."] * 24}
+
+    class Pair:
+        @contextlib.contextmanager
+        def use(self, which):
+            yield which
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return messages[-1]["content"]
+
+    monkeypatch.setattr(evaluation, "greedy_answers", lambda model, tok, prompts, **kw: answers[model][: len(prompts)])
+    settings = SimpleNamespace(max_new_tokens=8, batch_size=4)
+    kept = evaluation.general_retention(Pair(), Tokenizer(), settings)
+    assert (kept["sft"], kept["aligned"], kept["change"], kept["n"]) == (1.0, 0.5, -0.5, 48)
+    assert kept["lost"] == [item["id"] for item in items[24:]]
+    answers["sft"] = ["no idea"] * 48
+    assert evaluation.general_retention(Pair(), Tokenizer(), settings) is None
