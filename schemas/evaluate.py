@@ -118,7 +118,7 @@ class RegressionSettings(StrictModel):
         "(per-task adapters: `general_chat:<task>`, one per adapter), held to gate.max_forgetting_drop. `auto`: when the "
         "base is a pretrained model, not the pipeline's `base_model` artifact (which knows nothing to lose).",
     )
-    general_max_new_tokens: int = Field(default=48, ge=1, description="Longest answer to a general-set question, in tokens.")
+    general_max_new_tokens: int = Field(default=32, ge=1, description="Longest answer to a general-set question, in tokens.")
 
 
 class JudgeEndpoint(EndpointSettings):

@@ -175,7 +175,7 @@ def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[st
     answers = {}
     for which in ("sft", "aligned"):
         with model_pair.use(which) as model:
-            answers[which] = greedy_answers(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+            answers[which] = greedy_answers(model, tokenizer, questions, max_new_tokens=retention.MAX_NEW_TOKENS, batch_size=settings.batch_size)
         if which == "sft" and not any(retention.scores(answers[which])):
             return None  # the SFT policy answers none of it: nothing to lose
     return retention.retention(answers["sft"], answers["aligned"], ("sft", "aligned"))

@@ -81,11 +81,12 @@ def heldout_metrics(
             }
         if general:
             questions = retention.prompts(tokenizer, template, config.system_prompt)
+            ask = lambda model: greedy_answers(model, tokenizer, questions, max_new_tokens=retention.MAX_NEW_TOKENS, batch_size=settings.batch_size)
             if outputs.kind == "model":
-                before = generate(base, tokenizer, questions)
+                before = ask(base)
             else:
                 with trained.disable_adapter():
-                    before = generate(trained, tokenizer, questions)
+                    before = ask(trained)
             if any(retention.scores(before)):  # a base that answers none of it has nothing to lose
-                kept[run] = retention.retention(before, generate(trained, tokenizer, questions), ("base", "trained"))
+                kept[run] = retention.retention(before, ask(trained), ("base", "trained"))
     return results, kept

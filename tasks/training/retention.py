@@ -27,6 +27,9 @@ from tunepipe.tasks.training.metrics import contains_answer
 SET_NAME = "general_chat"
 SET_FILE = Path(__file__).resolve().parent / "data" / f"{SET_NAME}.jsonl"
 METRIC = "contains_answer"
+# Longest answer asked for: the accepted answers are a word or two, and a chat model's sentence
+# around them fits (sft and align use this; evaluate has regression.general_max_new_tokens).
+MAX_NEW_TOKENS = 32
 
 
 @cache
