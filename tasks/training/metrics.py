@@ -29,7 +29,8 @@ def normalise(text: str, normalisation: str = "squad") -> str:
     """SQuAD's normalize_answer (lower, punctuation, articles, whitespace), or whitespace only."""
     if normalisation == "whitespace":
         return " ".join(text.split())
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    punctuation = set(string.punctuation)
+    text = "".join(ch for ch in text.lower() if ch not in punctuation)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
