@@ -138,3 +138,49 @@ def test_align_reports_retention_sft_to_aligned_and_skips_what_sft_never_knew(mo
     assert kept["lost"] == [item["id"] for item in items[24:]]
     answers["sft"] = ["no idea"] * 48
     assert evaluation.general_retention(Pair(), Tokenizer(), settings) is None
+
+
+def test_per_task_adapters_are_checked_one_by_one_and_the_gate_names_the_one_that_forgot(monkeypatch):
+    """evaluate's general-set entries with fakes for the models: one `general_chat:<task>` per adapter,
+    the baseline's answers from its own adapter, and the forgetting rule failing on the adapter that lost it."""
+    import logging
+
+    from tunepipe.schemas.evaluate import EvaluateConfig, GateRules
+    from tunepipe.tasks.evaluate import stage
+    from tunepipe.tasks.evaluate.gate import GateEvidence, decide
+    from tunepipe.tasks.evaluate.generation import ModelSource
+
+    items = retention.general_set()
+    right = [item["answers"][0] for item in items]
+
+    class Generator:
+        max_new_tokens = 6
+        asked: list = []
+
+        def answers(self, spec, prompts):
+            self.asked.append((spec.label, self.max_new_tokens))
+            forgot = spec.adapter is not None and spec.adapter.endswith("align/t")
+            return ["I cannot say."] * len(prompts) if forgot else right
+
+    monkeypatch.setattr("tunepipe.tasks.training.modeling.load_tokenizer", lambda path: None)
+    monkeypatch.setattr(stage, "prompt_template", lambda config, tokenizer: "")
+    monkeypatch.setattr(retention, "prompts", lambda tokenizer, template, system_prompt=None: [i["prompt"] for i in items])
+    candidate = ModelSource("align", "adapters", "/base", Path("/align"), {"sentiment": "s", "triples": "t"})
+    baseline = ModelSource("sft", "adapters", "/base", Path("/sft"), {"sentiment": "s", "triples": "t"})
+    ctx = SimpleNamespace(inputs={}, logger=logging.getLogger("test"))
+    generator = Generator()
+    runs = stage.general_runs(EvaluateConfig(), candidate, baseline, generator, ctx)
+    assert sorted(runs) == ["general_chat:sentiment", "general_chat:triples"]
+    assert generator.max_new_tokens == 6 and {n for _, n in generator.asked} == {32}  # restored after, 32 during
+    # the base (adapters off) decides there is something to lose; the baseline is the sft adapter itself
+    assert ("base", 32) in generator.asked and ("sft:triples", 32) in generator.asked
+    scores = stage.general_scores(runs)
+    assert scores["general_chat:sentiment"]["candidate"] == 1.0 and scores["general_chat:triples"]["candidate"] == 0.0
+    assert scores["general_chat:triples"]["baseline"] == 1.0 and len(scores["general_chat:triples"]["lost"]) == 48
+    passed, reasons = decide(GateRules(min_win_rate_lower_bound=None), GateEvidence(
+        primary_metric="token_f1", win=None, judge="rule", regression={n: (r["candidate"], r["baseline"]) for n, r in scores.items()}))
+    assert not passed and any(r.startswith("FAIL max forgetting drop 0.05") and "on general_chat:triples" in r for r in reasons)
+    # off: nothing asked
+    generator.asked.clear()
+    assert stage.general_runs(EvaluateConfig(regression={"general_set": "off"}), candidate, baseline, generator, ctx) == {}
+    assert generator.asked == []
