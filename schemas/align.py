@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.evaluate import EndpointSettings
 from tunepipe.schemas.sft import TrainingConfig, method_shorthand
 
@@ -219,6 +220,12 @@ class AlignHeldoutConfig(StrictModel):
         "rewards, which the verdict uses: a run can raise the one and not the other (on the quickstart's triples, "
         "GRPO raised its samples' reward while the greedy answers' stayed or fell). 0: off.",
     )
+    general_set: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Retention, SFT against aligned (and the base), on tunepipe's general-knowledge/chat regression set (48 questions: capitals, arithmetic, "
+        "facts, short instructions; an answer counts when it contains an accepted answer), recorded as `retention`. "
+        "`auto`: when the base is a pretrained model (not the pipeline's `base_model` artifact, which knows nothing to lose).",
+    )
 
 
 class AlignChecksConfig(StrictModel):
@@ -282,6 +289,12 @@ class AlignConfig(StrictModel):
         description="Largest allowed drop of `task_metric` from SFT to aligned; recorded as "
         "`task_metric_within_tolerance` (the evaluate gate acts on it; this stage does not fail).",
     )
+    preference_tolerance: float = Field(
+        default=0.0, ge=0,
+        description="dpo/kto/orpo: largest allowed fall of the held-out preference accuracy (the policy's own log-likelihood "
+        "preferring chosen over rejected) from SFT to aligned; a run whose accuracy fell further is not better than SFT, "
+        "whatever the reward model says.",
+    )
     judge: AIJudgeConfig | None = Field(
         default=None,
         description="The AI judge of RLAIF (preferences.scorer: judge, or a `judge` reward); judgments are cached in the "
@@ -292,6 +305,10 @@ class AlignConfig(StrictModel):
     )
     training: TrainingConfig = Field(default_factory=_align_training, description="Optimisation hyper-parameters.")
     heldout: AlignHeldoutConfig = Field(default_factory=AlignHeldoutConfig, description="Aligned-vs-SFT checks recorded in the metrics.")
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How the held-out check's answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
+    )
     checks: AlignChecksConfig = Field(
         default_factory=AlignChecksConfig, description="Self-checks that a reward-driven run (ppo, grpo, rloo) learned something."
     )

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
@@ -112,6 +113,14 @@ class RegressionSettings(StrictModel):
         default_factory=list,
         description="lm-eval tasks (found through lm_eval.include_paths or built in) scored by their first metric.",
     )
+    general_set: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="tunepipe's general-knowledge/chat regression set (48 questions: capitals, arithmetic, facts, short "
+        "instructions; an answer counts when it contains an accepted answer), as the regression entry `general_chat` "
+        "(per-task adapters: `general_chat:<task>`, one per adapter), held to gate.max_forgetting_drop. `auto`: when the "
+        "base is a pretrained model, not the pipeline's `base_model` artifact (which knows nothing to lose).",
+    )
+    general_max_new_tokens: int = Field(default=32, ge=1, description="Longest answer to a general-set question, in tokens.")
 
 
 class JudgeEndpoint(EndpointSettings):
@@ -241,6 +250,10 @@ class EvaluateConfig(StrictModel):
     primary_metric: str = Field(
         default="token_f1",
         description="The metric the rule judge, the significance tests and the gate's task-drop and forgetting rules use.",
+    )
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How exact match and token F1 are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="How answers are generated.")
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings, description="lm-evaluation-harness runs.")

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.scoring import ScoringConfig
 
 EXPORT_TARGETS = ("adapters", "merged", "bnb4", "bnb8", "gptq", "awq")
 QUANTIZED_TARGETS = ("bnb4", "bnb8", "gptq", "awq")
@@ -77,6 +78,10 @@ class ExportConfig(StrictModel):
     gptq: CompressorSettings = Field(default_factory=CompressorSettings, description="Settings of the `gptq` target.")
     awq: CompressorSettings = Field(default_factory=CompressorSettings, description="Settings of the `awq` target.")
     reeval: ReevalConfig = Field(default_factory=ReevalConfig, description="Re-evaluation of the exports on the test split.")
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How the re-evaluated answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
+    )
 
     @model_validator(mode="after")
     def _targets(self) -> "ExportConfig":

@@ -43,6 +43,18 @@ class GateVerdict(Handoff):
 
     passed: bool = Field(description="Whether the candidate may be promoted.")
     reasons: list[str] = Field(default_factory=list, description="One line per gate rule: what was measured against what.")
+    candidate: str | None = Field(default=None, description="What was evaluated (align, sft, or a path).")
+    winner: Literal["align", "sft"] | None = Field(
+        default=None,
+        description="The pipeline artifact that should ship: the candidate when it passed; the sft adapters when the aligned "
+        "candidate was held back and sft passed the same gate against the base; None when nothing passed (or the candidate "
+        "is a path, not a pipeline artifact). Export (`source: auto`) exports it and deploy promotes only it.",
+    )
+    winner_key: str | None = Field(default=None, description="The winner's artifact key.")
+    winner_reason: str = Field(default="", description="Why that (or nothing) ships, in one sentence.")
+    fallback_reasons: list[str] = Field(
+        default_factory=list, description="The gate's lines for sft against the base, when the aligned candidate was held back."
+    )
 
 
 class ExportSource(StrictModel):
@@ -73,7 +85,8 @@ class DeployDecision(Handoff):
 
     decision: Literal["promoted", "not_promoted"] = Field(description="Whether the alias was moved.")
     gate_passed: bool = Field(description="The gate verdict deploy acted on.")
-    gate_reasons: list[str] = Field(default_factory=list, description="Its reasons.")
+    gate_reasons: list[str] = Field(default_factory=list, description="Its reasons (first: evaluate's winner and why, when it named one).")
+    source: str | None = Field(default=None, description="The exported artifact (`stage:key`) this decision is about.")
     alias: str = Field(description="The alias that was (or would have been) moved.")
     registry: str = Field(description="The adapter registry's root.")
     server: str | None = Field(default=None, description="The server hot-loaded, if any.")

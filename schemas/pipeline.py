@@ -22,8 +22,12 @@ from tunepipe.schemas.operations import (
 )
 from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.schemas.reward import RewardConfig
+from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.schemas.sft import SFTConfig
+
+
+SCORING_STAGES = ("sft", "align", "evaluate", "export")
 
 
 class PipelineConfig(StrictModel):
@@ -40,6 +44,12 @@ class PipelineConfig(StrictModel):
         description="Global seed. When given, every stage seed left unset (data split salt, MinHash and mix sampling, "
         "training, base-model initialisation, evaluation bootstrap) takes this value, so one line reseeds the "
         "pipeline (and changes every key); a seed set in a stage's section wins. Unset: each stage's own default.",
+    )
+    scoring: ScoringConfig | None = Field(
+        default=None,
+        description="How answers are scored against references (normalisation, classification labels per task), for "
+        "every stage that scores them: sft's and align's held-out checks, evaluate, export's re-evaluation. A stage's "
+        "own `scoring:` overrides it. Default: SQuAD normalisation for every task, no labels.",
     )
     data: DataConfig = Field(description="The `data` stage: sources → cleaned, deduplicated, validated instruction JSON.")
     base_model: BaseModelConfig | None = Field(
@@ -94,6 +104,20 @@ class PipelineConfig(StrictModel):
     deployment: DeploymentConfig = Field(
         default_factory=DeploymentConfig, description="Work pools and concurrency of the deployed pipeline (`tunepipe deploy`)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_scoring(cls, data: Any) -> Any:
+        # One scoring section for every stage that scores answers, so sft, align, evaluate and export
+        # report the same figure for the same answers; a stage's own section wins.
+        if not isinstance(data, dict) or data.get("scoring") is None:
+            return data
+        out = dict(data)
+        for stage in SCORING_STAGES:
+            section = out.get(stage)
+            if isinstance(section, dict) and "scoring" not in section:
+                out[stage] = {**section, "scoring": data["scoring"]}
+        return out
 
     @model_validator(mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
+from tunepipe.schemas.scoring import ScoringConfig
 
 ALL_LINEAR = "all-linear"
 
@@ -483,6 +484,12 @@ class HeldoutConfig(StrictModel):
     )
     max_new_tokens: int = Field(default=64, ge=1, description="Longest generated answer, in tokens.")
     batch_size: int = Field(default=16, ge=1, description="Prompts generated together.")
+    general_set: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Retention, base against trained, on tunepipe's general-knowledge/chat regression set (48 questions: capitals, arithmetic, "
+        "facts, short instructions; an answer counts when it contains an accepted answer), recorded as `retention`. "
+        "`auto`: when the base is a pretrained model (not the pipeline's `base_model` artifact, which knows nothing to lose).",
+    )
 
 
 class SFTConfig(StrictModel):
@@ -533,6 +540,10 @@ class SFTConfig(StrictModel):
     heldout: HeldoutConfig = Field(
         default_factory=HeldoutConfig,
         description="Held-out learning check: exact match / token F1 on the test split, trained vs base, in the metrics.",
+    )
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="How the held-out check's answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
     )
 
     @field_validator("method", mode="before")

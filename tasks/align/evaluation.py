@@ -19,7 +19,7 @@ from typing import Any
 from tunepipe.schemas.align import PAIRWISE_METHODS, AlignConfig
 from tunepipe.tasks.align.rewards import RULES
 from tunepipe.tasks.training.generation import greedy_answers, sampled_answers
-from tunepipe.tasks.training.metrics import score
+from tunepipe.tasks.training.metrics import DEFAULT_SCORER, TaskScorer
 from tunepipe.tasks.training.pairs import (
     pair_prompt,
     render_conversation,
@@ -101,8 +101,20 @@ def token_kl(model_pair: Any, tokenizer: Any, prompts: list[str], answers: list[
     return round(total / count, 6) if count else 0.0
 
 
+def mixed_scores(answers: list[str], examples: list[dict[str, Any]], scorers: dict[str, TaskScorer]) -> dict[str, float]:
+    """Exact match and token F1 over examples of several tasks, each scored by its task's scorer."""
+    n = len(examples)
+    rows = [(scorers.get(e["task"], DEFAULT_SCORER), a, e["reference"]) for a, e in zip(answers, examples)]
+    return {
+        "exact_match": round(sum(s.exact_match(a, r) for s, a, r in rows) / n, 4) if n else 0.0,
+        "token_f1": round(sum(s.token_f1(a, r) for s, a, r in rows) / n, 4) if n else 0.0,
+        "n": n,
+    }
+
+
 def task_and_reward_metrics(
-    model_pair: Any, tokenizer: Any, examples: list[dict[str, Any]], config: AlignConfig, reward: tuple[Any, Any] | None
+    model_pair: Any, tokenizer: Any, examples: list[dict[str, Any]], config: AlignConfig, reward: tuple[Any, Any] | None,
+    scorers: dict[str, TaskScorer] | None = None,
 ) -> dict[str, Any]:
     """Task metric, KL and (with a reward model) reward and win rate on held-out prompts."""
     from tunepipe.tasks.training.reward_model import score_texts
@@ -116,7 +128,7 @@ def task_and_reward_metrics(
     for which in ("sft", "aligned"):
         with model_pair.use(which) as model:
             answers[which] = greedy_answers(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
-    scores = {w: score(answers[w], references) for w in answers}
+    scores = {w: mixed_scores(answers[w], examples, scorers or {}) for w in answers}
     rules = [r for r in getattr(config.method, "rewards", []) if r in RULES]
     metric = config.task_metric
     drop = scores["sft"][metric] - scores["aligned"][metric]
@@ -152,6 +164,21 @@ def task_and_reward_metrics(
         for p, r, s, a in list(zip(prompts, references, answers["sft"], answers["aligned"]))[:5]
     ]
     return out
+
+
+def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[str, Any] | None:
+    """The general-knowledge set asked of the SFT and the aligned policy (tasks/training/retention.py);
+    None when the SFT policy answers none of it."""
+    from tunepipe.tasks.training import retention
+
+    questions = [render_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}]) for item in retention.general_set()]
+    answers = {}
+    for which in ("sft", "aligned"):
+        with model_pair.use(which) as model:
+            answers[which] = greedy_answers(model, tokenizer, questions, max_new_tokens=retention.MAX_NEW_TOKENS, batch_size=settings.batch_size)
+        if which == "sft" and not any(retention.scores(answers[which])):
+            return None  # the SFT policy answers none of it: nothing to lose
+    return retention.retention(answers["sft"], answers["aligned"], ("sft", "aligned"))
 
 
 def sampled_rule_rewards(
@@ -212,14 +239,25 @@ def sampled_objective(config: AlignConfig, task: dict[str, Any]) -> dict[str, An
     return {"objective": f"sampled reward ({' + '.join(rules)}, temperature {temperature})", **total}
 
 
+def preference_fell(config: AlignConfig, prefs: dict[str, Any]) -> bool:
+    """dpo/kto/orpo: the aligned policy's held-out preference accuracy fell from SFT's by more than
+    `align.preference_tolerance` (what those methods train is that very preference)."""
+    if config.method.name not in PAIRWISE_METHODS or not prefs:
+        return False
+    return prefs["sft_accuracy"] - prefs["aligned_accuracy"] > config.preference_tolerance + 1e-12
+
+
 def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) -> dict[str, Any]:
-    """Is the aligned policy better than SFT? Only when its objective rose on held-out data AND its
-    task metric stayed within `align.task_tolerance`: a reward that rises while the task metric
-    falls is the reward model being gamed, not a better policy."""
+    """Is the aligned policy better than SFT? Only when its objective rose on held-out data, its
+    task metric stayed within `align.task_tolerance`, and (dpo/kto/orpo) its own held-out preference
+    accuracy did not fall beyond `align.preference_tolerance`: a reward that rises while the task
+    metric or the preference the method trains falls is the reward model being gamed, not a better
+    policy."""
     measured = objective(config, task, prefs)
     within = task.get("task_metric_within_tolerance")
     metric = config.task_metric
     out: dict[str, Any] = {"objective": None, "objective_improved": None, "task_metric_within_tolerance": within,
+                           "preference_accuracy_fell": preference_fell(config, prefs),
                            "kl_to_sft": task.get("kl_to_sft"), "better_than_sft": False}
     if measured is None:
         out["reason"] = "not better: the objective was not measured on held-out data (align.heldout, a reward input)"
@@ -246,6 +284,12 @@ def verdict(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) ->
         out["reason"] = (
             f"not better: {name} rose ({before} -> {after}) but {task_change} fell beyond align.task_tolerance "
             f"{config.task_tolerance}: the reward rose without the task (reward hacking?)"
+        )
+    elif preference_fell(config, prefs):
+        out["reason"] = (
+            f"not better: {name} rose ({before} -> {after}) but the policy's own held-out preference accuracy fell "
+            f"({prefs['sft_accuracy']} -> {prefs['aligned_accuracy']}, beyond align.preference_tolerance "
+            f"{config.preference_tolerance}): it prefers the chosen answers less often than SFT did"
         )
     else:
         out["better_than_sft"] = True

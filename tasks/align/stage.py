@@ -188,14 +188,20 @@ class AlignStage(Stage):
     def _heldout(self, config, ctx, runs, outputs, sft_outputs, sft_config, heldout_pairs, data_dir, reward_dir) -> dict[str, Any]:
         """The aligned-vs-SFT checks of every run (tasks/align/evaluation.py)."""
         from tunepipe.tasks.align.evaluation import (
+            general_retention,
             preference_metrics,
             task_and_reward_metrics,
         )
+        from tunepipe.tasks.training.retention import applies
         from tunepipe.tasks.align.policy import PolicyPair
         from tunepipe.tasks.training.modeling import load_tokenizer
         from tunepipe.tasks.training.reward_model import load_reward_model
+        from tunepipe.tasks.training.scoring import task_scorers
 
         settings = config.heldout
+        # What the SFT policy was trained from: its adapters' base, or (a full fine-tune) the model sft started from.
+        origin = sft_outputs.base_model or sft_config.get("model") or next((ctx.inputs[n].path for n in ("pretrain", "base_model") if n in ctx.inputs), "")
+        general = applies(settings.general_set, str(origin), ctx.inputs)
         reward = load_reward_model(reward_dir, ctx.env.dtype) if reward_dir else None
         beta = getattr(config.method, "beta", None)
         results: dict[str, Any] = {}
@@ -205,10 +211,15 @@ class AlignStage(Stage):
             tokenizer = load_tokenizer(aligned_dir)
             pairs = heldout_pairs.get(run, [])[: settings.max_pairs] if settings.max_pairs else []
             examples = heldout_prompts(data_dir, spec["tasks"], settings.max_examples_per_task) if settings.max_examples_per_task else []
+            scorers = task_scorers(config.scoring, data_dir, sorted({e["task"] for e in examples}))
             results[run] = {
                 "preferences": preference_metrics(pair, tokenizer, pairs, settings.batch_size, beta),
-                "task": task_and_reward_metrics(pair, tokenizer, examples, config, reward),
+                "task": task_and_reward_metrics(pair, tokenizer, examples, config, reward, scorers),
             }
+            kept = general_retention(pair, tokenizer, settings) if general else None
+            if kept:
+                results[run]["retention"] = kept
+                ctx.logger.info("align: %s general-set retention %.3f (sft) -> %.3f (aligned), n=%d", run, kept["sft"], kept["aligned"], kept["n"])
             ctx.logger.info("align: %s held-out %s", run, {k: v for k, v in results[run]["task"].items() if k != "examples"})
         return results
 
@@ -244,6 +255,8 @@ class AlignStage(Stage):
             "loss_history": {run: m["loss_history"] for run, m in metrics_by_run.items()},
             "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics_by_run.values()),
             "heldout": heldout,
+            # general-set retention per run, SFT -> aligned (pretrained bases; align.heldout.general_set)
+            "retention": {run: h["retention"] for run, h in heldout.items() if h.get("retention")} or None,
             "task_metric": config.task_metric,
             "task_tolerance": config.task_tolerance,
             "task_metric_within_tolerance": all(within) if within else None,

@@ -2,7 +2,9 @@
 
 Inputs: `export` (required: its `exports.json` names the adapters, base and data key),
 `evaluate` (its `verdict.json` is the only gate verdict deploy acts on; without an evaluate
-stage nothing is promoted unless `deploy.require_gate: false`).
+stage nothing is promoted unless `deploy.require_gate: false`). The verdict names the winner
+(the aligned adapters, or the SFT adapters when the aligned ones were held back and SFT passed
+against the base); only an export of the winner is promoted, and the summary says which and why.
 
 When the gate passed, for each exported adapter (one, or one per task: `<name>-<task>`):
 register it (a new version, or the existing one for identical content), point the alias at it,
@@ -86,11 +88,22 @@ def candidates(config: DeployConfig, export_dir: Path, exports: ExportIndex) -> 
     return [Candidate(f"{config.name}-{run}" if per_task else config.name, run, export_dir / rel) for run, rel in adapters.items()]
 
 
-def gate_verdict(config: DeployConfig, ctx: StageContext) -> tuple[bool, list[str]]:
-    """(deploy?, reasons): the evaluate artifact's verdict, the only source of one."""
+def gate_verdict(config: DeployConfig, ctx: StageContext, exports: ExportIndex | None = None) -> tuple[bool, list[str]]:
+    """(deploy?, reasons): the evaluate artifact's verdict, the only source of one. When it names a
+    winner (align, or sft when the aligned candidate was held back and sft passed against the base),
+    only that artifact is promoted: the export must be of it."""
     if "evaluate" in ctx.inputs:
         verdict = read_handoff(ctx.inputs["evaluate"], GateVerdict, reader="deploy")
-        return verdict.passed, verdict.reasons
+        if verdict.winner is None:
+            return verdict.passed, ([verdict.winner_reason] if verdict.winner_reason else []) + verdict.reasons
+        shipped = exports.source if exports is not None else None
+        evidence = verdict.fallback_reasons if verdict.winner != verdict.candidate else verdict.reasons
+        if shipped is not None and (shipped.stage != verdict.winner or (verdict.winner_key and shipped.key != verdict.winner_key)):
+            return False, [
+                f"the export is of {shipped.stage}:{shipped.key}, but evaluate's winner is {verdict.winner}:{verdict.winner_key} "
+                f"({verdict.winner_reason}): set export.source to auto (or {verdict.winner})", *verdict.reasons,
+            ]
+        return True, [f"evaluate's winner {verdict.winner}: {verdict.winner_reason}", *evidence]
     if config.require_gate:
         return False, ["no gate verdict: the pipeline has no evaluate stage (set deploy.require_gate: false to deploy without one)"]
     return True, ["no gate verdict; deploy.require_gate is false"]
@@ -112,14 +125,14 @@ class DeployStage(Stage):
         exports = read_handoff(ctx.inputs["export"], ExportIndex, reader="deploy")
         todo = candidates(config, export_dir, exports)
         registry = AdapterRegistry(registry_root(config, ctx))
-        passed, reasons = gate_verdict(config, ctx)
+        passed, reasons = gate_verdict(config, ctx, exports)
         base = {"gate_passed": passed, "gate_reasons": reasons, "alias": config.alias, "registry": registry.root,
-                "server": config.server_url, "names": [c.name for c in todo]}
+                "server": config.server_url, "names": [c.name for c in todo], "source": f"{exports.source.stage}:{exports.source.key}"}
 
         if not passed:
             ctx.logger.warning("deploy: not promoting: %s", "; ".join(reasons))
             metrics = {**base, "decision": "not_promoted", "serving": serving_now(registry, todo, config.alias)}
-            return self._output(ctx, metrics, f"**Not promoted**: {'; '.join(reasons)}.")
+            return self._output(ctx, metrics, f"**Not promoted** ({exports.source.stage} adapters): {'; '.join(reasons)}.")
 
         client = ServerClient(config.server_url, api_key(config), config.timeout_s) if config.server_url else None
         if client is not None:
@@ -154,7 +167,8 @@ class DeployStage(Stage):
             "hot_loaded": client is not None, "serving": serving_now(registry, todo, config.alias),
         }
         lines = [f"- `{n}@{config.alias}` → version {v} (was {previous[n]})" for n, v in registered.items()]
-        return self._output(ctx, metrics, "**Promoted**\n\n" + "\n".join(lines))
+        shipped = f"{exports.source.stage} ({exports.method}) adapters: {reasons[0]}"
+        return self._output(ctx, metrics, f"**Promoted** the {shipped}\n\n" + "\n".join(lines))
 
     def _output(self, ctx: StageContext, metrics: dict[str, Any], summary: str) -> StageOutput:
         write_handoff(ctx.staging_dir, DeployDecision.model_validate(metrics))

@@ -2,8 +2,8 @@
 
 Each evaluated task of the data split becomes a local lm-eval task: a JSONL of {prompt,
 reference} and a YAML (`generate_until`, greedy, lm-eval's own `exact_match`). The prompt is the
-chat-template rendering the stage itself generates from, and a filter collapses whitespace the
-way the stage's exact match does, so lm-eval's figure and the stage's agree on the same model.
+chat-template rendering the stage itself generates from, and a filter normalises answers the
+way the stage's exact match does (the task's `scoring` normalisation and labels), so lm-eval's figure and the stage's agree on the same model.
 
 The model object is handed to `HFLM` as it is (a PeftModel with the right adapter active, or a
 plain model), with `add_bos_token=False` because the rendered prompt already holds any BOS.
@@ -22,21 +22,44 @@ from tunepipe.tasks.core.stage import StageFailed
 TASK_PREFIX = "tunepipe_"
 FILTER_MODULE = "tunepipe_lm_eval_filters"
 FILTER_NAME = "normalised"
-FILTER_SOURCE = '''"""Written by tunepipe's evaluate stage: whitespace normalised as its exact match does."""
+FILTER_HEADER = '''"""Written by tunepipe's evaluate stage: each task's answers normalised (and, for a classification
+task, read as the one label they name) exactly as the stage's exact match does; the references in
+the task's JSONL are normalised the same way."""
 
+import re
+import string
 
-def collapse_whitespace(resps, docs):
-    return [[" ".join(r.split()) for r in inst] for inst in resps]
 '''
+
+
+def filter_source(scorers: dict[str, Any]) -> str:
+    """The filter module: the stage's own normalisation functions (their source, so the directory runs
+    without tunepipe installed) and one filter per task with its normalisation and labels."""
+    import inspect
+
+    from tunepipe.tasks.training.metrics import extract_label, normalise
+
+    parts = [FILTER_HEADER, inspect.getsource(normalise), "\n\n", inspect.getsource(extract_label)]
+    for task, scorer in scorers.items():
+        parts.append(
+            f"\n\ndef {filter_function(task)}(resps, docs):\n"
+            f"    labels, mode = {list(scorer.labels)!r}, {scorer.normalisation!r}\n"
+            "    return [[normalise(extract_label(r, labels, mode) if labels else r, mode) for r in inst] for inst in resps]\n"
+        )
+    return "".join(parts)
+
+
+def filter_function(task: str) -> str:
+    return "answer_" + re.sub(r"[^A-Za-z0-9_]", "_", task)
 
 
 def lm_eval_task_name(task: str) -> str:
     return TASK_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", task)
 
 
-def task_yaml(name: str, data_file: str, max_new_tokens: int, cache_dir: str | None = None) -> str:
+def task_yaml(name: str, data_file: str, max_new_tokens: int, cache_dir: str | None = None, function: str = "") -> str:
     """One generate_until task over a local JSONL. The `!function` tag is lm-eval's way to name a
-    Python function next to the YAML (here the whitespace filter), so it is spliced in as text."""
+    Python function next to the YAML (here the task's normalising filter), so it is spliced in as text."""
     dataset_kwargs: dict[str, Any] = {"data_files": {"test": data_file}}
     if cache_dir:
         dataset_kwargs["cache_dir"] = cache_dir
@@ -58,28 +81,33 @@ def task_yaml(name: str, data_file: str, max_new_tokens: int, cache_dir: str | N
         "filter_list:\n"
         f"  - name: {FILTER_NAME}\n"
         "    filter:\n"
-        f"      - function: custom\n        filter_fn: !function {FILTER_MODULE}.collapse_whitespace\n"
+        f"      - function: custom\n        filter_fn: !function {FILTER_MODULE}.{function}\n"
         "      - function: take_first\n"
     )
 
 
 def write_local_tasks(
-    directory: Path, examples: dict[str, list[tuple[str, str]]], max_new_tokens: int, *, cache_dir: str | None = None, portable: bool = False
+    directory: Path, examples: dict[str, list[tuple[str, str]]], max_new_tokens: int, *, cache_dir: str | None = None, portable: bool = False,
+    scorers: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write one lm-eval task per data task; returns {data task: lm-eval task name}.
 
     `portable`: data_files name the JSONL relative to the directory (a copy kept in the artifact,
     run from inside it); otherwise absolute (the copy this run evaluates).
     """
+    from tunepipe.tasks.training.metrics import DEFAULT_SCORER, normalise
+
+    scorers = {task: (scorers or {}).get(task, DEFAULT_SCORER) for task in examples}
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{FILTER_MODULE}.py").write_text(FILTER_SOURCE)
+    (directory / f"{FILTER_MODULE}.py").write_text(filter_source(scorers))
     names = {}
     for task, rows in examples.items():
         name = lm_eval_task_name(task)
         data_file = directory / f"{name}.jsonl"
-        data_file.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in rows))
+        mode = scorers[task].normalisation
+        data_file.write_text("".join(json.dumps({"prompt": p, "reference": normalise(r, mode)}) + "\n" for p, r in rows))
         target = data_file.name if portable else str(data_file.resolve())
-        (directory / f"{name}.yaml").write_text(task_yaml(name, target, max_new_tokens, None if portable else cache_dir))
+        (directory / f"{name}.yaml").write_text(task_yaml(name, target, max_new_tokens, None if portable else cache_dir, filter_function(task)))
         names[task] = name
     return names
 

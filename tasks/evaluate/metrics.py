@@ -1,7 +1,8 @@
 """Task metrics of generated answers against references, per example and per task.
 
-Exact match and token F1 are the sft stage's own (whitespace-normalised), so the two stages'
-figures agree; ROUGE-L comes from `rouge_score`, BLEU and chrF from `sacrebleu`. Every metric is
+Exact match and token F1 are the sft stage's own (normalised per task as `evaluate.scoring`
+says: SQuAD-style by default, a classification task's answer read as the label it names), so the
+stages' figures agree; ROUGE-L comes from `rouge_score`, BLEU and chrF from `sacrebleu`. Every metric is
 on 0..1 (sacrebleu's 0..100 divided by 100). Per task, BLEU and chrF are corpus-level (as
 sacrebleu defines them); the per-example values that the A/B and the paired tests use are
 sentence-level. User metrics are `module:function` callables of (prediction, reference).
@@ -18,7 +19,7 @@ from typing import Callable
 
 from tunepipe.tasks.core.fingerprint import sha256_file
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.metrics import exact_match, token_f1
+from tunepipe.tasks.training.metrics import DEFAULT_SCORER, TaskScorer, exact_match, token_f1
 
 PerExample = Callable[[str, str], float]
 CORPUS_LEVEL = ("bleu", "chrf")
@@ -95,8 +96,10 @@ def callable_digest(target: str) -> str:
     return f"{target}@{sha256_file(Path(source))}" if source else target
 
 
-def metric_functions(builtin: list[str], user: dict[str, str]) -> dict[str, PerExample]:
-    functions = {name: BUILTIN[name] for name in builtin}
+def metric_functions(builtin: list[str], user: dict[str, str], scorer: TaskScorer = DEFAULT_SCORER) -> dict[str, PerExample]:
+    """{name: per-example function}; exact match and token F1 score as the task's scorer says."""
+    scored = {"exact_match": scorer.exact_match, "token_f1": scorer.token_f1}
+    functions = {name: scored.get(name, BUILTIN[name]) for name in builtin}
     functions.update({name: load_callable(target, name) for name, target in user.items()})
     return functions
 

@@ -33,6 +33,12 @@ def verdict_section(metrics: dict[str, Any]) -> str:
     word = "**PROMOTE**" if metrics["gate_passed"] else "**REJECT**"
     lines = [f"Verdict: {word} candidate `{metrics['candidate']}` over baseline `{metrics['baseline']}`.", ""]
     lines += [f"- {reason}" for reason in metrics["gate_reasons"]]
+    if "winner" in metrics:
+        lines += ["", f"Ships: **{metrics['winner'] or 'nothing'}**: {metrics['winner_reason']}."]
+    fallback = metrics.get("fallback")
+    if fallback:
+        word = "PASS" if fallback["gate_passed"] else "FAIL"
+        lines += ["", f"`sft` against the base ({word}):", ""] + [f"- {reason}" for reason in fallback["gate_reasons"]]
     return "\n".join(lines)
 
 

@@ -96,6 +96,7 @@ class EvaluateStage(Stage):
         from tunepipe.tasks.evaluate.metrics import metric_functions
         from tunepipe.tasks.evaluate.report import write_report
         from tunepipe.tasks.training.generation import heldout_examples
+        from tunepipe.tasks.training.scoring import task_scorers
         from tunepipe.tasks.training.trainer import write_json
 
         if config.ab.judge == "reward_model" and "reward" not in ctx.inputs:
@@ -122,9 +123,12 @@ class EvaluateStage(Stage):
             raise StageFailed(f"evaluate: tasks {missing} have no records in {data_dir}/test.jsonl: check evaluate.tasks / regression.tasks")
         ctx.logger.info("evaluate: %s against %s on %s (regression: %s)", candidate.name, baseline.name, tasks, config.regression.tasks or "none")
 
-        functions = metric_functions(config.metrics, config.user_metrics)
+        scorers = task_scorers(config.scoring, data_dir, wanted)
         generator = make_generator(config, ctx.env)
-        runs = {task: answer_task(task, examples[task], candidate, baseline, config, generator, functions) for task in wanted}
+        runs = {
+            task: answer_task(task, examples[task], candidate, baseline, config, generator, metric_functions(config.metrics, config.user_metrics, scorers[task]))
+            for task in wanted
+        }
         for task, run in runs.items():
             ctx.logger.info(
                 "evaluate: %s: %s %.3f (candidate) vs %.3f (baseline), n=%d", task, config.primary_metric,
@@ -133,15 +137,23 @@ class EvaluateStage(Stage):
         task_runs = {t: runs[t] for t in tasks}
 
         ab, outcomes = pairwise(config, task_runs, ctx)
-        lm_eval = run_lm_eval_all(config, task_runs, generator, ctx) if config.lm_eval.enabled else {"figures": {}, "agreement": {}}
+        lm_eval = run_lm_eval_all(config, task_runs, generator, ctx, scorers) if config.lm_eval.enabled else {"figures": {}, "agreement": {}}
         regression = regression_scores(config, runs, lm_eval["figures"])
+        general = general_runs(config, candidate, baseline, generator, ctx)
+        regression.update(general_scores(general))
 
         metrics = stage_metrics(config, candidate, baseline, task_runs, ab, regression, lm_eval, align_tolerance(candidate, ctx.inputs))
+        fallback = None
+        candidate_stage = stage_of(candidate, ctx.inputs)
+        if not metrics["gate_passed"] and candidate_stage == "align" and "sft" in ctx.inputs:
+            fallback = sft_against_base(config, ctx, candidate, examples, scorers, generator)
+        metrics.update(winner(candidate_stage, metrics, fallback))
+        ctx.logger.info("evaluate: ships %s: %s", metrics["winner"] or "nothing", metrics["winner_reason"])
         examples_shown = report_examples(task_runs, outcomes, config.report_examples)
-        write_predictions(ctx.staging_dir / "predictions.jsonl", runs, outcomes)
+        write_predictions(ctx.staging_dir / "predictions.jsonl", {**runs, **general}, outcomes)
         summary = write_report(ctx.staging_dir, metrics, examples_shown)
         write_json(ctx.staging_dir / "metrics.json", metrics)
-        write_handoff(ctx.staging_dir, GateVerdict(passed=metrics["gate_passed"], reasons=metrics["gate_reasons"]))
+        write_handoff(ctx.staging_dir, gate_verdict(metrics, ctx.inputs))
         ctx.logger.info("evaluate: gate %s: %s", "passed" if metrics["gate_passed"] else "FAILED", "; ".join(metrics["gate_reasons"]))
         return StageOutput(metrics=metrics, summary=summary, table=summary_table(metrics))
 
@@ -252,7 +264,7 @@ def _counts(outcomes: list[str]) -> tuple[int, int, int]:
 # lm-eval
 
 
-def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator: Any, ctx: StageContext) -> dict[str, Any]:
+def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator: Any, ctx: StageContext, scorers: dict[str, Any]) -> dict[str, Any]:
     """The generated task of each evaluated task on its own candidate/baseline spec, and the extra
     and regression lm-eval tasks on the first task's specs. Returns figures and the agreement of
     lm-eval's exact match with the stage's own."""
@@ -267,8 +279,8 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
     rows = {task: list(zip(run.prompts, run.references)) for task, run in runs.items()}
     max_new = config.generation.max_new_tokens
     local_dir = ctx.checkpoint_dir / "lm_eval_tasks"
-    names = write_local_tasks(local_dir, rows, max_new, cache_dir=str(ctx.checkpoint_dir / "hf_datasets"))
-    write_local_tasks(ctx.staging_dir / "lm_eval_tasks", rows, max_new, portable=True)
+    names = write_local_tasks(local_dir, rows, max_new, cache_dir=str(ctx.checkpoint_dir / "hf_datasets"), scorers=scorers)
+    write_local_tasks(ctx.staging_dir / "lm_eval_tasks", rows, max_new, portable=True, scorers=scorers)
     extra = list(dict.fromkeys([*settings.tasks, *config.regression.lm_eval_tasks]))
     manager = task_manager([str(local_dir), *settings.include_paths], [*names.values(), *extra])
     figures: dict[str, dict[str, dict[str, float]]] = {}
@@ -287,19 +299,13 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
     agreement = {}
     for task, run in runs.items():
         name = lm_eval_task_name(task)
-        stage_em = round(_mean(_exact(run.candidate, run.references)), 4)
+        stage_em = round(_mean([scorers[task].exact_match(p, r) for p, r in zip(run.candidate, run.references)]), 4)
         lm_em = figures.get(name, {}).get("candidate", {}).get("exact_match,normalised")
         agreement[task] = {"stage_exact_match": stage_em, "lm_eval_exact_match": lm_em}
         if lm_em is None or abs(lm_em - stage_em) > 1e-9:
             ctx.logger.warning("evaluate: %s: lm-eval exact match %s differs from the stage's %s", task, lm_em, stage_em)
     (ctx.staging_dir / "lm_eval_results.json").write_text(json.dumps({"figures": figures, "samples": samples}, indent=1, default=str))
     return {"figures": figures, "agreement": agreement}
-
-
-def _exact(predictions: list[str], references: list[str]) -> list[float]:
-    from tunepipe.tasks.training.metrics import exact_match
-
-    return [exact_match(p, r) for p, r in zip(predictions, references)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,13 +332,159 @@ def regression_scores(config: EvaluateConfig, runs: dict[str, TaskRun], lm_figur
     return out
 
 
+def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, ctx: StageContext) -> dict[str, TaskRun]:
+    """The general-knowledge set (tasks/training/retention.py) answered by both models, once per
+    adapter of the candidate (`general_chat:<task>` for per-task adapters), where it applies: a
+    pretrained base (`regression.general_set: auto`) or `on`, and a base model that answers at least
+    one of its questions (a model with nothing to lose is not checked)."""
+    from tunepipe.tasks.training import retention
+
+    if not retention.applies(config.regression.general_set, candidate.base_model, ctx.inputs):
+        return {}
+    runs = {}
+    for task in (sorted(candidate.paths) if candidate.kind == "adapters" else [None]):
+        name = retention.SET_NAME if task is None else f"{retention.SET_NAME}:{task}"
+        run = general_run(config, candidate, baseline, generator, task or retention.SET_NAME)
+        if run is None:
+            ctx.logger.info("evaluate: %s: the base model answers none of its %d questions: nothing to lose, not checked", name, len(retention.general_set()))
+            continue
+        runs[name] = run
+        ctx.logger.info("evaluate: %s: answered %.3f (candidate) vs %.3f (baseline)", name,
+                        _mean(runs[name].candidate_values[retention.METRIC]), _mean(runs[name].baseline_values[retention.METRIC]))
+    return runs
+
+
+def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, task: str) -> TaskRun | None:
+    """Both models' answers to the general set; None when the base model answers none of it."""
+    from tunepipe.tasks.evaluate.generation import base_source, served_spec
+    from tunepipe.tasks.training import retention
+    from tunepipe.tasks.training.modeling import load_tokenizer
+
+    cand_spec, base_spec = candidate.spec(task), baseline.spec(task)
+    if config.generation.backend == "endpoint":
+        cand_spec = served_spec(cand_spec, config.generation.endpoint.candidate_model, task)
+        base_spec = served_spec(base_spec, config.generation.endpoint.baseline_model, task)
+    tokenizer = load_tokenizer(cand_spec.tokenizer)
+    system_prompt = config.system_prompt or candidate.system_prompt
+    prompts = retention.prompts(tokenizer, prompt_template(config, tokenizer), system_prompt)
+    items = retention.general_set()
+    messages = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": i["prompt"]}] for i in items]
+    # Whether there is anything to lose is the base model's question (the baseline may be SFT, which
+    # could have lost it already); through an endpoint only the served baseline can be asked.
+    origin = base_spec if baseline.kind == "base" or config.generation.backend == "endpoint" else base_source(candidate).spec(task)
+    kept, generator.max_new_tokens = generator.max_new_tokens, config.regression.general_max_new_tokens
+    try:
+        origin_answers = generator.answers(origin, prompts)
+        if not any(retention.scores(origin_answers)):
+            return None  # the base knows none of it: nothing to lose (a model initialised from a seed)
+        base_answers = origin_answers if origin == base_spec else generator.answers(base_spec, prompts)
+        cand_answers = generator.answers(cand_spec, prompts)
+    finally:
+        generator.max_new_tokens = kept
+    references = [" | ".join(i["answers"]) for i in items]
+    return TaskRun(
+        task, messages, prompts, references, cand_answers, base_answers,
+        {retention.METRIC: retention.scores(cand_answers)}, {retention.METRIC: retention.scores(base_answers)}, cand_spec, base_spec,
+    )
+
+
+def general_scores(general: dict[str, TaskRun]) -> dict[str, dict[str, Any]]:
+    """Regression entries of the general set: the share of its questions each model answered."""
+    from tunepipe.tasks.training import retention
+
+    out = {}
+    for name, run in general.items():
+        cand, base = run.candidate_values[retention.METRIC], run.baseline_values[retention.METRIC]
+        out[name] = {
+            "candidate": round(_mean(cand), 4), "baseline": round(_mean(base), 4),
+            "source": f"tunepipe {retention.SET_NAME} set ({retention.METRIC})", "n": len(run.prompts),
+            "lost": [item["id"] for item, c, b in zip(retention.general_set(), cand, base) if b > c],
+        }
+    return out
+
+
+def stage_of(source: ModelSource, inputs: dict[str, Any]) -> str | None:
+    """`align` or `sft` when the source is that input artifact (what export can ship), else None."""
+    for name in ("align", "sft"):
+        ref = inputs.get(name)
+        if ref is not None and source.root is not None and Path(source.root).resolve() == Path(ref.path).resolve():
+            return name
+    return None
+
+
+def sft_against_base(
+    config: EvaluateConfig, ctx: StageContext, candidate: ModelSource, examples: dict[str, list[dict[str, Any]]],
+    scorers: dict[str, Any], generator: Any,
+) -> dict[str, Any]:
+    """The aligned candidate was held back: do the SFT adapters it started from pass the same gate
+    against the base (task metrics, A/B by the same judge, regression tasks and the general set)?
+    lm-eval's regression tasks are not rerun for it (a SKIP line says so)."""
+    from tunepipe.tasks.evaluate.generation import artifact_source, base_source, trained_tasks
+    from tunepipe.tasks.evaluate.metrics import metric_functions
+    from tunepipe.tasks.training.generation import heldout_examples
+    from tunepipe.tasks.training.scoring import task_scorers
+
+    sft = artifact_source("sft", ctx.inputs["sft"], config.base_model, candidate.base_model)
+    base = base_source(sft)
+    data_dir = ctx.inputs["data"].path
+    tasks = config.tasks or trained_tasks(sft, data_dir)
+    needed = [t for t in dict.fromkeys([*tasks, *config.regression.tasks]) if t not in examples]
+    examples = {**examples, **heldout_examples(data_dir, needed, config.max_examples_per_task)}
+    scorers = {**scorers, **task_scorers(config.scoring, data_dir, needed)}
+    ctx.logger.info("evaluate: the aligned candidate was held back: sft against the base on %s", tasks)
+    runs = {
+        task: answer_task(task, examples[task], sft, base, config, generator, metric_functions(config.metrics, config.user_metrics, scorers[task]))
+        for task in dict.fromkeys([*tasks, *config.regression.tasks]) if task in examples
+    }
+    task_runs = {t: runs[t] for t in tasks if t in runs}
+    ab, _ = pairwise(config, task_runs, ctx)
+    without_lm_eval = config.model_copy(update={"regression": config.regression.model_copy(update={"lm_eval_tasks": []})})
+    regression = regression_scores(without_lm_eval, runs, {})
+    regression.update(general_scores(general_runs(config, sft, base, generator, ctx)))
+    metrics = stage_metrics(config, sft, base, task_runs, ab, regression, {"figures": {}, "agreement": {}}, None)
+    reasons = list(metrics["gate_reasons"])
+    if config.regression.lm_eval_tasks:
+        reasons.append(f"SKIP lm-eval regression tasks {config.regression.lm_eval_tasks}: not rerun for sft against the base")
+    keys = ("candidate", "baseline", "tasks", "wins", "ties", "losses", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "regression")
+    return {**{k: metrics[k] for k in keys}, "gate_passed": metrics["gate_passed"], "gate_reasons": reasons}
+
+
+def winner(candidate_stage: str | None, metrics: dict[str, Any], fallback: dict[str, Any] | None) -> dict[str, Any]:
+    """What ships, and why: the candidate when it passed; else the SFT adapters when they passed
+    against the base (`fallback`); else nothing."""
+    against = f"against {metrics['baseline']}"
+    if metrics["gate_passed"]:
+        if candidate_stage is None:
+            return {"winner": None, "winner_reason": f"the candidate {metrics['candidate']} passed {against}, but it is not a "
+                    "pipeline artifact (export ships align or sft)", "fallback": None}
+        return {"winner": candidate_stage, "winner_reason": f"{candidate_stage} passed the gate {against}", "fallback": None}
+    failed = "; ".join(r for r in metrics["gate_reasons"] if r.startswith("FAIL")) or "the gate failed"
+    if fallback is None:
+        return {"winner": None, "winner_reason": f"{metrics['candidate']} was held back {against} ({failed}): nothing ships", "fallback": None}
+    if fallback["gate_passed"]:
+        return {"winner": "sft", "fallback": fallback, "winner_reason": (
+            f"{metrics['candidate']} was held back {against} ({failed}); the sft adapters passed the same gate against the base: "
+            "they ship instead")}
+    sft_failed = "; ".join(r for r in fallback["gate_reasons"] if r.startswith("FAIL"))
+    return {"winner": None, "fallback": fallback, "winner_reason": (
+        f"{metrics['candidate']} was held back {against} ({failed}), and the sft adapters failed against the base ({sft_failed}): nothing ships")}
+
+
+def gate_verdict(metrics: dict[str, Any], inputs: dict[str, Any]) -> GateVerdict:
+    won = metrics["winner"]
+    return GateVerdict(
+        passed=metrics["gate_passed"], reasons=metrics["gate_reasons"], candidate=metrics["candidate"],
+        winner=won, winner_key=inputs[won].key if won else None, winner_reason=metrics["winner_reason"],
+        fallback_reasons=(metrics.get("fallback") or {}).get("gate_reasons", []),
+    )
+
+
 def align_tolerance(candidate: ModelSource, inputs: dict[str, Any]) -> dict[str, Any] | None:
     """What the align stage recorded of the candidate's task metric against SFT, when the candidate
     is the align artifact: its verdict, the drop per run and the tolerance it was held to."""
-    align = inputs.get("align")
-    if align is None or Path(candidate.root).resolve() != Path(align.path).resolve():
+    if stage_of(candidate, inputs) != "align":
         return None
-    manifest = read_manifest(align.path)
+    manifest = read_manifest(inputs["align"].path)
     task = {run: h["task"] for run, h in (manifest.metrics.get("heldout") or {}).items() if h.get("task")}
     return {
         "within": manifest.metrics.get("task_metric_within_tolerance"),

@@ -3,7 +3,8 @@
 Inputs: `sft` or `align` (a model artifact whose `outputs.json` is {"kind": adapter|adapters|model,
 "paths": {run: relpath}, "method", "base_model"}; `export.source` picks, `auto` prefers align),
 `data` (required: its test split re-evaluates the exports, its key is the card's data version),
-`evaluate` (optional: the gate verdict for the card and for deploy), `pretrain`/`base_model`
+`evaluate` (optional: the gate verdict for the card and for deploy; with `export.source: auto`
+its winner is what is exported), `pretrain`/`base_model`
 (optional: the base when the path recorded in outputs.json no longer exists).
 
 Artifact layout:
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,24 @@ class Source:
         return [run] if self.kind == "adapters" else present
 
 
-def pick_source(config: ExportConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
+def pick_source(config: ExportConfig, inputs: dict[str, ArtifactRef]) -> tuple[ArtifactRef, str]:
+    """(the artifact to export, why). `auto` takes evaluate's winner when there is one (the aligned
+    adapters, or the SFT adapters when the gate held the aligned ones back and passed SFT against the
+    base); without a winner, align when the pipeline has it, else sft."""
+    if config.source == "auto" and "evaluate" in inputs:
+        verdict = read_handoff(inputs["evaluate"], GateVerdict, reader="export")
+        if verdict.winner is not None and verdict.winner in inputs:
+            return inputs[verdict.winner], f"evaluate's winner: {verdict.winner_reason}"
+        if verdict.winner_reason:
+            why = f"no winner in evaluate ({verdict.winner_reason}); exported for the record, deploy will not promote it"
+        else:
+            why = "auto: the evaluate verdict names no winner"
+    else:
+        why = f"export.source {config.source}"
     wanted = ("align", "sft") if config.source == "auto" else (config.source,)
     for name in wanted:
         if name in inputs:
-            return inputs[name]
+            return inputs[name], why
     raise StageFailed(f"export: source {config.source}: no {' or '.join(wanted)} input artifact (inputs: {sorted(inputs) or 'none'})")
 
 
@@ -383,25 +397,32 @@ class EvalSet:
     """The test prompts of one run, rendered with its chat template, and their references."""
 
     tasks: dict[str, tuple[list[str], list[str]]]  # task → (prompts, references)
+    scorers: dict[str, Any] = field(default_factory=dict)  # task → TaskScorer (export.scoring)
 
     @property
     def prompts(self) -> list[str]:
         return [p for prompts, _ in self.tasks.values() for p in prompts]
 
 
-def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, per_task: int) -> EvalSet:
+def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, config: ExportConfig) -> EvalSet:
     from tunepipe.tasks.training.encoding import read_split, resolve_chat_template
     from tunepipe.tasks.training.generation import (
         heldout_examples,
         prompts_and_references,
     )
+    from tunepipe.tasks.training.scoring import task_scorers
+
+    per_task = config.reeval.max_examples_per_task
 
     present = sorted({str(r.get("task") or "default") for r in read_split(data_dir, "test")})
     examples = heldout_examples(data_dir, source.tasks_of(run, present), per_task)
     if not examples:
         raise StageFailed(f"export: run {run}: the test split of {data_dir} has no records of tasks {source.tasks_of(run, present)} to re-evaluate on")
     template = resolve_chat_template("model", tokenizer)
-    return EvalSet({task: prompts_and_references(records, tokenizer, template, source.system_prompt) for task, records in examples.items()})
+    return EvalSet(
+        {task: prompts_and_references(records, tokenizer, template, source.system_prompt) for task, records in examples.items()},
+        task_scorers(config.scoring, data_dir, list(examples)),
+    )
 
 
 def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig) -> list[str]:
@@ -413,11 +434,11 @@ def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig)
 
 
 def task_scores(evals: EvalSet, answers: list[str]) -> dict[str, dict[str, float]]:
-    from tunepipe.tasks.training.metrics import score
+    from tunepipe.tasks.training.metrics import DEFAULT_SCORER
 
     out, start = {}, 0
     for task, (prompts, references) in evals.tasks.items():
-        out[task] = score(answers[start : start + len(prompts)], references)
+        out[task] = evals.scorers.get(task, DEFAULT_SCORER).score(answers[start : start + len(prompts)], references)
         start += len(prompts)
     return out
 
@@ -453,7 +474,8 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 
 def model_card(
-    *, source: Source, exports: ExportIndex, gate: GateVerdict | None, reeval: dict[str, Any], config: ExportConfig, data_key: str | None
+    *, source: Source, exports: ExportIndex, gate: GateVerdict | None, reeval: dict[str, Any], config: ExportConfig, data_key: str | None,
+    why: str = "",
 ) -> str:
     if gate is None:
         verdict = "no evaluate stage ran: no gate verdict"
@@ -471,6 +493,7 @@ def model_card(
         f"- Trained artifact: `{source.ref.stage}:{source.ref.key}` ({source.kind}: {', '.join(source.runs)})",
         f"- Base model: `{source.base_model}`",
         f"- Data version: `{data_key}` (the data artifact's key)",
+        f"- Why this artifact: {why or 'export.source'}",
         f"- Gate verdict: {verdict}",
         f"- Adapters checked for engine `{exports.engine}` (max LoRA rank {exports.max_lora_rank})",
         "",
@@ -517,7 +540,9 @@ class ExportStage(Stage):
         from tunepipe.tasks.training.modeling import load_model
 
         data_ref = ctx.inputs["data"]
-        source = read_source(pick_source(config, ctx.inputs), ctx.inputs)
+        picked, why = pick_source(config, ctx.inputs)
+        source = read_source(picked, ctx.inputs)
+        ctx.logger.info("export: exporting %s: %s", picked.stage, why)
         targets = resolve_targets(config, source.kind)
         engine = config.serving_engine or ctx.env.serving.engine
         max_rank = config.max_lora_rank or ctx.env.serving.max_lora_rank
@@ -532,7 +557,7 @@ class ExportStage(Stage):
         for run, run_dir in source.runs.items():
             ctx.logger.info("export: %s", run)
             tokenizer = run_tokenizer(source, run)
-            evals = eval_set(source, run, tokenizer, data_ref.path, config.reeval.max_examples_per_task)
+            evals = eval_set(source, run, tokenizer, data_ref.path, config)
             if "adapters" in targets:
                 shutil.copytree(run_dir, out / "adapters" / run)
                 written["adapters"][run] = f"adapters/{run}"
@@ -581,7 +606,7 @@ class ExportStage(Stage):
         write_handoff(out, exports)
         (out / "reeval.json").write_text(json.dumps(reeval, indent=1))
         gate = read_handoff(ctx.inputs["evaluate"], GateVerdict, reader="export") if "evaluate" in ctx.inputs else None
-        card = model_card(source=source, exports=exports, gate=gate, reeval=reeval, config=config, data_key=data_ref.key)
+        card = model_card(source=source, exports=exports, gate=gate, reeval=reeval, config=config, data_key=data_ref.key, why=why)
         (out / CARD).write_text(card)
         for runs in written.values():
             for rel in runs.values():
@@ -593,7 +618,7 @@ class ExportStage(Stage):
             for run, by_target in scores.items()
         }
         metrics = {
-            "source": f"{source.ref.stage}:{source.ref.key}", "kind": source.kind, "method": source.method,
+            "source": f"{source.ref.stage}:{source.ref.key}", "source_reason": why, "kind": source.kind, "method": source.method,
             "targets": targets, "runs": list(source.runs), "engine": engine, "max_lora_rank": max_rank,
             "data_key": data_ref.key, "reeval": scores, "quantization_delta_exact_match": deltas,
             "merged_agreement": merged_agreement, "checks": {"merged_matches_adapter": merged_checks},
@@ -605,5 +630,7 @@ class ExportStage(Stage):
             {"run": run, "export": target, "task": task, **s}
             for run, by_target in scores.items() for target, tasks in by_target.items() for task, s in tasks.items()
         ]
-        summary = f"Exported {source.ref.stage} ({source.method}, {source.kind}) as {', '.join(targets)}.\n\n" + card.split("---\n", 2)[-1]
+        summary = (
+            f"Exported {source.ref.stage} ({source.method}, {source.kind}) as {', '.join(targets)}: {why}.\n\n" + card.split("---\n", 2)[-1]
+        )
         return StageOutput(metrics=metrics, summary=summary, table=table)

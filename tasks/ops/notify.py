@@ -107,7 +107,8 @@ def gate_verdicts(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
     for name, stage in ((summary or {}).get("stages") or {}).items():
         metrics = stage.get("metrics") or {}
         if "gate_passed" in metrics:
-            details = {k: v for k, v in metrics.items() if k.startswith("gate")}
+            # evaluate's winner says what ships when its candidate was held back (the SFT adapters, or nothing)
+            details = {k: v for k, v in metrics.items() if k.startswith("gate") or k in ("winner", "winner_reason")}
             verdicts.append({"stage": name, "passed": bool(metrics["gate_passed"]), "details": details})
         elif name == "data":
             report_path = Path(stage.get("path", "")) / "report.json"

@@ -139,11 +139,15 @@ class SFTStage(TrainingStage):
         )
         write_handoff(ctx.staging_dir, outputs)
         write_json(ctx.staging_dir / "metrics.json", metrics_by_run)
-        heldout = {}
+        heldout, kept = {}, {}
         if config.heldout.max_examples_per_task:
             from tunepipe.tasks.sft.heldout import heldout_metrics
+            from tunepipe.tasks.training.retention import applies
 
-            heldout = heldout_metrics(config, outputs, ctx.staging_dir, model_path, data_dir, ctx.env, tasks)
+            general = applies(config.heldout.general_set, model_path, ctx.inputs)
+            heldout, kept = heldout_metrics(config, outputs, ctx.staging_dir, model_path, data_dir, ctx.env, tasks, general)
+            for run, r in kept.items():
+                ctx.logger.info("sft: %s general-set retention %.3f (base) -> %.3f (trained), n=%d", run, r["base"], r["trained"], r["n"])
             for task, scores in heldout.items():
                 ctx.logger.info(
                     "sft: held-out %s exact match %.3f (base %.3f), token F1 %.3f (base %.3f), n=%d",
@@ -175,6 +179,7 @@ class SFTStage(TrainingStage):
             "loss_history": {run: m["loss_history"] for run, m in metrics_by_run.items()},
             "step_metrics": step_metrics,
             "heldout": heldout,
+            "retention": kept or None,  # general-set retention per run, base -> trained (pretrained bases)
             "checks": {run: m.get("checks", {}) for run, m in metrics_by_run.items()},
         }
         truncated_note = (

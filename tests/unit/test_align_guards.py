@@ -100,3 +100,20 @@ def test_reward_signal_checks():
     assert reward_variance_check([1.0, 0.5, 0.5], 0.8) == {"passed": True, "mean_zero_std_fraction": 0.6667, "max_allowed": 0.8, "steps": 3}
     assert not reward_moved_check([0.0, 0.0, 0.0], 1e-6)["passed"]
     assert reward_moved_check([0.1, 0.0, 0.3], 1e-6)["passed"]
+
+
+def test_dpo_whose_own_preference_accuracy_fell_is_not_better_whatever_the_reward_model_says():
+    # The issue's run: the reward model's score rose, held-out preference accuracy fell 0.875 -> 0.81.
+    config = AlignConfig.model_validate({"method": "dpo"})
+    task = _task(0.70, 0.70, sft_reward_mean=0.1, aligned_reward_mean=0.6)
+    fell = verdict(config, task, {"sft_accuracy": 0.875, "aligned_accuracy": 0.81})
+    assert fell["objective"] == "held-out reward-model score" and fell["objective_improved"] is True
+    assert fell["better_than_sft"] is False and fell["preference_accuracy_fell"] is True
+    assert "held-out preference accuracy fell (0.875 -> 0.81" in fell["reason"]
+    # held or risen: better; a tolerance lets a small fall through
+    assert verdict(config, task, {"sft_accuracy": 0.875, "aligned_accuracy": 0.875})["better_than_sft"] is True
+    tolerant = AlignConfig.model_validate({"method": "dpo", "preference_tolerance": 0.1})
+    assert verdict(tolerant, task, {"sft_accuracy": 0.875, "aligned_accuracy": 0.81})["better_than_sft"] is True
+    # GRPO does not train on preference pairs: its pairs' accuracy does not decide its verdict
+    grpo = AlignConfig.model_validate({"method": {"name": "grpo", "rewards": ["reward_model"]}})
+    assert verdict(grpo, task, {"sft_accuracy": 0.875, "aligned_accuracy": 0.5})["preference_accuracy_fell"] is False

@@ -115,9 +115,37 @@ def test_local_lm_eval_task_files(tmp_path):
     assert spec["output_type"] == "generate_until" and spec["doc_to_text"] == "prompt" and spec["doc_to_target"] == "reference"
     assert spec["dataset_kwargs"] == {"data_files": {"test": str(tmp_path / "tunepipe_my_task.jsonl")}, "cache_dir": "/c"}
     assert spec["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 16}
-    assert spec["filter_list"][0]["filter"][0]["filter_fn"] == ("function", f"{FILTER_MODULE}.collapse_whitespace")
+    assert spec["filter_list"][0]["filter"][0]["filter_fn"] == ("function", f"{FILTER_MODULE}.answer_my_task")
     assert (tmp_path / f"{FILTER_MODULE}.py").exists()
-    assert (tmp_path / "tunepipe_my_task.jsonl").read_text().splitlines()[0] == '{"prompt": "P1", "reference": "R1"}'
+    # references are stored normalised as the task's scorer normalises (SQuAD by default)
+    assert (tmp_path / "tunepipe_my_task.jsonl").read_text().splitlines()[0] == '{"prompt": "P1", "reference": "r1"}'
+
+
+def test_lm_eval_filter_scores_as_the_stage_does(tmp_path):
+    """The filter module written next to the tasks normalises (and reads labels) like the stage's
+    scorer, without importing tunepipe: filtered answer == stored reference exactly when the stage
+    counts an exact match."""
+    import importlib.util
+    import json
+
+    from tunepipe.tasks.training.metrics import TaskScorer
+
+    scorers = {"sentiment": TaskScorer(labels=("positive", "negative")), "triples": TaskScorer("whitespace")}
+    rows = {"sentiment": [("p", "positive"), ("p", "negative")], "triples": [("p", "(A, r, B)")]}
+    write_local_tasks(tmp_path, rows, 8, scorers=scorers)
+    source = (tmp_path / f"{FILTER_MODULE}.py").read_text()
+    assert "tunepipe" not in source.split('"""', 2)[2]  # runs where tunepipe is not installed
+    spec = importlib.util.spec_from_file_location("filters", tmp_path / f"{FILTER_MODULE}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    answers = {"sentiment": ["The review is positive.", "It is positive, not negative."], "triples": ["(a, r, B)"]}
+    for task, task_rows in rows.items():
+        stored = [json.loads(line)["reference"] for line in (tmp_path / f"tunepipe_{task}.jsonl").read_text().splitlines()]
+        filtered = getattr(module, f"answer_{task}")([[a] for a in answers[task]], None)
+        lm_eval = [float(f[0] == r) for f, r in zip(filtered, stored)]
+        stage = [scorers[task].exact_match(a, r) for a, (_, r) in zip(answers[task], task_rows)]
+        assert lm_eval == stage
+    assert [getattr(module, "answer_sentiment")([["The review is positive."]], None)] == [[["positive"]]]
 
 
 def test_serving_baseline_follows_the_registry_and_enters_the_key(tmp_path):

@@ -135,7 +135,8 @@ def test_hooks_read_settings_from_the_run_parameters_and_post(monkeypatch):
             message=None,
             result=lambda raise_on_failure=False: {
                 "stages": {"data": {"key": "k", "cached": True, "path": "/nowhere", "metrics": {"read": 3, "kept": 3, "rejected": 0}},
-                           "evaluate": {"key": "e", "cached": False, "path": "/e", "metrics": {"gate_passed": False, "gate_reason": "worse"}}}
+                           "evaluate": {"key": "e", "cached": False, "path": "/e", "metrics": {"gate_passed": False, "gate_reason": "worse",
+                                                                                          "winner": "sft", "winner_reason": "align held back", "tasks": {}}}}
             },
         )
         notify.on_completion(None, run, done)
@@ -144,6 +145,9 @@ def test_hooks_read_settings_from_the_run_parameters_and_post(monkeypatch):
     completion = receiver.events("completion")[0]
     assert completion["stages"]["data"]["cached"] is True
     assert {g["stage"]: g["passed"] for g in completion["gates"]} == {"data": True, "evaluate": False}
+    # what ships when the candidate was held back travels with the verdict; other metrics do not
+    evaluate = next(g for g in completion["gates"] if g["stage"] == "evaluate")
+    assert evaluate["details"] == {"gate_passed": False, "gate_reason": "worse", "winner": "sft", "winner_reason": "align held back"}
     assert receiver.events("gate") == []  # not asked for
 
 
