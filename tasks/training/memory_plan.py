@@ -493,3 +493,26 @@ def pipeline_plan_target(config: Any) -> tuple[Any, Any, int, TrainingConfig]:
 
         model = llama_config(config.base_model, vocab_size=config.base_model.tokenizer.vocab_size)
     return model, config.sft.method, config.sft.max_length, config.sft.training
+
+
+def recommended_profile(total_params: int, device: str, profiles: dict[str, EnvironmentProfile]) -> str | None:
+    """The profile for a `device` host whose `sized_for` range holds a model of `total_params` (the narrowest
+    range when several do), or None when no profile of that device is sized for it."""
+    fitting = [
+        (p.sized_for.max_params or float("inf")) - p.sized_for.min_params
+        for p in profiles.values() if p.device == device and p.sized_for is not None and p.sized_for.covers(total_params)
+    ]
+    names = [n for n, p in profiles.items() if p.device == device and p.sized_for is not None and p.sized_for.covers(total_params)]
+    return min(zip(fitting, names))[1] if names else None
+
+
+def advice(total_params: int, host: str, current: str, profiles: dict[str, EnvironmentProfile]) -> dict[str, Any]:
+    """`tunepipe plan`'s profile advice: which bundled profile is sized for this model on a `host` machine."""
+    name = recommended_profile(total_params, host, profiles)
+    if name is None:
+        return {"host": host, "profile": None,
+                "reason": f"no bundled {host} profile is sized for {total_params:,} parameters: choose by the table"}
+    sized = profiles[name].sized_for
+    upper = f"{sized.max_params:,}" if sized.max_params is not None else "any"
+    reason = f"sized for {sized.min_params:,}-{upper} parameters on a {host} host"
+    return {"host": host, "profile": name, "reason": reason, "is_current": name == current}
