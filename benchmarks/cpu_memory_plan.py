@@ -148,24 +148,26 @@ def run_reward(model: str, env: Any, max_length: int, steps: int, work: Path) ->
                          train_dataset=Dataset.from_list([conversational_pair(p) for p in pairs]))
 
 
-def run_dpo(model: str, env: Any, max_length: int, steps: int, work: Path) -> Any:
+def make_sft_adapter(model: str, env: Any, sft_dir: Path) -> None:
+    """The SFT adapter DPO continues: an untrained one of the same shape (memory does not depend on its values).
+    Made in its own process: loading a base for it would otherwise count in the DPO process's peak."""
     from peft import get_peft_model
-    from tunepipe.schemas.align import AlignConfig
     from tunepipe.schemas.sft import SFTConfig
-    from tunepipe.tasks.align.policy import load_policy
-    from tunepipe.tasks.align.trainers import pairwise_trainer
     from tunepipe.tasks.training import peft_methods
     from tunepipe.tasks.training.modeling import load_tokenizer
-    from tunepipe.tasks.training.trainer import load_base, training_kwargs
+    from tunepipe.tasks.training.trainer import load_base
 
-    # The SFT adapter DPO continues: an untrained one of the same shape (memory does not depend on its values),
-    # written and freed before the measured part loads the policy as the align stage does.
     sft_method = SFTConfig.model_validate({"method": LORA}).method
-    sft_dir = work / "sft-adapter"
-    adapter = get_peft_model(load_base(model, sft_method, env), peft_methods.lora_config(sft_method))
-    adapter.save_pretrained(sft_dir)
+    get_peft_model(load_base(model, sft_method, env), peft_methods.lora_config(sft_method)).save_pretrained(sft_dir)
     load_tokenizer(model).save_pretrained(sft_dir)
-    del adapter
+
+
+def run_dpo(model: str, env: Any, max_length: int, steps: int, work: Path, sft_dir: Path) -> Any:
+    from tunepipe.schemas.align import AlignConfig
+    from tunepipe.tasks.align.policy import load_policy
+    from tunepipe.tasks.align.trainers import pairwise_trainer
+    from tunepipe.tasks.training.trainer import training_kwargs
+
     config = AlignConfig.model_validate({"method": {"name": "dpo"}, "max_length": max_length, "training": _training(steps)})
     job = {"sft_config": {"method": LORA}, "sft_dir": str(sft_dir), "sft_kind": "adapter", "base_model": model}
     policy, tokenizer = load_policy(job, config, env)
@@ -176,14 +178,15 @@ def run_dpo(model: str, env: Any, max_length: int, steps: int, work: Path) -> An
 RUNNERS = {"sft": run_sft, "reward": run_reward, "dpo": run_dpo}
 
 
-def child(stage: str, model: str, environment: str, max_length: int, steps: int) -> dict[str, Any]:
+def child(stage: str, model: str, environment: str, max_length: int, steps: int, adapter_dir: str | None) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
     after_imports = peak_rss_gib()
     env = _env(environment)
     with tempfile.TemporaryDirectory(prefix=f"bench-mem-{stage}-") as tmp:
-        trainer = RUNNERS[stage](model, env, max_length, steps, Path(tmp))
+        extra = {"sft_dir": Path(adapter_dir)} if stage == "dpo" else {}
+        trainer = RUNNERS[stage](model, env, max_length, steps, Path(tmp), **extra)
         built = peak_rss_gib()
         start = time.perf_counter()
         trainer.train()
@@ -214,13 +217,21 @@ def planned(model: str, stage: str, environment: str, max_length: int) -> dict[s
     return plan(model, method, _env(environment), max_length, stage=stage)["memory"]
 
 
-def measure(stage: str, model: str, environment: str, max_length: int, steps: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", stage, "--model", model, "--environment", environment,
-           "--max-length", str(max_length), "--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def _run_child(label: str, args: list[str]) -> str:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
-        raise SystemExit(f"{stage} child failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{label} child failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def measure(stage: str, model: str, environment: str, max_length: int, steps: int) -> dict[str, Any]:
+    common = ["--model", model, "--environment", environment, "--max-length", str(max_length), "--steps", str(steps)]
+    with tempfile.TemporaryDirectory(prefix="bench-mem-adapter-") as adapter_dir:
+        if stage == "dpo":
+            _run_child("sft adapter", ["--make-adapter", adapter_dir, *common])
+            common += ["--adapter-dir", adapter_dir]
+        out = _run_child(stage, ["--child", stage, *common])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def default_model() -> str:
@@ -237,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per stage (the peak is reached in the first)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--make-adapter", help=argparse.SUPPRESS)
+    parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.make_adapter:
+        make_sft_adapter(args.model, _env(args.environment), Path(args.make_adapter))
+        return 0
     if args.child:
         _import_stack()
-        print(json.dumps(child(args.child, args.model, args.environment, args.max_length, args.steps)))
+        print(json.dumps(child(args.child, args.model, args.environment, args.max_length, args.steps, args.adapter_dir)))
         return 0
     model = args.model or default_model()
     result = _common.header("cpu_memory_plan.py", sys.argv[1:] if argv is None else argv)
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = measure(stage, model, args.environment, args.max_length, args.steps)
         result["rows"].append(ratio_row(stage, measured, planned(model, stage, args.environment, args.max_length)))
         result["rows"][-1]["peak_rss_before_training_gib"] = round(measured["peak_rss_before_training_gib"], 3)
+        print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
     _common.print_result(result)
     return 0
 
