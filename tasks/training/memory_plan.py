@@ -33,13 +33,23 @@ trainable count is the one training will print. Memory is an estimate per device
                          Linear4bit returns its input's dtype, and the packed QLoRA peaks sat ~10 GiB above LoRA's
                          (a fit to the H100 figures, like the rest of this term)
                    eager: the scores and probabilities, 2.5 x heads x s^2 values per row, or x L^2 for a packed batch
+    reference    DPO (`stage="dpo"`): TRL's frozen `ref` copy of the continued adapter (the base weights are shared);
+                 a full-model policy: a whole second model
     logits       by loss path: `nll` (a plain Trainer): the logits at the head's dtype, their float32 copy and the
                  float32 log-softmax kept for backward (+8 bytes per position and vocabulary entry); TRL's default
                  `chunked_nll` (what the sft and pretrain stages run): the head runs on chunks of 256 labelled
-                 tokens, so only one chunk's logits exist; Liger's fused linear cross-entropy: likewise chunked,
+                 tokens, so only one chunk's logits exist, in float32 at any model dtype, with its log-softmax, exp,
+                 entropy product and gradient (5 x 4 bytes per entry); DPO: the policy's logits over every position
+                 kept for backward plus one tensor that size (the reference's logits, then their gradient); a reward
+                 model: one value per position; Liger's fused linear cross-entropy: likewise chunked,
                  planned as nothing. QLoRA's head is float32. (The plain Trainer's full logits are the 2x memory gap
                  between it and tunepipe measured unpacked on the H100: benchmarks/README.md.)
     overhead     10% of the above (allocator fragmentation, workspaces)
+    process      the profile's `process_memory_gb`: what the training process holds besides tensors (interpreter,
+                 libraries, tokenizer), which on a CPU host shares the RAM (measured: benchmarks/cpu_memory_plan.py)
+
+Reward and DPO (`stage`) run each pair's chosen and rejected rows as one batch: twice the rows of sft's
+micro-batch for activations and attention. A reward model has a one-output score head and no LM head.
 
 Sharding (`sharding`): with several processes, weights, gradients and optimizer states are divided by
 the world size as the profile's ZeRO stage or FSDP mode says (and offloaded ones leave the device);
