@@ -136,6 +136,18 @@ class FsdpProfile(StrictModel):
     )
 
 
+class SizedFor(StrictModel):
+    """The model sizes a profile's batch and checkpointing were chosen for (`tunepipe plan` recommends by it)."""
+
+    min_params: int = Field(default=0, ge=0, description="Smallest model, in total parameters, the profile is sized for.")
+    max_params: int | None = Field(
+        default=None, ge=1, description="Largest model, in total parameters, the profile is sized for; None: no bound."
+    )
+
+    def covers(self, params: int) -> bool:
+        return params >= self.min_params and (self.max_params is None or params <= self.max_params)
+
+
 class EnvironmentProfile(StrictModel):
     """One hardware/runtime profile."""
 
@@ -144,6 +156,29 @@ class EnvironmentProfile(StrictModel):
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Device training and inference run on.")
     device_memory_gb: float = Field(gt=0, description="Memory per device in GiB, for the memory planner's fit check.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Training/inference dtype.")
+    process_memory_gb: float = Field(
+        default=0.0,
+        ge=0,
+        description="Memory in GiB a training process holds besides its tensors (the interpreter, torch, transformers and "
+        "TRL code, tokenizer, data), added by the memory planner on top of the tensors' peak: on a CPU host it is the "
+        "same RAM training uses (measured: benchmarks/cpu_memory_plan.py); on a GPU it lives in host memory (0).",
+    )
+    malloc_mmap_threshold_kb: int | None = Field(
+        default=None,
+        ge=1,
+        le=32 * 1024,
+        description="glibc malloc's mmap threshold (M_MMAP_THRESHOLD, KiB) set in the training process: blocks at least "
+        "this large are mmapped and given back to the system when freed. glibc's default threshold rises as blocks "
+        "are freed, after which activation-sized blocks stay resident in its heap: a CPU training step's peak RSS "
+        "then exceeds its tensors by about a GiB on a 135M model (benchmarks/cpu_memory_plan.py). None: glibc's "
+        "default. No effect on other C libraries or on GPU memory.",
+    )
+    sized_for: SizedFor | None = Field(
+        default=None,
+        description="Model sizes this profile's batch, accumulation and checkpointing were chosen for: `tunepipe plan` "
+        "recommends, on a host of the profile's device, the profile whose range holds the model. None: never "
+        "recommended by size.",
+    )
     quantization: QuantizationDefaults = Field(default_factory=QuantizationDefaults, description="QLoRA defaults.")
     per_device_batch_size: int = Field(default=8, ge=1, description="Micro-batch size per device.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")

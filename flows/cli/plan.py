@@ -12,7 +12,7 @@ from tunepipe.tasks.core.loading import ConfigError
 def cmd_plan(args: argparse.Namespace) -> int:
     from tunepipe.schemas.sft import SFTConfig
     from tunepipe.tasks.core.environment import bundled_profiles, load_environment
-    from tunepipe.tasks.training.memory_plan import pipeline_plan_target, plan
+    from tunepipe.tasks.training.memory_plan import advice, pipeline_plan_target, plan
 
     if args.model:
         method = {"name": args.method}
@@ -37,16 +37,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
             model, method_config, seq_len, training = pipeline_plan_target(config)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        # Reward trains its own method; DPO trains the SFT adapter further: each at its own section's max_length.
+        section = {"reward": config.reward, "dpo": config.align}.get(args.stage)
+        if section is not None:
+            seq_len = section.max_length
+            method_config = section.method if args.stage == "reward" else method_config
         seq_len = args.seq_len or seq_len
         env_name = config.environment
         packing = args.packing or config.sft.packing
-    result = plan(model, method_config, load_environment(env_name), seq_len, training, packing=packing)
+    stage = args.stage
+    result = plan(model, method_config, load_environment(env_name), seq_len, training, packing=packing, stage=stage)
+    profiles = {name: load_environment(name) for name in bundled_profiles()}
     result["profiles"] = [
         {"environment": name, "total_gb": row["memory"]["total_gb"], "fits": row["memory"]["fits"],
          "processes": row["memory"]["assumptions"]["processes"], "sharding": row["memory"]["assumptions"]["sharding"]}
-        for name in bundled_profiles()
-        for row in [plan(model, method_config, load_environment(name), seq_len, training, packing=packing)]
+        for name, profile in profiles.items()
+        for row in [plan(model, method_config, profile, seq_len, training, packing=packing, stage=stage)]
     ]
+    result["advice"] = advice(result["total_params"], args.host or host_device(), env_name, profiles)
     if args.json:
         print(json.dumps(result, default=str))
         return 0
@@ -60,7 +68,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for row in result["profiles"]:
         print(f"{row['environment']:<38} {row['processes']:>9}  {sharding_label(row['sharding']):<70} {row['total_gb']:>10.2f}  "
               f"{'yes' if row['fits'] else 'NO'}")
+    print(advice_line(result["advice"], {row["environment"]: row["total_gb"] for row in result["profiles"]}, stage))
     return 0
+
+
+def host_device() -> str:
+    """The device this machine trains on: cuda when torch sees a GPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def advice_line(advised: dict, totals: dict[str, float], stage: str) -> str:
+    """`advice: on this cpu host use profile cpu-small-lm (sized for ...): ~1.6 GiB for sft`."""
+    if advised["profile"] is None:
+        return f"advice: {advised['reason']}"
+    name = advised["profile"]
+    current = " (the profile planned above)" if advised["is_current"] else ""
+    return (f"advice: on this {advised['host']} host use profile {name}{current}, {advised['reason']}: "
+            f"~{totals[name]:.2f} GiB for {stage}")
 
 
 def sharding_label(shards: dict) -> str:
@@ -84,6 +110,10 @@ def add_parsers(sub) -> None:
     plan.add_argument("--target-parameters", nargs="+", help="parameters to adapt, e.g. a MoE model's mlp.experts.gate_up_proj (with --model)")
     plan.add_argument("--seq-len", type=int, help="sequence length (default: the stage's max_length, or 512)")
     plan.add_argument("--packing", action="store_true", help="plan packed, padding-free rows (default: the stage's packing)")
+    plan.add_argument("--stage", choices=["sft", "reward", "dpo"], default="sft",
+                      help="what trains: sft (a causal LM on rows), reward (a classifier on chosen + rejected rows) or "
+                      "dpo (the policy on chosen + rejected rows, with its reference)")
+    plan.add_argument("--host", choices=["cpu", "cuda"], help="device of the machine the advice is for (default: this one's)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 

@@ -39,3 +39,26 @@ def deepspeed_config_path(env: EnvironmentProfile) -> Path | None:
         return None
     path = Path(env.deepspeed_config)
     return path if path.is_absolute() else PROFILES_DIR / path
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def apply_allocator_settings(env: EnvironmentProfile) -> bool:
+    """Set glibc malloc's mmap threshold from the profile (`malloc_mmap_threshold_kb`) in this process.
+
+    glibc raises the threshold each time an mmapped block is freed (up to 32 MiB); activation-sized blocks then
+    come from the heap, where freed memory stays resident, and a CPU training step's peak RSS grows far past its
+    live tensors. A fixed threshold mmaps those blocks and returns them when freed. Returns whether it was set
+    (False without the setting, or where the C library is not glibc)."""
+    if env.malloc_mmap_threshold_kb is None:
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, env.malloc_mmap_threshold_kb * 1024))

@@ -33,13 +33,23 @@ trainable count is the one training will print. Memory is an estimate per device
                          Linear4bit returns its input's dtype, and the packed QLoRA peaks sat ~10 GiB above LoRA's
                          (a fit to the H100 figures, like the rest of this term)
                    eager: the scores and probabilities, 2.5 x heads x s^2 values per row, or x L^2 for a packed batch
+    reference    DPO (`stage="dpo"`): TRL's frozen `ref` copy of the continued adapter (the base weights are shared);
+                 a full-model policy: a whole second model
     logits       by loss path: `nll` (a plain Trainer): the logits at the head's dtype, their float32 copy and the
                  float32 log-softmax kept for backward (+8 bytes per position and vocabulary entry); TRL's default
                  `chunked_nll` (what the sft and pretrain stages run): the head runs on chunks of 256 labelled
-                 tokens, so only one chunk's logits exist; Liger's fused linear cross-entropy: likewise chunked,
+                 tokens, so only one chunk's logits exist, in float32 at any model dtype, with its log-softmax, exp,
+                 entropy product and gradient (5 x 4 bytes per entry); DPO: the policy's logits over every position
+                 kept for backward plus one tensor that size (the reference's logits, then their gradient); a reward
+                 model: one value per position; Liger's fused linear cross-entropy: likewise chunked,
                  planned as nothing. QLoRA's head is float32. (The plain Trainer's full logits are the 2x memory gap
                  between it and tunepipe measured unpacked on the H100: benchmarks/README.md.)
     overhead     10% of the above (allocator fragmentation, workspaces)
+    process      the profile's `process_memory_gb`: what the training process holds besides tensors (interpreter,
+                 libraries, tokenizer), which on a CPU host shares the RAM (measured: benchmarks/cpu_memory_plan.py)
+
+Reward and DPO (`stage`) run each pair's chosen and rejected rows as one batch: twice the rows of sft's
+micro-batch for activations and attention. A reward model has a one-output score head and no LM head.
 
 Sharding (`sharding`): with several processes, weights, gradients and optimizer states are divided by
 the world size as the profile's ZeRO stage or FSDP mode says (and offloaded ones leave the device);
@@ -52,7 +62,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import (
@@ -190,6 +200,30 @@ def _grad_blocks(model: Any, method: Any, layers: int) -> int:
 
 
 CHUNKED_LOSS_TOKENS = 256  # TRL's chunked_nll chunk (trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE)
+# TRL's chunk works in float32 whatever the model's dtype (`h.float() @ w.float().t()`) and holds the chunk's logits,
+# their log-softmax, its exp and the entropy product it logs; in backward a gradient of that size joins them.
+CHUNKED_LOSS_COPIES = 5
+PlanStage = Literal["sft", "reward", "dpo"]
+# Rows a micro-batch of `per_device_batch_size` examples runs: reward and DPO concatenate chosen and rejected.
+ROWS_PER_EXAMPLE = {"sft": 1, "reward": 2, "dpo": 2}
+DPO_LOGITS_COPIES = 2  # the kept logits + the reference's logits (forward) or the logits' gradient (backward)
+
+
+def score_head_delta(model: Any, h: int) -> int:
+    """Parameters a sequence-classification model has beyond the causal LM's count: its one-output score head,
+    less an untied LM head it does not have (tied embeddings stay: the input embedding is still needed)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    untied = head is not None and embed is not None and head.weight is not embed.weight
+    return h - (head.weight.numel() if untied else 0)
+
+
+def reference_bytes(stage: str, method: Any, trainable: int, total: int, dt: int, trainable_bytes: int) -> float:
+    """DPO's frozen reference: for a PEFT policy, TRL's `ref` copy of the continued adapter (the base weights
+    are shared, the adapter disabled or swapped); for a full-model policy, a whole second model."""
+    if stage != "dpo":
+        return 0.0
+    return trainable * trainable_bytes if method.is_peft else total * dt
 
 
 def activation_bytes_per_token(
@@ -223,12 +257,20 @@ def attention_bytes(kernel: str, b: int, s: int, heads: int, blocks: int, dt: in
 
 
 def logits_bytes(loss: str, tokens: int, vocab: int, dt: int, *, float32_head: bool) -> float:
-    """Peak logits memory of the loss path: `nll`, `chunked_nll` (TRL's default) or `liger` (fused, chunked)."""
+    """Peak logits memory of the loss path: `nll`, `chunked_nll` (TRL's default), `liger` (fused, chunked),
+    `preference` (DPO: the policy's full logits) or `score` (a reward model's one output per position)."""
     head = 4 if float32_head else dt
     if loss == "liger":
         return 0.0
+    if loss == "score":
+        return tokens * head
+    if loss == "preference":
+        # TRL's DPO keeps the policy's logits over every position for backward (selective_log_softmax saves them),
+        # and a second tensor of that size exists twice: the reference's logits during its no-grad forward, then
+        # the logits' gradient in backward.
+        return tokens * vocab * head * DPO_LOGITS_COPIES
     if loss == "chunked_nll":
-        return min(tokens, CHUNKED_LOSS_TOKENS) * vocab * (head + 4 + 4)
+        return min(tokens, CHUNKED_LOSS_TOKENS) * vocab * 4 * CHUNKED_LOSS_COPIES
     return tokens * vocab * (head + 4 + 4)  # logits, their float32 copy, the float32 log-softmax
 
 
@@ -243,9 +285,13 @@ def memory_estimate(
     *,
     packing: bool | str = False,
     loss_type: str = "chunked_nll",
+    stage: PlanStage = "sft",
 ) -> dict[str, Any]:
     """Peak training memory per device (each of the profile's processes) in GiB, by component (see the module
-    docstring); weights, gradients and optimizer states divided over the processes as `sharding` says."""
+    docstring); weights, gradients and optimizer states divided over the processes as `sharding` says.
+
+    `stage`: what trains: `sft` (and pretrain: a causal LM on rows), `reward` (a sequence classifier on
+    chosen + rejected rows) or `dpo` (a causal LM on chosen + rejected rows, with its reference)."""
     cfg = prepared.config if not hasattr(prepared, "get_base_model") else prepared.get_base_model().config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     h = text_cfg.hidden_size
@@ -269,6 +315,8 @@ def memory_estimate(
         weights = quantized * per_param + (total - quantized) * 4
     else:
         weights = total * dt
+    if stage == "reward":
+        weights += score_head_delta(prepared, h) * (4 if isinstance(method, QLoraMethod) else dt)
     trainable_bytes = 4 if method.is_peft else dt
     grads = trainable * trainable_bytes
     # The optimizer the trainer will build from the same configs (an 8-bit one holds 2 bytes per
@@ -297,36 +345,41 @@ def memory_estimate(
     weights, grads, optimizer = state["weights"], state["gradients"], state["optimizer"]
 
     blocks = _grad_blocks(prepared, method, layers)
-    tokens = b * s  # per micro-batch: full rows, packed or padded to the longest
+    rows = b * ROWS_PER_EXAMPLE[stage]  # reward and DPO run each pair's chosen and rejected rows as one batch
+    tokens = rows * s  # per micro-batch: full rows, packed or padded to the longest
     acts = tokens * activation_bytes_per_token(h, inter, blocks, dt, liger=env.liger_kernel,
                                                qlora=isinstance(method, QLoraMethod), checkpointing=env.gradient_checkpointing)
     attention = packed_attention_kernel(env, packing)
     # Under QLoRA the bias is float32: the packed QLoRA peaks measured on the H100 sat ~10 GiB above LoRA's,
     # what a float32 L^2 bias adds (float32 hidden states reach attention there; see the docstring).
     bias_bytes = 4 if isinstance(method, QLoraMethod) else dt
-    attn = attention_bytes(attention, b, s, heads, 1 if env.gradient_checkpointing else blocks, bias_bytes,
+    attn = attention_bytes(attention, rows, s, heads, 1 if env.gradient_checkpointing else blocks, bias_bytes,
                            padding_free=peft_methods.is_padding_free(packing))
-    loss = "liger" if env.liger_kernel else loss_type
+    loss = {"reward": "score", "dpo": "preference"}.get(stage, "liger" if env.liger_kernel else loss_type)
     logits = logits_bytes(loss, tokens, vocab, dt, float32_head=isinstance(method, QLoraMethod))
+    reference = reference_bytes(stage, method, trainable, total, dt, trainable_bytes)
     components = {
         "weights_gb": weights / GIB,
         "gradients_gb": grads / GIB,
         "optimizer_gb": optimizer / GIB,
+        "reference_gb": reference / GIB,
         "activations_gb": acts / GIB,
         "attention_gb": attn / GIB,
         "logits_gb": logits / GIB,
     }
     subtotal = sum(components.values())
     components["overhead_gb"] = subtotal * OVERHEAD
+    # The process's own footprint is measured, not derived from the tensors: no overhead on it.
+    components["process_gb"] = env.process_memory_gb
     out = {k: round(v, 4) for k, v in components.items()}
-    out["total_gb"] = round(subtotal * (1 + OVERHEAD), 4)
+    out["total_gb"] = round(subtotal * (1 + OVERHEAD) + env.process_memory_gb, 4)
     out["device_memory_gb"] = env.device_memory_gb
     out["fits"] = out["total_gb"] <= env.device_memory_gb
     out["assumptions"] = {
         "batch": b, "seq_len": s, "dtype": env.dtype, "gradient_checkpointing": env.gradient_checkpointing,
         "attn_implementation": attention, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"],
         "packing": packing, "padding_free": peft_methods.is_padding_free(packing), "loss": loss,
-        "processes": n, "optimizer": optim, "sharding": shards,
+        "processes": n, "optimizer": optim, "sharding": shards, "stage": stage, "rows_per_micro_batch": rows,
     }
     return out
 
@@ -340,8 +393,9 @@ def plan(
     *,
     packing: bool | str = False,
     loss_type: str = "chunked_nll",
+    stage: PlanStage = "sft",
 ) -> dict[str, Any]:
-    """Parameter counts and memory estimate of training `method_config` on the model under `env`.
+    """Parameter counts and memory estimate of training `method_config` on the model under `env` in `stage`.
 
     `model_name_or_path`: a local directory, a hub id, or a transformers config object.
     Raises StageFailed when the method cannot train the model at all (bitfit on a bias-less model).
@@ -359,7 +413,8 @@ def plan(
         "trainable_params": trainable,
         "trainable_percent": round(100 * trainable / total, 4) if total else 0.0,
         "memory": memory_estimate(
-            prepared, method_config, env, seq_len, trainable, total, training, packing=packing, loss_type=loss_type
+            prepared, method_config, env, seq_len, trainable, total, training, packing=packing, loss_type=loss_type,
+            stage=stage,
         ),
     }
 
@@ -450,3 +505,26 @@ def pipeline_plan_target(config: Any) -> tuple[Any, Any, int, TrainingConfig]:
 
         model = llama_config(config.base_model, vocab_size=config.base_model.tokenizer.vocab_size)
     return model, config.sft.method, config.sft.max_length, config.sft.training
+
+
+def recommended_profile(total_params: int, device: str, profiles: dict[str, EnvironmentProfile]) -> str | None:
+    """The profile for a `device` host whose `sized_for` range holds a model of `total_params` (the narrowest
+    range when several do), or None when no profile of that device is sized for it."""
+    fitting = [
+        (p.sized_for.max_params or float("inf")) - p.sized_for.min_params
+        for p in profiles.values() if p.device == device and p.sized_for is not None and p.sized_for.covers(total_params)
+    ]
+    names = [n for n, p in profiles.items() if p.device == device and p.sized_for is not None and p.sized_for.covers(total_params)]
+    return min(zip(fitting, names))[1] if names else None
+
+
+def advice(total_params: int, host: str, current: str, profiles: dict[str, EnvironmentProfile]) -> dict[str, Any]:
+    """`tunepipe plan`'s profile advice: which bundled profile is sized for this model on a `host` machine."""
+    name = recommended_profile(total_params, host, profiles)
+    if name is None:
+        return {"host": host, "profile": None,
+                "reason": f"no bundled {host} profile is sized for {total_params:,} parameters: choose by the table"}
+    sized = profiles[name].sized_for
+    upper = f"{sized.max_params:,}" if sized.max_params is not None else "any"
+    reason = f"sized for {sized.min_params:,}-{upper} parameters on a {host} host"
+    return {"host": host, "profile": name, "reason": reason, "is_current": name == current}

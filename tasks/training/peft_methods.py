@@ -489,8 +489,11 @@ def fsdp_arguments(env: EnvironmentProfile) -> dict[str, Any]:
 def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, output_dir: str | Path, optim: str) -> dict[str, Any]:
     """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
     PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
-    from tunepipe.tasks.core.environment import deepspeed_config_path
+    from tunepipe.tasks.core.environment import apply_allocator_settings, deepspeed_config_path
 
+    # Every trainer's arguments come from here, in the process that will train with them: the profile's
+    # allocator setting takes effect before the first training step allocates.
+    apply_allocator_settings(env)
     ds_config = deepspeed_config_path(env)
     if optim in LOMO_OPTIMIZERS and env.gradient_accumulation_steps > 1:
         from tunepipe.tasks.core.stage import StageFailed

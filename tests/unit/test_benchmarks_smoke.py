@@ -240,3 +240,20 @@ def test_gpu_sft_smoke_runs_every_side_on_a_cpu(tmp_path):
     assert runs["baseline"]["planned"]["logits_gb"] > runs["tunepipe"]["planned"]["logits_gb"]
     assert "speed_vs_trl" in result["summary"]["tiny/128/lora"]["liger+packing"]
     assert "| tiny/128/lora | trl |" in result["table"]
+
+
+def test_cpu_memory_plan_rows_fill_max_length_and_the_ratio_is_measured_over_planned():
+    bench = _load("cpu_memory_plan")
+    assert bench.filler(3, 5) == bench.filler(3, 5) and len(bench.filler(3, 50).split()) == 50  # deterministic rows
+    records = bench.sft_records(4, 256)
+    assert len(records) == 4 and all(len(r["output"].split()) == 256 for r in records)  # longer than 256 tokens: cut to it
+    # RewardTrainer drops pairs over max_length: answers are shortened until both sides fit.
+    count = lambda prompt, answer: len(prompt.split()) + len(answer.split())  # noqa: E731  (one token per word)
+    pair = bench.fit_pair(bench.preference_pairs(1, 64)[0], count, 64)
+    assert max(count(pair["prompt"], pair["chosen"]), count(pair["prompt"], pair["rejected"])) <= 64
+    assert count(pair["prompt"], pair["chosen"]) >= 64 - 64 // 20 - 1  # shortened in small steps: rows stay nearly full
+    planned = {"weights_gb": 0.5, "logits_gb": 0.25, "overhead_gb": 0.1, "process_gb": 0.55, "total_gb": 1.6, "device_memory_gb": 16}
+    row = bench.ratio_row("sft", {"peak_rss_gib": 1.76, "rss_after_imports_gib": 0.5, "steps": 1, "train_s": 3.0}, planned)
+    assert row["ratio"] == 1.1 and row["within_15_percent"] is True
+    assert row["planned_terms_gib"] == {"weights": 0.5, "logits": 0.25, "overhead": 0.1, "process": 0.55}
+    assert bench.ratio_row("dpo", {"peak_rss_gib": 2.0, "rss_after_imports_gib": 0.5, "steps": 1, "train_s": 1.0}, planned)["within_15_percent"] is False

@@ -104,8 +104,12 @@ def test_memory_estimate_for_a_7b_model_per_profile():
     assert 12 < lora["memory"]["weights_gb"] < 13.5  # bf16
     assert 3 < qlora["memory"]["weights_gb"] < 5  # 4-bit linears, embeddings and head in fp32
     assert qlora["memory"]["fits"] and not full["memory"]["fits"]
-    # float32 head: 4 + 8 bytes per logit against bf16's 2 + 8 (the loss's float32 copy and log-softmax)
-    assert qlora["memory"]["logits_gb"] == pytest.approx(lora["memory"]["logits_gb"] * 12 / 10, rel=1e-3)
+    # TRL's chunked loss computes its chunk in float32 at any head dtype: QLoRA's float32 head costs nothing more there;
+    # a plain Trainer's full logits (nll) pay 4 + 8 bytes per logit against bf16's 2 + 8.
+    assert qlora["memory"]["logits_gb"] == lora["memory"]["logits_gb"]
+    from tunepipe.tasks.training.memory_plan import logits_bytes
+
+    assert logits_bytes("nll", 1024, 32000, 2, float32_head=True) == logits_bytes("nll", 1024, 32000, 2, float32_head=False) * 12 / 10
     assert full["memory"]["optimizer_gb"] > 20
     # ZeRO-3 with offload over 8 GPUs: optimizer states leave the GPU, weights are sharded.
     zero3 = plan(cfg, SFTConfig.model_validate({"method": "full"}).method, load_environment("multi-gpu-deepspeed-zero3"), 1024)
@@ -186,11 +190,12 @@ def test_plan_arithmetic_pinned_by_hand_on_the_benchmark_shape():
     assert mp.attention_bytes("eager", 16, 1024, 14, 24, 2, padding_free=True) == 420 * gib  # quadratic in the flattened row
     for kernel in ("flash_attention_2", "flex_attention"):
         assert mp.attention_bytes(kernel, 16, 1024, 14, 24, 2, padding_free=True) == 0
-    # Logits: a plain Trainer (nll) holds 16,384 x 151,936 x (2 + 4 + 4) B = 23.18 GiB; TRL's chunked_nll one 256-token chunk.
+    # Logits: a plain Trainer (nll) holds 16,384 x 151,936 x (2 + 4 + 4) B = 23.18 GiB; TRL's chunked_nll one 256-token
+    # chunk in float32 whatever the model's dtype: logits, log-softmax, its exp, the entropy product, a gradient (5 x 4 B).
     assert mp.logits_bytes("nll", 16384, 151936, 2, float32_head=False) == 16384 * 151936 * 10
     assert round(mp.logits_bytes("nll", 16384, 151936, 2, float32_head=False) / gib, 2) == 23.18
-    assert mp.logits_bytes("chunked_nll", 16384, 151936, 2, float32_head=False) == 256 * 151936 * 10
-    assert mp.logits_bytes("chunked_nll", 16384, 151936, 2, float32_head=True) == 256 * 151936 * 12
+    assert mp.logits_bytes("chunked_nll", 16384, 151936, 2, float32_head=False) == 256 * 151936 * 20
+    assert mp.logits_bytes("chunked_nll", 16384, 151936, 2, float32_head=True) == 256 * 151936 * 20
     assert mp.logits_bytes("liger", 16384, 151936, 2, float32_head=False) == 0
 
 
@@ -218,7 +223,7 @@ def test_plan_of_packed_rows_depends_on_the_packed_kernel_and_the_loss():
     assert dense["total_gb"] == pytest.approx(terms * 1.1, abs=1e-3)
     # A plain Trainer's full logits (nll) against TRL's chunked loss: the 2x gap measured unpacked on the H100.
     nll = plan_memory(env, loss_type="nll")
-    assert nll["logits_gb"] - unpacked["logits_gb"] == pytest.approx(16384 * 151936 * 10 / 2**30 - 256 * 151936 * 10 / 2**30, abs=1e-3)
+    assert nll["logits_gb"] - unpacked["logits_gb"] == pytest.approx(16384 * 151936 * 10 / 2**30 - 256 * 151936 * 20 / 2**30, abs=1e-3)
 
 
 # The seeds' taxonomy beyond PEFT's built-ins: bottleneck adapters (a PEFT method registered by
