@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from tunepipe.schemas.graph import STAGE_GRAPH
 from tunepipe.schemas.pipeline import PipelineConfig
@@ -12,6 +13,7 @@ from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.prefect_stage import stage_result_storage, stage_task
 from tunepipe.tasks.core.runtime import route_tunepipe_logs
 from tunepipe.tasks.core.selection import RunPlan
+from tunepipe.tasks.core.tracking import TrackingSession, finish_pipeline_run
 from tunepipe.tasks.ops.notify import on_completion, on_failure
 from tunepipe.tasks.ops.run_summary import summarize_run
 
@@ -24,11 +26,19 @@ def pipeline(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
     route_tunepipe_logs()
     env = load_environment(config.environment)
     storage = stage_result_storage(config.workdir)
+    tracking = TrackingSession(config.tracking, config.name, config.workdir, str(flow_run.id))
     refs: dict[str, Any] = {}
-    for name, node in STAGE_GRAPH.items():
-        if not plan.includes(name):
-            continue
-        upstream = {source: refs[source] for source in node.inputs if source in refs}
-        task = STAGE_TASKS[name].with_options(result_storage=storage)
-        refs[name] = task(getattr(config, name), upstream, env=env, workdir=config.workdir, refresh=plan.refresh(name))
+    failed = True
+    try:
+        for name, node in STAGE_GRAPH.items():
+            if not plan.includes(name):
+                continue
+            upstream = {source: refs[source] for source in node.inputs if source in refs}
+            task = STAGE_TASKS[name].with_options(result_storage=storage)
+            refs[name] = task(
+                getattr(config, name), upstream, env=env, workdir=config.workdir, refresh=plan.refresh(name), tracking=tracking
+            )
+        failed = False
+    finally:
+        finish_pipeline_run(tracking, failed=failed)
     return summarize_run(config.workdir, refs)

@@ -22,6 +22,7 @@ from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.fingerprint import sha256_bytes
 from tunepipe.tasks.core.graph import get_stage
 from tunepipe.tasks.core.stage import identify, read_summary, run_stage
+from tunepipe.tasks.core.tracking import TrackingSession
 
 
 def artifact_store(workdir: str | Path) -> ArtifactStore:
@@ -79,8 +80,15 @@ def stage_task(stage_name: str):
         persist_result=True,
         retries=0,
     )
-    def run(config: Any, inputs: dict[str, ArtifactRef], env: EnvironmentProfile, workdir: str, refresh: bool = False) -> ArtifactRef:
-        ref = run_stage(get_stage(stage_name), config, inputs, artifact_store(workdir), env, refresh=refresh, logger=get_run_logger())
+    def run(
+        config: Any, inputs: dict[str, ArtifactRef], env: EnvironmentProfile, workdir: str, refresh: bool = False,
+        tracking: TrackingSession | None = None,
+    ) -> ArtifactRef:
+        # `tracking` is not in the cache key (StageCachePolicy reads config, inputs and env only).
+        ref = run_stage(
+            get_stage(stage_name), config, inputs, artifact_store(workdir), env, refresh=refresh, logger=get_run_logger(),
+            tracking=tracking,
+        )
         publish_stage_artifacts(ref)
         return ref
 

@@ -490,6 +490,7 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
     """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
     PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
     from tunepipe.tasks.core.environment import deepspeed_config_path
+    from tunepipe.tasks.core.tracking import trainer_report_to
 
     ds_config = deepspeed_config_path(env)
     if optim in LOMO_OPTIMIZERS and env.gradient_accumulation_steps > 1:
@@ -530,7 +531,8 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "deepspeed": str(ds_config) if ds_config else None,
         **fsdp_arguments(env),
         "use_liger_kernel": env.liger_kernel,
-        "report_to": "none",
+        # The running stage's tracking backend (tasks/core/tracking.py), through the trainer's own integration.
+        **trainer_report_to(),
         "dataloader_num_workers": 0,
         "eval_strategy": "no",
         **precision_flags(env),

@@ -82,7 +82,9 @@ def make_callbacks(model: Any, method: Any, label: str = "training", watch: dict
     from tunepipe.tasks.training.moe import router_loss_callback
     from tunepipe.tasks.training.progress import PrefectProgress
 
-    callbacks: list[Any] = [PrefectProgress(label, watch=watch)]
+    from tunepipe.tasks.core.tracking import tracked_run_callbacks
+
+    callbacks: list[Any] = [PrefectProgress(label, watch=watch), *tracked_run_callbacks()]
     if (router_log := router_loss_callback(model)) is not None:
         callbacks.append(router_log)
     if getattr(method, "name", None) == "adalora":
