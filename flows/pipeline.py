@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from tunepipe.schemas.graph import STAGE_GRAPH
@@ -20,10 +21,22 @@ from tunepipe.tasks.ops.run_summary import summarize_run
 STAGE_TASKS = {name: stage_task(name) for name in STAGE_GRAPH}
 
 
-# The hooks post the `notifications:` webhook (failure: stage, reason, fix; completion and gate verdicts).
-@flow(name="tunepipe-pipeline", flow_run_name="{config.name}", on_failure=[on_failure], on_completion=[on_completion])
+def run_name() -> str:
+    """`<pipeline>-<UTC time>-<4 hex of the run id>`: every run of a pipeline tells apart in the UI."""
+    config = flow_run.parameters.get("config")
+    name = config.get("name") if isinstance(config, dict) else getattr(config, "name", "pipeline")
+    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{str(flow_run.id)[:4]}"
+
+
+# The hooks post the `notifications:` (failure: stage, reason, fix; completion and gate verdicts).
+@flow(name="tunepipe-pipeline", flow_run_name=run_name, on_failure=[on_failure], on_completion=[on_completion])
 def pipeline(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
     route_tunepipe_logs()
+    with tags("tunepipe", f"pipeline:{config.name}"):  # on every task run and sub-flow run of this run
+        return _run_stages(config, plan)
+
+
+def _run_stages(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
     env = load_environment(config.environment)
     storage = stage_result_storage(config.workdir)
     tracking = TrackingSession(config.tracking, config.name, config.workdir, str(flow_run.id))

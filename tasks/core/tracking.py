@@ -109,6 +109,7 @@ class StageRun:
 
 
 _current: contextvars.ContextVar[StageRun | None] = contextvars.ContextVar("tunepipe_stage_run", default=None)
+_stage_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("tunepipe_stage_name", default=None)
 
 
 def current_stage_run() -> StageRun | None:
@@ -161,9 +162,24 @@ def finish_pipeline_run(session: TrackingSession, failed: bool = False) -> None:
 @contextlib.contextmanager
 def tracked_stage(session: TrackingSession | None, stage: str, key: str, input_keys: dict[str, str]) -> Iterator[StageRun | None]:
     """Around `stage.run`: the stage's run exists while its training jobs run (their parent)."""
-    if session is None or not session.enabled:
-        yield None
-        return
+    named = _stage_name.set(stage)
+    try:
+        if session is None or not session.enabled:
+            yield None
+            return
+        with _tracked_stage(session, stage, key, input_keys) as run:
+            yield run
+    finally:
+        _stage_name.reset(named)
+
+
+def current_stage_name() -> str | None:
+    """The stage `run_stage` is running in this context (tracked or not)."""
+    return _stage_name.get()
+
+
+@contextlib.contextmanager
+def _tracked_stage(session: TrackingSession, stage: str, key: str, input_keys: dict[str, str]) -> Iterator[StageRun]:
     run = StageRun(session, stage, key, input_keys)
     if session.settings.backend == "mlflow":
         client, experiment_id = _mlflow_client(session)

@@ -98,6 +98,11 @@ class LocalStack:
     def ui_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def ui_env(self) -> dict[str, str]:
+        """Where the UI's browser code calls the API (its `/ui-settings`): this server's host and port.
+        Unset, the UI called Prefect's default http://127.0.0.1:4200/api whatever `--port` said."""
+        return {"PREFECT_UI_API_URL": self.url, "PREFECT_UI_URL": self.ui_url}
+
     def _log(self, name: str):
         if self.log_dir is None:
             return subprocess.DEVNULL
@@ -110,7 +115,7 @@ class LocalStack:
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         cmd = [*_prefect_cli(), "server", "start", "--host", self.host, "--port", str(self.port)]
         self.server = subprocess.Popen(
-            cmd, env=server_env(self.prefect_home, **self.env_extra), stdout=self._log("server"), stderr=subprocess.STDOUT,
+            cmd, env=server_env(self.prefect_home, **self.ui_env(), **self.env_extra), stdout=self._log("server"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout

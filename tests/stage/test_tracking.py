@@ -116,3 +116,57 @@ def test_mlflow_runs_nest_and_hold_the_recorded_losses_and_a_cached_rerun_adds_n
     again = run_sft(assets, tmp_path, {"backend": "mlflow"}, "pipeline-run-2")
     assert again.cached
     assert len(mlflow.search_runs(experiment_names=["pipe"], output_format="list")) == len(runs)
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file, parsed with W&B's own protobuf classes (wandb 0.31 reads
+    these files in its Go core; its Python reader is gone). The file is a LevelDB-style log: a 7-byte
+    header, 32 KiB blocks of chunks (crc32c, length, type: full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, records, pending = path.read_bytes()[7:], 32768, [], b""
+    offset = 0
+    while offset + 7 <= len(data):
+        room = block - (offset + 7) % block  # chunks never straddle a block; the tail is padding
+        if room < 7 and (offset + 7) % block:
+            offset += room
+            continue
+        length, kind = int.from_bytes(data[offset + 4 : offset + 6], "little"), data[offset + 6]
+        if length == 0 and kind == 0:
+            break
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # full or last
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run(path: Path) -> tuple[str, list[dict[str, float]]]:
+    """(display name, history rows) of an offline run."""
+    name, history = "", []
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            name = record.run.display_name
+        elif kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
+    return name, history
+
+
+def test_wandb_offline_runs_hold_the_recorded_losses(assets, tmp_path):
+    ref = run_sft(assets, tmp_path, {"backend": "wandb", "wandb": {"mode": "offline"}}, "wandb-run-1")
+    runs = dict(wandb_run(p) for p in (tmp_path / "tracking" / "wandb").glob("offline-run-*/*.wandb"))
+    assert set(runs) == {"pipe/sft", "pipe/sft/count", "pipe/sft/sentiment"}
+    for task, expected in recorded_losses(ref).items():
+        curve = [(row["train/global_step"], row["train/loss"]) for row in runs[f"pipe/sft/{task}"] if "train/loss" in row]
+        assert [s for s, _ in curve] == [s for s, _ in expected]
+        assert [v for _, v in curve] == pytest.approx([v for _, v in expected], abs=1e-5)
+    assert runs["pipe/sft"][0]["stage/global_step/count"] == STEPS
+    assert read_record(tmp_path, "sft", ref.key)["backend"] == "wandb"
+    again = run_sft(assets, tmp_path, {"backend": "wandb"}, "wandb-run-2")
+    assert again.key == ref.key and again.cached
+    assert len(list((tmp_path / "tracking" / "wandb").glob("offline-run-*"))) == 3
