@@ -80,6 +80,10 @@ class Stage(abc.ABC):
         """The profile fields that change this stage's result (batch size, dtype, ...)."""
         return {}
 
+    def tracked_models(self, artifact_dir: Path) -> dict[str, Path]:
+        """Model directories of a published artifact for the tracker's model registry ({name: dir}); none by default."""
+        return {}
+
     @abc.abstractmethod
     def run(self, config: StrictModel, ctx: StageContext) -> StageOutput:
         """Compute the artifact into `ctx.staging_dir`."""
@@ -153,7 +157,7 @@ def run_stage(
         )
         ref = store.publish(staging, manifest)
         logger.info("%s: published %s in %.1fs", stage.name, ref.path, seconds)
-        log_stage_results(tracked, output.metrics, Path(ref.path))
+        log_stage_results(tracked, output.metrics, Path(ref.path), models=stage.tracked_models(Path(ref.path)) if tracked else None)
         return ref
 
 

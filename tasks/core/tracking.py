@@ -198,7 +198,10 @@ def _tracked_stage(session: TrackingSession, stage: str, key: str, input_keys: d
         _current.reset(token)
 
 
-def log_stage_results(run: StageRun | None, metrics: dict[str, Any], artifact_dir: Path, *, plots: list[Path] | None = None) -> None:
+def log_stage_results(
+    run: StageRun | None, metrics: dict[str, Any], artifact_dir: Path, *, plots: list[Path] | None = None,
+    models: dict[str, Path] | None = None,
+) -> None:
     """The stage's headline metrics (numbers, flattened `a/b`), its gate verdict and its plots, to the
     stage's run; then the record of its tracked runs. A failure here is logged, never fatal: the
     artifact is already computed and tracking is not part of it."""
@@ -211,7 +214,7 @@ def log_stage_results(run: StageRun | None, metrics: dict[str, Any], artifact_di
         if backend == "tensorboard":
             _tensorboard_stage(run, scalars, images)
         elif backend == "mlflow":
-            _mlflow_stage(run, scalars, images)
+            _mlflow_stage(run, scalars, images, models or {})
         elif backend == "wandb":
             _wandb_stage(run, scalars, images)
         write_record(run)
@@ -255,7 +258,7 @@ def _image_array(path: Path) -> Any:
         return np.asarray(image.convert("RGB"))
 
 
-def _mlflow_stage(run: StageRun, scalars: dict[str, float], images: list[Path]) -> None:
+def _mlflow_stage(run: StageRun, scalars: dict[str, float], images: list[Path], models: dict[str, Path]) -> None:
     from mlflow.entities import Metric
 
     client, _ = _mlflow_client(run.session)
@@ -267,6 +270,7 @@ def _mlflow_stage(run: StageRun, scalars: dict[str, float], images: list[Path]) 
         client.log_batch(run.mlflow_run_id, metrics=metrics[start : start + 1000])
     for image in images:
         client.log_artifact(run.mlflow_run_id, str(image), artifact_path="plots")
+    register_models(run, models)
     client.set_terminated(run.mlflow_run_id, status="FINISHED")
 
 
@@ -476,8 +480,8 @@ def read_record(workdir: str | Path, stage: str, key: str) -> dict[str, Any] | N
 
 def register_models(run: StageRun | None, models: dict[str, Path]) -> dict[str, str]:
     """Register each exported model directory in MLflow's model registry as `<pipeline>-<name>`
-    (a new version whose source is the export's directory, linked to the export stage's run)."""
-    if run is None or run.session.settings.backend != "mlflow" or not run.session.settings.mlflow.register_models:
+    (a new version whose source is the published artifact's directory, linked to the export stage's run)."""
+    if not models or run is None or run.session.settings.backend != "mlflow" or not run.session.settings.mlflow.register_models:
         return {}
     client, _ = _mlflow_client(run.session)
     registered = {}

@@ -530,6 +530,11 @@ class ExportStage(Stage):
             "engine": env.serving.engine, "max_lora_rank": env.serving.max_lora_rank,
         }
 
+    def tracked_models(self, artifact_dir: Path) -> dict[str, Path]:
+        """Every export (`<target>-<run>`: adapters-triples, merged-all, bnb4-all, ...) for MLflow's model registry."""
+        exports = read_handoff(artifact_dir, ExportIndex, reader="tracking")
+        return {f"{target}-{run}": artifact_dir / rel for target, runs in exports.targets.items() for run, rel in runs.items()}
+
     def run(self, config: ExportConfig, ctx: StageContext) -> StageOutput:
         from tunepipe.tasks.training.modeling import load_model
 

@@ -253,3 +253,20 @@ def test_model_card_metadata_parses_with_model_index_and_no_local_path(assets):
     sft_card = (Path(assets["sft"].path) / "adapter" / "README.md").read_text()
     assert "[More Information Needed]" not in sft_card and str(assets["model"]) not in sft_card
     assert ModelCard(sft_card).data.library_name == "peft" and '"max_steps": 6' in sft_card
+
+
+def test_exports_are_registered_in_mlflow_when_it_tracks(assets, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tunepipe.schemas.tracking import TrackingConfig
+    from tunepipe.tasks.core.artifacts import ArtifactStore
+    from tunepipe.tasks.core.tracking import TrackingSession, finish_pipeline_run
+
+    session = TrackingSession(TrackingConfig(backend="mlflow"), "pipe", str(tmp_path), "export-run")
+    config = ExportConfig.model_validate({"targets": ["adapters"], "reeval": {"max_examples_per_task": 1, "max_new_tokens": 2}})
+    inputs = {"sft": assets["sft"], "data": assets["data"]}
+    ref = run_stage(ExportStage(), config, inputs, ArtifactStore(tmp_path / "artifacts"), cpu_profile(), tracking=session)
+    finish_pipeline_run(session)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}")
+    versions = client.search_model_versions("name='pipe-adapters-all'")
+    assert len(versions) == 1 and versions[0].source == (Path(ref.path) / "adapters" / "all").resolve().as_uri()
+    assert client.get_run(versions[0].run_id).data.tags["tunepipe.key"] == ref.key

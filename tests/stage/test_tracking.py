@@ -150,7 +150,7 @@ def wandb_run(path: Path) -> tuple[str, list[dict[str, float]]]:
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            name = record.run.display_name
+            name = record.run.display_name or name  # later run records (updates) may leave it empty
         elif kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             history.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
