@@ -51,7 +51,9 @@ def eval_results(scores: dict[str, dict[str, dict[str, float]]], dataset_type: s
             if metric in values:
                 results.append(EvalResult(
                     task_type="text-generation", task_name=f"{task} (instruction following)",
-                    dataset_type=dataset_type, dataset_name=f"{dataset_name}: {task}", dataset_split="test",
+                    # The task as the dataset's config: huggingface_hub groups results by task and dataset
+                    # type/config/split, so without it every task's scores merged under the first name.
+                    dataset_type=dataset_type, dataset_name=f"{dataset_name}: {task}", dataset_config=task, dataset_split="test",
                     metric_type=metric if metric == "exact_match" else "f1", metric_name=name,
                     metric_value=round(float(values[metric]), 4),
                 ))

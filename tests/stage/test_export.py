@@ -240,6 +240,7 @@ def test_model_card_metadata_parses_with_model_index_and_no_local_path(assets):
     reeval = json.loads((root / "manifest.json").read_text())["metrics"]["reeval"]["all"]["reference"]
     assert name == "sft-lora"
     found = {(r.dataset_name, r.metric_type): r.metric_value for r in results}
+    assert len(results) == 2 * len(reeval)  # each task's two metrics, none merged into another task's
     for task, scores in reeval.items():
         assert found[(f"tatsu-lab/alpaca: {task}", "exact_match")] == round(scores["exact_match"], 4)
         assert found[(f"tatsu-lab/alpaca: {task}", "f1")] == round(scores["token_f1"], 4)
