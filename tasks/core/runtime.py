@@ -51,6 +51,9 @@ QUIET_CONSOLE = {
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
 }
 # Noisy third-party loggers held at ERROR on the console (their warnings say nothing a user acts on).
+# Loggers whose INFO lines are housekeeping (Great Expectations' "Created temporary directory ... for
+# ephemeral docs site", twice per data stage); their warnings stay.
+INFO_CHATTER = ("great_expectations",)
 QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "bitsandbytes", "accelerate", "torch.distributed", "mlflow", "wandb", "alembic")
 
 
@@ -71,6 +74,8 @@ def configure_console(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in INFO_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def route_tunepipe_logs() -> None:

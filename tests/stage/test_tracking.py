@@ -82,6 +82,11 @@ def test_tensorboard_curves_equal_the_recorded_losses_and_a_cached_rerun_adds_no
     again = run_sft(assets, tmp_path, {"backend": "tensorboard"}, "run-2")
     assert again.cached and again.key == ref.key
     assert sorted(p for p in (tmp_path / "tracking").rglob("*") if p.is_file()) == files
+    # The later run's summary links the cached stage to the tracked runs that made it.
+    from tunepipe.tasks.ops.run_summary import run_summary
+
+    linked = run_summary("run-2", str(tmp_path), {"sft": again})["stages"]["sft"]["tracking"]
+    assert linked["pipeline_run"] == "run-1" and linked["runs"]["count"] == str(stage_dir / "count")
 
     # Tracking is not part of the artifact: untracked, the same key and the same bytes.
     plain = run_sft(assets, tmp_path / "plain", {"backend": "none"}, "run-3")
