@@ -54,7 +54,8 @@ QUIET_CONSOLE = {
 # Loggers whose INFO lines are housekeeping (Great Expectations' "Created temporary directory ... for
 # ephemeral docs site", twice per data stage); their warnings stay.
 INFO_CHATTER = ("great_expectations",)
-QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "bitsandbytes", "accelerate", "torch.distributed", "mlflow", "wandb", "alembic")
+QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "bitsandbytes", "accelerate", "torch.distributed", "mlflow", "wandb", "alembic",
+                 "lm_eval")  # lm_eval: "Passed an already-initialized model through `pretrained`" on every evaluation
 
 
 def configure_console(verbose: bool) -> None:
