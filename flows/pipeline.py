@@ -28,7 +28,7 @@ def run_name() -> str:
     return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{str(flow_run.id)[:4]}"
 
 
-# The hooks post the `notifications:` (failure: stage, reason, fix; completion and gate verdicts).
+# The hooks send the `notifications:` (failure: stage, reason, fix; completion and gate verdicts).
 @flow(name="tunepipe-pipeline", flow_run_name=run_name, on_failure=[on_failure], on_completion=[on_completion])
 def pipeline(config: PipelineConfig, plan: RunPlan) -> dict[str, Any]:
     route_tunepipe_logs()
