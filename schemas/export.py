@@ -54,6 +54,23 @@ class ReevalConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1, description="Prompts generated together.")
 
 
+class CardSettings(StrictModel):
+    """What the model card (README.md, Hugging Face Hub metadata) says beyond what the run measured."""
+
+    base_model: str | None = Field(
+        default=None,
+        description="Hub id of the base model for the card's `base_model` (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`). "
+        "Default: the trained base when it is a hub id, else the hub id its config.json names (`_name_or_path`); a "
+        "locally built base is named in the text only (a local path is no Hub id).",
+    )
+    license: str | None = Field(default=None, description="SPDX-style Hub licence id of the exported weights (e.g. `apache-2.0`).")
+    datasets: list[str] = Field(
+        default_factory=list, description="Hub ids of the training datasets, for the card's `datasets` (local data is named by its key)."
+    )
+    language: list[str] = Field(default_factory=list, description="Languages (ISO 639-1) the model was trained on.")
+    model_name: str | None = Field(default=None, description="The model's name in `model-index`; default `<pipeline stage>-<method>`.")
+
+
 class ExportConfig(StrictModel):
     """Serving artifacts from the `sft` or `align` artifact: adapters, merged model, quantized models, model card."""
 
@@ -82,6 +99,7 @@ class ExportConfig(StrictModel):
         default_factory=ScoringConfig,
         description="How the re-evaluated answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
     )
+    card: CardSettings = Field(default_factory=CardSettings, description="The model card's metadata: base model, licence, datasets.")
 
     @model_validator(mode="after")
     def _targets(self) -> "ExportConfig":

@@ -94,9 +94,17 @@ class NotificationsConfig(StrictModel):
     an authorization header) are given as `${NAME}`, an environment variable of the process that
     runs the flow: the config is stored as the flow run's parameters, the value never is."""
 
-    webhook_url: str = Field(
-        description="URL the JSON notification is POSTed to (http or https). A credential in it is a `${NAME}` "
-        "reference (`https://hooks.example.com/x?token=${HOOK_TOKEN}`, or the whole URL: `${SLACK_WEBHOOK_URL}`)."
+    webhook_url: str | None = Field(
+        default=None,
+        description="URL the JSON notification is POSTed to (http or https), for programs. A credential in it is a "
+        "`${NAME}` reference (`https://hooks.example.com/x?token=${HOOK_TOKEN}`, or the whole URL: `${SLACK_WEBHOOK_URL}`).",
+    )
+    urls: list[str] = Field(
+        default_factory=list,
+        description="Apprise URLs for people (https://github.com/caronc/apprise/wiki): `slack://`, `msteams://`, "
+        "`discord://`, `mailto://`, `json://host/path` and 100 more; each gets a readable message of the same events. "
+        "Service URLs carry their tokens: give them by reference (`slack://${SLACK_TOKENS}` or `${SLACK_URL}`); only "
+        "`json://`, `form://` and `xml://` URLs without credentials may be literal.",
     )
     on: list[Literal["failure", "completion", "gate"]] = Field(
         default=["failure", "gate"],
@@ -127,10 +135,43 @@ class NotificationsConfig(StrictModel):
     def _check_url(self) -> "NotificationsConfig":
         from tunepipe.tasks.core.secrets import is_reference
 
-        if is_reference(self.webhook_url):
+        if self.webhook_url is None and not self.urls:
+            raise ValueError("notifications: set webhook_url (a JSON POST) or urls (Apprise URLs), or both")
+        for url in self.urls:
+            check_apprise_url(url, self.allow_remote, literal=True)
+        if self.webhook_url is None or is_reference(self.webhook_url):
             return self  # checked when it is resolved, in the process that sends
         check_webhook_url(self.webhook_url, self.allow_remote, literal=True)
         return self
+
+
+# Apprise schemes that post to a URL of the user's own; every other scheme names a service whose
+# URL holds its tokens (slack://TokenA/TokenB/TokenC, discord://id/token, mailto://user:pass@host).
+PLAIN_APPRISE_SCHEMES = ("json", "jsons", "form", "forms", "xml", "xmls")
+
+
+def check_apprise_url(url: str, allow_remote: bool, *, literal: bool) -> None:
+    """A service URL refers to its credentials by `${NAME}`; a plain json/form/xml URL has a host
+    (loopback only unless allow_remote) and no literal credentials, like webhook_url."""
+    from tunepipe.tasks.core.secrets import REFERENCE, references
+
+    scheme = urlparse(REFERENCE.sub("x", url)).scheme if literal else urlparse(url).scheme
+    if not scheme:
+        if literal and references(url):
+            return  # the whole URL by reference: checked when resolved
+        raise ValueError(f"notifications.urls: {url[:12]}... is no Apprise URL (scheme://...)")
+    if scheme.lower() in PLAIN_APPRISE_SCHEMES:
+        http = ("https" if scheme.lower().endswith("s") else "http") + url[len(scheme):]
+        check_webhook_url(http, allow_remote, literal=literal)
+        return
+    if not allow_remote:
+        raise ValueError(f"notifications.urls: a {scheme}:// service is remote (allow_remote is false)")
+    if literal and not references(url):
+        raise ValueError(
+            f"notifications.urls: the {scheme}:// URL holds its service's credentials literally; give them by environment "
+            "variable instead: `${NAME}` (e.g. slack://${SLACK_TOKENS} or the whole URL as ${SLACK_URL}), so that flow-run "
+            "parameters and manifests never hold them"
+        )
 
 
 def check_webhook_url(url: str, allow_remote: bool, *, literal: bool) -> None:

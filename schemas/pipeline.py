@@ -25,6 +25,7 @@ from tunepipe.schemas.reward import RewardConfig
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.schemas.sft import SFTConfig
+from tunepipe.schemas.tracking import TrackingConfig
 
 
 SCORING_STAGES = ("sft", "align", "evaluate", "export")
@@ -100,6 +101,11 @@ class PipelineConfig(StrictModel):
     )
     notifications: NotificationsConfig | None = Field(
         default=None, description="POST a JSON notification to a webhook on failure, completion or a gate verdict."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking of training curves and stage metrics: TensorBoard (default, under the workdir), "
+        "MLflow or W&B. Not part of any stage key.",
     )
     deployment: DeploymentConfig = Field(
         default_factory=DeploymentConfig, description="Work pools and concurrency of the deployed pipeline (`tunepipe deploy`)."

@@ -41,6 +41,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         for pool in args.pool or pools(config)[:1]:
             stack.start_worker(pool)
         print(f"Prefect UI:  {stack.ui_url}")
+        if args.mlflow:
+            from tunepipe.tasks.core.tracking import TrackingSession
+
+            session = TrackingSession(config.tracking, config.name, config.workdir, "up")
+            mlflow_url = stack.start_mlflow(
+                session.mlflow_uri(), config.tracking.mlflow.server_port, session.tracking_dir() / "mlflow-artifacts"
+            )
+            print(f"MLflow UI:   {mlflow_url}")
         print(f"workers:     {', '.join(stack.workers)} (process pools)")
         print(f"next:        export PREFECT_API_URL={stack.url}; tunepipe deployments {args.config or 'CONFIG'}")
         print("Ctrl-C stops the workers and the server.", flush=True)
@@ -148,6 +156,8 @@ def add_parsers(sub) -> None:
     add_config_args(up)
     up.add_argument("--host", default="127.0.0.1", help="address the server listens on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
+    up.add_argument("--mlflow", action="store_true",
+                    help="also start `mlflow server` on the config's tracking store (tracking.mlflow; port server_port)")
     up.add_argument("--pool", action="append", help="work pool to start a process worker for (repeatable; default the config's pool)")
     up.set_defaults(func=cmd_up)
 

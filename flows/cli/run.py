@@ -18,6 +18,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tunepipe.tasks.core.runtime import configure_runtime, owned_prefect_server
 
     configure_runtime(config.workdir)
+    from tunepipe.tasks.core.runtime import configure_console
+
+    configure_console(args.verbose)
     # Prefect is imported only now, after configure_runtime has set its environment.
     from tunepipe.flows.pipeline import pipeline
 
@@ -87,6 +90,8 @@ def add_parsers(sub) -> None:
     run.add_argument("--until", metavar="STAGE", help="stop after this stage")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="recompute this stage and all after it")
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on the last line")
+    run.add_argument("--verbose", action="store_true",
+                     help="the libraries' own console output: the Trainer's per-step dicts and bars, load reports, warnings")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a pipeline config without running anything")

@@ -92,7 +92,11 @@ def _glob_root(pattern: str) -> str:
 # workers; the profile's launcher stays out of the key too, so installing the optional extra reruns
 # nothing). Every other third-party distribution a module of the closure imports enters the key
 # with its version.
-NON_RESULT_DISTRIBUTIONS = frozenset({"prefect", "httpx", "uvicorn", "fastapi", "openai", "tunepipe", "ray"})
+# The experiment trackers (tasks/core/tracking.py) only watch a run: installing or upgrading one reruns nothing.
+NON_RESULT_DISTRIBUTIONS = frozenset({
+    "prefect", "httpx", "uvicorn", "fastapi", "openai", "tunepipe", "ray",
+    "mlflow", "mlflow-skinny", "mlflow-tracing", "wandb", "tensorboard", "tensorboardx", "apprise",
+})
 
 
 @dataclass(frozen=True)

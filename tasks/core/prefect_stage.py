@@ -8,6 +8,8 @@ two workdirs sharing one Prefect result store must not hand each other their pat
 
 from __future__ import annotations
 
+import base64
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.fingerprint import sha256_bytes
 from tunepipe.tasks.core.graph import get_stage
 from tunepipe.tasks.core.stage import identify, read_summary, run_stage
+from tunepipe.tasks.core.tracking import TrackingSession
 
 
 def artifact_store(workdir: str | Path) -> ArtifactStore:
@@ -61,9 +64,33 @@ def prefect_key(stage_name: str) -> str:
     return stage_name.replace("_", "-").lower()
 
 
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.(?:png|jpe?g|svg))\)")
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def inline_images(markdown: str, directory: str | Path) -> str:
+    """The summary's image links to files of the artifact, as `data:` URIs.
+
+    The Prefect UI renders a markdown artifact in the browser, which cannot read the artifact's files:
+    a relative link (`![ab](ab.png)`, right in report.md next to the file) resolved against the UI's
+    own URL and showed a broken image. Embedded, the plot travels with the artifact. Links that are
+    not files of this artifact (URLs, missing files) are left as they are."""
+    root = Path(directory).resolve()
+
+    def embed(match: re.Match) -> str:
+        target = (root / match.group(2)).resolve()
+        if "://" in match.group(2) or not target.is_file() or root not in target.parents:
+            return match.group(0)
+        data = base64.b64encode(target.read_bytes()).decode()
+        return f"![{match.group(1)}](data:{_IMAGE_TYPES[target.suffix.lower()]};base64,{data})"
+
+    return _IMAGE_LINK.sub(embed, markdown)
+
+
 def publish_stage_artifacts(ref: ArtifactRef) -> None:
-    """The stage's summary (markdown) and table in the Prefect UI."""
+    """The stage's summary (markdown, its plots embedded) and table in the Prefect UI."""
     summary, table = read_summary(ref)
+    summary = inline_images(summary, ref.path)
     header = f"**{ref.stage}** `{ref.key}` {'(cached)' if ref.cached else ''}\n\n`{ref.path}`\n\n"
     create_markdown_artifact(key=f"{prefect_key(ref.stage)}-summary", markdown=header + summary, description=f"{ref.stage} summary")
     if table:
@@ -75,12 +102,22 @@ def stage_task(stage_name: str):
 
     @task(
         name=stage_name,
+        # `tunepipe` and the stage: Prefect's tag-based concurrency limits can target training stages
+        # (`prefect concurrency-limit create sft 1`); the pipeline's tag comes from the flow run.
+        tags=["tunepipe", stage_name],
         cache_policy=StageCachePolicy(stage_name=stage_name),
         persist_result=True,
         retries=0,
     )
-    def run(config: Any, inputs: dict[str, ArtifactRef], env: EnvironmentProfile, workdir: str, refresh: bool = False) -> ArtifactRef:
-        ref = run_stage(get_stage(stage_name), config, inputs, artifact_store(workdir), env, refresh=refresh, logger=get_run_logger())
+    def run(
+        config: Any, inputs: dict[str, ArtifactRef], env: EnvironmentProfile, workdir: str, refresh: bool = False,
+        tracking: TrackingSession | None = None,
+    ) -> ArtifactRef:
+        # `tracking` is not in the cache key (StageCachePolicy reads config, inputs and env only).
+        ref = run_stage(
+            get_stage(stage_name), config, inputs, artifact_store(workdir), env, refresh=refresh, logger=get_run_logger(),
+            tracking=tracking,
+        )
         publish_stage_artifacts(ref)
         return ref
 

@@ -35,6 +35,50 @@ def configure_runtime(workdir: str | Path) -> None:
     install_log_redaction()  # credential-shaped URL parts and headers never reach a log line
 
 
+VERBOSE_ENV = "TUNEPIPE_VERBOSE"  # set by `tunepipe run --verbose`; launched workers inherit it
+
+# Without --verbose: what the libraries print on their own, off. Environment variables, so that a
+# launched training worker is as quiet. Measured on the quickstart (~3,000 console lines before):
+# the Trainer's per-step dicts and bars (tasks/training/progress.py replaces them with one line per
+# job), weight-loading and datasets bars, transformers' load reports and advisories, repeated
+# FutureWarnings, bitsandbytes' welcome.
+QUIET_CONSOLE = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "BITSANDBYTES_NOWELCOME": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+}
+# Noisy third-party loggers held at ERROR on the console (their warnings say nothing a user acts on).
+# Loggers whose INFO lines are housekeeping (Great Expectations' "Created temporary directory ... for
+# ephemeral docs site", twice per data stage); their warnings stay.
+INFO_CHATTER = ("great_expectations",)
+QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "bitsandbytes", "accelerate", "torch.distributed", "mlflow", "wandb", "alembic",
+                 "lm_eval")  # lm_eval: "Passed an already-initialized model through `pretrained`" on every evaluation
+
+
+def configure_console(verbose: bool) -> None:
+    """`--verbose`: everything, as the libraries print it. Otherwise the quiet console above; the
+    training jobs then show one progress line each (steps, loss, ETA) and their per-step metrics go
+    to the Prefect run log."""
+    import logging
+    import warnings
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    os.environ.pop(VERBOSE_ENV, None)
+    for name, value in QUIET_CONSOLE.items():
+        os.environ.setdefault(name, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in INFO_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def route_tunepipe_logs() -> None:
     """Every `tunepipe.*` logger (stage code, the training's `tunepipe.train`) at INFO into the
     Prefect run log and the process's console, in whatever process runs the flow.

@@ -16,13 +16,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tunepipe.schemas.base import StrictModel
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.manifest import ArtifactRef, Manifest, Timings
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.fingerprint import code_identity, stage_key
+
+if TYPE_CHECKING:
+    from tunepipe.tasks.core.tracking import TrackingSession
 
 SUMMARY_FILE = "summary.md"
 TABLE_FILE = "summary_table.json"
@@ -102,6 +105,10 @@ class Stage(abc.ABC):
         """The profile fields that change this stage's result (batch size, dtype, ...)."""
         return {}
 
+    def tracked_models(self, artifact_dir: Path) -> dict[str, Path]:
+        """Model directories of a published artifact for the tracker's model registry ({name: dir}); none by default."""
+        return {}
+
     @abc.abstractmethod
     def run(self, config: StrictModel, ctx: StageContext) -> StageOutput:
         """Compute the artifact into `ctx.staging_dir`."""
@@ -137,8 +144,13 @@ def run_stage(
     *,
     refresh: bool = False,
     logger: logging.Logger | None = None,
+    tracking: "TrackingSession | None" = None,
 ) -> ArtifactRef:
-    """Return the stage's artifact: the published one under its key, or a freshly computed one."""
+    """Return the stage's artifact: the published one under its key, or a freshly computed one.
+
+    `tracking`: the pipeline run's experiment tracking; only a stage that runs is tracked."""
+    from tunepipe.tasks.core.tracking import log_stage_results, tracked_stage
+
     logger = logger or logging.getLogger(f"tunepipe.{stage.name}")
     _check_required_inputs(stage.name, inputs)
     identity = identify(stage, config, inputs, env)
@@ -152,7 +164,8 @@ def run_stage(
         ctx = StageContext(stage.name, identity.key, staging, inputs, env, logger, identity.config_payload)
         seed_process(int(identity.key, 16))
         started, clock = _utc_now(), time.perf_counter()
-        output = stage.run(config, ctx)
+        with tracked_stage(tracking, stage.name, identity.key, identity.input_keys) as tracked:
+            output = stage.run(config, ctx)
         seconds = time.perf_counter() - clock
         _write_summary(staging, output)
         shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
@@ -169,6 +182,7 @@ def run_stage(
         )
         ref = store.publish(staging, manifest)
         logger.info("%s: published %s in %.1fs", stage.name, ref.path, seconds)
+        log_stage_results(tracked, output.metrics, Path(ref.path), models=stage.tracked_models(Path(ref.path)) if tracked else None)
         return ref
 
 

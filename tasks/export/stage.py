@@ -477,25 +477,31 @@ def model_card(
     *, source: Source, exports: ExportIndex, gate: GateVerdict | None, reeval: dict[str, Any], config: ExportConfig, data_key: str | None,
     why: str = "",
 ) -> str:
+    """The exported models' card (huggingface_hub's ModelCard): base model by Hub id, licence, datasets, the
+    test-split results of the trained model as `model-index`, how it was trained and what was exported."""
+    from tunepipe.tasks.training.cards import build_card, eval_results
+
     if gate is None:
         verdict = "no evaluate stage ran: no gate verdict"
     else:
         verdict = ("**passed**" if gate.passed else "**failed**") + "".join(f"\n  - {r}" for r in gate.reasons)
+    trained_with = read_manifest(source.ref.path).config or {}
+    training = trained_with.get("training", {}) if isinstance(trained_with, dict) else {}
     lines = [
-        "---",
-        f"base_model: {source.base_model}",
-        f"library_name: {'transformers' if source.kind == 'model' else 'peft'}",
-        "tags: [tunepipe, " + source.method + "]",
-        "---",
-        "",
-        f"# {source.ref.stage} export ({source.method})",
-        "",
         f"- Trained artifact: `{source.ref.stage}:{source.ref.key}` ({source.kind}: {', '.join(source.runs)})",
-        f"- Base model: `{source.base_model}`",
         f"- Data version: `{data_key}` (the data artifact's key)",
         f"- Why this artifact: {why or 'export.source'}",
         f"- Gate verdict: {verdict}",
         f"- Adapters checked for engine `{exports.engine}` (max LoRA rank {exports.max_lora_rank})",
+        "",
+        "## Training",
+        "",
+        f"tunepipe's `{source.ref.stage}` stage, method **{source.method}**; its training settings:",
+        "",
+        "```json",
+        json.dumps({k: training.get(k) for k in sorted(training) if k in (
+            "learning_rate", "max_steps", "epochs", "lr_scheduler", "warmup_ratio", "weight_decay", "seed", "optimizer")}, indent=1),
+        "```",
         "",
         "## Exports",
         "",
@@ -514,8 +520,19 @@ def model_card(
     if reeval["merged_agreement"]:
         lines += ["", "Greedy answers of the reloaded merged model identical to base + adapter: "
                   + ", ".join(f"{run} {value:.1%}" for run, value in reeval["merged_agreement"].items()) + "."]
-    lines += ["", "## Export config", "", "```json", json.dumps(config.model_dump(mode="json"), indent=1), "```", ""]
-    return "\n".join(lines)
+    lines += ["", "## Export config", "", "```json", json.dumps(config.model_dump(mode="json"), indent=1), "```"]
+    # model-index: the trained model's (reference) scores per task, over every run.
+    reference_scores = {task: s for by_target in reeval["scores"].values() for task, s in by_target["reference"].items()}
+    card = config.card
+    dataset = card.datasets[0] if card.datasets else f"tunepipe-data-{data_key}"
+    card_obj = build_card(
+        title=f"{source.ref.stage} export ({source.method})", body="\n".join(lines), base=source.base_model,
+        library="transformers" if source.kind == "model" else "peft", method=source.method,
+        base_override=card.base_model, license=card.license, datasets=card.datasets, language=card.language,
+        model_name=card.model_name or f"{source.ref.stage}-{source.method}",
+        results=eval_results(reference_scores, dataset_type=dataset, dataset_name=card.datasets[0] if card.datasets else "tunepipe data"),
+    )
+    return str(card_obj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,6 +552,11 @@ class ExportStage(Stage):
             "dtype": env.dtype, "device": env.device, "quantization": env.quantization.model_dump(mode="json"),
             "engine": env.serving.engine, "max_lora_rank": env.serving.max_lora_rank,
         }
+
+    def tracked_models(self, artifact_dir: Path) -> dict[str, Path]:
+        """Every export (`<target>-<run>`: adapters-triples, merged-all, bnb4-all, ...) for MLflow's model registry."""
+        exports = read_handoff(artifact_dir, ExportIndex, reader="tracking")
+        return {f"{target}-{run}": artifact_dir / rel for target, runs in exports.targets.items() for run, rel in runs.items()}
 
     def run(self, config: ExportConfig, ctx: StageContext) -> StageOutput:
         from tunepipe.tasks.training.modeling import load_model

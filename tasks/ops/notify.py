@@ -1,4 +1,5 @@
-"""Webhook notifications from the pipeline flow's state hooks (`on_failure`, `on_completion`).
+"""Notifications from the pipeline flow's state hooks (`on_failure`, `on_completion`): a JSON
+webhook for programs, Apprise URLs (Slack, Teams, Discord, email, ...) for people.
 
 The hook reads the `notifications:` section from the run's own `config` parameter, so the
 same flow notifies wherever it runs (CLI, deployment, worker) without a server-side setup.
@@ -52,6 +53,70 @@ def post_json(url: str, payload: dict[str, Any], *, timeout: float, headers: dic
 
 
 def send(settings: NotificationsConfig, payload: dict[str, Any]) -> bool:
+    """The JSON webhook and the Apprise URLs; True when every configured target took it."""
+    sent = True
+    if settings.webhook_url is not None:
+        sent = send_webhook(settings, payload)
+    if settings.urls:
+        sent = send_apprise(settings, payload) and sent
+    return sent
+
+
+def message(payload: dict[str, Any]) -> tuple[str, str]:
+    """(title, markdown body) of a notification, for people."""
+    event, pipeline = payload.get("event"), payload.get("pipeline") or "pipeline"
+    title = {
+        "failure": f"tunepipe {pipeline}: run failed",
+        "completion": f"tunepipe {pipeline}: run {str(payload.get('state') or 'finished').lower()}",
+        "gate": f"tunepipe {pipeline}: gate {'passed' if payload.get('passed') else 'failed'}",
+    }.get(str(event), f"tunepipe {pipeline}: {event}")
+    lines = [f"Run `{payload.get('flow_run_name')}`" + (f" ({payload['url']})" if payload.get("url") else "")]
+    if failure := payload.get("failure"):
+        lines += [f"**Stage:** {failure['stage']}", f"**Reason:** {failure['reason']}", f"**Fix:** {failure['fix']}"]
+    for name, stage in (payload.get("stages") or {}).items():
+        lines.append(f"- {name}: `{stage.get('key')}`" + (" (cached)" if stage.get("cached") else ""))
+    for gate in payload.get("gates") or []:
+        lines.append(f"- gate of {gate['stage']}: {'passed' if gate['passed'] else 'FAILED'}")
+    return title, "\n".join(lines)
+
+
+def send_apprise(settings: NotificationsConfig, payload: dict[str, Any]) -> bool:
+    """Each Apprise URL, its `${NAME}` references resolved in memory only; logged redacted, never raises."""
+    import apprise
+
+    from tunepipe.schemas.operations import check_apprise_url
+    from tunepipe.tasks.core.secrets import SecretMissing, redact, redact_url, resolve
+
+    title, body = message(payload)
+    kind = apprise.NotifyType.FAILURE if payload.get("event") == "failure" or payload.get("passed") is False else apprise.NotifyType.SUCCESS
+    ok = True
+    for index, url in enumerate(settings.urls):
+        shown = redact_url(url)
+        try:
+            resolved = resolve(url, f"notifications.urls[{index}]")
+            check_apprise_url(resolved, settings.allow_remote, literal=False)
+            shown = redact_url(resolved)
+            target = apprise.Apprise()
+            if not target.add(resolved):
+                raise ValueError(f"apprise does not understand the URL {shown}")
+            delivered = target.notify(title=title, body=body, notify_type=kind, body_format=apprise.NotifyFormat.MARKDOWN)
+        except SecretMissing as exc:
+            log.warning("notification not sent: %s", exc)
+            ok = False
+            continue
+        except (ValueError, OSError) as exc:
+            log.warning("notification to %s failed: %s", shown, redact(str(exc)))
+            ok = False
+            continue
+        if delivered:
+            log.info("notification %s sent to %s (apprise)", payload.get("event"), shown)
+        else:
+            log.warning("notification %s to %s failed (apprise)", payload.get("event"), shown)
+        ok = ok and bool(delivered)
+    return ok
+
+
+def send_webhook(settings: NotificationsConfig, payload: dict[str, Any]) -> bool:
     """Resolve the webhook's `${NAME}` references (in memory only), post, log the outcome with the
     URL redacted, never raise."""
     from tunepipe.schemas.operations import check_webhook_url

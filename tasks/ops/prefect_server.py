@@ -41,6 +41,15 @@ def is_healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def is_healthy_url(url: str, timeout: float = 2.0) -> bool:
+    """True when `url` answers 200."""
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def require_server(url: str) -> None:
     if not is_healthy(url):
         raise ServerError(f"no Prefect server answers at {url}: start one with `tunepipe up` (or set PREFECT_API_URL)")
@@ -93,6 +102,11 @@ class LocalStack:
     def ui_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def ui_env(self) -> dict[str, str]:
+        """Where the UI's browser code calls the API (its `/ui-settings`): this server's host and port.
+        Unset, the UI called Prefect's default http://127.0.0.1:4200/api whatever `--port` said."""
+        return {"PREFECT_UI_API_URL": self.url, "PREFECT_UI_URL": self.ui_url}
+
     def _log(self, name: str):
         if self.log_dir is None:
             return subprocess.DEVNULL
@@ -105,7 +119,7 @@ class LocalStack:
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         cmd = [*_prefect_cli(), "server", "start", "--host", self.host, "--port", str(self.port)]
         self.server = subprocess.Popen(
-            cmd, env=server_env(self.prefect_home, **self.env_extra), stdout=self._log("server"), stderr=subprocess.STDOUT,
+            cmd, env=server_env(self.prefect_home, **self.ui_env(), **self.env_extra), stdout=self._log("server"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -133,6 +147,26 @@ class LocalStack:
             cmd, env=worker_env(self.url, prefect_home or self.prefect_home, **extra), stdout=self._log(f"worker-{pool}"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+    def start_mlflow(self, backend_store_uri: str, port: int, artifacts_dir: Path, timeout: float = 120.0) -> str:
+        """An `mlflow server` beside Prefect on the tracking store the pipeline writes to (`tracking.mlflow`);
+        stopped with the rest. Returns its URL."""
+        url = f"http://{self.host}:{port}"
+        if is_healthy_url(f"{url}/health"):
+            raise ServerError(f"something already answers at {url}: stop it or set tracking.mlflow.server_port")
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri, "--host", self.host,
+               "--port", str(port), "--artifacts-destination", artifacts_dir.resolve().as_uri()]
+        self.workers["mlflow"] = proc = subprocess.Popen(
+            cmd, env={**os.environ, **self.env_extra}, stdout=self._log("mlflow"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerError(f"mlflow server exited with {proc.returncode} (log: {self.log_dir or 'not kept'})")
+            if is_healthy_url(f"{url}/health"):
+                return url
+            time.sleep(0.5)
+        raise ServerError(f"mlflow server did not answer at {url} within {timeout:.0f}s")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Workers first (each cancels its runs' processes), then the server."""

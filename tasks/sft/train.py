@@ -233,6 +233,14 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         save_result(trainer, prepared["tokenizer"], config.method, dest, prepared["initial_adapter"])
         checks["adapter_effect"] = saved_adapter_effect(trainer, prepared, config, dest, job)
+    if is_main_process() and config.method.is_peft and dest.is_dir():
+        from tunepipe.tasks.training.cards import adapter_card
+
+        # Our card instead of PEFT's blank template (its `base_model:` an absolute local path).
+        (dest / "README.md").write_text(adapter_card(
+            base=job["model_path"], method=config.method.name, tasks=job.get("tasks"),
+            training=config.training.model_dump(mode="json"), stage="sft",
+        ))
     metrics.update(
         {
             "trainable_parameters": trainable,

@@ -44,7 +44,24 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
     Generation stops on any of the model's stop tokens (eos and the template's end of turn). A
     reasoning family's think block is not part of the answer (`final_answer`)."""
     texts = _generated_texts(model, tokenizer, prompts, batch_size, do_sample=False, max_new_tokens=max_new_tokens)
-    return [answer for batch in texts for answer in batch]
+    answers: list[str] = []
+    with _generation_bar(len(prompts), batch_size) as bar:
+        for batch in texts:
+            answers.extend(batch)
+            bar.update(len(batch))
+    return answers
+
+
+def _generation_bar(total: int, batch_size: int) -> Any:
+    """A console progress line while a stage generates more than one batch (evaluate's candidate and
+    baseline answers, held-out checks), gone when done; labelled with the running stage."""
+    import sys
+
+    from tqdm.auto import tqdm
+    from tunepipe.tasks.core.tracking import current_stage_name
+
+    label = f"{current_stage_name() or 'generation'}: generating"
+    return tqdm(total=total, desc=label, unit="prompt", leave=False, mininterval=1.0, file=sys.stderr, disable=total <= batch_size)
 
 
 def sampled_answers(

@@ -180,7 +180,22 @@ def stream_command(
 def run_training(
     entrypoint: str, job: dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
 ) -> dict[str, Any]:
-    """Run `entrypoint(job)` as the profile says and return its result."""
+    """Run `entrypoint(job)` as the profile says and return its result, tracked as the running
+    stage's task named by `work_dir` (`<task>.launch`; a plain `launch`: the stage's one job)."""
+    from tunepipe.tasks.core.tracking import current_stage_name, environment, tracked_training
+    from tunepipe.tasks.training.progress import JOB_LABEL_ENV
+
+    name = Path(work_dir).name
+    task = name.removesuffix(".launch") if name.endswith(".launch") else None
+    stage = current_stage_name()
+    label = "/".join(part for part in (stage, task) if part)
+    with tracked_training(task), environment({JOB_LABEL_ENV: label}):
+        return _run_training(entrypoint, job, env, logger, work_dir)
+
+
+def _run_training(
+    entrypoint: str, job: dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
+) -> dict[str, Any]:
     if env.launcher == "in_process":
         return entry_point(entrypoint)(job)
     work = Path(work_dir)

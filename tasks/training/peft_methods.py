@@ -490,6 +490,7 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
     """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
     PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
     from tunepipe.tasks.core.environment import apply_allocator_settings, deepspeed_config_path
+    from tunepipe.tasks.core.tracking import trainer_report_to
 
     # Every trainer's arguments come from here, in the process that will train with them: the profile's
     # allocator setting takes effect before the first training step allocates.
@@ -533,7 +534,8 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "deepspeed": str(ds_config) if ds_config else None,
         **fsdp_arguments(env),
         "use_liger_kernel": env.liger_kernel,
-        "report_to": "none",
+        # The running stage's tracking backend (tasks/core/tracking.py), through the trainer's own integration.
+        **trainer_report_to(),
         "dataloader_num_workers": 0,
         "eval_strategy": "no",
         **precision_flags(env),

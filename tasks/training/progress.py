@@ -77,3 +77,103 @@ class PrefectProgress(TrainerCallback):
             described = {"description": d} if (d := self.description()) else {}
             update_progress_artifact(self.artifact_id, progress=float(percent), **described)
             self.reported, self.reported_at = percent, self.clock()
+
+
+from tunepipe.tasks.core.runtime import VERBOSE_ENV  # noqa: E402 - set by `tunepipe run --verbose`
+JOB_LABEL_ENV = "TUNEPIPE_JOB_LABEL"  # `stage/task` of the training job that runs (set by run_training)
+
+
+def verbose() -> bool:
+    import os
+
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def job_label(default: str) -> str:
+    """`stage/task` of the running job (set by `run_training`), else `default`."""
+    import os
+
+    return os.environ.get(JOB_LABEL_ENV) or default
+
+
+def metrics_logger() -> Any:
+    """`tunepipe.metrics`: the per-step training lines, for the Prefect run log only. They do not
+    propagate to the console, which shows the one progress line per job instead."""
+    import logging
+
+    logger = logging.getLogger("tunepipe.metrics")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if in_prefect_task() and not any(type(h).__name__ == "APILogHandler" for h in logger.handlers):
+        from prefect.logging.handlers import APILogHandler
+
+        logger.addHandler(APILogHandler())
+    return logger
+
+
+def quiet_trainer(trainer: Any) -> None:
+    """Without --verbose, the Trainer's console output goes: its per-step dicts (PrinterCallback, or
+    ProgressCallback's tqdm.write) and its bar; `StepReporter` shows one line per job instead."""
+    if verbose():
+        return
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+
+
+class StepReporter(TrainerCallback):
+    """One console progress line per training job (tqdm: steps, loss, ETA) and, at each logging
+    step, a `step N/M: loss ..., lr ..., ETA ...` line in the Prefect run log, at most one per
+    `min_interval_s` (the last step's line always). In verbose mode the Trainer's own bar and
+    dicts stay, and this adds the run-log lines only."""
+
+    def __init__(self, label: str, min_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic, console: bool | None = None):
+        self.label = label
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.console = (not verbose()) if console is None else console
+        self.bar: Any = None
+        self.logged_at = float("-inf")
+        self.started = 0.0
+        self.loss: float | None = None
+        self.lines = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.clock()
+        if self.console and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step", dynamic_ncols=True,
+                            mininterval=1.0, file=sys.stderr, leave=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or not isinstance(logs.get("loss"), (int, float)):
+            return
+        self.loss = float(logs["loss"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.loss:.4g}", refresh=False)
+        last = state.global_step >= state.max_steps
+        if last or self.clock() - self.logged_at >= self.min_interval_s:
+            self.logged_at = self.clock()
+            self.lines += 1
+            lr = logs.get("learning_rate")
+            metrics_logger().info(
+                "%s step %d/%d: loss %.4f%s, ETA %s", self.label, state.global_step, state.max_steps, self.loss,
+                f", lr {lr:.3g}" if isinstance(lr, (int, float)) else "", self.eta(state),
+            )
+
+    def eta(self, state) -> str:
+        done = max(state.global_step, 1)
+        seconds = (self.clock() - self.started) / done * max(state.max_steps - state.global_step, 0)
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.close()
+            self.bar = None

@@ -82,7 +82,11 @@ def make_callbacks(model: Any, method: Any, label: str = "training", watch: dict
     from tunepipe.tasks.training.moe import router_loss_callback
     from tunepipe.tasks.training.progress import PrefectProgress
 
-    callbacks: list[Any] = [PrefectProgress(label, watch=watch)]
+    from tunepipe.tasks.core.tracking import tracked_run_callbacks
+    from tunepipe.tasks.training.progress import StepReporter, job_label
+
+    label = job_label(label)  # `sft/triples`: the two sft jobs' progress artifacts and lines tell apart
+    callbacks: list[Any] = [PrefectProgress(label, watch=watch), StepReporter(label), *tracked_run_callbacks()]
     if (router_log := router_loss_callback(model)) is not None:
         callbacks.append(router_log)
     if getattr(method, "name", None) == "adalora":
@@ -184,6 +188,9 @@ def fit(trainer: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
     if resume:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
+    from tunepipe.tasks.training.progress import quiet_trainer
+
+    quiet_trainer(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)

@@ -46,10 +46,21 @@ def portable_copy(tmp_path: Path, **section_updates) -> Path:
     return path
 
 
+FIRST_CONSOLE: list[str] = []  # the first run's console (stderr: with --json, everything but the summary)
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("quickstart")
-    return cwd, run_json(cwd=cwd)
+    # Bytes, decoded without newline translation: text mode turns a progress bar's every `\r` redraw
+    # into a line of its own, which a terminal never shows.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "tunepipe.flows.cli.main", "run", "--json"], cwd=cwd, env=env,
+                          capture_output=True, timeout=600)
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, stderr[-4000:]
+    FIRST_CONSOLE.append(stderr)
+    return cwd, json.loads(proc.stdout)
 
 
 STAGES = ["data", "base_model", "sft", "reward", "align", "evaluate", "export", "deploy"]
@@ -244,3 +255,36 @@ def test_data_gate_failure_names_expectation_count_and_rejected_file(tmp_path):
     rejected = next(Path(tmp_path / "work" / "artifacts" / "data" / ".staging").glob("*/rejected.jsonl"))
     assert rejected.read_text().count("\n") > 0
     assert not [p for p in (tmp_path / "work" / "artifacts" / "data").iterdir() if not p.name.startswith(".")]
+
+
+def test_first_run_console_is_short_and_the_run_log_holds_the_training_losses(first_run):
+    """Without --verbose: at most ~100 console lines (as a terminal shows them: a progress bar redraws
+    its line with \\r), none of them the Trainer's per-step dicts; the per-step losses are in the Prefect
+    run log instead, the last of each job equal to the manifest's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
+
+    cwd, summary = first_run
+    lines = FIRST_CONSOLE[0].split("\n")
+    assert len(lines) <= 100, "\n".join(lines)
+    assert not any("{'loss'" in line for line in lines)
+    assert any("sft/sentiment: " in line and "loss=" in line for line in lines)  # the job's progress line (\r-redrawn)
+
+    history = summary["stages"]["sft"]["metrics"]["loss_history"]
+    stack = LocalStack(prefect_home=Path(summary["workdir"]) / ".prefect", port=free_port(),
+                       env_extra={"PREFECT_UI_ENABLED": "false"})
+    try:
+        stack.start_server(timeout=150)
+        with temporary_settings(updates={PREFECT_API_URL: stack.url}), get_client(sync_client=True) as client:
+            logs, offset = [], 0
+            while batch := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["run_id"]])),
+                                            limit=200, offset=offset):
+                logs, offset = logs + batch, offset + len(batch)
+    finally:
+        stack.stop()
+    for task, points in history.items():
+        ours = [log.message for log in logs if log.name == "tunepipe.metrics" and log.message.startswith(f"sft/{task} step ")]
+        assert len(ours) >= 2, [log.message for log in logs][:50]
+        assert ours[-1].startswith(f"sft/{task} step {points[-1]['step']}/") and f": loss {points[-1]['loss']:.4f}" in ours[-1]

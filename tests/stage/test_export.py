@@ -222,3 +222,52 @@ def test_full_weights_source_refuses_adapter_target(assets, tmp_path):
     source = fake_artifact(art, "sft", "sft-full")
     with pytest.raises(StageFailed, match="remove `adapters` from export.targets"):
         _export(assets, {"targets": ["adapters", "merged"]}, inputs={"sft": source, "data": assets["data"]})
+
+
+def test_model_card_metadata_parses_with_model_index_and_no_local_path(assets):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    ref = _export(assets, {"targets": ["adapters"], "reeval": {"max_examples_per_task": 2, "max_new_tokens": 2},
+                           "card": {"license": "apache-2.0", "datasets": ["tatsu-lab/alpaca"], "language": ["en"]}})
+    root = Path(ref.path)
+    card = ModelCard.load(root / "README.md")  # the Hub's own parser: YAML front matter into ModelCardData
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0" and data["datasets"] == ["tatsu-lab/alpaca"] and data["library_name"] == "peft"
+    assert "base_model" not in data  # the tiny base is built locally: no Hub id, and never its path
+    assert str(assets["model"]) not in card.content
+    name, results = model_index_to_eval_results(data["model-index"])
+    reeval = json.loads((root / "manifest.json").read_text())["metrics"]["reeval"]["all"]["reference"]
+    assert name == "sft-lora"
+    found = {(r.dataset_name, r.metric_type): r.metric_value for r in results}
+    assert len(results) == 2 * len(reeval)  # each task's two metrics, none merged into another task's
+    for task, scores in reeval.items():
+        assert found[(f"tatsu-lab/alpaca: {task}", "exact_match")] == round(scores["exact_match"], 4)
+        assert found[(f"tatsu-lab/alpaca: {task}", "f1")] == round(scores["token_f1"], 4)
+    assert all(r.dataset_split == "test" and r.task_type == "text-generation" for r in results)
+    assert (root / "adapters/all/README.md").read_text() == (root / "README.md").read_text()
+
+    # A hub base is named by its id; the sft adapter's own card is ours, not PEFT's blank template.
+    hub = _export(assets, {"targets": ["adapters"], "reeval": {"max_examples_per_task": 1, "max_new_tokens": 2},
+                           "card": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
+    assert ModelCard.load(Path(hub.path) / "README.md").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    sft_card = (Path(assets["sft"].path) / "adapter" / "README.md").read_text()
+    assert "[More Information Needed]" not in sft_card and str(assets["model"]) not in sft_card
+    assert ModelCard(sft_card).data.library_name == "peft" and '"max_steps": 6' in sft_card
+
+
+def test_exports_are_registered_in_mlflow_when_it_tracks(assets, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tunepipe.schemas.tracking import TrackingConfig
+    from tunepipe.tasks.core.artifacts import ArtifactStore
+    from tunepipe.tasks.core.tracking import TrackingSession, finish_pipeline_run
+
+    session = TrackingSession(TrackingConfig(backend="mlflow"), "pipe", str(tmp_path), "export-run")
+    config = ExportConfig.model_validate({"targets": ["adapters"], "reeval": {"max_examples_per_task": 1, "max_new_tokens": 2}})
+    inputs = {"sft": assets["sft"], "data": assets["data"]}
+    ref = run_stage(ExportStage(), config, inputs, ArtifactStore(tmp_path / "artifacts"), cpu_profile(), tracking=session)
+    finish_pipeline_run(session)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}")
+    versions = client.search_model_versions("name='pipe-adapters-all'")
+    assert len(versions) == 1 and versions[0].source == (Path(ref.path) / "adapters" / "all").resolve().as_uri()
+    assert client.get_run(versions[0].run_id).data.tags["tunepipe.key"] == ref.key

@@ -154,3 +154,28 @@ def test_hooks_read_settings_from_the_run_parameters_and_post(monkeypatch):
 def test_no_section_no_post():
     run = SimpleNamespace(id="x", name="n", parameters={"config": {"name": "demo"}})
     notify.on_failure(None, run, SimpleNamespace(name="Failed", message="boom"))  # nothing to post to, no error
+
+
+def test_apprise_urls_reach_a_receiver_with_the_failure_stage_and_fix(monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_TEST_APPRISE_TOKEN", "tok-987654")
+    with Receiver() as receiver:
+        port = receiver.url.split(":")[2].split("/")[0]
+        settings = NotificationsConfig(urls=[f"json://127.0.0.1:{port}/hook?token=${{TUNEPIPE_TEST_APPRISE_TOKEN}}"], allow_remote=False)
+        assert "tok-987654" not in settings.model_dump_json()
+        payload = {"event": "failure", "pipeline": "p", "flow_run_name": "p-1", "state": "Failed",
+                   "failure": {"stage": "data", "reason": "3 rows rejected", "fix": "fix the rows"}}
+        assert notify.send(settings, payload) is True
+    body = receiver.received[0]["body"]  # Apprise's own JSON: version, title, message, type
+    assert body["title"] == "tunepipe p: run failed" and body["type"] == "failure"
+    assert "**Stage:** data" in body["message"] and "**Fix:** fix the rows" in body["message"]
+    assert "tok-987654" not in str(receiver.received[0]["headers"])  # the token travelled in the query only
+
+
+def test_apprise_service_urls_must_refer_to_their_credentials():
+    with pytest.raises(ValidationError, match=r"holds its service's credentials literally"):
+        NotificationsConfig(urls=["slack://T000/B000/XXXXXXXX"])
+    with pytest.raises(ValidationError, match=r"is remote \(allow_remote is false\)"):
+        NotificationsConfig(urls=["slack://${SLACK_TOKENS}"], allow_remote=False)
+    with pytest.raises(ValidationError, match=r"set webhook_url .* or urls"):
+        NotificationsConfig()
+    assert NotificationsConfig(urls=["slack://${SLACK_TOKENS}", "${TEAMS_URL}"]).urls[1] == "${TEAMS_URL}"
