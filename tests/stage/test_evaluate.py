@@ -64,7 +64,7 @@ def assets(tmp_path_factory):
     data = _sentiment_data(root / "data")
     return {
         "root": root, "store": store, "model": model, "data": data,
-        "good": _sft(model, data, store, steps=60, lr=1e-2),
+        "good": _sft(model, data, store, steps=60, lr=3e-3),
         # Deliberately worse: one step at a learning rate that leaves the model at its base.
         "bad": _sft(model, data, store, steps=1, lr=1e-9),
     }
