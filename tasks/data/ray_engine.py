@@ -61,8 +61,14 @@ _OUT_ROWS = 8192
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Join (or start) the Ray cluster; leave a Ray this process did not start running."""
+    import os
+
     import ray
 
+    # Ray Data's usage collection queries a Prometheus on localhost after every dataset (and
+    # reports usage): an offline pipeline wants neither.
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         yield
         return
@@ -109,7 +115,10 @@ def read_clean_files(batch: dict, sources: list[SourceConfig], clean: CleanConfi
             if len(rows) >= _OUT_ROWS:
                 yield _table(rows)
                 rows = []
-        stats = {"label": str(label), "read": read, "counts": cleaner.counts, "pii": cleaner.pii}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        stats = {"label": str(label), "read": read, "counts": cleaner.counts, "pii": cleaner.pii, "node": node}
         rows.append({"order": base, "kind": "stats", "payload": pickle.dumps(stats)})
         yield _table(rows)
 
@@ -248,9 +257,13 @@ class RayDataRun(_DataRun):
             read_clean_files, batch_size=1, batch_format="numpy", fn_kwargs={"sources": sources, "clean": config.clean})
         records, side = self._split_rows(ds)
         rejects = [row for row in side if row["kind"] == "reject"]
+        nodes = set()
         for row in side:
             if row["kind"] == "stats":
-                self._add_file_stats(pickle.loads(row["payload"]))
+                stats = pickle.loads(row["payload"])
+                self._add_file_stats(stats)
+                nodes.add(stats["node"])
+        self.log.info("data: read %d records from %d files on %d Ray node(s)", self.read, len(files), len(nodes))
         clock = self._timed("read_clean", clock)
         batch = config.ray.batch_size
         if count_tokens is not None:
