@@ -186,12 +186,12 @@ def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, famil
     signatures = np.frombuffer(b"".join(batch["signature"]), dtype=np.uint32).reshape(len(batch["order"]), num_perm)
     tags = [FAMILY[pickle.loads(p)["kind"]].encode() for p in batch["payload"]] if family_of else [b""] * len(signatures)
     keys, orders, parts, sides = [], [], [], []
+    rows_per_band = num_perm // num_bands
     for band, block in enumerate(dedup_mod.band_blocks(signatures, num_bands)):
-        raw = block.tobytes()
-        width = len(raw) // max(1, len(block))
-        mixed = signatures[:, band * (num_perm // num_bands):(band + 1) * (num_perm // num_bands)].astype(np.uint64)
-        with np.errstate(over="ignore"):
-            spread = (mixed * np.uint64(0x9E3779B97F4A7C15)).sum(axis=1, dtype=np.uint64) + np.uint64(band)
+        raw, width = block.tobytes(), 4 * rows_per_band
+        values = signatures[:, band * rows_per_band:(band + 1) * rows_per_band].astype(np.uint64)
+        with np.errstate(over="ignore"):  # a cheap mix of the band's values picks its partition
+            spread = (values * np.uint64(0x9E3779B97F4A7C15)).sum(axis=1, dtype=np.uint64) + np.uint64(band)
         for row in range(len(signatures)):
             keys.append(tags[row] + band.to_bytes(2, "little") + raw[row * width:(row + 1) * width])
         orders.append(batch["order"])
@@ -279,7 +279,7 @@ class RayDataRun(_DataRun):
             exact = len(side)
         else:
             keyed = keyed.materialize()
-        pairs = self._near_candidates(keyed) if config.dedup.near else np.zeros((0, 2), np.int64)
+        pairs = self._candidates(keyed, cross_sides=False, family_of=True) if config.dedup.near else np.zeros((0, 2), np.int64)
         kept = self._collect(keyed)
         near = self._near_duplicates(kept, pairs)
         self._write_rejects(rejects)
@@ -289,9 +289,8 @@ class RayDataRun(_DataRun):
         records = [record for order, record in sorted(kept.items()) if order not in near]
         self._timed("dedup", clock)
         self._progress("dedup", records)
-        num_bands = config.dedup.num_bands or dedup_mod.optimal_bands(config.dedup.threshold, config.dedup.num_perm)
         counts = {"exact_duplicates": exact, "near_duplicates": len(near), "threshold": config.dedup.threshold,
-                  "num_perm": config.dedup.num_perm, "num_bands": num_bands, "ngram": config.dedup.ngram}
+                  "num_perm": config.dedup.num_perm, "num_bands": self._num_bands(), "ngram": config.dedup.ngram}
         return records, counts
 
     def _add_file_stats(self, stats: dict) -> None:
@@ -327,9 +326,6 @@ class RayDataRun(_DataRun):
         pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy", fn_kwargs={"cross_sides": cross_sides})
         found = [np.stack([b["a"], b["b"]], axis=1) for b in pairs.iter_batches(batch_size=None, batch_format="numpy") if len(b["a"])]
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
-
-    def _near_candidates(self, keyed) -> np.ndarray:
-        return self._candidates(keyed, cross_sides=False, family_of=True)
 
     def _near_duplicates(self, kept: dict[int, dict], pairs: np.ndarray) -> dict[int, int]:
         """Order of each near-duplicate → order of the earliest record it is similar to."""
