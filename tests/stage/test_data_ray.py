@@ -69,9 +69,25 @@ def _same_artifact(local: Path, distributed: Path) -> None:
         assert _comparable(distributed, name) == _comparable(local, name), f"{name} differs between the engines"
 
 
+def word_tokenizer(path: Path) -> str:
+    """A tokenizer.json counting words and punctuation (the token bounds run on the workers)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(path))
+    return str(path)
+
+
 @pytest.mark.parametrize("which", ["quickstart", "fixtures"])
 def test_ray_engine_publishes_the_local_engines_files(tmp_path, ray_cluster, caplog, which):
-    make = quickstart_config if which == "quickstart" else load_config
+    if which == "quickstart":
+        make = quickstart_config
+    else:
+        tokens = {"clean__tokenizer": word_tokenizer(tmp_path / "tokenizer.json"), "clean__min_tokens": 12}
+        make = lambda **fields: load_config(**tokens, **fields)  # noqa: E731
     address = {"address": ray_cluster.address}
     local_config, ray_config = make(), make(engine="ray", ray=address)
     assert DataStage().key_payload(ray_config) == DataStage().key_payload(local_config)
@@ -82,6 +98,6 @@ def test_ray_engine_publishes_the_local_engines_files(tmp_path, ray_cluster, cap
     report = json.loads((tmp_path / "ray" / "report.json").read_text())
     assert report["read"] == report["kept"] + report["rejected_total"] > 0
     if which == "fixtures":  # the dirty data exercises every rejection the Ray steps make
-        assert {"exact_duplicate", "near_duplicate", "contamination", "malformed_json"} <= set(report["rejected"])
+        assert {"exact_duplicate", "near_duplicate", "contamination", "malformed_json", "too_few_tokens"} <= set(report["rejected"])
     nodes = [r.getMessage() for r in caplog.records if "Ray node(s)" in r.getMessage()]
     assert nodes and nodes[-1].endswith("on 2 Ray node(s)"), nodes
