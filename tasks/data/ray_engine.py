@@ -40,6 +40,7 @@ from tunepipe.tasks.data import dedup as dedup_mod
 from tunepipe.tasks.data.clean import Cleaner, load_token_counter, token_bound_reason
 from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
 from tunepipe.tasks.data.sources import Malformed, read_file
+from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.data.stage import _DataRun
 
 FILE_SHIFT = 40  # order = file index << 40 | record index in the file
@@ -63,6 +64,10 @@ def ray_session(address: str | None) -> Iterator[None]:
     """Join (or start) the Ray cluster; leave a Ray this process did not start running."""
     import os
 
+    try:
+        import ray.data  # noqa: F401  (Ray Data: the `ray` extra)
+    except ImportError as exc:
+        raise StageFailed(f"data.engine ray needs Ray Data: pip install 'tunepipe[ray]' ({exc})") from exc
     import ray
 
     # Ray Data's usage collection queries a Prometheus on localhost after every dataset (and

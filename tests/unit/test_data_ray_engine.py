@@ -97,3 +97,12 @@ def test_exact_groups_keep_the_first_in_reading_order():
     assert sorted(rejected) == [5, 7]
     for record, reason, location, detail, extra in rejected.values():
         assert (reason, extra) == ("exact_duplicate", {"duplicate_of": "id3"}) and "id3 (f:3)" in detail
+
+
+def test_without_ray_data_the_stage_fails_saying_what_to_install(monkeypatch):
+    from tunepipe.tasks.core.stage import StageFailed
+
+    monkeypatch.setitem(__import__("sys").modules, "ray.data", None)  # as if the `ray` extra were missing
+    with pytest.raises(StageFailed, match=r"pip install 'tunepipe\[ray\]'"):
+        with ray_engine.ray_session(None):
+            pass
