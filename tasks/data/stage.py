@@ -169,7 +169,6 @@ class _DataRun:
                 "blocking_failures": sum(f.blocking for f in outcome.failures),
                 "failures": [{"name": f.name, "count": f.count, "blocking": f.blocking, "examples": f.examples} for f in outcome.failures],
             },
-            timings=self.timings,
         )
         report["warnings"] = empty_source_warnings(report)
         for warning in report["warnings"]:
@@ -179,7 +178,7 @@ class _DataRun:
         assert report["read"] == report["kept"] + report["rejected_total"], "data stage lost records"
         self._fail_if_needed(report, outcome)
         self.log.info("data: read %d, kept %d, rejected %d", report["read"], report["kept"], report["rejected_total"])
-        return StageOutput(metrics=metrics(report), summary=summary(report), table=table(report))
+        return StageOutput(metrics=metrics(report, self.timings), summary=summary(report), table=table(report))
 
     def _clean_and_deduplicate(self, plans, count_tokens) -> tuple[list[dict], dict[str, Any]]:
         """Read, clean, token bounds, ids, exact and near dedup: the kept records in source order."""

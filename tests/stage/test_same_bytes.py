@@ -139,3 +139,23 @@ def test_reward_head_and_dpo_weights_do_not_depend_on_earlier_draws(tmp_path):
     assert (r1.key, a1.key) == (r2.key, a2.key)
     assert weight_files(r1.path) and weight_files(r1.path) == weight_files(r2.path)
     assert weight_files(a1.path) and weight_files(a1.path) == weight_files(a2.path)
+
+
+def published_files(path: str) -> dict[str, bytes]:
+    """Every file of a published artifact but its manifest (which records when it ran)."""
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def test_data_stage_publishes_the_same_bytes_in_fresh_workdirs(tmp_path):
+    """report.json and validation.json included: no timings, run ids or clock times in them."""
+    from tests.stage.test_data import load_config
+    from tunepipe.tasks.data.stage import DataStage
+
+    refs = [run_stage(DataStage(), load_config(), {}, ArtifactStore(tmp_path / store), cpu_profile()) for store in ("a", "b")]
+    assert refs[0].key == refs[1].key
+    first, second = published_files(refs[0].path), published_files(refs[1].path)
+    assert {"report.json", "validation.json", "train.jsonl", "rejected.jsonl"} <= first.keys()
+    assert first == second, [name for name in first if first[name] != second.get(name)]
+    manifests = [json.loads((Path(r.path) / "manifest.json").read_text())["files"] for r in refs]
+    assert manifests[0] == manifests[1]
