@@ -311,11 +311,13 @@ class DataConfig(StrictModel):
         le=1.0,
         description="Fail the stage when more than this fraction of read records is rejected (mixing excluded).",
     )
-    engine: Literal["local", "ray"] = Field(
+    engine: Literal["local", "streaming", "ray"] = Field(
         default="local",
-        description="Where the records flow: `local` (this process) or `ray` (Ray Data on the cluster of "
-        "`data.ray.address`: files read and cleaned in parallel, dedup and contamination bands shuffled by key "
-        "across workers). Both give the same files record for record, so the engine is not part of the stage key.",
+        description="Where the records flow: `local` (this process, records in memory), `streaming` (this process, "
+        "records on the staging disk in batches, exact-dedup keys in sqlite, signatures memory-mapped: for inputs "
+        "larger than memory) or `ray` (Ray Data on the cluster of `data.ray.address`: files read and cleaned in "
+        "parallel, dedup and contamination bands shuffled by key across workers). All give the same files byte for "
+        "byte, so the engine is not part of the stage key.",
     )
     ray: DataRayConfig = Field(default_factory=DataRayConfig, description="The Ray cluster of `engine: ray`.")
     fail_on_empty_source: bool = Field(

@@ -86,6 +86,10 @@ class DataStage(Stage):
             from tunepipe.tasks.data.ray_engine import RayDataRun
 
             return RayDataRun(config, ctx).run()
+        if config.engine == "streaming":
+            from tunepipe.tasks.data.streaming import StreamingDataRun
+
+            return StreamingDataRun(config, ctx).run()
         return _DataRun(config, ctx).run()
 
 
