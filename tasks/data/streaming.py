@@ -464,5 +464,5 @@ class StreamingDataRun(_DataRun):
                 files[name] = self._stream(positions.tolist())
         for name, rows in files.items():
             with open(self.out / name, "wb", buffering=1 << 20) as handle:
-                for chunk in batched(rows, 8192):
-                    handle.write(b"".join(_dumps(public_record(r)) + b"\n" for r in chunk))
+                for record in rows:  # one at a time: memory bounded by the largest record, not a batch
+                    handle.write(_dumps(public_record(record)) + b"\n")
