@@ -9,6 +9,8 @@ per file), then the whole stage (Great Expectations included) once per engine va
 its own process so peak RSS is that variant's alone:
 
 - `local`: the local engine;
+- `streaming`: `engine: streaming` (records spilled to disk in batches, bounded memory but for
+  Great Expectations' rows frame; `--no-validation` leaves validation out of every variant);
 - `ray-1`, `ray-2`: `engine: ray` on a local Ray cluster (ray.cluster_utils) of a head with no
   CPUs and 1 or 2 worker nodes of 1 CPU each.
 
@@ -38,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("local", "ray-1", "ray-2")
+VARIANTS = ("local", "streaming", "ray-1", "ray-2")
 OUTPUTS = ("train.jsonl", "validation.jsonl", "test.jsonl", "preferences.jsonl", "corpus.jsonl", "rejected.jsonl", "report.json", "validation.json")
 OBJECT_STORE = 512 * 2**20
 
@@ -97,7 +99,7 @@ class RaySampler(threading.Thread):
             self.peak_total = max(self.peak_total, total)
 
 
-def run_variant(variant: str, shards: Path, out: Path) -> dict:
+def run_variant(variant: str, shards: Path, out: Path, validation: bool = True) -> dict:
     """One stage run in this process (a child of the benchmark)."""
     from tunepipe.schemas.data import DataConfig
     from tunepipe.tasks.core.environment import load_environment
@@ -105,7 +107,9 @@ def run_variant(variant: str, shards: Path, out: Path) -> dict:
     from tunepipe.tasks.data.stage import DataStage
 
     logging.basicConfig(level=logging.WARNING)
-    fields: dict = {"sources": [{"path": str(shards), "format": "alpaca", "task": "synthetic"}]}
+    fields: dict = {"sources": [{"path": str(shards), "format": "alpaca", "task": "synthetic"}], "validation": {"enabled": validation}}
+    if variant == "streaming":
+        fields["engine"] = "streaming"
     result: dict = {"variant": variant}
     cluster = sampler = None
     if variant.startswith("ray-"):
@@ -145,11 +149,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--shards", type=int, default=8, help="jsonl files the records are split into")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--no-validation", action="store_true", help="validation.enabled false in every variant (Great Expectations' frame holds every kept row)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child process: one variant, JSON on stdout
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-engines-"))
     if args.variant:
-        print(json.dumps(run_variant(args.variant, work / "shards", work / f"out-{args.variant}")))
+        print(json.dumps(run_variant(args.variant, work / "shards", work / f"out-{args.variant}", not args.no_validation)))
         return
     rows = []
     for records in args.records:
@@ -158,7 +163,8 @@ def main() -> None:
         write_shards(size_dir, records, args.shards)
         results = {}
         for variant in args.variants:
-            child = subprocess.run([sys.executable, __file__, "--variant", variant, "--workdir", str(size_dir)], check=True, capture_output=True, text=True)
+            flags = ["--no-validation"] if args.no_validation else []
+            child = subprocess.run([sys.executable, __file__, "--variant", variant, "--workdir", str(size_dir), *flags], check=True, capture_output=True, text=True)
             results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
         base = results.get("local")
         for variant, result in results.items():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
+from array import array
 import tempfile
 import time
 from hashlib import blake2b
@@ -52,16 +53,17 @@ _NO_SPLIT = 3  # text records
 _SQL_VARS = 900  # keys per sqlite IN (...) query (below every sqlite's variable limit)
 
 
-class _Row:
-    """A train record as `mix_train` sees it: its task, and where it is in the spill file."""
+def _row_type(names: list[str], codes: np.ndarray) -> type:
+    """A train record as `mix_train` sees it: its position in the spill file (an int, ~32 bytes,
+    not a dict) whose `["task"]` is its task's name."""
 
-    __slots__ = ("task", "position")
+    class Row(int):
+        __slots__ = ()
 
-    def __init__(self, task: str, position: int) -> None:
-        self.task, self.position = task, position
+        def __getitem__(self, key: str) -> str:
+            return names[codes[self]]
 
-    def __getitem__(self, key: str) -> str:
-        return self.task
+    return Row
 
 
 class _Lite:
@@ -163,13 +165,14 @@ class StreamingDataRun(_DataRun):
         self.tasks: list[str] = []
         self.labels: list[str] = []
         task_codes: dict[str, int] = {}
-        columns = {name: [] for name in ("offset", "kind", "task", "label", "split_hash")}
+        # array.array, not lists: 8 bytes or fewer per record instead of a pointer and an int object.
+        columns = {"offset": array("q"), "kind": array("b"), "task": array("i"), "label": array("i"), "split_hash": array("Q")}
         salt = f"{config.split.seed}:".encode()
         seen = sqlite3.connect(str(spill / "exact.sqlite"))
         seen.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, id TEXT, source TEXT) WITHOUT ROWID")
         exact = 0
         clock = time.perf_counter()
-        reading = 0.0
+        batch_work = 0.0
         with open(spill / "records.pickle", "wb", buffering=1 << 20) as records, \
                 open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
                 open(spill / "signatures.u32", "wb", buffering=1 << 20) as signatures:
@@ -194,22 +197,22 @@ class StreamingDataRun(_DataRun):
                     columns["task"].append(code)
                     columns["label"].append(self._label_code(record["source"]))
                     columns["split_hash"].append(int.from_bytes(blake2b(salt + record["id"].encode(), digest_size=8).digest(), "big"))
-                reading += time.perf_counter() - started
-            total = time.perf_counter() - clock
-            # The local engine's steps are sequential; here they interleave per batch.
-            self.timings["read_clean"] = total - reading
-            self.timings["tokens" if count_tokens is not None else "dedup"] = reading
+                batch_work += time.perf_counter() - started
+            # The local engine's steps are sequential; here they interleave per batch: token
+            # bounds, exact dedup, signatures and spilling count as dedup.
+            self.timings["read_clean"] = time.perf_counter() - clock - batch_work
+            self.timings["dedup"] = batch_work
             self._progress("read_clean", len(columns["offset"]))
             for side in (token_rejects, exact_rejects):  # the local engine writes these after all reading
                 side.seek(0)
                 while chunk := side.read(1 << 20):
                     self._rejected_file.write(chunk)
         seen.close()
-        self.offset = np.array(columns["offset"], dtype=np.int64)
-        self.kind = np.array(columns["kind"], dtype=np.int8)
-        self.task = np.array(columns["task"], dtype=np.int32)
-        self.label = np.array(columns["label"], dtype=np.int32)
-        self.split_hash = np.array(columns["split_hash"], dtype=np.uint64)
+        self.offset = np.frombuffer(columns["offset"], dtype=np.int64)
+        self.kind = np.frombuffer(columns["kind"], dtype=np.int8)
+        self.task = np.frombuffer(columns["task"], dtype=np.int32)
+        self.label = np.frombuffer(columns["label"], dtype=np.int32)
+        self.split_hash = np.frombuffer(columns["split_hash"], dtype=np.uint64)
         del columns
         self.alive = np.ones(len(self.offset), dtype=bool)
         self.split = np.full(len(self.offset), _NO_SPLIT, dtype=np.int8)
@@ -429,8 +432,8 @@ class StreamingDataRun(_DataRun):
             for record_id_ in failure.ids:
                 reject_ids.setdefault(record_id_, failure.name.removeprefix("rule "))
         if reject_ids:
-            for position in np.flatnonzero(self.alive).tolist():
-                record = self._load(position)
+            positions = np.flatnonzero(self.alive).tolist()
+            for position, record in zip(positions, self._stream(positions)):
                 rule = reject_ids.get(record["id"])
                 if rule is not None:
                     self._reject_record(record, f"rule:{rule}", f"failed non-blocking rule {rule}")
@@ -439,22 +442,22 @@ class StreamingDataRun(_DataRun):
         return ValidationOutcome(outcome.success and counts.success, outcome.failures + counts.failures,
                                  {"rows": outcome.results, "counts": counts.results})
 
-    def _mix_streamed(self) -> tuple[list[_Row], dict[str, dict[str, int]]]:
+    def _mix_streamed(self) -> tuple[list[int], dict[str, dict[str, int]]]:
         sft_kinds = [i for i, k in enumerate(_KINDS) if FAMILY[k] == "sft"]
         train = np.flatnonzero(self.alive & np.isin(self.kind, sft_kinds) & (self.split == 0))
-        tasks = self.tasks
-        mixed, dropped, stats = mix_train([_Row(tasks[t], p) for p, t in zip(train.tolist(), self.task[train].tolist())], self.config.mix)
-        for row in dropped:
-            record = self._load(row.position)
+        row = _row_type(self.tasks, self.task)
+        mixed, dropped, stats = mix_train([row(p) for p in train.tolist()], self.config.mix)
+        for position in dropped:
+            record = self._load(position)
             self._reject_record(record, "mix_downsampled", f"train of task {record['task']} downsampled by mix")
-            self.alive[row.position] = False
+            self.alive[position] = False
         return mixed, stats
 
-    def _write_streamed(self, mixed: list[_Row]) -> None:
+    def _write_streamed(self, mixed: list[int]) -> None:
         kinds = {name: [i for i, k in enumerate(_KINDS) if FAMILY[k] == name] for name in ("sft", "preference", "text")}
         sft = self.alive & np.isin(self.kind, kinds["sft"])
         files: dict[str, Iterable[dict]] = {
-            "train.jsonl": (self._load(row.position) for row in mixed),
+            "train.jsonl": (self._load(position) for position in mixed),
             "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1)).tolist()),
             "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2)).tolist()),
         }

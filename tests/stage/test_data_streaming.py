@@ -24,13 +24,16 @@ def published(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in PUBLISHED if (out / name).exists()}
 
 
-@pytest.mark.parametrize("which", ["quickstart", "fixtures"])
+@pytest.mark.parametrize("which", ["quickstart", "fixtures", "fixtures-mix"])
 def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatch, which):
     if which == "quickstart":
         make = quickstart_config
-    else:  # the dirty data with token bounds: every rejection of the first pass, in the local order
+    elif which == "fixtures":  # the dirty data with token bounds: every rejection of the first pass, in the local order
         tokens = {"clean__tokenizer": word_tokenizer(tmp_path / "tokenizer.json"), "clean__min_tokens": 12}
         make = lambda **fields: load_config(**tokens, **fields)  # noqa: E731
+    else:  # mixing: general downsampled 8 -> 3, chat upsampled 4 -> 9, capitals capped at 1
+        mix = {"mix__ratios": {"general": 1, "chat": 3}, "mix__caps": {"capitals": 1}}
+        make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
     monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
     local_config, streaming_config = make(), make(engine="streaming")
     assert DataStage().key_payload(streaming_config) == DataStage().key_payload(local_config)
@@ -43,6 +46,9 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
     report = json.loads(local["report.json"])
     if which == "fixtures":
         assert {"exact_duplicate", "near_duplicate", "contamination", "malformed_json", "too_few_tokens"} <= set(report["rejected"])
+    if which == "fixtures-mix":
+        assert report["mix"]["general"]["downsampled"] == 5 and report["mix"]["chat"]["upsampled_copies"] == 5
+        assert report["mix"]["capitals"]["after"] == 1
     # The spill files lived beside the staging directory and are gone.
     assert not list(tmp_path.glob(".streaming-stream-*"))
 
