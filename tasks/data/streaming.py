@@ -8,9 +8,10 @@ How memory stays bounded:
   happen (those of later steps go to side files appended in the local engine's order);
 - exact dedup looks its normalised-content keys up in an on-disk sqlite table (key, id,
   source), not in a dict of every key;
-- MinHash signatures go to a flat file read through `np.memmap`; LSH buckets are formed band by
-  band from one 8-byte hash per row (then split by the band's exact values), so a band costs
-  16 bytes per record;
+- MinHash signatures go to a flat file, read back sequentially in chunks; LSH buckets are formed
+  band by band from one 8-byte hash per row (written per band to disk in that pass), then split by
+  the band's exact values read for the rows whose hash is shared: a band costs ~16 bytes per
+  record while it is processed;
 - the split, mixing and the report run on small per-record arrays (position in the spill file,
   kind, task, file, split hash: about 40 bytes per record) and are written by reading records
   back from the spill file.
@@ -46,7 +47,7 @@ from tunepipe.tasks.data.stage import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
 
 BATCH = 4096  # records cleaned, counted and deduplicated together (the local engine's token batch)
-_ROWS = 1 << 18  # signature rows hashed per step of the band pass
+_ROWS = 1 << 14  # signature rows read per step of the band pass (8 MiB at 128 permutations)
 _KINDS = ("instruction", "chat", "preference", "text")
 _SPLITS = ("train", "validation", "test")
 _NO_SPLIT = 3  # text records
@@ -315,35 +316,46 @@ class StreamingDataRun(_DataRun):
                 record["split"] = _SPLITS[code]
             yield record
 
-    # -- near duplicates and contamination: LSH band by band over memmapped signatures ---------
+    # -- near duplicates and contamination: LSH band by band over signatures on disk -------------
 
-    def _band_pairs(self, signatures: np.ndarray, rows: np.ndarray, tags: np.ndarray, key: np.ndarray) -> np.ndarray:
-        """Candidate pairs (indices into `rows`) of rows sharing an exact band bucket (tag + band
-        values), paired as the local engine does (`dedup.bucket_pairs` with `key`)."""
+    def _band_pairs(self, path: Path, tags: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """Candidate pairs (row indices) of the signatures in `path` sharing an exact band bucket
+        (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with `key`).
+
+        One sequential pass over the signatures writes one 8-byte hash per (row, band) to a file
+        per band; then band by band, only the rows whose hash is shared are read back (a memory
+        map of the signatures, touched at those rows only) and bucketed by their exact values.
+        """
         dedup = self.config.dedup
         num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
-        width = dedup.num_perm // num_bands
+        width, rows = dedup.num_perm // num_bands, len(tags)
+        band_paths = [path.with_name(f"{path.name}.band{band}") for band in range(num_bands)]
+        with open(path, "rb") as handle:
+            outputs = [open(band_path, "wb") for band_path in band_paths]
+            try:
+                for start in range(0, rows, _ROWS):
+                    count = min(_ROWS, rows - start)
+                    chunk = np.fromfile(handle, dtype=np.uint32, count=count * dedup.num_perm).reshape(count, dedup.num_perm)
+                    for band, output in enumerate(outputs):
+                        _band_hash(chunk[:, band * width:(band + 1) * width], tags[start:start + count]).tofile(output)
+            finally:
+                for output in outputs:
+                    output.close()
+        signatures = np.memmap(path, dtype=np.uint32, mode="r").reshape(rows, dedup.num_perm)
         found = []
-        for band in range(num_bands):
-            hashes = np.empty(len(rows), dtype=np.uint64)
-            for start in range(0, len(rows), _ROWS):
-                values = np.asarray(signatures[rows[start:start + _ROWS], band * width:(band + 1) * width], dtype=np.uint64)
-                with np.errstate(over="ignore"):
-                    mixed = tags[start:start + _ROWS].astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)
-                    for column in range(width):
-                        mixed = (mixed ^ values[:, column]) * np.uint64(0x9E3779B97F4A7C15)
-                        mixed ^= mixed >> np.uint64(29)
-                hashes[start:start + _ROWS] = mixed
+        for band, band_path in enumerate(band_paths):
+            hashes = np.fromfile(band_path, dtype=np.uint64)
+            band_path.unlink()
             _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
             shared = np.flatnonzero(counts[inverse.ravel()] > 1)  # a hash bucket with 2+ rows
-            del hashes, inverse
+            del hashes, inverse, counts
             if len(shared) < 2:
                 continue
-            block = np.asarray(signatures[rows[shared], band * width:(band + 1) * width], dtype=np.uint32)
+            block = np.asarray(signatures[shared, band * width:(band + 1) * width], dtype=np.uint32)
             exact = np.concatenate([tags[shared, None].astype(np.uint32), block], axis=1)
             labels = np.unique(exact, axis=0, return_inverse=True)[1].ravel()
-            pairs = dedup_mod.bucket_pairs(labels, key[shared])
-            found.append(shared[pairs])
+            found.append(shared[dedup_mod.bucket_pairs(labels, key[shared])])
+        del signatures
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
     def _verified(self, pairs: np.ndarray, text_of) -> np.ndarray:
@@ -358,11 +370,8 @@ class StreamingDataRun(_DataRun):
         config = self.config.dedup
         if not config.near or len(self.offset) < 2:
             return 0
-        signatures = np.memmap(spill / "signatures.u32", dtype=np.uint32, mode="r").reshape(-1, config.num_perm)
-        rows = np.arange(len(self.offset))
         families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int64)[self.kind]
-        pairs = rows[self._band_pairs(signatures, rows, families, rows)]
-        del signatures
+        pairs = self._band_pairs(spill / "signatures.u32", families, np.arange(len(self.offset)))
         similar = self._verified(pairs, lambda r: " ".join(content_parts(r)))
         duplicate_of: dict[int, int] = {}
         for earlier, later in sorted(zip(similar.min(axis=1).tolist(), similar.max(axis=1).tolist())) if len(similar) else []:
@@ -401,12 +410,10 @@ class StreamingDataRun(_DataRun):
         with open(path, "wb", buffering=1 << 20) as handle:
             for chunk in batched(self._stream(supervised.tolist()), BATCH):
                 handle.write(dedup_mod.signatures([prompt_text(r) for r in chunk], config).tobytes())
-        signatures = np.memmap(path, dtype=np.uint32, mode="r").reshape(-1, config.num_perm)
         rows = np.arange(len(supervised))
         # Eval rows sort first in a bucket, so a train row is paired with an eval row.
         key = is_train.astype(np.int64) * (len(rows) + 1) + rows
-        pairs = self._band_pairs(signatures, rows, np.zeros(len(rows), np.int64), key)
-        del signatures
+        pairs = self._band_pairs(path, np.zeros(len(rows), np.int64), key)
         pairs = pairs[is_train[pairs[:, 0]] != is_train[pairs[:, 1]]] if len(pairs) else pairs
         similar = self._verified(supervised[pairs], prompt_text) if len(pairs) else pairs
         hits: dict[int, int] = {}
@@ -469,3 +476,14 @@ class StreamingDataRun(_DataRun):
             with open(self.out / name, "wb", buffering=1 << 20) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
                     handle.write(_dumps(public_record(record)) + b"\n")
+
+
+def _band_hash(values: np.ndarray, tags: np.ndarray) -> np.ndarray:
+    """One 8-byte hash per row of a band's values and the row's tag (family): rows with equal
+    values hash equally; unequal rows that collide are told apart by their exact values later."""
+    with np.errstate(over="ignore"):
+        mixed = tags.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)
+        for column in range(values.shape[1]):
+            mixed = (mixed ^ values[:, column].astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
+            mixed ^= mixed >> np.uint64(29)
+    return mixed
