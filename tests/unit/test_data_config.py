@@ -52,7 +52,7 @@ def test_relative_paths_resolve_against_the_yaml_dir():
         ({"sources": [SOURCE], "mix": {"total": 10}}, "mix", "total needs ratios"),
         ({"sources": [SOURCE], "mix": {"caps": {"general": 0}}}, "mix.caps", "caps must be >= 1"),
         ({"sources": [SOURCE], "max_rejected_fraction": 2}, "max_rejected_fraction", "less than or equal to 1"),
-        ({"sources": [SOURCE], "engine": "spark"}, "engine", "Input should be 'local' or 'ray'"),
+        ({"sources": [SOURCE], "engine": "spark"}, "engine", "Input should be 'local', 'streaming' or 'ray'"),
         ({"sources": [SOURCE], "ray": {"adress": "auto"}}, "ray.adress", "unknown key"),
     ],
 )
