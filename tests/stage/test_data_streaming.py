@@ -9,6 +9,7 @@ import string
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.stage.test_data import OUTPUTS, load_config, run
@@ -52,6 +53,18 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
         assert report["mix"]["capitals"]["after"] == 1
     # The spill files lived beside the staging directory and are gone.
     assert not list(tmp_path.glob(".streaming-stream-*"))
+
+
+def test_band_hash_collisions_do_not_change_the_result(tmp_path, monkeypatch):
+    """Every row's band hash collides (a constant hash): buckets are still split by the band's
+    exact values, so the near-duplicate and contamination decisions stay the local engine's."""
+    monkeypatch.setattr(streaming, "_band_hash", lambda values, tags: np.zeros(len(values), dtype=np.uint64))
+    run(load_config(), tmp_path / "local")
+    run(load_config(engine="streaming"), tmp_path / "streaming")
+    local, streamed = published(tmp_path / "local"), published(tmp_path / "streaming")
+    assert [name for name in local if streamed.get(name) != local[name]] == []
+    rejected = json.loads(local["report.json"])["rejected"]
+    assert rejected["near_duplicate"] == 2 and rejected["contamination"] == 4
 
 
 def write_records(path: Path, count: int, words: int) -> Path:
