@@ -93,8 +93,10 @@ class StreamingDataRun(_DataRun):
 
         count_tokens = load_token_counter(config.clean.tokenizer) if config.clean.tokenizer else None
         self.out.mkdir(parents=True, exist_ok=True)
-        # Beside the staging directory (same disk as the artifacts), never inside it: not published.
-        with tempfile.TemporaryDirectory(prefix=f".{self.out.name}-stream-", dir=self.out.parent) as spill:
+        # Under the key's checkpoint dir: same disk as the artifacts, never published, and wiped
+        # with the staging dir if a crash leaves it behind (the stage is not resumable).
+        self.ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="data-stream-", dir=self.ctx.checkpoint_dir) as spill:
             return self._run(Path(spill), plans, count_tokens)
 
     def _run(self, spill: Path, plans, count_tokens) -> StageOutput:

@@ -51,8 +51,8 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
     if which == "fixtures-mix":
         assert report["mix"]["general"]["downsampled"] == 5 and report["mix"]["chat"]["upsampled_copies"] == 5
         assert report["mix"]["capitals"]["after"] == 1
-    # The spill files lived beside the staging directory and are gone.
-    assert not list(tmp_path.glob(".streaming-stream-*"))
+    # The spill files lived under the staging dir's (never published) checkpoint dir and are gone.
+    assert not list((tmp_path / "streaming" / ".checkpoints").iterdir())
 
 
 def test_band_hash_collisions_do_not_change_the_result(tmp_path, monkeypatch):

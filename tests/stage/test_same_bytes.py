@@ -148,14 +148,18 @@ def published_files(path: str) -> dict[str, bytes]:
 
 
 def test_data_stage_publishes_the_same_bytes_in_fresh_workdirs(tmp_path):
-    """report.json and validation.json included: no timings, run ids or clock times in them."""
+    """report.json and validation.json included: no timings, run ids or clock times in them; the
+    streaming engine publishes the same artifact."""
     from tests.stage.test_data import load_config
     from tunepipe.tasks.data.stage import DataStage
 
-    refs = [run_stage(DataStage(), load_config(), {}, ArtifactStore(tmp_path / store), cpu_profile()) for store in ("a", "b")]
-    assert refs[0].key == refs[1].key
-    first, second = published_files(refs[0].path), published_files(refs[1].path)
+    configs = {"a": load_config(), "b": load_config(), "streamed": load_config(engine="streaming")}
+    refs = [run_stage(DataStage(), config, {}, ArtifactStore(tmp_path / store), cpu_profile()) for store, config in configs.items()]
+    assert refs[0].key == refs[1].key == refs[2].key
+    first = published_files(refs[0].path)
     assert {"report.json", "validation.json", "train.jsonl", "rejected.jsonl"} <= first.keys()
-    assert first == second, [name for name in first if first[name] != second.get(name)]
+    for ref in refs[1:]:  # the streaming engine's spill dir (.checkpoints) is not published either
+        other = published_files(ref.path)
+        assert first == other, [name for name in first.keys() | other.keys() if first.get(name) != other.get(name)]
     manifests = [json.loads((Path(r.path) / "manifest.json").read_text())["files"] for r in refs]
-    assert manifests[0] == manifests[1]
+    assert manifests[0] == manifests[1] == manifests[2]
