@@ -174,6 +174,10 @@ class _DataRun:
                 "failures": [{"name": f.name, "count": f.count, "blocking": f.blocking, "examples": f.examples} for f in outcome.failures],
             },
         )
+        return self._finish(report, outcome)
+
+    def _finish(self, report: dict[str, Any], outcome: ValidationOutcome) -> StageOutput:
+        """Warnings, report.json and validation.json, the failure checks, the stage output."""
         report["warnings"] = empty_source_warnings(report)
         for warning in report["warnings"]:
             self.log.warning("data: %s", warning)

@@ -38,9 +38,9 @@ import numpy as np
 from tunepipe.schemas.records import record_id
 from tunepipe.tasks.core.stage import StageOutput
 from tunepipe.tasks.data import dedup as dedup_mod
-from tunepipe.tasks.data.clean import batched, token_bound_reason
+from tunepipe.tasks.data.clean import batched, load_token_counter, token_bound_reason
 from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
-from tunepipe.tasks.data.report import build_report, empty_source_warnings, metrics, summary, table
+from tunepipe.tasks.data.report import build_report
 from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
 from tunepipe.tasks.data.split import _rounded, mix_train
 from tunepipe.tasks.data.stage import _DataRun, _dumps
@@ -89,8 +89,6 @@ class StreamingDataRun(_DataRun):
     def run(self) -> StageOutput:
         config = self.config
         plans = [(source, plan_files(source)) for source in config.sources]
-        from tunepipe.tasks.data.clean import load_token_counter
-
         count_tokens = load_token_counter(config.clean.tokenizer) if config.clean.tokenizer else None
         self.out.mkdir(parents=True, exist_ok=True)
         # Under the key's checkpoint dir: same disk as the artifacts, never published, and wiped
@@ -100,7 +98,6 @@ class StreamingDataRun(_DataRun):
             return self._run(Path(spill), plans, count_tokens)
 
     def _run(self, spill: Path, plans, count_tokens) -> StageOutput:
-        config = self.config
         with open(self.out / "rejected.jsonl", "wb", buffering=1 << 20) as self._rejected_file:
             dedup_counts = self._first_pass(spill, plans, count_tokens)
             self.records_file = open(spill / "records.pickle", "rb")
@@ -141,19 +138,6 @@ class StreamingDataRun(_DataRun):
             },
         )
         return self._finish(report, outcome)
-
-    def _finish(self, report: dict, outcome: ValidationOutcome) -> StageOutput:
-        import json
-
-        report["warnings"] = empty_source_warnings(report)
-        for warning in report["warnings"]:
-            self.log.warning("data: %s", warning)
-        (self.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        (self.out / "validation.json").write_text(json.dumps(outcome.results, indent=1, default=str))
-        assert report["read"] == report["kept"] + report["rejected_total"], "data stage lost records"
-        self._fail_if_needed(report, outcome)
-        self.log.info("data: read %d, kept %d, rejected %d", report["read"], report["kept"], report["rejected_total"])
-        return StageOutput(metrics=metrics(report, self.timings), summary=summary(report), table=table(report))
 
     def _progress(self, step: str, kept: int) -> None:  # type: ignore[override]
         self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, kept, sum(self.rejected.values()))
