@@ -47,6 +47,7 @@ from tunepipe.tasks.data.stage import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
 
 BATCH = 4096  # records cleaned, counted and deduplicated together (the local engine's token batch)
+PROGRESS_EVERY = 1_000_000  # records read between two progress lines of the first pass
 _ROWS = 1 << 14  # signature rows read per step of the band pass (8 MiB at 128 permutations)
 _KINDS = ("instruction", "chat", "preference", "text")
 _SPLITS = ("train", "validation", "test")
@@ -163,8 +164,12 @@ class StreamingDataRun(_DataRun):
         with open(spill / "records.pickle", "wb", buffering=1 << 20) as records, \
                 open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
                 open(spill / "signatures.u32", "wb", buffering=1 << 20) as signatures:
+            next_progress = PROGRESS_EVERY
             for batch in batched(self._read_and_clean_stream(plans), BATCH):
                 started = time.perf_counter()
+                if self.read >= next_progress:  # a long first pass shows it is moving (Prefect task log)
+                    self.log.info("data: streaming: %d read, %d kept, %d rejected so far", self.read, len(columns["offset"]), sum(self.rejected.values()))
+                    next_progress = self.read + PROGRESS_EVERY
                 if count_tokens is not None:
                     batch = self._token_batch(batch, count_tokens, token_rejects)
                 for record in batch:

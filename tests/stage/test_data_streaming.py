@@ -4,6 +4,7 @@ memory does not grow with the size of the records' texts."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import string
 import tracemalloc
@@ -26,7 +27,7 @@ def published(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("which", ["quickstart", "fixtures", "fixtures-mix"])
-def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatch, which):
+def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatch, caplog, which):
     if which == "quickstart":
         make = quickstart_config
     elif which == "fixtures":  # the dirty data with token bounds: every rejection of the first pass, in the local order
@@ -37,6 +38,8 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
         make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
     monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
     monkeypatch.setattr(streaming, "_ROWS", 3)  # the band pass reads its signatures in many chunks
+    monkeypatch.setattr(streaming, "PROGRESS_EVERY", 20)
+    caplog.set_level(logging.INFO, logger="test.data")
     local_config, streaming_config = make(), make(engine="streaming")
     assert DataStage().key_payload(streaming_config) == DataStage().key_payload(local_config)
     run(local_config, tmp_path / "local")
@@ -51,6 +54,8 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
     if which == "fixtures-mix":
         assert report["mix"]["general"]["downsampled"] == 5 and report["mix"]["chat"]["upsampled_copies"] == 5
         assert report["mix"]["capitals"]["after"] == 1
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: streaming:")]
+    assert progress and all(" read, " in line for line in progress), progress
     # The spill files lived under the staging dir's (never published) checkpoint dir and are gone.
     assert not list((tmp_path / "streaming" / ".checkpoints").iterdir())
 
