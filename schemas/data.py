@@ -283,6 +283,19 @@ class MixConfig(StrictModel):
         return self
 
 
+class DataRayConfig(StrictModel):
+    """Where the `ray` engine runs (like the training launcher's `ray` profile section)."""
+
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to join: `auto`, `HOST:PORT` of the head, or `ray://HOST:10001` (Ray Client). "
+        "None: RAY_ADDRESS if set, else a Ray started on this machine for the run. Not part of the stage key.",
+    )
+    batch_size: int = Field(
+        default=4096, ge=1, description="Records per Ray Data batch in the per-record steps (signatures, ids)."
+    )
+
+
 class DataConfig(StrictModel):
     """The `data` stage: raw sources → cleaned, deduplicated, validated, split instruction JSON."""
 
@@ -298,6 +311,15 @@ class DataConfig(StrictModel):
         le=1.0,
         description="Fail the stage when more than this fraction of read records is rejected (mixing excluded).",
     )
+    engine: Literal["local", "streaming", "ray"] = Field(
+        default="local",
+        description="Where the records flow: `local` (this process, records in memory), `streaming` (this process, "
+        "records on the staging disk in batches, exact-dedup keys in sqlite, signatures memory-mapped: for inputs "
+        "larger than memory) or `ray` (Ray Data on the cluster of `data.ray.address`: files read and cleaned in "
+        "parallel, dedup and contamination bands shuffled by key across workers). All give the same files byte for "
+        "byte, so the engine is not part of the stage key.",
+    )
+    ray: DataRayConfig = Field(default_factory=DataRayConfig, description="The Ray cluster of `engine: ray`.")
     fail_on_empty_source: bool = Field(
         default=False,
         description="Fail the stage when every record of a source file is rejected; by default that is a warning in "

@@ -154,24 +154,13 @@ class SignatureIndex:
         m = len(signatures)
         if m < 2:
             return np.zeros((0, 2), dtype=np.int64)
-        rows_per_band = self.config.num_perm // self.num_bands
         key = np.arange(m) if order_key is None else order_key
         pairs = []
-        for band in range(self.num_bands):
-            block = np.ascontiguousarray(signatures[:, band * rows_per_band:(band + 1) * rows_per_band])
-            labels = np.unique(block.view(np.dtype((np.void, block.dtype.itemsize * rows_per_band))).ravel(), return_inverse=True)[1].ravel()
-            order = np.lexsort((key, labels))
-            sorted_labels = labels[order]
-            same_as_prev = np.concatenate([[False], sorted_labels[1:] == sorted_labels[:-1]])
-            if not same_as_prev.any():
-                continue
-            group_start = np.maximum.accumulate(np.where(same_as_prev, 0, np.arange(m)))
-            members = np.flatnonzero(same_as_prev)
-            pairs.append(np.stack([order[group_start[members]], order[members]], axis=1))
-            pairs.append(np.stack([order[members - 1], order[members]], axis=1))
-        if not pairs:
-            return np.zeros((0, 2), dtype=np.int64)
+        for block in band_blocks(signatures, self.num_bands):
+            labels = np.unique(block, return_inverse=True)[1].ravel()
+            pairs.append(bucket_pairs(labels, key))
         return np.unique(np.concatenate(pairs), axis=0)
+
 
     def similar(self, signatures: np.ndarray, pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Boolean mask of pairs whose Jaccard on word n-grams is at least the threshold.
@@ -200,6 +189,55 @@ class SignatureIndex:
             a, b = shingles(int(rows[pairs[position, 0]])), shingles(int(rows[pairs[position, 1]]))
             keep[position] = len(a & b) >= threshold * len(a | b)
         return keep
+
+
+def band_blocks(signatures: np.ndarray, num_bands: int) -> list[np.ndarray]:
+    """Per band, one opaque value per row holding that band's slice of the signature."""
+    rows_per_band = signatures.shape[1] // num_bands
+    blocks = []
+    for band in range(num_bands):
+        block = np.ascontiguousarray(signatures[:, band * rows_per_band:(band + 1) * rows_per_band])
+        blocks.append(block.view(np.dtype((np.void, block.dtype.itemsize * rows_per_band))).ravel())
+    return blocks
+
+
+def bucket_pairs(labels: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Candidate pairs (positions) of rows with the same bucket label.
+
+    In each bucket, every member is paired with the bucket's first member (by `key`) and with
+    its predecessor: both engines call this, the `ray` one per shuffle partition of band keys.
+    """
+    m = len(labels)
+    order = np.lexsort((key, labels))
+    sorted_labels = labels[order]
+    same_as_prev = np.concatenate([[False], sorted_labels[1:] == sorted_labels[:-1]])
+    if not same_as_prev.any():
+        return np.zeros((0, 2), dtype=np.int64)
+    group_start = np.maximum.accumulate(np.where(same_as_prev, 0, np.arange(m)))
+    members = np.flatnonzero(same_as_prev)
+    return np.concatenate([
+        np.stack([order[group_start[members]], order[members]], axis=1),
+        np.stack([order[members - 1], order[members]], axis=1),
+    ])
+
+
+def signatures(texts: Sequence[str], config: DedupConfig) -> np.ndarray:
+    """MinHash signatures (rows × num_perm, uint32) of `texts`: each row depends on its text only,
+    so a worker computing a slice gets the rows the whole list would have."""
+    from rensa import RMinHash
+
+    flat, offsets = shingle_hashes(texts, config.ngram)
+    matrix = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, config.num_perm, config.seed)
+    return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), config.num_perm)
+
+
+def verify_pairs(texts: Sequence[str], pairs: np.ndarray, config: DedupConfig) -> np.ndarray:
+    """Mask of candidate `pairs` (positions in `texts`) that are similar, by the same test as the
+    local engine (`SignatureIndex.similar`): for the `ray` engine's candidates, gathered on the driver."""
+    index = SignatureIndex.__new__(SignatureIndex)
+    index.config = config
+    index.flat, index.offsets = shingle_hashes(texts, config.ngram)
+    return index.similar(signatures(texts, config), pairs, np.arange(len(texts)))
 
 
 def near_duplicates(texts: Sequence[str], config: DedupConfig) -> dict[int, int]:

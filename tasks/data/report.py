@@ -36,8 +36,9 @@ def build_report(
     pii: dict[str, int],
     dedup: dict[str, Any],
     validation: dict[str, Any],
-    timings: dict[str, float],
 ) -> dict[str, Any]:
+    """report.json: what was done to the data, nothing about the run (same key, same bytes);
+    step timings go to the manifest's metrics."""
     sft_tasks = split_counts(sft, "sft")
     preference_tasks = split_counts(preferences, "preference")
     splits = {split: sum(task[split] for task in sft_tasks.values()) for split in SPLITS}
@@ -62,7 +63,6 @@ def build_report(
         "cleaning": dict(cleaner_counts),
         "dedup": dedup,
         "validation": validation,
-        "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }
 
 
@@ -70,9 +70,9 @@ def quality_rejected(report: dict[str, Any]) -> int:
     return sum(n for reason, n in report["rejected"].items() if reason not in NON_QUALITY_REASONS)
 
 
-def metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """Flat numbers for the manifest and the CLI JSON."""
-    seconds = sum(report["timings_s"].values())
+def metrics(report: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """Flat numbers for the manifest and the CLI JSON (with the seconds of each step)."""
+    seconds = sum(timings.values())
     return {
         "read": report["read"],
         "kept": report["kept"],
@@ -92,6 +92,7 @@ def metrics(report: dict[str, Any]) -> dict[str, Any]:
         "pii_phone": report["pii"].get("phone", 0),
         "seconds": round(seconds, 3),
         "records_per_s": round(report["read"] / seconds, 1) if seconds else 0.0,
+        **{f"seconds_{name}": round(value, 3) for name, value in timings.items()},
     }
 
 

@@ -82,7 +82,8 @@ class DataStage(Stage):
 
     def key_payload(self, config: DataConfig) -> Any:
         """The config with every source path replaced by the digests of the files it names."""
-        payload = config.model_dump(mode="json")
+        # How the records flow (engine, cluster) does not change the result: not part of the key.
+        payload = config.model_dump(mode="json", exclude={"engine", "ray"})
         for source, dumped in zip(config.sources, payload["sources"]):
             if source.is_remote:
                 dumped["path"] = {"hub": source.path, "revision": source.revision}
@@ -94,6 +95,14 @@ class DataStage(Stage):
         return payload
 
     def run(self, config: DataConfig, ctx: StageContext) -> StageOutput:
+        if config.engine == "ray":
+            from tunepipe.tasks.data.ray_engine import RayDataRun
+
+            return RayDataRun(config, ctx).run()
+        if config.engine == "streaming":
+            from tunepipe.tasks.data.streaming import StreamingDataRun
+
+            return StreamingDataRun(config, ctx).run()
         return _DataRun(config, ctx).run()
 
 
@@ -148,18 +157,15 @@ class _DataRun:
         self.out.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter()
         with open(self.out / "rejected.jsonl", "wb", buffering=1 << 20) as self._rejected_file:
-            records = self._read_and_clean(plans)
-            clock = self._timed("read_clean", clock)
-            if count_tokens is not None:
-                records = self._token_bounds(records, count_tokens)
-                clock = self._timed("tokens", clock)
-            records, dedup_counts = self._deduplicate(records)
-            clock = self._timed("dedup", clock)
+            records, dedup_counts = self._clean_and_deduplicate(plans, count_tokens)
+            clock = time.perf_counter()
             assign_splits(records, config.split)
             records, dedup_counts["contamination"] = self._remove_contamination(records)
             clock = self._timed("split_contamination", clock)
+            self._progress("split_contamination", records)
             records, outcome = self._validate(records)
             clock = self._timed("validate", clock)
+            self._progress("validate", records)
             sft = [r for r in records if FAMILY[r["kind"]] == "sft"]
             train, mix_stats = self._mix([r for r in sft if r["split"] == "train"])
             clock = self._timed("mix", clock)
@@ -187,8 +193,11 @@ class _DataRun:
                 "blocking_failures": sum(f.blocking for f in outcome.failures),
                 "failures": [{"name": f.name, "count": f.count, "blocking": f.blocking, "examples": f.examples} for f in outcome.failures],
             },
-            timings=self.timings,
         )
+        return self._finish(report, outcome)
+
+    def _finish(self, report: dict[str, Any], outcome: ValidationOutcome) -> StageOutput:
+        """Warnings, report.json and validation.json, the failure checks, the stage output."""
         report["warnings"] = empty_source_warnings(report)
         for warning in report["warnings"]:
             self.log.warning("data: %s", warning)
@@ -197,7 +206,26 @@ class _DataRun:
         assert report["read"] == report["kept"] + report["rejected_total"], "data stage lost records"
         self._fail_if_needed(report, outcome)
         self.log.info("data: read %d, kept %d, rejected %d", report["read"], report["kept"], report["rejected_total"])
-        return StageOutput(metrics=metrics(report), summary=summary(report), table=table(report))
+        return StageOutput(metrics=metrics(report, self.timings), summary=summary(report), table=table(report))
+
+    def _clean_and_deduplicate(self, plans, count_tokens) -> tuple[list[dict], dict[str, Any]]:
+        """Read, clean, token bounds, ids, exact and near dedup: the kept records in source order."""
+        clock = time.perf_counter()
+        records = self._read_and_clean(plans)
+        clock = self._timed("read_clean", clock)
+        self._progress("read_clean", records)
+        if count_tokens is not None:
+            records = self._token_bounds(records, count_tokens)
+            clock = self._timed("tokens", clock)
+            self._progress("tokens", records)
+        records, dedup_counts = self._deduplicate(records)
+        self._timed("dedup", clock)
+        self._progress("dedup", records)
+        return records, dedup_counts
+
+    def _progress(self, step: str, records: list[dict]) -> None:
+        """One log line per step (the Prefect UI shows the stage's log as it runs)."""
+        self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, len(records), sum(self.rejected.values()))
 
     def _read_and_clean(self, plans) -> list[dict]:
         records: list[dict] = []
@@ -312,9 +340,7 @@ class _DataRun:
             if record["kind"] == "text":
                 continue
             (train_positions if record["split"] == "train" else eval_positions).append(position)
-        train_texts = [prompt_text(records[p]) for p in train_positions]
-        eval_texts = [prompt_text(records[p]) for p in eval_positions]
-        hits = dedup_mod.contaminated(train_texts, eval_texts, self.config.dedup)
+        hits = self._contamination_hits(records, train_positions, eval_positions)
         drop = {}
         for train_index, eval_index in hits.items():
             drop[train_positions[train_index]] = records[eval_positions[eval_index]]
@@ -322,6 +348,13 @@ class _DataRun:
             other = drop[position]
             self._reject_record(records[position], "contamination", f"prompt near-duplicates {other['split']} record {other['id']} ({other['source']})", duplicate_of=other["id"])
         return [r for p, r in enumerate(records) if p not in drop], len(drop)
+
+    def _contamination_hits(self, records: list[dict], train_positions: list[int], eval_positions: list[int]) -> dict[int, int]:
+        """Index in `train_positions` of each contaminated train record → index in `eval_positions`
+        of the earliest eval record whose prompt it near-duplicates."""
+        train_texts = [prompt_text(records[p]) for p in train_positions]
+        eval_texts = [prompt_text(records[p]) for p in eval_positions]
+        return dedup_mod.contaminated(train_texts, eval_texts, self.config.dedup)
 
     def _validate(self, records: list[dict]) -> tuple[list[dict], ValidationOutcome]:
         if not self.config.validation.enabled:

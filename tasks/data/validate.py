@@ -136,9 +136,20 @@ def _run_suite(context, name: str, frame, checks: list[tuple[Any, str, bool, Any
     )
 
 
+# What Great Expectations stamps on every run (fresh uuids, clock times): left out of
+# validation.json so the same key publishes the same bytes.
+_RUN_STAMPS = ("validation_id", "run_id", "validation_time")
+
+
 def _trim(result: dict) -> dict:
+    result.pop("id", None)
+    meta = result.get("meta") or {}
+    for key in _RUN_STAMPS:
+        meta.pop(key, None)
+    (meta.get("batch_markers") or {}).pop("ge_load_time", None)
     # COMPLETE results list every unexpected row: keep validation.json readable and bounded.
     for item in result.get("results", []):
+        (item.get("expectation_config") or {}).pop("id", None)
         res = item.get("result") or {}
         for key in ("unexpected_list", "unexpected_index_list", "partial_unexpected_index_list", "partial_unexpected_counts"):
             if isinstance(res.get(key), list) and len(res[key]) > _KEEP_UNEXPECTED:

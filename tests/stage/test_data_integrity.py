@@ -20,17 +20,17 @@ def write_rows(path: Path, count: int) -> None:
     path.write_text("".join(json.dumps({"instruction": f"question number {i}?", "output": f"answer {i}"}) + "\n" for i in range(count)))
 
 
-def config_for(path: Path) -> DataConfig:
+def config_for(path: Path, engine: str = "local") -> DataConfig:
     return DataConfig(sources=[{"path": str(path), "format": "alpaca", "task": "t"}], split={"validation": 0.0, "test": 0.0},
-                      dedup={"near": False, "contamination": False})
+                      dedup={"near": False, "contamination": False}, engine=engine)
 
 
 def published_rows(ref) -> int:
     return len((Path(ref.path) / "train.jsonl").read_text().splitlines())
 
 
-@pytest.mark.parametrize("rewrite", ["replace", "in_place_mid_read"])
-def test_a_file_rewritten_while_the_stage_reads_it_does_not_poison_the_cache(tmp_path, monkeypatch, rewrite):
+@pytest.mark.parametrize("rewrite, engine", [("replace", "local"), ("in_place_mid_read", "local"), ("in_place_mid_read", "streaming")])
+def test_a_file_rewritten_while_the_stage_reads_it_does_not_poison_the_cache(tmp_path, monkeypatch, rewrite, engine):
     data = tmp_path / "big.jsonl"
     write_rows(data, 3000)
     original = data.read_bytes()
@@ -50,7 +50,7 @@ def test_a_file_rewritten_while_the_stage_reads_it_does_not_poison_the_cache(tmp
                 handle.truncate()
 
     monkeypatch.setattr(sources, "_on_open", swap)
-    config = config_for(data)
+    config = config_for(data, engine)
     if rewrite == "replace":
         # The reader opened the old inode before the swap: it read the keyed bytes, so the result
         # is right for its key; the next run sees the new file under a new key.

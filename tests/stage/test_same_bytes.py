@@ -139,3 +139,27 @@ def test_reward_head_and_dpo_weights_do_not_depend_on_earlier_draws(tmp_path):
     assert (r1.key, a1.key) == (r2.key, a2.key)
     assert weight_files(r1.path) and weight_files(r1.path) == weight_files(r2.path)
     assert weight_files(a1.path) and weight_files(a1.path) == weight_files(a2.path)
+
+
+def published_files(path: str) -> dict[str, bytes]:
+    """Every file of a published artifact but its manifest (which records when it ran)."""
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def test_data_stage_publishes_the_same_bytes_in_fresh_workdirs(tmp_path):
+    """report.json and validation.json included: no timings, run ids or clock times in them; the
+    streaming engine publishes the same artifact."""
+    from tests.stage.test_data import load_config
+    from tunepipe.tasks.data.stage import DataStage
+
+    configs = {"a": load_config(), "b": load_config(), "streamed": load_config(engine="streaming")}
+    refs = [run_stage(DataStage(), config, {}, ArtifactStore(tmp_path / store), cpu_profile()) for store, config in configs.items()]
+    assert refs[0].key == refs[1].key == refs[2].key
+    first = published_files(refs[0].path)
+    assert {"report.json", "validation.json", "train.jsonl", "rejected.jsonl"} <= first.keys()
+    for ref in refs[1:]:  # the streaming engine's spill dir (.checkpoints) is not published either
+        other = published_files(ref.path)
+        assert first == other, [name for name in first.keys() | other.keys() if first.get(name) != other.get(name)]
+    manifests = [json.loads((Path(r.path) / "manifest.json").read_text())["files"] for r in refs]
+    assert manifests[0] == manifests[1] == manifests[2]

@@ -52,12 +52,22 @@ def test_relative_paths_resolve_against_the_yaml_dir():
         ({"sources": [SOURCE], "mix": {"total": 10}}, "mix", "total needs ratios"),
         ({"sources": [SOURCE], "mix": {"caps": {"general": 0}}}, "mix.caps", "caps must be >= 1"),
         ({"sources": [SOURCE], "max_rejected_fraction": 2}, "max_rejected_fraction", "less than or equal to 1"),
+        ({"sources": [SOURCE], "engine": "spark"}, "engine", "Input should be 'local', 'streaming' or 'ray'"),
+        ({"sources": [SOURCE], "ray": {"adress": "auto"}}, "ray.adress", "unknown key"),
     ],
 )
 def test_config_errors_name_the_field(data, where, what):
     message = error_of(data)
     assert f"  {where}: " in message, message
     assert what in message, message
+
+
+def test_the_engine_and_its_cluster_stay_out_of_the_stage_key():
+    from tunepipe.tasks.data.stage import DataStage
+
+    local, distributed = load({"sources": [SOURCE]}), load({"sources": [SOURCE], "engine": "ray", "ray": {"address": "head:6379"}})
+    assert DataStage().key_payload(distributed) == DataStage().key_payload(local)
+    assert "engine" not in DataStage().key_payload(local) and "ray" not in DataStage().key_payload(local)
 
 
 def test_hub_ids_and_globs():

@@ -1,0 +1,384 @@
+"""The `ray` engine of the data stage: the local engine's steps, with the records flowing through
+Ray Data across a cluster.
+
+What runs where:
+
+- on Ray workers, one task per input file: reading, parsing and cleaning (`read_file`,
+  `parse_record`, `Cleaner.clean_record`: the local engine's functions), then per batch: token
+  bounds, ids, exact keys and MinHash signatures;
+- shuffled by key across workers (`groupby` on a hash partition of the key): exact dedup (by
+  normalised-content key), near-dedup and contamination candidates (by LSH band);
+- on the driver: the candidate pairs' Jaccard check (`dedup.verify_pairs`, the local test), the
+  split, Great Expectations validation, mixing and writing (the local engine's code, unchanged).
+
+Every row carries `order` = (file index << 40) | index in the file, the local engine's reading
+order, and every decision that depends on order (first of a duplicate group, earliest eval
+record, output and rejected.jsonl line order) uses it, so the files are the local engine's
+record for record whatever the number of workers or the block layout.
+
+The one approximation: the local engine pre-filters near-duplicate candidates with rensa's LSH
+flags (rows sharing a band *hash* with another row), this engine buckets by the band's exact
+values. Both pair a bucket's members the same way (`dedup.bucket_pairs`); the sets agree unless
+rensa's flags miss a row that shares a band, which band hashing does not do (a hash collision
+only adds a row, and an added row finds no partner in an exact bucket).
+tests/stage/test_data_ray.py checks the equality on the quickstart and the dirty fixture.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+from tunepipe.schemas.data import CleanConfig, DataConfig, DedupConfig, SourceConfig
+from tunepipe.schemas.records import record_id
+from tunepipe.tasks.data import dedup as dedup_mod
+from tunepipe.tasks.data.clean import Cleaner, load_token_counter, token_bound_reason
+from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
+from tunepipe.tasks.data.sources import Malformed, ReadDigest, read_file
+from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.data.stage import _DataRun
+
+FILE_SHIFT = 40  # order = file index << 40 | record index in the file
+# Steps that reject records before the driver's steps, in the order the local engine writes them.
+STEP_READ, STEP_TOKENS, STEP_EXACT, STEP_NEAR = range(4)
+_ROWS = pa.schema([
+    ("order", pa.int64()),
+    ("kind", pa.string()),  # record | reject | stats
+    ("step", pa.int64()),
+    ("payload", pa.binary()),  # pickled record, reject tuple or file stats
+    ("exact_key", pa.binary()),
+    ("signature", pa.binary()),
+    ("part", pa.int64()),
+])
+_PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64())])
+_OUT_ROWS = 8192
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join (or start) the Ray cluster; leave a Ray this process did not start running."""
+    import os
+
+    try:
+        import ray.data  # noqa: F401  (Ray Data: the `ray` extra)
+    except ImportError as exc:
+        raise StageFailed(f"data.engine ray needs Ray Data: pip install 'tunepipe[ray]' ({exc})") from exc
+    import ray
+
+    # Ray Data's usage collection queries a Prometheus on localhost after every dataset (and
+    # reports usage): an offline pipeline wants neither.
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    columns = {name: [row.get(name, _EMPTY[name]) for row in rows] for name in _ROWS.names}
+    return pa.table(columns, schema=_ROWS)
+
+
+_EMPTY = {"order": 0, "kind": "record", "step": 0, "payload": b"", "exact_key": b"", "signature": b"", "part": 0}
+
+
+def _reject_row(order: int, step: int, record: Any, reason: str, location: str, detail: str = "", **extra: Any) -> dict:
+    return {"order": order, "kind": "reject", "step": step, "payload": pickle.dumps((record, reason, location, detail, extra))}
+
+
+# -- worker functions (Ray Data UDFs: module-level, arguments through fn_kwargs) ------------------
+
+
+def read_clean_files(batch: dict, sources: list[SourceConfig], clean: CleanConfig) -> Iterator[pa.Table]:
+    """One file per row of `batch`: its records read, parsed and cleaned as the local engine does."""
+    for index, source_index, file, file_type, label in zip(batch["index"], batch["source"], batch["file"], batch["file_type"], batch["label"]):
+        source, cleaner = sources[int(source_index)], Cleaner(clean)
+        fmt, task, field_map, task_field = source.format, source.task, source.field_map, source.task_field
+        base, rows, read, digest = int(index) << FILE_SHIFT, [], 0, ReadDigest()
+        for number, (location, raw) in enumerate(read_file(Path(file) if file else None, str(file_type), str(label), source, digest)):
+            read += 1
+            if type(raw) is Malformed:
+                rows.append(_reject_row(base | number, STEP_READ, raw.text, raw.reason, location, raw.error))
+            else:
+                try:
+                    record = parse_record(raw, fmt, task, field_map, task_field)
+                    record["chars"] = cleaner.clean_record(record)
+                    record["source"] = location
+                    rows.append({"order": base | number, "payload": pickle.dumps(record)})
+                except RecordError as error:
+                    rows.append(_reject_row(base | number, STEP_READ, raw, error.reason, location, error.detail))
+            if len(rows) >= _OUT_ROWS:
+                yield _table(rows)
+                rows = []
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        stats = {"label": str(label), "source": int(source_index), "sha256": digest.sha256, "read": read,
+                 "counts": cleaner.counts, "pii": cleaner.pii, "node": node}
+        rows.append({"order": base, "kind": "stats", "payload": pickle.dumps(stats)})
+        yield _table(rows)
+
+
+_COUNTERS: dict[str, Any] = {}  # a worker loads a tokenizer once, not once per batch
+
+
+def token_bounds(batch: dict, clean: CleanConfig) -> pa.Table:
+    """The local engine's token bounds on one batch of records."""
+    count_tokens = _COUNTERS.get(clean.tokenizer)
+    if count_tokens is None:
+        count_tokens = _COUNTERS[clean.tokenizer] = load_token_counter(clean.tokenizer)
+    records = [pickle.loads(p) for p in batch["payload"]]
+    rows = []
+    counts = count_tokens(["\n".join(content_parts(r)) for r in records]) if records else []
+    for order, record, count in zip(batch["order"].tolist(), records, counts):
+        record["tokens"] = count
+        problem = token_bound_reason(count, clean)
+        if problem:
+            fields = {k: v for k, v in record.items() if k not in ("source", "chars", "tokens")}
+            reason, detail = problem
+            rows.append(_reject_row(order, STEP_TOKENS, fields, reason, record["source"], detail))
+        else:
+            rows.append({"order": order, "payload": pickle.dumps(record)})
+    return _table(rows)
+
+
+def key_records(batch: dict, dedup: DedupConfig, collapsed: bool, partitions: int) -> pa.Table:
+    """Ids, exact keys (partitioned by key) and MinHash signatures of the near-dedup text."""
+    records = [pickle.loads(p) for p in batch["payload"]]
+    rows, texts = [], []
+    for order, record in zip(batch["order"].tolist(), records):
+        parts = content_parts(record)
+        record["id"] = record_id(record["task"], record["kind"], *parts)
+        key = dedup_mod.exact_key(FAMILY[record["kind"]], parts, collapsed)
+        rows.append({"order": order, "payload": pickle.dumps(record), "exact_key": key, "part": int.from_bytes(key[:8], "little") % partitions})
+        texts.append(" ".join(parts))
+    if dedup.near and texts:
+        for row, signature in zip(rows, dedup_mod.signatures(texts, dedup)):
+            row["signature"] = signature.tobytes()
+    return _table(rows)
+
+
+def first_of_exact_groups(group: dict) -> pa.Table:
+    """One hash partition of exact keys: the first record (reading order) of each key is kept,
+    the others are rejected pointing at it, as the local engine does."""
+    keys, orders = group["exact_key"], group["order"]
+    by_key = np.lexsort((orders, np.unique(keys, return_inverse=True)[1].ravel()))
+    rows, first = [], None
+    for position in by_key.tolist():
+        row = {name: group[name][position] for name in ("order", "payload", "exact_key", "signature", "part")}
+        row["order"] = int(row["order"])
+        if first is not None and keys[position] == keys[first]:
+            record, original = pickle.loads(row["payload"]), pickle.loads(group["payload"][first])
+            rows.append(_reject_row(row["order"], STEP_EXACT, public_record(record), "exact_duplicate", record["source"],
+                                    f"same normalised content as {original['id']} ({original['source']})", duplicate_of=original["id"]))
+            continue
+        first = position
+        rows.append(row)
+    return _table(rows)
+
+
+def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, family_of: bool) -> pa.Table:
+    """One row per (record, band): the bucket key (family or eval/train side, band, band values)."""
+    signatures = np.frombuffer(b"".join(batch["signature"]), dtype=np.uint32).reshape(len(batch["order"]), num_perm)
+    tags = [FAMILY[pickle.loads(p)["kind"]].encode() for p in batch["payload"]] if family_of else [b""] * len(signatures)
+    keys, orders, parts, sides = [], [], [], []
+    rows_per_band = num_perm // num_bands
+    for band, block in enumerate(dedup_mod.band_blocks(signatures, num_bands)):
+        raw, width = block.tobytes(), 4 * rows_per_band
+        values = signatures[:, band * rows_per_band:(band + 1) * rows_per_band].astype(np.uint64)
+        with np.errstate(over="ignore"):  # a cheap mix of the band's values picks its partition
+            spread = (values * np.uint64(0x9E3779B97F4A7C15)).sum(axis=1, dtype=np.uint64) + np.uint64(band)
+        for row in range(len(signatures)):
+            keys.append(tags[row] + band.to_bytes(2, "little") + raw[row * width:(row + 1) * width])
+        orders.append(batch["order"])
+        parts.append((spread % np.uint64(partitions)).astype(np.int64))
+        sides.append(batch["step"])  # contamination: 1 for train rows, 0 for eval rows
+    return pa.table({
+        "order": np.concatenate(orders) if orders else np.zeros(0, np.int64),
+        "step": np.concatenate(sides) if sides else np.zeros(0, np.int64),
+        "exact_key": keys,
+        "part": np.concatenate(parts) if parts else np.zeros(0, np.int64),
+    }, schema=pa.schema([("order", pa.int64()), ("step", pa.int64()), ("exact_key", pa.binary()), ("part", pa.int64())]))
+
+
+def bucket_candidates(group: dict, cross_sides: bool) -> pa.Table:
+    """One hash partition of band keys: the local engine's candidate pairs of each bucket (first
+    member and predecessor, by reading order; for contamination eval rows sort first)."""
+    labels = np.unique(group["exact_key"], return_inverse=True)[1].ravel()
+    orders, sides = group["order"].astype(np.int64), group["step"].astype(np.int64)
+    key = sides * (1 << 62) + orders if cross_sides else orders
+    pairs = dedup_mod.bucket_pairs(labels, key)
+    if cross_sides:
+        pairs = pairs[sides[pairs[:, 0]] != sides[pairs[:, 1]]]
+    return pa.table({"a": orders[pairs[:, 0]], "b": orders[pairs[:, 1]]}, schema=_PAIRS)
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+class RayDataRun(_DataRun):
+    """The stage run with `engine: ray`: same steps, same files as `_DataRun`."""
+
+    def run(self):
+        with ray_session(self.config.ray.address):
+            import ray.data
+
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False
+            context.print_on_execution_start = False
+            # Sort-based shuffles run as plain tasks: the hash shuffle's aggregator actors took
+            # ~18 s to start per groupby on a small cluster, whatever the data size.
+            context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            self.partitions = max(2, 2 * cpus)  # shuffle partitions: any number gives the same result
+            self.log.info("data: engine ray, %d CPUs in the cluster, %d shuffle partitions", cpus, self.partitions)
+            return super().run()
+
+    def _split_rows(self, ds) -> tuple[Any, list[dict]]:
+        """(materialised record rows, reject/stats rows collected here)."""
+        ds = ds.materialize()
+        side = ds.filter(expr="kind != 'record'").take_all()
+        return ds.filter(expr="kind == 'record'").materialize(), side
+
+    def _clean_and_deduplicate(self, plans, count_tokens) -> tuple[list[dict], dict[str, Any]]:
+        import ray.data
+
+        config, clock = self.config, time.perf_counter()
+        files, sources = [], [source for source, _ in plans]
+        for source_index, (_, planned) in enumerate(plans):
+            for file, file_type, label in planned:
+                files.append({"index": len(files), "source": source_index, "file": str(file) if file else "", "file_type": file_type, "label": label})
+        self.log.info("data: reading %d files on Ray: %s", len(files), ", ".join(f["label"] for f in files))
+        ds = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
+            read_clean_files, batch_size=1, batch_format="numpy", fn_kwargs={"sources": sources, "clean": config.clean})
+        records, side = self._split_rows(ds)
+        rejects = [row for row in side if row["kind"] == "reject"]
+        nodes = set()
+        for row in side:
+            if row["kind"] == "stats":
+                stats = pickle.loads(row["payload"])
+                self._add_file_stats(stats)
+                nodes.add(stats["node"])
+        self.log.info("data: read %d records from %d files on %d Ray node(s)", self.read, len(files), len(nodes))
+        clock = self._timed("read_clean", clock)
+        batch = config.ray.batch_size
+        if count_tokens is not None:
+            records, side = self._split_rows(records.map_batches(token_bounds, batch_size=batch, batch_format="numpy", fn_kwargs={"clean": config.clean}))
+            rejects += side
+            clock = self._timed("tokens", clock)
+        keyed = records.map_batches(key_records, batch_size=batch, batch_format="numpy", fn_kwargs={
+            "dedup": config.dedup, "collapsed": config.clean.collapse_whitespace, "partitions": self.partitions})
+        exact = 0
+        if config.dedup.exact:
+            keyed, side = self._split_rows(keyed.groupby("part").map_groups(first_of_exact_groups, batch_format="numpy"))
+            rejects += side
+            exact = len(side)
+        else:
+            keyed = keyed.materialize()
+        pairs = self._candidates(keyed, cross_sides=False, family_of=True) if config.dedup.near else np.zeros((0, 2), np.int64)
+        kept = self._collect(keyed)
+        near = self._near_duplicates(kept, pairs)
+        self._write_rejects(rejects)
+        for order in sorted(near):
+            record, original = kept[order], kept[near[order]]
+            self._reject_record(record, "near_duplicate", f"near-duplicate of {original['id']} ({original['source']})", duplicate_of=original["id"])
+        records = [record for order, record in sorted(kept.items()) if order not in near]
+        self._timed("dedup", clock)
+        self._progress("dedup", records)
+        counts = {"exact_duplicates": exact, "near_duplicates": len(near), "threshold": config.dedup.threshold,
+                  "num_perm": config.dedup.num_perm, "num_bands": self._num_bands(), "ngram": config.dedup.ngram}
+        return records, counts
+
+    def _add_file_stats(self, stats: dict) -> None:
+        # The worker hashed exactly the bytes it read: the same check as the local engine's.
+        self._check_read_bytes(stats["source"], stats["label"], ReadDigest(sha256=stats["sha256"]))
+        self.read += stats["read"]
+        self.per_file[stats["label"]]["read"] += stats["read"]
+        for name, value in stats["counts"].items():
+            self.cleaner.counts[name] += value
+        for name, value in stats["pii"].items():
+            self.cleaner.pii[name] += value
+
+    def _write_rejects(self, rows: list[dict]) -> None:
+        """Rejections of the Ray steps, in the local engine's order: by step, then reading order."""
+        for row in sorted(rows, key=lambda r: (r["step"], r["order"])):
+            record, reason, location, detail, extra = pickle.loads(row["payload"])
+            self._reject(record, reason, location, detail, **extra)
+
+    def _collect(self, keyed) -> dict[int, dict]:
+        kept: dict[int, dict] = {}
+        for batch in keyed.select_columns(["order", "payload"]).iter_batches(batch_size=_OUT_ROWS, batch_format="numpy"):
+            for order, payload in zip(batch["order"].tolist(), batch["payload"]):
+                kept[order] = pickle.loads(payload)
+        return dict(sorted(kept.items()))
+
+    def _num_bands(self) -> int:
+        dedup = self.config.dedup
+        return dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
+
+    def _candidates(self, signed, cross_sides: bool, family_of: bool) -> np.ndarray:
+        """Candidate pairs (orders) from band buckets shuffled by key across the workers."""
+        dedup = self.config.dedup
+        bands = signed.map_batches(band_rows, batch_size=self.config.ray.batch_size, batch_format="numpy", fn_kwargs={
+            "num_perm": dedup.num_perm, "num_bands": self._num_bands(), "partitions": self.partitions, "family_of": family_of})
+        pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy", fn_kwargs={"cross_sides": cross_sides})
+        found = [np.stack([b["a"], b["b"]], axis=1) for b in pairs.iter_batches(batch_size=None, batch_format="numpy") if len(b["a"])]
+        return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
+
+    def _near_duplicates(self, kept: dict[int, dict], pairs: np.ndarray) -> dict[int, int]:
+        """Order of each near-duplicate → order of the earliest record it is similar to."""
+        similar = self._verified(pairs, lambda order: " ".join(content_parts(kept[order])))
+        duplicate_of: dict[int, int] = {}
+        for earlier, later in sorted((min(a, b), max(a, b)) for a, b in similar):
+            duplicate_of.setdefault(later, earlier)
+        return duplicate_of
+
+    def _verified(self, pairs: np.ndarray, text_of) -> list[tuple[int, int]]:
+        """The candidate pairs that pass the local engine's similarity test."""
+        if len(pairs) == 0:
+            return []
+        involved, local = np.unique(pairs, return_inverse=True)
+        local = local.reshape(pairs.shape)
+        mask = dedup_mod.verify_pairs([text_of(int(o)) for o in involved], local, self.config.dedup)
+        return [(int(a), int(b)) for a, b in pairs[mask]]
+
+    def _contamination_hits(self, records: list[dict], train_positions: list[int], eval_positions: list[int]) -> dict[int, int]:
+        import ray.data
+
+        if not train_positions or not eval_positions:
+            return {}
+        positions = eval_positions + train_positions
+        sides = np.array([0] * len(eval_positions) + [1] * len(train_positions), dtype=np.int64)
+        table = pa.table({"order": np.array(positions, dtype=np.int64), "step": sides,
+                          "text": [prompt_text(records[p]) for p in positions]})
+        blocks = max(1, min(self.partitions, len(positions) // self.config.ray.batch_size + 1))
+        signed = ray.data.from_arrow(table).repartition(blocks).map_batches(
+            _sign_prompts, batch_size=self.config.ray.batch_size, batch_format="numpy", fn_kwargs={"dedup": self.config.dedup})
+        pairs = self._candidates(signed, cross_sides=True, family_of=False)
+        side_of = {p: 0 for p in eval_positions} | {p: 1 for p in train_positions}
+        hits: dict[int, int] = {}
+        for a, b in self._verified(pairs, lambda position: prompt_text(records[position])):
+            eval_position, train_position = (a, b) if side_of[a] == 0 else (b, a)
+            if train_position not in hits or eval_position < hits[train_position]:
+                hits[train_position] = eval_position
+        train_index = {p: i for i, p in enumerate(train_positions)}
+        eval_index = {p: i for i, p in enumerate(eval_positions)}
+        return {train_index[t]: eval_index[e] for t, e in hits.items()}
+
+
+def _sign_prompts(batch: dict, dedup: DedupConfig) -> pa.Table:
+    texts = [str(t) for t in batch["text"]]
+    signatures = dedup_mod.signatures(texts, dedup) if texts else np.zeros((0, dedup.num_perm), np.uint32)
+    return pa.table({"order": batch["order"], "step": batch["step"], "signature": [s.tobytes() for s in signatures],
+                     "payload": [b""] * len(texts)})
+

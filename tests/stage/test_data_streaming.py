@@ -1,0 +1,112 @@
+"""The data stage's `streaming` engine publishes the local engine's files, byte for byte, and its
+memory does not grow with the size of the records' texts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import string
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.stage.test_data import OUTPUTS, load_config, run
+from tests.stage.test_data_ray import quickstart_config, word_tokenizer
+from tunepipe.schemas.data import DataConfig
+from tunepipe.tasks.data import streaming
+from tunepipe.tasks.data.stage import DataStage
+
+PUBLISHED = (*OUTPUTS, "rejected.jsonl", "report.json", "validation.json")
+
+
+def published(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in PUBLISHED if (out / name).exists()}
+
+
+@pytest.mark.parametrize("which", ["quickstart", "fixtures", "fixtures-mix"])
+def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatch, caplog, which):
+    if which == "quickstart":
+        make = quickstart_config
+    elif which == "fixtures":  # the dirty data with token bounds: every rejection of the first pass, in the local order
+        tokens = {"clean__tokenizer": word_tokenizer(tmp_path / "tokenizer.json"), "clean__min_tokens": 12}
+        make = lambda **fields: load_config(**tokens, **fields)  # noqa: E731
+    else:  # mixing: general downsampled 8 -> 3, chat upsampled 4 -> 9, capitals capped at 1
+        mix = {"mix__ratios": {"general": 1, "chat": 3}, "mix__caps": {"capitals": 1}}
+        make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
+    monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
+    monkeypatch.setattr(streaming, "_ROWS", 3)  # the band pass reads its signatures in many chunks
+    monkeypatch.setattr(streaming, "PROGRESS_EVERY", 20)
+    caplog.set_level(logging.INFO, logger="test.data")
+    local_config, streaming_config = make(), make(engine="streaming")
+    assert DataStage().key_payload(streaming_config) == DataStage().key_payload(local_config)
+    run(local_config, tmp_path / "local")
+    run(streaming_config, tmp_path / "streaming")
+    local, streamed = published(tmp_path / "local"), published(tmp_path / "streaming")
+    assert {"train.jsonl", "rejected.jsonl", "report.json", "validation.json"} <= local.keys()
+    assert streamed.keys() == local.keys()
+    assert [name for name in local if streamed[name] != local[name]] == []
+    report = json.loads(local["report.json"])
+    if which == "fixtures":
+        assert {"exact_duplicate", "near_duplicate", "contamination", "malformed_json", "too_few_tokens"} <= set(report["rejected"])
+    if which == "fixtures-mix":
+        assert report["mix"]["general"]["downsampled"] == 5 and report["mix"]["chat"]["upsampled_copies"] == 5
+        assert report["mix"]["capitals"]["after"] == 1
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: streaming:")]
+    assert progress and all(" read, " in line for line in progress), progress
+    # The spill files lived under the staging dir's (never published) checkpoint dir and are gone.
+    assert not list((tmp_path / "streaming" / ".checkpoints").iterdir())
+
+
+def test_band_hash_collisions_do_not_change_the_result(tmp_path, monkeypatch):
+    """Every row's band hash collides (a constant hash): buckets are still split by the band's
+    exact values, so the near-duplicate and contamination decisions stay the local engine's."""
+    monkeypatch.setattr(streaming, "_band_hash", lambda values, tags: np.zeros(len(values), dtype=np.uint64))
+    run(load_config(), tmp_path / "local")
+    run(load_config(engine="streaming"), tmp_path / "streaming")
+    local, streamed = published(tmp_path / "local"), published(tmp_path / "streaming")
+    assert [name for name in local if streamed.get(name) != local[name]] == []
+    rejected = json.loads(local["report.json"])["rejected"]
+    assert rejected["near_duplicate"] == 2 and rejected["contamination"] == 4
+
+
+def write_records(path: Path, count: int, words: int) -> Path:
+    rng = random.Random(7)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            text = " ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(words))
+            handle.write(json.dumps({"instruction": f"Summarise: {text[:60]}", "output": text}) + "\n")
+    return path
+
+
+def peak_bytes(tmp_path: Path, count: int, engine: str) -> int:
+    source = write_records(tmp_path / f"records-{count}.jsonl", count, WORDS)
+    config = DataConfig.model_validate({
+        "sources": [{"path": str(source), "format": "alpaca", "task": "t"}], "engine": engine,
+        "clean": {"max_chars": 10_000_000}, "validation": {"enabled": False},
+    })
+    tracemalloc.start()
+    try:
+        run(config, tmp_path / f"out-{engine}-{count}")
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+WORDS = 3000  # words of 6 letters per record: ~21 KB of text each
+
+
+def test_streaming_memory_does_not_grow_with_the_input(tmp_path, monkeypatch):
+    """50 vs 250 records of ~21 KB of text (4 MB more text): the streaming engine's peak Python
+    allocations (numpy's included) stay within a fraction of the added text, since one batch of
+    8 records is in memory at a time; the local engine's grow by more than the added text.
+    (Great Expectations' rows frame holds every kept row's text: validation is off here.)"""
+    monkeypatch.setattr(streaming, "BATCH", 8)
+    few, many = 50, 250
+    added_text = (many - few) * WORDS * 7
+    streaming_growth = peak_bytes(tmp_path, many, "streaming") - peak_bytes(tmp_path, few, "streaming")
+    local_growth = peak_bytes(tmp_path, many, "local") - peak_bytes(tmp_path, few, "local")
+    assert local_growth > added_text, (local_growth, added_text)
+    assert streaming_growth < added_text / 10, (streaming_growth, added_text)

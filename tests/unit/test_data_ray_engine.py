@@ -1,0 +1,108 @@
+"""The `ray` engine's per-batch and per-partition functions, called directly (no Ray): near-dup
+candidates bucketed by band key in hash partitions give the local engine's result, and the one
+approximation the engine documents (rensa's band-hash flags vs exact band buckets) does not drop
+a candidate on the test data."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from tunepipe.schemas.data import DedupConfig
+from tunepipe.tasks.data import ray_engine
+from tunepipe.tasks.data.dedup import SignatureIndex, band_blocks, near_duplicates, optimal_bands, signatures, verify_pairs
+from tests.unit.test_data_dedup import corpus
+
+CONFIG = DedupConfig()
+BANDS = optimal_bands(CONFIG.threshold, CONFIG.num_perm)
+
+
+def planted(n: int = 1500, copies: int = 200, seed: int = 3) -> list[str]:
+    rng = random.Random(seed)
+    texts = corpus(n, words=(20, 60))
+    for original in rng.sample(range(n), copies):
+        words = texts[original].split()
+        for _ in range(rng.randint(1, 3)):
+            words[rng.randrange(len(words))] = f"changed{rng.randrange(9)}"
+        texts.insert(rng.randrange(len(texts) + 1), " ".join(words))
+    return texts
+
+
+def partitioned_near_duplicates(texts: list[str], partitions: int, batch: int) -> dict[int, int]:
+    """The engine's path: batches → band rows → hash partitions → bucket pairs → verify → earliest."""
+    by_part: dict[int, list] = defaultdict(list)
+    for start in range(0, len(texts), batch):
+        chunk = texts[start:start + batch]
+        rows = ray_engine.band_rows({
+            "order": np.arange(start, start + len(chunk), dtype=np.int64),
+            "step": np.zeros(len(chunk), dtype=np.int64),
+            "signature": [s.tobytes() for s in signatures(chunk, CONFIG)],
+            "payload": [pickle.dumps({"kind": "instruction"})] * len(chunk),
+        }, num_perm=CONFIG.num_perm, num_bands=BANDS, partitions=partitions, family_of=True).to_pylist()
+        for row in rows:
+            by_part[row["part"]].append(row)
+    pairs = []
+    for rows in by_part.values():
+        group = {"order": np.array([r["order"] for r in rows]), "step": np.array([r["step"] for r in rows]),
+                 "exact_key": np.array([r["exact_key"] for r in rows], dtype=object)}
+        found = ray_engine.bucket_candidates(group, cross_sides=False)
+        pairs += list(zip(found["a"].to_pylist(), found["b"].to_pylist()))
+    if not pairs:
+        return {}
+    pairs_array = np.unique(np.array(pairs, dtype=np.int64), axis=0)
+    mask = verify_pairs(texts, pairs_array, CONFIG)
+    duplicate_of: dict[int, int] = {}
+    for earlier, later in sorted((min(a, b), max(a, b)) for a, b in pairs_array[mask].tolist()):
+        duplicate_of.setdefault(later, earlier)
+    return duplicate_of
+
+
+@pytest.mark.parametrize("partitions,batch", [(1, 10_000), (5, 256)])
+def test_band_partitions_give_the_local_near_duplicates(partitions, batch):
+    texts = planted()
+    expected = near_duplicates(texts, CONFIG)
+    assert len(expected) > 50  # planted copies above the threshold are found...
+    assert partitioned_near_duplicates(texts, partitions, batch) == expected  # ...the same way
+
+
+def test_rensa_flags_cover_every_exact_band_bucket():
+    """The documented approximation: the local engine looks only at rows rensa flags (a shared band
+    hash), the ray engine at exact band buckets; no bucket member may be unflagged."""
+    texts = planted(800, 150, seed=5) + ["short text", "short text", "", ""]
+    flags = SignatureIndex(texts, CONFIG).flags
+    in_buckets = np.zeros(len(texts), dtype=bool)
+    for block in band_blocks(signatures(texts, CONFIG), BANDS):
+        _, inverse, counts = np.unique(block, return_inverse=True, return_counts=True)
+        in_buckets |= counts[inverse.ravel()] > 1
+    assert in_buckets.sum() > 150
+    assert not (in_buckets & ~flags).any()
+
+
+def test_exact_groups_keep_the_first_in_reading_order():
+    records = [{"kind": "instruction", "task": "t", "instruction": "Q", "input": "", "output": text, "system": "", "id": f"id{i}", "source": f"f:{i}"}
+               for i, text in enumerate(["a b", "c", "A  B", "a b"])]
+    keys = [b"k1", b"k2", b"k1", b"k1"]
+    orders = [7, 3, 5, 1]  # reading order differs from the partition's row order
+    table = ray_engine.first_of_exact_groups({
+        "order": np.array(orders), "payload": np.array([pickle.dumps(r) for r in records], dtype=object),
+        "exact_key": np.array(keys, dtype=object), "signature": np.array([b""] * 4, dtype=object), "part": np.zeros(4, dtype=np.int64),
+    }).to_pylist()
+    kept = sorted(row["order"] for row in table if row["kind"] == "record")
+    assert kept == [1, 3]
+    rejected = {row["order"]: pickle.loads(row["payload"]) for row in table if row["kind"] == "reject"}
+    assert sorted(rejected) == [5, 7]
+    for record, reason, location, detail, extra in rejected.values():
+        assert (reason, extra) == ("exact_duplicate", {"duplicate_of": "id3"}) and "id3 (f:3)" in detail
+
+
+def test_without_ray_data_the_stage_fails_saying_what_to_install(monkeypatch):
+    from tunepipe.tasks.core.stage import StageFailed
+
+    monkeypatch.setitem(__import__("sys").modules, "ray.data", None)  # as if the `ray` extra were missing
+    with pytest.raises(StageFailed, match=r"pip install 'tunepipe\[ray\]'"):
+        with ray_engine.ray_session(None):
+            pass
