@@ -186,13 +186,25 @@ def _describe(config, url: str) -> None:
         print(f"  A/B router {config.router.name}: {split}; log {config.router.log_path}", flush=True)
 
 
+def _check_port(config) -> None:
+    """A busy port is found before the model loads (which takes a while), not after."""
+    from tunepipe.tasks.serving.vllm import VLLMError, port_in_use
+
+    if config.port and port_in_use(config.host, config.port):
+        raise VLLMError(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
+                        "another --port")
+
+
 def _serve_embedded(config, env) -> int:
     import uvicorn
     from tunepipe.tasks.serving.embedded import build_app
 
+    _check_port(config)
     app = build_app(config, env)
     _describe(config, f"http://{config.host}:{config.port}")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)
+    # On SIGTERM uvicorn stops accepting, waits for requests in flight up to drain_timeout_s, then the app's
+    # shutdown stops the batch still generating at its next token.
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout_s)
     return 0
 
 
@@ -205,11 +217,7 @@ def _serve_vllm(config, workdir: str) -> int:
     import uvicorn
     from tunepipe.tasks.serving.front import vllm_behind_front
     from tunepipe.tasks.serving.settings import api_key
-    from tunepipe.tasks.serving.vllm import VLLMError, port_in_use
-
-    if port_in_use(config.host, config.port):
-        raise VLLMError(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
-                        "another --port")
+    _check_port(config)
     log_file = config.vllm.log_file or str(Path(workdir) / "logs" / f"vllm-{config.port}.log")
     app, _, server = vllm_behind_front(config, api_key=api_key(config), log_file=log_file)
     previous = signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop ends vLLM too
@@ -217,7 +225,7 @@ def _serve_vllm(config, workdir: str) -> int:
         print(f"starting vLLM: {' '.join(server.command)} (log {log_file})", flush=True)
         server.start()
         front = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                              timeout_graceful_shutdown=10))
+                                              timeout_graceful_shutdown=config.drain_timeout_s))
         vllm_exit: list[int] = []
 
         def watch() -> None:  # vLLM gone: the front has nothing to serve

@@ -92,7 +92,10 @@ class Row:
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
     cancelled: bool = False  # set by the HTTP side when the client goes away
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the answer's tokens (an end-of-sequence token excluded)
+    # Tokens the model produced, the end-of-sequence token included: the usage's completion_tokens, counted as
+    # vLLM counts them (an answer ending in EOS is one token longer than its text's tokens).
+    generated: int = 0
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
@@ -131,9 +134,10 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
     try:
         config = PeftConfig.from_pretrained(str(path))
-    except (ValueError, json.JSONDecodeError, TypeError) as exc:
-        raise AdapterError(f"{path}: unreadable adapter_config.json: {exc}") from None
-    kind = adapter_family(config)
+        kind = adapter_family(config)
+        rank = adapter_rank(config)  # e.g. `"r": "eight"` fails here, not at load
+    except (ValueError, json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter_config.json: {_first_line(exc)}") from None
     if kind == "BOTTLENECK":
         return config
     if kind != "LORA":
@@ -145,9 +149,13 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
         raise AdapterError(f"{path}: a DoRA adapter; vLLM does not serve DoRA: merge it (export) or train plain LoRA")
     if getattr(config, "modules_to_save", None):
         raise AdapterError(f"{path}: has modules_to_save {config.modules_to_save}; vLLM does not serve those: merge it instead")
-    if (rank := adapter_rank(config)) > max_rank:
+    if rank > max_rank:
         raise AdapterError(f"{path}: rank {rank} exceeds the server's max_lora_rank {max_rank}: raise --max-lora-rank")
     return config
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 class MultiLoraEngine:
@@ -197,7 +205,9 @@ class MultiLoraEngine:
                 else:
                     slot = self._new_slot(path, shape, adapter_family(config))
             except (RuntimeError, ValueError, KeyError, OSError) as exc:  # shape mismatch: another base's adapter
-                raise AdapterError(f"{path}: does not fit base {self.base}: {str(exc).splitlines()[0]}") from None
+                raise AdapterError(f"{path}: does not fit base {self.base}: {_first_line(exc)}") from None
+            except Exception as exc:  # noqa: BLE001 - e.g. safetensors' error on a truncated file: the adapter's fault
+                raise AdapterError(f"{path}: unreadable adapter weights ({type(exc).__name__}: {_first_line(exc)})") from None
             self.adapters[name] = str(path)
             self.ranks[name] = adapter_rank(config)
             self.slots[name] = slot
@@ -311,20 +321,17 @@ class MultiLoraEngine:
                 adapter_context = model.disable_adapter()
             else:
                 model.set_adapter(names[0])
-        if rows[0].sampling.seed is not None:
-            self._torch.manual_seed(rows[0].sampling.seed)
         tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
-        try:
+        try:  # everything that can fail is inside: a row that never hears back would hold its request's slot
+            if rows[0].sampling.seed is not None:
+                self._torch.manual_seed(rows[0].sampling.seed)
             with self._torch.inference_mode(), adapter_context:
                 model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
                     pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
                 )
         except Exception as exc:
-            for row in rows:
-                if not row.finished:
-                    row.finish_reason = "error"
-                    row.emit(("error", f"generation failed: {exc}"))
+            fail_rows(rows, f"generation failed: {exc}")
             raise
         tracker.close()
 
@@ -349,6 +356,14 @@ class MultiLoraEngine:
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
         return input_ids, attention_mask, pad
+
+
+def fail_rows(rows: list[Row], message: str) -> None:
+    """End every unfinished row with an ("error", message) event."""
+    for row in rows:
+        if not row.finished:
+            row.finish_reason = "error"
+            row.emit(("error", message))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -391,6 +406,7 @@ class RowTracker(StoppingCriteria):
         if row.cancelled:
             row.finish_reason = "cancelled"
             return
+        row.generated += 1
         if token in self.eos_ids:
             row.finish_reason = "stop"
         else:
@@ -409,7 +425,7 @@ class RowTracker(StoppingCriteria):
             row.emit(("delta", row.text[row.sent:end]))
             row.sent = end
         if row.finished:
-            row.emit(("done", row.finish_reason, len(row.tokens)))
+            row.emit(("done", row.finish_reason, row.generated))
 
     def close(self) -> None:
         """Rows generate left unfinished (it stops at the batch's largest max_tokens) end here."""
@@ -420,7 +436,7 @@ class RowTracker(StoppingCriteria):
                 if len(row.text) > row.sent:
                     row.emit(("delta", row.text[row.sent:]))
                     row.sent = len(row.text)
-                row.emit(("done", row.finish_reason, len(row.tokens)))
+                row.emit(("done", row.finish_reason, row.generated))
 
 
 def _uniform_only(model: Any) -> bool:

@@ -37,7 +37,7 @@ from fastapi.responses import (
 )
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.embedded import BodyLimit, _add_error_handlers
-from tunepipe.tasks.serving.protocol import APIError
+from tunepipe.tasks.serving.protocol import APIError, check_adapter_name
 from tunepipe.tasks.serving.router import WeightedRouter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -102,8 +102,12 @@ class Front:
     # ------------------------------------------------------------ adapters
 
     async def load(self, name: str, path: str) -> str:
-        if not isinstance(name, str) or not name or "@" in name:
-            raise APIError(400, "lora_name must be a non-empty name without '@' (versions are named by the server)",
+        try:
+            check_adapter_name(name)
+        except ValueError as exc:
+            raise APIError(400, f"lora_name: {exc}", param="lora_name") from None
+        if "@" in name:
+            raise APIError(400, "lora_name must be a name without '@' (versions are named by the server)",
                            param="lora_name")
         if name == self.base_name or (self.router and name == self.router.name):
             raise APIError(400, f"{name!r} is the name of the base model or the A/B router", param="lora_name")
@@ -179,7 +183,7 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
     app = FastAPI(title="tunepipe front for vLLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.front = front
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes, timeout_s=config.request_body_timeout_s)
 
     @app.get("/health")
     async def health() -> Response:

@@ -6,6 +6,7 @@ our config models: a server must accept what the official clients send.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +33,12 @@ class APIError(Exception):
 
 
 MAX_STOP_SEQUENCES = 4  # OpenAI: "Up to 4 sequences where the API will stop generating further tokens."
+# A seed is a signed 64-bit integer, as vLLM bounds it (torch.iinfo(torch.long)): a larger one used to pass
+# validation and fail inside generation, after the request had taken its slot.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Served adapter names end up in response headers, logs and metric labels: letters, digits and `._-@` only
+# (a CR/LF in a name made every response for it an illegal header and leaked its slot).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,128}$"
 
 
 class StreamOptions(BaseModel):
@@ -47,7 +54,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -163,15 +170,26 @@ class ChatCompletionRequest(_Request):
         return self
 
 
+def check_adapter_name(name: object) -> str:
+    """`name` if it may name a served adapter, else ValueError saying what a name may hold."""
+    if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME_PATTERN, name):
+        raise ValueError(f"an adapter name is 1-128 letters, digits and `._-@`, got {str(name)[:140]!r}")
+    return name
+
+
 class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str
     lora_path: str = Field(min_length=1)
+
+    _name = field_validator("lora_name")(classmethod(lambda cls, value: check_adapter_name(value)))
 
 
 class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str
     lora_int_id: int | None = None
+
+    _name = field_validator("lora_name")(classmethod(lambda cls, value: check_adapter_name(value)))
