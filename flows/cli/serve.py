@@ -57,6 +57,10 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--max-loras", type=int, help="adapters resident at once")
     serve.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted")
     serve.add_argument("--served-model-name", help="name the base model is served under")
+    serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECONDS",
+                       help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish (default 5)")
+    serve.add_argument("--request-body-timeout", type=float, dest="request_body_timeout_s", metavar="SECONDS",
+                       help="seconds a request body may take to arrive before a 408 (default 30)")
     serve.add_argument("--allowed-adapter-dir", action="append", metavar="DIR",
                        help="directory runtime loads may come from (repeatable; the registry's is always allowed)")
     serve.add_argument("--router", type=_router, metavar="NAME=A:W,B:W", help="A/B-split requests for NAME between adapters")
@@ -106,7 +110,8 @@ def cmd_vllm_env(args: argparse.Namespace) -> int:
 def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """The ServeConfig fields the command line sets."""
     fields: dict[str, Any] = {}
-    for name in ("base", "engine", "host", "port", "api_key", "api_key_env", "max_loras", "max_lora_rank", "served_model_name"):
+    for name in ("base", "engine", "host", "port", "api_key", "api_key_env", "max_loras", "max_lora_rank", "served_model_name",
+                 "drain_timeout_s", "request_body_timeout_s"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if "api_key" in fields:

@@ -244,3 +244,46 @@ def test_metrics_parse_and_count_requests_tokens_and_latency_per_model(served):
     assert client(served).models.retrieve(BASE_NAME).parent is None
     with pytest.raises(openai.NotFoundError):
         client(served).models.retrieve("nope")
+
+
+def test_cli_checks_its_port_before_loading_and_exits_soon_after_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.serving.process import is_healthy
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    serve = [sys.executable, "-m", "tunepipe.flows.cli.main", "serve", "--engine", "embedded", "--workdir", str(tmp_path / "w")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        # a base that does not exist: had the model been loaded first, that would be the error
+        run = subprocess.run([*serve, str(tmp_path / "no-such-model"), "--port", str(busy.getsockname()[1])], cwd=repo,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "already in use" in run.stderr, run.stderr[-2000:]
+
+    base, port = build_tiny_model(tmp_path / "base"), free_port()
+    cli = subprocess.Popen([*serve, str(base), "--port", str(port), "--drain-timeout", "1"], cwd=repo, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: is_healthy(f"{url}/health"), 120), "tunepipe serve did not become healthy"
+        keep_alive = httpx.Client(base_url=url)  # an idle keep-alive connection, as every SDK client holds
+        assert keep_alive.post("/v1/completions", json={"model": str(base), "prompt": "hi", "max_tokens": 2}).status_code == 200
+        trickle = socket.create_connection(("127.0.0.1", port))  # a request whose body never completes
+        trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.2)
+        cli.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        cli.wait(timeout=30)
+        assert time.monotonic() - started < 1 + 2, "exit took longer than the drain bound (1 s) + 2 s"
+        assert cli.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught once it is done
+        trickle.close()
+        keep_alive.close()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
