@@ -1,11 +1,13 @@
 """The OpenAI request fields the servers honour, and errors in OpenAI's format.
 
-Request models ignore fields they do not know (clients send many, e.g. `stream_options`), unlike
-our config models: a server must accept what the official clients send.
+No field is silently ignored: a request field is honoured, accepted at a value that asks for nothing
+(`response_format: {"type": "text"}`, `tool_choice: "none"`), or answered 400 naming it, OpenAI's
+"Unrecognized request argument supplied" for fields OpenAI does not have (`check_fields`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -39,6 +41,82 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 # Served adapter names end up in response headers, logs and metric labels: letters, digits and `._-@` only
 # (a CR/LF in a name made every response for it an illegal header and leaked its slot).
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,128}$"
+
+
+# Every field of OpenAI's request bodies (API reference, checked 2026-12), by endpoint. A field outside these
+# (and outside the engine's own extras) is refused as OpenAI refuses it: a client that misspells a field, or
+# relies on a newer one, learns it at once instead of getting an answer that silently ignored it.
+OPENAI_FIELDS = {
+    "chat": frozenset({
+        "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+        "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+        "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+        "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+        "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+    }),
+    "completions": frozenset({
+        "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+        "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+    }),
+}
+
+
+def _text_only(value: Any) -> bool:
+    return value is None or value == ["text"]
+
+
+# OpenAI fields the embedded engine has no machinery for, with the values that ask for nothing (accepted:
+# they change nothing). Any other value is a 400 naming the field. Fields it honours are modelled below.
+EMBEDDED_NEUTRAL: dict[str, Any] = {
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: True,  # only matters with tools, which are refused
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "audio": lambda v: v is None,
+    "modalities": _text_only,
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+    "store": lambda v: not v,  # nothing is stored: a request asking to store its answer is refused
+    "metadata": lambda v: not v,  # metadata belongs to stored completions
+    "service_tier": lambda v: v in (None, "auto", "default"),
+    "prompt_cache_key": lambda v: True,  # a cache-routing hint: one server, nothing to route
+    "safety_identifier": lambda v: True,  # an end-user id for the provider's abuse checks: none here
+}
+# vLLM's front: what vLLM's OpenAI server honours besides OpenAI's fields (its sampling and chat extras,
+# vllm/entrypoints/openai/protocol.py); everything else outside OPENAI_FIELDS is refused before vLLM would
+# log and drop it. OpenAI fields vLLM does not implement are refused too.
+VLLM_EXTRA_FIELDS = frozenset({
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "stop_token_ids", "include_stop_str_in_output",
+    "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+    "prompt_logprobs", "allowed_token_ids", "bad_words", "echo", "add_generation_prompt", "continue_final_message",
+    "add_special_tokens", "chat_template", "chat_template_kwargs", "documents", "structured_outputs", "guided_json",
+    "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
+    "priority", "request_id", "return_tokens_as_token_ids", "return_token_ids", "cache_salt", "use_beam_search",
+})
+VLLM_NEUTRAL: dict[str, Any] = {
+    "audio": lambda v: v is None, "modalities": _text_only, "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None, "verbosity": lambda v: v is None, "store": lambda v: not v,
+    "metadata": lambda v: not v, "service_tier": lambda v: v in (None, "auto", "default"),
+    "functions": lambda v: not v, "function_call": lambda v: v in (None, "none"),
+    "prompt_cache_key": lambda v: True, "safety_identifier": lambda v: True,
+}
+
+
+def check_fields(body: Any, endpoint: str, neutral: dict[str, Any], extra: frozenset[str] = frozenset()) -> None:
+    """UnsupportedField for the first field of `body` that is neither OpenAI's (for `endpoint`) nor one of
+    `extra`, or that is in `neutral` with a value asking for something the engine does not do."""
+    if not isinstance(body, dict):
+        return  # the model's own validation says what is wrong with a non-object
+    for name, value in body.items():
+        if name not in OPENAI_FIELDS[endpoint] and name not in extra:
+            raise UnsupportedField(name, f"Unrecognized request argument supplied: {name}")
+        if name in neutral and not neutral[name](value):
+            raise UnsupportedField(name, f"{name}={json.dumps(value)[:200]} is not supported by this server's engine; "
+                                   "leave it out (see the README's table of request fields)")
 
 
 class StreamOptions(BaseModel):
@@ -109,6 +187,13 @@ class UnsupportedField(ValueError):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        check_fields(data, "completions", EMBEDDED_NEUTRAL)
+        return data
+
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
@@ -137,11 +222,27 @@ class CompletionRequest(_Request):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"})
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        """A message's fields other than role and content (a participant's name, tool calls and results) are
+        not rendered by the embedded engine: refused rather than dropped."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if name not in MESSAGE_FIELDS:
+                    raise UnsupportedField(name, f"Unrecognized message field supplied: {name}")
+                if name not in ("role", "content") and value not in (None, "", []):
+                    raise UnsupportedField(name, f"the message field {name} is not supported by this server's engine")
+        return data
 
     def text(self) -> str:
         """String content; list content (OpenAI's parts) keeps its text parts."""
@@ -155,6 +256,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        check_fields(data, "chat", EMBEDDED_NEUTRAL)
+        return data
+
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)

@@ -179,6 +179,20 @@ def test_a_base_name_that_is_no_legal_header_value_is_served(served):
     assert_serves_normally(served)
 
 
+def test_a_response_that_cannot_be_sent_frees_its_slot(served, monkeypatch):
+    # Any header value the HTTP layer refuses (a CR/LF in a name was one) fails the response before a stream's
+    # first chunk: the stream's own cleanup never runs, so the response itself must free the slot.
+    from tunepipe.tasks.serving import embedded
+
+    monkeypatch.setattr(embedded._Job, "headers", lambda self: {"x-tunepipe-model": "bad\r\nX-Injected: 1"})
+    for stream in (True, False):
+        for _ in range(MAX_CONCURRENCY + 1):
+            with pytest.raises(httpx.HTTPError):
+                post(served, "/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 2, "stream": stream}, timeout=5)
+    monkeypatch.undo()
+    assert_serves_normally(served)
+
+
 @pytest.mark.parametrize("name", ["evil\r\nX-Injected: 1", "has space", "a/b", "x" * 129, ""])
 def test_adapter_names_outside_letters_digits_and_dot_dash_underscore_at_are_refused(served, name):
     answer = post(served, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": served["bad_rank"]})

@@ -298,9 +298,17 @@ def test_malformed_bodies_name_the_problem_not_a_position(served):
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
     ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ("/v1/chat/completions", {"logit_bias": {"50": 2}}, "logit_bias", "not supported"),
+    # fields that were silently dropped (a 200 that ignored them): honoured or refused, never ignored
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "not supported"),
+    ("/v1/chat/completions", {"store": True}, "store", "not supported"),
+    ("/v1/chat/completions", {"tempreature": 0.5}, "tempreature", "Unrecognized request argument supplied: tempreature"),
+    ("/v1/completions", {"messages": []}, "messages", "Unrecognized request argument supplied: messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "name", "message field name"),
 ])
 def test_unsupported_fields_are_a_400_naming_them(served, path, extra, param, message):
-    body = {"model": "alpha", "max_tokens": 2, **extra, **({"prompt": "hi"} if "chat" not in path else {"messages": CHAT})}
+    body = {"model": "alpha", "max_tokens": 2, **({"prompt": "hi"} if "chat" not in path else {"messages": CHAT}), **extra}
     answer = raw_post(served, path, json=body)
     error = answer.json()["error"]
     assert answer.status_code == 400 and error["param"] == param and message in error["message"], error
@@ -312,6 +320,10 @@ def test_defaults_of_unsupported_fields_are_accepted(client):
                                             presence_penalty=0, frequency_penalty=0)
     assert answer.usage.completion_tokens == 2
     assert client.chat.completions.create(model="alpha", messages=CHAT, max_completion_tokens=2).usage.completion_tokens == 2
+    # values that ask for nothing the engine lacks are accepted
+    neutral = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, response_format={"type": "text"},
+                                             tool_choice="none", store=False, service_tier="auto", parallel_tool_calls=False)
+    assert neutral.usage.completion_tokens == 2
 
 
 def test_stop_lists_cut_at_the_first_stop_found(client, served):
