@@ -231,8 +231,13 @@ class _State:
         try:
             if chat:
                 ids = self.engine.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+            elif isinstance(prompt := body.prompt_text(), list):  # token ids
+                vocab = len(self.engine.tokenizer)
+                if any(not 0 <= token < vocab for token in prompt):
+                    raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model's vocabulary")
+                ids = list(prompt)
             else:
-                ids = self.engine.completion_ids(body.prompt_text())
+                ids = self.engine.completion_ids(prompt)
         except (ValueError, TypeError, KeyError) as exc:  # the chat template's own checks (roles, order) included
             raise APIError(400, str(exc) or type(exc).__name__, param="messages" if chat else "prompt") from None
         if ids:
@@ -274,9 +279,14 @@ class _State:
             self.metrics.refused(request.url.path, served if self.serves(served) else UNKNOWN_MODEL, exc.status)
             raise
         job = _Job(self, body, request, chat, served, assignment, prompt_ids)
+        if chat:
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
         job.row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens, emit=job.emit,
                       stop=body.stop_strings(), sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
-                                                                  seed=body.seed))
+                                                                  seed=body.seed),
+                      logprobs=logprobs, echo=not chat and body.echo and logprobs is not None)
         headers = job.headers()
         self.admit(served)
         # Admitted: from here every path (an exception, a client gone, a response that cannot be sent) ends in
@@ -345,6 +355,45 @@ class _Job:
             self.state.router.record(self.assignment, endpoint=self.request.url.path, status=status,
                                      prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens)
 
+    def _prompt_text(self) -> str:
+        prompt = self.body.prompt_text()
+        return prompt if isinstance(prompt, str) else self.state.engine.tokenizer.decode(prompt)
+
+    def _token(self, token: int) -> str:
+        return self.state.engine.tokenizer.decode([token])
+
+    def _chat_logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's chat shape: one entry per generated token, each with its `top_logprobs` alternatives."""
+        if self.row.logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self._token(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
+                            for token, logprob, top in self.row.token_logprobs]}
+
+    def _completion_logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's completions shape (tokens, token_logprobs, top_logprobs, text_offset), the prompt's tokens
+        first with echo (the first has no log-probability). Alternatives include the chosen token, as vLLM's do."""
+        if self.row.logprobs is None:
+            return None
+        tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+        for token, logprob, top in [*self.row.prompt_logprobs, *self.row.token_logprobs]:
+            text = self._token(token)
+            tokens.append(text)
+            token_logprobs.append(logprob)
+            if logprob is None:
+                tops.append(None)
+            else:
+                alternatives = {self._token(t): lp for t, lp in top}
+                alternatives.setdefault(text, logprob)
+                tops.append(alternatives)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
     def _first_token(self) -> None:
         if not self.first_token:
             self.first_token = True
@@ -373,8 +422,13 @@ class _Job:
         finally:
             self.abandon()  # a no-op once answered; else the request was cancelled mid-generation
         content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": finish_reason}
-                  if self.chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason})
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                      "logprobs": self._chat_logprobs(), "finish_reason": finish_reason}
+        else:
+            echoed = self._prompt_text() if self.body.echo else ""
+            choice = {"index": 0, "text": echoed + content, "logprobs": self._completion_logprobs(),
+                      "finish_reason": finish_reason}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.served, "choices": [choice], "usage": self._usage(n)}
 

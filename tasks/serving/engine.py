@@ -91,12 +91,18 @@ class Row:
     emit: Emit
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # log-probabilities of each generated token with this many alternatives; None: off
+    echo: bool = False  # also the prompt's tokens' log-probabilities (completions' echo)
     cancelled: bool = False  # set by the HTTP side when the client goes away
     tokens: list[int] = field(default_factory=list)  # the answer's tokens (an end-of-sequence token excluded)
     # Tokens the model produced, the end-of-sequence token included: the usage's completion_tokens, counted as
     # vLLM counts them (an answer ending in EOS is one token longer than its text's tokens).
     generated: int = 0
     text: str = ""
+    # (token, its log-probability, [(alternative, log-probability)] best first) per generated token, EOS included,
+    # from the model's raw logits (before temperature or top_p), as vLLM reports them
+    token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
 
@@ -322,10 +328,19 @@ class MultiLoraEngine:
             else:
                 model.set_adapter(names[0])
         tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
+        hook = None
         try:  # everything that can fail is inside: a row that never hears back would hold its request's slot
             if rows[0].sampling.seed is not None:
                 self._torch.manual_seed(rows[0].sampling.seed)
             with self._torch.inference_mode(), adapter_context:
+                for index, row in enumerate(rows):
+                    if row.echo:
+                        names = kwargs.get("adapter_names")
+                        row.prompt_logprobs = self._prompt_logprobs(model, row, {"adapter_names": [names[index]]} if names else {})
+                if any(row.logprobs is not None for row in rows):
+                    # the raw next-token logits of each step, before any logits processor changes them
+                    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+                    hook = target.register_forward_hook(lambda module, args, output: tracker.see(output.logits[:, -1]))
                 model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
                     pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
@@ -333,7 +348,22 @@ class MultiLoraEngine:
         except Exception as exc:
             fail_rows(rows, f"generation failed: {exc}")
             raise
+        finally:
+            if hook is not None:
+                hook.remove()
         tracker.close()
+
+    def _prompt_logprobs(self, model: Any, row: Row, kwargs: dict[str, Any]) -> list[tuple[int, float | None, list]]:
+        """Each prompt token's log-probability given the tokens before it (the first has none), with the row's
+        adapter: what completions' `echo` + `logprobs` answer, and what lm-eval's loglikelihood reads."""
+        torch = self._torch
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out: list[tuple[int, float | None, list]] = [(row.prompt_ids[0], None, [])]
+        for position, token in enumerate(row.prompt_ids[1:]):
+            out.append((token, logprobs[position, token].item(), top_alternatives(logprobs[position], row.logprobs or 0)))
+        return out
 
     def _servable(self, rows: list[Row]) -> list[Row]:
         """Drop cancelled rows, and fail rows whose adapter was unloaded after they were accepted."""
@@ -356,6 +386,14 @@ class MultiLoraEngine:
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
         return input_ids, attention_mask, pad
+
+
+def top_alternatives(logprobs, k: int) -> list[tuple[int, float]]:
+    """The `k` most likely tokens and their log-probabilities, best first."""
+    if k <= 0:
+        return []
+    values, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))
 
 
 def fail_rows(rows: list[Row], message: str) -> None:
@@ -392,20 +430,29 @@ class RowTracker(StoppingCriteria):
         self.rows = rows
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.logits = None  # the last forward's next-token logits (set only when a row wants log-probabilities)
+
+    def see(self, logits) -> None:
+        self.logits = logits
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last):
+        for index, (row, token) in enumerate(zip(self.rows, last)):
             if not row.finished:
-                self._step(row, token)
+                self._step(row, token, index)
         return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
 
-    def _step(self, row: Row, token: int) -> None:
+    def _step(self, row: Row, token: int, index: int = 0) -> None:
         if row.cancelled:
             row.finish_reason = "cancelled"
             return
+        if row.logprobs is not None and self.logits is not None:
+            import torch
+
+            logprobs = torch.log_softmax(self.logits[index].float(), dim=-1)
+            row.token_logprobs.append((token, logprobs[token].item(), top_alternatives(logprobs, row.logprobs)))
         row.generated += 1
         if token in self.eos_ids:
             row.finish_reason = "stop"

@@ -186,7 +186,7 @@ class UnsupportedField(ValueError):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
 
     @model_validator(mode="before")
     @classmethod
@@ -201,25 +201,29 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return value  # one prompt as token ids (lm-eval's local-completions sends these)
         if isinstance(value, list) and len(value) != 1:
-            raise ValueError("one prompt per request: send a string (or a list of one string)")
+            raise ValueError("one prompt per request: send a string (or a list of one string or of one token-id list)")
         return value
 
     @model_validator(mode="after")
     def _completion_supported(self) -> "CompletionRequest":
-        if self.logprobs is not None:
-            raise UnsupportedField("logprobs", "logprobs are not supported by this server")
-        if self.echo:
-            raise UnsupportedField("echo", "echo is not supported by this server")
+        if self.stream and (self.logprobs is not None or self.echo):
+            raise UnsupportedField("logprobs" if self.logprobs is not None else "echo",
+                                   "logprobs and echo are answered without stream only")
         if self.best_of not in (None, 1):
             raise UnsupportedField("best_of", "only best_of=1 is supported")
         if self.suffix:
             raise UnsupportedField("suffix", "suffix (insertion) is not supported by this server")
         return self
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_text(self) -> str | list[int]:
+        """The prompt as text, or as token ids when it was sent as ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return self.prompt
+        return self.prompt[0]
 
 
 MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"})
@@ -269,8 +273,10 @@ class ChatCompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _chat_supported(self) -> "ChatCompletionRequest":
-        if self.logprobs or self.top_logprobs is not None:
-            raise UnsupportedField("logprobs", "logprobs are not supported by this server")
+        if self.top_logprobs and not self.logprobs:
+            raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.logprobs and self.stream:
+            raise UnsupportedField("logprobs", "logprobs are answered without stream only")
         if self.max_completion_tokens is not None:  # the newer name of max_tokens
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise UnsupportedField("max_completion_tokens", "max_tokens and max_completion_tokens differ: send one")

@@ -290,9 +290,9 @@ def test_malformed_bodies_name_the_problem_not_a_position(served):
 
 @pytest.mark.parametrize("path, extra, param, message", [
     ("/v1/completions", {"n": 2}, "n", "only n=1 is supported"),
-    ("/v1/completions", {"logprobs": 1}, "logprobs", "logprobs are not supported"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs", "logprobs are not supported"),
-    ("/v1/completions", {"echo": True}, "echo", "echo is not supported"),
+    ("/v1/completions", {"logprobs": 1, "stream": True}, "logprobs", "without stream only"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2, "stream": True}, "logprobs", "without stream only"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
     ("/v1/completions", {"best_of": 3}, "best_of", "only best_of=1"),
     ("/v1/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences, got 5"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
@@ -343,3 +343,74 @@ def test_stream_options_include_usage_ends_with_a_usage_chunk(client, served):
     assert "".join(c.choices[0].delta.content or "" for c in content) == served["expected"]["alpha"]["chat"]
     pieces = list(complete(client, "beta", PROMPTS[0], stream=True, stream_options={"include_usage": True}))
     assert pieces[-1].choices == [] and pieces[-1].usage.completion_tokens == MAX_TOKENS
+
+
+def reference_logprobs(served, adapter: str, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """Offline: the greedy continuation of `ids` and every token's log-probability given the ones before it."""
+    model = offline_model(served["base"], served["adapters"][adapter])
+    with torch.no_grad():
+        full = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+        logprobs = model(torch.tensor([full])).logits[0].log_softmax(-1)
+    return full, [logprobs[i, full[i + 1]].item() for i in range(len(full) - 1)]
+
+
+def test_logprobs_and_echo_equal_the_models_own_log_softmax(client, served):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served["base"])
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    full, expected = reference_logprobs(served, "alpha", ids, 3)
+    for prompt in (PROMPTS[1], ids):  # text, and token ids as lm-eval sends them
+        answer = client.completions.create(model="alpha", prompt=prompt, max_tokens=3, logprobs=2, echo=True)
+        got = answer.choices[0].logprobs
+        assert answer.choices[0].text.startswith(tokenizer.decode(ids)) and len(got.tokens) == len(full)
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        assert max(abs(a - b) for a, b in zip(got.token_logprobs[1:], expected)) < 1e-4
+        for position in range(len(ids), len(full)):  # greedy: the chosen token is the best alternative
+            assert abs(max(got.top_logprobs[position].values()) - got.token_logprobs[position]) < 1e-6
+        assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+    plain = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=3, logprobs=0).choices[0]
+    assert len(plain.logprobs.token_logprobs) == 3 and not plain.text.startswith(PROMPTS[1])
+
+    chat_ids = tokenizer(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+    _, chat_expected = reference_logprobs(served, "beta", chat_ids, 3)
+    reply = client.chat.completions.create(model="beta", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert [len(entry.top_logprobs) for entry in content] == [2, 2, 2]
+    assert max(abs(e.logprob - x) for e, x in zip(content, chat_expected[len(chat_ids) - 1:])) < 1e-4
+    assert all(abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6 for e in content)  # greedy picked the best
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+
+
+def test_lm_eval_multiple_choice_through_the_endpoint_equals_lm_eval_on_the_model(served, tmp_path, monkeypatch):
+    import json as _json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    items = [{"question": q, "choices": c, "answer": a} for q, c, a in (
+        ("the cat sat on", ["the mat", "a dog", "the moon"], 0), ("I love the", ["dog", "cat sat", "sentiment"], 1),
+        ("Count to", ["three", "the dog", "one two"], 0), ("Classify the", ["sentiment", "mat", "moon"], 0))]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(_json.dumps(item) + "\n" for item in items))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+    def run(model, model_args):
+        result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc"], device="cpu",
+                                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                         bootstrap_iters=0, log_samples=True)
+        samples = sorted(result["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+        return result["results"]["tiny_mc"]["acc,none"], [[float(r[0][0]) for r in s["resps"]] for s in samples]
+
+    endpoint = run("local-completions", f"base_url={served['url']}/v1/completions,model=tiny,tokenizer={served['base']},"
+                   "tokenized_requests=True,num_concurrent=1,max_retries=1")
+    offline = run("hf", f"pretrained={served['base']}")
+    assert endpoint[0] == offline[0]
+    for served_scores, model_scores in zip(endpoint[1], offline[1]):
+        assert max(range(3), key=served_scores.__getitem__) == max(range(3), key=model_scores.__getitem__)
+        assert max(abs(a - b) for a, b in zip(served_scores, model_scores)) < 1e-3
