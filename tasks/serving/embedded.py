@@ -278,6 +278,8 @@ class _State:
                 self.router.record(assignment, endpoint=request.url.path, status=f"error {exc.status}")
             self.metrics.refused(request.url.path, served if self.serves(served) else UNKNOWN_MODEL, exc.status)
             raise
+        constraint = body.response_format.constraint() if chat and body.response_format else None
+        grammar = await self._grammar(constraint) if constraint else None
         job = _Job(self, body, request, chat, served, assignment, prompt_ids)
         if chat:
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -286,7 +288,7 @@ class _State:
         job.row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens, emit=job.emit,
                       stop=body.stop_strings(), sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
                                                                   seed=body.seed),
-                      logprobs=logprobs, echo=not chat and body.echo and logprobs is not None)
+                      logprobs=logprobs, echo=not chat and body.echo and logprobs is not None, grammar=grammar)
         headers = job.headers()
         self.admit(served)
         # Admitted: from here every path (an exception, a client gone, a response that cannot be sent) ends in
@@ -302,6 +304,15 @@ class _State:
         except BaseException:
             job.abandon()
             raise
+
+    async def _grammar(self, constraint: dict[str, Any]):
+        """A grammar matcher for the request's response_format, compiled off the event loop; 400 if it cannot be."""
+        from tunepipe.tasks.serving.grammar import GrammarError
+
+        try:
+            return await asyncio.to_thread(lambda: self.engine.grammars.matcher(constraint))
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
 
     def admit(self, served: str) -> None:
         self.in_flight += 1

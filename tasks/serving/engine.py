@@ -93,6 +93,7 @@ class Row:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # log-probabilities of each generated token with this many alternatives; None: off
     echo: bool = False  # also the prompt's tokens' log-probabilities (completions' echo)
+    grammar: Any = None  # an xgrammar GrammarMatcher the answer must follow (response_format), or None
     cancelled: bool = False  # set by the HTTP side when the client goes away
     tokens: list[int] = field(default_factory=list)  # the answer's tokens (an end-of-sequence token excluded)
     # Tokens the model produced, the end-of-sequence token included: the usage's completion_tokens, counted as
@@ -192,6 +193,16 @@ class MultiLoraEngine:
         # generation_config's eos list, the tokenizer's eos and the chat template's end-of-turn token
         self.eos_ids = set(stop_token_ids(self.tokenizer, self.model.generation_config))
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The engine's grammar compiler (built on first use: response_format requests only)."""
+        if self._grammars is None:
+            from tunepipe.tasks.serving.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, int(self.model.config.vocab_size), self.eos_ids)
+        return self._grammars
 
     # ---------------------------------------------------------------- adapters
 
@@ -337,10 +348,11 @@ class MultiLoraEngine:
                     if row.echo:
                         names = kwargs.get("adapter_names")
                         row.prompt_logprobs = self._prompt_logprobs(model, row, {"adapter_names": [names[index]]} if names else {})
-                if any(row.logprobs is not None for row in rows):
-                    # the raw next-token logits of each step, before any logits processor changes them
+                if any(row.logprobs is not None or row.grammar is not None for row in rows):
+                    # each step's raw next-token logits (log-probabilities are reported from these), then the
+                    # grammar's mask, before generate's temperature/top_p see them
                     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-                    hook = target.register_forward_hook(lambda module, args, output: tracker.see(output.logits[:, -1]))
+                    hook = target.register_forward_hook(lambda module, args, output: tracker.see(output.logits[:, -1], self.grammars))
                 model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
                     pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
@@ -432,8 +444,11 @@ class RowTracker(StoppingCriteria):
         self.eos_ids = eos_ids
         self.logits = None  # the last forward's next-token logits (set only when a row wants log-probabilities)
 
-    def see(self, logits) -> None:
-        self.logits = logits
+    def see(self, logits, grammars: Any = None) -> None:
+        constrained = [i for i, row in enumerate(self.rows) if row.grammar is not None and not row.finished]
+        self.logits = logits.clone() if constrained else logits
+        for index in constrained:
+            grammars.mask(logits[index], self.rows[index].grammar)
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -448,6 +463,8 @@ class RowTracker(StoppingCriteria):
         if row.cancelled:
             row.finish_reason = "cancelled"
             return
+        if row.grammar is not None and not row.grammar.is_terminated():
+            row.grammar.accept_token(token)
         if row.logprobs is not None and self.logits is not None:
             import torch
 

@@ -68,7 +68,6 @@ def _text_only(value: Any) -> bool:
 # OpenAI fields the embedded engine has no machinery for, with the values that ask for nothing (accepted:
 # they change nothing). Any other value is a 400 naming the field. Fields it honours are modelled below.
 EMBEDDED_NEUTRAL: dict[str, Any] = {
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "parallel_tool_calls": lambda v: True,  # only matters with tools, which are refused
@@ -258,8 +257,41 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object), json_schema (that schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type json_schema needs json_schema: {name, schema}")
+        return self
+
+    def constraint(self) -> dict[str, Any] | None:
+        """What the grammar compiler takes, or None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"schema": self.json_schema.schema_}}
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -299,7 +299,8 @@ def test_malformed_bodies_name_the_problem_not_a_position(served):
     ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ("/v1/chat/completions", {"logit_bias": {"50": 2}}, "logit_bias", "not supported"),
     # fields that were silently dropped (a 200 that ignored them): honoured or refused, never ignored
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format.type", "Input should be"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "not supported"),
     ("/v1/chat/completions", {"store": True}, "store", "not supported"),
@@ -414,3 +415,30 @@ def test_lm_eval_multiple_choice_through_the_endpoint_equals_lm_eval_on_the_mode
     for served_scores, model_scores in zip(endpoint[1], offline[1]):
         assert max(range(3), key=served_scores.__getitem__) == max(range(3), key=model_scores.__getitem__)
         assert max(abs(a - b) for a, b in zip(served_scores, model_scores)) < 1e-3
+
+
+SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["positive", "negative"]},
+                                           "sure": {"type": "boolean"}},
+          "required": ["label", "sure"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_constrains_the_answer_to_parse_against_the_schema(client, served):
+    import json as _json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+    for name in ("alpha", "beta", "tiny"):
+        reply = client.chat.completions.create(model=name, messages=CHAT, max_tokens=48, response_format=fmt)
+        jsonschema.validate(_json.loads(reply.choices[0].message.content), SCHEMA)
+        assert reply.choices[0].finish_reason == "stop"
+    free = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=MAX_TOKENS).choices[0].message.content
+    assert free == served["expected"]["alpha"]["chat"]  # unconstrained requests are unchanged
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="beta", messages=CHAT, max_tokens=48, response_format=fmt, stream=True))
+    jsonschema.validate(_json.loads(streamed), SCHEMA)
+    loose = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, response_format={"type": "json_object"})
+    assert loose.choices[0].message.content.lstrip()[:1] in ("{", "[")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
