@@ -446,7 +446,9 @@ class RowTracker(StoppingCriteria):
 
     def see(self, logits, grammars: Any = None) -> None:
         constrained = [i for i, row in enumerate(self.rows) if row.grammar is not None and not row.finished]
-        self.logits = logits.clone() if constrained else logits
+        # log-probabilities are reported from the logits before the mask: keep a copy only when one is asked for
+        wanted = constrained and any(row.logprobs is not None for row in self.rows)
+        self.logits = logits.clone() if wanted else logits
         for index in constrained:
             grammars.mask(logits[index], self.rows[index].grammar)
 

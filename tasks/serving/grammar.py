@@ -25,6 +25,7 @@ class Grammars:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
         self.compiler = xgr.GrammarCompiler(info)
         self.vocab_size = vocab_size
+        self._bitmask = None
 
     def matcher(self, response_format: dict[str, Any]) -> Any:
         """A fresh matcher for one request's response_format (json_object or json_schema)."""
@@ -41,6 +42,7 @@ class Grammars:
 
     def mask(self, logits, matcher: Any) -> None:
         """Set the logits of tokens `matcher` does not allow next to -inf, in place (`logits`: one row)."""
-        bitmask = self._xgr.allocate_token_bitmask(1, self.vocab_size)
-        matcher.fill_next_token_bitmask(bitmask)
-        self._xgr.apply_token_bitmask_inplace(logits.unsqueeze(0) if logits.dim() == 1 else logits, bitmask.to(logits.device))
+        if self._bitmask is None:  # one buffer, refilled per row and step (the engine runs on one thread)
+            self._bitmask = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(self._bitmask)
+        self._xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), self._bitmask.to(logits.device))
