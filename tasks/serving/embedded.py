@@ -237,7 +237,7 @@ class _State:
                     raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model's vocabulary")
                 ids = list(prompt)
             else:
-                ids = self.engine.completion_ids(prompt)
+                ids = self.engine.completion_ids(prompt, add_special_tokens=body.add_special_tokens)
         except (ValueError, TypeError, KeyError) as exc:  # the chat template's own checks (roles, order) included
             raise APIError(400, str(exc) or type(exc).__name__, param="messages" if chat else "prompt") from None
         if ids:

@@ -275,8 +275,8 @@ class MultiLoraEngine:
 
     # ---------------------------------------------------------------- prompts
 
-    def completion_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
+    def completion_ids(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.tokenizer.chat_template:

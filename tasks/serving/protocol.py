@@ -85,6 +85,8 @@ EMBEDDED_NEUTRAL: dict[str, Any] = {
     "prompt_cache_key": lambda v: True,  # a cache-routing hint: one server, nothing to route
     "safety_identifier": lambda v: True,  # an end-user id for the provider's abuse checks: none here
 }
+# vLLM extensions the embedded engine honours too (the evaluate stage sends them to either engine).
+EMBEDDED_EXTRA_FIELDS = frozenset({"add_special_tokens", "skip_special_tokens"})
 # vLLM's front: what vLLM's OpenAI server honours besides OpenAI's fields (its sampling and chat extras,
 # vllm/entrypoints/openai/protocol.py); everything else outside OPENAI_FIELDS is refused before vLLM would
 # log and drop it. OpenAI fields vLLM does not implement are refused too.
@@ -137,6 +139,8 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, ge=1)
     user: str | None = None
+    # vLLM's extension: answers are decoded without special tokens; keeping them is not offered here
+    skip_special_tokens: Literal[True] = True
     # Accepted only at their defaults: the engine has no log-probabilities, penalties or biases.
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -186,11 +190,14 @@ class UnsupportedField(ValueError):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
+    # vLLM's extension: whether the tokenizer adds its special tokens (BOS) to a text prompt; False when the
+    # prompt was rendered with them already (the evaluate stage's prompts)
+    add_special_tokens: bool = True
 
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data: Any) -> Any:
-        check_fields(data, "completions", EMBEDDED_NEUTRAL)
+        check_fields(data, "completions", EMBEDDED_NEUTRAL, EMBEDDED_EXTRA_FIELDS)
         return data
 
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -296,7 +303,7 @@ class ChatCompletionRequest(_Request):
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data: Any) -> Any:
-        check_fields(data, "chat", EMBEDDED_NEUTRAL)
+        check_fields(data, "chat", EMBEDDED_NEUTRAL, EMBEDDED_EXTRA_FIELDS)
         return data
 
     logprobs: bool | None = None

@@ -306,6 +306,7 @@ def test_malformed_bodies_name_the_problem_not_a_position(served):
     ("/v1/chat/completions", {"store": True}, "store", "not supported"),
     ("/v1/chat/completions", {"tempreature": 0.5}, "tempreature", "Unrecognized request argument supplied: tempreature"),
     ("/v1/completions", {"messages": []}, "messages", "Unrecognized request argument supplied: messages"),
+    ("/v1/completions", {"skip_special_tokens": False}, "skip_special_tokens", "Input should be True"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "name", "message field name"),
 ])
 def test_unsupported_fields_are_a_400_naming_them(served, path, extra, param, message):
@@ -315,12 +316,21 @@ def test_unsupported_fields_are_a_400_naming_them(served, path, extra, param, me
     assert answer.status_code == 400 and error["param"] == param and message in error["message"], error
 
 
-def test_defaults_of_unsupported_fields_are_accepted(client):
+def test_defaults_of_unsupported_fields_are_accepted(client, served):
     # What the official clients send by default must not be refused.
     answer = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, n=1, logprobs=False,
                                             presence_penalty=0, frequency_penalty=0)
     assert answer.usage.completion_tokens == 2
     assert client.chat.completions.create(model="alpha", messages=CHAT, max_completion_tokens=2).usage.completion_tokens == 2
+    # vLLM's extensions the evaluate stage sends to either engine are honoured
+    plain = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=2, logprobs=0, echo=True)
+    bare = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=2, logprobs=0, echo=True,
+                                     extra_body={"add_special_tokens": False, "skip_special_tokens": True})
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served["base"])
+    assert len(plain.choices[0].logprobs.tokens) - 2 == len(tokenizer(PROMPTS[0])["input_ids"])
+    assert len(bare.choices[0].logprobs.tokens) - 2 == len(tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"])
     # values that ask for nothing the engine lacks are accepted
     neutral = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, response_format={"type": "text"},
                                              tool_choice="none", store=False, service_tier="auto", parallel_tool_calls=False)
