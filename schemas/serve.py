@@ -10,6 +10,7 @@ block; a field set here overrides it. Flags of `tunepipe serve` are named as vLL
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -84,9 +85,9 @@ class RouterConfig(StrictModel):
     def _two_positive(cls, value: dict[str, float]) -> dict[str, float]:
         if len(value) < 2:
             raise ValueError("an A/B router needs at least two versions")
-        bad = [name for name, weight in value.items() if weight <= 0]
-        if bad:
-            raise ValueError(f"weights must be > 0 (drop a version instead of weighting it 0): {bad}")
+        bad = [name for name, weight in value.items() if not math.isfinite(weight) or weight <= 0]
+        if bad:  # nan compares false with everything and inf swallows the rest: both sent all traffic to one arm
+            raise ValueError(f"weights must be finite and > 0 (drop a version instead of weighting it 0): {bad}")
         return value
 
     @field_validator("log_path")
@@ -138,6 +139,16 @@ class ServeConfig(StrictModel):
         default=512, ge=1, description="Largest `max_tokens` a request may ask for; also the default when it asks none."
     )
     max_request_bytes: int = Field(default=1_000_000, ge=1024, description="Largest request body accepted (413 beyond).")
+    request_body_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="Seconds a request's body may take to arrive; a slower one is answered 408 and its connection "
+        "closed (a client trickling bytes would otherwise hold the connection as long as it likes).",
+    )
+    drain_timeout_s: float = Field(
+        default=5.0, ge=0,
+        description="On SIGTERM or Ctrl-C: seconds to let requests in flight finish before they are cut; the "
+        "server exits right after they drain or this bound passes.",
+    )
     max_concurrency: int = Field(
         default=64, ge=1, description="Generation requests in flight at once; more are answered 429 (retry later)."
     )

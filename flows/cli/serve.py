@@ -57,6 +57,10 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--max-loras", type=int, help="adapters resident at once")
     serve.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted")
     serve.add_argument("--served-model-name", help="name the base model is served under")
+    serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECONDS",
+                       help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish (default 5)")
+    serve.add_argument("--request-body-timeout", type=float, dest="request_body_timeout_s", metavar="SECONDS",
+                       help="seconds a request body may take to arrive before a 408 (default 30)")
     serve.add_argument("--allowed-adapter-dir", action="append", metavar="DIR",
                        help="directory runtime loads may come from (repeatable; the registry's is always allowed)")
     serve.add_argument("--router", type=_router, metavar="NAME=A:W,B:W", help="A/B-split requests for NAME between adapters")
@@ -106,7 +110,8 @@ def cmd_vllm_env(args: argparse.Namespace) -> int:
 def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """The ServeConfig fields the command line sets."""
     fields: dict[str, Any] = {}
-    for name in ("base", "engine", "host", "port", "api_key", "api_key_env", "max_loras", "max_lora_rank", "served_model_name"):
+    for name in ("base", "engine", "host", "port", "api_key", "api_key_env", "max_loras", "max_lora_rank", "served_model_name",
+                 "drain_timeout_s", "request_body_timeout_s"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if "api_key" in fields:
@@ -186,13 +191,25 @@ def _describe(config, url: str) -> None:
         print(f"  A/B router {config.router.name}: {split}; log {config.router.log_path}", flush=True)
 
 
+def _check_port(config) -> None:
+    """A busy port is found before the model loads (which takes a while), not after."""
+    from tunepipe.tasks.serving.vllm import VLLMError, port_in_use
+
+    if config.port and port_in_use(config.host, config.port):
+        raise VLLMError(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
+                        "another --port")
+
+
 def _serve_embedded(config, env) -> int:
     import uvicorn
     from tunepipe.tasks.serving.embedded import build_app
 
+    _check_port(config)
     app = build_app(config, env)
     _describe(config, f"http://{config.host}:{config.port}")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)
+    # On SIGTERM uvicorn stops accepting, waits for requests in flight up to drain_timeout_s, then the app's
+    # shutdown stops the batch still generating at its next token.
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout_s)
     return 0
 
 
@@ -205,11 +222,7 @@ def _serve_vllm(config, workdir: str) -> int:
     import uvicorn
     from tunepipe.tasks.serving.front import vllm_behind_front
     from tunepipe.tasks.serving.settings import api_key
-    from tunepipe.tasks.serving.vllm import VLLMError, port_in_use
-
-    if port_in_use(config.host, config.port):
-        raise VLLMError(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
-                        "another --port")
+    _check_port(config)
     log_file = config.vllm.log_file or str(Path(workdir) / "logs" / f"vllm-{config.port}.log")
     app, _, server = vllm_behind_front(config, api_key=api_key(config), log_file=log_file)
     previous = signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop ends vLLM too
@@ -217,7 +230,7 @@ def _serve_vllm(config, workdir: str) -> int:
         print(f"starting vLLM: {' '.join(server.command)} (log {log_file})", flush=True)
         server.start()
         front = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                              timeout_graceful_shutdown=10))
+                                              timeout_graceful_shutdown=config.drain_timeout_s))
         vllm_exit: list[int] = []
 
         def watch() -> None:  # vLLM gone: the front has nothing to serve

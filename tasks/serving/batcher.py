@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from tunepipe.tasks.serving.engine import MultiLoraEngine, Row
+from tunepipe.tasks.serving.engine import MultiLoraEngine, Row, fail_rows
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -31,11 +31,16 @@ class Batcher:
         self.batches: list[list[str | None]] = []  # adapters of each batch run (recent ones), for tests and stats
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
+        self.running: list[Row] = []  # the batch being generated
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop batching; the batch generating now stops at its next token (shutdown does not wait for its
+        max_tokens), and queued rows are dropped: their requests have been answered or their clients are gone."""
+        for row in [*self.running, *(item[1] for item in self.pending)]:
+            row.cancelled = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -61,10 +66,16 @@ class Batcher:
                 self.pending.append(self.queue.get_nowait())
             batch = self._take_batch()
             self.batches = [*self.batches[-99:], [row.adapter for row in batch]]
+            self.running = batch
             try:
                 await self.call(self.engine.generate, batch)
-            except Exception:  # noqa: BLE001 - the rows got their error events; the server keeps serving
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving
                 log.exception("generation failed for a batch of %d", len(batch))
+                # rows the engine did not end (a failure before its own error handling) end here: a row that
+                # never hears back holds its request's slot forever
+                fail_rows(batch, f"generation failed: {type(exc).__name__}: {exc}")
+            finally:
+                self.running = []
 
     def _take_batch(self) -> list[Row]:
         key = self.pending[0][0]

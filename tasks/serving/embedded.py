@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
+import urllib.parse
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
@@ -40,7 +42,10 @@ from tunepipe.tasks.serving.protocol import (
     LoadLoraRequest,
     UnloadLoraRequest,
 )
+from tunepipe.tasks.serving.metrics import UNKNOWN_MODEL, ServingMetrics, tunepipe_version
 from tunepipe.tasks.serving.router import Assignment, WeightedRouter
+
+log = logging.getLogger("tunepipe.serve")
 
 
 @dataclass
@@ -91,16 +96,29 @@ def create_app(engine: MultiLoraEngine, config: ServeConfig, *, api_key: str | N
     app = FastAPI(title="tunepipe embedded server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes, timeout_s=config.request_body_timeout_s)
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
         return PlainTextResponse("")
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": tunepipe_version(), "engine": "embedded", "model": state.base_name}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         state.authorize(request)
         return {"object": "list", "data": state.model_cards()}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> dict:
+        state.authorize(request)
+        return state.model_card(model)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -137,6 +155,7 @@ class _State:
         self.batcher = batcher
         self.in_flight = 0
         self.created = int(time.time())
+        self.metrics = ServingMetrics("embedded")
 
     # ------------------------------------------------------------ access
 
@@ -155,6 +174,15 @@ class _State:
         if self.router is not None:
             cards.append({**card, "id": self.router.name, "root": "router:" + ",".join(self.router.versions), "parent": self.base_name})
         return cards
+
+    def serves(self, model: str) -> bool:
+        return model in (self.base_name, self.engine.base) or model in self.engine.adapters
+
+    def model_card(self, model: str) -> dict[str, Any]:
+        for card in self.model_cards():
+            if card["id"] == model:
+                return card
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     def adapter_for(self, model: str) -> str | None:
         """None for the base model; the adapter's name otherwise; 404 for anything else."""
@@ -187,6 +215,9 @@ class _State:
             await self.batcher.call(self.engine.load_adapter, name, resolved)
         except AdapterError as exc:
             raise APIError(400, str(exc), param="lora_path") from None
+        except Exception as exc:  # noqa: BLE001 - whatever a broken adapter makes peft raise is the adapter's fault
+            raise APIError(400, f"{path}: cannot load this adapter ({type(exc).__name__}: {exc})"[:1000],
+                           param="lora_path") from None
 
     async def unload_adapter(self, name: str) -> None:
         try:
@@ -200,8 +231,13 @@ class _State:
         try:
             if chat:
                 ids = self.engine.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+            elif isinstance(prompt := body.prompt_text(), list):  # token ids
+                vocab = len(self.engine.tokenizer)
+                if any(not 0 <= token < vocab for token in prompt):
+                    raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model's vocabulary")
+                ids = list(prompt)
             else:
-                ids = self.engine.completion_ids(body.prompt_text())
+                ids = self.engine.completion_ids(prompt, add_special_tokens=body.add_special_tokens)
         except (ValueError, TypeError, KeyError) as exc:  # the chat template's own checks (roles, order) included
             raise APIError(400, str(exc) or type(exc).__name__, param="messages" if chat else "prompt") from None
         if ids:
@@ -240,16 +276,47 @@ class _State:
         except APIError as exc:
             if assignment:
                 self.router.record(assignment, endpoint=request.url.path, status=f"error {exc.status}")
+            self.metrics.refused(request.url.path, served if self.serves(served) else UNKNOWN_MODEL, exc.status)
             raise
+        constraint = body.response_format.constraint() if chat and body.response_format else None
+        grammar = await self._grammar(constraint) if constraint else None
         job = _Job(self, body, request, chat, served, assignment, prompt_ids)
-        row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens, emit=job.emit, stop=body.stop_strings(),
-                  sampling=Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed))
-        job.row = row
+        if chat:
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
+        job.row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens, emit=job.emit,
+                      stop=body.stop_strings(), sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
+                                                                  seed=body.seed),
+                      logprobs=logprobs, echo=not chat and body.echo and logprobs is not None, grammar=grammar)
+        headers = job.headers()
+        self.admit(served)
+        # Admitted: from here every path (an exception, a client gone, a response that cannot be sent) ends in
+        # job.abandon() or the job's own release, or the slot would be held until restart.
+        try:
+            self.batcher.submit(job.row)
+            if body.stream:
+                return _GuardedStream(job, job.sse(), media_type="text/event-stream", headers=headers)
+            payload = await until_disconnected(job.result(), request)
+            if payload is None:  # the client went away: nobody to answer (nginx's 499 in the access log)
+                return Response(status_code=499)
+            return JSONResponse(payload, headers=headers)
+        except BaseException:
+            job.abandon()
+            raise
+
+    async def _grammar(self, constraint: dict[str, Any]):
+        """A grammar matcher for the request's response_format, compiled off the event loop; 400 if it cannot be."""
+        from tunepipe.tasks.serving.grammar import GrammarError
+
+        try:
+            return await asyncio.to_thread(lambda: self.engine.grammars.matcher(constraint))
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
+
+    def admit(self, served: str) -> None:
         self.in_flight += 1
-        self.batcher.submit(row)
-        if body.stream:
-            return StreamingResponse(job.sse(), media_type="text/event-stream", headers=job.headers())
-        return JSONResponse(await job.result(), headers=job.headers())
+        self.metrics.in_flight.labels(model=served).inc()
 
 
 class _Job:
@@ -270,21 +337,79 @@ class _Job:
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
         self.row: Row | None = None
         self.released = False
+        self.started = time.monotonic()
+        self.first_token = False
 
     def emit(self, event: tuple) -> None:  # called on the engine thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def headers(self) -> dict[str, str]:
-        return {"x-tunepipe-model": self.served, **({"x-tunepipe-ab-request": self.assignment.request_id} if self.assignment else {})}
+        # percent-encoded: a base served under a path with non-ASCII characters must not make the header illegal
+        model = urllib.parse.quote(self.served, safe="/@:._-~")
+        return {"x-tunepipe-model": model, **({"x-tunepipe-ab-request": self.assignment.request_id} if self.assignment else {})}
+
+    def abandon(self) -> None:
+        """The request ends without its answer (client gone, response failed): stop its row, free its slot."""
+        if not self.released:
+            if self.row is not None:
+                self.row.cancelled = True
+            self._release("cancelled")
 
     def _release(self, status: str, completion_tokens: int = 0) -> None:
         if self.released:
             return
         self.released = True
         self.state.in_flight -= 1
+        self.state.metrics.finished(self.request.url.path, self.served, status, time.monotonic() - self.started,
+                                    prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens)
         if self.assignment is not None:
             self.state.router.record(self.assignment, endpoint=self.request.url.path, status=status,
                                      prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens)
+
+    def _prompt_text(self) -> str:
+        prompt = self.body.prompt_text()
+        return prompt if isinstance(prompt, str) else self.state.engine.tokenizer.decode(prompt)
+
+    def _token(self, token: int) -> str:
+        return self.state.engine.tokenizer.decode([token])
+
+    def _chat_logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's chat shape: one entry per generated token, each with its `top_logprobs` alternatives."""
+        if self.row.logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self._token(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
+                            for token, logprob, top in self.row.token_logprobs]}
+
+    def _completion_logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's completions shape (tokens, token_logprobs, top_logprobs, text_offset), the prompt's tokens
+        first with echo (the first has no log-probability). Alternatives include the chosen token, as vLLM's do."""
+        if self.row.logprobs is None:
+            return None
+        tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+        for token, logprob, top in [*self.row.prompt_logprobs, *self.row.token_logprobs]:
+            text = self._token(token)
+            tokens.append(text)
+            token_logprobs.append(logprob)
+            if logprob is None:
+                tops.append(None)
+            else:
+                alternatives = {self._token(t): lp for t, lp in top}
+                alternatives.setdefault(text, logprob)
+                tops.append(alternatives)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    def _first_token(self) -> None:
+        if not self.first_token:
+            self.first_token = True
+            self.state.metrics.first_token.labels(endpoint=self.request.url.path, model=self.served).observe(
+                time.monotonic() - self.started)
 
     def _usage(self, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
@@ -296,6 +421,7 @@ class _Job:
             while True:
                 event = await self.events.get()
                 if event[0] == "delta":
+                    self._first_token()
                     text.append(event[1])
                 elif event[0] == "error":
                     self._release("error 500")
@@ -305,12 +431,15 @@ class _Job:
                     self._release("ok", n)
                     break
         finally:
-            if not self.released and self.row is not None:  # the client went away mid-generation
-                self.row.cancelled = True
-                self._release("cancelled")
+            self.abandon()  # a no-op once answered; else the request was cancelled mid-generation
         content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": finish_reason}
-                  if self.chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason})
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                      "logprobs": self._chat_logprobs(), "finish_reason": finish_reason}
+        else:
+            echoed = self._prompt_text() if self.body.echo else ""
+            choice = {"index": 0, "text": echoed + content, "logprobs": self._completion_logprobs(),
+                      "finish_reason": finish_reason}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.served, "choices": [choice], "usage": self._usage(n)}
 
@@ -338,6 +467,7 @@ class _Job:
             while True:
                 event = await self.events.get()
                 if event[0] == "delta":
+                    self._first_token()
                     yield self._chunk(event[1], None)
                 elif event[0] == "error":
                     self._release("error 500")
@@ -352,9 +482,48 @@ class _Job:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            if not self.released and self.row is not None:  # the client disconnected: stop generating its row
-                self.row.cancelled = True
-                self._release("cancelled")
+            self.abandon()  # a no-op once answered; else the client disconnected mid-stream
+
+
+class _GuardedStream(StreamingResponse):
+    """A stream whose request slot is freed however the response ends: finished, client gone, or never started
+    (the generator's own `finally` does not run when the response fails before its first chunk)."""
+
+    def __init__(self, job: "_Job", *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.abandon()
+
+
+async def until_disconnected(awaitable, request: Request):
+    """`awaitable`'s result, or None once the client disconnects first (then `awaitable` is cancelled).
+    A non-streaming handler is not cancelled by the server when its client goes away (vLLM's `with_cancellation`
+    does the same race)."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work in done:
+        return work.result()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ---------------------------------------------------------------------------- errors and limits
@@ -402,15 +571,27 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, str(exc.detail)))
+        response = _error_response(APIError(exc.status_code, str(exc.detail)))
+        if exc.status_code == 408:  # the rest of the body may still be trickling in: do not keep the connection
+            response.headers["connection"] = "close"
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of ours: still OpenAI's shape (clients parse it), and the log has the traceback.
+        log.exception("unexpected error answering %s", request.url.path)
+        return _error_response(APIError(500, f"internal error ({type(exc).__name__}): see the server's log"))
 
 
 class BodyLimit:
-    """Refuse request bodies above `limit` bytes (413), whether or not Content-Length is sent."""
+    """Refuse request bodies above `limit` bytes (413), whether or not Content-Length is sent, and bodies that
+    have not fully arrived `timeout_s` after the request started (408: a client trickling its body would
+    otherwise hold a connection, and a worker, for as long as it likes)."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, timeout_s: float | None = None):
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     def _message(self) -> str:
         return f"request body exceeds this server's limit of {self.limit} bytes"
@@ -422,12 +603,21 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _error_response(APIError(413, self._message()))(scope, receive, send)
         seen = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or deadline is None:  # after the body: a disconnect is awaited for as long as it takes
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                except asyncio.TimeoutError:
+                    raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:  # a chunked body: FastAPI passes HTTPException through its body parsing
                     raise HTTPException(413, self._message())
             return message

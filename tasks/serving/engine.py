@@ -91,9 +91,19 @@ class Row:
     emit: Emit
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # log-probabilities of each generated token with this many alternatives; None: off
+    echo: bool = False  # also the prompt's tokens' log-probabilities (completions' echo)
+    grammar: Any = None  # an xgrammar GrammarMatcher the answer must follow (response_format), or None
     cancelled: bool = False  # set by the HTTP side when the client goes away
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the answer's tokens (an end-of-sequence token excluded)
+    # Tokens the model produced, the end-of-sequence token included: the usage's completion_tokens, counted as
+    # vLLM counts them (an answer ending in EOS is one token longer than its text's tokens).
+    generated: int = 0
     text: str = ""
+    # (token, its log-probability, [(alternative, log-probability)] best first) per generated token, EOS included,
+    # from the model's raw logits (before temperature or top_p), as vLLM reports them
+    token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] = field(default_factory=list)
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
 
@@ -131,9 +141,10 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
     try:
         config = PeftConfig.from_pretrained(str(path))
-    except (ValueError, json.JSONDecodeError, TypeError) as exc:
-        raise AdapterError(f"{path}: unreadable adapter_config.json: {exc}") from None
-    kind = adapter_family(config)
+        kind = adapter_family(config)
+        rank = adapter_rank(config)  # e.g. `"r": "eight"` fails here, not at load
+    except (ValueError, json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter_config.json: {_first_line(exc)}") from None
     if kind == "BOTTLENECK":
         return config
     if kind != "LORA":
@@ -145,9 +156,13 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
         raise AdapterError(f"{path}: a DoRA adapter; vLLM does not serve DoRA: merge it (export) or train plain LoRA")
     if getattr(config, "modules_to_save", None):
         raise AdapterError(f"{path}: has modules_to_save {config.modules_to_save}; vLLM does not serve those: merge it instead")
-    if (rank := adapter_rank(config)) > max_rank:
+    if rank > max_rank:
         raise AdapterError(f"{path}: rank {rank} exceeds the server's max_lora_rank {max_rank}: raise --max-lora-rank")
     return config
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 class MultiLoraEngine:
@@ -178,6 +193,16 @@ class MultiLoraEngine:
         # generation_config's eos list, the tokenizer's eos and the chat template's end-of-turn token
         self.eos_ids = set(stop_token_ids(self.tokenizer, self.model.generation_config))
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The engine's grammar compiler (built on first use: response_format requests only)."""
+        if self._grammars is None:
+            from tunepipe.tasks.serving.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, int(self.model.config.vocab_size), self.eos_ids)
+        return self._grammars
 
     # ---------------------------------------------------------------- adapters
 
@@ -197,7 +222,9 @@ class MultiLoraEngine:
                 else:
                     slot = self._new_slot(path, shape, adapter_family(config))
             except (RuntimeError, ValueError, KeyError, OSError) as exc:  # shape mismatch: another base's adapter
-                raise AdapterError(f"{path}: does not fit base {self.base}: {str(exc).splitlines()[0]}") from None
+                raise AdapterError(f"{path}: does not fit base {self.base}: {_first_line(exc)}") from None
+            except Exception as exc:  # noqa: BLE001 - e.g. safetensors' error on a truncated file: the adapter's fault
+                raise AdapterError(f"{path}: unreadable adapter weights ({type(exc).__name__}: {_first_line(exc)})") from None
             self.adapters[name] = str(path)
             self.ranks[name] = adapter_rank(config)
             self.slots[name] = slot
@@ -248,8 +275,8 @@ class MultiLoraEngine:
 
     # ---------------------------------------------------------------- prompts
 
-    def completion_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
+    def completion_ids(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -311,22 +338,44 @@ class MultiLoraEngine:
                 adapter_context = model.disable_adapter()
             else:
                 model.set_adapter(names[0])
-        if rows[0].sampling.seed is not None:
-            self._torch.manual_seed(rows[0].sampling.seed)
         tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
-        try:
+        hook = None
+        try:  # everything that can fail is inside: a row that never hears back would hold its request's slot
+            if rows[0].sampling.seed is not None:
+                self._torch.manual_seed(rows[0].sampling.seed)
             with self._torch.inference_mode(), adapter_context:
+                for index, row in enumerate(rows):
+                    if row.echo:
+                        names = kwargs.get("adapter_names")
+                        row.prompt_logprobs = self._prompt_logprobs(model, row, {"adapter_names": [names[index]]} if names else {})
+                if any(row.logprobs is not None or row.grammar is not None for row in rows):
+                    # each step's raw next-token logits (log-probabilities are reported from these), then the
+                    # grammar's mask, before generate's temperature/top_p see them
+                    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+                    hook = target.register_forward_hook(lambda module, args, output: tracker.see(output.logits[:, -1], self.grammars))
                 model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(r.max_tokens for r in rows),
                     pad_token_id=pad, stopping_criteria=[tracker], **rows[0].sampling.generate_kwargs(), **kwargs,
                 )
         except Exception as exc:
-            for row in rows:
-                if not row.finished:
-                    row.finish_reason = "error"
-                    row.emit(("error", f"generation failed: {exc}"))
+            fail_rows(rows, f"generation failed: {exc}")
             raise
+        finally:
+            if hook is not None:
+                hook.remove()
         tracker.close()
+
+    def _prompt_logprobs(self, model: Any, row: Row, kwargs: dict[str, Any]) -> list[tuple[int, float | None, list]]:
+        """Each prompt token's log-probability given the tokens before it (the first has none), with the row's
+        adapter: what completions' `echo` + `logprobs` answer, and what lm-eval's loglikelihood reads."""
+        torch = self._torch
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out: list[tuple[int, float | None, list]] = [(row.prompt_ids[0], None, [])]
+        for position, token in enumerate(row.prompt_ids[1:]):
+            out.append((token, logprobs[position, token].item(), top_alternatives(logprobs[position], row.logprobs or 0)))
+        return out
 
     def _servable(self, rows: list[Row]) -> list[Row]:
         """Drop cancelled rows, and fail rows whose adapter was unloaded after they were accepted."""
@@ -349,6 +398,22 @@ class MultiLoraEngine:
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
         return input_ids, attention_mask, pad
+
+
+def top_alternatives(logprobs, k: int) -> list[tuple[int, float]]:
+    """The `k` most likely tokens and their log-probabilities, best first."""
+    if k <= 0:
+        return []
+    values, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def fail_rows(rows: list[Row], message: str) -> None:
+    """End every unfinished row with an ("error", message) event."""
+    for row in rows:
+        if not row.finished:
+            row.finish_reason = "error"
+            row.emit(("error", message))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -377,20 +442,37 @@ class RowTracker(StoppingCriteria):
         self.rows = rows
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.logits = None  # the last forward's next-token logits (set only when a row wants log-probabilities)
+
+    def see(self, logits, grammars: Any = None) -> None:
+        constrained = [i for i, row in enumerate(self.rows) if row.grammar is not None and not row.finished]
+        # log-probabilities are reported from the logits before the mask: keep a copy only when one is asked for
+        wanted = constrained and any(row.logprobs is not None for row in self.rows)
+        self.logits = logits.clone() if wanted else logits
+        for index in constrained:
+            grammars.mask(logits[index], self.rows[index].grammar)
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last):
+        for index, (row, token) in enumerate(zip(self.rows, last)):
             if not row.finished:
-                self._step(row, token)
+                self._step(row, token, index)
         return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
 
-    def _step(self, row: Row, token: int) -> None:
+    def _step(self, row: Row, token: int, index: int = 0) -> None:
         if row.cancelled:
             row.finish_reason = "cancelled"
             return
+        if row.grammar is not None and not row.grammar.is_terminated():
+            row.grammar.accept_token(token)
+        if row.logprobs is not None and self.logits is not None:
+            import torch
+
+            logprobs = torch.log_softmax(self.logits[index].float(), dim=-1)
+            row.token_logprobs.append((token, logprobs[token].item(), top_alternatives(logprobs, row.logprobs)))
+        row.generated += 1
         if token in self.eos_ids:
             row.finish_reason = "stop"
         else:
@@ -409,7 +491,7 @@ class RowTracker(StoppingCriteria):
             row.emit(("delta", row.text[row.sent:end]))
             row.sent = end
         if row.finished:
-            row.emit(("done", row.finish_reason, len(row.tokens)))
+            row.emit(("done", row.finish_reason, row.generated))
 
     def close(self) -> None:
         """Rows generate left unfinished (it stops at the batch's largest max_tokens) end here."""
@@ -420,7 +502,7 @@ class RowTracker(StoppingCriteria):
                 if len(row.text) > row.sent:
                     row.emit(("delta", row.text[row.sent:]))
                     row.sent = len(row.text)
-                row.emit(("done", row.finish_reason, len(row.tokens)))
+                row.emit(("done", row.finish_reason, row.generated))
 
 
 def _uniform_only(model: Any) -> bool:

@@ -37,7 +37,15 @@ from fastapi.responses import (
 )
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.embedded import BodyLimit, _add_error_handlers
-from tunepipe.tasks.serving.protocol import APIError
+from tunepipe.tasks.serving.protocol import (
+    VLLM_EXTRA_FIELDS,
+    VLLM_NEUTRAL,
+    APIError,
+    UnsupportedField,
+    check_adapter_name,
+    check_fields,
+)
+from tunepipe.tasks.serving.metrics import UNKNOWN_MODEL, ServingMetrics, tunepipe_version
 from tunepipe.tasks.serving.router import WeightedRouter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -72,6 +80,7 @@ class Front:
         self.router = WeightedRouter(config.router) if config.router else None
         headers = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
         self.http = httpx.AsyncClient(base_url=upstream, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self.metrics = ServingMetrics("vllm")
         self.lock = asyncio.Lock()  # loads and unloads one at a time: an alias moves once its version is loaded
 
     def start_modules(self) -> dict[str, str]:
@@ -102,8 +111,12 @@ class Front:
     # ------------------------------------------------------------ adapters
 
     async def load(self, name: str, path: str) -> str:
-        if not isinstance(name, str) or not name or "@" in name:
-            raise APIError(400, "lora_name must be a non-empty name without '@' (versions are named by the server)",
+        try:
+            check_adapter_name(name)
+        except ValueError as exc:
+            raise APIError(400, f"lora_name: {exc}", param="lora_name") from None
+        if "@" in name:
+            raise APIError(400, "lora_name must be a name without '@' (versions are named by the server)",
                            param="lora_name")
         if name == self.base_name or (self.router and name == self.router.name):
             raise APIError(400, f"{name!r} is the name of the base model or the A/B router", param="lora_name")
@@ -179,7 +192,7 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
     app = FastAPI(title="tunepipe front for vLLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.front = front
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes, timeout_s=config.request_body_timeout_s)
 
     @app.get("/health")
     async def health() -> Response:
@@ -195,6 +208,27 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
     async def models(request: Request) -> dict:
         front.authorize(request)
         return {"object": "list", "data": await front.model_cards()}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> dict:
+        front.authorize(request)
+        for card in await front.model_cards():
+            if card["id"] == model:
+                return card
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """The front's own counters (what clients asked and got); vLLM's engine metrics stay on vLLM's /metrics."""
+        return Response(front.metrics.render(), media_type=front.metrics.content_type)
+
+    @app.get("/version")
+    async def version() -> dict:
+        try:
+            upstream = (await front.http.get("/version")).json().get("version")
+        except Exception:  # noqa: BLE001 - an engine not answering has no version to report
+            upstream = None
+        return {"version": tunepipe_version(), "engine": "vllm", "vllm": upstream, "model": front.base_name}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> PlainTextResponse:
@@ -216,9 +250,15 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
 
 
 def _forwarder(front: Front, path: str):
+    endpoint = "chat" if path.endswith("chat/completions") else "completions"
+
     async def forward(request: Request) -> Response:
         front.authorize(request)
         body = await _json(request)
+        try:  # vLLM logs and drops fields it does not know: refused here instead, naming the field
+            check_fields(body, endpoint, VLLM_NEUTRAL, VLLM_EXTRA_FIELDS)
+        except UnsupportedField as exc:
+            raise APIError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
         assignment = None
         if front.router is not None and body.get("model") == front.router.name:
             assignment = front.router.choose(body.get("user"))
@@ -227,33 +267,43 @@ def _forwarder(front: Front, path: str):
         body["model"] = front.target(str(asked))
         import httpx
 
+        started = time.monotonic()
         try:
             response = await front.http.send(front.http.build_request("POST", path, json=body), stream=True)
         except httpx.HTTPError as exc:
             if assignment is not None:
                 front.router.record(assignment, endpoint=path, status="error 503")
+            front.metrics.refused(path, UNKNOWN_MODEL, 503)
             raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
+        # a label only for names vLLM served (a 200): made-up model names must not grow the metric's label set
+        label = str(asked) if response.status_code == 200 else UNKNOWN_MODEL
         if response.status_code != 200 or not body.get("stream"):
             content = await response.aread()
             await response.aclose()
             content = _rename(content, body["model"], asked)
+            status = "ok" if response.status_code == 200 else f"error {response.status_code}"
+            usage = _usage(content)
             if assignment is not None:
-                usage = _usage(content)
-                front.router.record(assignment, endpoint=path, status="ok" if response.status_code == 200 else
-                                    f"error {response.status_code}", **usage)
+                front.router.record(assignment, endpoint=path, status=status, **usage)
+            front.metrics.finished(path, label, status, time.monotonic() - started, admitted=False, **usage)
             return Response(content, status_code=response.status_code, media_type=response.headers.get("content-type"))
+
+        front.metrics.in_flight.labels(model=label).inc()
 
         async def stream() -> AsyncIterator[bytes]:
             status = "ok"
             try:
                 async for line in response.aiter_lines():  # whole SSE lines: a name is never split
                     yield _rename(line.encode() + b"\n", body["model"], asked)
-            except Exception as exc:  # noqa: BLE001 - the client sees the stream end; the log says why
-                status = f"error {exc.__class__.__name__}"
+            except BaseException as exc:  # the client sees the stream end; the log says why
+                status = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else f"error {exc.__class__.__name__}"
+                if not isinstance(exc, Exception):
+                    raise
             finally:
                 await response.aclose()
                 if assignment is not None:
                     front.router.record(assignment, endpoint=path, status=status)
+                front.metrics.finished(path, label, status, time.monotonic() - started)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

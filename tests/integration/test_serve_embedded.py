@@ -290,28 +290,51 @@ def test_malformed_bodies_name_the_problem_not_a_position(served):
 
 @pytest.mark.parametrize("path, extra, param, message", [
     ("/v1/completions", {"n": 2}, "n", "only n=1 is supported"),
-    ("/v1/completions", {"logprobs": 1}, "logprobs", "logprobs are not supported"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs", "logprobs are not supported"),
-    ("/v1/completions", {"echo": True}, "echo", "echo is not supported"),
+    ("/v1/completions", {"logprobs": 1, "stream": True}, "logprobs", "without stream only"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2, "stream": True}, "logprobs", "without stream only"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
     ("/v1/completions", {"best_of": 3}, "best_of", "only best_of=1"),
     ("/v1/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences, got 5"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
     ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ("/v1/chat/completions", {"logit_bias": {"50": 2}}, "logit_bias", "not supported"),
+    # fields that were silently dropped (a 200 that ignored them): honoured or refused, never ignored
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format.type", "Input should be"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "not supported"),
+    ("/v1/chat/completions", {"store": True}, "store", "not supported"),
+    ("/v1/chat/completions", {"tempreature": 0.5}, "tempreature", "Unrecognized request argument supplied: tempreature"),
+    ("/v1/completions", {"messages": []}, "messages", "Unrecognized request argument supplied: messages"),
+    ("/v1/completions", {"skip_special_tokens": False}, "skip_special_tokens", "Input should be True"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "name", "message field name"),
 ])
 def test_unsupported_fields_are_a_400_naming_them(served, path, extra, param, message):
-    body = {"model": "alpha", "max_tokens": 2, **extra, **({"prompt": "hi"} if "chat" not in path else {"messages": CHAT})}
+    body = {"model": "alpha", "max_tokens": 2, **({"prompt": "hi"} if "chat" not in path else {"messages": CHAT}), **extra}
     answer = raw_post(served, path, json=body)
     error = answer.json()["error"]
     assert answer.status_code == 400 and error["param"] == param and message in error["message"], error
 
 
-def test_defaults_of_unsupported_fields_are_accepted(client):
+def test_defaults_of_unsupported_fields_are_accepted(client, served):
     # What the official clients send by default must not be refused.
     answer = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, n=1, logprobs=False,
                                             presence_penalty=0, frequency_penalty=0)
     assert answer.usage.completion_tokens == 2
     assert client.chat.completions.create(model="alpha", messages=CHAT, max_completion_tokens=2).usage.completion_tokens == 2
+    # vLLM's extensions the evaluate stage sends to either engine are honoured
+    plain = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=2, logprobs=0, echo=True)
+    bare = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=2, logprobs=0, echo=True,
+                                     extra_body={"add_special_tokens": False, "skip_special_tokens": True})
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served["base"])
+    assert len(plain.choices[0].logprobs.tokens) - 2 == len(tokenizer(PROMPTS[0])["input_ids"])
+    assert len(bare.choices[0].logprobs.tokens) - 2 == len(tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"])
+    # values that ask for nothing the engine lacks are accepted
+    neutral = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, response_format={"type": "text"},
+                                             tool_choice="none", store=False, service_tier="auto", parallel_tool_calls=False)
+    assert neutral.usage.completion_tokens == 2
 
 
 def test_stop_lists_cut_at_the_first_stop_found(client, served):
@@ -331,3 +354,101 @@ def test_stream_options_include_usage_ends_with_a_usage_chunk(client, served):
     assert "".join(c.choices[0].delta.content or "" for c in content) == served["expected"]["alpha"]["chat"]
     pieces = list(complete(client, "beta", PROMPTS[0], stream=True, stream_options={"include_usage": True}))
     assert pieces[-1].choices == [] and pieces[-1].usage.completion_tokens == MAX_TOKENS
+
+
+def reference_logprobs(served, adapter: str, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """Offline: the greedy continuation of `ids` and every token's log-probability given the ones before it."""
+    model = offline_model(served["base"], served["adapters"][adapter])
+    with torch.no_grad():
+        full = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+        logprobs = model(torch.tensor([full])).logits[0].log_softmax(-1)
+    return full, [logprobs[i, full[i + 1]].item() for i in range(len(full) - 1)]
+
+
+def test_logprobs_and_echo_equal_the_models_own_log_softmax(client, served):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served["base"])
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    full, expected = reference_logprobs(served, "alpha", ids, 3)
+    for prompt in (PROMPTS[1], ids):  # text, and token ids as lm-eval sends them
+        answer = client.completions.create(model="alpha", prompt=prompt, max_tokens=3, logprobs=2, echo=True)
+        got = answer.choices[0].logprobs
+        assert answer.choices[0].text.startswith(tokenizer.decode(ids)) and len(got.tokens) == len(full)
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        assert max(abs(a - b) for a, b in zip(got.token_logprobs[1:], expected)) < 1e-4
+        for position in range(len(ids), len(full)):  # greedy: the chosen token is the best alternative
+            assert abs(max(got.top_logprobs[position].values()) - got.token_logprobs[position]) < 1e-6
+        assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+    plain = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=3, logprobs=0).choices[0]
+    assert len(plain.logprobs.token_logprobs) == 3 and not plain.text.startswith(PROMPTS[1])
+
+    chat_ids = tokenizer(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+    _, chat_expected = reference_logprobs(served, "beta", chat_ids, 3)
+    reply = client.chat.completions.create(model="beta", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert [len(entry.top_logprobs) for entry in content] == [2, 2, 2]
+    assert max(abs(e.logprob - x) for e, x in zip(content, chat_expected[len(chat_ids) - 1:])) < 1e-4
+    assert all(abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6 for e in content)  # greedy picked the best
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+
+
+def test_lm_eval_multiple_choice_through_the_endpoint_equals_lm_eval_on_the_model(served, tmp_path, monkeypatch):
+    import json as _json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    items = [{"question": q, "choices": c, "answer": a} for q, c, a in (
+        ("the cat sat on", ["the mat", "a dog", "the moon"], 0), ("I love the", ["dog", "cat sat", "sentiment"], 1),
+        ("Count to", ["three", "the dog", "one two"], 0), ("Classify the", ["sentiment", "mat", "moon"], 0))]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(_json.dumps(item) + "\n" for item in items))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+    def run(model, model_args):
+        result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc"], device="cpu",
+                                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                         bootstrap_iters=0, log_samples=True)
+        samples = sorted(result["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+        return result["results"]["tiny_mc"]["acc,none"], [[float(r[0][0]) for r in s["resps"]] for s in samples]
+
+    endpoint = run("local-completions", f"base_url={served['url']}/v1/completions,model=tiny,tokenizer={served['base']},"
+                   "tokenized_requests=True,num_concurrent=1,max_retries=1")
+    offline = run("hf", f"pretrained={served['base']}")
+    assert endpoint[0] == offline[0]
+    for served_scores, model_scores in zip(endpoint[1], offline[1]):
+        assert max(range(3), key=served_scores.__getitem__) == max(range(3), key=model_scores.__getitem__)
+        assert max(abs(a - b) for a, b in zip(served_scores, model_scores)) < 1e-3
+
+
+SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["positive", "negative"]},
+                                           "sure": {"type": "boolean"}},
+          "required": ["label", "sure"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_constrains_the_answer_to_parse_against_the_schema(client, served):
+    import json as _json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+    for name in ("alpha", "beta", "tiny"):
+        reply = client.chat.completions.create(model=name, messages=CHAT, max_tokens=48, response_format=fmt)
+        jsonschema.validate(_json.loads(reply.choices[0].message.content), SCHEMA)
+        assert reply.choices[0].finish_reason == "stop"
+    free = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=MAX_TOKENS).choices[0].message.content
+    assert free == served["expected"]["alpha"]["chat"]  # unconstrained requests are unchanged
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="beta", messages=CHAT, max_tokens=48, response_format=fmt, stream=True))
+    jsonschema.validate(_json.loads(streamed), SCHEMA)
+    loose = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, response_format={"type": "json_object"})
+    assert loose.choices[0].message.content.lstrip()[:1] in ("{", "[")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})

@@ -101,6 +101,27 @@ def test_router_is_sticky_and_logged(fronted):
     assert all(line["status"] == "ok" and line["completion_tokens"] > 0 for line in log)
 
 
+def test_fields_vllm_would_drop_are_refused_by_the_front_and_its_extras_pass(fronted):
+    def post(body):
+        return httpx.post(f"{fronted['url']}/v1/chat/completions", json={"model": "alpha", "messages": MESSAGE, "max_tokens": 2, **body})
+
+    for body, param in (({"tempreature": 0.5}, "tempreature"), ({"store": True}, "store"), ({"audio": {"voice": "x"}}, "audio")):
+        error = post(body).json()["error"]
+        assert error["param"] == param and error["code"] == "unsupported_parameter", error
+    # vLLM's own sampling extras pass the front (the embedded engine behind it here then names them itself)
+    passed = post({"top_k": 5}).json()["error"]
+    assert passed["param"] == "top_k" and passed["message"] == "Unrecognized request argument supplied: top_k"
+    assert post({"response_format": {"type": "text"}, "store": False}).status_code == 200
+    version = httpx.get(f"{fronted['url']}/version").json()
+    assert version["engine"] == "vllm" and version["version"]
+    assert client(fronted["url"]).models.retrieve("alpha").id == "alpha"
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(httpx.get(f"{fronted['url']}/metrics").text) for s in f.samples]
+    ok = [s.value for s in samples if s.name == "tunepipe_requests_total" and s.labels["model"] == "alpha" and s.labels["status"] == "ok"]
+    assert ok and ok[0] >= 1
+
+
 def test_a_gone_engine_is_a_503_in_openais_shape(fronted):
     fronted["engine_thread"].stop()
     response = httpx.post(f"{fronted['url']}/v1/chat/completions", json={"model": "alpha", "messages": MESSAGE})

@@ -95,8 +95,12 @@ def test_engine_auto_picks_vllm_only_where_its_environment_exists(tmp_path, monk
 def test_config_validation_and_api_key_env(tmp_path, monkeypatch):
     with pytest.raises(ValidationError, match="at least two versions"):
         RouterConfig(name="bot", versions={"a": 1.0}, log_path="x.jsonl")
-    with pytest.raises(ValidationError, match="weights must be > 0"):
+    with pytest.raises(ValidationError, match=r"weights must be finite and > 0 .*\['b'\]"):
         RouterConfig(name="bot", versions={"a": 1.0, "b": 0}, log_path="x.jsonl")
+    # nan compared false with 0 and inf swallowed the other arm: both sent all traffic to one version
+    for weird in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValidationError, match=r"finite and > 0 .*\['b'\]"):
+            RouterConfig(name="bot", versions={"a": 1.0, "b": weird}, log_path="x.jsonl")
     with pytest.raises(ValidationError, match="not in lora_modules"):
         ServeConfig(lora_modules={"a": "/x"}, router={"name": "bot", "versions": {"a": 1, "c": 1}, "log_path": "x"})
     with pytest.raises(ValidationError, match="adapter names"):
