@@ -92,11 +92,11 @@ class GGUFSettings(StrictModel):
     modelfile: bool = Field(default=True, description="Write an Ollama Modelfile per model (FROM, TEMPLATE, stop tokens, system prompt, num_ctx).")
     pre_tokenizer: str | None = Field(
         default=None,
-        description="llama.cpp pre-tokenizer name for a tokenizer its converter does not recognise (e.g. `gpt2`); default: "
-        "the converter's own recognition, else derived from tokenizer.json (byte-level BPE → gpt2).",
+        description="llama.cpp pre-tokenizer name for a tokenizer its converter does not recognise (e.g. `gpt-2`); default: "
+        "the converter's own recognition, else derived from tokenizer.json (byte-level BPE → gpt-2).",
     )
-    validation_texts: int = Field(default=16, ge=1, description="Validation conversations the next-token distributions are compared on.")
-    max_text_tokens: int = Field(default=256, ge=8, description="Longest validation conversation compared, in tokens.")
+    validation_texts: int = Field(default=8, ge=1, description="Validation conversations the next-token distributions are compared on.")
+    max_text_tokens: int = Field(default=192, ge=8, description="Longest validation conversation compared, in tokens.")
     threads: int | None = Field(default=None, ge=1, description="CPU threads of llama.cpp's tools and inference; default: all cores.")
 
     @model_validator(mode="after")

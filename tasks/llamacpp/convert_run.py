@@ -4,7 +4,7 @@ answer when the converter does not recognise the tokenizer.
 argv: SOURCE_DIR SCRIPT PRE_TOKENIZER|- ARGS... . The converter identifies a BPE pre-tokenizer by hashing the
 tokens of a probe text, so a tokenizer trained for the fine-tune (or any model it has no entry for) stops the
 conversion ("BPE pre-tokenizer was not recognized"). The caller names the pre-tokenizer it knows from
-tokenizer.json (a plain byte-level BPE splits with GPT-2's regex: `gpt2`); a recognised tokenizer keeps the
+tokenizer.json (a plain byte-level BPE splits with GPT-2's regex: `gpt-2`); a recognised tokenizer keeps the
 converter's own answer. The verification after conversion (prompt tokens equal training's) catches a wrong name.
 """
 

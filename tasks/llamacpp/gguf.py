@@ -37,13 +37,13 @@ def _run(cmd: list[str], what: str, timeout: float = 3600, env: dict[str, str] |
 
 def pre_tokenizer_of(model_dir: Path) -> str | None:
     """The llama.cpp pre-tokenizer name for a tokenizer.json whose splitting llama.cpp implements under a name:
-    a byte-level BPE with the GPT-2 regex (`ByteLevel`, use_regex) is `gpt2`. None when it cannot say."""
+    a byte-level BPE with the GPT-2 regex (`ByteLevel`, use_regex) is `gpt-2`. None when it cannot say."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return None
     pre = json.loads(path.read_text()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     return None
 
 

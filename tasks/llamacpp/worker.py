@@ -33,7 +33,7 @@ def metadata(llm):
     meta = llm.metadata
     return {
         "chat_template": meta.get("tokenizer.chat_template"), "bos_id": llm.token_bos(), "eos_id": llm.token_eos(),
-        "n_vocab": llm.n_vocab(), "n_ctx_train": llm.n_ctx_train(),
+        "n_vocab": llm.n_vocab(), "n_ctx_train": llm._model.n_ctx_train(),
         "architecture": meta.get("general.architecture"), "file_type": meta.get("general.file_type"),
     }
 
