@@ -87,6 +87,11 @@ class GGUFSettings(StrictModel):
         default_factory=_default_gguf_limits,
         description="Per type, the loss it may show against the merged model; a type over its limit is reported as failed.",
     )
+    f16_tie_margin: float = Field(
+        default=0.05, ge=0,
+        description="The f16 check allows a greedy answer to leave the merged model's only where transformers' own token "
+        "was ahead by at most this many nats (a near-tie f16 rounding may flip); any other divergence fails the stage.",
+    )
     fail_on_limits: bool = Field(default=False, description="Fail the stage when a quantised type is over its limits (else: reported).")
     lora: bool = Field(default=True, description="Also write every LoRA adapter as a GGUF LoRA (llama.cpp --lora), checked against the merged GGUF.")
     modelfile: bool = Field(default=True, description="Write an Ollama Modelfile per model (FROM, TEMPLATE, stop tokens, system prompt, num_ctx).")

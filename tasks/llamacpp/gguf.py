@@ -35,15 +35,28 @@ def _run(cmd: list[str], what: str, timeout: float = 3600, env: dict[str, str] |
     return done.stdout + done.stderr
 
 
+# Split regexes of tokenizer.json pre-tokenizers (Sequence[Split, ByteLevel without regex]) and the name
+# llama.cpp's vocabulary code implements each under (src/llama-vocab.cpp).
+SPLIT_REGEX_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
 def pre_tokenizer_of(model_dir: Path) -> str | None:
     """The llama.cpp pre-tokenizer name for a tokenizer.json whose splitting llama.cpp implements under a name:
-    a byte-level BPE with the GPT-2 regex (`ByteLevel`, use_regex) is `gpt-2`. None when it cannot say."""
+    a byte-level BPE with the GPT-2 regex (`ByteLevel`, use_regex) is `gpt-2`; a Split with Qwen2's or Llama 3's
+    regex before a plain ByteLevel is `qwen2` / `llama-bpe`. None when it cannot say."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return None
     pre = json.loads(path.read_text()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
+    steps = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        return SPLIT_REGEX_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
     return None
 
 

@@ -89,6 +89,26 @@ def gguf_side(tools: LlamaCppTools, model: Path, probe: Probe, work: Path, lora:
     return answer, logprobs
 
 
+def divergence_margins(model: Any, probe: Probe, reference: Reference, generated: list[list[int]]) -> list[float | None]:
+    """Per prompt, at the first token where llama.cpp's greedy answer leaves transformers': how much more
+    log-probability transformers gave its own token than llama.cpp's (None where they agree). A margin near zero
+    is a near-tie that weight rounding may flip (common in untrained models); a wide one is a real difference."""
+    import torch
+
+    margins: list[float | None] = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for prompt, ref, got in zip(probe.prompt_ids, reference.greedy, generated):
+            d = first_divergence(got, ref)
+            if d is None or d >= len(ref) or d >= len(got):
+                margins.append(None if d is None else float("inf"))  # one stopped early: no tie to measure
+                continue
+            logits = model(input_ids=torch.tensor([prompt + ref[:d]], device=device)).logits[0, -1].float()
+            logprobs = torch.log_softmax(logits, -1)
+            margins.append(float(logprobs[ref[d]] - logprobs[got[d]]))
+    return margins
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token (the shorter one's length when one is a prefix); None when equal."""
     for i, (x, y) in enumerate(zip(a, b)):

@@ -171,7 +171,7 @@ def test_quickstart_modelfile_parses_and_matches_training(quickstart):
 def test_family_exports_to_gguf(tools, family, tmp_path):
     from tests.helpers.families import build_family_model
 
-    model = build_family_model(family, tmp_path / family)
+    model = build_family_model(family, tmp_path / "model")
     data = write_data_artifact(tmp_path / "data")
     art, metrics = export(ArtifactStore(tmp_path / "artifacts"), model_source(tmp_path, model, family), data,
                           {"types": TYPES, "imatrix": {"context": 32, "chunks": 4}, "lora": False}, per_task=2, new_tokens=8)
