@@ -182,3 +182,21 @@ def test_family_exports_to_gguf(tools, family, tmp_path):
     assert run["types"]["q8_0"]["top1_agreement"] >= 0.9 and run["types"]["q8_0"]["mean_kl"] < 0.01
     assert run["modelfile"]["template_matches_training"] == 1.0
     assert metrics["reeval"]["all"]["gguf-f16"] == metrics["reeval"]["all"]["merged"]
+
+
+def test_real_model_exports_to_gguf(tools, tmp_path):
+    """SmolLM2-135M-Instruct (a real pretrained model, real tokenizer and template) at f16 and q8_0, few prompts."""
+    from tests.helpers.real_model import smollm2_dir
+
+    data = write_data_artifact(tmp_path / "data")
+    art, metrics = export(ArtifactStore(tmp_path / "artifacts"), model_source(tmp_path, smollm2_dir(), "smollm2"), data,
+                          {"types": ["f16", "q8_0"], "lora": False, "validation_texts": 2, "max_text_tokens": 48},
+                          per_task=1, new_tokens=8)
+    run = metrics["gguf"]["all"]
+    f16, q8 = run["types"]["f16"], run["types"]["q8_0"]
+    assert f16["check"]["passed"] and f16["greedy_agreement"] == 1.0 and f16["template_tokens_equal"] == 1.0
+    assert q8["template_tokens_equal"] == 1.0 and q8["top1_agreement"] >= 0.95
+    assert 200 < f16["size_mb"] < 300 and 100 < q8["size_mb"] < 160
+    assert metrics["reeval"]["all"]["gguf-f16"] == metrics["reeval"]["all"]["merged"]
+    modelfile = (art / "gguf/all/Modelfile.q8_0").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "PARAMETER num_ctx 8192" in modelfile
