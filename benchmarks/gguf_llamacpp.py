@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from tunepipe.tasks.training.encoding import encode_text, stop_token_ids
 
     if args.model is None:
-        sys.path.insert(0, str(REPO.parent))
+        sys.path.insert(0, str(REPO))
         from tests.helpers.real_model import smollm2_dir
 
         args.model = str(smollm2_dir())

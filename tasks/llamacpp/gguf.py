@@ -121,19 +121,3 @@ def run_worker(tools: LlamaCppTools, request: dict[str, Any], timeout: float = 3
         _run([str(tools.python), str(HERE / "worker.py"), str(req), str(ans)], f"llama.cpp on {Path(request['model']).name}",
              timeout=timeout, env={"OMP_NUM_THREADS": threads})
         return json.loads(ans.read_text())
-
-
-def gguf_metadata(path: Path) -> dict[str, Any]:
-    """String and number fields of a GGUF's header (gguf-py's reader; tunepipe's own gguf package)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    out: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("tokenizer.ggml.") and name.endswith(("tokens", "scores", "token_type", "merges")):
-            continue
-        try:
-            out[name] = field.contents()
-        except Exception:  # an array type the reader cannot flatten: not needed here
-            continue
-    return out
