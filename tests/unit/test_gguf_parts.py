@@ -109,3 +109,21 @@ def test_gguf_schema():
         ExportConfig.model_validate({"gguf": {"types": ["f16", "f16"]}})
     with pytest.raises(ValidationError, match="q4_k_x"):
         ExportConfig.model_validate({"gguf": {"types": ["q4_k_x"]}})
+
+
+def test_f16_check_fails_on_a_real_divergence_or_a_template_mismatch():
+    from tunepipe.tasks.export.gguf import f16_check
+
+    numbers = {"template_tokens_equal": 1.0, "greedy_agreement": 0.5, "greedy_first_divergence": [None, 3], "template_first_mismatch": None}
+    assert f16_check(numbers, [None, 0.01], tie=0.05)["passed"]  # a near-tie flipped by rounding
+    assert not f16_check(numbers, [None, 2.0], tie=0.05)["passed"]  # transformers was sure: a real difference
+    assert not f16_check(numbers, [None, float("inf")], tie=0.05)["passed"]  # one side stopped early
+    assert not f16_check({**numbers, "template_tokens_equal": 0.5}, [None, None], tie=0.05)["passed"]
+
+
+def test_first_divergence():
+    from tunepipe.tasks.llamacpp.verify import first_divergence
+
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
