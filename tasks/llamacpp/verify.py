@@ -144,7 +144,8 @@ def compare(probe: Probe, reference: Reference, answer: dict[str, Any], logprobs
             "prompt": mismatch, "training": probe.prompt_ids[mismatch], "gguf": answer["chat_ids"][mismatch]},
         "greedy_agreement": round(sum(d is None for d in divergences) / len(divergences), 4) if divergences else 1.0,
         "greedy_first_divergence": divergences,
-        "greedy_tokens_before_divergence": round(sum(before) / max(sum(len(r) for r in reference.greedy), 1), 4),
+        # no reference tokens at all (every answer stopped at once, and so did llama.cpp's): nothing diverged
+        "greedy_tokens_before_divergence": round(sum(before) / total, 4) if (total := sum(len(r) for r in reference.greedy)) else 1.0,
         "top1_agreement": round(top1 / positions, 4),
         "mean_kl": round(kl / positions, 6),
         "perplexity_reference": round(ppl_ref, 4),
