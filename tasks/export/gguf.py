@@ -6,7 +6,7 @@ Per run, under `gguf/<run>/`:
     model-<type>.gguf        one file per `export.gguf.types` (f16 always converted and checked; published when listed)
     imatrix.gguf             the importance matrix of the k-/i-quants, from the run's own training + validation text
     lora-<run>.gguf          the LoRA adapter as a GGUF LoRA (llama.cpp --lora), on `base-f16.gguf` (kept beside it)
-    Modelfile.<type>         Ollama: FROM the file, TEMPLATE, stop tokens, system prompt, num_ctx
+    Modelfile.<type>         Ollama: FROM the file, TEMPLATE, stop tokens, system prompt, num_ctx (Modelfile.lora: ADAPTER on the base)
 
 The f16 file must reproduce the merged model (prompt tokens from the embedded template equal training's,
 identical greedy answers on every held-out prompt, a divergence allowed only at a near-tie of transformers' own
@@ -193,13 +193,13 @@ def export_gguf(*, tools: Any, run: str, merged: Any, merged_dir: Path, tokenize
         if gtype in settings.types:
             out["types"][gtype] = numbers
             out["files"][gtype] = path.name
-    if settings.modelfile:
-        out["modelfile"] = write_modelfiles(tokenizer, merged, probe, out["files"], settings.types, dest, system_prompt)
     if settings.lora and adapter_dir is not None and base_model is not None and merged_f16 is not None:
         out["lora"] = export_lora(tools, run, adapter_dir, Path(base_model), dest, probe, reference, merged_f16, pre, scratch)
         if out["lora"].get("file"):
             out["files"]["lora"] = out["lora"]["file"]
             out["files"]["lora_base"] = out["lora"]["base_file"]
+    if settings.modelfile:
+        out["modelfile"] = write_modelfiles(tokenizer, merged, probe, out["files"], settings.types, dest, system_prompt)
     return out
 
 
@@ -241,6 +241,10 @@ def write_modelfiles(tokenizer: Any, model: Any, probe: Any, files: dict[str, st
         name = f"Modelfile.{gtype}"
         (dest / name).write_text(modelfile(gguf_name=files[gtype], pieces=pieces, stops=stops, system_prompt=system_prompt, num_ctx=num_ctx))
         written[gtype] = name
+    if "lora" in files:  # the adapter on its base, as llama.cpp's --lora runs it
+        (dest / "Modelfile.lora").write_text(modelfile(gguf_name=files["lora_base"], adapter=files["lora"], pieces=pieces, stops=stops,
+                                                       system_prompt=system_prompt, num_ctx=num_ctx))
+        written["lora"] = "Modelfile.lora"
     return {"files": written, "stop": stops, "num_ctx": num_ctx, "system_prompt": system_prompt,
             "system_supported": pieces.head_system is not None,
             "template_matches_training": round(same / len(probe.chats), 4) if probe.chats else 1.0}

@@ -100,8 +100,10 @@ def _quote(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile(*, gguf_name: str, pieces: TemplatePieces, stops: list[str], system_prompt: str | None, num_ctx: int) -> str:
-    lines = [f"FROM ./{gguf_name}", f"TEMPLATE {_quote(go_template(pieces))}"]
+def modelfile(*, gguf_name: str, pieces: TemplatePieces, stops: list[str], system_prompt: str | None, num_ctx: int,
+              adapter: str | None = None) -> str:
+    """`adapter`: a GGUF LoRA applied on top of `gguf_name` (Ollama's ADAPTER)."""
+    lines = [f"FROM ./{gguf_name}"] + ([f"ADAPTER ./{adapter}"] if adapter else []) + [f"TEMPLATE {_quote(go_template(pieces))}"]
     if system_prompt and pieces.head_system is not None:
         lines.append(f"SYSTEM {_quote(system_prompt)}")
     lines += [f"PARAMETER stop {_json_str(s)}" for s in stops]

@@ -165,6 +165,9 @@ def test_quickstart_modelfile_parses_and_matches_training(quickstart):
     assert render(pieces, "Be brief.", chat) == tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, *chat], tokenize=False, add_generation_prompt=True)
     assert quickstart["metrics"]["gguf"]["all"]["modelfile"]["template_matches_training"] == 1.0
+    lora = parse_modelfile((art / "gguf/all/Modelfile.lora").read_text())
+    assert lora["from"].strip() == "./base-f16.gguf" and lora["adapter"].strip() == "./lora-all.gguf"
+    assert lora["template"] == parsed["template"] and lora["parameters"] == parsed["parameters"]
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2.5", "mistral", "gemma3"])
