@@ -110,8 +110,8 @@ def vllm_rate(model: str, prompts: list[str], max_tokens: int, log: Path) -> dic
     import serving  # benchmarks/serving.py: vLLM behind tunepipe's front, as its benchmark starts it
     from tunepipe.tasks.core.environment import load_environment
 
-    args = argparse.Namespace(rank=8, max_tokens=max_tokens, concurrency=1, max_batch_size=None, vllm_python=None)
-    profile = load_environment("cpu")
+    args = argparse.Namespace(rank=8, max_tokens=max_tokens, concurrency=1, vllm_arg=[], vllm_executable=None)
+    profile = load_environment("serve-vllm-cpu")  # vLLM's CPU environment (tunepipe vllm-env cpu), float32, 1 GiB KV cache
     fronted = serving.start_vllm(serving.vllm_config(model, {}, args, log.parent), profile, log)
     try:
         return served_rate(fronted.url, serving.BASE_NAME, prompts, max_tokens)
