@@ -87,6 +87,14 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     vllm_env.add_argument("--force", action="store_true", help="rebuild even when it is already built")
     vllm_env.add_argument("--print-python", action="store_true", help="print only its interpreter's path (build if needed)")
     vllm_env.set_defaults(func=cmd_vllm_env)
+    llamacpp_env = subparsers.add_parser(
+        "llamacpp-env", help="build llama.cpp's tooling (pinned, in tunepipe's cache) for GGUF export (export.targets: gguf)",
+        description="Build llama.cpp's tooling into $TUNEPIPE_CACHE (default ~/.cache/tunepipe)/llamacpp/VERSION from one pinned "
+        "llama-cpp-python sdist: a venv with the binding, the vendored converters and gguf-py, llama-quantize and llama-imatrix. "
+        "A built one is kept (--force rebuilds).",
+    )
+    llamacpp_env.add_argument("--force", action="store_true", help="rebuild even when it is already built")
+    llamacpp_env.set_defaults(func=cmd_llamacpp_env)
     return serve
 
 
@@ -104,6 +112,17 @@ def cmd_vllm_env(args: argparse.Namespace) -> int:
         return 1
     if args.print_python:
         print(python)
+    return 0
+
+
+def cmd_llamacpp_env(args: argparse.Namespace) -> int:
+    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, build_tools
+
+    try:
+        build_tools(force=args.force)
+    except LlamaCppEnvError as exc:
+        print(f"tunepipe llamacpp-env: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ Artifact layout:
     merged/<run>/          merge_and_unload'ed full model: safetensors, tokenizer + chat template, generation config
     bnb4/<run>/, bnb8/<run>/   pre-quantized bitsandbytes checkpoints (vLLM: --quantization bitsandbytes)
     gptq/<run>/, awq/<run>/    llm-compressor (compressed-tensors) checkpoints, CUDA profiles only
+    gguf/<run>/            GGUF files per type, imatrix, GGUF LoRA, Ollama Modelfiles, each checked (tasks/export/gguf.py)
     exports.json           what is where: {"targets": {target: {run: relpath}}, "kind", "base_model", "gate", ...}
     reeval.json            task metrics on the test split per export and run, and merged-vs-adapter agreement
     README.md              the model card (also copied into every model directory)
@@ -44,6 +45,7 @@ from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.artifacts import read_manifest
 from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.export import gguf
 from tunepipe.tasks.training import checks
 
 UNCONVERTED_INITS = ("pissa", "olora", "corda", "eva")  # adapters that only fit their modified base
@@ -473,6 +475,51 @@ def agreement(a: list[str], b: list[str]) -> float:
 # The card
 
 
+def export_run_gguf(tools: Any, run: str, merged: Any, merged_dir: Path, tokenizer: Any, config: ExportConfig, source: Source,
+                    evals: EvalSet, data_dir: str, ctx: StageContext) -> dict[str, Any]:
+    """The run's GGUFs (tasks/export/gguf.py), checked on the re-evaluation's own held-out prompts."""
+    from tunepipe.tasks.training.encoding import read_split
+
+    present = sorted({str(r.get("task") or "default") for r in read_split(data_dir, "test")})
+    data = gguf.run_data(data_dir, source.tasks_of(run, present), config.reeval.max_examples_per_task, source.system_prompt, config.gguf)
+    adapter_dir = source.runs[run] if source.kind != "model" else None
+    return gguf.export_gguf(
+        tools=tools, run=run, merged=merged, merged_dir=merged_dir, tokenizer=tokenizer, config=config, data=data,
+        dest=ctx.staging_dir / "gguf" / run, scratch=ctx.checkpoint_dir / "gguf" / run, adapter_dir=adapter_dir,
+        base_model=source.base_model, system_prompt=source.system_prompt,
+        score=lambda answers: task_scores(evals, answers), logger=ctx.logger,
+    )
+
+
+def gguf_card(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The card's GGUF section: per run and type, the checks against the merged model."""
+    lines = ["", "## GGUF (llama.cpp, Ollama)", "",
+             "| run | type | size MB | prompt tokens = training | greedy = merged | top-1 agreement | mean KL | perplexity ratio | imatrix | limits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run, result in results.items():
+        for gtype, n in result["types"].items():
+            verdict = "f16 check passed" if "check" in n else ("within" if n["limits"]["passed"] else "over: " + "; ".join(n["limits"]["reasons"]))
+            lines.append(f"| {run} | {gtype} | {n['size_mb']:.2f} | {n['template_tokens_equal']:.0%} | {n['greedy_agreement']:.0%} | "
+                         f"{n['top1_agreement']:.4f} | {n['mean_kl']:.6f} | {n['perplexity_ratio']:.4f} | {'yes' if n['imatrix'] else 'no'} | {verdict} |")
+    for run, result in results.items():
+        if result.get("imatrix"):
+            im = result["imatrix"]
+            lines.append(f"\nImportance matrix of {run}: {im['records']} training + validation conversations ({im['text_tokens']} tokens), "
+                         f"{im['chunks']} chunks of {im['context']} tokens.")
+        if result.get("lora", {}).get("file"):
+            lo = result["lora"]
+            lines.append(f"\nGGUF LoRA of {run} (`{lo['file']}` on `{lo['base_file']}`): greedy answers equal to the merged GGUF's on "
+                         f"{lo['greedy_agreement_with_merged_gguf']:.0%} of the prompts, top-1 agreement {lo['top1_agreement_with_merged_gguf']:.4f}.")
+        elif result.get("lora"):
+            lines.append(f"\nNo GGUF LoRA for {run}: {result['lora']['skipped']}.")
+        if result.get("modelfile"):
+            mf = result["modelfile"]
+            lines.append(f"\nOllama: `ollama create NAME -f gguf/{run}/Modelfile.<type>`; TEMPLATE renders the held-out prompts as training "
+                         f"did on {mf['template_matches_training']:.0%}; stop {mf['stop']}; num_ctx {mf['num_ctx']}"
+                         + ("" if mf["system_supported"] else "; the chat template takes no system message, so the Modelfile has no SYSTEM") + ".")
+    return lines
+
+
 def model_card(
     *, source: Source, exports: ExportIndex, gate: GateVerdict | None, reeval: dict[str, Any], config: ExportConfig, data_key: str | None,
     why: str = "",
@@ -520,6 +567,8 @@ def model_card(
     if reeval["merged_agreement"]:
         lines += ["", "Greedy answers of the reloaded merged model identical to base + adapter: "
                   + ", ".join(f"{run} {value:.1%}" for run, value in reeval["merged_agreement"].items()) + "."]
+    if reeval.get("gguf"):
+        lines += gguf_card(reeval["gguf"])
     lines += ["", "## Export config", "", "```json", json.dumps(config.model_dump(mode="json"), indent=1), "```"]
     # model-index: the trained model's (reference) scores per task, over every run.
     reference_scores = {task: s for by_target in reeval["scores"].values() for task, s in by_target["reference"].items()}
@@ -570,12 +619,14 @@ class ExportStage(Stage):
         max_rank = config.max_lora_rank or ctx.env.serving.max_lora_rank
         check_adapters(source, targets, engine, max_rank)
         compressor_requirements(targets, ctx.env)
+        tools = gguf.gguf_tools() if "gguf" in targets else None
 
         out = ctx.staging_dir
         written: dict[str, dict[str, str]] = {t: {} for t in targets}
         scores: dict[str, dict[str, Any]] = {}
         merged_agreement: dict[str, float] = {}
         merged_checks: dict[str, dict[str, Any]] = {}
+        gguf_results: dict[str, dict[str, Any]] = {}
         for run, run_dir in source.runs.items():
             ctx.logger.info("export: %s", run)
             tokenizer = run_tokenizer(source, run)
@@ -606,6 +657,11 @@ class ExportStage(Stage):
             if "merged" in targets:
                 written["merged"][run] = f"merged/{run}"
                 scores[run]["merged"] = task_scores(evals, merged_answers)
+            if "gguf" in targets:
+                gguf_results[run] = export_run_gguf(tools, run, merged, merged_dir, tokenizer, config, source, evals, data_ref.path, ctx)
+                written["gguf"][run] = f"gguf/{run}"
+                for gtype, numbers in gguf_results[run]["types"].items():
+                    scores[run][f"gguf-{gtype}"] = numbers["task_scores"]
             del merged
             for target in (t for t in targets if t in QUANTIZED_TARGETS):
                 dest = out / target / run
@@ -624,7 +680,7 @@ class ExportStage(Stage):
             base_model=source.base_model, data_key=data_ref.key, runs=list(source.runs),
             targets=written, engine=engine, max_lora_rank=max_rank,
         )
-        reeval = {"scores": scores, "merged_agreement": merged_agreement}
+        reeval = {"scores": scores, "merged_agreement": merged_agreement, "gguf": gguf_results}
         write_handoff(out, exports)
         (out / "reeval.json").write_text(json.dumps(reeval, indent=1))
         gate = read_handoff(ctx.inputs["evaluate"], GateVerdict, reader="export") if "evaluate" in ctx.inputs else None
@@ -644,6 +700,7 @@ class ExportStage(Stage):
             "targets": targets, "runs": list(source.runs), "engine": engine, "max_lora_rank": max_rank,
             "data_key": data_ref.key, "reeval": scores, "quantization_delta_exact_match": deltas,
             "merged_agreement": merged_agreement, "checks": {"merged_matches_adapter": merged_checks},
+            "gguf": gguf_results or None,
             "gate_passed": None if gate is None else gate.passed,
             "vllm_lora": vllm_verdicts(source, max_rank),
             "size_mb": {t: round(sum(f.stat().st_size for f in (out / t).rglob("*") if f.is_file()) / 2**20, 3) for t in written},
