@@ -59,3 +59,12 @@ def resolve_path(value: str, info: ValidationInfo) -> str:
     if not candidate.exists() and not any(ch in value for ch in "*?[") and plausible_hub_id(value, base_dir):
         return value
     return str(candidate.resolve())
+
+
+def resolve_model_path(value: str, info: ValidationInfo) -> str:
+    """A model name (hub id, local directory, or GGUF file) resolved like any path; a `.gguf` that is not
+    there is a mistyped path, refused at validate time (it can never be a hub id)."""
+    value = resolve_path(value, info)
+    if Path(value).suffix.lower() == ".gguf" and not Path(value).is_file():
+        raise ValueError(f"{value}: no such GGUF file")
+    return value

@@ -12,7 +12,7 @@ import re
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model_path, resolve_path
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
@@ -274,7 +274,7 @@ class EvaluateConfig(StrictModel):
     @field_validator("base_model")
     @classmethod
     def _base(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model_path(value, info)
 
     @field_validator("chat_template")
     @classmethod

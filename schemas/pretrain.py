@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model_path, resolve_path
 from tunepipe.schemas.sft import (
     FreezeMethod,
     FullMethod,
@@ -30,7 +30,7 @@ class PretrainConfig(StrictModel):
 
     model: str | None = Field(
         default=None,
-        description="Model to continue from: hub id or local directory. Default: the `base_model` input artifact.",
+        description="Model to continue from: hub id, local directory, or GGUF file. Default: the `base_model` input artifact.",
     )
     revision: str | None = Field(default=None, description="Hub revision (commit sha for reproducible caching).")
     method: PretrainMethod = Field(
@@ -52,7 +52,7 @@ class PretrainConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model_path(value, info)
 
     @field_validator("method", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model_path, resolve_path
 from tunepipe.schemas.sft import (
     FullMethod,
     LoraMethod,
@@ -31,7 +31,7 @@ class RewardConfig(StrictModel):
 
     model: str | None = Field(
         default=None,
-        description="Start from this model (hub id or local directory). Default: see `start_from`.",
+        description="Start from this model (hub id, local directory, or GGUF file). Default: see `start_from`.",
     )
     revision: str | None = Field(default=None, description="Hub revision of `model` (commit sha for reproducible caching).")
     start_from: Literal["sft", "base"] = Field(
@@ -76,7 +76,7 @@ class RewardConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model_path(value, info)
 
     @field_validator("tasks")
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model_path, resolve_path
 
 ALL_LINEAR = "all-linear"
 
@@ -490,7 +490,7 @@ class SFTConfig(StrictModel):
 
     model: str | None = Field(
         default=None,
-        description="Base model: hub id or local directory. Default: the `pretrain` input artifact if the pipeline "
+        description="Base model: hub id, local directory, or a GGUF file (or a directory holding one `.gguf`: converted once into tunepipe's cache, weights dequantised). Default: the `pretrain` input artifact if the pipeline "
         "has one, else the `base_model` artifact.",
     )
     revision: str | None = Field(default=None, description="Hub revision (commit sha for reproducible caching).")
@@ -543,7 +543,7 @@ class SFTConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model_path(value, info)
 
     @field_validator("chat_template")
     @classmethod

@@ -146,10 +146,10 @@ VLLM_MOE_LORA_ARCHITECTURES = (
 
 def base_architecture(base_model: str) -> tuple[str, bool]:
     """(architecture name, is it a Mixture of Experts) from the base model's config."""
-    from transformers import AutoConfig
+    from tunepipe.tasks.training.modeling import load_config
     from tunepipe.tasks.training.moe import is_moe
 
-    config = AutoConfig.from_pretrained(base_model)
+    config = load_config(base_model)
     return (config.architectures or [type(config).__name__])[0], is_moe(config)
 
 
@@ -452,6 +452,16 @@ def agreement(a: list[str], b: list[str]) -> float:
 # The card
 
 
+def base_provenance(base_model: str) -> str:
+    """The card's note on a base converted from a GGUF: its weights are a dequantisation, not the original."""
+    from tunepipe.tasks.training.modeling import gguf_provenance
+
+    record = gguf_provenance(base_model)
+    if record is None:
+        return ""
+    return f" (converted from the GGUF `{record['gguf_file']}`, sha256 `{record['gguf_sha256'][:16]}`: weights dequantised from {record['dequantised_from']})"
+
+
 def model_card(
     *, source: Source, exports: ExportIndex, gate: GateVerdict | None, reeval: dict[str, Any], config: ExportConfig, data_key: str | None
 ) -> str:
@@ -469,7 +479,7 @@ def model_card(
         f"# {source.ref.stage} export ({source.method})",
         "",
         f"- Trained artifact: `{source.ref.stage}:{source.ref.key}` ({source.kind}: {', '.join(source.runs)})",
-        f"- Base model: `{source.base_model}`",
+        f"- Base model: `{source.base_model}`{base_provenance(source.base_model)}",
         f"- Data version: `{data_key}` (the data artifact's key)",
         f"- Gate verdict: {verdict}",
         f"- Adapters checked for engine `{exports.engine}` (max LoRA rank {exports.max_lora_rank})",

@@ -93,10 +93,11 @@ def convert(gguf: Path, dest: Path) -> dict[str, Any]:
     return provenance
 
 
-def materialise(gguf: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
-    """The cached HF directory for a GGUF file, converting it on first use (atomically)."""
+def materialise(gguf: str | os.PathLike, cache_dir: str | os.PathLike, sha256: str | None = None) -> Path:
+    """The cached HF directory for a GGUF file, converting it on first use (atomically). `sha256`: the
+    file's digest when the caller already has it (hashing a large file on every load is not free)."""
     gguf = Path(gguf).resolve()
-    dest = Path(cache_dir) / "gguf" / file_sha256(gguf)[:16]
+    dest = Path(cache_dir) / "gguf" / (sha256 or file_sha256(gguf))[:16]
     if not (dest / PROVENANCE_FILE).is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         convert(gguf, dest)

@@ -74,9 +74,9 @@ def model_config(model: Any) -> Any:
     """A transformers config from a config object, a local directory or a hub id."""
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         return model
-    from transformers import AutoConfig
+    from tunepipe.tasks.training.modeling import load_config
 
-    return AutoConfig.from_pretrained(str(model))
+    return load_config(str(model))
 
 
 def meta_model(model: Any) -> Any:

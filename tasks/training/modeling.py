@@ -1,9 +1,11 @@
 """The one place models and tokenizers are loaded, and how a model enters a cache key.
 
-A model is named by a hub id (`owner/name`, optionally at a revision) or a local directory;
-both go through the same `Auto*` code path. Cache keys never use the bare name: a local
-directory enters as a digest of its files (moving it changes nothing, editing a file changes
-the key), a hub model as `hub:<id>@<revision>`.
+A model is named by a hub id (`owner/name`, optionally at a revision), a local directory, or a
+GGUF file (or a directory holding exactly one `.gguf`); all go through the same `Auto*` code path:
+a GGUF is converted once into an HF directory in tunepipe's cache (`model_dir`, see gguf_base.py).
+Cache keys never use the bare name: a local directory enters as a digest of its files (moving it
+changes nothing, editing a file changes the key), a GGUF as the sha256 of its bytes, a hub model as
+`hub:<id>@<revision>`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tunepipe.schemas.base_model import BaseModelConfig
 
+import json
 import logging
 import os
 import threading
@@ -42,6 +45,37 @@ def _check_name(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+def gguf_source(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file a model name points at (the file, or a directory's only `.gguf`), else None."""
+    from tunepipe.tasks.training.gguf_base import gguf_file_in
+
+    return gguf_file_in(name_or_path) if is_local(name_or_path) else None
+
+
+def model_dir(name_or_path: str | os.PathLike) -> str:
+    """What `from_pretrained` (and vLLM, lm-eval, PEFT's base_model_name_or_path) is given for a model
+    name: a GGUF's converted HF directory in tunepipe's cache (converted on first use), else the name."""
+    gguf = gguf_source(name_or_path)
+    if gguf is None:
+        return str(name_or_path)
+    from tunepipe.tasks.core.runtime import cache_root
+    from tunepipe.tasks.training.gguf_base import materialise
+
+    digest = model_fingerprint(gguf).removeprefix("gguf:sha256:")  # memoised per process
+    return str(materialise(gguf, cache_root(), sha256=digest))
+
+
+def gguf_provenance(name_or_path: str | os.PathLike) -> dict[str, Any] | None:
+    """Where a converted model came from (`tunepipe_gguf.json`: file, sha256, `dequantised_from`, note), for a
+    GGUF name or its converted directory; None for any other model."""
+    from tunepipe.tasks.training.gguf_base import PROVENANCE_FILE
+
+    if not is_local(name_or_path):
+        return None
+    record = Path(model_dir(name_or_path)) / PROVENANCE_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike,
     *,
@@ -55,7 +89,7 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    name = _check_name(name_or_path)
+    name = model_dir(_check_name(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **kwargs)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -86,6 +120,14 @@ def choose_pad_token(tokenizer: Any) -> tuple[str, str] | None:
     return None
 
 
+def load_config(name_or_path: str | os.PathLike, revision: str | None = None):
+    """The model's transformers config (a GGUF's from its converted directory: transformers parses the
+    whole file to read a GGUF's config, about as slow as the one-time conversion)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir(name_or_path), revision=revision)
+
+
 def attention_for(name_or_path: str, requested: str | None, revision: str | None = None) -> str | None:
     """The attention kernel to load a model with: the profile's, unless the family needs another.
 
@@ -93,10 +135,8 @@ def attention_for(name_or_path: str, requested: str | None, revision: str | None
     attention 2 skip it, so a model trained or served with them is not the published model):
     such a model loads with `eager`, and the override is logged.
     """
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        config = load_config(name_or_path, revision)
     except (OSError, ValueError):
         return requested
     if getattr(config, "attn_logit_softcapping", None) and requested not in (None, "eager"):
@@ -170,7 +210,7 @@ def load_model(
     # evaluation, serving): tunepipe's own PEFT method must be registered in every such process
     # before `PeftModel.from_pretrained` meets a bottleneck adapter's config.
     bottleneck.register()
-    name = _check_name(name_or_path)
+    name = model_dir(_check_name(name_or_path))
     options: dict[str, Any] = {"revision": revision, "dtype": torch_dtype(dtype), **kwargs}
     attn_implementation = attention_for(name, attn_implementation, revision)
     if attn_implementation is not None:
@@ -219,20 +259,27 @@ def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = No
     """What a model contributes to a cache key.
 
     A local directory (or file): `sha256:<digest of its files and their relative names>`; the
-    directory's own location does not enter, so moving it keeps the key. Digests are memoised per
-    process by the files' (size, mtime), so a large model is hashed once. A hub id:
-    `hub:<id>@<revision>` (`main` when none: pin a commit sha for reproducible caching).
+    directory's own location does not enter, so moving it keeps the key. A GGUF (the file, or the
+    directory holding it): `gguf:sha256:<sha256 of the file's bytes>`, known without converting it.
+    Digests are memoised per process by the files' (size, mtime), so a large model is hashed once. A
+    hub id: `hub:<id>@<revision>` (`main` when none: pin a commit sha for reproducible caching).
     """
     name = _check_name(name_or_path)
     if not is_local(name):
         return f"hub:{name}@{revision or 'main'}"
-    path = Path(name).resolve()
-    files = glob_files(path)
+    gguf = gguf_source(name)
+    path = (gguf or Path(name)).resolve()
+    files = [path] if gguf else glob_files(path)
     signature = (str(path), tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]))
     with _DIGEST_LOCK:
         if (cached := _DIGEST_CACHE.get(signature)) is not None:
             return cached
-    digest = f"sha256:{content_digest(path)}"
+    if gguf:
+        from tunepipe.tasks.training.gguf_base import file_sha256
+
+        digest = f"gguf:sha256:{file_sha256(gguf)}"
+    else:
+        digest = f"sha256:{content_digest(path)}"
     with _DIGEST_LOCK:
         _DIGEST_CACHE[signature] = digest
     return digest
