@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -68,3 +70,16 @@ def resolve_model_path(value: str, info: ValidationInfo) -> str:
     if Path(value).suffix.lower() == ".gguf" and not Path(value).is_file():
         raise ValueError(f"{value}: no such GGUF file")
     return value
+
+
+CheckAction = Literal["fail", "warn"]
+
+
+def self_checks_field(section: str, checks: tuple[str, ...]) -> Any:
+    """The `self_checks` field of a stage that proves its own result (tasks/training/checks.py)."""
+    return Field(
+        default_factory=dict,
+        description=f"What a failed self-check does, per check ({', '.join(checks)}): `fail` the stage (the default) or "
+        f"`warn` (logged, kept in the metrics' `checks` as `warned`, published anyway), e.g. `{{{checks[0]}: warn}}`. "
+        "A failed check's message names this switch.",
+    )

@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.base import CheckAction, StrictModel, self_checks_field
 
 EXPORT_TARGETS = ("adapters", "merged", "bnb4", "bnb8", "gptq", "awq")
 QUANTIZED_TARGETS = ("bnb4", "bnb8", "gptq", "awq")
 Target = Literal["adapters", "merged", "bnb4", "bnb8", "gptq", "awq"]
 
+
+EXPORT_CHECKS = ("merged_matches_adapter",)  # the self-checks the stage runs (tasks/training/checks.py)
 
 class Bnb4Settings(StrictModel):
     """bitsandbytes 4-bit export. Unset fields come from the profile's `quantization` defaults."""
@@ -77,6 +79,7 @@ class ExportConfig(StrictModel):
     gptq: CompressorSettings = Field(default_factory=CompressorSettings, description="Settings of the `gptq` target.")
     awq: CompressorSettings = Field(default_factory=CompressorSettings, description="Settings of the `awq` target.")
     reeval: ReevalConfig = Field(default_factory=ReevalConfig, description="Re-evaluation of the exports on the test split.")
+    self_checks: dict[Literal[EXPORT_CHECKS], CheckAction] = self_checks_field("export", EXPORT_CHECKS)
 
     @model_validator(mode="after")
     def _targets(self) -> "ExportConfig":

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import StrictModel, resolve_model_path, resolve_path
+from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model_path, resolve_path, self_checks_field
 from tunepipe.schemas.sft import (
     FullMethod,
     LoraMethod,
@@ -25,6 +25,8 @@ RewardMethod = Annotated[Union[FullMethod, LoraMethod, QLoraMethod], Field(discr
 def _reward_training() -> TrainingConfig:
     return TrainingConfig(learning_rate=1e-3, max_steps=None, epochs=1.0, warmup_ratio=0.0)
 
+
+REWARD_CHECKS = ("steps", "loss", "reward_scores")  # the self-checks the stage runs (tasks/training/checks.py)
 
 class RewardConfig(StrictModel):
     """Reward model on the data artifact's `preferences.jsonl` (train pairs; held-out pairs for accuracy)."""
@@ -67,6 +69,7 @@ class RewardConfig(StrictModel):
         "Calibration (ECE, Brier of sigmoid(r_chosen - r_rejected)) is reported next to it. `null`: no minimum.",
     )
     training: TrainingConfig = Field(default_factory=_reward_training, description="Optimisation hyper-parameters.")
+    self_checks: dict[Literal[REWARD_CHECKS], CheckAction] = self_checks_field("reward", REWARD_CHECKS)
 
     @field_validator("method", mode="before")
     @classmethod

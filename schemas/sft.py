@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_model_path, resolve_path
+from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model_path, resolve_path, self_checks_field
 
 ALL_LINEAR = "all-linear"
 
@@ -44,6 +44,8 @@ NAMED_CHAT_TEMPLATES: dict[str, str] = {
     ),
 }
 
+
+SFT_CHECKS = ("label_mask", "steps", "loss", "adapter_effect")  # the self-checks the stage runs (tasks/training/checks.py)
 
 class _Method(StrictModel):
     """Common base of the method models."""
@@ -530,6 +532,7 @@ class SFTConfig(StrictModel):
         "varlen or flex_attention compute per-example blocks only; sdpa/eager a dense mask over the flattened batch).",
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation hyper-parameters.")
+    self_checks: dict[Literal[SFT_CHECKS], CheckAction] = self_checks_field("sft", SFT_CHECKS)
     heldout: HeldoutConfig = Field(
         default_factory=HeldoutConfig,
         description="Held-out learning check: exact match / token F1 on the test split, trained vs base, in the metrics.",

@@ -564,7 +564,7 @@ class ExportStage(Stage):
             merged_checks[run] = checks.require(
                 "merged_matches_adapter", merged_match(reference_logits, logits_of(merged, batches), batches, MERGE_TOLERANCE[ctx.env.dtype]),
                 f"export: run {run}: the merged model and base + adapter disagree on the held-out prompts (largest logit "
-                "difference above tolerance): the merge lost or changed the adapter",
+                "difference above tolerance): the merge lost or changed the adapter", checks.CheckPolicy("export", config.self_checks),
             )
             if "merged" in targets:
                 written["merged"][run] = f"merged/{run}"
