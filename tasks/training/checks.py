@@ -55,7 +55,7 @@ def require(name: str, result: dict[str, Any], why: str, policy: CheckPolicy | N
     if result["passed"]:
         return result
     if policy is not None and policy.action(name) == "warn":
-        logging.getLogger(f"tunepipe.{policy.section}").warning("self-check %s failed (configured to warn: %s): %s", name, policy.switch(name), why)
+        logging.getLogger(f"tunepipe.{policy.section}").warning("self-check %s failed (configured to warn): %s [%s]", name, why, policy.switch(name))
         return {**result, "warned": why}
     hint = f" (to publish anyway, set {policy.switch(name)})" if policy is not None else ""
     raise StageFailed(f"self-check {name} failed: {why}{hint}")
