@@ -50,10 +50,13 @@ def example_module(name: str):
     return module
 
 
-def write_data(path: Path) -> ArtifactRef:
-    """The example's records as a data artifact: every 4th record of a task is a test record, every 8th
-    (offset 1) a validation record; preference pairs the same way."""
+def write_data(store_root: Path) -> ArtifactRef:
+    """The example's records as a published data artifact (with a manifest, so a run's lineage reads as a
+    pipeline's): every 4th record of a task is a test record, every 8th (offset 1) a validation record;
+    preference pairs the same way."""
     make = example_module("make_data")
+    key = "real-model-data"
+    path = store_root / "data" / key
     path.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     for task, rows in (("capitals", make.capital_records()), ("sentiment", make.sentiment_records())):
@@ -65,7 +68,10 @@ def write_data(path: Path) -> ArtifactRef:
     pairs = [{"id": f"p{i}", "task": "sentiment", **p, "split": "test" if i % 4 == 3 else "train"}
              for i, p in enumerate(make.preference_records())]
     (path / "preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return ArtifactRef(stage="data", key="real-model-data", path=str(path))
+    now = "2026-12-04T00:00:00+00:00"
+    (path / "manifest.json").write_text(json.dumps({"stage": "data", "key": key, "metrics": {}, "inputs": {}, "config": {},
+                                                    "timings": {"started_at": now, "finished_at": now, "seconds": 0.0}}))
+    return ArtifactRef(stage="data", key=key, path=str(path))
 
 
 def _metrics(ref: ArtifactRef) -> dict:
@@ -76,7 +82,7 @@ def _metrics(ref: ArtifactRef) -> dict:
 def run(tmp_path_factory):
     gguf = smollm2_gguf()
     root = tmp_path_factory.mktemp("real-model")
-    data = write_data(root / "data")
+    data = write_data(root / "artifacts")
     store = ArtifactStore(root / "artifacts")
     env = cpu_profile(per_device_batch_size=4)
     sft_config = SFTConfig.model_validate({
@@ -181,6 +187,21 @@ def test_embedded_engine_and_merged_export_answer_what_evaluate_scored(run):
     merged = AutoModelForCausalLM.from_pretrained(Path(run["export"].path) / "merged" / "all", dtype=torch.float32).eval()
     for row in tuned:
         assert offline_tokens(merged, row.prompt_ids, set(engine.eos_ids), NEW_TOKENS) == row.tokens
+
+
+def test_the_example_results_script_reads_this_run(run):
+    """examples/real-model/results.py on a real run's manifests: base, SFT and aligned per task and metric."""
+    results = example_module("results")
+    stages = results.lineage(run["root"], results.latest_artifact(run["root"], "evaluate"))
+    assert sorted(stages) == ["align", "data", "evaluate", "sft"]
+    table = results.results_markdown(stages)
+    assert "Base = SmolLM2-135M-Instruct (weights dequantised from Q4_1)" in table
+    evaluate = _metrics(run["evaluate"])
+    for task in ("capitals", "sentiment"):
+        base, aligned = evaluate["baseline_metrics"][task]["exact_match"], evaluate["candidate_metrics"][task]["exact_match"]
+        sft = _metrics(run["sft"])["heldout"][task]["exact_match"]
+        assert f"| {task} | exact match (n={PER_TASK}) | {base:.2f} | {sft:.2f} | {aligned:.2f} |" in table
+    assert "| data | sft | align | evaluate | sum |" in results.times_markdown(stages)
 
 
 @pytest.mark.vllm

@@ -124,3 +124,14 @@ def test_serving_a_gguf_serves_its_conversion(gguf):
 
     resolved = resolve_serve_config(ServeConfig(base=str(gguf), engine="embedded"), load_environment("cpu"))
     assert resolved.base == modeling.model_dir(gguf)
+
+
+def test_plan_counts_a_gguf_base_like_its_conversion(gguf):
+    """`tunepipe plan` on a GGUF: the real model's 134,515,008 parameters (tied embeddings), LoRA on top."""
+    from tunepipe.tasks.core.environment import load_environment
+    from tunepipe.tasks.training.memory_plan import plan
+
+    method = SFTConfig.model_validate({"method": {"name": "lora", "r": 16, "target_modules": "all-linear"}}).method
+    counted = plan(str(gguf), method, load_environment("cpu"), 128)
+    assert counted["total_params"] - counted["trainable_params"] == 134_515_008
+    assert counted == plan(modeling.model_dir(gguf), method, load_environment("cpu"), 128)
