@@ -290,5 +290,5 @@ class AlignStage(Stage):
                 f"{row['within tolerance']} | {row['KL to sft']} | {row['win rate']} | {row['pref acc sft']} → {row['pref acc aligned']} |"
             )
         lines += ["", *(f"- {run}: {v['reason']}" for run, v in verdicts.items())]
-        lines += [f"- **warning** (self-check {name}, configured to warn) {name}: {why}" for name, why in warned.items()]
+        lines += [f"- **warning** (self-check {name}, configured to warn): {why}" for name, why in warned.items()]
         return StageOutput(metrics=metrics, summary="\n".join(lines), table=table)
