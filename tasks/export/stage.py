@@ -616,4 +616,5 @@ class ExportStage(Stage):
             for run, by_target in scores.items() for target, tasks in by_target.items() for task, s in tasks.items()
         ]
         summary = f"Exported {source.ref.stage} ({source.method}, {source.kind}) as {', '.join(targets)}.\n\n" + card.split("---\n", 2)[-1]
+        summary += "".join(checks.warned_markdown({"merged_matches_adapter": result}, run) for run, result in merged_checks.items())
         return StageOutput(metrics=metrics, summary=summary, table=table)

@@ -28,6 +28,7 @@ from tunepipe.schemas.reward import RewardConfig
 from tunepipe.schemas.sft import QLoraMethod
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.checks import warned_markdown
 from tunepipe.tasks.training.modeling import model_dir
 from tunepipe.tasks.training.stage_base import TrainingStage
 
@@ -157,7 +158,7 @@ class RewardStage(TrainingStage):
             f"**{after['accuracy']}** (untrained head: {before['accuracy']}; n={after['n']}, chance 0.5), "
             f"mean margin {after['margin']}; calibration of sigmoid(margin): ECE {after['ece']}, Brier {after['brier']} "
             f"(minimum accuracy to publish: {config.min_accuracy})."
-        )
+        ) + warned_markdown(metrics["checks"])
         table = [
             {"when": "before", **before},
             {"when": "after", **after, "steps": metrics["global_step"], "train_loss": metrics["train_loss"]},

@@ -95,6 +95,14 @@ def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
     return None
 
 
+def warned_markdown(results: Mapping[str, Any], run: str | None = None) -> str:
+    """Summary lines for the checks in `results` (name → result) that failed and were set to warn: an artifact
+    published over a failed check says so where it is read, not only in a log line."""
+    where = f", {run}" if run else ""
+    return "".join(f"\n- **warning** (self-check {name}{where}, configured to warn): {r['warned']}"
+                   for name, r in results.items() if isinstance(r, Mapping) and "warned" in r)
+
+
 def extra_bos(tokenizer: Any, template: str, enc: Any) -> str | None:
     """A BOS in the row that the template did not render: one the tokenizer added, or one carried in the
     data's text. The template's own count is what its rendering holds outside the messages' contents

@@ -67,6 +67,8 @@ def test_steps_that_did_not_all_run(assets, tmp_path, monkeypatch):
     steps = json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]["checks"]["all"]["steps"]
     assert steps["passed"] is False and steps["global_step"] == 2
     assert steps["warned"] == "the trainer ran 2 optimizer steps of the 4 requested"
+    summary = (Path(ref.path) / "summary.md").read_text()
+    assert "**warning** (self-check steps, all, configured to warn): the trainer ran 2 optimizer steps of the 4 requested" in summary
 
 
 @pytest.mark.parametrize("spans, reason", [

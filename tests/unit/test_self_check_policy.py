@@ -90,3 +90,11 @@ def test_self_checks_accepts_only_the_stages_checks():
     assert ExportConfig.model_validate({"self_checks": {"merged_matches_adapter": "warn"}}).self_checks
     with pytest.raises(ValidationError, match="label_mask"):
         SFTConfig.model_validate({"self_checks": {"reward_scores": "warn"}})
+
+
+def test_warned_checks_are_listed_for_the_summary():
+    from tunepipe.tasks.training.checks import warned_markdown
+
+    results = {"steps": {"passed": False, "warned": "ran 1 of 2"}, "loss": {"passed": True}}
+    assert warned_markdown(results, "capitals") == "\n- **warning** (self-check steps, capitals, configured to warn): ran 1 of 2"
+    assert warned_markdown({"loss": {"passed": True}}) == ""
