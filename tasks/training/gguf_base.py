@@ -40,12 +40,20 @@ def gguf_file_in(name_or_path: str | os.PathLike) -> Path | None:
     return None
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's sha256, memoised per process by (path, size, mtime): a model is loaded several times a run."""
+    stat = Path(path).stat()
+    signature = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if signature not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        _SHA256[signature] = digest.hexdigest()
+    return _SHA256[signature]
 
 
 def gguf_quantisation(path: Path) -> str:
@@ -93,12 +101,29 @@ def convert(gguf: Path, dest: Path) -> dict[str, Any]:
     return provenance
 
 
-def materialise(gguf: str | os.PathLike, cache_dir: str | os.PathLike, sha256: str | None = None) -> Path:
-    """The cached HF directory for a GGUF file, converting it on first use (atomically). `sha256`: the
-    file's digest when the caller already has it (hashing a large file on every load is not free)."""
+def materialise(gguf: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """The cached HF directory for a GGUF file, converting it on first use (atomically)."""
     gguf = Path(gguf).resolve()
-    dest = Path(cache_dir) / "gguf" / (sha256 or file_sha256(gguf))[:16]
+    dest = Path(cache_dir) / "gguf" / file_sha256(gguf)[:16]
     if not (dest / PROVENANCE_FILE).is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         convert(gguf, dest)
     return dest
+
+
+def gguf_source(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file a model name points at (the file, or a directory's only `.gguf`), else None (hub ids too)."""
+    return gguf_file_in(name_or_path) if Path(name_or_path).exists() else None
+
+
+def model_dir(name_or_path: str | os.PathLike) -> str:
+    """What `from_pretrained` (and vLLM, lm-eval, PEFT's base_model_name_or_path) is given for a model name:
+    a GGUF's converted HF directory in tunepipe's cache (converted on first use), else the name unchanged.
+    Here rather than in modeling.py so that the data stage's token counter resolves a GGUF without taking
+    the whole loader into its key."""
+    gguf = gguf_source(name_or_path)
+    if gguf is None:
+        return str(name_or_path)
+    from tunepipe.tasks.core.runtime import cache_root
+
+    return str(materialise(gguf, cache_root()))

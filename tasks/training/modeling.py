@@ -24,6 +24,7 @@ from typing import Any
 
 from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.tasks.core.fingerprint import content_digest, glob_files
+from tunepipe.tasks.training.gguf_base import gguf_source, model_dir  # noqa: F401 (model_dir: the name callers use)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -43,26 +44,6 @@ def _check_name(name_or_path: str | os.PathLike) -> str:
     if not is_local(name) and not looks_like_hub_id(name):
         raise FileNotFoundError(f"{name}: no such local model directory, and not a hub id (owner/name)")
     return name
-
-
-def gguf_source(name_or_path: str | os.PathLike) -> Path | None:
-    """The GGUF file a model name points at (the file, or a directory's only `.gguf`), else None."""
-    from tunepipe.tasks.training.gguf_base import gguf_file_in
-
-    return gguf_file_in(name_or_path) if is_local(name_or_path) else None
-
-
-def model_dir(name_or_path: str | os.PathLike) -> str:
-    """What `from_pretrained` (and vLLM, lm-eval, PEFT's base_model_name_or_path) is given for a model
-    name: a GGUF's converted HF directory in tunepipe's cache (converted on first use), else the name."""
-    gguf = gguf_source(name_or_path)
-    if gguf is None:
-        return str(name_or_path)
-    from tunepipe.tasks.core.runtime import cache_root
-    from tunepipe.tasks.training.gguf_base import materialise
-
-    digest = model_fingerprint(gguf).removeprefix("gguf:sha256:")  # memoised per process
-    return str(materialise(gguf, cache_root(), sha256=digest))
 
 
 def gguf_provenance(name_or_path: str | os.PathLike) -> dict[str, Any] | None:
@@ -277,7 +258,7 @@ def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = No
     if gguf:
         from tunepipe.tasks.training.gguf_base import file_sha256
 
-        digest = f"gguf:sha256:{file_sha256(gguf)}"
+        digest = f"gguf:sha256:{file_sha256(gguf)}"  # memoised there too: model_dir needs it on every load
     else:
         digest = f"sha256:{content_digest(path)}"
     with _DIGEST_LOCK:
