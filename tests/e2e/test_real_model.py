@@ -6,8 +6,9 @@ merged) on the example's data (examples/real-model/data), then the served answer
 export in plain transformers. The tests fail when the GGUF base, the BOS count of the label-mask check
 (SmolLM2's BOS is ChatML's `<|im_start|>`, rendered once per turn) or serving parity regress.
 
-Budget: the module's pipeline is about 3-4 minutes on 2 idle cores (the model forward is ~1 s per
-96-token row batch there), far more on a loaded machine; the vLLM test adds vLLM's start-up (1.5-2.5 min).
+Budget (measured 2026-12-04 on 2 cores shared by eight sessions, load ~15): the module's pipeline 616-668 s
+(sft 273 s, DPO 168 s, evaluate 114 s, export the rest), the whole module 12.5 min without vLLM and 15.7 min with
+it (the vLLM test 239 s, its server's start-up included). On idle cores expect a fraction of that.
 """
 
 from __future__ import annotations
