@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.base import CheckAction, StrictModel, self_checks_field
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.evaluate import EndpointSettings
 from tunepipe.schemas.sft import TrainingConfig, method_shorthand
@@ -29,6 +29,9 @@ DPOLoss = Literal[
 RULE_REWARDS = ("exact_match", "token_f1", "triple_format")
 RewardName = Literal["exact_match", "token_f1", "triple_format", "reward_model", "judge"]
 
+
+# The self-checks the stage runs (tasks/training/checks.py).
+ALIGN_CHECKS = ("steps", "loss", "adapter_changed", "reward_variance", "reward_moved")
 
 class DPOMethod(StrictModel):
     """Direct preference optimisation on chosen/rejected pairs (reference: the frozen SFT policy)."""
@@ -304,6 +307,7 @@ class AlignConfig(StrictModel):
         default_factory=AlignLoraConfig, description="The adapter trained on a full-model SFT result."
     )
     training: TrainingConfig = Field(default_factory=_align_training, description="Optimisation hyper-parameters.")
+    self_checks: dict[Literal[ALIGN_CHECKS], CheckAction] = self_checks_field("align", ALIGN_CHECKS)
     heldout: AlignHeldoutConfig = Field(default_factory=AlignHeldoutConfig, description="Aligned-vs-SFT checks recorded in the metrics.")
     scoring: ScoringConfig = Field(
         default_factory=ScoringConfig,

@@ -10,9 +10,10 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -96,11 +97,26 @@ def resolve_path(value: str, info: ValidationInfo) -> str:
 
 
 def resolve_model(value: str, info: ValidationInfo) -> str:
-    """A model field: a hub id, or a local directory resolved like any path that must exist, so a
+    """A model field: a hub id, or a local directory (or GGUF file) resolved like any path that must exist, so a
     mistyped directory is a config error at `tunepipe validate`, not a failure when training starts.
     (Checked for YAML configs, which carry their directory as validation context.)"""
     resolved = resolve_path(value, info)
+    if Path(resolved).suffix.lower() == ".gguf" and not Path(resolved).is_file():
+        raise ValueError(f"{resolved}: no such GGUF file")  # a .gguf name can never be a hub id
     if (info.context or {}).get("base_dir") is not None and Path(resolved).is_absolute() and not Path(resolved).exists():
         raise ValueError(f"{value!r}: no such local model directory ({resolved}), and not a hub id (owner/name): give the "
                          "directory that holds the model's config.json, or a hub id")
     return resolved
+
+
+CheckAction = Literal["fail", "warn"]
+
+
+def self_checks_field(section: str, checks: tuple[str, ...]) -> Any:
+    """The `self_checks` field of a stage that proves its own result (tasks/training/checks.py)."""
+    return Field(
+        default_factory=dict,
+        description=f"What a failed self-check does, per check ({', '.join(checks)}): `fail` the stage (the default) or "
+        f"`warn` (logged, kept in the metrics' `checks` as `warned`, published anyway), e.g. `{{{checks[0]}: warn}}`. "
+        "A failed check's message names this switch.",
+    )

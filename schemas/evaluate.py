@@ -12,7 +12,7 @@ import re
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
 
@@ -289,7 +289,7 @@ class EvaluateConfig(StrictModel):
     @field_validator("base_model")
     @classmethod
     def _base(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model(value, info)
 
     @field_validator("chat_template")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.base import CheckAction, StrictModel, self_checks_field
 from tunepipe.schemas.scoring import ScoringConfig
 
 EXPORT_TARGETS = ("adapters", "merged", "bnb4", "bnb8", "gptq", "awq", "gguf")
@@ -24,6 +24,8 @@ GGUFType = Literal[
     "q2_k", "iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs",
 ]
 
+
+EXPORT_CHECKS = ("merged_matches_adapter",)  # the self-checks the stage runs (tasks/training/checks.py)
 
 class Bnb4Settings(StrictModel):
     """bitsandbytes 4-bit export. Unset fields come from the profile's `quantization` defaults."""
@@ -170,6 +172,7 @@ class ExportConfig(StrictModel):
         description="How the re-evaluated answers are scored (normalisation, labels per task); default: the pipeline's `scoring:`.",
     )
     card: CardSettings = Field(default_factory=CardSettings, description="The model card's metadata: base model, licence, datasets.")
+    self_checks: dict[Literal[EXPORT_CHECKS], CheckAction] = self_checks_field("export", EXPORT_CHECKS)
 
     @model_validator(mode="after")
     def _targets(self) -> "ExportConfig":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import StrictModel, resolve_model
+from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, resolve_path, self_checks_field
 from tunepipe.schemas.sft import (
     FreezeMethod,
     FullMethod,
@@ -25,12 +25,14 @@ def _pretrain_training() -> TrainingConfig:
     return TrainingConfig(learning_rate=5e-5)
 
 
+PRETRAIN_CHECKS = ("labels", "steps", "loss")  # the self-checks the stage runs (tasks/training/checks.py)
+
 class PretrainConfig(StrictModel):
     """Continued pretraining (next-token loss on every token) of the base model on `corpus.jsonl`."""
 
     model: str | None = Field(
         default=None,
-        description="Model to continue from: hub id or local directory. Default: the `base_model` input artifact.",
+        description="Model to continue from: hub id, local directory, or GGUF file. Default: the `base_model` input artifact.",
     )
     revision: str | None = Field(default=None, description="Hub revision (commit sha for reproducible caching).")
     method: PretrainMethod = Field(
@@ -48,6 +50,7 @@ class PretrainConfig(StrictModel):
         default=0.05, ge=0, lt=0.5, description="Share of corpus documents held out for eval loss / perplexity."
     )
     training: TrainingConfig = Field(default_factory=_pretrain_training, description="Optimisation hyper-parameters.")
+    self_checks: dict[Literal[PRETRAIN_CHECKS], CheckAction] = self_checks_field("pretrain", PRETRAIN_CHECKS)
 
     @field_validator("model")
     @classmethod

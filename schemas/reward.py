@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import StrictModel, resolve_model
+from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, resolve_path, self_checks_field
 from tunepipe.schemas.sft import (
     FullMethod,
     LoraMethod,
@@ -26,12 +26,14 @@ def _reward_training() -> TrainingConfig:
     return TrainingConfig(learning_rate=1e-3, max_steps=None, epochs=1.0, warmup_ratio=0.0)
 
 
+REWARD_CHECKS = ("steps", "loss", "reward_scores")  # the self-checks the stage runs (tasks/training/checks.py)
+
 class RewardConfig(StrictModel):
     """Reward model on the data artifact's `preferences.jsonl` (train pairs; held-out pairs for accuracy)."""
 
     model: str | None = Field(
         default=None,
-        description="Start from this model (hub id or local directory). Default: see `start_from`.",
+        description="Start from this model (hub id, local directory, or GGUF file). Default: see `start_from`.",
     )
     revision: str | None = Field(default=None, description="Hub revision of `model` (commit sha for reproducible caching).")
     start_from: Literal["sft", "base"] = Field(
@@ -67,6 +69,7 @@ class RewardConfig(StrictModel):
         "Calibration (ECE, Brier of sigmoid(r_chosen - r_rejected)) is reported next to it. `null`: no minimum.",
     )
     training: TrainingConfig = Field(default_factory=_reward_training, description="Optimisation hyper-parameters.")
+    self_checks: dict[Literal[REWARD_CHECKS], CheckAction] = self_checks_field("reward", REWARD_CHECKS)
 
     @field_validator("method", mode="before")
     @classmethod

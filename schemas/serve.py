@@ -15,7 +15,7 @@ import re
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_path
+from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 
@@ -100,7 +100,7 @@ class ServeConfig(StrictModel):
     """A multi-LoRA OpenAI-compatible server: the base, its adapters, the engine, and the limits."""
 
     base: str | None = Field(
-        default=None, description="Base model: hub id or local directory. Default: the adapter registry's current base."
+        default=None, description="Base model: hub id, local directory, or GGUF file. Default: the adapter registry's current base."
     )
     served_model_name: str | None = Field(
         default=None, description="Name the base model is served under (vLLM --served-model-name). Default: `base` as given."
@@ -169,7 +169,7 @@ class ServeConfig(StrictModel):
     @field_validator("base")
     @classmethod
     def _resolve_base(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else resolve_model(value, info)
 
     @field_validator("lora_modules")
     @classmethod

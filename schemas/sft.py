@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
+from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, resolve_path, self_checks_field
 from tunepipe.schemas.scoring import ScoringConfig
 
 ALL_LINEAR = "all-linear"
@@ -45,6 +45,8 @@ NAMED_CHAT_TEMPLATES: dict[str, str] = {
     ),
 }
 
+
+SFT_CHECKS = ("label_mask", "steps", "loss", "adapter_effect")  # the self-checks the stage runs (tasks/training/checks.py)
 
 class _Method(StrictModel):
     """Common base of the method models."""
@@ -497,7 +499,7 @@ class SFTConfig(StrictModel):
 
     model: str | None = Field(
         default=None,
-        description="Base model: hub id or local directory. Default: the `pretrain` input artifact if the pipeline "
+        description="Base model: hub id, local directory, or a GGUF file (or a directory holding one `.gguf`: converted once into tunepipe's cache, weights dequantised). Default: the `pretrain` input artifact if the pipeline "
         "has one, else the `base_model` artifact.",
     )
     revision: str | None = Field(default=None, description="Hub revision (commit sha for reproducible caching).")
@@ -537,6 +539,7 @@ class SFTConfig(StrictModel):
         "varlen or flex_attention compute per-example blocks only; sdpa/eager a dense mask over the flattened batch).",
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation hyper-parameters.")
+    self_checks: dict[Literal[SFT_CHECKS], CheckAction] = self_checks_field("sft", SFT_CHECKS)
     heldout: HeldoutConfig = Field(
         default_factory=HeldoutConfig,
         description="Held-out learning check: exact match / token F1 on the test split, trained vs base, in the metrics.",

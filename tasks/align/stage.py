@@ -142,7 +142,7 @@ class AlignStage(Stage):
         for run, m in metrics_by_run.items():
             for name, check in m.get("checks", {}).items():
                 if "warned" in check:
-                    ctx.logger.warning("align: self-check %s failed (align.checks.on_weak_signal: warn): %s", name, check["warned"])
+                    ctx.logger.warning("align: self-check %s failed (configured to warn): %s", name, check["warned"])
         outputs = ModelOutputs(
             kind="adapters" if sft_outputs.kind == "adapters" else "adapter",
             method=method.name,
@@ -303,5 +303,5 @@ class AlignStage(Stage):
                 f"{row['within tolerance']} | {row['KL to sft']} | {row['win rate']} | {row['pref acc sft']} → {row['pref acc aligned']} |"
             )
         lines += ["", *(f"- {run}: {v['reason']}" for run, v in verdicts.items())]
-        lines += [f"- **warning** (self-check, align.checks.on_weak_signal: warn) {name}: {why}" for name, why in warned.items()]
+        lines += [f"- **warning** (self-check {name}, configured to warn): {why}" for name, why in warned.items()]
         return StageOutput(metrics=metrics, summary="\n".join(lines), table=table)

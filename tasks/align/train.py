@@ -14,6 +14,14 @@ from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 
 
+def check_policy(config: AlignConfig) -> Any:
+    """align.self_checks over the weak-signal checks' shared switch (align.checks.on_weak_signal)."""
+    from tunepipe.tasks.training.checks import CheckPolicy
+
+    weak = config.checks.on_weak_signal
+    return CheckPolicy("align", {"reward_variance": weak, "reward_moved": weak, **config.self_checks})
+
+
 def self_checks(
     method: str, config: AlignConfig, trainer: Any, metrics: dict[str, Any], history: list[dict[str, float]],
     steps: dict[str, list[dict[str, float]]], changed: dict[str, Any], run: str,
@@ -28,11 +36,12 @@ def self_checks(
     from tunepipe.tasks.training import checks
 
     who = f"align ({run}, {method})"
+    policy = check_policy(config)
     out: dict[str, Any] = {}
     if method != "ppo":
-        out["steps"] = checks.require_steps(who, metrics["global_step"], trainer, config.training.max_steps)
+        out["steps"] = checks.require_steps(who, metrics["global_step"], trainer, config.training.max_steps, policy)
     if method in PAIRWISE_METHODS:
-        out["loss"] = checks.require_loss(f"{who}: the loss", history, metrics.get("train_loss"))
+        out["loss"] = checks.require_loss(f"{who}: the loss", history, metrics.get("train_loss"), policy=policy)
     else:
         out.update(reward_signal_checks(method, config, steps, who))
     why = (
@@ -42,7 +51,7 @@ def self_checks(
     out["adapter_changed"] = checks.require(
         "adapter_changed", changed,
         f"{who}: the trained adapter is identical to the one training started from (the SFT adapter; "
-        f"{changed['tensors']} tensors, none changed): publishing it would call the SFT policy aligned; {why}",
+        f"{changed['tensors']} tensors, none changed): publishing it would call the SFT policy aligned; {why}", policy,
     )
     return out
 
@@ -66,12 +75,9 @@ def weak_signal_advice(method: str, config: AlignConfig, earned_nothing: bool) -
 
 def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list[dict[str, float]]], who: str) -> dict[str, Any]:
     """`reward_variance` (groups with identical rewards give no gradient) and `reward_moved`."""
-    import logging
-
     from tunepipe.tasks.training import checks
 
-    logger = logging.getLogger("tunepipe.align")
-    settings = config.checks
+    settings, policy = config.checks, check_policy(config)
     rewards = [p["value"] for p in steps.get("reward_mean", [])]
     if method == "ppo":  # one group per update: the rollout batch
         zero_std = [float(p["value"] == 0.0) for p in steps.get("reward_std", [])]
@@ -84,24 +90,24 @@ def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list
         f"policy too weak: its samples earned no reward (mean {mean_reward:.3g})" if earned_nothing
         else f"the reward does not separate the policy's samples (mean reward {mean_reward:.3g})"
     )
-    out = {"reward_variance": checks.enforce(
+    out = {"reward_variance": checks.require(
         "reward_variance", variance,
         f"{who}: {cause}: {100 * (variance['mean_zero_std_fraction'] or 0):.0f}% of groups had identical rewards over "
         f"{variance['steps']} steps (align.checks.max_zero_std_fraction {settings.max_zero_std_fraction}), so they "
         f"gave no gradient; {weak_signal_advice(method, config, earned_nothing)}",
-        settings.on_weak_signal, logger,
+        policy,
     )}
     moved = checks.reward_moved_check(rewards, settings.min_reward_range)
     if method != "ppo" and set(config.method.rewards) == {"judge"}:
         # A judge tournament's rewards are shares of comparisons won: every group's mean is 0.5 by
         # construction, whatever the policy does. Only their spread (above) says anything.
         moved = {**moved, "passed": True, "skipped": "judge tournament rewards: every group's mean is 0.5"}
-    out["reward_moved"] = checks.enforce(
+    out["reward_moved"] = checks.require(
         "reward_moved", moved,
         f"{who}: the mean reward never moved ({moved.get('min')} to {moved.get('max')} over {moved['steps']} steps; "
         f"align.checks.min_reward_range {settings.min_reward_range}); {weak_signal_advice(method, config, earned_nothing)}, or raise "
         "training.learning_rate / max_steps",
-        settings.on_weak_signal, logger,
+        policy,
     )
     return out
 

@@ -11,6 +11,13 @@ import os
 import threading
 from pathlib import Path
 
+def cache_root() -> Path:
+    """tunepipe's machine-wide cache: `$TUNEPIPE_CACHE`, else `~/.cache/tunepipe` (CI keeps it for the run).
+    Built environments (vLLM's venv) and converted base models (a GGUF's HF directory) live there: they
+    depend on their inputs' bytes only, so every workdir shares them."""
+    return Path(os.environ.get("TUNEPIPE_CACHE") or Path.home() / ".cache" / "tunepipe").expanduser()
+
+
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",

@@ -180,7 +180,9 @@ def load_token_counter(path: str):
         AutoTokenizer,  # hub ids and slow tokenizers: the general path
     )
 
-    auto = AutoTokenizer.from_pretrained(path)
+    from tunepipe.tasks.training.gguf_base import model_dir
+
+    auto = AutoTokenizer.from_pretrained(model_dir(path))
 
     def count_auto(texts: list[str]) -> list[int]:
         return [len(ids) for ids in auto(texts, add_special_tokens=False)["input_ids"]]

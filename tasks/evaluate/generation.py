@@ -100,6 +100,11 @@ def path_source(path: str, base_override: str | None, fallback_base: str | None)
         return ModelSource(str(root), "adapter", _base_model(base_override, declared, fallback_base, str(root)), root)
     if (root / "config.json").exists():
         return ModelSource(str(root), "model", str(root), root)
+    from tunepipe.tasks.training.modeling import gguf_source, model_dir
+
+    if gguf_source(root) is not None:
+        converted = model_dir(root)
+        return ModelSource(str(root), "model", converted, Path(converted))
     raise StageFailed(f"evaluate: {path}: neither a model artifact (outputs.json), an adapter (adapter_config.json) nor a model (config.json)")
 
 
@@ -188,9 +193,11 @@ def _base_model(override: str | None, declared: str | None, fallback: str | None
     """The base under the adapters: the config's, else the artifact's own (if it is still there), else upstream."""
     from tunepipe.schemas.base import looks_like_hub_id
 
+    from tunepipe.tasks.training.modeling import model_dir
+
     for candidate in (override, declared, fallback):
         if candidate and (Path(candidate).exists() or looks_like_hub_id(candidate)):
-            return candidate
+            return model_dir(candidate)
     raise StageFailed(
         f"evaluate: {name}: its base model {declared!r} is not here: set evaluate.base_model, or give the stage the "
         "`pretrain` or `base_model` input it was trained from"

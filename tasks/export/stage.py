@@ -162,10 +162,10 @@ VLLM_MOE_LORA_ARCHITECTURES = (
 
 def base_architecture(base_model: str) -> tuple[str, bool]:
     """(architecture name, is it a Mixture of Experts) from the base model's config."""
-    from transformers import AutoConfig
+    from tunepipe.tasks.training.modeling import load_config
     from tunepipe.tasks.training.moe import is_moe
 
-    config = AutoConfig.from_pretrained(base_model)
+    config = load_config(base_model)
     return (config.architectures or [type(config).__name__])[0], is_moe(config)
 
 
@@ -520,6 +520,16 @@ def gguf_card(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def base_provenance(base_model: str) -> str:
+    """The card's note on a base converted from a GGUF: its weights are a dequantisation, not the original."""
+    from tunepipe.tasks.training.modeling import gguf_provenance
+
+    record = gguf_provenance(base_model)
+    if record is None:
+        return ""
+    return f" (converted from the GGUF `{record['gguf_file']}`, sha256 `{record['gguf_sha256'][:16]}`: weights dequantised from {record['dequantised_from']})"
+
+
 def model_card(
     *, source: Source, exports: ExportIndex, gate: GateVerdict | None, reeval: dict[str, Any], config: ExportConfig, data_key: str | None,
     why: str = "",
@@ -536,6 +546,7 @@ def model_card(
     training = trained_with.get("training", {}) if isinstance(trained_with, dict) else {}
     lines = [
         f"- Trained artifact: `{source.ref.stage}:{source.ref.key}` ({source.kind}: {', '.join(source.runs)})",
+        *([f"- Base model weights{provenance}"] if (provenance := base_provenance(source.base_model)) else []),
         f"- Data version: `{data_key}` (the data artifact's key)",
         f"- Why this artifact: {why or 'export.source'}",
         f"- Gate verdict: {verdict}",
@@ -652,7 +663,7 @@ class ExportStage(Stage):
             merged_checks[run] = checks.require(
                 "merged_matches_adapter", merged_match(reference_logits, logits_of(merged, batches), batches, MERGE_TOLERANCE[ctx.env.dtype]),
                 f"export: run {run}: the merged model and base + adapter disagree on the held-out prompts (largest logit "
-                "difference above tolerance): the merge lost or changed the adapter",
+                "difference above tolerance): the merge lost or changed the adapter", checks.CheckPolicy("export", config.self_checks),
             )
             if "merged" in targets:
                 written["merged"][run] = f"merged/{run}"
@@ -712,4 +723,5 @@ class ExportStage(Stage):
         summary = (
             f"Exported {source.ref.stage} ({source.method}, {source.kind}) as {', '.join(targets)}: {why}.\n\n" + card.split("---\n", 2)[-1]
         )
+        summary += "".join(checks.warned_markdown({"merged_matches_adapter": result}, run) for run, result in merged_checks.items())
         return StageOutput(metrics=metrics, summary=summary, table=table)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.tasks.core.stage import StageContext, StageOutput
+from tunepipe.tasks.training.checks import warned_markdown
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
 
 ENTRYPOINT = "tunepipe.tasks.pretrain.train:train_job"
@@ -57,5 +58,5 @@ class PretrainStage(TrainingStage):
             f"Continued pretraining ({config.method.name}) on {metrics['documents']} documents "
             f"({metrics['corpus_tokens']:,} tokens) for {metrics['global_step']} steps; train loss "
             f"{metrics['train_loss']}, eval perplexity {metrics.get('eval_perplexity')}."
-        )
+        ) + warned_markdown(metrics["checks"])
         return StageOutput(metrics=metrics, summary=summary, table=table)

@@ -34,14 +34,15 @@ def split_corpus(records: list[dict[str, Any]], fraction: float) -> tuple[list[s
     return train, validation
 
 
-def labels_check(trainer: Any) -> dict[str, Any]:
+def labels_check(config: PretrainConfig, trainer: Any) -> dict[str, Any]:
     """`labels`: the blocks as the trainer's collator hands them to the model carry labeled tokens."""
     from tunepipe.tasks.training import checks
 
+    policy = checks.CheckPolicy("pretrain", config.self_checks)
     result = checks.labels_present_check(checks.first_batches(trainer))
     return checks.require(
         "labels", result, f"pretrain: {result['empty_rows']} of the first {result['rows']} training blocks have no labeled "
-        "token: the loss would read nothing (is a completion-only or assistant-only loss set on plain text?)",
+        "token: the loss would read nothing (is a completion-only or assistant-only loss set on plain text?)", policy,
     )
 
 
@@ -50,9 +51,10 @@ def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -
     from tunepipe.tasks.training import checks
     from tunepipe.tasks.training.trainer import loss_history
 
+    policy = checks.CheckPolicy("pretrain", config.self_checks)
     return {
-        "steps": checks.require_steps("pretrain", metrics["global_step"], trainer, config.training.max_steps),
-        "loss": checks.require_loss("pretrain: the loss", loss_history(trainer), metrics.get("train_loss")),
+        "steps": checks.require_steps("pretrain", metrics["global_step"], trainer, config.training.max_steps, policy),
+        "loss": checks.require_loss("pretrain: the loss", loss_history(trainer), metrics.get("train_loss"), policy=policy),
     }
 
 
@@ -93,7 +95,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         checkpoint_dir=job["checkpoint_dir"], max_length=config.max_length, packing=config.packing,
     )
     trainable, total = peft_methods.count_parameters(trainer.model)
-    checks = {"labels": labels_check(trainer)}  # before training: an unlabeled block would train on nothing
+    checks = {"labels": labels_check(config, trainer)}  # before training: an unlabeled block would train on nothing
     metrics = fit(trainer, job["checkpoint_dir"])
     checks.update(self_checks(config, trainer, metrics))
     metrics.update(evaluate(trainer))

@@ -28,6 +28,8 @@ from tunepipe.schemas.reward import RewardConfig
 from tunepipe.schemas.sft import QLoraMethod
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.checks import warned_markdown
+from tunepipe.tasks.training.modeling import model_dir
 from tunepipe.tasks.training.stage_base import TrainingStage
 
 ENTRYPOINT = "tunepipe.tasks.reward.train:train_reward_job"
@@ -58,7 +60,8 @@ def resolve_start(config: RewardConfig, ctx: StageContext) -> tuple[str, str, bo
     from tunepipe.tasks.core.handoff import read_handoff
 
     if config.model:
-        return config.model, config.model, False
+        model = model_dir(config.model)
+        return model, model, False
     sft = ctx.inputs.get("sft")
     if config.start_from == "sft" and sft is not None:
         outputs = read_handoff(sft, ModelOutputs, reader="reward")
@@ -155,7 +158,7 @@ class RewardStage(TrainingStage):
             f"**{after['accuracy']}** (untrained head: {before['accuracy']}; n={after['n']}, chance 0.5), "
             f"mean margin {after['margin']}; calibration of sigmoid(margin): ECE {after['ece']}, Brier {after['brier']} "
             f"(minimum accuracy to publish: {config.min_accuracy})."
-        )
+        ) + warned_markdown(metrics["checks"])
         table = [
             {"when": "before", **before},
             {"when": "after", **after, "steps": metrics["global_step"], "train_loss": metrics["train_loss"]},

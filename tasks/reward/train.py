@@ -50,14 +50,15 @@ def self_checks(config: RewardConfig, trainer: Any, metrics: dict[str, Any], sco
     from tunepipe.tasks.training import checks
     from tunepipe.tasks.training.trainer import loss_history
 
+    policy = checks.CheckPolicy("reward", config.self_checks)
     out = {
-        "steps": checks.require_steps("reward", metrics["global_step"], trainer, config.training.max_steps),
-        "loss": checks.require_loss("reward: the loss", loss_history(trainer), metrics.get("train_loss")),
+        "steps": checks.require_steps("reward", metrics["global_step"], trainer, config.training.max_steps, policy),
+        "loss": checks.require_loss("reward: the loss", loss_history(trainer), metrics.get("train_loss"), policy=policy),
     }
     scores = checks.reward_scores_check(scores_before, scores_after, on)
     out["reward_scores"] = checks.require(
         "reward_scores", scores, f"reward: the trained model scores the {scores['pairs']} {on} pairs exactly as the untrained "
-        "one did: nothing was learned (check the learning rate, and that the score head and adapter are trainable)",
+        "one did: nothing was learned (check the learning rate, and that the score head and adapter are trainable)", policy,
     )
     return out
 

@@ -124,6 +124,9 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan:
             "no base model to serve: pass one (tunepipe serve BASE), set serve.base, or register adapters with their "
             "base model (the deploy stage does)"
         )
+    from tunepipe.tasks.training.modeling import model_dir
+
+    base = model_dir(base)  # a GGUF: both engines serve its converted directory
     modules = dict(config.lora_modules) if config.lora_modules else dict(plan.adapters)
     ranks = [adapter_rank(p) for p in modules.values() if (Path(p) / "adapter_config.json").is_file()]
     engine = choose_engine(config, profile)

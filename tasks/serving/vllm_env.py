@@ -21,13 +21,14 @@ it again from scratch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from tunepipe.tasks.core.runtime import cache_root
 
 MARKER = "tunepipe-vllm.json"
 
@@ -57,11 +58,6 @@ CHECK = "import transformers, vllm.entrypoints.openai.api_server as s; print(tra
 
 class VLLMEnvError(RuntimeError):
     """vLLM's environment is missing, broken, or could not be built; the message says how to fix it."""
-
-
-def cache_root() -> Path:
-    """`$TUNEPIPE_CACHE`, else `~/.cache/tunepipe` (CI keeps it for the run)."""
-    return Path(os.environ.get("TUNEPIPE_CACHE") or Path.home() / ".cache" / "tunepipe").expanduser()
 
 
 def env_dir(flavor: str, root: Path | None = None) -> Path:

@@ -26,6 +26,7 @@ from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.checks import warned_markdown
 from tunepipe.tasks.training.encoding import read_split
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
 
@@ -192,4 +193,5 @@ class SFTStage(TrainingStage):
             f"{metrics['total_parameters']:,} parameters trainable ({metrics['trainable_percent']:.3f}%).{truncated_note}"
         )
         summary += heldout_markdown(heldout)
+        summary += "".join(warned_markdown(results, run) for run, results in metrics["checks"].items())
         return StageOutput(metrics=metrics, summary=summary, table=loss_table(metrics_by_run))

@@ -43,6 +43,18 @@ from tunepipe.tasks.training.trainer import (
 log = logging.getLogger("tunepipe.train")
 
 
+def check_policy(config: SFTConfig) -> checks_.CheckPolicy:
+    return checks_.CheckPolicy("sft", config.self_checks)
+
+
+def label_mask_result(stats: Any) -> dict[str, Any]:
+    """`label_mask`, checked row by row while encoding: passed, or how many rows failed it under `warn`."""
+    result = {"passed": stats.label_mask_failed == 0, "rows": stats.kept}
+    if stats.label_mask_failed:
+        result.update(failed_rows=stats.label_mask_failed, warned=stats.label_mask_problem)
+    return result
+
+
 def prepare_sft(job: dict[str, Any]) -> dict[str, Any]:
     """Tokenizer, encoded rows and statistics of an SFT job (no model loaded)."""
     from tunepipe.tasks.training.modeling import load_tokenizer
@@ -60,7 +72,7 @@ def prepare_sft(job: dict[str, Any]) -> dict[str, Any]:
         encoded[split] = encode_records(
             records, tokenizer, template,
             max_length=config.max_length, train_on_inputs=config.train_on_inputs,
-            overlong=config.overlong, system_prompt=config.system_prompt, split=split,
+            overlong=config.overlong, system_prompt=config.system_prompt, split=split, policy=check_policy(config),
         )
     train_by_task, train_stats = encoded["train"]
     eval_by_task, eval_stats = encoded["validation"]
@@ -185,7 +197,7 @@ def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConf
         "adapter_effect", result,
         f"the saved adapter does not change the model's output on {result['prompts']} held-out prompts "
         f"(largest logit difference {result['max_logit_difference']:.2e}): it would serve the bare base model. Check the "
-        "learning rate and warmup (a run no longer than its warmup trains at learning rate 0)",
+        "learning rate and warmup (a run no longer than its warmup trains at learning rate 0)", check_policy(config),
     )
 
 
@@ -198,7 +210,7 @@ def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTCo
     result = effect_on_check_prompts(model, prepared, config, job, lambda batches: checks_.adapter_effect_check(model, batches))
     return checks_.require(
         "adapter_effect", result,
-        f"the trained adapter does not change the model's output on {result['prompts']} held-out prompts",
+        f"the trained adapter does not change the model's output on {result['prompts']} held-out prompts", check_policy(config),
     )
 
 
@@ -218,11 +230,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     log.info("sft %s: %d examples, %d trainable of %d parameters", config.method.name, len(prepared["train_rows"]), trainable, total)
     metrics = fit(trainer, job["checkpoint_dir"])
     checks = {
-        "label_mask": {"passed": True, "rows": len(prepared["train_rows"])},  # checked row by row while encoding
-        "steps": checks_.require_steps("the trainer", metrics["global_step"], trainer, config.training.max_steps),
+        "label_mask": label_mask_result(prepared["train_stats"]),
+        "steps": checks_.require_steps("the trainer", metrics["global_step"], trainer, config.training.max_steps, check_policy(config)),
     }
     history = loss_history(trainer)
-    checks["loss"] = checks_.require_loss("the training loss", history, metrics["train_loss"], ": nothing was learned")
+    checks["loss"] = checks_.require_loss(
+        "the training loss", history, metrics["train_loss"], ": nothing was learned", check_policy(config)
+    )
     metrics.update(evaluate(trainer))
     dest = Path(job["output_dir"]) / job["save_to"]
     if sharded:

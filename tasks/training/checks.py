@@ -2,11 +2,15 @@
 
 Each check returns a result `{"passed": bool, ...what it measured}`; `require` turns a failed one
 into a `StageFailed` whose message starts `self-check <name> failed:` so the log says which
-check. The stages put every result in their manifest's metrics under `checks`.
+check, and ends with the config switch that sets it to warn (`<stage>.self_checks.<name>: warn`):
+a check can be wrong about a model it was not written for, and a user must be able to publish
+anyway, knowingly. A warned check is logged and kept in the result as `warned`. The stages put
+every result in their manifest's metrics under `checks`.
 
 - `label_mask`: every row's loss covers exactly the assistant's answer (and its end-of-turn
-  token), never the prompt; no row has a second BOS. Checked per row at encoding time, by
-  tokenizing the prompt on its own (independently of how the labels were computed).
+  token), never the prompt; no row has a BOS the template did not render (some templates render
+  BOS once per turn: SmolLM2's BOS is ChatML's `<|im_start|>`). Checked per row at encoding time,
+  by tokenizing the prompt on its own (independently of how the labels were computed).
 - `steps`: the trainer ran every optimizer step it was asked for.
 - `loss`: the loss is finite and moved.
 - `adapter_effect`: base + saved adapter gives different outputs than the base on held-out
@@ -19,7 +23,10 @@ check. The stages put every result in their manifest's metrics under `checks`.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunepipe.tasks.core.stage import StageFailed
@@ -27,10 +34,31 @@ from tunepipe.tasks.core.stage import StageFailed
 IGNORE = -100
 
 
-def require(name: str, result: dict[str, Any], why: str) -> dict[str, Any]:
-    if not result["passed"]:
-        raise StageFailed(f"self-check {name} failed: {why}")
-    return result
+@dataclass(frozen=True)
+class CheckPolicy:
+    """What a failed self-check does in one stage: `fail` (the default) or `warn`, per check name, from
+    the stage config's `self_checks` (`section` names the config section in messages)."""
+
+    section: str
+    actions: Mapping[str, str] = field(default_factory=dict)
+
+    def action(self, name: str) -> str:
+        return self.actions.get(name, "fail")
+
+    def switch(self, name: str) -> str:
+        return f"{self.section}.self_checks.{name}: warn"
+
+
+def require(name: str, result: dict[str, Any], why: str, policy: CheckPolicy | None = None) -> dict[str, Any]:
+    """A passed result as it is; a failed one fails the stage, or, where the policy says `warn`, is logged
+    and returned marked `warned`."""
+    if result["passed"]:
+        return result
+    if policy is not None and policy.action(name) == "warn":
+        logging.getLogger(f"tunepipe.{policy.section}").warning("self-check %s failed (configured to warn): %s [%s]", name, why, policy.switch(name))
+        return {**result, "warned": why}
+    hint = f" (to publish anyway, set {policy.switch(name)})" if policy is not None else ""
+    raise StageFailed(f"self-check {name} failed: {why}{hint}")
 
 
 def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
@@ -38,9 +66,8 @@ def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
     from tunepipe.tasks.training.encoding import encode_text, end_of_turn_token, render_messages
 
     ids, labels, messages = enc.input_ids, enc.labels, enc.messages
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids.count(bos) > 1:
-        return f"{ids.count(bos)} BOS tokens in one row (the template emits BOS and the tokenizer added another)"
+    if problem := extra_bos(tokenizer, template, enc):
+        return problem
     labeled = [i for i, label in enumerate(labels) if label != IGNORE]
     if not labeled:
         return "no token is labeled: the assistant's answer was not found in the rendering"
@@ -66,6 +93,34 @@ def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
     if eot is not None and eot not in ids[start:end]:
         return f"the end-of-turn token {tokenizer.convert_ids_to_tokens(eot)!r} is not labeled, so the model never learns to stop"
     return None
+
+
+def warned_markdown(results: Mapping[str, Any], run: str | None = None) -> str:
+    """Summary lines for the checks in `results` (name → result) that failed and were set to warn: an artifact
+    published over a failed check says so where it is read, not only in a log line."""
+    where = f", {run}" if run else ""
+    return "".join(f"\n- **warning** (self-check {name}{where}, configured to warn): {r['warned']}"
+                   for name, r in results.items() if isinstance(r, Mapping) and "warned" in r)
+
+
+def extra_bos(tokenizer: Any, template: str, enc: Any) -> str | None:
+    """A BOS in the row that the template did not render: one the tokenizer added, or one carried in the
+    data's text. The template's own count is what its rendering holds outside the messages' contents
+    (Llama 3 renders one; ChatML models whose BOS is `<|im_start|>` render one per turn)."""
+    from tunepipe.tasks.training.encoding import render_messages
+
+    bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos_id is None or not bos:
+        return None
+    in_row = enc.input_ids.count(bos_id)
+    rendered = render_messages(tokenizer, template, enc.messages, False)
+    in_contents = sum(str(m.get("content") or "").count(bos) for m in enc.messages)
+    from_template = rendered.count(bos) - in_contents
+    if in_row <= from_template:
+        return None
+    cause = (f"the data's text holds {in_contents} {bos!r}, which tokenizes as the special token" if in_contents
+             else "the tokenizer added BOS to text the template had rendered")
+    return f"{in_row} BOS tokens ({bos!r}) in one row where the template renders {from_template}: {cause}"
 
 
 def _labels_prompt_tokens(tokenizer: Any, template: str, messages: list[dict[str, str]], labels: list[int], prompt_len: int) -> bool:
@@ -95,18 +150,20 @@ def loss_check(history: list[dict[str, float]], train_loss: float | None) -> dic
             "last": losses[-1] if losses else None}
 
 
-def require_steps(who: str, global_step: int, trainer: Any, max_steps: int | None) -> dict[str, Any]:
+def require_steps(who: str, global_step: int, trainer: Any, max_steps: int | None, policy: CheckPolicy | None = None) -> dict[str, Any]:
     """`steps`, enforced: every requested optimizer step ran (`who` opens the message: "pretrain", "the trainer").
     Requested: the stage's `training.max_steps`, else what the Trainer derived from the epochs."""
     requested = int(max_steps or trainer.state.max_steps)
-    return require("steps", steps_check(global_step, requested), f"{who} ran {global_step} optimizer steps of the {requested} requested")
+    return require("steps", steps_check(global_step, requested), f"{who} ran {global_step} optimizer steps of the {requested} requested", policy)
 
 
-def require_loss(subject: str, history: list[dict[str, float]], train_loss: float | None, advice: str = "") -> dict[str, Any]:
+def require_loss(
+    subject: str, history: list[dict[str, float]], train_loss: float | None, advice: str = "", policy: CheckPolicy | None = None
+) -> dict[str, Any]:
     """`loss`, enforced: finite and moved (`subject` names the loss in the message: "reward: the loss")."""
     loss = loss_check(history, train_loss)
     state = "not finite" if not loss["finite"] else "constant"
-    return require("loss", loss, f"{subject} is {state} (first {loss['first']}, last {loss['last']}){advice}")
+    return require("loss", loss, f"{subject} is {state} (first {loss['first']}, last {loss['last']}){advice}", policy)
 
 
 def output_difference(a: Any, b: Any, batches: list[dict[str, Any]]) -> float:
@@ -236,11 +293,3 @@ def parameters_changed_check(before: dict[str, Any], model: Any) -> dict[str, An
         changed += difference > 0
         worst = max(worst, difference)
     return {"passed": changed > 0, "tensors_changed": changed, "tensors": len(before), "max_abs_change": worst}
-
-
-def enforce(name: str, result: dict[str, Any], why: str, action: str, logger: Any) -> dict[str, Any]:
-    """`require` for action `fail`; for `warn`, log the same message and mark the result `warned`."""
-    if result["passed"] or action == "fail":
-        return require(name, result, why)
-    logger.warning("self-check %s failed (configured to warn): %s", name, why)
-    return {**result, "warned": why}

@@ -309,6 +309,8 @@ class SplitStats:
     tokens: int = 0
     target_tokens: int = 0
     per_task: Counter = field(default_factory=Counter)
+    label_mask_failed: int = 0  # rows whose label_mask self-check failed and was set to warn (kept)
+    label_mask_problem: str | None = None  # the first such row's problem
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -328,8 +330,11 @@ def encode_records(
     overlong: str = "truncate",
     system_prompt: str | None = None,
     split: str = "train",
+    policy: Any = None,
 ) -> tuple[dict[str, list[dict[str, list[int]]]], SplitStats]:
-    """Encode records grouped by task: ({task: [{input_ids, labels}]}, stats)."""
+    """Encode records grouped by task: ({task: [{input_ids, labels}]}, stats). A row failing the
+    `label_mask` self-check fails the stage, unless `policy` (a checks.CheckPolicy) sets it to warn:
+    then the first is logged and the rest counted."""
     by_task: dict[str, list[dict[str, list[int]]]] = {}
     stats = SplitStats()
     for record in records:
@@ -353,10 +358,14 @@ def encode_records(
                     continue
                 stats.truncated += 1
             if not enc.truncated and not train_on_inputs:
-                from tunepipe.tasks.training.checks import label_mask_problem
+                from tunepipe.tasks.training.checks import label_mask_problem, require
 
                 if problem := label_mask_problem(tokenizer, template, enc):
-                    raise StageFailed(f"self-check label_mask failed: {split} record {record.get('id', '?')}: {problem}")
+                    why = f"{split} record {record.get('id', '?')}: {problem}"
+                    if stats.label_mask_problem is None:
+                        require("label_mask", {"passed": False}, why, policy)  # raises unless set to warn
+                        stats.label_mask_problem = why
+                    stats.label_mask_failed += 1
             if all(label == IGNORE for label in enc.labels):
                 stats.dropped_no_target += 1  # truncation cut away the whole answer: no loss to learn from
                 continue

@@ -40,12 +40,20 @@ def gguf_file_in(name_or_path: str | os.PathLike) -> Path | None:
     return None
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's sha256, memoised per process by (path, size, mtime): a model is loaded several times a run."""
+    stat = Path(path).stat()
+    signature = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if signature not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        _SHA256[signature] = digest.hexdigest()
+    return _SHA256[signature]
 
 
 def gguf_quantisation(path: Path) -> str:
@@ -101,3 +109,21 @@ def materialise(gguf: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         convert(gguf, dest)
     return dest
+
+
+def gguf_source(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file a model name points at (the file, or a directory's only `.gguf`), else None (hub ids too)."""
+    return gguf_file_in(name_or_path) if Path(name_or_path).exists() else None
+
+
+def model_dir(name_or_path: str | os.PathLike) -> str:
+    """What `from_pretrained` (and vLLM, lm-eval, PEFT's base_model_name_or_path) is given for a model name:
+    a GGUF's converted HF directory in tunepipe's cache (converted on first use), else the name unchanged.
+    Here rather than in modeling.py so that the data stage's token counter resolves a GGUF without taking
+    the whole loader into its key."""
+    gguf = gguf_source(name_or_path)
+    if gguf is None:
+        return str(name_or_path)
+    from tunepipe.tasks.core.runtime import cache_root
+
+    return str(materialise(gguf, cache_root()))

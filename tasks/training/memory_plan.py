@@ -84,11 +84,9 @@ def model_config(model: Any) -> Any:
     """A transformers config from a config object, a local directory or a hub id."""
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         return model
-    from transformers import AutoConfig
+    from tunepipe.tasks.training.modeling import check_loadable, load_config
 
-    from tunepipe.tasks.training.modeling import check_loadable
-
-    return AutoConfig.from_pretrained(check_loadable(str(model)))
+    return load_config(check_loadable(str(model)))
 
 
 def meta_model(model: Any) -> Any:

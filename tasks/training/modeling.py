@@ -1,9 +1,11 @@
 """The one place models and tokenizers are loaded, and how a model enters a cache key.
 
-A model is named by a hub id (`owner/name`, optionally at a revision) or a local directory;
-both go through the same `Auto*` code path. Cache keys never use the bare name: a local
-directory enters as a digest of its files (moving it changes nothing, editing a file changes
-the key), a hub model as `hub:<id>@<revision>`.
+A model is named by a hub id (`owner/name`, optionally at a revision), a local directory, or a
+GGUF file (or a directory holding exactly one `.gguf`); all go through the same `Auto*` code path:
+a GGUF is converted once into an HF directory in tunepipe's cache (`model_dir`, see gguf_base.py).
+Cache keys never use the bare name: a local directory enters as a digest of its files (moving it
+changes nothing, editing a file changes the key), a GGUF as the sha256 of its bytes, a hub model as
+`hub:<id>@<revision>`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tunepipe.schemas.base_model import BaseModelConfig
 
+import json
 import logging
 import os
 import threading
@@ -22,6 +25,7 @@ from typing import Any
 from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.tasks.core.fingerprint import content_digest, glob_files
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.training.gguf_base import gguf_source, model_dir  # noqa: F401 (model_dir: the name callers use)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -57,7 +61,7 @@ def _check_name(name_or_path: str | os.PathLike, revision: str | None = None, *,
 def check_loadable(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
     """The name of a model that can be loaded here, or ModelUnavailable saying how to fix it (for
     callers that load a part of a model, its config, themselves)."""
-    return _check_name(name_or_path, revision)
+    return model_dir(_check_name(name_or_path, revision))
 
 
 def _require_cached_when_offline(name: str, revision: str | None) -> None:
@@ -76,6 +80,17 @@ def _require_cached_when_offline(name: str, revision: str | None) -> None:
     )
 
 
+def gguf_provenance(name_or_path: str | os.PathLike) -> dict[str, Any] | None:
+    """Where a converted model came from (`tunepipe_gguf.json`: file, sha256, `dequantised_from`, note), for a
+    GGUF name or its converted directory; None for any other model."""
+    from tunepipe.tasks.training.gguf_base import PROVENANCE_FILE
+
+    if not is_local(name_or_path):
+        return None
+    record = Path(model_dir(name_or_path)) / PROVENANCE_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike,
     *,
@@ -89,7 +104,7 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    name = _check_name(name_or_path, revision)
+    name = model_dir(_check_name(name_or_path, revision))
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, **kwargs)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -120,6 +135,14 @@ def choose_pad_token(tokenizer: Any) -> tuple[str, str] | None:
     return None
 
 
+def load_config(name_or_path: str | os.PathLike, revision: str | None = None):
+    """The model's transformers config (a GGUF's from its converted directory: transformers parses the
+    whole file to read a GGUF's config, about as slow as the one-time conversion)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir(name_or_path), revision=revision)
+
+
 def attention_for(name_or_path: str, requested: str | None, revision: str | None = None) -> str | None:
     """The attention kernel to load a model with: the profile's, unless the family needs another.
 
@@ -127,10 +150,8 @@ def attention_for(name_or_path: str, requested: str | None, revision: str | None
     attention 2 skip it, so a model trained or served with them is not the published model):
     such a model loads with `eager`, and the override is logged.
     """
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        config = load_config(name_or_path, revision)
     except (OSError, ValueError):
         return requested
     if getattr(config, "attn_logit_softcapping", None) and requested not in (None, "eager"):
@@ -204,7 +225,7 @@ def load_model(
     # evaluation, serving): tunepipe's own PEFT method must be registered in every such process
     # before `PeftModel.from_pretrained` meets a bottleneck adapter's config.
     bottleneck.register()
-    name = _check_name(name_or_path, revision)
+    name = model_dir(_check_name(name_or_path, revision))
     options: dict[str, Any] = {"revision": revision, "dtype": torch_dtype(dtype), **kwargs}
     attn_implementation = attention_for(name, attn_implementation, revision)
     if attn_implementation is not None:
@@ -253,20 +274,27 @@ def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = No
     """What a model contributes to a cache key.
 
     A local directory (or file): `sha256:<digest of its files and their relative names>`; the
-    directory's own location does not enter, so moving it keeps the key. Digests are memoised per
-    process by the files' (size, mtime), so a large model is hashed once. A hub id:
-    `hub:<id>@<revision>` (`main` when none: pin a commit sha for reproducible caching).
+    directory's own location does not enter, so moving it keeps the key. A GGUF (the file, or the
+    directory holding it): `gguf:sha256:<sha256 of the file's bytes>`, known without converting it.
+    Digests are memoised per process by the files' (size, mtime), so a large model is hashed once. A
+    hub id: `hub:<id>@<revision>` (`main` when none: pin a commit sha for reproducible caching).
     """
     name = _check_name(name_or_path, loading=False)  # a key needs no download
     if not is_local(name):
         return f"hub:{name}@{revision or 'main'}"
-    path = Path(name).resolve()
-    files = glob_files(path)
+    gguf = gguf_source(name)
+    path = (gguf or Path(name)).resolve()
+    files = [path] if gguf else glob_files(path)
     signature = (str(path), tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]))
     with _DIGEST_LOCK:
         if (cached := _DIGEST_CACHE.get(signature)) is not None:
             return cached
-    digest = f"sha256:{content_digest(path)}"
+    if gguf:
+        from tunepipe.tasks.training.gguf_base import file_sha256
+
+        digest = f"gguf:sha256:{file_sha256(gguf)}"  # memoised there too: model_dir needs it on every load
+    else:
+        digest = f"sha256:{content_digest(path)}"
     with _DIGEST_LOCK:
         _DIGEST_CACHE[signature] = digest
     return digest

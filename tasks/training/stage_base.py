@@ -11,9 +11,12 @@ from tunepipe.tasks.core.stage import Stage, StageFailed
 
 
 def resolve_model(config_model: str | None, inputs: dict[str, Any], stage: str, order: tuple[str, ...]) -> str:
-    """The base model path: the config's, else the first input artifact of `order` present."""
+    """The base model path: the config's (a GGUF as its converted directory), else the first input
+    artifact of `order` present."""
     if config_model:
-        return config_model
+        from tunepipe.tasks.training.modeling import model_dir
+
+        return model_dir(config_model)
     for name in order:
         if name in inputs:
             return inputs[name].path
@@ -27,6 +30,18 @@ def model_payload(model: str | None, revision: str | None) -> str | None:
     from tunepipe.tasks.training.modeling import model_fingerprint
 
     return model_fingerprint(model, revision)
+
+
+def gguf_payload(model: str | None) -> dict[str, str] | None:
+    """For a GGUF base: the quantisation its weights were dequantised from (a property of the file's
+    bytes, so it moves no key the file's digest does not), from its conversion's provenance (the
+    stage converts it anyway)."""
+    from tunepipe.tasks.training.modeling import gguf_provenance, gguf_source
+
+    if model is None or gguf_source(model) is None:
+        return None
+    quantisation = gguf_provenance(model)["dequantised_from"]
+    return {"dequantised_from": quantisation, "note": f"weights dequantised from {quantisation}"}
 
 
 def training_env_payload(env: EnvironmentProfile) -> dict[str, Any]:
@@ -55,6 +70,8 @@ class TrainingStage(Stage):
     def key_payload(self, config: Any) -> Any:
         payload = config.model_dump(mode="json")
         payload["model"] = model_payload(config.model, config.revision)
+        if (source := gguf_payload(config.model)) is not None:
+            payload["model_gguf"] = source  # the manifest says the weights are a dequantisation
         return payload
 
     def env_payload(self, env: EnvironmentProfile) -> dict[str, Any]:

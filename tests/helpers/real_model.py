@@ -56,7 +56,8 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as an HF model directory, converted once into the tunepipe cache."""
-    from tunepipe.tasks.training.gguf_base import materialise
+    """SmolLM2-135M-Instruct as an HF model directory: the directory tunepipe itself converts the GGUF to
+    (`model: <the .gguf>` in a config), so the tests and the pipeline share one conversion."""
+    from tunepipe.tasks.training.modeling import model_dir
 
-    return materialise(smollm2_gguf(), cache_root())
+    return Path(model_dir(smollm2_gguf()))

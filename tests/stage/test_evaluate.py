@@ -19,6 +19,7 @@ from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.evaluate.stage import EvaluateStage
 from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.training.metrics import normalise
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tests.helpers.training import WORDS, build_tiny_model, cpu_profile
 
@@ -118,12 +119,13 @@ def test_lm_eval_on_the_generated_task_agrees_with_the_stage(promoted):
     assert agreement["lm_eval_exact_match"] == agreement["stage_exact_match"] == m["tasks"]["sentiment"]["candidate"]["exact_match"]
     figures = m["lm_eval"]["tunepipe_sentiment"]
     assert figures["baseline"]["exact_match,normalised"] == m["tasks"]["sentiment"]["baseline"]["exact_match"]
-    # Not only the figure: lm-eval's answer to every prompt is the stage's answer.
+    # Not only the figure: lm-eval's answer to every prompt is the stage's answer, as lm-eval's filter
+    # normalises it (the task's scoring normalisation: SQuAD by default).
     stage = [r for r in map(json.loads, (root / "predictions.jsonl").read_text().splitlines()) if r["task"] == "sentiment"]
     lm_eval = json.loads((root / "lm_eval_results.json").read_text())["samples"]
     for side in ("candidate", "baseline"):
         by_prompt = {s["doc"]["prompt"]: s["prediction"] for s in lm_eval[side]["tunepipe_sentiment"]}
-        assert [by_prompt[r["prompt"]] for r in stage] == [" ".join(r[side].split()) for r in stage]
+        assert [by_prompt[r["prompt"]] for r in stage] == [normalise(r[side], "squad") for r in stage]
     kept = root / "lm_eval_tasks"
     assert (kept / "tunepipe_sentiment.yaml").exists() and "data_files:\n    test: tunepipe_sentiment.jsonl" in (kept / "tunepipe_sentiment.yaml").read_text()
 

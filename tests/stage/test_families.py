@@ -9,7 +9,9 @@ template refusals, history-rewriting templates, `tunepipe plan` counts, defaults
 the model, evaluate's figures against what the served adapter answers, the merged export in
 `lm_eval --model hf`. Tests marked `vllm` serve each family's base with its exported adapter on
 real vLLM (the CPU build; one server per family, started once) and hold it to the training
-rendering, one BOS, the end-of-turn stop and the embedded engine's greedy answers.
+rendering, one BOS, the end-of-turn stop and the embedded engine's greedy answers. The real pretrained
+model (SmolLM2-135M-Instruct, its real tokenizer and template) is a row of its own at the end: tokenizer,
+template, label mask and served prompt only (tests/e2e/test_real_model.py trains it).
 """
 
 from __future__ import annotations
@@ -595,3 +597,60 @@ def test_vllm_answers_what_evaluate_scored(run, served):
     answers = generator.answers(spec, [p["prompt"] for p in predictions])
     kept = [(a, p["candidate"]) for a, p in zip(answers, predictions) if "\ufffd" not in p["candidate"]]
     assert kept and all(a == c for a, c in kept), (run["family"], kept)
+
+
+# --------------------------------------------------------------------------------------------
+# The real model's row: SmolLM2-135M-Instruct with its real tokenizer and published template (from its GGUF).
+# Its tokenizer, template and label mask only: training the real model is the job of tests/e2e/test_real_model.py.
+# SmolLM2's BOS is ChatML's `<|im_start|>`, which its template renders at every turn (and it adds a default system
+# turn when there is none): a row holds one BOS per rendered turn, all the template's own. ~30 s (the model's load
+# by the embedded engine).
+
+
+@pytest.fixture(scope="module")
+def real():
+    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tests.helpers.real_model import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    return {"gguf": gguf, "tokenizer": load_tokenizer(gguf)}
+
+
+def test_real_model_row_bos_per_turn_labels_cover_exactly_the_answers(real):
+    from tunepipe.tasks.training.checks import label_mask_problem
+
+    tokenizer = real["tokenizer"]
+    template = tokenizer.chat_template
+    assert (tokenizer.bos_token, tokenizer.eos_token, end_of_turn_token(tokenizer, template)) == (
+        "<|im_start|>", "<|im_end|>", tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    conversations = [record_messages(r) for r in [*records("train"), MULTI_TURN]]
+    answers = {r["output"] for r in records("train") if "output" in r} | {"one two", "one two three"}
+    for messages in conversations:
+        (row,) = encode_conversation(tokenizer, template, messages, max_length=None, train_on_inputs=False)
+        turns = render_messages(tokenizer, template, messages, False).count("<|im_start|>")
+        assert row.input_ids.count(tokenizer.bos_token_id) == turns >= len(messages)
+        assert label_mask_problem(tokenizer, template, row) is None
+        runs, current = [], []
+        for token, label in zip(row.input_ids, row.labels):
+            if label != IGNORE:
+                current.append(token)
+            elif current:
+                runs, current = runs + [current], []
+        runs += [current] if current else []
+        assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+        for labeled in runs:
+            assert tokenizer.eos_token_id in labeled  # each answer holds its <|im_end|>: the model learns to stop
+            assert tokenizer.decode(labeled, skip_special_tokens=True).strip() in answers
+
+
+def test_real_model_served_prompt_is_the_training_rendering(real):
+    from tunepipe.tasks.serving.engine import MultiLoraEngine
+
+    tokenizer = real["tokenizer"]
+    engine = MultiLoraEngine(str(real["gguf"]))
+    for messages in (record_messages(r) for r in [*records("train"), MULTI_TURN]):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        served = engine.chat_ids(messages[:last])
+        (row,) = encode_conversation(tokenizer, tokenizer.chat_template, messages[: last + 1], max_length=None, train_on_inputs=False)
+        assert row.input_ids[: len(served)] == served
+        assert row.labels[len(served) - 1] == IGNORE and row.labels[len(served)] != IGNORE  # the answer starts right there

@@ -30,10 +30,10 @@ def assets(tmp_path_factory):
     return {"root": root, "model": build_tiny_model(root / "llama"), "data": write_data_artifact(root / "data")}
 
 
-def _sft(assets, tmp_path, **training):
+def _sft(assets, tmp_path, self_checks=None, **training):
     config = SFTConfig.model_validate({
         "model": str(assets["model"]), "method": {"name": "lora", "r": 4}, "max_length": 64,
-        "heldout": {"max_examples_per_task": 0},
+        "heldout": {"max_examples_per_task": 0}, "self_checks": self_checks or {},
         "training": {"max_steps": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "save_steps": 100, **training},
     })
     return run_stage(SFTStage(), config, {"data": assets["data"]}, ArtifactStore(tmp_path / "artifacts"), cpu_profile())
@@ -59,8 +59,16 @@ def test_steps_that_did_not_all_run(assets, tmp_path, monkeypatch):
 
     original = trainer_module.make_callbacks
     monkeypatch.setattr(trainer_module, "make_callbacks", lambda *a, **k: [*original(*a, **k), StopEarly()])
-    with pytest.raises(StageFailed, match=r"self-check steps failed: the trainer ran 2 optimizer steps of the 4 requested"):
+    with pytest.raises(StageFailed, match=r"self-check steps failed: the trainer ran 2 optimizer steps of the 4 requested "
+                       r"\(to publish anyway, set sft.self_checks.steps: warn\)"):
         _sft(assets, tmp_path)
+    # Set to warn, the same run publishes, and its manifest says what was waived.
+    ref = _sft(assets, tmp_path, self_checks={"steps": "warn"})
+    steps = json.loads((Path(ref.path) / "manifest.json").read_text())["metrics"]["checks"]["all"]["steps"]
+    assert steps["passed"] is False and steps["global_step"] == 2
+    assert steps["warned"] == "the trainer ran 2 optimizer steps of the 4 requested"
+    summary = (Path(ref.path) / "summary.md").read_text()
+    assert "**warning** (self-check steps, all, configured to warn): the trainer ran 2 optimizer steps of the 4 requested" in summary
 
 
 @pytest.mark.parametrize("spans, reason", [
