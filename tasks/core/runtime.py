@@ -18,6 +18,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNEPIPE_CACHE") or Path.home() / ".cache" / "tunepipe").expanduser()
 
 
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a build or server log, for an error message (empty when there is no log)."""
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",

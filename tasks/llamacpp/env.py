@@ -23,7 +23,6 @@ again from scratch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from tunepipe.tasks.core.runtime import cache_root, log_tail
 
 
 MARKER = "tunepipe-llamacpp.json"
@@ -81,15 +82,6 @@ class LlamaCppTools:
     def missing(self) -> list[str]:
         paths = (self.root / MARKER, self.python, self.converter, self.lora_converter, self.quantize, self.imatrix)
         return [str(p) for p in paths if not p.exists()]
-
-
-def cache_root() -> Path:
-    """`$TUNEPIPE_CACHE`, else `~/.cache/tunepipe` (the same cache as vLLM's environment; CI keeps it for the run)."""
-    return Path(os.environ.get("TUNEPIPE_CACHE") or Path.home() / ".cache" / "tunepipe").expanduser()
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
 
 
 def tools_dir(root: Path | None = None) -> Path:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tunepipe.tasks.core.runtime import cache_root
+from tunepipe.tasks.core.runtime import cache_root, log_tail
 
 MARKER = "tunepipe-vllm.json"
 
@@ -114,12 +114,6 @@ def _step(cmd: list[str], out, log: Path, what: str) -> None:
     if code != 0:
         raise VLLMEnvError(f"building vLLM's environment failed at `{what}` (exit {code}):\n{log_tail(log)}\n"
                            f"full log: {log}; after fixing the cause, rerun `tunepipe vllm-env`")
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    if not path.is_file():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def check_python(python: str) -> str | None:
