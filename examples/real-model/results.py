@@ -15,6 +15,7 @@ the machine and live in a second table that --check leaves alone.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ from tunepipe.examples.quickstart.results import (
 )
 
 README = Path(__file__).resolve().parent / "README.md"
+
+
+def with_export(workdir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`stages` plus the newest export of this run's trained artifacts (export reads sft/align, not evaluate, so
+    evaluate's lineage does not reach it), for its wall time."""
+    trained = {(s, stages[s]["key"]) for s in ("sft", "align") if s in stages}
+    exports = [json.loads(p.read_text()) for p in (workdir / "artifacts" / "export").glob("*/manifest.json")]
+    mine = [m for m in exports if {(r["stage"], r["key"]) for r in m.get("inputs", {}).values()} & trained]
+    if not mine:
+        return stages
+    return {**stages, "export": max(mine, key=lambda m: m["timings"]["finished_at"])}
 
 
 def _f(value: Any, digits: int = 2) -> str:
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     stages = lineage(workdir, latest_artifact(workdir, "evaluate"))
-    results, times = results_markdown(stages), times_markdown(stages)
+    results, times = results_markdown(stages), times_markdown(with_export(workdir, stages))
     if args.check:
         committed = readme_block(README.read_text(), RESULTS_BEGIN, RESULTS_END)
         if committed != results:
