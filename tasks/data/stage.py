@@ -15,7 +15,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import orjson
 from tunepipe.schemas.data import DataConfig, source_files
@@ -228,8 +228,12 @@ class _DataRun:
         self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, len(records), sum(self.rejected.values()))
 
     def _read_and_clean(self, plans) -> list[dict]:
-        records: list[dict] = []
-        append = records.append
+        return list(self.read_records(plans))
+
+    def read_records(self, plans) -> Iterator[dict]:
+        """Every source file's records, read, parsed and cleaned one at a time (the streaming engine consumes
+        them as they come); malformed and unparsable ones are rejected on the way, and each file's bytes are
+        checked against the digests the key was computed from once it has been read."""
         clean_record = self.cleaner.clean_record
         for index, (source, files) in enumerate(plans):
             fmt, task, field_map, task_field = source.format, source.task, source.field_map, source.task_field
@@ -249,10 +253,9 @@ class _DataRun:
                         self._reject(raw, error.reason, location, error.detail)
                         continue
                     record["source"] = location
-                    append(record)
+                    yield record
                 self.per_file[label]["read"] += self.read - before
                 self._check_read_bytes(index, label, digest)
-        return records
 
     def _read_checked(self, file, file_type: str, label: str, source, digest: ReadDigest):
         try:

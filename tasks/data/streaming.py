@@ -39,9 +39,9 @@ from tunepipe.schemas.records import record_id
 from tunepipe.tasks.core.stage import StageOutput
 from tunepipe.tasks.data import dedup as dedup_mod
 from tunepipe.tasks.data.clean import batched, load_token_counter, token_bound_reason
-from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
+from tunepipe.tasks.data.formats import FAMILY, content_parts, prompt_text, public_record
 from tunepipe.tasks.data.report import build_report
-from tunepipe.tasks.data.sources import Malformed, ReadDigest, plan_files
+from tunepipe.tasks.data.sources import plan_files
 from tunepipe.tasks.data.split import _rounded, mix_train
 from tunepipe.tasks.data.stage import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
@@ -165,7 +165,7 @@ class StreamingDataRun(_DataRun):
                 open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
                 open(spill / "signatures.u32", "wb", buffering=1 << 20) as signatures:
             next_progress = PROGRESS_EVERY
-            for batch in batched(self._read_and_clean_stream(plans), BATCH):
+            for batch in batched(self.read_records(plans), BATCH):
                 started = time.perf_counter()
                 if self.read >= next_progress:  # a long first pass shows it is moving (Prefect task log)
                     self.log.info("data: streaming: %d read, %d kept, %d rejected so far", self.read, len(columns["offset"]), sum(self.rejected.values()))
@@ -220,31 +220,6 @@ class StreamingDataRun(_DataRun):
                 self.labels.append(label)
             return self.labels.index(label)
         return len(self.labels) - 1
-
-    def _read_and_clean_stream(self, plans) -> Iterator[dict]:
-        """The local engine's `_read_and_clean`, one record at a time."""
-        clean_record = self.cleaner.clean_record
-        for index, (source, files) in enumerate(plans):
-            fmt, task, field_map, task_field = source.format, source.task, source.field_map, source.task_field
-            for file, file_type, label in files:
-                self.log.info("data: reading %s (%s, %s)", label, file_type, fmt)
-                before = self.read
-                digest = ReadDigest()
-                for location, raw in self._read_checked(file, file_type, label, source, digest):
-                    self.read += 1
-                    if type(raw) is Malformed:
-                        self._reject(raw.text, raw.reason, location, raw.error)
-                        continue
-                    try:
-                        record = parse_record(raw, fmt, task, field_map, task_field)
-                        record["chars"] = clean_record(record)
-                    except RecordError as error:
-                        self._reject(raw, error.reason, location, error.detail)
-                        continue
-                    record["source"] = location
-                    yield record
-                self.per_file[label]["read"] += self.read - before
-                self._check_read_bytes(index, label, digest)
 
     def _side_reject(self, handle, record: Any, reason: str, location: str, detail: str, **extra: Any) -> None:
         """`_reject`, into a side file appended to rejected.jsonl later."""
