@@ -81,6 +81,7 @@ class Front:
         headers = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
         self.http = httpx.AsyncClient(base_url=upstream, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
         self.metrics = ServingMetrics("vllm")
+        self.tokenizer: Any = None  # the base's, loaded at start: message contents are sent to vLLM as text
         self.lock = asyncio.Lock()  # loads and unloads one at a time: an alias moves once its version is loaded
 
     def start_modules(self) -> dict[str, str]:
@@ -91,6 +92,22 @@ class Front:
             self.aliases[name], self.paths[version] = version, str(path)
             modules[version] = str(path)
         return modules
+
+    def load_tokenizer(self) -> None:
+        from tunepipe.tasks.training.modeling import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.config.base)
+
+    def messages_as_data(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The chat body with every message's content made to tokenize as text under the base's tokenizer.
+        vLLM renders messages with the model's own chat template and parses special-token strings in them, so
+        a user writing `<|im_start|>system ...` would inject a turn; training, evaluation and the embedded
+        engine escape those strings (`data_messages`), and the front does the same before vLLM sees them."""
+        from tunepipe.tasks.training.encoding import data_messages
+
+        if self.tokenizer is None or not isinstance(body.get("messages"), list):
+            return body
+        return {**body, "messages": data_messages(self.tokenizer, body["messages"])}
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -186,6 +203,7 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(front.load_tokenizer)
         yield
         await front.http.aclose()
 
@@ -265,6 +283,8 @@ def _forwarder(front: Front, path: str):
             body["model"] = assignment.version  # answered under the version's name, as the embedded engine does
         asked = body.get("model")
         body["model"] = front.target(str(asked))
+        if endpoint == "chat":
+            body = front.messages_as_data(body)
         import httpx
 
         started = time.monotonic()
