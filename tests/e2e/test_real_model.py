@@ -31,6 +31,7 @@ from tunepipe.tasks.core.stage import run_stage
 from tunepipe.tasks.evaluate.stage import EvaluateStage
 from tunepipe.tasks.export.stage import ExportStage
 from tunepipe.tasks.sft.stage import SFTStage
+from tunepipe.tasks.training.retention import SET_NAME, general_set
 from tests.helpers.real_model import smollm2_gguf
 from tests.helpers.training import cpu_profile
 
@@ -41,6 +42,7 @@ torch.set_num_threads(1)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "real-model"
 NEW_TOKENS = 8
 PER_TASK = 3
+GENERAL_TOKENS = 12  # enough for "The capital of France is Paris."
 
 
 def example_module(name: str):
@@ -90,17 +92,19 @@ def run(tmp_path_factory):
         "model": str(gguf), "max_length": 96,
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "training": {"max_steps": 4, "learning_rate": 1e-3, "warmup_ratio": 0.0, "save_steps": 1000},
-        "heldout": {"max_examples_per_task": 2, "max_new_tokens": NEW_TOKENS, "batch_size": 4},
+        # The general set's retention is measured once, by evaluate (its guard is asserted below): on a 2-core
+        # machine each pass over its 48 questions costs about a minute on this model.
+        "heldout": {"max_examples_per_task": 2, "max_new_tokens": NEW_TOKENS, "batch_size": 4, "general_set": "off"},
     })
     sft = run_stage(SFTStage(), sft_config, {"data": data}, store, env)
     align = run_stage(AlignStage(), AlignConfig.model_validate({
         "method": {"name": "dpo", "beta": 0.1}, "max_length": 96,
         "training": {"max_steps": 2, "learning_rate": 5e-4, "warmup_ratio": 0.0, "save_steps": 1000},
-        "heldout": {"max_pairs": 2, "max_examples_per_task": 2, "max_new_tokens": NEW_TOKENS, "batch_size": 4},
+        "heldout": {"max_pairs": 2, "max_examples_per_task": 2, "max_new_tokens": NEW_TOKENS, "batch_size": 4, "general_set": "off"},
     }), {"data": data, "sft": sft}, store, env)
     evaluate = run_stage(EvaluateStage(), EvaluateConfig.model_validate({
         "baseline": "base", "max_examples_per_task": PER_TASK, "generation": {"max_new_tokens": NEW_TOKENS, "batch_size": 4},
-        "ab": {"bootstrap_samples": 200},
+        "ab": {"bootstrap_samples": 200}, "regression": {"general_max_new_tokens": GENERAL_TOKENS},
     }), {"data": data, "sft": sft, "align": align}, store, env)
     export = run_stage(ExportStage(), ExportConfig.model_validate({
         "targets": ["adapters", "merged"], "reeval": {"max_examples_per_task": 2, "max_new_tokens": NEW_TOKENS, "batch_size": 4},
@@ -109,7 +113,9 @@ def run(tmp_path_factory):
 
 
 def _predictions(run) -> list[dict]:
-    return [json.loads(line) for line in (Path(run["evaluate"].path) / "predictions.jsonl").read_text().splitlines()]
+    """Evaluate's answers on the trained tasks (the general set's rows are answered at their own length)."""
+    rows = [json.loads(line) for line in (Path(run["evaluate"].path) / "predictions.jsonl").read_text().splitlines()]
+    return [row for row in rows if not row["task"].startswith(SET_NAME)]
 
 
 def _engine(run):
@@ -188,6 +194,19 @@ def test_embedded_engine_and_merged_export_answer_what_evaluate_scored(run):
     merged = AutoModelForCausalLM.from_pretrained(Path(run["export"].path) / "merged" / "all", dtype=torch.float32).eval()
     for row in tuned:
         assert offline_tokens(merged, row.prompt_ids, set(engine.eos_ids), NEW_TOKENS) == row.tokens
+
+
+def test_the_forgetting_guard_runs_on_the_pretrained_base(run):
+    """A pretrained base (not one the pipeline built) gets the general-knowledge set by default: evaluate scores
+    both models on it and the gate's forgetting rule judges the drop instead of skipping it."""
+    evaluate = _metrics(run["evaluate"])
+    general = evaluate["regression"][SET_NAME]
+    assert general["n"] == len(general_set()) and general["baseline"] > 0.0, general  # the base knows some of it
+    answered = [json.loads(line) for line in (Path(run["evaluate"].path) / "predictions.jsonl").read_text().splitlines()]
+    assert sum(row["task"] == SET_NAME for row in answered) == len(general_set())
+    forgetting = [r for r in evaluate["gate_reasons"] if "max forgetting drop" in r]
+    assert forgetting and forgetting[0].startswith(("PASS", "FAIL")), evaluate["gate_reasons"]
+    assert SET_NAME in forgetting[0]
 
 
 def test_the_example_results_script_reads_this_run(run):
