@@ -99,6 +99,13 @@ NON_RESULT_DISTRIBUTIONS = frozenset({
 })
 
 
+# First-party modules that only watch a run, the way the distributions above only carry it: experiment
+# tracking names runs, logs metrics and plots and registers exported models, and changes no byte a stage
+# publishes. They stay out of every closure (with what they import), so editing the tracking code, or the
+# numpy/PIL/transformers it imports to log plots, re-keys nothing.
+OBSERVER_MODULES = frozenset({"tunepipe.tasks.core.tracking"})
+
+
 @dataclass(frozen=True)
 class ModuleCode:
     """One module's normalised source digest and what it imports."""
@@ -210,7 +217,7 @@ def import_closure(module: str) -> dict[str, ModuleCode]:
     while todo:
         name = todo.pop()
         for candidate in _with_parents(name):
-            if candidate in seen:
+            if candidate in seen or candidate in OBSERVER_MODULES:
                 continue
             code = _load_module_code(candidate)
             if code is None:

@@ -61,7 +61,8 @@ def test_bench_config_overrides_every_training_stage_and_stays_valid(tmp_path):
 
 def test_bench_config_without_overrides_keeps_the_steps(tmp_path):
     _, data = common.bench_config(_with_training(tmp_path), tmp_path / "bench")
-    assert data["pretrain"]["training"] == {"max_steps": 40, "save_steps": 10}
+    # The steps are kept; the seed is the one the quickstart's top-level `seed:` fills into every stage.
+    assert data["pretrain"]["training"] == {"max_steps": 40, "save_steps": 10, "seed": data["seed"]}
     assert "heldout" not in data["sft"]
 
 
