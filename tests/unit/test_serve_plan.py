@@ -98,8 +98,9 @@ def test_config_validation_and_api_key_env(tmp_path, monkeypatch):
     with pytest.raises(ValidationError, match=r"weights must be finite and > 0 .*\['b'\]"):
         RouterConfig(name="bot", versions={"a": 1.0, "b": 0}, log_path="x.jsonl")
     # nan compared false with 0 and inf swallowed the other arm: both sent all traffic to one version
+    # (every config refuses non-finite numbers itself, naming the field: `versions.b ... finite number`)
     for weird in (float("nan"), float("inf"), float("-inf")):
-        with pytest.raises(ValidationError, match=r"finite and > 0 .*\['b'\]"):
+        with pytest.raises(ValidationError, match=r"finite and > 0 .*\['b'\]|versions\.b\n.*finite number"):
             RouterConfig(name="bot", versions={"a": 1.0, "b": weird}, log_path="x.jsonl")
     with pytest.raises(ValidationError, match="not in lora_modules"):
         ServeConfig(lora_modules={"a": "/x"}, router={"name": "bot", "versions": {"a": 1, "c": 1}, "log_path": "x"})
