@@ -310,20 +310,36 @@ def _forwarder(front: Front, path: str):
 
         front.metrics.in_flight.labels(model=label).inc()
 
+        recorded = False
+
+        def record(status: str) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                if assignment is not None:
+                    front.router.record(assignment, endpoint=path, status=status)
+                front.metrics.finished(path, label, status, time.monotonic() - started)
+
         async def stream() -> AsyncIterator[bytes]:
-            status = "ok"
+            status, held = "ok", None
             try:
                 async for line in response.aiter_lines():  # whole SSE lines: a name is never split
-                    yield _rename(line.encode() + b"\n", body["model"], asked)
+                    if held is not None:
+                        yield held
+                    held = _rename(line.encode() + b"\n", body["model"], asked)
+                # vLLM has answered in full: the request is logged and counted before its last line goes out, so a
+                # client that has read the whole stream finds it in the A/B log and /metrics (as for a plain reply)
+                await response.aclose()
+                record(status)
+                if held is not None:
+                    yield held
             except BaseException as exc:  # the client sees the stream end; the log says why
                 status = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else f"error {exc.__class__.__name__}"
                 if not isinstance(exc, Exception):
                     raise
             finally:
                 await response.aclose()
-                if assignment is not None:
-                    front.router.record(assignment, endpoint=path, status=status)
-                front.metrics.finished(path, label, status, time.monotonic() - started)
+                record(status)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -101,6 +101,18 @@ def test_router_is_sticky_and_logged(fronted):
     assert all(line["status"] == "ok" and line["completion_tokens"] > 0 for line in log)
 
 
+def test_a_streamed_routed_request_is_logged_by_the_time_its_stream_ends(fronted):
+    """A streamed request's A/B line is written before its last line is sent: a client that has read the whole
+    stream finds it in the log (written after the stream ended, a reader right after the answer could miss it)."""
+    path = fronted["root"] / "ab.jsonl"
+    for i in range(8):
+        before = len(read_log(path))
+        chunks = list(client(fronted["url"]).chat.completions.create(model="bot", messages=MESSAGE, max_tokens=3, user=f"s{i}", stream=True))
+        log = read_log(path)
+        assert len(log) == before + 1, log[before:]
+        assert (log[-1]["user"], log[-1]["status"], log[-1]["version"]) == (f"s{i}", "ok", chunks[0].model)
+
+
 def test_fields_vllm_would_drop_are_refused_by_the_front_and_its_extras_pass(fronted):
     def post(body):
         return httpx.post(f"{fronted['url']}/v1/chat/completions", json={"model": "alpha", "messages": MESSAGE, "max_tokens": 2, **body})

@@ -118,6 +118,10 @@ def run(request, tmp_path_factory):
     evaluate = run_stage(EvaluateStage(), EvaluateConfig.model_validate({
         "baseline": "base", "max_examples_per_task": 3, "generation": {"max_new_tokens": NEW_TOKENS}, "lm_eval": {"enabled": True},
         "ab": {"bootstrap_samples": 200},
+        # The families' tiny bases count as pretrained (not built by the pipeline), so the general-knowledge set is
+        # asked too where a base answers any of it by chance (Mistral's "seven seven ..."): at the same length as the
+        # tasks, so every row of predictions.jsonl is what the served models answer in NEW_TOKENS tokens.
+        "regression": {"general_max_new_tokens": NEW_TOKENS},
     }), {"data": data, "sft": sft, "align": align}, store, env)
     export = run_stage(ExportStage(), ExportConfig.model_validate({
         "targets": ["adapters", "merged"], "reeval": {"max_examples_per_task": 2, "max_new_tokens": NEW_TOKENS},
