@@ -54,9 +54,9 @@ def first_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("quickstart")
     # Bytes, decoded without newline translation: text mode turns a progress bar's every `\r` redraw
     # into a line of its own, which a terminal never shows. The run sees a user's environment: the test
-    # session's PREFECT_LOGGING_LEVEL=WARNING (conftest, for in-process tests) would keep the training
-    # loss lines out of the run log and the stage lines out of the console this run is judged by.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PREFECT_LOGGING_LEVEL")}
+    # session's PREFECT_HOME and PREFECT_LOGGING_LEVEL=WARNING (conftest, for in-process tests) would put the
+    # run's Prefect state outside its workdir and keep the training loss lines out of its run log.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PREFECT_LOGGING_LEVEL", "PREFECT_HOME")}
     proc = subprocess.run([sys.executable, "-m", "tunepipe.flows.cli.main", "run", "--json"], cwd=cwd, env=env,
                           capture_output=True, timeout=600)
     stderr = proc.stderr.decode(errors="replace")
