@@ -96,7 +96,10 @@ class Front:
     def load_tokenizer(self) -> None:
         from tunepipe.tasks.training.modeling import load_tokenizer
 
-        self.tokenizer = load_tokenizer(self.config.base)
+        try:
+            self.tokenizer = load_tokenizer(self.config.base)
+        except (OSError, ValueError) as error:  # a base vLLM could serve always carries its tokenizer
+            raise RuntimeError(f"the front cannot load the base's tokenizer from {self.config.base}: {error}") from error
 
     def messages_as_data(self, body: dict[str, Any]) -> dict[str, Any]:
         """The chat body with every message's content made to tokenize as text under the base's tokenizer.

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers.training import build_tiny_model
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.serving.settings import ServingPlan, resolve_serve_config
@@ -204,7 +205,7 @@ def test_a_hanging_vllm_times_out_and_is_killed(tmp_path, fake_vllm, monkeypatch
 def test_cli_starts_vllm_and_stops_it_on_sigterm(tmp_path, fake_vllm):
     """`tunepipe serve --engine vllm` end to end: the CLI process manages the fake vLLM's lifecycle."""
     port = free_port()
-    base = write_base(tmp_path / "b")
+    base = str(build_tiny_model(tmp_path / "b"))  # the front loads the base's tokenizer to escape chat contents
     adapter = write_adapter(tmp_path / "adapters" / "notes", 8)
     cli = subprocess.Popen(
         [sys.executable, "-m", "tunepipe.flows.cli.main", "serve", base, "--engine", "vllm", "--vllm-executable", fake_vllm["exe"],
