@@ -256,7 +256,7 @@ def export_lora(tools: Any, run: str, adapter_dir: Path, base_dir: Path, dest: P
     import json
 
     from tunepipe.tasks.llamacpp import gguf as lcpp
-    from tunepipe.tasks.llamacpp.verify import compare, first_divergence, gguf_side
+    from tunepipe.tasks.llamacpp.verify import compare, first_divergence, gguf_side, top1_and_kl
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     why_not = lora_refusal(cfg, base_dir)
@@ -267,14 +267,13 @@ def export_lora(tools: Any, run: str, adapter_dir: Path, base_dir: Path, dest: P
     answer, logprobs = gguf_side(tools, base, probe, scratch / "logits", lora=lora)
     merged_answer, merged_logprobs = merged_f16
     against_merged = sum(first_divergence(a, b) is None for a, b in zip(answer["generated"]["ids"], merged_answer["generated"]["ids"]))
-    positions = sum(len(x) for x in logprobs)
-    top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logprobs, merged_logprobs))
+    top1, _, _ = top1_and_kl(merged_logprobs, logprobs, probe.text_ids)
     numbers = compare(probe, reference, answer, logprobs)
     numbers.pop("template_first_mismatch", None)
     return {
         "file": lora.name, "base_file": base.name, "size_mb": round(lora.stat().st_size / 2**20, 3),
         "greedy_agreement_with_merged_gguf": round(against_merged / max(len(probe.prompt_ids), 1), 4),
-        "top1_agreement_with_merged_gguf": round(top1 / max(positions, 1), 4),
+        "top1_agreement_with_merged_gguf": round(top1, 4),
         "against_merged_model": numbers,
     }
 

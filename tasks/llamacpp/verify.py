@@ -4,8 +4,9 @@
   the same token ids as training's rendering (`render_messages` + `encode_text`) of every held-out prompt;
 - greedy: llama.cpp's greedy continuation of training's prompt ids against transformers' (batch 1, no padding):
   prompts answered identically, the first diverging token of each, the share of tokens before it;
-- next-token distributions on validation conversations: top-1 agreement, mean KL(transformers ‖ GGUF),
-  perplexity of both and their ratio.
+- next-token distributions on validation conversations: top-1 agreement and mean KL(transformers ‖ GGUF) over
+  the distinct contexts (`distinct_positions`: a prefix every conversation shares, such as the template's system
+  header, is one measurement, not one per conversation), perplexity of both and their ratio over every token.
 
 The transformers side runs once per model (`reference_side`), every GGUF type is compared against it.
 """
@@ -117,6 +118,42 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def distinct_positions(texts: list[list[int]]) -> list[list[int]]:
+    """Per text, the positions (next-token predictions, 0..len-2) whose context ids[:p+1] no earlier position had.
+
+    Both models are deterministic, so a context seen twice (the chat template's system header and the task's
+    instruction open every validation conversation) gives the same two distributions twice: counting it per
+    conversation would weigh one near-tie there as many times as there are conversations."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for ids in texts:
+        keep = []
+        for p in range(len(ids) - 1):
+            context = tuple(ids[: p + 1])
+            if context not in seen:
+                seen.add(context)
+                keep.append(p)
+        out.append(keep)
+    return out
+
+
+def top1_and_kl(reference: list[Any], other: list[Any], texts: list[list[int]]) -> tuple[float, float, int]:
+    """Top-1 agreement and mean KL(reference ‖ other) of the next-token distributions over the distinct contexts
+    of `texts`, and their number."""
+    import torch
+
+    top1 = kl = 0.0
+    count = 0
+    for ref, got, keep in zip(reference, other, distinct_positions(texts)):
+        vocab = min(ref.shape[-1], got.shape[-1])  # a GGUF may drop padding rows of the embedding
+        index = torch.tensor(keep, dtype=torch.long)
+        ref, got = ref[index, :vocab], got[index, :vocab]
+        top1 += float((ref.argmax(-1) == got.argmax(-1)).sum())
+        kl += float((ref.exp() * (ref - got)).sum(-1).sum())
+        count += len(keep)
+    return top1 / max(count, 1), kl / max(count, 1), count
+
+
 def compare(probe: Probe, reference: Reference, answer: dict[str, Any], logprobs: list[Any]) -> dict[str, Any]:
     """The numbers of one GGUF against the transformers model."""
     import torch
@@ -126,13 +163,12 @@ def compare(probe: Probe, reference: Reference, answer: dict[str, Any], logprobs
     generated = answer["generated"]["ids"]
     divergences = [first_divergence(g, r) for g, r in zip(generated, reference.greedy)]
     before = [len(r) if d is None else d for d, r in zip(divergences, reference.greedy)]
-    top1 = kl = nll_ref = nll_gguf = positions = 0.0
+    top1, kl, contexts = top1_and_kl(reference.logprobs, logprobs, probe.text_ids)
+    nll_ref = nll_gguf = positions = 0.0
     for ref, got, ids in zip(reference.logprobs, logprobs, probe.text_ids):
-        vocab = min(ref.shape[-1], got.shape[-1])  # a GGUF may drop padding rows of the embedding
+        vocab = min(ref.shape[-1], got.shape[-1])
         ref, got = ref[:, :vocab], got[:, :vocab]
         targets = torch.tensor(ids[1:])
-        top1 += float((ref.argmax(-1) == got.argmax(-1)).sum())
-        kl += float((ref.exp() * (ref - got)).sum(-1).sum())
         nll_ref += float(-ref.gather(-1, targets[:, None]).sum())
         nll_gguf += float(-got.gather(-1, targets[:, None]).sum())
         positions += len(ids) - 1
@@ -146,11 +182,12 @@ def compare(probe: Probe, reference: Reference, answer: dict[str, Any], logprobs
         "greedy_first_divergence": divergences,
         # no reference tokens at all (every answer stopped at once, and so did llama.cpp's): nothing diverged
         "greedy_tokens_before_divergence": round(sum(before) / total, 4) if (total := sum(len(r) for r in reference.greedy)) else 1.0,
-        "top1_agreement": round(top1 / positions, 4),
-        "mean_kl": round(kl / positions, 6),
+        "top1_agreement": round(top1, 4),
+        "mean_kl": round(kl, 6),
+        "distinct_contexts": contexts,  # what top-1 and KL are over
         "perplexity_reference": round(ppl_ref, 4),
         "perplexity": round(ppl_gguf, 4),
         "perplexity_ratio": round(ppl_gguf / ppl_ref, 4),
-        "positions": int(positions),
+        "positions": int(positions),  # every scored token (perplexity)
         "tokens_per_second": round(answer["generated"]["tokens"] / answer["generated"]["seconds"], 2) if answer["generated"]["seconds"] else None,
     }

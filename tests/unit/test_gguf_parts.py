@@ -126,3 +126,22 @@ def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_top1_and_kl_count_a_shared_prefix_once():
+    """Every validation conversation opens with the same template header: a flip there is one flipped context,
+    not one per conversation (SmolLM2's q8_0 had one near-tie in its default system prompt counted 5 times)."""
+    import torch
+    from tunepipe.tasks.llamacpp.verify import distinct_positions, top1_and_kl
+
+    texts = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [7, 2]]
+    assert distinct_positions(texts) == [[0, 1, 2], [3], [0]]
+    vocab = 8
+    reference = [torch.log_softmax(torch.eye(vocab)[torch.tensor(t[1:])] * 5, -1) for t in texts]
+    other = [r.clone() for r in reference]
+    flipped = torch.log_softmax(torch.eye(vocab)[0] * 5, -1)  # the shared context [1, 2] now predicts token 0
+    other[0][1], other[1][1] = flipped, flipped
+    top1, kl, contexts = top1_and_kl(reference, other, texts)
+    assert contexts == 5 and top1 == pytest.approx(4 / 5)
+    per_flip = float((reference[0][1].exp() * (reference[0][1] - flipped)).sum())
+    assert kl == pytest.approx(per_flip / 5)
