@@ -143,6 +143,9 @@ def export_gguf(*, tools: Any, run: str, merged: Any, merged_dir: Path, tokenize
     from tunepipe.tasks.llamacpp.verify import compare, divergence_margins, gguf_side, reference_side
 
     settings = config.gguf
+    refusal = lcpp.converter_refusal(merged_dir)
+    if refusal:
+        raise StageFailed(f"export: run {run}: target gguf: {refusal}")
     nthreads = threads(settings)
     probe = make_probe(tokenizer, merged, data, settings, config.reeval.max_new_tokens)
     reference = reference_side(merged, probe)
@@ -288,4 +291,6 @@ def lora_refusal(cfg: dict[str, Any], base_dir: Path) -> str | None:
         return f"modules_to_save {cfg['modules_to_save']}: a GGUF LoRA holds low-rank updates only"
     if not (base_dir / "config.json").is_file():
         return f"the base {base_dir} is not a local model directory"
-    return None
+    from tunepipe.tasks.llamacpp.gguf import converter_refusal
+
+    return converter_refusal(base_dir)

@@ -60,6 +60,30 @@ def pre_tokenizer_of(model_dir: Path) -> str | None:
     return None
 
 
+# Architectures whose converter in the pinned llama.cpp (llama-cpp-python 0.3.36, conversion/gemma.py and phi.py)
+# reads the vocabulary only from a sentencepiece `tokenizer.model`, with no tokenizer.json fallback (Gemma 3 and
+# Llama have one). Phi-3's converter takes tokenizer.json only from a `GPT2Tokenizer` (Phi-4).
+SENTENCEPIECE_ONLY = {"GemmaForCausalLM": "Gemma", "Gemma2ForCausalLM": "Gemma 2", "Phi3ForCausalLM": "Phi-3"}
+
+
+def converter_refusal(model_dir: Path) -> str | None:
+    """Why llama.cpp's converter cannot read this model directory's tokenizer (None when it can), said before
+    converting, so that the run stops on what is missing rather than on the converter's traceback."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file() or (model_dir / "tokenizer.model").is_file():
+        return None
+    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    family = next((SENTENCEPIECE_ONLY[a] for a in architectures if a in SENTENCEPIECE_ONLY), None)
+    if family is None:
+        return None
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if family == "Phi-3" and tokenizer_config.is_file() and json.loads(tokenizer_config.read_text()).get("tokenizer_class") == "GPT2Tokenizer":
+        return None
+    return (f"llama.cpp's converter reads a {family} model's vocabulary only from its sentencepiece tokenizer.model, and "
+            f"{model_dir} has none (its tokenizer is tokenizer.json only): put the base model's tokenizer.model beside "
+            "its tokenizer files (the published checkpoints ship one), or drop gguf from export.targets")
+
+
 def convert_script(tools: LlamaCppTools, script: Path, pre_tokenizer: str | None, args: list[str], what: str) -> str:
     cmd = [str(tools.python), str(HERE / "convert_run.py"), str(tools.source), str(script), pre_tokenizer or "-", *args]
     # the converter reads no hub; offline makes sure of it

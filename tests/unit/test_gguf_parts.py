@@ -145,3 +145,22 @@ def test_top1_and_kl_count_a_shared_prefix_once():
     assert contexts == 5 and top1 == pytest.approx(4 / 5)
     per_flip = float((reference[0][1].exp() * (reference[0][1] - flipped)).sum())
     assert kl == pytest.approx(per_flip / 5)
+
+
+@pytest.mark.parametrize("architecture,tokenizer_class,refused", [
+    ("Gemma2ForCausalLM", "GemmaTokenizer", True), ("Phi3ForCausalLM", "LlamaTokenizer", True),
+    ("Phi3ForCausalLM", "GPT2Tokenizer", False), ("Gemma3ForCausalLM", "GemmaTokenizer", False), ("LlamaForCausalLM", "LlamaTokenizer", False),
+])
+def test_converter_refusal_names_the_missing_sentencepiece_model(tmp_path, architecture, tokenizer_class, refused):
+    from tunepipe.tasks.export.gguf import lora_refusal
+    from tunepipe.tasks.llamacpp.gguf import converter_refusal
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
+    why = converter_refusal(tmp_path)
+    assert (why is not None) == refused
+    if refused:
+        assert "tokenizer.model" in why and str(tmp_path) in why
+        assert lora_refusal({"peft_type": "LORA"}, tmp_path) == why  # the LoRA's base is converted too
+        (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")
+        assert converter_refusal(tmp_path) is None
