@@ -143,6 +143,7 @@ def export_gguf(*, tools: Any, run: str, merged: Any, merged_dir: Path, tokenize
     from tunepipe.tasks.llamacpp.verify import compare, divergence_margins, gguf_side, reference_side
 
     settings = config.gguf
+    merged_dir = converter_input(merged_dir, tokenizer, base_model, scratch / "converter-input")
     refusal = lcpp.converter_refusal(merged_dir)
     if refusal:
         raise StageFailed(f"export: run {run}: target gguf: {refusal}")
@@ -204,6 +205,58 @@ def export_gguf(*, tools: Any, run: str, merged: Any, merged_dir: Path, tokenize
     if settings.modelfile:
         out["modelfile"] = write_modelfiles(tokenizer, merged, probe, out["files"], settings.types, dest, system_prompt)
     return out
+
+
+def converter_input(merged_dir: Path, tokenizer: Any, base_model: str | None, view: Path) -> Path:
+    """The directory llama.cpp's converter reads. The converters of some families (Gemma 2, Phi-3) read nothing but
+    the sentencepiece tokenizer.model their checkpoints ship, and the special tokens from tokenizer_config.json's
+    `added_tokens_decoder`; transformers 5 saves a fine-tune's tokenizer without either. For those, a view of the
+    merged directory (links) with the model's own tokenizer.model, else the base model's when its vocabulary is
+    the fine-tune's, and the fine-tune's special tokens written where the converter reads them. Otherwise the
+    merged directory itself (`converter_refusal` then says what is missing)."""
+    from tunepipe.tasks.llamacpp.gguf import sentencepiece_family
+
+    if sentencepiece_family(merged_dir) is None:
+        return merged_dir
+    sentencepiece = merged_dir / "tokenizer.model"
+    if not sentencepiece.is_file():
+        base = Path(base_model) / "tokenizer.model" if base_model else None
+        if base is None or not base.is_file() or not same_vocabulary(tokenizer, base.parent):
+            return merged_dir
+        sentencepiece = base
+    view.mkdir(parents=True, exist_ok=True)
+    for item in merged_dir.iterdir():
+        if item.name not in ("tokenizer_config.json", "tokenizer.model") and not (view / item.name).exists():
+            (view / item.name).symlink_to(item.resolve())
+    if not (view / "tokenizer.model").exists():
+        (view / "tokenizer.model").symlink_to(sentencepiece.resolve())
+    write_added_tokens(merged_dir / "tokenizer_config.json", tokenizer, view / "tokenizer_config.json")
+    return view
+
+
+def write_added_tokens(source: Path, tokenizer: Any, dest: Path) -> None:
+    """tokenizer_config.json with `added_tokens_decoder`, where the sentencepiece converter learns which pieces are
+    special (control) tokens: transformers 5 keeps that list in tokenizer.json only, and without it the converter
+    types Gemma's `<start_of_turn>` a normal piece that llama.cpp then spells out letter by letter."""
+    import json
+
+    config = json.loads(source.read_text()) if source.is_file() else {}
+    config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "special": bool(t.special), "lstrip": t.lstrip, "rstrip": t.rstrip,
+                 "normalized": t.normalized, "single_word": t.single_word}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    dest.write_text(json.dumps(config, indent=2))
+
+
+def same_vocabulary(tokenizer: Any, base: Path) -> bool:
+    """Whether the base model's tokenizer maps every token to the same id as the fine-tune's (no tokens added)."""
+    from tunepipe.tasks.training.modeling import load_tokenizer
+
+    try:
+        return load_tokenizer(str(base)).get_vocab() == tokenizer.get_vocab()
+    except (OSError, ValueError):
+        return False
 
 
 def make_imatrix(tools: Any, tokenizer: Any, data: RunData, f16: Path, dest: Path, settings: GGUFSettings, nthreads: int) -> tuple[Path, dict[str, Any]]:

@@ -66,18 +66,25 @@ def pre_tokenizer_of(model_dir: Path) -> str | None:
 SENTENCEPIECE_ONLY = {"GemmaForCausalLM": "Gemma", "Gemma2ForCausalLM": "Gemma 2", "Phi3ForCausalLM": "Phi-3"}
 
 
-def converter_refusal(model_dir: Path) -> str | None:
-    """Why llama.cpp's converter cannot read this model directory's tokenizer (None when it can), said before
-    converting, so that the run stops on what is missing rather than on the converter's traceback."""
+def sentencepiece_family(model_dir: Path) -> str | None:
+    """The family name when the pinned converter reads this model's vocabulary only from a sentencepiece
+    tokenizer.model (None when it reads tokenizer.json too)."""
     config_path = model_dir / "config.json"
-    if not config_path.is_file() or (model_dir / "tokenizer.model").is_file():
+    if not config_path.is_file():
         return None
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     family = next((SENTENCEPIECE_ONLY[a] for a in architectures if a in SENTENCEPIECE_ONLY), None)
-    if family is None:
-        return None
     tokenizer_config = model_dir / "tokenizer_config.json"
     if family == "Phi-3" and tokenizer_config.is_file() and json.loads(tokenizer_config.read_text()).get("tokenizer_class") == "GPT2Tokenizer":
+        return None
+    return family
+
+
+def converter_refusal(model_dir: Path) -> str | None:
+    """Why llama.cpp's converter cannot read this model directory's tokenizer (None when it can), said before
+    converting, so that the run stops on what is missing rather than on the converter's traceback."""
+    family = sentencepiece_family(model_dir)
+    if family is None or (model_dir / "tokenizer.model").is_file():
         return None
     return (f"llama.cpp's converter reads a {family} model's vocabulary only from its sentencepiece tokenizer.model, and "
             f"{model_dir} has none (its tokenizer is tokenizer.json only): put the base model's tokenizer.model beside "

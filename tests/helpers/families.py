@@ -375,13 +375,51 @@ def build_tokenizer(family: Family):
     )
 
 
-def build_family_model(family: Family | str, path: Path) -> Path:
-    """Save a tiny random model of `family` with its tokenizer and generation config under `path`."""
+# The tokenizer classes of the published sentencepiece checkpoints, for `build_sentencepiece_tokenizer`. Phi-3 is
+# not here: llama.cpp hard-codes its published tokenizer's rstrip of the turn markers and its prefix space after
+# them, which the tests' Phi-3 tokenizer does not have, so its GGUF prompts would differ from training's.
+SENTENCEPIECE_CLASS = {"gemma2": "GemmaTokenizer"}
+
+
+def build_sentencepiece_tokenizer(family: Family, path: Path):
+    """The family's tokenizer as its published checkpoint ships it: a sentencepiece `tokenizer.model` (BPE, byte
+    fallback, no prefix space, trained here on the same sentences) that transformers converts, for llama.cpp's
+    converters that read only that file (Gemma 2). The special tokens keep their published ids (Gemma: pad 0,
+    eos 1, bos 2, unk 3, then the turn markers as user-defined symbols)."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    named = [family.pad, family.eos, family.bos, family.unk]
+    assert family.specials[:4] == named, f"{family.name}: the sentencepiece fixture expects pad, eos, bos, unk first"
+    user = family.specials[4:]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_texts()), model_writer=model, model_type="bpe", vocab_size=420, hard_vocab_limit=False,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=family.pad, eos_piece=family.eos, bos_piece=family.bos, unk_piece=family.unk,
+        user_defined_symbols=user, byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True, num_threads=1, minloglevel=2)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": SENTENCEPIECE_CLASS[family.name], "bos_token": family.bos, "eos_token": family.eos,
+        "pad_token": family.pad, "unk_token": family.unk, "add_bos_token": family.adds_bos, "add_eos_token": False,
+        "additional_special_tokens": user, "model_max_length": 512, "padding_side": "right", "clean_up_tokenization_spaces": False}))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = family.template
+    return tokenizer
+
+
+def build_family_model(family: Family | str, path: Path, *, sentencepiece: bool = False) -> Path:
+    """Save a tiny random model of `family` with its tokenizer and generation config under `path` (`sentencepiece`:
+    the tokenizer as a sentencepiece tokenizer.model, see `build_sentencepiece_tokenizer`)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     family = FAMILIES[family] if isinstance(family, str) else family
-    tokenizer = build_tokenizer(family)
+    tokenizer = build_sentencepiece_tokenizer(family, path) if sentencepiece else build_tokenizer(family)
     tid = tokenizer.convert_tokens_to_ids
     ids = {"bos_token_id": tid(family.bos) if family.bos else None, "eos_token_id": [tid(t) for t in family.generation_eos],
            "pad_token_id": tid(family.pad) if family.pad else None}

@@ -170,14 +170,14 @@ def test_quickstart_modelfile_parses_and_matches_training(quickstart):
     assert lora["template"] == parsed["template"] and lora["parameters"] == parsed["parameters"]
 
 
-def finetuned_family(family: str, root: Path, store: ArtifactStore):
+def finetuned_family(family: str, root: Path, store: ArtifactStore, *, sentencepiece: bool = False):
     """The family's tiny model after a short full fine-tune on the family's data (what a user exports): the
     random-weight model has near-uniform next-token distributions (median top probability 0.03 over a 420-token
     vocabulary), where q8_0's rounding decides near-ties and top-1 agreement measures noise (0.93-1.00 measured)."""
     from tests.helpers.families import build_family_model
     from tests.stage.test_families import write_family_data
 
-    model = build_family_model(family, root / "model")
+    model = build_family_model(family, root / "model", sentencepiece=sentencepiece)
     data = write_family_data(root / "data", family)
     sft = run_stage(SFTStage(), SFTConfig.model_validate(
         {"model": str(model), "method": "full", "max_length": 96, "heldout": {"max_examples_per_task": 0},
@@ -185,10 +185,11 @@ def finetuned_family(family: str, root: Path, store: ArtifactStore):
     return sft, data
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "mistral", "gemma3"])
+# Gemma 2 with a sentencepiece tokenizer.model, as its checkpoints ship (its converter reads nothing else)
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "mistral", "gemma3", "gemma2-sentencepiece"])
 def test_family_exports_to_gguf(tools, family, tmp_path):
     store = ArtifactStore(tmp_path / "artifacts")
-    sft, data = finetuned_family(family, tmp_path, store)
+    sft, data = finetuned_family(family.removesuffix("-sentencepiece"), tmp_path, store, sentencepiece=family.endswith("-sentencepiece"))
     art, metrics = export(store, sft, data, {"types": TYPES, "imatrix": {"context": 32, "chunks": 4}, "lora": False},
                           per_task=2, new_tokens=8)
     run = metrics["gguf"]["all"]

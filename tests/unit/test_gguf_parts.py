@@ -164,3 +164,37 @@ def test_converter_refusal_names_the_missing_sentencepiece_model(tmp_path, archi
         assert lora_refusal({"peft_type": "LORA"}, tmp_path) == why  # the LoRA's base is converted too
         (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")
         assert converter_refusal(tmp_path) is None
+
+
+def test_converter_input_brings_the_base_sentencepiece_model_and_the_special_tokens(tmp_path):
+    """transformers 5 saves a fine-tuned Gemma 2 tokenizer as tokenizer.json only: the converter gets the base's
+    tokenizer.model (same vocabulary) and `added_tokens_decoder` typing the turn markers special; a base with
+    another vocabulary lends nothing, and the refusal names what is missing."""
+    import shutil
+
+    from transformers import AutoTokenizer
+    from tunepipe.tasks.export.gguf import converter_input
+    from tunepipe.tasks.llamacpp.gguf import converter_refusal
+
+    from tests.helpers.families import build_sentencepiece_tokenizer
+
+    base = tmp_path / "base"
+    build_sentencepiece_tokenizer(FAMILIES["gemma2"], base).save_pretrained(base)
+    (base / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"]}))
+    merged = tmp_path / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.save_pretrained(merged)
+    shutil.copy(base / "config.json", merged / "config.json")
+    (merged / "tokenizer.model").unlink(missing_ok=True)
+    assert "tokenizer.model" in converter_refusal(merged)
+
+    view = converter_input(merged, tokenizer, str(base), tmp_path / "view")
+    assert view != merged and converter_refusal(view) is None
+    assert (view / "tokenizer.model").resolve() == (base / "tokenizer.model").resolve()
+    added = json.loads((view / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert added["4"] == {**added["4"], "content": "<start_of_turn>", "special": True} and added["5"]["content"] == "<end_of_turn>"
+
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    build_tokenizer(FAMILIES["gemma2"]).save_pretrained(other)  # a BPE vocabulary under the same names
+    assert converter_input(merged, tokenizer, str(other), tmp_path / "view2") == merged
