@@ -143,7 +143,8 @@ def export_gguf(*, tools: Any, run: str, merged: Any, merged_dir: Path, tokenize
     from tunepipe.tasks.llamacpp.verify import compare, divergence_margins, gguf_side, reference_side
 
     settings = config.gguf
-    merged_dir = converter_input(merged_dir, tokenizer, base_model, scratch / "converter-input")
+    # the view keeps the merged directory's name: the converter names the model (general.name) after it
+    merged_dir = converter_input(merged_dir, tokenizer, base_model, scratch / "converter-input" / merged_dir.name)
     refusal = lcpp.converter_refusal(merged_dir)
     if refusal:
         raise StageFailed(f"export: run {run}: target gguf: {refusal}")
