@@ -4,7 +4,8 @@
     build        the engine's app (and its child server, for vllm and llamacpp)
     start        the child started and answering (its log's tail in the error when it does not)
     serve        uvicorn on --host/--port; the child exiting stops it (and `serve` returns 1); SIGTERM or Ctrl-C
-                 stops accepting, lets requests in flight finish up to drain_timeout_s, then stops the child
+                 stops accepting, lets requests in flight finish up to drain_timeout_s, then stops the child (an
+                 in-process engine ends by the signal itself once drained, as uvicorn.run does)
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def serve(config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> int
     check_port(config)
     built = engine_named(config.engine).build(config, profile, workdir)
     label = getattr(built, "label", config.engine)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # With a child engine, SIGTERM must reach the `finally` that stops it. Without one, uvicorn re-raises the signal
+    # once requests have drained, under the default handler: the process ends at once, as a service manager expects.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if built.has_process else None
     try:
         if built.has_process:
             say(f"starting {label}: {' '.join(built.server.command)} (log {built.log_file})")
@@ -81,4 +84,5 @@ def serve(config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> int
         if built.has_process:
             say(f"stopping {label} ...")
         built.stop()
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -140,3 +140,53 @@ def test_a_json_schema_response_format_reaches_llamacpps_grammar(served):
         model="smol-base", messages=CHATS[1], temperature=0, max_tokens=24,
         response_format={"type": "json_schema", "json_schema": {"name": "review", "schema": schema}})
     assert json.loads(reply.choices[0].message.content)["label"] in ("positive", "negative")
+
+
+def test_the_cli_serves_a_gguf_and_stops_its_server_on_sigterm(tmp_path):
+    """`tunepipe serve MODEL.gguf --engine llamacpp` as a user runs it: the front answers the openai client, and
+    SIGTERM ends the command and llama.cpp's server with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.serving.process import is_healthy, wait_healthy
+
+    llamacpp_tools_or_skip()
+    repo, port = Path(__file__).resolve().parents[2], free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LLAMACPP_CLI_KEY": KEY}
+    cli = subprocess.Popen([sys.executable, "-m", "tunepipe.flows.cli.main", "serve", str(smollm2_gguf()), "--engine",
+                            "llamacpp", "--served-model-name", "smol", "--port", str(port), "--api-key-env",
+                            "LLAMACPP_CLI_KEY", "--workdir", str(tmp_path / "w")], cwd=repo, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{url}/health", 180, alive=lambda: cli.poll() is None)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="smol", messages=CHATS[0], temperature=0, max_tokens=4)
+        assert reply.model == "smol" and reply.choices[0].message.content
+        cli.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        cli.wait(timeout=60)
+        assert time.monotonic() - started < 15
+        output = cli.stdout.read()
+        assert cli.returncode == 0, output[-3000:]
+        assert "starting llama.cpp: " in output and "(llamacpp) at " in output and "stopping llama.cpp" in output
+        logs = list((tmp_path / "w" / "logs").glob("llamacpp-*.log"))
+        assert len(logs) == 1 and not is_healthy(f"{url}/health")
+        config_file = output.split("--config_file ", 1)[1].split()[0]  # the server's private config: gone with it
+        assert not Path(config_file).exists() and not any(
+            config_file.encode() in proc.read_bytes() for proc in Path("/proc").glob("[0-9]*/cmdline") if _readable(proc))
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+
+
+def _readable(path) -> bool:
+    try:
+        path.read_bytes()
+        return True
+    except OSError:
+        return False

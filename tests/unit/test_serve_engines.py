@@ -84,6 +84,12 @@ def test_the_body_llamacpp_gets_means_what_openai_means():
     schema = {"type": "object"}
     assert adapt_request({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
                          "chat")["response_format"] == {"type": "json_object", "schema": schema}
+    for body, endpoint, param in (({"prompt": [1, 2]}, "completions", "prompt"),
+                                  ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "chat", "messages[0].name")):
+        with pytest.raises(APIError) as err:  # llama_cpp.server would answer 422, or drop the name without a word
+            adapt_request(body, endpoint)
+        assert err.value.status == 400 and err.value.param == param
+    assert adapt_request({"prompt": "hi"}, "completions")["prompt"] == "hi"
     for seed in (-1, 2**32, "7"):
         with pytest.raises(APIError) as err:
             adapt_request({"seed": seed}, "chat")

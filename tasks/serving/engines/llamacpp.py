@@ -60,6 +60,7 @@ LLAMACPP_NEUTRAL: dict[str, Any] = {
 }
 # llama.cpp's sampling extensions it honours (besides OpenAI's fields)
 LLAMACPP_EXTRA_FIELDS = frozenset({"top_k", "min_p", "repeat_penalty"})
+MESSAGE_FIELDS = frozenset({"role", "content"})
 
 
 def adapt_request(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
@@ -72,6 +73,13 @@ def adapt_request(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
         body["max_tokens"] = body.pop("max_completion_tokens")
     body.pop("max_completion_tokens", None)
+    if endpoint == "completions" and not isinstance(body.get("prompt"), str):
+        raise APIError(400, "prompt: the llamacpp engine takes one text prompt (not token ids or a list)", param="prompt")
+    for i, message in enumerate(body.get("messages") or []):
+        extra = sorted(set(message) - MESSAGE_FIELDS) if isinstance(message, dict) else []
+        if extra:  # its request model drops them without a word
+            raise APIError(400, f"messages[{i}].{extra[0]} is not supported by the llamacpp engine (role and content "
+                           "only)", param=f"messages[{i}].{extra[0]}", code="unsupported_parameter")
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # llama.cpp's form: json_object with a schema
         schema = (fmt.get("json_schema") or {}).get("schema")
