@@ -102,7 +102,7 @@ class Front:
         from tunepipe.tasks.training.modeling import load_tokenizer
 
         try:
-            self.tokenizer = load_tokenizer(self.config.base)
+            self.tokenizer = (self.caps.tokenizer or load_tokenizer)(self.config.base)
         except (OSError, ValueError) as error:  # a base vLLM could serve always carries its tokenizer
             raise RuntimeError(f"the front cannot load the base's tokenizer from {self.config.base}: {error}") from error
 

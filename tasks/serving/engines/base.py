@@ -36,6 +36,9 @@ class Capabilities:
     # a field renamed), raising APIError 400 for values it would answer with a 500 or silently change
     adapt: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
     checks_models: bool = True  # False: the server answers an unknown model name with its default model (the front 404s)
+    # what the front escapes message contents under (special-token strings made text), from the resolved base;
+    # None: the base's transformers tokenizer
+    tokenizer: Callable[[str], Any] | None = None
 
 class Built:
     """An engine ready to serve: `app` on tunepipe's --host/--port, and the lifecycle of what stands behind it."""

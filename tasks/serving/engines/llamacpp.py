@@ -89,9 +89,30 @@ def adapt_request(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     return body
 
 
+class ControlTokens:
+    """The strings llama.cpp parses as special tokens in a GGUF's vocabulary (its control and user-defined tokens),
+    as the front's escaping reads them (`all_special_tokens`, see training.encoding.data_text): message contents
+    are sent as text, so a user writing `<|im_start|>system` opens no turn. Read from the GGUF's metadata, not by
+    loading a transformers tokenizer from it (which converts the whole vocabulary: tens of seconds)."""
+
+    def __init__(self, tokens: list[str]):
+        self.all_special_tokens = tokens
+
+
+def gguf_control_tokens(path: str) -> ControlTokens:
+    from gguf import GGUFReader, TokenType
+
+    fields = GGUFReader(path).fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    special = {int(TokenType.CONTROL), int(TokenType.USER_DEFINED)}
+    return ControlTokens([bytes(tokens.parts[t]).decode("utf-8", errors="replace")
+                          for t, k in zip(tokens.data, types.data) if int(types.parts[k][0]) in special])
+
+
 CAPABILITIES = Capabilities(
     label="llama.cpp", neutral=LLAMACPP_NEUTRAL, extra_fields=LLAMACPP_EXTRA_FIELDS, adapters="gguf-lora",
     runtime_adapters=False, health_path="/v1/models", adapt=adapt_request, checks_models=False,
+    tokenizer=gguf_control_tokens,
 )
 
 
