@@ -1,9 +1,10 @@
 """The `serve:` section and `tunepipe serve`: one base model, many LoRA adapters, OpenAI-compatible HTTP.
 
-Two engines answer the same API: `embedded` (transformers + peft in this process, for CPU hosts,
-tests and small deployments) and `vllm` (vLLM's OpenAI server started from its own environment,
-which `tunepipe vllm-env` builds: vLLM cannot share ours; behind tunepipe's front, which confines
-runtime loads, versions adapter names and runs the A/B router). Settings that depend on the hardware (engine choice, vLLM interpreter,
+Three engines answer the same API: `embedded` (transformers + peft in this process, for CPU hosts,
+tests and small deployments), `vllm` (vLLM's OpenAI server started from its own environment,
+which `tunepipe vllm-env` builds: vLLM cannot share ours) and `llamacpp` (llama-cpp-python's OpenAI server on
+a GGUF, from the environment `tunepipe llamacpp-env` builds); the last two behind tunepipe's front, which confines
+runtime loads, versions adapter names and runs the A/B router. Settings that depend on the hardware (engine choice, vLLM interpreter,
 max-loras, max-lora-rank, GPU memory share) default to the environment profile's `serving:`
 block; a field set here overrides it. Flags of `tunepipe serve` are named as vLLM names them.
 """
@@ -62,6 +63,28 @@ class VLLMOptions(StrictModel):
     log_file: str | None = Field(default=None, description="Where vLLM's stdout/stderr go; default `<workdir>/logs/vllm-<port>.log`.")
 
 
+class LlamaCppOptions(StrictModel):
+    """How `--engine llamacpp` starts llama-cpp-python's OpenAI server (llama_cpp.server) on a GGUF."""
+
+    python: str | None = Field(
+        default=None,
+        description="Interpreter of llama.cpp's environment (runs `python -m llama_cpp.server`). Default: the one "
+        "`tunepipe llamacpp-env` builds into tunepipe's cache.",
+    )
+    gguf_type: str | None = Field(
+        default=None,
+        description="Which GGUF of an export's gguf output to serve when `base` is an export directory "
+        "(`model-<type>.gguf`, e.g. q8_0). Default: the only one there, else f16.",
+    )
+    n_ctx: int = Field(default=0, ge=0, description="Context length llama.cpp allocates; 0: the model's own.")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads llama.cpp uses; default: all cores.")
+    health_timeout_s: float = Field(default=300.0, gt=0, description="Seconds to wait for the server to answer after starting.")
+    stop_timeout_s: float = Field(default=10.0, gt=0, description="Seconds between SIGTERM and SIGKILL when stopping it.")
+    log_file: str | None = Field(
+        default=None, description="Where the server's stdout/stderr go; default `<workdir>/logs/llamacpp-<port>.log`."
+    )
+
+
 class RouterConfig(StrictModel):
     """Online A/B: requests for `name` are split between adapter versions by weight, each logged."""
 
@@ -107,13 +130,14 @@ class ServeConfig(StrictModel):
     )
     lora_modules: dict[str, str] = Field(
         default_factory=dict,
-        description="Adapters loaded at start, name → directory (vLLM --lora-modules name=path). "
+        description="Adapters loaded at start, name → directory (vLLM --lora-modules name=path; llamacpp: a GGUF LoRA file). "
         "Default: the registry's current adapters.",
     )
-    engine: Literal["auto", "embedded", "vllm"] = Field(
+    engine: Literal["auto", "embedded", "vllm", "llamacpp"] = Field(
         default="auto",
-        description="`embedded` (transformers + peft in-process), `vllm` (a vLLM process from its own environment), or "
-        "`auto`: vllm where the profile says so and its interpreter/image/executable exists, else embedded.",
+        description="`embedded` (transformers + peft in-process), `vllm` (a vLLM process from its own environment), "
+        "`llamacpp` (llama.cpp's server on a GGUF; adapters as GGUF LoRAs), or `auto`: vllm where the profile says so "
+        "and its interpreter/image/executable exists, else embedded.",
     )
     host: str = Field(default="127.0.0.1", description="Address the server listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the server listens on (0: any free port, embedded only).")
@@ -157,6 +181,7 @@ class ServeConfig(StrictModel):
         default=10.0, ge=0, description="How long the embedded batcher waits for more requests to join a batch."
     )
     vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="How the vLLM engine is started.")
+    llamacpp: LlamaCppOptions = Field(default_factory=LlamaCppOptions, description="How the llama.cpp engine is started.")
     router: RouterConfig | None = Field(default=None, description="Online A/B split between two adapter versions.")
 
     @field_validator("api_key")

@@ -1,6 +1,7 @@
-"""`tunepipe serve`: an OpenAI-compatible multi-LoRA server, embedded (transformers + peft) or vLLM.
+"""`tunepipe serve`: an OpenAI-compatible multi-LoRA server, embedded (transformers + peft), vLLM or llama.cpp.
+This module only parses arguments; the engines and their supervision live in tasks/serving (engines/, supervise.py).
 
-    tunepipe serve [BASE] [--lora-modules NAME=PATH ...] [--engine auto|embedded|vllm] [--host H] [--port P]
+    tunepipe serve [BASE] [--lora-modules NAME=PATH ...] [--engine auto|embedded|vllm|llamacpp] [--host H] [--port P]
                    [--api-key K] [--max-loras N] [--max-lora-rank R] [-c CONFIG] [--registry ROOT] [--alias prod]
 
 Flags are named as vLLM names them. Without BASE/--lora-modules it serves what the adapter registry
@@ -16,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunepipe.flows.cli.common import interrupt
 from tunepipe.tasks.core.loading import ConfigError
+from tunepipe.tasks.serving.engines import ENGINES
 
 DEFAULT_ALIAS = "prod"
 
@@ -43,13 +44,14 @@ def _router(value: str) -> dict[str, Any]:
 
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     serve = subparsers.add_parser(
-        "serve", help="serve a base model and its LoRA adapters over an OpenAI-compatible API (embedded or vLLM)",
+        "serve", help="serve a base model and its LoRA adapters over an OpenAI-compatible API (embedded, vLLM or llama.cpp)",
         description="Serve one base model and many LoRA adapters over the OpenAI API. Without BASE and --lora-modules, "
         "serves the adapter registry's current adapters.",
     )
-    serve.add_argument("base", nargs="?", help="base model: hub id or local directory (default: the registry's)")
+    serve.add_argument("base", nargs="?", help="base model: hub id, local directory, GGUF file or (llamacpp) an export's "
+                       "directory (default: the registry's)")
     serve.add_argument("--lora-modules", nargs="+", type=_module, metavar="NAME=PATH", help="adapters to load at start")
-    serve.add_argument("--engine", choices=("auto", "embedded", "vllm"), help="server engine (default: auto from the profile)")
+    serve.add_argument("--engine", choices=("auto", *ENGINES), help="server engine (default: auto from the profile)")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--api-key", help="require this bearer key on /v1 (prefer --api-key-env)")
@@ -70,6 +72,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--vllm-image", help="container image with vLLM")
     serve.add_argument("--vllm-arg", action="append", metavar="ARG",
                        help="one more argument for vLLM's server, verbatim (repeatable; --vllm-arg=--enable-prefix-caching)")
+    serve.add_argument("--gguf-type", metavar="TYPE", help="llamacpp: which model-TYPE.gguf of an export to serve (f16, q8_0, ...)")
+    serve.add_argument("--llamacpp-python", help="llamacpp: interpreter of llama.cpp's environment (default: `tunepipe llamacpp-env`'s)")
     serve.add_argument("--registry", help="adapter registry root (default: deploy.registry, else <workdir>/registry)")
     serve.add_argument("--alias", help=f"registry alias to serve (default: deploy.alias, else {DEFAULT_ALIAS})")
     serve.add_argument("--config", "-c", help="pipeline YAML (default: the bundled quickstart)")
@@ -151,6 +155,9 @@ def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         launcher["extra_args"] = list(args.vllm_arg)
     if launcher:
         fields["vllm"] = launcher
+    llamacpp = {k: v for k, v in (("gguf_type", args.gguf_type), ("python", args.llamacpp_python)) if v}
+    if llamacpp:
+        fields["llamacpp"] = llamacpp
     return fields
 
 
@@ -171,7 +178,7 @@ def serve_config_from_args(args: argparse.Namespace):
     section = getattr(pipeline, "serve", None)
     payload = section.model_dump(exclude_unset=True) if section is not None else {}
     for key, value in _overrides(args, pipeline.workdir).items():
-        payload[key] = {**payload.get(key, {}), **value} if key == "vllm" else value
+        payload[key] = {**payload.get(key, {}), **value} if key in ("vllm", "llamacpp") else value
     try:
         config = ServeConfig.model_validate(payload)
     except ValidationError as exc:
@@ -188,86 +195,13 @@ def serve_config_from_args(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tunepipe.tasks.serving.settings import ServePlanError
+    from tunepipe.tasks.serving.supervise import serve
 
     try:
         config, env, workdir = serve_config_from_args(args)
-        if config.engine == "vllm":
-            return _serve_vllm(config, workdir)
-        return _serve_embedded(config, env)
+        return serve(config, env, workdir)
     except (ServePlanError, RuntimeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         print(f"tunepipe serve: {exc}", file=sys.stderr)
         return 1
-
-
-def _describe(config, url: str) -> None:
-    adapters = ", ".join(f"{name}={path}" for name, path in config.lora_modules.items()) or "none yet"
-    print(f"serving {config.served_model_name or config.base} ({config.engine}) at {url}/v1", flush=True)
-    print(f"  adapters: {adapters}", flush=True)
-    if config.router:
-        split = ", ".join(f"{v} {w:g}" for v, w in config.router.versions.items())
-        print(f"  A/B router {config.router.name}: {split}; log {config.router.log_path}", flush=True)
-
-
-def _check_port(config) -> None:
-    """A busy port is found before the model loads (which takes a while), not after."""
-    from tunepipe.tasks.serving.vllm import VLLMError, port_in_use
-
-    if config.port and port_in_use(config.host, config.port):
-        raise VLLMError(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
-                        "another --port")
-
-
-def _serve_embedded(config, env) -> int:
-    import uvicorn
-    from tunepipe.tasks.serving.embedded import build_app
-
-    _check_port(config)
-    app = build_app(config, env)
-    _describe(config, f"http://{config.host}:{config.port}")
-    # On SIGTERM uvicorn stops accepting, waits for requests in flight up to drain_timeout_s, then the app's
-    # shutdown stops the batch still generating at its next token.
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout_s)
-    return 0
-
-
-def _serve_vllm(config, workdir: str) -> int:
-    """vLLM from its own environment on a private port, tunepipe's front (confinement, immutable adapter names,
-    the A/B router) on --host/--port. Either exiting ends both."""
-    import signal
-    import threading
-
-    import uvicorn
-    from tunepipe.tasks.serving.front import vllm_behind_front
-    from tunepipe.tasks.serving.settings import api_key
-    _check_port(config)
-    log_file = config.vllm.log_file or str(Path(workdir) / "logs" / f"vllm-{config.port}.log")
-    app, _, server = vllm_behind_front(config, api_key=api_key(config), log_file=log_file)
-    previous = signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop ends vLLM too
-    try:
-        print(f"starting vLLM: {' '.join(server.command)} (log {log_file})", flush=True)
-        server.start()
-        front = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                              timeout_graceful_shutdown=config.drain_timeout_s))
-        vllm_exit: list[int] = []
-
-        def watch() -> None:  # vLLM gone: the front has nothing to serve
-            vllm_exit.append(server.wait())
-            front.should_exit = True
-
-        threading.Thread(target=watch, name="vllm-watch", daemon=True).start()
-        _describe(config, f"http://{config.host}:{config.port}")
-        print("Ctrl-C stops vLLM.", flush=True)
-        front.run()
-        if vllm_exit:
-            print(f"tunepipe serve: vLLM exited with {vllm_exit[0]} (log {log_file})", file=sys.stderr)
-            return 1
-        print("stopping vLLM ...", flush=True)
-        return 0
-    except KeyboardInterrupt:
-        print("stopping vLLM ...", flush=True)
-        return 0
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)

@@ -35,12 +35,20 @@ from typing import Callable
 from tunepipe.tasks.core.runtime import cache_root, log_tail
 
 
-MARKER = "tunepipe-llamacpp.json"
+# -2: the venv also holds llama_cpp.server's extras (`tunepipe serve --engine llamacpp`). A tooling built under an
+# earlier marker is completed in place (pip installs SERVER_PACKAGES, seconds), never rebuilt from scratch.
+MARKER = "tunepipe-llamacpp-2.json"
+EARLIER_MARKERS = ("tunepipe-llamacpp.json",)
 VERSION = "0.3.36"  # llama-cpp-python; its vendored llama.cpp is the one every tool here comes from
 PACKAGES = (
     f"llama-cpp-python=={VERSION}", "gguf==0.19.0", "sentencepiece==0.2.3",
     # the converter imports torch and transformers: the same pins as tunepipe's (pyproject.toml)
     "torch==2.13.0", "transformers==5.23.0",
+)
+# llama-cpp-python[server]'s extras, pinned like tunepipe's own where it has them (pyproject.toml)
+SERVER_PACKAGES = (
+    f"llama-cpp-python[server]=={VERSION}", "fastapi==0.150.0", "starlette==1.10.0", "uvicorn==0.55.0",
+    "pydantic-settings==2.16.3", "sse-starlette==3.7.1", "starlette-context==0.3.6",
 )
 FIX = "run `tunepipe llamacpp-env` (builds llama.cpp's tooling into tunepipe's cache, ~7 minutes once)"
 
@@ -108,6 +116,8 @@ def build_tools(*, root: Path | None = None, force: bool = False, say: Callable[
     if is_built(root) and not force:
         say(f"llama.cpp tooling {target} is ready (llama-cpp-python {VERSION})")
         return tools
+    if not force and _completable(tools):
+        return _complete(tools, say)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     log = target.parent / f"{VERSION}.build.log"
@@ -115,6 +125,7 @@ def build_tools(*, root: Path | None = None, force: bool = False, say: Callable[
     with log.open("w") as out:
         _step([sys.executable, "-m", "venv", str(target / "venv")], out, log, "create the venv")
         _step([str(tools.python), "-m", "pip", "install", *PACKAGES], out, log, f"pip install {' '.join(PACKAGES)}")
+        _step([str(tools.python), "-m", "pip", "install", *SERVER_PACKAGES], out, log, "pip install llama_cpp.server's extras")
         with tempfile.TemporaryDirectory() as tmp:
             _step([str(tools.python), "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", tmp,
                    f"llama-cpp-python=={VERSION}"], out, log, "pip download the llama-cpp-python sdist")
@@ -122,12 +133,34 @@ def build_tools(*, root: Path | None = None, force: bool = False, say: Callable[
         for binary, sources in (("llama-quantize", ["tools/quantize/quantize.cpp", "tools/quantize/main.cpp"]),
                                 ("llama-imatrix", ["tools/imatrix/imatrix.cpp"])):
             _step(compile_command(tools, binary, sources), out, log, f"compile {binary}")
-        _step([str(tools.python), "-c", "import llama_cpp, gguf, sentencepiece, torch, transformers; print(llama_cpp.__version__)"],
+        _step([str(tools.python), "-c", "import llama_cpp, llama_cpp.server.app, gguf, sentencepiece, torch, transformers; "
+               "print(llama_cpp.__version__)"],
               out, log, "import the binding and the converter's packages")
         for binary in (tools.quantize, tools.imatrix):
             _step([str(binary), "--help"], out, log, f"run {binary.name}", ok=(0, 1))
-    (target / MARKER).write_text(json.dumps({"version": VERSION, "packages": list(PACKAGES)}) + "\n")
+    _write_marker(tools)
     say(f"llama.cpp tooling ready: {target}")
+    return tools
+
+
+def _write_marker(tools: LlamaCppTools) -> None:
+    (tools.root / MARKER).write_text(json.dumps({"version": VERSION, "packages": [*PACKAGES, *SERVER_PACKAGES]}) + "\n")
+
+
+def _completable(tools: LlamaCppTools) -> bool:
+    """A tooling built under an earlier marker: everything there but the server's packages."""
+    return (any((tools.root / m).exists() for m in EARLIER_MARKERS)
+            and tools.missing() == [str(tools.root / MARKER)])
+
+
+def _complete(tools: LlamaCppTools, say: Callable[[str], None]) -> LlamaCppTools:
+    log = tools.root.parent / f"{VERSION}.server.log"
+    say(f"adding llama_cpp.server's packages to {tools.root} (log {log})")
+    with log.open("w") as out:
+        _step([str(tools.python), "-m", "pip", "install", *SERVER_PACKAGES], out, log, "pip install llama_cpp.server's extras")
+        _step([str(tools.python), "-c", "import llama_cpp.server.app"], out, log, "import llama_cpp.server")
+    _write_marker(tools)
+    say(f"llama.cpp tooling ready: {tools.root}")
     return tools
 
 

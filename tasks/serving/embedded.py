@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import urllib.parse
 import uuid
@@ -26,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.app import BodyLimit, _add_error_handlers, new_app, request_error  # noqa: F401 - their old home
 from tunepipe.tasks.serving.batcher import Batcher
 from tunepipe.tasks.serving.engine import AdapterError, MultiLoraEngine, Row, Sampling
 from tunepipe.tasks.serving.protocol import (
@@ -93,10 +91,8 @@ def create_app(engine: MultiLoraEngine, config: ServeConfig, *, api_key: str | N
         yield
         await state.batcher.stop()
 
-    app = FastAPI(title="tunepipe embedded server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = new_app("tunepipe embedded server", config, api_key=api_key, lifespan=lifespan)
     app.state.serve = state
-    _add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=limits.max_request_bytes, timeout_s=config.request_body_timeout_s)
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
@@ -112,33 +108,27 @@ def create_app(engine: MultiLoraEngine, config: ServeConfig, *, api_key: str | N
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        state.authorize(request)
         return {"object": "list", "data": state.model_cards()}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> dict:
-        state.authorize(request)
         return state.model_card(model)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        state.authorize(request)
         return await state.respond(body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state.authorize(request)
         return await state.respond(body, request, chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
-        state.authorize(request)
         await state.load_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
-        state.authorize(request)
         await state.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -157,15 +147,7 @@ class _State:
         self.created = int(time.time())
         self.metrics = ServingMetrics("embedded")
 
-    # ------------------------------------------------------------ access
-
-    def authorize(self, request: Request) -> None:
-        if self.limits.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.limits.api_key):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)")
+    # ------------------------------------------------------------ models
 
     def model_cards(self) -> list[dict[str, Any]]:
         card = {"object": "model", "created": self.created, "owned_by": "tunepipe", "max_model_len": self.engine.context_length or None}
@@ -524,102 +506,3 @@ async def until_disconnected(awaitable, request: Request):
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-# ---------------------------------------------------------------------------- errors and limits
-
-def request_error(errors: list[dict[str, Any]]) -> APIError:
-    """A request body that failed validation → one 400 naming the field (OpenAI's `param`), not a
-    position in the JSON text or pydantic's wording."""
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
-    loc = tuple(first.get("loc", ()))[1:]  # drop "body"
-    kind = first.get("type", "")
-    cause = (first.get("ctx") or {}).get("error")
-    if kind == "json_invalid":
-        at = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
-        return APIError(400, f"request body is not valid JSON{at}: {cause or first.get('msg')}")
-    if isinstance(cause, UnsupportedField):
-        return APIError(400, str(cause), param=cause.param, code="unsupported_parameter")
-    if not loc:
-        if kind == "missing":
-            return APIError(400, "request body is missing or null: send a JSON object")
-        if kind in ("model_attributes_type", "dict_type", "model_type"):
-            return APIError(400, "request body must be a JSON object")
-    param = ""
-    for part in loc:
-        if isinstance(part, int):
-            param += f"[{part}]"
-        elif not str(part).startswith(("function-", "tagged-union")) and part not in ("str", "list[str]", "int", "list[dict[str,any]]"):
-            param += f".{part}" if param else str(part)
-    param = param or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"{param or 'body'}: {message}", param=param)
-
-
-def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(request_error(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = _error_response(APIError(exc.status_code, str(exc.detail)))
-        if exc.status_code == 408:  # the rest of the body may still be trickling in: do not keep the connection
-            response.headers["connection"] = "close"
-        return response
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug of ours: still OpenAI's shape (clients parse it), and the log has the traceback.
-        log.exception("unexpected error answering %s", request.url.path)
-        return _error_response(APIError(500, f"internal error ({type(exc).__name__}): see the server's log"))
-
-
-class BodyLimit:
-    """Refuse request bodies above `limit` bytes (413), whether or not Content-Length is sent, and bodies that
-    have not fully arrived `timeout_s` after the request started (408: a client trickling its body would
-    otherwise hold a connection, and a worker, for as long as it likes)."""
-
-    def __init__(self, app, limit: int, timeout_s: float | None = None):
-        self.app = app
-        self.limit = limit
-        self.timeout_s = timeout_s
-
-    def _message(self) -> str:
-        return f"request body exceeds this server's limit of {self.limit} bytes"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _error_response(APIError(413, self._message()))(scope, receive, send)
-        seen = 0
-        complete = False
-        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-
-        async def limited_receive():
-            nonlocal seen, complete
-            if complete or deadline is None:  # after the body: a disconnect is awaited for as long as it takes
-                message = await receive()
-            else:
-                try:
-                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
-                except asyncio.TimeoutError:
-                    raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-                if seen > self.limit:  # a chunked body: FastAPI passes HTTPException through its body parsing
-                    raise HTTPException(413, self._message())
-            return message
-
-        await self.app(scope, limited_receive, send)

@@ -1,5 +1,6 @@
-"""tunepipe's front in front of vLLM: the same OpenAI API, forwarded (streaming included), plus what
-vLLM does not do for us.
+"""tunepipe's front in front of an engine's own OpenAI server (vLLM, llama.cpp): the same OpenAI API, forwarded
+(streaming included), plus what the engine does not do for us. What differs between engines (the fields they
+honour, runtime adapter loads, their health route) is the engine's `Capabilities` (engines/base.py).
 
     client ──> front (tunepipe serve's --host/--port) ──> vLLM (127.0.0.1, a private port and key)
 
@@ -36,10 +37,9 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from tunepipe.schemas.serve import ServeConfig
-from tunepipe.tasks.serving.embedded import BodyLimit, _add_error_handlers
+from tunepipe.tasks.serving.app import new_app
+from tunepipe.tasks.serving.engines.base import Capabilities
 from tunepipe.tasks.serving.protocol import (
-    VLLM_EXTRA_FIELDS,
-    VLLM_NEUTRAL,
     APIError,
     UnsupportedField,
     check_adapter_name,
@@ -55,8 +55,9 @@ FORWARDED = ("/v1/chat/completions", "/v1/completions")
 def versioned_name(name: str, path: str | Path) -> str:
     """`NAME@<12 hex>`: the hash of the adapter's config and weights, so other weights get another name."""
     digest = hashlib.sha256()
-    for file in ADAPTER_FILES:
-        target = Path(path) / file
+    files = [Path(path)] if Path(path).is_file() else [Path(path) / file for file in ADAPTER_FILES]  # a GGUF LoRA: one file
+    for target in files:
+        file = target.name
         if target.is_file():
             digest.update(file.encode() + b"\0")
             with target.open("rb") as fh:
@@ -68,10 +69,14 @@ def versioned_name(name: str, path: str | Path) -> str:
 class Front:
     """The front's state: aliases → versioned names, their directories, the router, the upstream client."""
 
-    def __init__(self, config: ServeConfig, upstream: str, *, upstream_key: str | None, api_key: str | None):
+    def __init__(self, config: ServeConfig, upstream: str, *, upstream_key: str | None, api_key: str | None,
+                 capabilities: Capabilities | None = None, engine: str = "vllm"):
         import httpx
+        from tunepipe.tasks.serving.engines.vllm import VLLMEngine
 
         self.config = config
+        self.caps = capabilities or VLLMEngine.capabilities
+        self.engine = engine
         self.base_name = config.served_model_name or config.base
         self.allowed = tuple(Path(d).resolve() for d in config.allowed_adapter_dirs)
         self.api_key = api_key
@@ -80,7 +85,7 @@ class Front:
         self.router = WeightedRouter(config.router) if config.router else None
         headers = {"Authorization": f"Bearer {upstream_key}"} if upstream_key else {}
         self.http = httpx.AsyncClient(base_url=upstream, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
-        self.metrics = ServingMetrics("vllm")
+        self.metrics = ServingMetrics(engine)
         self.tokenizer: Any = None  # the base's, loaded at start: message contents are sent to vLLM as text
         self.lock = asyncio.Lock()  # loads and unloads one at a time: an alias moves once its version is loaded
 
@@ -97,7 +102,7 @@ class Front:
         from tunepipe.tasks.training.modeling import load_tokenizer
 
         try:
-            self.tokenizer = load_tokenizer(self.config.base)
+            self.tokenizer = (self.caps.tokenizer or load_tokenizer)(self.config.base)
         except (OSError, ValueError) as error:  # a base vLLM could serve always carries its tokenizer
             raise RuntimeError(f"the front cannot load the base's tokenizer from {self.config.base}: {error}") from error
 
@@ -111,13 +116,6 @@ class Front:
         if self.tokenizer is None or not isinstance(body.get("messages"), list):
             return body
         return {**body, "messages": data_messages(self.tokenizer, body["messages"])}
-
-    def authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)")
 
     def confined(self, path: str) -> Path:
         resolved = Path(path).resolve()  # follows symlinks: a link inside an allowed dir pointing out is refused
@@ -140,6 +138,9 @@ class Front:
                            param="lora_name")
         if name == self.base_name or (self.router and name == self.router.name):
             raise APIError(400, f"{name!r} is the name of the base model or the A/B router", param="lora_name")
+        if not self.caps.runtime_adapters:
+            raise APIError(400, f"the {self.engine} engine ({self.caps.label}) loads adapters at start only: restart "
+                           "`tunepipe serve` with --lora-modules NAME=PATH", param="lora_name", code="unsupported_parameter")
         resolved = self.confined(path)
         version = versioned_name(name, resolved)
         async with self.lock:
@@ -171,13 +172,13 @@ class Front:
         try:
             return await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
+            raise APIError(503, f"{self.caps.label} is not answering ({exc.__class__.__name__}): see its log") from None
 
     async def _upstream_ok(self, path: str, payload: dict[str, str]) -> None:
         response = await self.upstream("POST", path, json=payload)
         if response.status_code != 200:
             raise APIError(response.status_code if 400 <= response.status_code < 500 else 400,
-                           f"vLLM refused {path} {payload}: {_message(response)}")
+                           f"{self.caps.label} refused {path} {payload}: {_message(response)}")
 
     # ------------------------------------------------------------ models
 
@@ -186,7 +187,7 @@ class Front:
         by_id = {card["id"]: card for card in upstream}
         cards = list(upstream)
         for name, version in sorted(self.aliases.items()):
-            template = by_id.get(version, {"object": "model", "created": int(time.time()), "owned_by": "vllm",
+            template = by_id.get(version, {"object": "model", "created": int(time.time()), "owned_by": self.engine,
                                            "parent": self.base_name})
             cards.append({**template, "id": name, "root": self.paths.get(version), "version": version})
         if self.router is not None:
@@ -194,15 +195,22 @@ class Front:
                           "root": None, "parent": self.base_name, "router": dict(self.config.router.versions)})
         return cards
 
+    def serves(self, model: Any) -> bool:
+        """True for a name this server answers: the base, an adapter's alias or version, the A/B router."""
+        return model in (self.base_name, *self.aliases, *self.paths) or bool(self.router and model == self.router.name)
+
     def target(self, model: str) -> str:
         """The name vLLM knows for what a request asks for."""
         return self.aliases.get(model, model)
 
 
 def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None, api_key: str | None,
-                 alive=lambda: True) -> tuple[FastAPI, Front]:
-    """The front app forwarding to vLLM at `upstream`; call `front.start_modules()` before starting vLLM."""
-    front = Front(config, upstream, upstream_key=upstream_key, api_key=api_key)
+                 alive=lambda: True, capabilities: Capabilities | None = None,
+                 engine: str = "vllm") -> tuple[FastAPI, Front]:
+    """The front app forwarding to the engine's server at `upstream`; call `front.start_modules()` before starting it."""
+    front = Front(config, upstream, upstream_key=upstream_key, api_key=api_key, capabilities=capabilities, engine=engine)
+    capabilities = front.caps
+    label = capabilities.label
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -210,29 +218,25 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
         yield
         await front.http.aclose()
 
-    app = FastAPI(title="tunepipe front for vLLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = new_app(f"tunepipe front for {label}", config, api_key=api_key, lifespan=lifespan)
     app.state.front = front
-    _add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=config.max_request_bytes, timeout_s=config.request_body_timeout_s)
 
     @app.get("/health")
     async def health() -> Response:
         if not alive():
-            return PlainTextResponse("vLLM exited", status_code=503)
+            return PlainTextResponse(f"{label} exited", status_code=503)
         try:
-            response = await front.http.get("/health")
+            response = await front.http.get(capabilities.health_path)
         except Exception:  # noqa: BLE001 - unreachable upstream is "not healthy", nothing more
-            return PlainTextResponse("vLLM is not answering", status_code=503)
+            return PlainTextResponse(f"{label} is not answering", status_code=503)
         return PlainTextResponse("", status_code=200 if response.status_code == 200 else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        front.authorize(request)
         return {"object": "list", "data": await front.model_cards()}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> dict:
-        front.authorize(request)
         for card in await front.model_cards():
             if card["id"] == model:
                 return card
@@ -240,7 +244,7 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        """The front's own counters (what clients asked and got); vLLM's engine metrics stay on vLLM's /metrics."""
+        """The front's own counters (what clients asked and got); the engine's own metrics stay on its server."""
         return Response(front.metrics.render(), media_type=front.metrics.content_type)
 
     @app.get("/version")
@@ -249,18 +253,16 @@ def create_front(config: ServeConfig, upstream: str, *, upstream_key: str | None
             upstream = (await front.http.get("/version")).json().get("version")
         except Exception:  # noqa: BLE001 - an engine not answering has no version to report
             upstream = None
-        return {"version": tunepipe_version(), "engine": "vllm", "vllm": upstream, "model": front.base_name}
+        return {"version": tunepipe_version(), "engine": engine, engine: upstream, "model": front.base_name}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> PlainTextResponse:
-        front.authorize(request)
         body = await _json(request)
         await front.load(body.get("lora_name"), str(body.get("lora_path") or ""))
         return PlainTextResponse(f"Success: LoRA adapter '{body.get('lora_name')}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> PlainTextResponse:
-        front.authorize(request)
         body = await _json(request)
         await front.unload(str(body.get("lora_name")))
         return PlainTextResponse(f"Success: LoRA adapter '{body.get('lora_name')}' removed successfully.")
@@ -274,12 +276,16 @@ def _forwarder(front: Front, path: str):
     endpoint = "chat" if path.endswith("chat/completions") else "completions"
 
     async def forward(request: Request) -> Response:
-        front.authorize(request)
         body = await _json(request)
-        try:  # vLLM logs and drops fields it does not know: refused here instead, naming the field
-            check_fields(body, endpoint, VLLM_NEUTRAL, VLLM_EXTRA_FIELDS)
+        caps = front.caps
+        try:  # the engine's server logs and drops fields it does not know: refused here instead, naming the field
+            check_fields(body, endpoint, caps.neutral, caps.extra_fields)
         except UnsupportedField as exc:
             raise APIError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
+        if caps.adapt is not None:
+            body = caps.adapt(body, endpoint)
+        if not caps.checks_models and not front.serves(body.get("model")):
+            raise APIError(404, f"The model `{body.get('model')}` does not exist.", param="model", code="model_not_found")
         assignment = None
         if front.router is not None and body.get("model") == front.router.name:
             assignment = front.router.choose(body.get("user"))
@@ -297,13 +303,15 @@ def _forwarder(front: Front, path: str):
             if assignment is not None:
                 front.router.record(assignment, endpoint=path, status="error 503")
             front.metrics.refused(path, UNKNOWN_MODEL, 503)
-            raise APIError(503, f"vLLM is not answering ({exc.__class__.__name__}): see its log") from None
+            raise APIError(503, f"{caps.label} is not answering ({exc.__class__.__name__}): see its log") from None
         # a label only for names vLLM served (a 200): made-up model names must not grow the metric's label set
         label = str(asked) if response.status_code == 200 else UNKNOWN_MODEL
         if response.status_code != 200 or not body.get("stream"):
             content = await response.aread()
             await response.aclose()
             content = _rename(content, body["model"], asked)
+            if response.status_code != 200:
+                content = _openai_error(content, response.status_code, front.caps.label)
             status = "ok" if response.status_code == 200 else f"error {response.status_code}"
             usage = _usage(content)
             if assignment is not None:
@@ -364,6 +372,19 @@ def _rename(content: bytes, served: str, asked: Any) -> bytes:
     if not isinstance(asked, str) or served == asked:
         return content
     return content.replace(json.dumps(served).encode(), json.dumps(asked).encode())
+
+
+def _openai_error(content: bytes, status: int, label: str) -> bytes:
+    """An engine's error body in OpenAI's shape ({"error": {...}}), as clients parse it; one already in it is kept."""
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return content
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    message = json.dumps(detail)[:1000] if detail is not None else content.decode(errors="replace")[:1000]
+    return json.dumps(APIError(status, f"{label}: {message}").body()).encode()
 
 
 def _usage(content: bytes) -> dict[str, int]:

@@ -19,22 +19,22 @@ class HealthTimeout(RuntimeError):
     """A server did not become healthy in time, or exited while we waited."""
 
 
-def is_healthy(url: str, timeout: float = 2.0) -> bool:
+def is_healthy(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     """True when GET `url` answers 200 (no proxy: the servers are local or on the cluster network)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
 def wait_healthy(url: str, timeout: float, *, alive: Callable[[], bool] = lambda: True, interval: float = 0.2,
-                 describe: Callable[[], str] = lambda: "") -> None:
+                 describe: Callable[[], str] = lambda: "", headers: dict[str, str] | None = None) -> None:
     """Poll `url` until it answers 200; `HealthTimeout` when `timeout` passes or `alive()` turns False."""
     deadline = time.monotonic() + timeout
     while True:
-        if is_healthy(url):
+        if is_healthy(url, headers=headers):
             return
         if not alive():
             raise HealthTimeout(f"the server exited before {url} answered{describe()}")

@@ -124,15 +124,14 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan:
             "no base model to serve: pass one (tunepipe serve BASE), set serve.base, or register adapters with their "
             "base model (the deploy stage does)"
         )
-    from tunepipe.tasks.training.modeling import model_dir
+    from tunepipe.tasks.serving.engines import engine_named
 
-    base = model_dir(base)  # a GGUF: both engines serve its converted directory
-    modules = dict(config.lora_modules) if config.lora_modules else dict(plan.adapters)
-    ranks = [adapter_rank(p) for p in modules.values() if (Path(p) / "adapter_config.json").is_file()]
     engine = choose_engine(config, profile)
-    max_rank = config.max_lora_rank or max([profile.serving.max_lora_rank, *ranks])
-    if engine == "vllm":
-        max_rank = vllm_rank(max_rank)
+    server = engine_named(engine)
+    modules = server.resolve_adapters(dict(config.lora_modules) if config.lora_modules else dict(plan.adapters))
+    base = server.resolve_base(base, config.model_copy(update={"lora_modules": modules}))  # a GGUF: see the engine
+    ranks = [adapter_rank(p) for p in modules.values() if (Path(p) / "adapter_config.json").is_file()]
+    max_rank = server.resolve_rank(config.max_lora_rank or max([profile.serving.max_lora_rank, *ranks]))
     allowed = list(config.allowed_adapter_dirs)
     if plan.registry and plan.registry not in allowed:
         allowed.append(plan.registry)  # the registry's own copies are what deploy hot-loads
