@@ -92,7 +92,10 @@ class BitFitMethod(_Method):
     name: Literal["bitfit"] = Field(description="Method: train the biases only.")
 
 
-class _LoraFields(_Method):
+class LoraSettings(StrictModel):
+    """A LoRA adapter's settings, the same wherever one is trained (sft/pretrain `lora`/`qlora`/`lora_plus`,
+    align's adapter on a full-model SFT result); `peft_methods.lora_config` turns them into a `peft.LoraConfig`."""
+
     r: int = Field(default=8, ge=1, description="LoRA rank.")
     alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -121,13 +124,17 @@ class _LoraFields(_Method):
         return value
 
     @model_validator(mode="after")
-    def _parameter_lora(self) -> "_LoraFields":
+    def _parameter_lora(self) -> "LoraSettings":
         if self.target_parameters and self.dropout:
             raise ValueError(
                 f"target_parameters {self.target_parameters} needs dropout: 0 (PEFT's LoRA on parameters has no input "
                 f"dropout); dropout is {self.dropout}"
             )
         return self
+
+
+class _LoraFields(_Method, LoraSettings):
+    """The LoRA-family methods of sft/pretrain: a method (`name`) with LoRA's settings."""
 
 
 class LoraMethod(_LoraFields):

@@ -49,12 +49,10 @@ def _load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfi
     from tunepipe.tasks.training.trainer import load_base
 
     if job["sft_kind"] == "model":
-        from peft import LoraConfig
+        from tunepipe.tasks.training.peft_methods import lora_config
 
         model = load_base(job["sft_dir"], method, env)
-        lora = config.lora
-        target = list(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target)), tokenizer
+        return get_peft_model(model, lora_config(config.lora)), tokenizer
     model = load_base(job["base_model"], method, env)
     if isinstance(method, QLoraMethod):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=env.gradient_checkpointing)

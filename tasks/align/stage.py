@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
+from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
@@ -107,7 +107,7 @@ class AlignStage(Stage):
         heldout_pairs: dict[str, list[dict[str, Any]]] = {}
         dataset_pairs: dict[str, list[dict[str, Any]]] = {}  # held-out first: the judge's agreement check
         for run, spec in runs.items():
-            trains_on_pairs = method.name in PAIRWISE_METHODS and config.preferences.source == "dataset"
+            trains_on_pairs = config.trains_on_pairs() and config.preferences.source == "dataset"
             pairs: list[dict[str, Any]] = []
             if trains_on_pairs:  # required: fail naming the file and the tasks present
                 pairs = read_pairs(data_dir, f"align ({run})", spec["tasks"])
@@ -116,7 +116,7 @@ class AlignStage(Stage):
             train_pairs, heldout_pairs[run] = split_pairs(pairs, HELDOUT_FRACTION)
             dataset_pairs[run] = heldout_pairs[run] + train_pairs
             prompts = prompt_records(data_dir, "train", spec["tasks"], config.max_prompts)
-            if (method.name in ONLINE_METHODS or config.preferences.source == "on_policy") and not prompts:
+            if config.samples_prompts() and not prompts:
                 raise StageFailed(f"align ({run}): no train prompts of tasks {spec['tasks'] or 'all'} in {data_dir}/train.jsonl")
             if trains_on_pairs and not train_pairs:
                 raise StageFailed(f"align ({run}): every preference pair in {data_dir} is held out: none left to train on")

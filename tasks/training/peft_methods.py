@@ -26,6 +26,7 @@ from tunepipe.schemas.sft import (
     IA3Method,
     LoraMethod,
     LoraPlusMethod,
+    LoraSettings,
     MamAdapterMethod,
     PrefixTuningMethod,
     PromptTuningMethod,
@@ -44,8 +45,9 @@ def _targets(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-def lora_config(method: LoraMethod | QLoraMethod | LoraPlusMethod, *, for_counting: bool = False) -> Any:
-    """`peft.LoraConfig`. `for_counting`: default init (PiSSA/OLoRA need real weights; counts are the same)."""
+def lora_config(method: LoraSettings, *, for_counting: bool = False) -> Any:
+    """`peft.LoraConfig` of any LoRA settings: sft/pretrain's LoRA methods and align's adapter alike.
+    `for_counting`: default init (PiSSA/OLoRA need real weights; counts are the same)."""
     from peft import LoraConfig
 
     return LoraConfig(
