@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.align import AlignConfig
+from tunepipe.tasks.align.train import AlignJob
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
@@ -125,14 +127,13 @@ class AlignStage(Stage):
                 ctx.logger.info("align: %s already trained in an earlier attempt", run)
                 metrics_by_run[run] = json.loads(done_file.read_text())
                 continue
-            job = {
-                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"), "run": run,
-                "sft_dir": spec["sft_dir"], "sft_kind": sft_outputs.kind, "sft_config": sft_config,
-                "base_model": base_model, "reward_dir": reward_dir, "train_pairs": train_pairs, "prompts": prompts,
-                "pairs_file": str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
-                "output_dir": str(ctx.staging_dir), "save_to": spec["save_to"], "checkpoint_dir": str(ctx.checkpoint_dir / run),
-                "judge_cache": str(ctx.checkpoint_dir / JUDGE_CACHE),
-            }
+            job = AlignJob(
+                config=config, env=ctx.env, run=run, sft_dir=spec["sft_dir"], sft_kind=sft_outputs.kind,
+                sft_config=sft_config, base_model=base_model, reward_dir=reward_dir, train_pairs=train_pairs, prompts=prompts,
+                pairs_file=str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
+                output_dir=str(ctx.staging_dir), save_to=spec["save_to"], checkpoint_dir=str(ctx.checkpoint_dir / run),
+                judge_cache=str(ctx.checkpoint_dir / JUDGE_CACHE),
+            )
             ctx.logger.info("align: %s on %s → %s", method.name, run, spec["save_to"])
             metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / f"{run}.launch")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ class AlignStage(Stage):
         # What the SFT policy was trained from: its adapters' base, or (a full fine-tune) the model sft started from.
         origin = sft_outputs.base_model or sft_config.get("model") or next((ctx.inputs[n].path for n in ("pretrain", "base_model") if n in ctx.inputs), "")
         general = applies(settings.general_set, str(origin), ctx.inputs)
-        reward = load_reward_model(reward_dir, ctx.env.dtype) if reward_dir else None
+        reward = load_reward_model(reward_dir, hardware(ctx.env).dtype) if reward_dir else None
         beta = getattr(config.method, "beta", None)
         results: dict[str, Any] = {}
         for run, spec in runs.items():

@@ -10,10 +10,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from tunepipe.schemas.align import AlignConfig
-from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.jobs import TrainingJob
+
+
+class AlignJob(TrainingJob):
+    """One align run, as the stage hands it to `align_job` (through a launcher or not)."""
+
+    config: AlignConfig
+    run: str = Field(description="The run's name: a task (per-task SFT adapters) or `all`.")
+    sft_dir: str = Field(description="The SFT adapter (or full model) this run continues.")
+    sft_kind: Literal["adapter", "adapters", "model"] = Field(description="The SFT artifact's kind.")
+    sft_config: dict[str, Any] = Field(description="The SFT stage's manifest config (its `method` decides how the base loads).")
+    base_model: str = Field(description="The base the SFT adapter was trained on (the SFT model itself for a full-model SFT).")
+    reward_dir: str | None = Field(default=None, description="The reward artifact, when the pipeline has one.")
+    train_pairs: list[dict[str, Any]] = Field(default_factory=list, description="Train preference pairs (dataset source).")
+    prompts: list[dict[str, Any]] = Field(default_factory=list, description="Train prompts with reference answers.")
+    pairs_file: str = Field(description="Where on-policy pairs are written.")
+    save_to: str = Field(description="The adapter's directory under output_dir.")
+    judge_cache: str = Field(description="The AI judge's cache file.")
 
 
 def check_policy(config: AlignConfig) -> Any:
@@ -111,13 +129,14 @@ def reward_signal_checks(unit: Any, config: AlignConfig, steps: dict[str, list[d
     return out
 
 
-def align_job(job: dict[str, Any]) -> dict[str, Any]:
+def align_job(job: AlignJob) -> dict[str, Any]:
     """Train one policy with its method's unit (tasks/align/methods/); returns its metrics (rank 0
     also saves the adapter)."""
     from datasets.utils.logging import disable_progress_bar
     from tunepipe.tasks.align.methods import AlignRun, unit_for
     from tunepipe.tasks.align.policy import load_policy, save_policy
     from tunepipe.tasks.training import checks
+    from tunepipe.tasks.training.hardware import hardware
     from tunepipe.tasks.training.judge import CachedJudge
     from tunepipe.tasks.training.plots import step_history
     from tunepipe.tasks.training.reward_model import load_reward_model
@@ -131,19 +150,17 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     )
 
     disable_progress_bar()
-    config = AlignConfig.model_validate(job["config"])
-    env = EnvironmentProfile.model_validate(job["env"])
+    config, env, name = job.config, job.env, job.run
     unit = unit_for(config.method)
-    name = job.get("run", "all")
     seed_everything(config.training.seed)
-    model, tokenizer = load_policy(job, config, env)
-    reward = load_reward_model(job["reward_dir"], env.dtype) if job.get("reward_dir") else None
+    model, tokenizer = load_policy(job)
+    reward = load_reward_model(job.reward_dir, hardware(env).dtype) if job.reward_dir else None
     keys = unit.step_metrics(config.method)
     run = AlignRun(
         config=config, env=env, job=job, model=model, tokenizer=tokenizer,
-        base_args=training_kwargs(config.training, env, job["checkpoint_dir"]),
+        base_args=training_kwargs(config.training, env, job.checkpoint_dir),
         callbacks=make_callbacks(model, None, f"align ({name}, {config.method.name})", watch=keys),
-        reward=reward, judge=CachedJudge(config.judge, job["judge_cache"]) if config.uses_judge() else None,
+        reward=reward, judge=CachedJudge(config.judge, job.judge_cache) if config.uses_judge() else None,
     )
     trainer = unit.build_trainer(run)
     policy = unit.policy(trainer)
@@ -155,13 +172,13 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     history = loss_history(trainer)
     metrics["checks"] = self_checks(unit, config, trainer, metrics, history, steps, changed, name)
     if is_main_process():
-        save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
+        save_policy(policy, tokenizer, Path(job.output_dir) / job.save_to)
     if run.judge is not None:
         run.extra["judge"] = run.judge.stats()
     metrics.update(
         {
             **run.extra,
-            "prompts": len(job.get("prompts") or []),
+            "prompts": len(job.prompts),
             "world_size": int(trainer.args.world_size),
             "trainable_parameters": trainable,
             "total_parameters": total,

@@ -33,6 +33,7 @@ from tunepipe.tasks.core.artifacts import read_manifest
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.evaluate.gate import AlignmentEvidence, GateEvidence, decide
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.evaluate.generation import ModelSource, ModelSpec
 
 ARTIFACT_FILES = ("report.md", "report.html", "task_metrics.png", "ab.png", "predictions.jsonl", "metrics.json", GateVerdict.FILE)
@@ -229,7 +230,8 @@ def pairwise(config: EvaluateConfig, runs: dict[str, TaskRun], ctx: StageContext
             outcomes[task] = judges.rule_outcomes(run.candidate_values[config.primary_metric], run.baseline_values[config.primary_metric], settings.tie_margin)
     elif settings.judge == "reward_model":
         flat = [p for task_pairs in pairs.values() for p in task_pairs]
-        cand, base = judges.reward_model_scores(ctx.inputs["reward"].path, flat, ctx.env.dtype, ctx.env.device)
+        hw = hardware(ctx.env)
+        cand, base = judges.reward_model_scores(ctx.inputs["reward"].path, flat, hw.dtype, hw.device)
         flat_outcomes = judges.rule_outcomes(cand, base, settings.tie_margin)
         extra = {"reward_candidate_mean": round(_mean(cand), 4), "reward_baseline_mean": round(_mean(base), 4)}
         start = 0

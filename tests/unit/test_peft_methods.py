@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.schemas.sft import FreezeMethod, LoraMethod, QLoraMethod, SFTConfig
 from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.core.environment import load_environment
 
 
@@ -110,7 +111,7 @@ def test_trainer_args_come_from_the_profile(tmp_path):
     assert args.use_cpu and not args.bf16 and not args.fp16 and not args.gradient_checkpointing
     assert args.per_device_train_batch_size == cpu.per_device_batch_size and args.output_dir == str(tmp_path)
     gpu = load_environment("single-gpu-24gb").model_copy(update={"device": "cpu"})  # no GPU here: device only
-    flags = peft_methods.precision_flags(load_environment("single-gpu-24gb"))
+    flags = hardware(load_environment("single-gpu-24gb")).precision_flags()
     assert flags == {"bf16": True, "fp16": False, "use_cpu": False}
     assert gpu.gradient_checkpointing and gpu.gradient_accumulation_steps == 4
     assert not args.use_liger_kernel
@@ -166,12 +167,10 @@ def test_yaml_section_validates_and_errors_name_path_and_line():
 
 def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
     # The Trainer never moves a bitsandbytes model: on CUDA the 4-bit base must load on the GPU.
-    from tunepipe.tasks.training.trainer import quantized_device_map
-
-    assert quantized_device_map(load_environment("cpu")) is None
-    assert quantized_device_map(load_environment("single-gpu-24gb")) == {"": 0}
+    assert hardware(load_environment("cpu")).quantized_device_map() is None
+    assert hardware(load_environment("single-gpu-24gb")).quantized_device_map() == {"": 0}
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert quantized_device_map(load_environment("multi-gpu-deepspeed")) == {"": 3}
+    assert hardware(load_environment("multi-gpu-deepspeed")).quantized_device_map() == {"": 3}
 
     # load_base hands it to from_pretrained for a 4-bit base only (the Trainer moves the others).
     import tunepipe.tasks.training.modeling as modeling

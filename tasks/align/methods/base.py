@@ -6,10 +6,13 @@ TRL pairs `dpo_config.py` with `dpo_trainer.py`; `tasks/align/train.py` runs any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tunepipe.schemas.align import AlignConfig, AlignMethodConfig, method_name
 from tunepipe.schemas.environment import EnvironmentProfile
+
+if TYPE_CHECKING:  # the job's module imports the units' registry when it runs
+    from tunepipe.tasks.align.train import AlignJob
 
 
 @dataclass
@@ -19,7 +22,7 @@ class AlignRun:
 
     config: AlignConfig
     env: EnvironmentProfile
-    job: dict[str, Any]
+    job: "AlignJob"
     model: Any
     tokenizer: Any
     base_args: dict[str, Any]
@@ -31,7 +34,7 @@ class AlignRun:
     @property
     def name(self) -> str:
         """The run's name (a task, or `all`)."""
-        return self.job.get("run", "all")
+        return self.job.run
 
 
 class AlignMethodUnit:
@@ -68,7 +71,7 @@ class AlignMethodUnit:
         """Train (resuming from the run's last checkpoint); step, timing and token metrics."""
         from tunepipe.tasks.training.trainer import fit
 
-        return fit(trainer, run.job["checkpoint_dir"])
+        return fit(trainer, run.job.checkpoint_dir)
 
     def zero_std_fractions(self, steps: dict[str, list[dict[str, float]]]) -> list[float]:
         """Per step, the share of reward groups whose samples all earned the same reward (online methods)."""

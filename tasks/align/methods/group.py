@@ -80,7 +80,7 @@ class GroupUnit(AlignMethodUnit):
             "router_aux_loss_coef": router_loss_weight(run.model),  # TRL adds the MoE load-balancing loss itself
         }
         dataset = Dataset.from_list(
-            [{"prompt": data_messages(tokenizer, p["prompt"]), "reference": p["reference"]} for p in run.job["prompts"]]
+            [{"prompt": data_messages(tokenizer, p["prompt"]), "reference": p["reference"]} for p in run.job.prompts]
         )
         config_cls, trainer_cls = self.trl_classes()
         return trainer_cls(

@@ -43,12 +43,12 @@ class PairwiseUnit(AlignMethodUnit):
 
         config, job = run.config, run.job
         if config.preferences.source != "on_policy":
-            return job["train_pairs"]
+            return job.train_pairs
         pairs, run.extra["on_policy"] = on_policy_pairs(
-            run.model, run.tokenizer, job["prompts"], config.preferences, run.reward, config.training.seed, run.judge
+            run.model, run.tokenizer, job.prompts, config.preferences, run.reward, config.training.seed, run.judge
         )
         if is_main_process():
-            Path(job["pairs_file"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            Path(job.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs))
         require_pairs(run.name, config, run.extra["on_policy"])
         return pairs
 

@@ -20,7 +20,7 @@ class PPO(AlignMethodUnit):
 
     def build_trainer(self, run: AlignRun) -> Any:
         return ppo.ppo_trainer(
-            run.config, run.env, run.model, run.tokenizer, run.job["prompts"], run.base_args, run.callbacks, run.reward
+            run.config, run.env, run.model, run.tokenizer, run.job.prompts, run.base_args, run.callbacks, run.reward
         )
 
     def policy(self, trainer: Any) -> Any:
