@@ -20,7 +20,8 @@ from pydantic import Field, SerializeAsAny, ValidatorFunctionWrapHandler, field_
 from tunepipe.schemas.base import CheckAction, StrictModel, self_checks_field
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.evaluate import EndpointSettings
-from tunepipe.schemas.sft import LoraSettings, TrainingConfig, method_shorthand
+from tunepipe.schemas.methods import LoraSettings, method_shorthand
+from tunepipe.schemas.training import TrainingConfig
 
 # What trl 1.12's DPOConfig.loss_type accepts.
 DPO_LOSS_TYPES = (

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import QLoraMethod, SFTConfig
+from tunepipe.schemas.methods import QLoraMethod
+from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.align.train import AlignJob
 from tunepipe.tasks.core.stage import StageFailed
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.reward import RewardConfig
-from tunepipe.schemas.sft import QLoraMethod
+from tunepipe.schemas.methods import QLoraMethod
 from tunepipe.tasks.reward.train import RewardJob
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput

@@ -13,7 +13,7 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.schemas.reward import RewardConfig
 from tunepipe.tasks.training.hardware import hardware
-from tunepipe.schemas.sft import QLoraMethod
+from tunepipe.schemas.methods import QLoraMethod
 
 STEP_METRICS = {"loss": "loss", "accuracy": "train_accuracy", "margin": "train_margin", "mean_reward": "mean_reward"}
 

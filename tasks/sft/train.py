@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import Field
 from tunepipe.schemas.jobs import TrainingJob
-from tunepipe.schemas.sft import LoraMethod, SFTConfig
+from tunepipe.schemas.methods import LoraMethod
+from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import checks as checks_
 from tunepipe.tasks.training import peft_methods

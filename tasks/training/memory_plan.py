@@ -64,12 +64,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import (
-    LOMO_OPTIMIZERS,
-    FreezeMethod,
-    QLoraMethod,
-    TrainingConfig,
-)
+from tunepipe.schemas.methods import FreezeMethod, QLoraMethod
+from tunepipe.schemas.training import LOMO_OPTIMIZERS, TrainingConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import moe, peft_methods
 from tunepipe.tasks.training.hardware import hardware

@@ -1,6 +1,6 @@
 """Config → library object, one small function per object.
 
-`sft.method` / `pretrain.method` (schemas/sft.py) become a `peft.*Config`, a
+`sft.method` / `pretrain.method` (schemas/methods.py) become a `peft.*Config`, a
 `BitsAndBytesConfig`, an optimiser name, a `trl.SFTConfig`; full / freeze / bitfit (which PEFT
 does not have) become `requires_grad` flags. Nothing here decides hardware: precision, FSDP,
 checkpointing and attention are `tasks/training/hardware.py`'s decisions, the batch the profile's.
@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import (
-    LOMO_OPTIMIZERS,
+from tunepipe.schemas.methods import (
     AdaLoraMethod,
     AdapterDropMethod,
     AdapterFusionMethod,
@@ -33,9 +32,9 @@ from tunepipe.schemas.sft import (
     PTuningMethod,
     PTuningV2Method,
     QLoraMethod,
-    TrainingConfig,
     UniPeltMethod,
 )
+from tunepipe.schemas.training import LOMO_OPTIMIZERS, TrainingConfig
 from tunepipe.tasks.training.hardware import hardware
 
 CAUSAL_LM = "CAUSAL_LM"

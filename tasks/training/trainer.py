@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import QLoraMethod, TrainingConfig
+from tunepipe.schemas.methods import QLoraMethod
+from tunepipe.schemas.training import TrainingConfig
 from tunepipe.tasks.training import peft_methods
 from tunepipe.tasks.training.hardware import hardware
 

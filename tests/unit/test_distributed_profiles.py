@@ -104,7 +104,7 @@ def test_plan_divides_lora_state_under_fsdp():
 
 
 def test_fsdp_profile_reaches_the_trainer_as_fsdp2():
-    from tunepipe.schemas.sft import TrainingConfig
+    from tunepipe.schemas.training import TrainingConfig
     from tunepipe.tasks.training.peft_methods import training_arguments
 
     env = load_environment("multi-gpu-fsdp")

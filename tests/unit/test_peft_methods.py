@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from tunepipe.schemas.pretrain import PretrainConfig
-from tunepipe.schemas.sft import FreezeMethod, LoraMethod, QLoraMethod, SFTConfig
+from tunepipe.schemas.methods import FreezeMethod, LoraMethod, QLoraMethod
+from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.training import peft_methods
 from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.core.environment import load_environment
@@ -193,7 +194,7 @@ def test_liger_changes_the_training_key():
 
 
 def test_newer_methods_convert_to_their_library_objects():
-    from tunepipe.schemas.sft import TrainingConfig
+    from tunepipe.schemas.training import TrainingConfig
 
     v2 = peft_methods.peft_config(SFTConfig.model_validate({"method": {"name": "p_tuning_v2", "num_virtual_tokens": 7}}).method)
     assert type(v2).__name__ == "PrefixTuningConfig" and v2.num_virtual_tokens == 7 and not v2.prefix_projection
