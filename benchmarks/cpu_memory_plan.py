@@ -172,7 +172,7 @@ def run_dpo(model: str, env: Any, max_length: int, steps: int, work: Path, sft_d
 
     config = AlignConfig.model_validate({"method": {"name": "dpo"}, "max_length": max_length, "training": _training(steps)})
     job = AlignJob(
-        config=config, env=env, run="all", sft_dir=str(sft_dir), sft_kind="adapter", sft_config={"method": LORA},
+        config=config, env=env, run="all", sft_dir=str(sft_dir), sft_kind="adapter", sft_method=LORA,
         base_model=model, pairs_file=str(work / "pairs.jsonl"), output_dir=str(work), save_to="adapter",
         checkpoint_dir=str(work / "ckpt"), judge_cache=str(work / "judge.sqlite"),
     )

@@ -38,7 +38,7 @@ def load_policy(job: AlignJob) -> tuple[Any, Any]:
     from tunepipe.tasks.training.modeling import load_tokenizer
     from tunepipe.tasks.training.moe import apply_router
 
-    method = sft_method(job.sft_config)
+    method = job.sft_method
     tokenizer = load_tokenizer(job.sft_dir)
     model, tokenizer = _load_policy(job, method, tokenizer)
     apply_router(model, job.config.training.router)
@@ -84,11 +84,10 @@ def save_policy(model: Any, tokenizer: Any, dest: Path) -> None:
 class PolicyPair:
     """The SFT policy and the aligned policy on one loaded base, switched by adapter name."""
 
-    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, sft_config: dict[str, Any], env: EnvironmentProfile):
+    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, method: Any, env: EnvironmentProfile):
         from peft import PeftModel
         from tunepipe.tasks.training.trainer import load_base
 
-        method = sft_method(sft_config)
         if sft_kind == "model":
             base = load_base(sft_dir, method, env)
             self.model = PeftModel.from_pretrained(base, aligned_dir, adapter_name="aligned").eval()

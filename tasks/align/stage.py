@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.align import AlignConfig
-from tunepipe.tasks.align.train import AlignJob
-from tunepipe.tasks.training.hardware import hardware
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.tasks.align.policy import sft_method
+from tunepipe.tasks.align.train import AlignJob
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.stage_base import training_env_payload
 
 ENTRYPOINT = "tunepipe.tasks.align.train:align_job"
@@ -129,7 +130,7 @@ class AlignStage(Stage):
                 continue
             job = AlignJob(
                 config=config, env=ctx.env, run=run, sft_dir=spec["sft_dir"], sft_kind=sft_outputs.kind,
-                sft_config=sft_config, base_model=base_model, reward_dir=reward_dir, train_pairs=train_pairs, prompts=prompts,
+                sft_method=sft_method(sft_config), base_model=base_model, reward_dir=reward_dir, train_pairs=train_pairs, prompts=prompts,
                 pairs_file=str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
                 output_dir=str(ctx.staging_dir), save_to=spec["save_to"], checkpoint_dir=str(ctx.checkpoint_dir / run),
                 judge_cache=str(ctx.checkpoint_dir / JUDGE_CACHE),
@@ -208,7 +209,7 @@ class AlignStage(Stage):
         results: dict[str, Any] = {}
         for run, spec in runs.items():
             aligned_dir = str(ctx.staging_dir / spec["save_to"])
-            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_config, ctx.env)
+            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_method(sft_config), ctx.env)
             tokenizer = load_tokenizer(aligned_dir)
             pairs = heldout_pairs.get(run, [])[: settings.max_pairs] if settings.max_pairs else []
             examples = heldout_prompts(data_dir, spec["tasks"], settings.max_examples_per_task) if settings.max_examples_per_task else []

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.jobs import TrainingJob
+from tunepipe.schemas.methods import MethodConfig
 
 
 class AlignJob(TrainingJob):
@@ -24,7 +25,7 @@ class AlignJob(TrainingJob):
     run: str = Field(description="The run's name: a task (per-task SFT adapters) or `all`.")
     sft_dir: str = Field(description="The SFT adapter (or full model) this run continues.")
     sft_kind: Literal["adapter", "adapters", "model"] = Field(description="The SFT artifact's kind.")
-    sft_config: dict[str, Any] = Field(description="The SFT stage's manifest config (its `method` decides how the base loads).")
+    sft_method: MethodConfig = Field(description="The SFT run's method (decides how the base loads: 4-bit for qlora).")
     base_model: str = Field(description="The base the SFT adapter was trained on (the SFT model itself for a full-model SFT).")
     reward_dir: str | None = Field(default=None, description="The reward artifact, when the pipeline has one.")
     train_pairs: list[dict[str, Any]] = Field(default_factory=list, description="Train preference pairs (dataset source).")

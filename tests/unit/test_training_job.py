@@ -20,7 +20,7 @@ def _job(tmp_path) -> AlignJob:
     return AlignJob(
         config=AlignConfig.model_validate({"method": {"name": "grpo", "rewards": ["exact_match"]}}),
         env=load_environment("cpu"), run="sentiment", sft_dir=str(tmp_path / "sft"), sft_kind="adapters",
-        sft_config={"method": {"name": "lora", "r": 4}}, base_model=str(tmp_path / "base"),
+        sft_method={"name": "lora", "r": 4}, base_model=str(tmp_path / "base"),
         prompts=[{"prompt": [{"role": "user", "content": "hi"}], "reference": "hello"}],
         pairs_file=str(tmp_path / "pairs.jsonl"), output_dir=str(tmp_path), save_to="adapters/sentiment",
         checkpoint_dir=str(tmp_path / "ckpt"), judge_cache=str(tmp_path / "judge"),
