@@ -216,3 +216,19 @@ def test_adapter_fusion_refuses_an_artifact_without_per_task_adapters(tmp_path):
     method = SFTConfig.model_validate({"method": {"name": "adapter_fusion", "adapters_from": str(tmp_path)}}).method
     with pytest.raises(ValueError, match="need at least two"):
         peft_methods.peft_config(method)
+
+
+def test_align_adapter_is_built_by_the_same_lora_builder_with_lora_settings():
+    # One LoraConfig builder for sft and align: align's adapter on a full-model SFT result takes LoRA's settings too.
+    from tunepipe.schemas.align import AlignConfig
+
+    lora = AlignConfig.model_validate(
+        {"lora": {"r": 4, "alpha": 8, "use_rslora": True, "use_dora": True, "bias": "lora_only", "modules_to_save": ["lm_head"],
+                  "target_modules": ["q_proj", "v_proj"]}}
+    ).lora
+    config = peft_methods.lora_config(lora)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.0)  # align's dropout default stays 0
+    assert config.use_rslora and config.use_dora and config.bias == "lora_only" and config.modules_to_save == ["lm_head"]
+    assert sorted(config.target_modules) == ["q_proj", "v_proj"] and config.init_lora_weights is True
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        AlignConfig.model_validate({"lora": {"target_modules": []}})
