@@ -164,15 +164,23 @@ def make_sft_adapter(model: str, env: Any, sft_dir: Path) -> None:
 
 def run_dpo(model: str, env: Any, max_length: int, steps: int, work: Path, sft_dir: Path) -> Any:
     from tunepipe.schemas.align import AlignConfig
+    from tunepipe.tasks.align.methods import dpo
+    from tunepipe.tasks.align.methods.base import AlignRun
     from tunepipe.tasks.align.policy import load_policy
-    from tunepipe.tasks.align.trainers import pairwise_trainer
+    from tunepipe.tasks.align.train import AlignJob
     from tunepipe.tasks.training.trainer import training_kwargs
 
     config = AlignConfig.model_validate({"method": {"name": "dpo"}, "max_length": max_length, "training": _training(steps)})
-    job = {"sft_config": {"method": LORA}, "sft_dir": str(sft_dir), "sft_kind": "adapter", "base_model": model}
-    policy, tokenizer = load_policy(job, config, env)
+    job = AlignJob(
+        config=config, env=env, run="all", sft_dir=str(sft_dir), sft_kind="adapter", sft_method=LORA,
+        base_model=model, pairs_file=str(work / "pairs.jsonl"), output_dir=str(work), save_to="adapter",
+        checkpoint_dir=str(work / "ckpt"), judge_cache=str(work / "judge.sqlite"),
+    )
+    policy, tokenizer = load_policy(job)
     pairs = preference_pairs(env.per_device_batch_size * env.gradient_accumulation_steps * steps, max_length)
-    return pairwise_trainer(config, policy, tokenizer, pairs, training_kwargs(config.training, env, work / "ckpt"), [])
+    run = AlignRun(config=config, env=env, job=job, model=policy, tokenizer=tokenizer,
+                   base_args=training_kwargs(config.training, env, work / "ckpt"), callbacks=[])
+    return dpo.UNIT.pair_trainer(run, pairs)
 
 
 RUNNERS = {"sft": run_sft, "reward": run_reward, "dpo": run_dpo}

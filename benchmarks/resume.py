@@ -169,7 +169,7 @@ def main() -> None:
     require_training(config, args.config, (STAGE,))
     save_steps = config[STAGE].get("training", {}).get("save_steps")
     if save_steps is None:
-        from tunepipe.schemas.sft import TrainingConfig
+        from tunepipe.schemas.training import TrainingConfig
 
         save_steps = TrainingConfig().save_steps
     remove_published(config_path.parent / "workdir", STAGE)  # the warm-up must train sft to log its steps

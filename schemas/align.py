@@ -4,17 +4,24 @@
 knobs (`beta` of DPO is not `beta` of GRPO: the first scales the implicit reward, the second is
 a KL coefficient), so every knob that changes the result is in the config and therefore in the
 stage's cache key. `method: dpo` is shorthand for `{name: dpo}`.
+
+Each method's class carries its `category` (what it trains on) and the rewards it asks for; the
+stage and the trainer read those, never a list of method names. Its trainer is its unit in
+`tasks/align/methods/<name>.py` (like TRL's `dpo_config.py` beside `dpo_trainer.py`). A method
+added outside this file registers its class with `register_align_method` (the units' registry
+does that), and `align.method` then accepts it by name.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidatorFunctionWrapHandler, field_validator, model_validator
 from tunepipe.schemas.base import CheckAction, StrictModel, self_checks_field
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.evaluate import EndpointSettings
-from tunepipe.schemas.sft import TrainingConfig, method_shorthand
+from tunepipe.schemas.methods import LoraSettings, method_shorthand
+from tunepipe.schemas.training import TrainingConfig
 
 # What trl 1.12's DPOConfig.loss_type accepts.
 DPO_LOSS_TYPES = (
@@ -33,9 +40,26 @@ RewardName = Literal["exact_match", "token_f1", "triple_format", "reward_model",
 # The self-checks the stage runs (tasks/training/checks.py).
 ALIGN_CHECKS = ("steps", "loss", "adapter_changed", "reward_variance", "reward_moved")
 
-class DPOMethod(StrictModel):
+# What a method trains on: `pairwise` methods on preference pairs (from the dataset or sampled on
+# policy); `online` methods sample from the policy while training and learn from rewards.
+MethodCategory = Literal["pairwise", "online"]
+
+
+class AlignMethodConfig(StrictModel):
+    """What every align method's config has: its `name` (a Literal in each subclass), its category
+    and the reward sources it scores with."""
+
+    category: ClassVar[MethodCategory]
+
+    def reward_sources(self) -> tuple[str, ...]:
+        """The rewards this method trains on (`reward_model`, `judge`, rule names); none for pairwise methods."""
+        return ()
+
+
+class DPOMethod(AlignMethodConfig):
     """Direct preference optimisation on chosen/rejected pairs (reference: the frozen SFT policy)."""
 
+    category: ClassVar[MethodCategory] = "pairwise"
     name: Literal["dpo"] = Field(description="Method: DPO.")
     beta: float = Field(default=0.1, gt=0, description="Inverse temperature of the implicit reward (higher: stay closer to the reference).")
     loss_type: list[DPOLoss] = Field(
@@ -60,25 +84,28 @@ class DPOMethod(StrictModel):
         return self
 
 
-class KTOMethod(StrictModel):
+class KTOMethod(AlignMethodConfig):
     """KTO: unpaired desirable/undesirable examples (each pair gives one of each)."""
 
+    category: ClassVar[MethodCategory] = "pairwise"
     name: Literal["kto"] = Field(description="Method: KTO.")
     beta: float = Field(default=0.1, gt=0, description="Strength of the KL term against the reference.")
     desirable_weight: float = Field(default=1.0, gt=0, description="Loss weight of desirable (chosen) examples.")
     undesirable_weight: float = Field(default=1.0, gt=0, description="Loss weight of undesirable (rejected) examples.")
 
 
-class ORPOMethod(StrictModel):
+class ORPOMethod(AlignMethodConfig):
     """ORPO: SFT loss plus an odds-ratio preference term; no reference model."""
 
+    category: ClassVar[MethodCategory] = "pairwise"
     name: Literal["orpo"] = Field(description="Method: ORPO.")
     beta: float = Field(default=0.1, gt=0, description="Weight of the odds-ratio term (lambda in the paper).")
 
 
-class PPOMethod(StrictModel):
+class PPOMethod(AlignMethodConfig):
     """PPO (trl.experimental.ppo): policy, value model, frozen reference, reward model, KL penalty."""
 
+    category: ClassVar[MethodCategory] = "online"
     name: Literal["ppo"] = Field(description="Method: PPO (needs the `reward` input).")
     kl_coef: float = Field(default=0.05, ge=0, description="KL penalty coefficient against the reference (per token).")
     kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="KL estimator: k1 (plain log-ratio) or k3 (lower variance).")
@@ -96,10 +123,14 @@ class PPOMethod(StrictModel):
         default=None, ge=0, description="Subtracted from the score of responses that do not end with EOS."
     )
 
+    def reward_sources(self) -> tuple[str, ...]:
+        return ("reward_model",)
 
-class _GroupMethod(StrictModel):
+
+class _GroupMethod(AlignMethodConfig):
     """Common knobs of the group-sampling RL methods (GRPO, RLOO)."""
 
+    category: ClassVar[MethodCategory] = "online"
     num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group).")
     max_completion_length: int = Field(default=32, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature.")
@@ -120,6 +151,9 @@ class _GroupMethod(StrictModel):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
         return self
 
+    def reward_sources(self) -> tuple[str, ...]:
+        return tuple(self.rewards)
+
 
 class GRPOMethod(_GroupMethod):
     """GRPO: group-relative advantages over `num_generations` samples per prompt."""
@@ -137,9 +171,33 @@ class RLOOMethod(_GroupMethod):
 
 AlignMethod = Annotated[
     Union[DPOMethod, KTOMethod, ORPOMethod, PPOMethod, GRPOMethod, RLOOMethod], Field(discriminator="name")
-]
-PAIRWISE_METHODS = ("dpo", "kto", "orpo")  # train on preference pairs
-ONLINE_METHODS = ("ppo", "grpo", "rloo")  # sample from the policy while training
+]  # keep in step with BUILTIN_METHODS
+# Methods defined outside this file, by name (register_align_method).
+_REGISTERED_METHODS: dict[str, type[AlignMethodConfig]] = {}
+
+
+BUILTIN_METHODS = (DPOMethod, KTOMethod, ORPOMethod, PPOMethod, GRPOMethod, RLOOMethod)
+
+
+def method_name(config_cls: type[AlignMethodConfig]) -> str:
+    """The `name` a method class answers to (its `name` field's one Literal value)."""
+    return config_cls.model_fields["name"].annotation.__args__[0]
+
+
+def register_align_method(config_cls: type[AlignMethodConfig]) -> None:
+    """Let `align.method` accept `config_cls` by its `name` (a method whose unit lives outside this file;
+    the built-in ones are the union above, which the config reference documents)."""
+    if config_cls in BUILTIN_METHODS:
+        return
+    name = method_name(config_cls)
+    if name in {method_name(c) for c in BUILTIN_METHODS}:
+        raise ValueError(f"align method {name!r} is built in: give {config_cls.__name__} another name")
+    _REGISTERED_METHODS[name] = config_cls
+
+
+def registered_method(value: Any) -> type[AlignMethodConfig] | None:
+    """The registered class `value` (a dict with a `name`) names, if any."""
+    return _REGISTERED_METHODS.get(value.get("name")) if isinstance(value, dict) else None
 
 
 class PreferencesConfig(StrictModel):
@@ -254,13 +312,12 @@ class AlignChecksConfig(StrictModel):
     )
 
 
-class AlignLoraConfig(StrictModel):
-    """The adapter trained when the SFT result is a full model (an SFT adapter is trained further instead)."""
+class AlignLoraConfig(LoraSettings):
+    """The adapter trained on a full-model SFT result (an SFT adapter is trained further instead), as `sft.method`'s LoRA.
 
-    r: int = Field(default=8, ge=1, description="LoRA rank.")
-    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator.")
+    Dropout defaults to 0 here."""
+
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(default="all-linear", description="Modules to adapt.")
 
 
 def _align_training() -> TrainingConfig:
@@ -270,7 +327,8 @@ def _align_training() -> TrainingConfig:
 class AlignConfig(StrictModel):
     """Align the SFT policy: DPO/KTO/ORPO on preference pairs, or PPO/GRPO/RLOO with rewards."""
 
-    method: AlignMethod = Field(
+    # SerializeAsAny: a registered method's fields are dumped too (the key and the job carry them).
+    method: SerializeAsAny[AlignMethod] = Field(
         default_factory=lambda: DPOMethod(name="dpo"),
         description="Alignment method and its settings (`name`: dpo, kto, orpo, ppo, grpo, rloo). `method: dpo` is "
         "shorthand for `{name: dpo}`.",
@@ -317,10 +375,12 @@ class AlignConfig(StrictModel):
         default_factory=AlignChecksConfig, description="Self-checks that a reward-driven run (ppo, grpo, rloo) learned something."
     )
 
-    @field_validator("method", mode="before")
+    @field_validator("method", mode="wrap")
     @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        return method_shorthand(value)
+    def _shorthand(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        value = method_shorthand(value)
+        registered = registered_method(value)
+        return registered.model_validate(value) if registered is not None else handler(value)
 
     @model_validator(mode="after")
     def _combos(self) -> "AlignConfig":
@@ -334,16 +394,19 @@ class AlignConfig(StrictModel):
 
     def uses_judge(self) -> bool:
         """True when training asks the AI judge (on-policy pair scoring or a GRPO/RLOO reward)."""
-        method = self.method
-        if method.name in ("grpo", "rloo") and "judge" in method.rewards:
-            return True
-        return method.name in PAIRWISE_METHODS and self.preferences.source == "on_policy" and self.preferences.scorer == "judge"
+        return "judge" in self.method.reward_sources() or self._ranks_on_policy_with("judge")
 
     def needs_reward_model(self) -> bool:
         """True when the stage cannot run without the `reward` input."""
-        method = self.method
-        if method.name == "ppo":
-            return True
-        if method.name in ("grpo", "rloo") and "reward_model" in method.rewards:
-            return True
-        return method.name in PAIRWISE_METHODS and self.preferences.source == "on_policy" and self.preferences.scorer == "reward_model"
+        return "reward_model" in self.method.reward_sources() or self._ranks_on_policy_with("reward_model")
+
+    def trains_on_pairs(self) -> bool:
+        """True for the pairwise methods (dpo, kto, orpo, ...)."""
+        return self.method.category == "pairwise"
+
+    def samples_prompts(self) -> bool:
+        """True when training needs the train prompts: an online method, or on-policy pairs."""
+        return self.method.category == "online" or (self.trains_on_pairs() and self.preferences.source == "on_policy")
+
+    def _ranks_on_policy_with(self, scorer: str) -> bool:
+        return self.trains_on_pairs() and self.preferences.source == "on_policy" and self.preferences.scorer == scorer

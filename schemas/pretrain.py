@@ -10,13 +10,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
 from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, resolve_path, self_checks_field
-from tunepipe.schemas.sft import (
-    FreezeMethod,
-    FullMethod,
-    LoraMethod,
-    TrainingConfig,
-    method_shorthand,
-)
+from tunepipe.schemas.methods import FreezeMethod, FullMethod, LoraMethod, method_shorthand
+from tunepipe.schemas.training import TrainingConfig
 
 PretrainMethod = Annotated[Union[FullMethod, FreezeMethod, LoraMethod], Field(discriminator="name")]
 

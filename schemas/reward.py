@@ -11,13 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
 from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, resolve_path, self_checks_field
-from tunepipe.schemas.sft import (
-    FullMethod,
-    LoraMethod,
-    QLoraMethod,
-    TrainingConfig,
-    method_shorthand,
-)
+from tunepipe.schemas.methods import FullMethod, LoraMethod, method_shorthand, QLoraMethod
+from tunepipe.schemas.training import TrainingConfig
 
 RewardMethod = Annotated[Union[FullMethod, LoraMethod, QLoraMethod], Field(discriminator="name")]
 

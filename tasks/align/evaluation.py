@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunepipe.schemas.align import PAIRWISE_METHODS, AlignConfig
+from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.rewards import RULES
 from tunepipe.tasks.training.generation import greedy_answers, sampled_answers
 from tunepipe.tasks.training.metrics import DEFAULT_SCORER, TaskScorer
@@ -220,7 +220,7 @@ def objective(config: AlignConfig, task: dict[str, Any], prefs: dict[str, Any]) 
         return f"held-out reward ({' + '.join(parts)})", round(total["sft"], 4), round(total["aligned"], 4)
     if "sft_reward_mean" in task:
         return "held-out reward-model score", task["sft_reward_mean"], task["aligned_reward_mean"]
-    if method.name in PAIRWISE_METHODS and prefs:
+    if config.trains_on_pairs() and prefs:
         return "held-out preference accuracy", prefs["sft_accuracy"], prefs["aligned_accuracy"]
     return None
 
@@ -242,7 +242,7 @@ def sampled_objective(config: AlignConfig, task: dict[str, Any]) -> dict[str, An
 def preference_fell(config: AlignConfig, prefs: dict[str, Any]) -> bool:
     """dpo/kto/orpo: the aligned policy's held-out preference accuracy fell from SFT's by more than
     `align.preference_tolerance` (what those methods train is that very preference)."""
-    if config.method.name not in PAIRWISE_METHODS or not prefs:
+    if not config.trains_on_pairs() or not prefs:
         return False
     return prefs["sft_accuracy"] - prefs["aligned_accuracy"] > config.preference_tolerance + 1e-12
 

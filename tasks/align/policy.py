@@ -18,9 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import QLoraMethod, SFTConfig
+from tunepipe.schemas.methods import QLoraMethod
+from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.align.train import AlignJob
 from tunepipe.tasks.core.stage import StageFailed
 
 REF_ADAPTER = "ref"
@@ -31,36 +32,34 @@ def sft_method(sft_config: dict[str, Any]) -> Any:
     return SFTConfig.model_validate({"method": sft_config.get("method", "lora")}).method
 
 
-def load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfile) -> tuple[Any, Any]:
+def load_policy(job: AlignJob) -> tuple[Any, Any]:
     """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter.
     A MoE policy trains with its router's load-balancing loss (`training.router`)."""
     from tunepipe.tasks.training.modeling import load_tokenizer
     from tunepipe.tasks.training.moe import apply_router
 
-    method = sft_method(job["sft_config"])
-    tokenizer = load_tokenizer(job["sft_dir"])
-    model, tokenizer = _load_policy(job, config, env, method, tokenizer)
-    apply_router(model, config.training.router)
+    method = job.sft_method
+    tokenizer = load_tokenizer(job.sft_dir)
+    model, tokenizer = _load_policy(job, method, tokenizer)
+    apply_router(model, job.config.training.router)
     return model, tokenizer
 
 
-def _load_policy(job: dict[str, Any], config: AlignConfig, env: EnvironmentProfile, method: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _load_policy(job: AlignJob, method: Any, tokenizer: Any) -> tuple[Any, Any]:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from tunepipe.tasks.training.trainer import load_base
 
-    if job["sft_kind"] == "model":
-        from peft import LoraConfig
+    if job.sft_kind == "model":
+        from tunepipe.tasks.training.peft_methods import lora_config
 
-        model = load_base(job["sft_dir"], method, env)
-        lora = config.lora
-        target = list(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target)), tokenizer
-    model = load_base(job["base_model"], method, env)
+        model = load_base(job.sft_dir, method, job.env)
+        return get_peft_model(model, lora_config(job.config.lora)), tokenizer
+    model = load_base(job.base_model, method, job.env)
     if isinstance(method, QLoraMethod):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=env.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.env.gradient_checkpointing)
     if not method.is_peft:
         raise StageFailed(f"align: the sft artifact's method {method.name} saved no adapter")
-    return PeftModel.from_pretrained(model, job["sft_dir"], is_trainable=True), tokenizer
+    return PeftModel.from_pretrained(model, job.sft_dir, is_trainable=True), tokenizer
 
 
 def add_reference_adapter(model: Any) -> None:
@@ -85,11 +84,10 @@ def save_policy(model: Any, tokenizer: Any, dest: Path) -> None:
 class PolicyPair:
     """The SFT policy and the aligned policy on one loaded base, switched by adapter name."""
 
-    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, sft_config: dict[str, Any], env: EnvironmentProfile):
+    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, method: Any, env: EnvironmentProfile):
         from peft import PeftModel
         from tunepipe.tasks.training.trainer import load_base
 
-        method = sft_method(sft_config)
         if sft_kind == "model":
             base = load_base(sft_dir, method, env)
             self.model = PeftModel.from_pretrained(base, aligned_dir, adapter_name="aligned").eval()

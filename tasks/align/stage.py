@@ -25,10 +25,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
+from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.tasks.align.policy import sft_method
+from tunepipe.tasks.align.train import AlignJob
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.stage_base import training_env_payload
 
 ENTRYPOINT = "tunepipe.tasks.align.train:align_job"
@@ -107,7 +110,7 @@ class AlignStage(Stage):
         heldout_pairs: dict[str, list[dict[str, Any]]] = {}
         dataset_pairs: dict[str, list[dict[str, Any]]] = {}  # held-out first: the judge's agreement check
         for run, spec in runs.items():
-            trains_on_pairs = method.name in PAIRWISE_METHODS and config.preferences.source == "dataset"
+            trains_on_pairs = config.trains_on_pairs() and config.preferences.source == "dataset"
             pairs: list[dict[str, Any]] = []
             if trains_on_pairs:  # required: fail naming the file and the tasks present
                 pairs = read_pairs(data_dir, f"align ({run})", spec["tasks"])
@@ -116,7 +119,7 @@ class AlignStage(Stage):
             train_pairs, heldout_pairs[run] = split_pairs(pairs, HELDOUT_FRACTION)
             dataset_pairs[run] = heldout_pairs[run] + train_pairs
             prompts = prompt_records(data_dir, "train", spec["tasks"], config.max_prompts)
-            if (method.name in ONLINE_METHODS or config.preferences.source == "on_policy") and not prompts:
+            if config.samples_prompts() and not prompts:
                 raise StageFailed(f"align ({run}): no train prompts of tasks {spec['tasks'] or 'all'} in {data_dir}/train.jsonl")
             if trains_on_pairs and not train_pairs:
                 raise StageFailed(f"align ({run}): every preference pair in {data_dir} is held out: none left to train on")
@@ -125,14 +128,13 @@ class AlignStage(Stage):
                 ctx.logger.info("align: %s already trained in an earlier attempt", run)
                 metrics_by_run[run] = json.loads(done_file.read_text())
                 continue
-            job = {
-                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"), "run": run,
-                "sft_dir": spec["sft_dir"], "sft_kind": sft_outputs.kind, "sft_config": sft_config,
-                "base_model": base_model, "reward_dir": reward_dir, "train_pairs": train_pairs, "prompts": prompts,
-                "pairs_file": str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
-                "output_dir": str(ctx.staging_dir), "save_to": spec["save_to"], "checkpoint_dir": str(ctx.checkpoint_dir / run),
-                "judge_cache": str(ctx.checkpoint_dir / JUDGE_CACHE),
-            }
+            job = AlignJob(
+                config=config, env=ctx.env, run=run, sft_dir=spec["sft_dir"], sft_kind=sft_outputs.kind,
+                sft_method=sft_method(sft_config), base_model=base_model, reward_dir=reward_dir, train_pairs=train_pairs, prompts=prompts,
+                pairs_file=str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
+                output_dir=str(ctx.staging_dir), save_to=spec["save_to"], checkpoint_dir=str(ctx.checkpoint_dir / run),
+                judge_cache=str(ctx.checkpoint_dir / JUDGE_CACHE),
+            )
             ctx.logger.info("align: %s on %s → %s", method.name, run, spec["save_to"])
             metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / f"{run}.launch")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -202,12 +204,12 @@ class AlignStage(Stage):
         # What the SFT policy was trained from: its adapters' base, or (a full fine-tune) the model sft started from.
         origin = sft_outputs.base_model or sft_config.get("model") or next((ctx.inputs[n].path for n in ("pretrain", "base_model") if n in ctx.inputs), "")
         general = applies(settings.general_set, str(origin), ctx.inputs)
-        reward = load_reward_model(reward_dir, ctx.env.dtype) if reward_dir else None
+        reward = load_reward_model(reward_dir, hardware(ctx.env).dtype) if reward_dir else None
         beta = getattr(config.method, "beta", None)
         results: dict[str, Any] = {}
         for run, spec in runs.items():
             aligned_dir = str(ctx.staging_dir / spec["save_to"])
-            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_config, ctx.env)
+            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_method(sft_config), ctx.env)
             tokenizer = load_tokenizer(aligned_dir)
             pairs = heldout_pairs.get(run, [])[: settings.max_pairs] if settings.max_pairs else []
             examples = heldout_prompts(data_dir, spec["tasks"], settings.max_examples_per_task) if settings.max_examples_per_task else []

@@ -1,17 +1,38 @@
 """One align run: a JSON-able job in (like the sft job), the aligned adapter and metrics out.
 
-Runs in the stage's process or in every worker of a launch (tasks/launcher.py). Trainer-based
-methods checkpoint into the job's `checkpoint_dir` and resume from the last checkpoint.
+Runs in the stage's process or in every worker of a launch (tasks/training/launcher.py). The
+method's unit (tasks/align/methods/<name>.py) builds and trains its trainer; what is common to
+every method (loading the policy, the self-checks, saving) is here. Trainer-based methods
+checkpoint into the job's `checkpoint_dir` and resume from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from tunepipe.schemas.align import ONLINE_METHODS, PAIRWISE_METHODS, AlignConfig
-from tunepipe.schemas.environment import EnvironmentProfile
+from pydantic import Field
+from tunepipe.schemas.align import AlignConfig
+from tunepipe.schemas.jobs import TrainingJob
+from tunepipe.schemas.methods import MethodConfig
+
+
+class AlignJob(TrainingJob):
+    """One align run, as the stage hands it to `align_job` (through a launcher or not)."""
+
+    config: AlignConfig
+    run: str = Field(description="The run's name: a task (per-task SFT adapters) or `all`.")
+    sft_dir: str = Field(description="The SFT adapter (or full model) this run continues.")
+    sft_kind: Literal["adapter", "adapters", "model"] = Field(description="The SFT artifact's kind.")
+    sft_method: MethodConfig = Field(description="The SFT run's method (decides how the base loads: 4-bit for qlora).")
+    base_model: str = Field(description="The base the SFT adapter was trained on (the SFT model itself for a full-model SFT).")
+    reward_dir: str | None = Field(default=None, description="The reward artifact, when the pipeline has one.")
+    train_pairs: list[dict[str, Any]] = Field(default_factory=list, description="Train preference pairs (dataset source).")
+    prompts: list[dict[str, Any]] = Field(default_factory=list, description="Train prompts with reference answers.")
+    pairs_file: str = Field(description="Where on-policy pairs are written.")
+    save_to: str = Field(description="The adapter's directory under output_dir.")
+    judge_cache: str = Field(description="The AI judge's cache file.")
 
 
 def check_policy(config: AlignConfig) -> Any:
@@ -23,7 +44,7 @@ def check_policy(config: AlignConfig) -> Any:
 
 
 def self_checks(
-    method: str, config: AlignConfig, trainer: Any, metrics: dict[str, Any], history: list[dict[str, float]],
+    unit: Any, config: AlignConfig, trainer: Any, metrics: dict[str, Any], history: list[dict[str, float]],
     steps: dict[str, list[dict[str, float]]], changed: dict[str, Any], run: str,
 ) -> dict[str, Any]:
     """The run proves it learned something before it publishes.
@@ -35,18 +56,18 @@ def self_checks(
     started from. The weak-signal checks fail or warn (`align.checks.on_weak_signal`)."""
     from tunepipe.tasks.training import checks
 
-    who = f"align ({run}, {method})"
+    who = f"align ({run}, {config.method.name})"
     policy = check_policy(config)
     out: dict[str, Any] = {}
-    if method != "ppo":
+    if unit.counts_steps:
         out["steps"] = checks.require_steps(who, metrics["global_step"], trainer, config.training.max_steps, policy)
-    if method in PAIRWISE_METHODS:
+    if config.trains_on_pairs():
         out["loss"] = checks.require_loss(f"{who}: the loss", history, metrics.get("train_loss"), policy=policy)
     else:
-        out.update(reward_signal_checks(method, config, steps, who))
+        out.update(reward_signal_checks(unit, config, steps, who))
     why = (
+        "check training.learning_rate and max_steps" if config.trains_on_pairs() else
         "every gradient was zero: the rewards gave no advantage (see reward_std / frac_reward_zero_std in the step metrics)"
-        if method not in PAIRWISE_METHODS else "check training.learning_rate and max_steps"
     )
     out["adapter_changed"] = checks.require(
         "adapter_changed", changed,
@@ -56,7 +77,7 @@ def self_checks(
     return out
 
 
-def weak_signal_advice(method: str, config: AlignConfig, earned_nothing: bool) -> str:
+def weak_signal_advice(unit: Any, config: AlignConfig, earned_nothing: bool) -> str:
     """What to change when the policy's samples all earn the same reward, in this method's knobs.
 
     A policy whose samples earn nothing is usually near-uniform: its greedy answer may be right
@@ -65,7 +86,7 @@ def weak_signal_advice(method: str, config: AlignConfig, earned_nothing: bool) -
     identical rewards in 100% of groups, 0.3 in 42%, and its reward rose 0.19 -> 0.42 in 6 steps).
     A policy whose samples all earn the same non-zero reward needs more diversity instead."""
     temperature = config.method.temperature
-    size = "response_length" if method == "ppo" else f"num_generations ({config.method.num_generations})"
+    size = unit.sample_size_knob(config.method)
     if earned_nothing:
         knobs = f"lower align.method.temperature ({temperature}; e.g. 0.3 for a near-uniform policy), raise {size}"
     else:
@@ -73,16 +94,13 @@ def weak_signal_advice(method: str, config: AlignConfig, earned_nothing: bool) -
     return f"{knobs}, train SFT longer, or use a finer reward (token_f1, reward_model)"
 
 
-def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list[dict[str, float]]], who: str) -> dict[str, Any]:
+def reward_signal_checks(unit: Any, config: AlignConfig, steps: dict[str, list[dict[str, float]]], who: str) -> dict[str, Any]:
     """`reward_variance` (groups with identical rewards give no gradient) and `reward_moved`."""
     from tunepipe.tasks.training import checks
 
     settings, policy = config.checks, check_policy(config)
     rewards = [p["value"] for p in steps.get("reward_mean", [])]
-    if method == "ppo":  # one group per update: the rollout batch
-        zero_std = [float(p["value"] == 0.0) for p in steps.get("reward_std", [])]
-    else:
-        zero_std = [p["value"] for p in steps.get("frac_reward_zero_std", [])]
+    zero_std = unit.zero_std_fractions(steps)
     mean_reward = sum(rewards) / len(rewards) if rewards else 0.0
     earned_nothing = abs(mean_reward) < 1e-9
     variance = checks.reward_variance_check(zero_std, settings.max_zero_std_fraction)
@@ -94,37 +112,36 @@ def reward_signal_checks(method: str, config: AlignConfig, steps: dict[str, list
         "reward_variance", variance,
         f"{who}: {cause}: {100 * (variance['mean_zero_std_fraction'] or 0):.0f}% of groups had identical rewards over "
         f"{variance['steps']} steps (align.checks.max_zero_std_fraction {settings.max_zero_std_fraction}), so they "
-        f"gave no gradient; {weak_signal_advice(method, config, earned_nothing)}",
+        f"gave no gradient; {weak_signal_advice(unit, config, earned_nothing)}",
         policy,
     )}
     moved = checks.reward_moved_check(rewards, settings.min_reward_range)
-    if method != "ppo" and set(config.method.rewards) == {"judge"}:
+    if set(config.method.reward_sources()) == {"judge"}:
         # A judge tournament's rewards are shares of comparisons won: every group's mean is 0.5 by
         # construction, whatever the policy does. Only their spread (above) says anything.
         moved = {**moved, "passed": True, "skipped": "judge tournament rewards: every group's mean is 0.5"}
     out["reward_moved"] = checks.require(
         "reward_moved", moved,
         f"{who}: the mean reward never moved ({moved.get('min')} to {moved.get('max')} over {moved['steps']} steps; "
-        f"align.checks.min_reward_range {settings.min_reward_range}); {weak_signal_advice(method, config, earned_nothing)}, or raise "
+        f"align.checks.min_reward_range {settings.min_reward_range}); {weak_signal_advice(unit, config, earned_nothing)}, or raise "
         "training.learning_rate / max_steps",
         policy,
     )
     return out
 
 
-def align_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one policy; returns its metrics (rank 0 also saves the adapter)."""
+def align_job(job: AlignJob) -> dict[str, Any]:
+    """Train one policy with its method's unit (tasks/align/methods/); returns its metrics (rank 0
+    also saves the adapter)."""
     from datasets.utils.logging import disable_progress_bar
-    from tunepipe.tasks.align import ppo
+    from tunepipe.tasks.align.methods import AlignRun, unit_for
     from tunepipe.tasks.align.policy import load_policy, save_policy
-    from tunepipe.tasks.align.preferences import on_policy_pairs, require_pairs
-    from tunepipe.tasks.align.trainers import group_trainer, pairwise_trainer
-    from tunepipe.tasks.training import checks, peft_methods
+    from tunepipe.tasks.training import checks
+    from tunepipe.tasks.training.hardware import hardware
     from tunepipe.tasks.training.judge import CachedJudge
     from tunepipe.tasks.training.plots import step_history
     from tunepipe.tasks.training.reward_model import load_reward_model
     from tunepipe.tasks.training.trainer import (
-        fit,
         is_main_process,
         loss_history,
         make_callbacks,
@@ -134,56 +151,35 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
     )
 
     disable_progress_bar()
-    config = AlignConfig.model_validate(job["config"])
-    env = EnvironmentProfile.model_validate(job["env"])
-    method = config.method
-    run = job.get("run", "all")
+    config, env, name = job.config, job.env, job.run
+    unit = unit_for(config.method)
     seed_everything(config.training.seed)
-    model, tokenizer = load_policy(job, config, env)
-    reward = load_reward_model(job["reward_dir"], env.dtype) if job.get("reward_dir") else None
-    base_args = training_kwargs(config.training, env, job["checkpoint_dir"])
-    keys = step_metric_keys(config)
-    callbacks = make_callbacks(model, None, f"align ({run}, {method.name})", watch=keys)
-    extra: dict[str, Any] = {}
-    judge = CachedJudge(config.judge, job["judge_cache"]) if config.uses_judge() else None
-
-    if method.name in PAIRWISE_METHODS:
-        pairs = job["train_pairs"]
-        if config.preferences.source == "on_policy":
-            pairs, extra["on_policy"] = on_policy_pairs(
-                model, tokenizer, job["prompts"], config.preferences, reward, config.training.seed, judge
-            )
-            if is_main_process():
-                Path(job["pairs_file"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
-            require_pairs(run, config, extra["on_policy"])
-        trainer = pairwise_trainer(config, model, tokenizer, pairs, base_args, callbacks)
-        extra["train_pairs"] = len(pairs)
-    elif method.name == "ppo":
-        trainer = ppo.ppo_trainer(config, env, model, tokenizer, job["prompts"], base_args, callbacks, reward)
-    else:
-        assert method.name in ONLINE_METHODS
-        trainer = group_trainer(config, model, tokenizer, job["prompts"], base_args, callbacks, reward, judge)
-    policy = trainer.policy_model if method.name == "ppo" else trainer.model
-    if method.name == "ppo":  # the value model trains too (in full)
-        counts = ppo.trainable_parameters(trainer)
-        extra["trainable_parameters_by_model"] = {role: c[0] for role, c in counts.items()}
-        trainable, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
-    else:
-        trainable, total = peft_methods.count_parameters(policy)
+    model, tokenizer = load_policy(job)
+    reward = load_reward_model(job.reward_dir, hardware(env).dtype) if job.reward_dir else None
+    keys = unit.step_metrics(config.method)
+    run = AlignRun(
+        config=config, env=env, job=job, model=model, tokenizer=tokenizer,
+        base_args=training_kwargs(config.training, env, job.checkpoint_dir),
+        callbacks=make_callbacks(model, None, f"align ({name}, {config.method.name})", watch=keys),
+        reward=reward, judge=CachedJudge(config.judge, job.judge_cache) if config.uses_judge() else None,
+    )
+    trainer = unit.build_trainer(run)
+    policy = unit.policy(trainer)
+    trainable, total = unit.count_parameters(trainer, run)
     started_from = checks.trainable_snapshot(policy)
-    metrics = ppo.train_ppo(trainer, config.method.vf_coef) if method.name == "ppo" else fit(trainer, job["checkpoint_dir"])
+    metrics = unit.train(trainer, run)
     steps = step_history(trainer.state.log_history, keys)
     changed = checks.parameters_changed_check(started_from, policy)
     history = loss_history(trainer)
-    metrics["checks"] = self_checks(method.name, config, trainer, metrics, history, steps, changed, run)
+    metrics["checks"] = self_checks(unit, config, trainer, metrics, history, steps, changed, name)
     if is_main_process():
-        save_policy(policy, tokenizer, Path(job["output_dir"]) / job["save_to"])
-    if judge is not None:
-        extra["judge"] = judge.stats()
+        save_policy(policy, tokenizer, Path(job.output_dir) / job.save_to)
+    if run.judge is not None:
+        run.extra["judge"] = run.judge.stats()
     metrics.update(
         {
-            **extra,
-            "prompts": len(job.get("prompts") or []),
+            **run.extra,
+            "prompts": len(job.prompts),
             "world_size": int(trainer.args.world_size),
             "trainable_parameters": trainable,
             "total_parameters": total,
@@ -193,15 +189,3 @@ def align_job(job: dict[str, Any]) -> dict[str, Any]:
         }
     )
     return metrics
-
-
-def step_metric_keys(config: AlignConfig) -> dict[str, str]:
-    """{TRL log key: our name} of the per-step metrics this method's trainer logs."""
-    from tunepipe.tasks.align import ppo
-    from tunepipe.tasks.align.trainers import PAIRWISE_STEP_METRICS, group_step_metrics
-
-    if config.method.name in PAIRWISE_METHODS:
-        return PAIRWISE_STEP_METRICS
-    if config.method.name == "ppo":
-        return ppo.STEP_METRICS
-    return group_step_metrics(config.method)

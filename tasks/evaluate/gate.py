@@ -7,26 +7,60 @@ with nothing to test): the gate promotes only what it could check. A rule that d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from tunepipe.schemas.evaluate import GateRules
 
 
-@dataclass
-class GateEvidence:
-    """What the rules look at."""
+class _Evidence(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WinRate(_Evidence):
+    """The A/B's win rate and its exact interval, as `stats.win_rate` computes it."""
+
+    wins: int
+    ties: int
+    losses: int
+    n: int
+    win_rate: float | None
+    decisive: int
+    decisive_win_rate: float | None
+    ci_low: float | None = Field(description="Lower bound of the exact interval of wins among decisive pairs; None without one.")
+    ci_high: float | None
+    confidence_level: float = Field(gt=0, lt=1, description="The interval's level (ab.confidence_level).")
+    ties_policy: Literal["half", "exclude"] = "half"
+    interval: str = "exact binomial (Clopper-Pearson) on decisive pairs"
+
+
+class AlignmentEvidence(_Evidence):
+    """What the align stage recorded of an align candidate's task metric against its SFT policy."""
+
+    within: bool | None = Field(description="align's task_metric_within_tolerance; None: it measured no task metric.")
+    drops: dict[str, float] = Field(default_factory=dict, description="Task-metric drop from SFT, per run.")
+    metric: str | None = None
+    tolerance: float | None = None
+
+
+class GateEvidence(_Evidence):
+    """What the rules look at, validated once where the evaluate stage gathers it."""
 
     primary_metric: str
-    win: dict[str, Any] | None  # stats.win_rate output
+    win: WinRate | None
     judge: str
-    tasks: dict[str, tuple[float, float]] = field(default_factory=dict)  # task → (candidate, baseline)
-    regression: dict[str, tuple[float, float]] = field(default_factory=dict)  # name → (candidate, baseline)
+    tasks: dict[str, tuple[float, float]] = Field(default_factory=dict, description="task → (candidate, baseline)")
+    regression: dict[str, tuple[float, float]] = Field(default_factory=dict, description="name → (candidate, baseline)")
     p_value: float | None = None
-    test: str = "sign"
-    alpha: float = 0.05
-    # What the align stage measured of the candidate against its SFT policy (None: not an align candidate).
-    alignment: dict[str, Any] | None = None
+    test: Literal["sign", "paired_bootstrap"] = "sign"
+    confidence_level: float = Field(default=0.95, gt=0, lt=1, description="ab.confidence_level: the tests' level.")
+    # None: the candidate is not the align artifact.
+    alignment: AlignmentEvidence | None = None
+
+    @property
+    def alpha(self) -> float:
+        """The significance test's threshold: 1 - ab.confidence_level."""
+        return round(1 - self.confidence_level, 6)
 
 
 def _verdict(ok: bool, text: str) -> str:
@@ -35,20 +69,21 @@ def _verdict(ok: bool, text: str) -> str:
 
 def win_rate_rule(threshold: float, min_decisive: int, e: GateEvidence) -> str:
     """The exact interval of the decisive win share must clear `threshold`, on enough decisive pairs."""
-    win = e.win or {}
-    counts = f"{win.get('wins', 0)} wins / {win.get('ties', 0)} ties / {win.get('losses', 0)} losses by {e.judge}, n={win.get('n', 0)}"
-    decisive = win.get("decisive", win.get("wins", 0) + win.get("losses", 0))
-    low = win.get("ci_low")
+    win = e.win
+    if win is None:
+        return _verdict(False, f"win rate lower bound > {threshold}: no interval (no decisive pair; 0 wins / 0 ties / 0 losses by {e.judge}, n=0)")
+    counts = f"{win.wins} wins / {win.ties} ties / {win.losses} losses by {e.judge}, n={win.n}"
+    low = win.ci_low
     if low is None:
         return _verdict(False, f"win rate lower bound > {threshold}: no interval (no decisive pair; {counts})")
-    level = round(100 * win["confidence_level"])
-    ok = low > threshold and decisive >= min_decisive
-    enough = "" if decisive >= min_decisive else f"; only {decisive} decisive pairs, need at least {min_decisive}"
+    level = round(100 * win.confidence_level)
+    ok = low > threshold and win.decisive >= min_decisive
+    enough = "" if win.decisive >= min_decisive else f"; only {win.decisive} decisive pairs, need at least {min_decisive}"
     return _verdict(
         ok,
-        f"win rate lower bound {low:.3f} {'>' if low > threshold else '<='} {threshold} (wins among {decisive} decisive pairs "
-        f"{win.get('decisive_win_rate', 0) or 0:.3f}, exact {level}% CI [{low:.3f}, {win['ci_high']:.3f}]; win rate "
-        f"{win['win_rate']:.3f}; {counts}{enough})",
+        f"win rate lower bound {low:.3f} {'>' if low > threshold else '<='} {threshold} (wins among {win.decisive} decisive pairs "
+        f"{win.decisive_win_rate or 0:.3f}, exact {level}% CI [{low:.3f}, {win.ci_high:.3f}]; win rate "
+        f"{win.win_rate:.3f}; {counts}{enough})",
     )
 
 
@@ -76,14 +111,13 @@ def significance_rule(e: GateEvidence) -> str:
     return _verdict(ok, f"significant: {e.test} test p = {e.p_value:.4g} {'<' if ok else '>='} alpha {e.alpha:.3g} on {e.primary_metric}")
 
 
-def alignment_rule(alignment: dict[str, Any]) -> str:
+def alignment_rule(alignment: AlignmentEvidence) -> str:
     """The align stage's own verdict on the task metric it was held to (drop from SFT per run)."""
-    within = alignment.get("within")
-    drops = ", ".join(f"{run} {drop:+.3f}" for run, drop in sorted(alignment.get("drops", {}).items()))
-    label = f"align kept {alignment.get('metric') or 'the task metric'} within its tolerance {alignment.get('tolerance')} of SFT"
-    if within is None:
+    drops = ", ".join(f"{run} {drop:+.3f}" for run, drop in sorted(alignment.drops.items()))
+    label = f"align kept {alignment.metric or 'the task metric'} within its tolerance {alignment.tolerance} of SFT"
+    if alignment.within is None:
         return f"SKIP {label}: align recorded no held-out task metric"
-    return _verdict(bool(within), f"{label} (drop per run: {drops or 'none recorded'})")
+    return _verdict(alignment.within, f"{label} (drop per run: {drops or 'none recorded'})")
 
 
 def decide(rules: GateRules, e: GateEvidence) -> tuple[bool, list[str]]:

@@ -227,12 +227,14 @@ class HFGenerator:
         return self._tokenizers[spec.tokenizer]
 
     def _load(self, path: str) -> Any:
+        from tunepipe.tasks.training.hardware import hardware
         from tunepipe.tasks.training.modeling import load_model
 
         if path not in self._models:
-            model = load_model(path, dtype=self.env.dtype, attn_implementation=self.env.attn_implementation)
+            hw = hardware(self.env)
+            model = load_model(path, dtype=hw.dtype, attn_implementation=hw.attention(padding_free=False))
             model.config.use_cache = True
-            self._models[path] = model.to(self.env.device).eval()
+            self._models[path] = model.to(hw.device).eval()
         return self._models[path]
 
     @contextlib.contextmanager

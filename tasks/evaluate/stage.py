@@ -32,6 +32,8 @@ from tunepipe.schemas.handoffs import GateVerdict
 from tunepipe.tasks.core.artifacts import read_manifest
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.evaluate.gate import AlignmentEvidence, GateEvidence, decide
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.evaluate.generation import ModelSource, ModelSpec
 
 ARTIFACT_FILES = ("report.md", "report.html", "task_metrics.png", "ab.png", "predictions.jsonl", "metrics.json", GateVerdict.FILE)
@@ -228,7 +230,8 @@ def pairwise(config: EvaluateConfig, runs: dict[str, TaskRun], ctx: StageContext
             outcomes[task] = judges.rule_outcomes(run.candidate_values[config.primary_metric], run.baseline_values[config.primary_metric], settings.tie_margin)
     elif settings.judge == "reward_model":
         flat = [p for task_pairs in pairs.values() for p in task_pairs]
-        cand, base = judges.reward_model_scores(ctx.inputs["reward"].path, flat, ctx.env.dtype, ctx.env.device)
+        hw = hardware(ctx.env)
+        cand, base = judges.reward_model_scores(ctx.inputs["reward"].path, flat, hw.dtype, hw.device)
         flat_outcomes = judges.rule_outcomes(cand, base, settings.tie_margin)
         extra = {"reward_candidate_mean": round(_mean(cand), 4), "reward_baseline_mean": round(_mean(base), 4)}
         start = 0
@@ -479,26 +482,25 @@ def gate_verdict(metrics: dict[str, Any], inputs: dict[str, Any]) -> GateVerdict
     )
 
 
-def align_tolerance(candidate: ModelSource, inputs: dict[str, Any]) -> dict[str, Any] | None:
+def align_tolerance(candidate: ModelSource, inputs: dict[str, Any]) -> AlignmentEvidence | None:
     """What the align stage recorded of the candidate's task metric against SFT, when the candidate
     is the align artifact: its verdict, the drop per run and the tolerance it was held to."""
     if stage_of(candidate, inputs) != "align":
         return None
     manifest = read_manifest(inputs["align"].path)
     task = {run: h["task"] for run, h in (manifest.metrics.get("heldout") or {}).items() if h.get("task")}
-    return {
-        "within": manifest.metrics.get("task_metric_within_tolerance"),
-        "drops": {run: t["task_metric_drop"] for run, t in task.items() if "task_metric_drop" in t},
-        "metric": next((t.get("task_metric") for t in task.values() if t.get("task_metric")), None),
-        "tolerance": (manifest.config or {}).get("task_tolerance"),
-    }
+    return AlignmentEvidence(
+        within=manifest.metrics.get("task_metric_within_tolerance"),
+        drops={run: t["task_metric_drop"] for run, t in task.items() if "task_metric_drop" in t},
+        metric=next((t.get("task_metric") for t in task.values() if t.get("task_metric")), None),
+        tolerance=(manifest.config or {}).get("task_tolerance"),
+    )
 
 
 def stage_metrics(
     config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, runs: dict[str, TaskRun],
-    ab: dict[str, Any], regression: dict[str, Any], lm_eval: dict[str, Any], alignment: dict[str, Any] | None = None,
+    ab: dict[str, Any], regression: dict[str, Any], lm_eval: dict[str, Any], alignment: AlignmentEvidence | None = None,
 ) -> dict[str, Any]:
-    from tunepipe.tasks.evaluate.gate import GateEvidence, decide
     from tunepipe.tasks.evaluate.metrics import aggregate
 
     names = [m for m in BUILTIN_METRICS if m in config.metrics] + list(config.user_metrics)
@@ -520,7 +522,7 @@ def stage_metrics(
         regression={t: (r["candidate"], r["baseline"]) for t, r in regression.items()},
         p_value=test["p_value"],
         test=config.ab.significance_test,
-        alpha=round(1 - config.ab.confidence_level, 6),
+        confidence_level=config.ab.confidence_level,
         alignment=alignment,
     )
     passed, reasons = decide(config.gate, evidence)

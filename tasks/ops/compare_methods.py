@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.pipeline import PipelineConfig
-from tunepipe.schemas.sft import SFTConfig, method_shorthand
+from tunepipe.schemas.methods import method_shorthand
+from tunepipe.schemas.sft import SFTConfig
 
 UPSTREAM = ("data", "base_model", "pretrain")
 

@@ -10,6 +10,7 @@ merged into the weights), so the `sft` stage uses it as its base model like any 
 from __future__ import annotations
 
 from tunepipe.schemas.pretrain import PretrainConfig
+from tunepipe.tasks.pretrain.train import PretrainJob
 from tunepipe.tasks.core.stage import StageContext, StageOutput
 from tunepipe.tasks.training.checks import warned_markdown
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
@@ -32,14 +33,10 @@ class PretrainStage(TrainingStage):
 
         model_path = resolve_model(config.model, ctx.inputs, "pretrain", ("base_model",))
         plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training, config.packing)
-        job = {
-            "config": config.model_dump(mode="json"),
-            "env": ctx.env.model_dump(mode="json"),
-            "model_path": model_path,
-            "data_dir": ctx.inputs["data"].path,
-            "output_dir": str(ctx.staging_dir),
-            "checkpoint_dir": str(ctx.checkpoint_dir / "run"),
-        }
+        job = PretrainJob(
+            config=config, env=ctx.env, model_path=model_path, data_dir=ctx.inputs["data"].path,
+            output_dir=str(ctx.staging_dir), checkpoint_dir=str(ctx.checkpoint_dir / "run"),
+        )
         metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / "launch")
         plot_loss(metrics["loss_history"], ctx.staging_dir / "loss_curve.png", f"pretrain ({config.method.name})")
         write_json(ctx.staging_dir / "pretrain_metrics.json", metrics)

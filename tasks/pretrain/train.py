@@ -8,10 +8,19 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from tunepipe.schemas.environment import EnvironmentProfile
+from pydantic import Field
+from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.tasks.core.jsonl import read_jsonl
 from tunepipe.tasks.core.stage import StageFailed
+
+
+class PretrainJob(TrainingJob):
+    """The pretrain stage's training run, as it crosses the launcher."""
+
+    config: PretrainConfig
+    model_path: str = Field(description="The model pretraining continues (or the base_model artifact).")
+    data_dir: str = Field(description="The data artifact holding corpus.jsonl.")
 
 
 def read_corpus(data_dir: str | Path) -> list[dict[str, Any]]:
@@ -58,7 +67,7 @@ def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -
     }
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def train_job(job: PretrainJob) -> dict[str, Any]:
     """Run one continued-pretraining job; rank 0 saves the (merged) model into `output_dir`."""
     import math
 
@@ -76,27 +85,26 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         seed_everything,
     )
 
-    config = PretrainConfig.model_validate(job["config"])
-    env = EnvironmentProfile.model_validate(job["env"])
-    tokenizer = load_tokenizer(job["model_path"], revision=config.revision)
-    train_texts, val_texts = split_corpus(read_corpus(job["data_dir"]), config.validation_fraction)
+    config, env = job.config, job.env
+    tokenizer = load_tokenizer(job.model_path, revision=config.revision)
+    train_texts, val_texts = split_corpus(read_corpus(job.data_dir), config.validation_fraction)
     if not train_texts:
-        raise StageFailed(f"pretrain: no documents with text in {job['data_dir']}/corpus.jsonl")
+        raise StageFailed(f"pretrain: no documents with text in {job.data_dir}/corpus.jsonl")
     # Only `bfd` cuts documents; `bfd_split` and `wrapped` carry the overflow into further blocks.
     cut = config.max_length if config.packing == "bfd" else None
     train_rows, truncated = encode_texts(train_texts, tokenizer, max_length=cut)
     val_rows, _ = encode_texts(val_texts, tokenizer, max_length=cut)
     seed_everything(config.training.seed)  # before the adapter's initialisation draws
-    model = load_base(job["model_path"], config.method, env, config.revision, packing=config.packing)
+    model = load_base(job.model_path, config.method, env, config.revision, packing=config.packing)
     model = peft_methods.apply_method(model, config.method, gradient_checkpointing=env.gradient_checkpointing)
     trainer = build_trainer(
         model=model, tokenizer=tokenizer, method=config.method, env=env, training=config.training,
         train_rows=train_rows, eval_rows={"validation": val_rows} if val_rows else {},
-        checkpoint_dir=job["checkpoint_dir"], max_length=config.max_length, packing=config.packing,
+        checkpoint_dir=job.checkpoint_dir, max_length=config.max_length, packing=config.packing,
     )
     trainable, total = peft_methods.count_parameters(trainer.model)
     checks = {"labels": labels_check(config, trainer)}  # before training: an unlabeled block would train on nothing
-    metrics = fit(trainer, job["checkpoint_dir"])
+    metrics = fit(trainer, job.checkpoint_dir)
     checks.update(self_checks(config, trainer, metrics))
     metrics.update(evaluate(trainer))
     if "eval_loss" in metrics:
@@ -106,8 +114,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         if config.method.is_peft:
             final = final.merge_and_unload()
         final.config.use_cache = True
-        final.save_pretrained(job["output_dir"])
-        tokenizer.save_pretrained(job["output_dir"])
+        final.save_pretrained(job.output_dir)
+        tokenizer.save_pretrained(job.output_dir)
     metrics.update(
         {
             "trainable_parameters": trainable,

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.reward import RewardConfig
-from tunepipe.schemas.sft import QLoraMethod
+from tunepipe.schemas.methods import QLoraMethod
+from tunepipe.tasks.reward.train import RewardJob
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
 from tunepipe.tasks.training.checks import warned_markdown
@@ -129,12 +130,11 @@ class RewardStage(TrainingStage):
         if done_file.exists() and (ctx.staging_dir / save_to).exists():
             metrics = json.loads(done_file.read_text())
         else:
-            job = {
-                "config": config.model_dump(mode="json"), "env": ctx.env.model_dump(mode="json"),
-                "model_path": model_path, "tokenizer_path": tokenizer_path, "train": train, "heldout": heldout,
-                "output_dir": str(ctx.staging_dir), "save_to": save_to, "merge": merged,
-                "checkpoint_dir": str(ctx.checkpoint_dir / "trainer"),
-            }
+            job = RewardJob(
+                config=config, env=ctx.env, model_path=model_path, tokenizer_path=tokenizer_path, train=train,
+                heldout=heldout, output_dir=str(ctx.staging_dir), save_to=save_to, merge=merged,
+                checkpoint_dir=str(ctx.checkpoint_dir / "trainer"),
+            )
             metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / "launch")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_json(done_file, metrics)

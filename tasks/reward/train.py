@@ -8,11 +8,26 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.schemas.reward import RewardConfig
-from tunepipe.schemas.sft import QLoraMethod
+from tunepipe.tasks.training.hardware import hardware
+from tunepipe.schemas.methods import QLoraMethod
 
 STEP_METRICS = {"loss": "loss", "accuracy": "train_accuracy", "margin": "train_margin", "mean_reward": "mean_reward"}
+
+
+class RewardJob(TrainingJob):
+    """The reward stage's one training run, as it crosses the launcher."""
+
+    config: RewardConfig
+    model_path: str = Field(description="The model the reward model starts from.")
+    tokenizer_path: str = Field(description="Where its tokenizer loads from.")
+    train: list[dict[str, Any]] = Field(description="Train preference pairs.")
+    heldout: list[dict[str, Any]] = Field(description="Held-out preference pairs (may be empty).")
+    save_to: str = Field(description="The result's directory under output_dir.")
+    merge: bool = Field(description="Save the adapter merged into a plain sequence-classification model.")
 
 
 def reward_model_for_training(model_path: str, config: RewardConfig, env: EnvironmentProfile, pad_token_id: int) -> Any:
@@ -21,12 +36,12 @@ def reward_model_for_training(model_path: str, config: RewardConfig, env: Enviro
     from tunepipe.tasks.training import peft_methods
     from tunepipe.tasks.training.modeling import torch_dtype
 
-    method = config.method
-    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": torch_dtype(env.dtype), "revision": config.revision}
+    method, hw = config.method, hardware(env)
+    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": torch_dtype(hw.dtype), "revision": config.revision}
     if isinstance(method, QLoraMethod):
         kwargs["quantization_config"] = peft_methods.bnb_config(method, env)
-    if env.attn_implementation:
-        kwargs["attn_implementation"] = env.attn_implementation
+    if attention := hw.attention(padding_free=False):
+        kwargs["attn_implementation"] = attention
     model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
     model.config.pad_token_id = pad_token_id  # the score is read at the last non-pad token
     model.config.use_cache = False
@@ -63,7 +78,7 @@ def self_checks(config: RewardConfig, trainer: Any, metrics: dict[str, Any], sco
     return out
 
 
-def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
+def train_reward_job(job: RewardJob) -> dict[str, Any]:
     """Train the reward model of a job; returns its metrics (rank 0 also saves it)."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
@@ -85,19 +100,18 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     )
 
     disable_progress_bar()
-    config = RewardConfig.model_validate(job["config"])
-    env = EnvironmentProfile.model_validate(job["env"])
-    tokenizer = load_tokenizer(job["tokenizer_path"])
+    config, env = job.config, job.env
+    tokenizer = load_tokenizer(job.tokenizer_path)
     seed_everything(config.training.seed)  # the score head is initialised at random
-    model = reward_model_for_training(job["model_path"], config, env, tokenizer.pad_token_id)
+    model = reward_model_for_training(job.model_path, config, env, tokenizer.pad_token_id)
     # Scored before and after training: held-out accuracy, and the reward_scores self-check (on a few
     # training pairs when nothing is held out).
-    check_on = "heldout" if job["heldout"] else "train"
-    check_pairs = job["heldout"] or job["train"][:CHECK_TRAIN_PAIRS]
+    check_on = "heldout" if job.heldout else "train"
+    check_pairs = job.heldout or job.train[:CHECK_TRAIN_PAIRS]
     scores_before = pair_scores(model.eval(), tokenizer, check_pairs)
-    before = pairwise_summary(*scores_before) if job["heldout"] else pairwise_summary([], [])
+    before = pairwise_summary(*scores_before) if job.heldout else pairwise_summary([], [])
     args = TrlRewardConfig(
-        **training_kwargs(config.training, env, job["checkpoint_dir"]),
+        **training_kwargs(config.training, env, job.checkpoint_dir),
         max_length=config.max_length,
         center_rewards_coefficient=config.center_rewards_coefficient,
         disable_dropout=True,
@@ -105,20 +119,20 @@ def train_reward_job(job: dict[str, Any]) -> dict[str, Any]:
     trainer = RewardTrainer(
         model=model.train(),
         args=args,
-        train_dataset=Dataset.from_list([conversational_pair(p, tokenizer) for p in job["train"]]),
+        train_dataset=Dataset.from_list([conversational_pair(p, tokenizer) for p in job.train]),
         processing_class=tokenizer,
         callbacks=make_callbacks(model, config.method, "reward"),
     )
     trainable, total = peft_methods.count_parameters(trainer.model)
-    metrics = fit(trainer, job["checkpoint_dir"])
+    metrics = fit(trainer, job.checkpoint_dir)
     scores_after = pair_scores(trainer.model.eval(), tokenizer, check_pairs)
-    after = pairwise_summary(*scores_after) if job["heldout"] else pairwise_summary([], [])
+    after = pairwise_summary(*scores_after) if job.heldout else pairwise_summary([], [])
     checks = self_checks(config, trainer, metrics, scores_before, scores_after, check_on)
     if is_main_process():
-        save_reward_model(trainer.model, tokenizer, Path(job["output_dir"]) / job["save_to"], merge=job["merge"])
+        save_reward_model(trainer.model, tokenizer, Path(job.output_dir) / job.save_to, merge=job.merge)
     metrics.update(
         {
-            "heldout_before": before, "heldout_after": after, "train_pairs": len(job["train"]),
+            "heldout_before": before, "heldout_after": after, "train_pairs": len(job.train),
             "trainable_parameters": trainable, "total_parameters": total,
             "loss_history": loss_history(trainer), "step_metrics": step_history(trainer.state.log_history, STEP_METRICS),
             "checks": checks,

@@ -23,6 +23,7 @@ from tunepipe.tasks.training.generation import (
     prompts_and_references,
 )
 from tunepipe.tasks.training import retention
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.scoring import task_scorers
 
 
@@ -46,7 +47,7 @@ def heldout_metrics(
     run_tasks = {run: ([run] if outputs.kind == "adapters" else list(examples)) for run in outputs.paths}
     base = load_base(model_path, config.method, env, config.revision).eval()
     if getattr(base, "quantization_method", None) is None:  # a 4-bit base is already on its GPU
-        base = base.to(env.device)
+        base = base.to(hardware(env).device)
     base.config.use_cache = True
     results: dict[str, dict[str, Any]] = {}
     kept: dict[str, dict[str, Any]] = {}
@@ -56,7 +57,7 @@ def heldout_metrics(
         tokenizer = load_tokenizer(str(trained_dir))
         template = resolve_chat_template(config.chat_template, tokenizer)
         if outputs.kind == "model":
-            trained = load_model(str(trained_dir), dtype=env.dtype, device_map={"": env.device}).eval()
+            trained = load_model(str(trained_dir), dtype=hardware(env).dtype, device_map=hardware(env).device_map()).eval()
         elif trained_with_adapters is None:
             trained = trained_with_adapters = PeftModel.from_pretrained(base, str(trained_dir), adapter_name=run).eval()
         else:

@@ -24,6 +24,7 @@ from typing import Any
 
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.sft.train import SFTJob
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
 from tunepipe.tasks.training.checks import warned_markdown
@@ -109,16 +110,10 @@ class SFTStage(TrainingStage):
                 ctx.logger.info("sft: %s already trained in an earlier attempt", run)
                 metrics_by_run[run] = json.loads(done_file.read_text())
                 continue
-            job = {
-                "config": config.model_dump(mode="json"),
-                "env": ctx.env.model_dump(mode="json"),
-                "model_path": model_path,
-                "data_dir": data_dir,
-                "tasks": spec["tasks"],
-                "output_dir": str(ctx.staging_dir),
-                "save_to": spec["save_to"],
-                "checkpoint_dir": str(ctx.checkpoint_dir / run),
-            }
+            job = SFTJob(
+                config=config, env=ctx.env, model_path=model_path, data_dir=data_dir, tasks=spec["tasks"],
+                output_dir=str(ctx.staging_dir), save_to=spec["save_to"], checkpoint_dir=str(ctx.checkpoint_dir / run),
+            )
             ctx.logger.info("sft: training %s → %s", run, spec["save_to"])
             metrics = run_training(ENTRYPOINT, job, ctx.env, ctx.logger, ctx.checkpoint_dir / f"{run}.launch")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import LoraMethod, SFTConfig
+from pydantic import Field
+from tunepipe.schemas.jobs import TrainingJob
+from tunepipe.schemas.methods import LoraMethod
+from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import checks as checks_
 from tunepipe.tasks.training import peft_methods
@@ -25,7 +27,7 @@ from tunepipe.tasks.training.encoding import (
     read_split,
     resolve_chat_template,
 )
-from tunepipe.tasks.training.distributed import parameters_sharded
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
 from tunepipe.tasks.training.plots import step_history
 from tunepipe.tasks.training.trainer import (
@@ -43,6 +45,16 @@ from tunepipe.tasks.training.trainer import (
 log = logging.getLogger("tunepipe.train")
 
 
+class SFTJob(TrainingJob):
+    """One SFT run (all tasks, or one task's adapter), as it crosses the launcher."""
+
+    config: SFTConfig
+    model_path: str = Field(description="The base model (a path or the upstream artifact's model).")
+    data_dir: str = Field(description="The data artifact.")
+    tasks: list[str] | None = Field(default=None, description="Only these tasks' records; None: every task.")
+    save_to: str = Field(description="The result's directory under output_dir.")
+
+
 def check_policy(config: SFTConfig) -> checks_.CheckPolicy:
     return checks_.CheckPolicy("sft", config.self_checks)
 
@@ -55,18 +67,19 @@ def label_mask_result(stats: Any) -> dict[str, Any]:
     return result
 
 
-def prepare_sft(job: dict[str, Any]) -> dict[str, Any]:
+def prepare_sft(job: SFTJob | dict[str, Any]) -> dict[str, Any]:
     """Tokenizer, encoded rows and statistics of an SFT job (no model loaded)."""
     from tunepipe.tasks.training.modeling import load_tokenizer
 
-    config = SFTConfig.model_validate(job["config"])
-    tokenizer = load_tokenizer(job["model_path"], revision=config.revision)
+    job = SFTJob.model_validate(job)  # the stage's job as is; a test's dict validated here
+    config = job.config
+    tokenizer = load_tokenizer(job.model_path, revision=config.revision)
     template = resolve_chat_template(config.chat_template, tokenizer)
     tokenizer.chat_template = template  # saved with the artifact: serving renders prompts the same way
-    wanted = set(job["tasks"]) if job.get("tasks") else None
+    wanted = set(job.tasks) if job.tasks else None
     encoded = {}
     for split in ("train", "validation"):
-        records = read_split(job["data_dir"], split)
+        records = read_split(job.data_dir, split)
         if wanted is not None:
             records = [r for r in records if str(r.get("task") or "default") in wanted]
         encoded[split] = encode_records(
@@ -79,7 +92,7 @@ def prepare_sft(job: dict[str, Any]) -> dict[str, Any]:
     train_rows = [row for task in sorted(train_by_task) for row in train_by_task[task]]
     if not train_rows:
         raise StageFailed(
-            f"sft: no training examples for tasks {sorted(wanted) if wanted else 'all'} in {job['data_dir']}/train.jsonl "
+            f"sft: no training examples for tasks {sorted(wanted) if wanted else 'all'} in {job.data_dir}/train.jsonl "
             f"({train_stats.examples} records read, {train_stats.dropped_overlong} dropped as over-long, "
             f"{train_stats.dropped_no_target} left without an answer after truncation)"
         )
@@ -89,19 +102,20 @@ def prepare_sft(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sft_trainer(job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def sft_trainer(job: SFTJob | dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The ready-to-train SFTTrainer of a job, and the prepared data (exposed for tests)."""
+    job = SFTJob.model_validate(job)
     prepared = prepare_sft(job)
     config: SFTConfig = prepared["config"]
     seed_everything(config.training.seed)  # before the adapter's initialisation draws
-    env = EnvironmentProfile.model_validate(job["env"])
+    env = job.env
     method = config.method
-    model = load_base(job["model_path"], method, env, config.revision, packing=config.packing)
+    model = load_base(job.model_path, method, env, config.revision, packing=config.packing)
     apply_router(model, config.training.router)
     steps = estimated_steps(len(prepared["train_rows"]), env, config.training)
-    init_dir = Path(job["checkpoint_dir"]) / "initial-adapter"
+    init_dir = Path(job.checkpoint_dir) / "initial-adapter"
     model = peft_methods.apply_method(
-        model, method, total_step=steps, tokenizer_path=job["model_path"], gradient_checkpointing=env.gradient_checkpointing
+        model, method, total_step=steps, tokenizer_path=job.model_path, gradient_checkpointing=env.gradient_checkpointing
     )
     if isinstance(method, LoraMethod) and method.init in ("pissa", "olora") and is_main_process():
         # The adapter as initialised, saved as a plain-init LoRA: the reference that converts the
@@ -111,7 +125,7 @@ def sft_trainer(job: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         model.peft_config["default"].init_lora_weights = method.init
     trainer = build_trainer(
         model=model, tokenizer=prepared["tokenizer"], method=method, env=env, training=config.training,
-        train_rows=prepared["train_rows"], eval_rows=prepared["eval_rows"], checkpoint_dir=job["checkpoint_dir"],
+        train_rows=prepared["train_rows"], eval_rows=prepared["eval_rows"], checkpoint_dir=job.checkpoint_dir,
         max_length=config.max_length, packing=config.packing,
     )
     prepared["initial_adapter"] = init_dir
@@ -148,13 +162,13 @@ def save_result(
     tmp.rename(dest)
 
 
-def check_prompts(job: dict[str, Any], config: SFTConfig, tokenizer: Any, limit: int = 8) -> list[str]:
+def check_prompts(job: SFTJob, config: SFTConfig, tokenizer: Any, limit: int = 8) -> list[str]:
     """Held-out prompts for the adapter check: the test split's (else validation's, else train's) prompts."""
     from tunepipe.tasks.training.generation import prompts_and_references
 
-    wanted = set(job["tasks"]) if job.get("tasks") else None
+    wanted = set(job.tasks) if job.tasks else None
     for split in ("test", "validation", "train"):
-        records = [r for r in read_split(job["data_dir"], split) if wanted is None or str(r.get("task") or "default") in wanted]
+        records = [r for r in read_split(job.data_dir, split) if wanted is None or str(r.get("task") or "default") in wanted]
         if records:
             return prompts_and_references(records[:limit], tokenizer, tokenizer.chat_template, config.system_prompt)[0]
     return []
@@ -172,7 +186,7 @@ def effect_on_check_prompts(model: Any, prepared: dict[str, Any], config: SFTCon
         model.train(was_training)
 
 
-def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, dest: Path, job: dict[str, Any]) -> dict[str, Any]:
+def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, dest: Path, job: SFTJob) -> dict[str, Any]:
     """The saved adapter, loaded back beside the trained one, must change the base's output on
     held-out prompts: an adapter that is empty, was never trained or was saved without its weights
     would be served as the bare base model."""
@@ -201,7 +215,7 @@ def saved_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConf
     )
 
 
-def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, job: dict[str, Any]) -> dict[str, Any]:
+def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTConfig, job: SFTJob) -> dict[str, Any]:
     """`saved_adapter_effect` for sharded parameters: the trained adapter in memory against the base, run by
     every rank together (each forward pass gathers the shards); the saved files are checked on reload."""
     model = trainer.model
@@ -214,10 +228,11 @@ def trained_adapter_effect(trainer: Any, prepared: dict[str, Any], config: SFTCo
     )
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def train_job(job: SFTJob) -> dict[str, Any]:
     """Run one SFT job to completion; returns its metrics (rank 0 also saves the result)."""
-    config = SFTConfig.model_validate(job["config"])
-    sharded = parameters_sharded(EnvironmentProfile.model_validate(job["env"]))
+    job = SFTJob.model_validate(job)  # the stage's job as is; a test's dict validated here
+    config = job.config
+    sharded = hardware(job.env).parameters_sharded()
     if sharded and getattr(config.method, "init", None) in ("pissa", "olora"):
         raise StageFailed(
             f"sft.method.init {config.method.init} converts the trained adapter against the whole initial adapter at save "
@@ -228,7 +243,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     config = prepared["config"]
     trainable, total = peft_methods.count_parameters(trainer.model)
     log.info("sft %s: %d examples, %d trainable of %d parameters", config.method.name, len(prepared["train_rows"]), trainable, total)
-    metrics = fit(trainer, job["checkpoint_dir"])
+    metrics = fit(trainer, job.checkpoint_dir)
     checks = {
         "label_mask": label_mask_result(prepared["train_stats"]),
         "steps": checks_.require_steps("the trainer", metrics["global_step"], trainer, config.training.max_steps, check_policy(config)),
@@ -238,7 +253,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         "the training loss", history, metrics["train_loss"], ": nothing was learned", check_policy(config)
     )
     metrics.update(evaluate(trainer))
-    dest = Path(job["output_dir"]) / job["save_to"]
+    dest = Path(job.output_dir) / job.save_to
     if sharded:
         # ZeRO-3 / FSDP: every rank takes part in gathering the weights and in the check's forward passes.
         save_result(trainer, prepared["tokenizer"], config.method, dest, None, collective=True)
@@ -252,7 +267,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 
         # Our card instead of PEFT's blank template (its `base_model:` an absolute local path).
         (dest / "README.md").write_text(adapter_card(
-            base=job["model_path"], method=config.method.name, tasks=job.get("tasks"),
+            base=job.model_path, method=config.method.name, tasks=job.tasks,
             training=config.training.model_dump(mode="json"), stage="sft",
         ))
     metrics.update(

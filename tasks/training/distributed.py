@@ -4,32 +4,15 @@ Sharded parameters (DeepSpeed ZeRO-3, FSDP) live in pieces on every rank: saving
 them and every forward pass after training gathers them too, so those steps are collective (every
 rank takes part, rank 0 writes). And each rank's share of the training state is reported, so a run
 shows whether it really sharded: under ZeRO-3 or FSDP full-shard a rank holds about 1/world of the
-parameters and optimizer states, under DDP all of them.
+parameters and optimizer states, under DDP all of them. Whether a profile shards is
+`tasks/training/hardware.py`'s decision (`Hardware.parameters_sharded`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from tunepipe.schemas.environment import EnvironmentProfile
-
-
-def zero_stage(env: EnvironmentProfile) -> int:
-    """The ZeRO stage of the profile's DeepSpeed config (0 without DeepSpeed)."""
-    from tunepipe.tasks.core.environment import deepspeed_config_path
-
-    path = deepspeed_config_path(env)
-    if path is None:
-        return 0
-    return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
-
-
-def parameters_sharded(env: EnvironmentProfile) -> bool:
-    """Whether each rank holds only a shard of the parameters (ZeRO-3, FSDP): saving and forward passes
-    after training must then run on every rank."""
-    return zero_stage(env) >= 3 or env.fsdp is not None
 
 
 def world_size() -> int:

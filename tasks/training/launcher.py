@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import collections
 import importlib
+import inspect
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.training.hardware import hardware
 
 TAIL_LINES = 40
 # A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.
@@ -83,10 +87,25 @@ def failure_summary(lines: list[str], errors: list[str]) -> str:
     return text
 
 
-def entry_point(spec: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def entry_point(spec: str) -> Callable[[Any], dict[str, Any]]:
     """`package.module:function` → the function."""
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def job_payload(job: TrainingJob | dict[str, Any]) -> dict[str, Any]:
+    """The job as JSON-able data, for the job file a launcher's workers read."""
+    return job.model_dump(mode="json") if isinstance(job, TrainingJob) else dict(job)
+
+
+def typed_job(entry: Callable[[Any], Any], payload: dict[str, Any]) -> Any:
+    """`payload` validated as the job class `entry` takes (its first parameter's annotation), once per
+    worker; unchanged for an entry point that takes a plain dict."""
+    first = next(iter(inspect.signature(entry).parameters), None)
+    job_cls = typing.get_type_hints(entry).get(first) if first else None
+    if isinstance(job_cls, type) and issubclass(job_cls, TrainingJob):
+        return job_cls.model_validate(payload)
+    return payload
 
 
 def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: str | None = None) -> list[str]:
@@ -107,11 +126,11 @@ def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: st
         # accelerate takes one mode flag (two fail its launch). `--cpu` starts a single process whatever
         # --num_processes says (more CPU processes need mpirun), so several processes on any device go
         # through `--multi_gpu`, i.e. torchrun; the workers' TrainingArguments choose the device and backend.
-        if env.deepspeed_config:
+        if hardware(env).backend == "deepspeed":
             cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config_path(env))]
         elif env.num_processes > 1:
             cmd += ["--multi_gpu"]
-        elif env.device == "cpu":
+        elif not hardware(env).on_gpu:
             cmd += ["--cpu"]
         return cmd + ["--module", "tunepipe.tasks.training.launcher", job]
     if env.launcher == "deepspeed":
@@ -178,7 +197,7 @@ def stream_command(
 
 
 def run_training(
-    entrypoint: str, job: dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
+    entrypoint: str, job: TrainingJob | dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
 ) -> dict[str, Any]:
     """Run `entrypoint(job)` as the profile says and return its result, tracked as the running
     stage's task named by `work_dir` (`<task>.launch`; a plain `launch`: the stage's one job)."""
@@ -194,15 +213,15 @@ def run_training(
 
 
 def _run_training(
-    entrypoint: str, job: dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
+    entrypoint: str, job: TrainingJob | dict[str, Any], env: EnvironmentProfile, logger: logging.Logger, work_dir: str | Path
 ) -> dict[str, Any]:
-    if env.launcher == "in_process":
+    if env.launcher == "in_process":  # the typed job itself: nothing to serialise or validate again
         return entry_point(entrypoint)(job)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     job_file, result_file = work / "job.json", work / "result.json"
     result_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps({**job, "_entrypoint": entrypoint, "_result_file": str(result_file)}, default=str))
+    job_file.write_text(json.dumps({**job_payload(job), "_entrypoint": entrypoint, "_result_file": str(result_file)}, default=str))
     what = f"{env.launcher} x{env.num_processes}"
     if env.launcher == "torchrun" and env.multi_node is not None:
         from tunepipe.tasks.training.multinode import posted_job
@@ -235,8 +254,8 @@ workers need no PYTHONPATH from us)."""
 def run_job(job: dict[str, Any]) -> None:
     """One worker's part of a launch: run the job's entry point; rank 0 writes its result."""
     job = dict(job)
-    entry, result_file = job.pop("_entrypoint"), job.pop("_result_file")
-    result = entry_point(entry)(job)
+    entry, result_file = entry_point(job.pop("_entrypoint")), job.pop("_result_file")
+    result = entry(typed_job(entry, job))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_file).write_text(json.dumps(result, default=str))
 

@@ -60,20 +60,15 @@ activations, attention and logits belong to each process's own micro-batch and a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import (
-    LOMO_OPTIMIZERS,
-    FreezeMethod,
-    QLoraMethod,
-    TrainingConfig,
-)
-from tunepipe.tasks.core.environment import deepspeed_config_path
+from tunepipe.schemas.methods import FreezeMethod, QLoraMethod
+from tunepipe.schemas.training import LOMO_OPTIMIZERS, TrainingConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.training import moe, peft_methods
+from tunepipe.tasks.training.hardware import hardware
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -124,40 +119,6 @@ def count(model: Any, method: Any) -> tuple[int, int, Any]:
     prepared = with_method(meta_model(model), method)
     trainable, total = peft_methods.count_parameters(prepared)
     return trainable, total, prepared
-
-
-def _deepspeed(env: EnvironmentProfile) -> dict[str, Any]:
-    path = deepspeed_config_path(env)
-    if path is None:
-        return {"stage": 0, "offload_optimizer": False, "offload_param": False}
-    zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
-    return {
-        "stage": int(zero.get("stage", 0)),
-        "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
-        "offload_param": (zero.get("offload_param") or {}).get("device", "none") not in ("none", None),
-    }
-
-
-def sharding(env: EnvironmentProfile) -> dict[str, Any]:
-    """What each of the profile's processes holds of the training state: the components divided by the world
-    size (the others every process holds whole) and those moved to CPU memory.
-
-    DeepSpeed ZeRO-1 divides the optimizer states, ZeRO-2 the gradients too, ZeRO-3 the weights as well
-    (offload_optimizer / offload_param move them to the CPU). FSDP full shard (`reshard_after_forward`)
-    divides all three; without resharding the weights stay gathered from forward to backward, so the peak
-    holds them whole; `cpu_offload` moves all three to the CPU. DDP divides nothing."""
-    n = env.world_size  # all nodes: sharding divides over every process of the job
-    if env.fsdp is not None:
-        divided = (["weights"] if env.fsdp.reshard_after_forward else []) + ["gradients", "optimizer"]
-        offloaded = ["weights", "gradients", "optimizer"] if env.fsdp.cpu_offload else []
-        scheme = "fsdp full shard" if env.fsdp.reshard_after_forward else "fsdp shard grad/optimizer"
-    else:
-        ds = _deepspeed(env)
-        stage = ds["stage"]
-        divided = [name for name, needs in (("weights", 3), ("gradients", 2), ("optimizer", 1)) if stage >= needs]
-        offloaded = (["optimizer"] if ds["offload_optimizer"] else []) + (["weights"] if ds["offload_param"] and stage >= 3 else [])
-        scheme = f"zero-{stage}" if stage else ("ddp" if n > 1 else "single process")
-    return {"scheme": scheme, "world_size": n, "divided": divided if n > 1 else [], "offloaded": offloaded}
 
 
 def _is_linear(module: Any) -> bool:
@@ -235,14 +196,6 @@ def activation_bytes_per_token(
     return blocks * per_block
 
 
-def packed_attention_kernel(env: EnvironmentProfile, packing: bool | str) -> str:
-    """The kernel training will load (`modeling.training_attention` without the installed check: a plan may be
-    made on another machine than the run; flash-attn and flex_attention, the usual preferences, plan alike)."""
-    if peft_methods.is_padding_free(packing) and env.packed_attention:
-        return env.packed_attention[0]
-    return env.attn_implementation
-
-
 def attention_bytes(kernel: str, b: int, s: int, heads: int, blocks: int, dt: int, *, padding_free: bool) -> float:
     """Quadratic attention state kept for backward (see the module docstring): none for flash-attn and flex."""
     # A padding-free batch is one flattened row of b*s tokens; padded rows are b rows of s.
@@ -302,8 +255,8 @@ def memory_estimate(
         inter = counts[1] * expert_inter + (getattr(text_cfg, "shared_expert_intermediate_size", None) or 0)
     vocab = text_cfg.vocab_size
     b, s = env.per_device_batch_size, seq_len
-    dt = DTYPE_BYTES[env.dtype]
-    ds = _deepspeed(env)
+    dt = DTYPE_BYTES[hardware(env).dtype]
+    ds = hardware(env).deepspeed()
     n = env.world_size
 
     if isinstance(method, QLoraMethod):
@@ -334,7 +287,7 @@ def memory_estimate(
     else:
         optimizer = trainable * 2 * trainable_bytes
 
-    shards = sharding(env)
+    shards = hardware(env).sharding()
     state = {"weights": weights, "gradients": grads, "optimizer": optimizer}
     for name in shards["divided"]:
         state[name] /= n
@@ -347,7 +300,7 @@ def memory_estimate(
     tokens = rows * s  # per micro-batch: full rows, packed or padded to the longest
     acts = tokens * activation_bytes_per_token(h, inter, blocks, dt, liger=env.liger_kernel,
                                                qlora=isinstance(method, QLoraMethod), checkpointing=env.gradient_checkpointing)
-    attention = packed_attention_kernel(env, packing)
+    attention = hardware(env).planned_attention(padding_free=peft_methods.is_padding_free(packing))
     # Under QLoRA the bias is float32: the packed QLoRA peaks measured on the H100 sat ~10 GiB above LoRA's,
     # what a float32 L^2 bias adds (float32 hidden states reach attention there; see the docstring).
     bias_bytes = 4 if isinstance(method, QLoraMethod) else dt
@@ -374,7 +327,7 @@ def memory_estimate(
     out["device_memory_gb"] = env.device_memory_gb
     out["fits"] = out["total_gb"] <= env.device_memory_gb
     out["assumptions"] = {
-        "batch": b, "seq_len": s, "dtype": env.dtype, "gradient_checkpointing": env.gradient_checkpointing,
+        "batch": b, "seq_len": s, "dtype": hardware(env).dtype, "gradient_checkpointing": env.gradient_checkpointing,
         "attn_implementation": attention, "liger_kernel": env.liger_kernel, "zero_stage": ds["stage"],
         "packing": packing, "padding_free": peft_methods.is_padding_free(packing), "loss": loss,
         "processes": n, "optimizer": optim, "sharding": shards, "stage": stage, "rows_per_micro_batch": rows,
@@ -450,7 +403,7 @@ def suggestions(
         )
     if not env.gradient_checkpointing:
         out.append(f"turn on gradient_checkpointing: ~{total(method, env.model_copy(update={'gradient_checkpointing': True})):.1f} GiB")
-    if "weights" not in sharding(env)["divided"]:
+    if "weights" not in hardware(env).sharding()["divided"]:
         from tunepipe.tasks.core.environment import load_environment
 
         same_batch = {"per_device_batch_size": env.per_device_batch_size, "device_memory_gb": env.device_memory_gb}

@@ -40,7 +40,7 @@ def is_moe(config: Any) -> bool:
 
 
 def apply_router(model: Any, router: Any) -> None:
-    """Set the router-loss switches of a MoE model's config (`router`: schemas.sft.RouterConfig)."""
+    """Set the router-loss switches of a MoE model's config (`router`: schemas.training.RouterConfig)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not is_moe(base.config):
         return

@@ -1,7 +1,7 @@
 """Pieces the reward and align stages share: trainer arguments from the config and profile,
 preference pairs and prompts from the data artifact, step metrics and their plot.
 
-Hyper-parameters come from `schemas.sft.TrainingConfig`; batch, accumulation, precision,
+Hyper-parameters come from `schemas.training.TrainingConfig`; batch, accumulation, precision,
 checkpointing and device from the `EnvironmentProfile` (through `tasks.peft_methods.precision_flags`,
 the same flags the sft stage uses), so a CPU profile yields `use_cpu=True, bf16=False,
 gradient_checkpointing=False` here exactly as it does for SFT.

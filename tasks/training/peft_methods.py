@@ -1,9 +1,9 @@
 """Config → library object, one small function per object.
 
-`sft.method` / `pretrain.method` (schemas/sft.py) become a `peft.*Config`, a
+`sft.method` / `pretrain.method` (schemas/methods.py) become a `peft.*Config`, a
 `BitsAndBytesConfig`, an optimiser name, a `trl.SFTConfig`; full / freeze / bitfit (which PEFT
-does not have) become `requires_grad` flags. Nothing here decides hardware: precision, batch,
-checkpointing and attention come from the `EnvironmentProfile`.
+does not have) become `requires_grad` flags. Nothing here decides hardware: precision, FSDP,
+checkpointing and attention are `tasks/training/hardware.py`'s decisions, the batch the profile's.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import (
-    LOMO_OPTIMIZERS,
+from tunepipe.schemas.methods import (
     AdaLoraMethod,
     AdapterDropMethod,
     AdapterFusionMethod,
@@ -26,15 +25,17 @@ from tunepipe.schemas.sft import (
     IA3Method,
     LoraMethod,
     LoraPlusMethod,
+    LoraSettings,
     MamAdapterMethod,
     PrefixTuningMethod,
     PromptTuningMethod,
     PTuningMethod,
     PTuningV2Method,
     QLoraMethod,
-    TrainingConfig,
     UniPeltMethod,
 )
+from tunepipe.schemas.training import LOMO_OPTIMIZERS, TrainingConfig
+from tunepipe.tasks.training.hardware import hardware
 
 CAUSAL_LM = "CAUSAL_LM"
 _LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -44,8 +45,9 @@ def _targets(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-def lora_config(method: LoraMethod | QLoraMethod | LoraPlusMethod, *, for_counting: bool = False) -> Any:
-    """`peft.LoraConfig`. `for_counting`: default init (PiSSA/OLoRA need real weights; counts are the same)."""
+def lora_config(method: LoraSettings, *, for_counting: bool = False) -> Any:
+    """`peft.LoraConfig` of any LoRA settings: sft/pretrain's LoRA methods and align's adapter alike.
+    `for_counting`: default init (PiSSA/OLoRA need real weights; counts are the same)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -305,7 +307,7 @@ def bnb_config(method: QLoraMethod, env: EnvironmentProfile) -> Any:
         bnb_4bit_compute_dtype=getattr(torch, s["compute_dtype"]),
         # FSDP flattens every parameter of a block into one tensor of one dtype: the packed 4-bit weights must be
         # stored in the dtype of the rest (transformers' FSDP-QLoRA recipe), not bitsandbytes' default uint8.
-        bnb_4bit_quant_storage=getattr(torch, s["compute_dtype"]) if env.fsdp is not None else torch.uint8,
+        bnb_4bit_quant_storage=getattr(torch, s["compute_dtype"]) if hardware(env).quant_storage_is_compute_dtype() else torch.uint8,
     )
 
 
@@ -459,33 +461,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
 # Trainer arguments
 
 
-def precision_flags(env: EnvironmentProfile) -> dict[str, Any]:
-    """Mixed-precision and device flags of `TrainingArguments` from the profile."""
-    return {
-        "bf16": env.dtype == "bfloat16",
-        "fp16": env.dtype == "float16",
-        "use_cpu": env.device == "cpu",
-    }
-
-
-def fsdp_arguments(env: EnvironmentProfile) -> dict[str, Any]:
-    """The Trainer's `fsdp` / `fsdp_config` for the profile's FSDP2 settings (none without `fsdp`)."""
-    if env.fsdp is None:
-        return {}
-    return {
-        "fsdp": True,
-        "fsdp_config": {
-            "version": 2,
-            "reshard_after_forward": env.fsdp.reshard_after_forward,
-            "cpu_offload": env.fsdp.cpu_offload,
-            "state_dict_type": env.fsdp.state_dict_type,
-            "activation_checkpointing": env.gradient_checkpointing,
-            # Wrap each decoder block (the model's `_no_split_modules`), accelerate's default policy.
-            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        },
-    }
-
-
 def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, output_dir: str | Path, optim: str) -> dict[str, Any]:
     """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
     PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
@@ -505,8 +480,7 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
             f"gradients: profile {env.name} has gradient_accumulation_steps {env.gradient_accumulation_steps}; use a "
             "profile with 1 (raise per_device_batch_size instead)"
         )
-    # Under FSDP, checkpointing is FSDP's own (fsdp_config): the Trainer's would add an all-gather per block.
-    trainer_checkpointing = env.gradient_checkpointing and env.fsdp is None
+    hw = hardware(env)
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": training.epochs,
@@ -529,16 +503,16 @@ def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, out
         "per_device_train_batch_size": env.per_device_batch_size,
         "per_device_eval_batch_size": env.per_device_batch_size,
         "gradient_accumulation_steps": env.gradient_accumulation_steps,
-        "gradient_checkpointing": trainer_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if trainer_checkpointing else None,
+        "gradient_checkpointing": hw.trainer_checkpointing(),
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if hw.trainer_checkpointing() else None,
         "deepspeed": str(ds_config) if ds_config else None,
-        **fsdp_arguments(env),
+        **hw.fsdp_arguments(),
         "use_liger_kernel": env.liger_kernel,
         # The running stage's tracking backend (tasks/core/tracking.py), through the trainer's own integration.
         **trainer_report_to(),
         "dataloader_num_workers": 0,
         "eval_strategy": "no",
-        **precision_flags(env),
+        **hw.precision_flags(),
     }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.training.hardware import hardware
 
 # Ray Train's placement-group cleaner says this once a second, for the whole run, where the cluster
 # has no State API (a Ray without the dashboard of `ray[default]`, like the `ray[train]` extra alone).
@@ -40,7 +41,7 @@ def driver_command(env: EnvironmentProfile, job_file: str) -> list[str]:
         cmd += ["--address", env.ray.address]
     if env.ray.resources_per_worker:
         cmd += ["--resources", json.dumps(env.ray.resources_per_worker, sort_keys=True)]
-    if env.device == "cuda":
+    if hardware(env).on_gpu:
         cmd += ["--gpu"]
     return cmd + ["--placement-strategy", env.ray.placement_strategy]
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.sft import QLoraMethod, TrainingConfig
+from tunepipe.schemas.methods import QLoraMethod
+from tunepipe.schemas.training import TrainingConfig
 from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.hardware import hardware
 
 log = logging.getLogger("tunepipe.train")
 
@@ -54,25 +56,18 @@ def load_base(
 ) -> Any:
     """The base model at the profile's dtype and attention kernel (4-bit for qlora); packed, padding-free
     training loads the profile's `packed_attention` kernel instead."""
-    from tunepipe.tasks.training.modeling import load_model, training_attention
+    from tunepipe.tasks.training.modeling import load_model
 
+    hw = hardware(env)
     quantization = peft_methods.bnb_config(method, env) if isinstance(method, QLoraMethod) else None
-    attention = training_attention(env.attn_implementation, env.packed_attention, padding_free=peft_methods.is_padding_free(packing))
+    attention = hw.attention(padding_free=peft_methods.is_padding_free(packing))
     model = load_model(
-        model_path, revision=revision, dtype=env.dtype, attn_implementation=attention, quantization=quantization,
-        device_map=quantized_device_map(env) if quantization is not None else None,
+        model_path, revision=revision, dtype=hw.dtype, attn_implementation=attention, quantization=quantization,
+        device_map=hw.quantized_device_map() if quantization is not None else None,
     )
     # No KV cache in training: with one, transformers would not derive the per-example mask of a packed row.
     model.config.use_cache = False
     return model
-
-
-def quantized_device_map(env: EnvironmentProfile) -> dict[str, Any] | None:
-    """Where a 4-bit base is loaded: the Trainer never moves a bitsandbytes model, so on CUDA it
-    must be quantized straight onto this process's GPU (LOCAL_RANK under a launcher)."""
-    if env.device != "cuda":
-        return None
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def make_callbacks(model: Any, method: Any, label: str = "training", watch: dict[str, str] | None = None) -> list[Any]:

@@ -67,7 +67,8 @@ def test_lomo_needs_a_full_parameter_method_and_no_accumulation(assets):
 
 def test_planner_counts_lomo_memory(assets):
     from transformers import LlamaConfig
-    from tunepipe.schemas.sft import FullMethod, TrainingConfig
+    from tunepipe.schemas.methods import FullMethod
+    from tunepipe.schemas.training import TrainingConfig
 
     # A 1B-class shape on the meta device (no weights), so the GiB figures are not rounded away.
     cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,

@@ -11,7 +11,8 @@ import pytest
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.environment import load_environment
-from tunepipe.tasks.training.memory_plan import GIB, plan, sharding
+from tunepipe.tasks.training.hardware import hardware
+from tunepipe.tasks.training.memory_plan import GIB, plan
 
 SEQ = 256
 
@@ -49,7 +50,7 @@ def _gpu(**update) -> EnvironmentProfile:
     ("single-gpu-24gb", [], []),
 ])
 def test_bundled_profiles_shard_what_they_say(profile, divided, offloaded):
-    shards = sharding(load_environment(profile))
+    shards = hardware(load_environment(profile)).sharding()
     assert shards["divided"] == divided and shards["offloaded"] == offloaded
 
 
@@ -103,7 +104,7 @@ def test_plan_divides_lora_state_under_fsdp():
 
 
 def test_fsdp_profile_reaches_the_trainer_as_fsdp2():
-    from tunepipe.schemas.sft import TrainingConfig
+    from tunepipe.schemas.training import TrainingConfig
     from tunepipe.tasks.training.peft_methods import training_arguments
 
     env = load_environment("multi-gpu-fsdp")

@@ -76,13 +76,14 @@ def test_gate_reasons_state_the_numbers():
     assert reasons[3] == "PASS significant: sign test p = 0.01 < alpha 0.05 on token_f1"
 
     passed, reasons = decide(GateRules(max_task_metric_drop=0.005, max_forgetting_drop=0.05, require_significant=True),
-                             _evidence(p_value=0.2, win={**_evidence().win, "ci_low": 0.45}))
+                             _evidence(p_value=0.2, win=_evidence().win.model_copy(update={"ci_low": 0.45})))
     assert passed is False and [r[:4] for r in reasons] == ["FAIL"] * 4
     assert "0.450 <= 0.5" in reasons[0] and "a drop of 0.010 > 0.005" in reasons[1]
 
 
 def test_gate_fails_without_evidence():
-    passed, reasons = decide(GateRules(), _evidence(win={"n": 1, "ties": 1, "ci_low": None}, regression={}))
+    passed, reasons = decide(GateRules(), _evidence(win={"wins": 0, "ties": 1, "losses": 0, "n": 1, "win_rate": 0.5, "decisive": 0, "decisive_win_rate": None,
+                                                             "ci_low": None, "ci_high": None, "confidence_level": 0.95}, regression={}))
     assert passed is False and "no interval (no decisive pair; 0 wins / 1 ties / 0 losses by rule, n=1)" in reasons[0]
     assert reasons[2] == "SKIP max forgetting drop: no regression tasks configured"
 
@@ -236,3 +237,16 @@ def test_gate_holds_back_an_aligned_candidate_that_dropped_its_task_metric():
     assert not any("align kept" in r for r in decide(rules, GateEvidence(primary_metric="exact_match", win=win, judge="rule"))[1])
     off = GateRules(require_align_within_tolerance=False)
     assert decide(off, GateEvidence(primary_metric="exact_match", win=win, judge="rule", alignment=dropped))[0] is True
+
+
+def test_gate_evidence_carries_the_confidence_level_and_refuses_malformed_win_rates():
+    # alpha is 1 - ab.confidence_level, derived in one place from the level the evidence carries
+    rules = GateRules(min_win_rate_lower_bound=None, require_significant=True)
+    assert _evidence(confidence_level=0.99).alpha == 0.01
+    reasons = decide(rules, _evidence(p_value=0.02, confidence_level=0.99))[1]
+    assert "FAIL significant: sign test p = 0.02 >= alpha 0.01 on token_f1" in reasons
+    assert "PASS significant: sign test p = 0.02 < alpha 0.05 on token_f1" in decide(rules, _evidence(p_value=0.02))[1]
+    with pytest.raises(ValueError, match="win.wins"):
+        _evidence(win={**_evidence().win.model_dump(), "wins": "many"})
+    with pytest.raises(ValueError, match="win.ci_lo"):
+        _evidence(win={**_evidence().win.model_dump(), "ci_lo": 0.6})

@@ -9,8 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from tunepipe.schemas.pretrain import PretrainConfig
-from tunepipe.schemas.sft import FreezeMethod, LoraMethod, QLoraMethod, SFTConfig
+from tunepipe.schemas.methods import FreezeMethod, LoraMethod, QLoraMethod
+from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.core.environment import load_environment
 
 
@@ -110,7 +112,7 @@ def test_trainer_args_come_from_the_profile(tmp_path):
     assert args.use_cpu and not args.bf16 and not args.fp16 and not args.gradient_checkpointing
     assert args.per_device_train_batch_size == cpu.per_device_batch_size and args.output_dir == str(tmp_path)
     gpu = load_environment("single-gpu-24gb").model_copy(update={"device": "cpu"})  # no GPU here: device only
-    flags = peft_methods.precision_flags(load_environment("single-gpu-24gb"))
+    flags = hardware(load_environment("single-gpu-24gb")).precision_flags()
     assert flags == {"bf16": True, "fp16": False, "use_cpu": False}
     assert gpu.gradient_checkpointing and gpu.gradient_accumulation_steps == 4
     assert not args.use_liger_kernel
@@ -166,12 +168,10 @@ def test_yaml_section_validates_and_errors_name_path_and_line():
 
 def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
     # The Trainer never moves a bitsandbytes model: on CUDA the 4-bit base must load on the GPU.
-    from tunepipe.tasks.training.trainer import quantized_device_map
-
-    assert quantized_device_map(load_environment("cpu")) is None
-    assert quantized_device_map(load_environment("single-gpu-24gb")) == {"": 0}
+    assert hardware(load_environment("cpu")).quantized_device_map() is None
+    assert hardware(load_environment("single-gpu-24gb")).quantized_device_map() == {"": 0}
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert quantized_device_map(load_environment("multi-gpu-deepspeed")) == {"": 3}
+    assert hardware(load_environment("multi-gpu-deepspeed")).quantized_device_map() == {"": 3}
 
     # load_base hands it to from_pretrained for a 4-bit base only (the Trainer moves the others).
     import tunepipe.tasks.training.modeling as modeling
@@ -194,7 +194,7 @@ def test_liger_changes_the_training_key():
 
 
 def test_newer_methods_convert_to_their_library_objects():
-    from tunepipe.schemas.sft import TrainingConfig
+    from tunepipe.schemas.training import TrainingConfig
 
     v2 = peft_methods.peft_config(SFTConfig.model_validate({"method": {"name": "p_tuning_v2", "num_virtual_tokens": 7}}).method)
     assert type(v2).__name__ == "PrefixTuningConfig" and v2.num_virtual_tokens == 7 and not v2.prefix_projection
@@ -216,3 +216,19 @@ def test_adapter_fusion_refuses_an_artifact_without_per_task_adapters(tmp_path):
     method = SFTConfig.model_validate({"method": {"name": "adapter_fusion", "adapters_from": str(tmp_path)}}).method
     with pytest.raises(ValueError, match="need at least two"):
         peft_methods.peft_config(method)
+
+
+def test_align_adapter_is_built_by_the_same_lora_builder_with_lora_settings():
+    # One LoraConfig builder for sft and align: align's adapter on a full-model SFT result takes LoRA's settings too.
+    from tunepipe.schemas.align import AlignConfig
+
+    lora = AlignConfig.model_validate(
+        {"lora": {"r": 4, "alpha": 8, "use_rslora": True, "use_dora": True, "bias": "lora_only", "modules_to_save": ["lm_head"],
+                  "target_modules": ["q_proj", "v_proj"]}}
+    ).lora
+    config = peft_methods.lora_config(lora)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.0)  # align's dropout default stays 0
+    assert config.use_rslora and config.use_dora and config.bias == "lora_only" and config.modules_to_save == ["lm_head"]
+    assert sorted(config.target_modules) == ["q_proj", "v_proj"] and config.init_lora_weights is True
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        AlignConfig.model_validate({"lora": {"target_modules": []}})
