@@ -102,7 +102,8 @@ def retention_rows(stages: dict[str, dict[str, Any]]) -> list[str]:
     for stage in ("sft", "align", "evaluate"):
         for key, value in sorted((stages.get(stage, {}).get("metrics") or {}).items()):
             if "retention" in key:
-                figures = ", ".join(f"{path} {_f(number)}" for path, number in _leaves(value)) or str(value)
+                figures = ", ".join(f"{path} {number if isinstance(number, int) else _f(number)}"
+                                    for path, number in _leaves(value)) or str(value)
                 rows.append(f"| `{stage}` | {key.replace('_', ' ')} | {figures} |")
     return rows
 
@@ -129,9 +130,17 @@ def stage_rows(stages: dict[str, dict[str, Any]]) -> list[str]:
                         f"{fallback.get('candidate')} | {_f(r.get('baseline'))} → {_f(r.get('candidate'))} |")
         rows.append(gate_row(fallback))
     if "winner" in e:
-        shipped = f"**{e['winner']}**" if e["winner"] else "**nothing**"
-        rows.append(f"| `evaluate` | what export and deploy ship | {shipped}: {_cell(e.get('winner_reason', ''))} |")
+        rows.append(f"| `evaluate` | what export and deploy ship | {shipped(e)} |")
     return rows
+
+
+def shipped(e: dict[str, Any]) -> str:
+    """Evaluate's winner and the decisions that made it (each gate's rule lines are the rows above)."""
+    def judged(m: dict[str, Any]) -> str:
+        return f"{m.get('candidate')} {'passed' if m.get('gate_passed') else 'held back'} against {m.get('baseline')}"
+
+    steps = [judged(e)] + ([judged(e["fallback"])] if e.get("fallback") else [])
+    return f"**{e['winner'] or 'nothing'}** ({'; '.join(steps)})"
 
 
 def _cell(text: Any) -> str:

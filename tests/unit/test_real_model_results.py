@@ -103,9 +103,13 @@ def test_the_sft_fallback_and_what_ships_appear_when_the_candidate_was_held_back
     assert ("| `evaluate` | regression set general_chat (tunepipe general_chat set (contains_answer), n=48): base → sft | "
             "0.50 → 0.48 |") in table
     assert "| `evaluate` | gate, sft against base | **promoted**: PASS max forgetting drop 0.05: worst regression change -0.021" in table
-    assert "| `evaluate` | what export and deploy ship | **sft**: align was held back against base (FAIL ...); the sft" in table
+    assert "| `evaluate` | what export and deploy ship | **sft** (align held back against base; sft passed against base) |" in table
+    metrics["fallback"]["gate_passed"] = False
     metrics.update(winner=None, winner_reason="nothing passed")
-    assert "| `evaluate` | what export and deploy ship | **nothing**: nothing passed |" in results.results_markdown(stages)
+    assert ("| `evaluate` | what export and deploy ship | **nothing** (align held back against base; sft held back against base) |"
+            in results.results_markdown(stages))
+    metrics.update(gate_passed=True, winner="align", fallback=None)
+    assert "| `evaluate` | what export and deploy ship | **align** (align passed against base) |" in results.results_markdown(stages)
 
 
 def test_write_then_check_and_times_are_not_checked(tmp_path, monkeypatch):
