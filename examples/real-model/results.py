@@ -102,7 +102,8 @@ def retention_rows(stages: dict[str, dict[str, Any]]) -> list[str]:
     for stage in ("sft", "align", "evaluate"):
         for key, value in sorted((stages.get(stage, {}).get("metrics") or {}).items()):
             if "retention" in key:
-                figures = ", ".join(f"{path} {_f(number)}" for path, number in _leaves(value)) or str(value)
+                figures = ", ".join(f"{path} {number if isinstance(number, int) else _f(number)}"
+                                    for path, number in _leaves(value)) or str(value)
                 rows.append(f"| `{stage}` | {key.replace('_', ' ')} | {figures} |")
     return rows
 
@@ -120,10 +121,37 @@ def stage_rows(stages: dict[str, dict[str, Any]]) -> list[str]:
                         f"{_f(prefs.get('sft_accuracy'))} → {_f(prefs.get('aligned_accuracy'))} |")
     rows += retention_rows(stages)
     e = stages["evaluate"]["metrics"]
-    verdict = "**promoted**" if e.get("gate_passed") else "**held back**"
-    rows.append(f"| `evaluate` | gate, {e.get('candidate')} against {e.get('baseline')} | {verdict}: "
-                + "; ".join(str(r).replace("|", "/") for r in e.get("gate_reasons", [])) + " |")
+    rows.append(gate_row(e))
+    fallback = e.get("fallback")
+    if fallback:  # the candidate was held back: evaluate judged the SFT adapters against the base by the same gate
+        for task, r in sorted((fallback.get("regression") or {}).items()):
+            n = f", n={r['n']}" if "n" in r else ""
+            rows.append(f"| `evaluate` | regression set {task} ({r.get('source', '')}{n}): {fallback.get('baseline')} → "
+                        f"{fallback.get('candidate')} | {_f(r.get('baseline'))} → {_f(r.get('candidate'))} |")
+        rows.append(gate_row(fallback))
+    if "winner" in e:
+        rows.append(f"| `evaluate` | what export and deploy ship | {shipped(e)} |")
     return rows
+
+
+def shipped(e: dict[str, Any]) -> str:
+    """Evaluate's winner and the decisions that made it (each gate's rule lines are the rows above)."""
+    def judged(m: dict[str, Any]) -> str:
+        return f"{m.get('candidate')} {'passed' if m.get('gate_passed') else 'held back'} against {m.get('baseline')}"
+
+    steps = [judged(e)] + ([judged(e["fallback"])] if e.get("fallback") else [])
+    return f"**{e['winner'] or 'nothing'}** ({'; '.join(steps)})"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "/")
+
+
+def gate_row(e: dict[str, Any]) -> str:
+    """The gate's verdict on one candidate against its baseline, with every rule's line."""
+    verdict = "**promoted**" if e.get("gate_passed") else "**held back**"
+    return (f"| `evaluate` | gate, {e.get('candidate')} against {e.get('baseline')} | {verdict}: "
+            + "; ".join(_cell(r) for r in e.get("gate_reasons", [])) + " |")
 
 
 def results_markdown(stages: dict[str, dict[str, Any]]) -> str:

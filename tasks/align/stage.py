@@ -65,6 +65,24 @@ def heldout_prompts(data_dir: str, tasks: list[str] | None, per_task: int) -> li
     return out
 
 
+def check_memory(config: AlignConfig, ctx: StageContext, base_model: str, sft_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The memory plan of a pairwise method (the SFT policy's method trained further on chosen + rejected rows,
+    with its reference), or StageFailed saying what to change when it does not fit the profile; read from the
+    configs alone, before any weights load. Online methods (ppo, grpo, rloo) hold generation state the planner
+    does not model: they are not planned (None)."""
+    from tunepipe.tasks.align.policy import sft_method
+    from tunepipe.tasks.training.memory_plan import check_fit
+
+    if config.method.name not in PAIRWISE_METHODS:
+        ctx.logger.info("align: %s is not memory-planned (the planner models sft, reward and pairwise methods)", config.method.name)
+        return None
+    method = sft_method(sft_config)
+    plan = check_fit(base_model, method, ctx.env, config.max_length, config.training, stage="dpo")
+    ctx.logger.info("align: %s continuing the %s policy, ~%.2f GiB per device", config.method.name, method.name,
+                    plan["memory"]["total_gb"])
+    return plan
+
+
 class AlignStage(Stage):
     """Preference optimisation / RL of the SFT policy; one adapter per SFT adapter."""
 
@@ -104,6 +122,7 @@ class AlignStage(Stage):
         reward_dir = ctx.inputs["reward"].path if "reward" in ctx.inputs else None
         runs = plan_runs(Path(sft_ref.path), sft_outputs, config.tasks)
         base_model = sft_outputs.base_model if sft_outputs.kind != "model" else runs["all"]["sft_dir"]
+        check_memory(config, ctx, base_model, sft_config)
         has_pairs = (Path(data_dir) / "preferences.jsonl").is_file()
 
         metrics_by_run: dict[str, dict[str, Any]] = {}

@@ -52,39 +52,48 @@ def merge_adapter(base: str, adapter_dir: str | Path, dest: Path) -> str:
     return str(dest)
 
 
-def resolve_start(config: RewardConfig, ctx: StageContext) -> tuple[str, str, bool]:
-    """(model path, tokenizer path, merged): where the reward model starts.
-
-    `merged` is True when an SFT adapter was merged into a temporary copy of its base; the result
-    is then saved as a full model, since nothing else keeps that merged base.
-    """
+def start_point(config: RewardConfig, ctx: StageContext) -> tuple[str, str, str | None]:
+    """(model path, tokenizer path, SFT adapter to merge into the model or None): where the reward model
+    starts, read from the configs and handoffs only (nothing loaded), so the memory plan can run first."""
     from tunepipe.tasks.core.handoff import read_handoff
 
     if config.model:
         model = model_dir(config.model)
-        return model, model, False
+        return model, model, None
     sft = ctx.inputs.get("sft")
     if config.start_from == "sft" and sft is not None:
         outputs = read_handoff(sft, ModelOutputs, reader="reward")
         first = str(Path(sft.path) / next(iter(outputs.paths.values())))
         if outputs.kind == "model":
-            return first, first, False
+            return first, first, None
         if outputs.kind == "adapter":
             if isinstance(config.method, QLoraMethod):
                 raise StageFailed(
                     "reward: start_from sft merges the SFT adapter into its base, and a 4-bit (qlora) reward model on "
                     "that merge cannot be saved: use reward.method lora or full, or reward.start_from base"
                 )
-            merged = merge_adapter(outputs.base_model, first, ctx.checkpoint_dir / "sft-merged")
-            return merged, merged, True
-        return outputs.base_model, first, False  # per-task adapters: no single SFT policy to start from
+            return outputs.base_model, first, first
+        return outputs.base_model, first, None  # per-task adapters: no single SFT policy to start from
     for name in ("pretrain", "base_model"):
         if name in ctx.inputs:
-            return ctx.inputs[name].path, ctx.inputs[name].path, False
+            return ctx.inputs[name].path, ctx.inputs[name].path, None
     if sft is not None:
         base = read_handoff(sft, ModelOutputs, reader="reward").base_model
-        return base, base, False
+        return base, base, None
     raise StageFailed("reward: no model to start from: set reward.model, or give the stage an sft, pretrain or base_model input")
+
+
+def resolve_start(config: RewardConfig, ctx: StageContext) -> tuple[str, str, bool]:
+    """(model path, tokenizer path, merged): where the reward model starts.
+
+    `merged` is True when an SFT adapter was merged into a temporary copy of its base; the result
+    is then saved as a full model, since nothing else keeps that merged base.
+    """
+    model, tokenizer, adapter = start_point(config, ctx)
+    if adapter is None:
+        return model, tokenizer, False
+    merged = merge_adapter(model, adapter, ctx.checkpoint_dir / "sft-merged")
+    return merged, merged, True
 
 
 def require_min_accuracy(config: RewardConfig, heldout: dict, train_pairs: int) -> None:
@@ -114,6 +123,7 @@ class RewardStage(TrainingStage):
 
     def run(self, config: RewardConfig, ctx: StageContext) -> StageOutput:
         from tunepipe.tasks.training.launcher import run_training
+        from tunepipe.tasks.training.memory_plan import check_fit
         from tunepipe.tasks.training.pairs import read_pairs, split_pairs
         from tunepipe.tasks.training.plots import plot_loss, plot_series
         from tunepipe.tasks.training.trainer import write_json
@@ -122,9 +132,14 @@ class RewardStage(TrainingStage):
         train, heldout = split_pairs(read_pairs(data_dir, "reward", config.tasks), config.heldout_fraction)
         if not train:
             raise StageFailed(f"reward: all {len(heldout)} preference pairs in {data_dir} are held out: none left to train on")
+        # The plan reads the starting model's config only: a run that cannot fit is refused before the SFT merge
+        # or the training process loads any weights.
+        plan = check_fit(start_point(config, ctx)[0], config.method, ctx.env, config.max_length, config.training,
+                         stage="reward")
         model_path, tokenizer_path, merged = resolve_start(config, ctx)
         save_to = "model" if merged or not config.method.is_peft else "adapter"
-        ctx.logger.info("reward: %s from %s on %d pairs (%d held out)", config.method.name, model_path, len(train), len(heldout))
+        ctx.logger.info("reward: %s from %s on %d pairs (%d held out), ~%.2f GiB per device", config.method.name, model_path,
+                        len(train), len(heldout), plan["memory"]["total_gb"])
 
         done_file = ctx.checkpoint_dir / "reward.metrics.json"
         if done_file.exists() and (ctx.staging_dir / save_to).exists():

@@ -55,7 +55,8 @@ Sharding (`sharding`): with several processes, weights, gradients and optimizer 
 the world size as the profile's ZeRO stage or FSDP mode says (and offloaded ones leave the device);
 activations, attention and logits belong to each process's own micro-batch and are never divided.
 
-`check_fit` is what the sft stage runs first: it raises `StageFailed` naming what to change.
+`check_fit` is what the sft, pretrain, reward and align (pairwise methods) stages run first: it raises
+`StageFailed` naming what to change.
 """
 
 from __future__ import annotations
@@ -382,12 +383,13 @@ def suggestions(
     seq_len: int,
     training: TrainingConfig | None = None,
     packing: bool | str = False,
+    stage: PlanStage = "sft",
 ) -> list[str]:
-    """What would make an over-budget run fit, each with its estimated total."""
+    """What would make an over-budget run fit, each with its estimated total for the same `stage`."""
     out: list[str] = []
 
     def total(m: Any, e: EnvironmentProfile) -> float:
-        return plan(model_name_or_path, m, e, seq_len, training, packing=packing)["memory"]["total_gb"]
+        return plan(model_name_or_path, m, e, seq_len, training, packing=packing, stage=stage)["memory"]["total_gb"]
 
     if method.is_peft and not isinstance(method, QLoraMethod) and hasattr(method, "r"):
         qlora = QLoraMethod(name="qlora", r=method.r, alpha=method.alpha, target_modules=method.target_modules)
@@ -425,18 +427,22 @@ def check_fit(
     seq_len: int,
     training: TrainingConfig | None = None,
     packing: bool | str = False,
+    stage: PlanStage = "sft",
 ) -> dict[str, Any]:
     """The plan, or StageFailed saying what to change when the estimate exceeds the device's memory.
 
-    `training` is the stage's own TrainingConfig, the object the trainer is built from."""
-    result = plan(model_name_or_path, method, env, seq_len, training, packing=packing)
+    `training` is the stage's own TrainingConfig, the object the trainer is built from. `stage` is what trains
+    (see `memory_estimate`): the sft and pretrain stages plan `sft`, the reward stage `reward`, align's
+    pairwise methods `dpo` (the SFT policy's method on chosen + rejected rows, with its reference)."""
+    result = plan(model_name_or_path, method, env, seq_len, training, packing=packing, stage=stage)
     mem = result["memory"]
     if not mem["fits"]:
         parts = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in mem.items() if k.endswith("_gb") and k != "total_gb" and k != "device_memory_gb")
+        training_as = "" if stage == "sft" else f" as {stage} (chosen + rejected rows per pair)"
         raise StageFailed(
-            f"{method.name} on this model needs ~{mem['total_gb']:.1f} GiB per device ({parts} GiB) but profile "
-            f"{env.name} has {env.device_memory_gb:g} GiB. To fit: "
-            + "; or ".join(suggestions(model_name_or_path, method, env, seq_len, training, packing))
+            f"{method.name} on this model{training_as} needs ~{mem['total_gb']:.1f} GiB per device ({parts} GiB) but "
+            f"profile {env.name} has {env.device_memory_gb:g} GiB. To fit: "
+            + "; or ".join(suggestions(model_name_or_path, method, env, seq_len, training, packing, stage))
         )
     return result
 

@@ -199,14 +199,33 @@ def test_embedded_engine_and_merged_export_answer_what_evaluate_scored(run):
 def test_the_forgetting_guard_runs_on_the_pretrained_base(run):
     """A pretrained base (not one the pipeline built) gets the general-knowledge set by default: evaluate scores
     both models on it and the gate's forgetting rule judges the drop instead of skipping it."""
+    from tunepipe.schemas.evaluate import GateRules
+    from tunepipe.tasks.evaluate.gate import drop_rule
+    from tunepipe.tasks.training.retention import METRIC
+
     evaluate = _metrics(run["evaluate"])
     general = evaluate["regression"][SET_NAME]
     assert general["n"] == len(general_set()) and general["baseline"] > 0.0, general  # the base knows some of it
     answered = [json.loads(line) for line in (Path(run["evaluate"].path) / "predictions.jsonl").read_text().splitlines()]
-    assert sum(row["task"] == SET_NAME for row in answered) == len(general_set())
+    rows = [row for row in answered if row["task"] == SET_NAME]
+    assert len(rows) == len(general_set())
+    # The retention figures are the answers' own scores: each model's share of questions answered, and the
+    # questions the candidate lost (the base answered them, the candidate did not).
+    cand = [row["candidate_scores"][METRIC] for row in rows]
+    base = [row["baseline_scores"][METRIC] for row in rows]
+    assert general["candidate"] == round(sum(cand) / len(cand), 4) and general["baseline"] == round(sum(base) / len(base), 4)
+    assert general["lost"] == [item["id"] for item, c, b in zip(general_set(), cand, base) if b > c]
+    # The gate judged exactly these figures against the default tolerance: its line is the drop rule on them (the
+    # general set is the only regression entry), and its verdict follows the drop.
+    tolerance = GateRules().max_forgetting_drop
     forgetting = [r for r in evaluate["gate_reasons"] if "max forgetting drop" in r]
-    assert forgetting and forgetting[0].startswith(("PASS", "FAIL")), evaluate["gate_reasons"]
-    assert SET_NAME in forgetting[0]
+    assert forgetting == [drop_rule("max forgetting drop", tolerance, {SET_NAME: (general["candidate"], general["baseline"])},
+                                    "regression", "")], evaluate["gate_reasons"]
+    assert f"({general['baseline']:.3f} → {general['candidate']:.3f})" in forgetting[0]
+    forgot = general["baseline"] - general["candidate"] > tolerance
+    assert forgetting[0].startswith("FAIL" if forgot else "PASS")
+    if forgot:  # a candidate that forgot is held back: the aligned adapter does not ship
+        assert not evaluate["gate_passed"] and evaluate["winner"] != "align", evaluate
 
 
 def test_the_example_results_script_reads_this_run(run):

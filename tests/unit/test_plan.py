@@ -1,5 +1,5 @@
 """The memory/parameter planner: meta-device counts equal PEFT's counts on real models, the
-estimate reacts to the profile, and the sft stage refuses a run that does not fit."""
+estimate reacts to the profile, and the sft, reward and align stages refuse a run that does not fit."""
 
 from __future__ import annotations
 
@@ -145,6 +145,75 @@ def test_sft_stage_refuses_before_loading_the_model(tmp_path):
     data = ArtifactRef(stage="data", key="k", path=str(tmp_path))
     with pytest.raises(StageFailed, match="To fit"):
         run_stage(SFTStage(), config, {"data": data}, ArtifactStore(tmp_path / "artifacts"), tiny)
+
+
+def _pairs_data(path):
+    """A data artifact directory holding preference pairs only (what reward and DPO read)."""
+    import json
+
+    path.mkdir()
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no", "task": "t", "split": "train"} for i in range(4)]
+    (path / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _sft_adapter_artifact(path, base):
+    """An sft artifact as align and reward read it: a LoRA adapter handoff on `base` and its manifest's config."""
+    import json
+
+    path.mkdir()
+    (path / "adapter").mkdir()
+    (path / "outputs.json").write_text(json.dumps({"kind": "adapter", "method": "lora", "base_model": str(base), "paths": {"all": "adapter"}}))
+    (path / "manifest.json").write_text(json.dumps({"config": {"method": {"name": "lora"}}}))
+    return path
+
+
+@pytest.mark.parametrize("stage_name", ["reward", "align"])
+def test_reward_and_align_refuse_before_loading_the_model(tmp_path, stage_name):
+    """As sft does: a run the plan says will not fit fails first, naming what trains and what to change. The base
+    is a config only, so any later step (the reward stage's SFT merge, a training process) would fail otherwise."""
+    from tunepipe.schemas.align import AlignConfig
+    from tunepipe.schemas.manifest import ArtifactRef
+    from tunepipe.schemas.reward import RewardConfig
+    from tunepipe.tasks.align.stage import AlignStage
+    from tunepipe.tasks.core.artifacts import ArtifactStore
+    from tunepipe.tasks.core.stage import run_stage
+    from tunepipe.tasks.reward.stage import RewardStage
+
+    _configs()["llama"].save_pretrained(tmp_path / "model")
+    tiny = load_environment("cpu").model_copy(update={"device_memory_gb": 1e-6})
+    data = ArtifactRef(stage="data", key="d", path=str(_pairs_data(tmp_path / "data")))
+    sft = ArtifactRef(stage="sft", key="s", path=str(_sft_adapter_artifact(tmp_path / "sft", tmp_path / "model")))
+    if stage_name == "reward":  # starts from the SFT adapter merged into its base: refused before the merge
+        stage, config, planned = RewardStage(), RewardConfig.model_validate({"method": "lora", "start_from": "sft"}), "reward"
+    else:
+        stage, config, planned = AlignStage(), AlignConfig.model_validate({"method": "dpo"}), "dpo"
+    with pytest.raises(StageFailed) as info:
+        run_stage(stage, config, {"data": data, "sft": sft}, ArtifactStore(tmp_path / "artifacts"), tiny)
+    message = str(info.value)
+    assert f"lora on this model as {planned} (chosen + rejected rows per pair) needs" in message
+    assert "profile cpu has 1e-06 GiB. To fit:" in message and "per_device_batch_size" in message
+
+
+def test_reward_and_dpo_suggestions_are_planned_for_their_own_stage(monkeypatch):
+    """A refusal's 'to fit' totals are the refused stage's own: every alternative suggestions() prices is planned as
+    that stage (DPO's smaller batch still runs chosen + rejected rows), never as sft."""
+    from tunepipe.tasks.training import memory_plan as mp
+
+    planned = []
+    real_plan = mp.plan
+
+    def recording_plan(*args, **kwargs):
+        planned.append(kwargs.get("stage", "sft"))
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(mp, "plan", recording_plan)
+    method = SFTConfig.model_validate({"method": "lora"}).method
+    for stage in ("reward", "dpo"):
+        planned.clear()
+        lines = mp.suggestions(_configs()["llama"], method, load_environment("cpu"), 64, stage=stage)
+        assert any("per_device_batch_size" in line for line in lines) and any("qlora" in line for line in lines)
+        assert len(planned) >= 3 and set(planned) == {stage}
 
 
 def test_the_planner_reads_the_optimizer_from_the_training_config():

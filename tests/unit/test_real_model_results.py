@@ -85,6 +85,33 @@ def test_a_retention_set_and_a_stage_s_retention_figures_appear_when_present(tmp
     assert "| `sft` | retention | general_chat.base 0.50, general_chat.trained 0.38 |" in table
 
 
+def test_the_sft_fallback_and_what_ships_appear_when_the_candidate_was_held_back(tmp_path):
+    """A held-back aligned candidate: evaluate's SFT-against-base gate (with its general-set retention) and the
+    winner export and deploy take are rows of their own."""
+    regression = {"general_chat": {"candidate": 0.25, "baseline": 0.5, "source": "tunepipe general_chat set (contains_answer)", "n": 48}}
+    stages = run(tmp_path, regression)
+    metrics = stages["evaluate"]["metrics"]
+    metrics["fallback"] = {
+        "candidate": "sft", "baseline": "base", "gate_passed": True,
+        "regression": {"general_chat": {"candidate": 0.4792, "baseline": 0.5, "source": "tunepipe general_chat set (contains_answer)", "n": 48}},
+        "gate_reasons": ["PASS max forgetting drop 0.05: worst regression change -0.021 on general_chat (0.500 → 0.479)"],
+    }
+    metrics.update(winner="sft", winner_reason="align was held back against base (FAIL ...); the sft adapters passed: they ship instead")
+    table = results.results_markdown(stages)
+    assert ("| `evaluate` | regression set general_chat (tunepipe general_chat set (contains_answer), n=48): base → align | "
+            "0.50 → 0.25 |") in table
+    assert ("| `evaluate` | regression set general_chat (tunepipe general_chat set (contains_answer), n=48): base → sft | "
+            "0.50 → 0.48 |") in table
+    assert "| `evaluate` | gate, sft against base | **promoted**: PASS max forgetting drop 0.05: worst regression change -0.021" in table
+    assert "| `evaluate` | what export and deploy ship | **sft** (align held back against base; sft passed against base) |" in table
+    metrics["fallback"]["gate_passed"] = False
+    metrics.update(winner=None, winner_reason="nothing passed")
+    assert ("| `evaluate` | what export and deploy ship | **nothing** (align held back against base; sft held back against base) |"
+            in results.results_markdown(stages))
+    metrics.update(gate_passed=True, winner="align", fallback=None)
+    assert "| `evaluate` | what export and deploy ship | **align** (align passed against base) |" in results.results_markdown(stages)
+
+
 def test_write_then_check_and_times_are_not_checked(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     run(workdir)
@@ -133,4 +160,6 @@ def test_the_example_pipeline_validates_when_its_model_is_there(name, tmp_path):
     (example / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     config = load_pipeline_config(example / name)
     assert config.sft.model == str(example / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # The bundled profile for real small models on CPU, not a profile of the example's own.
+    assert config.environment == "cpu-small-lm" and sorted(p.name for p in EXAMPLE.glob("*.yaml")) == ["pipeline.yaml"]
     assert config.evaluate.max_examples_per_task == config.sft.heldout.max_examples_per_task  # the columns compare like with like
