@@ -77,8 +77,10 @@ def vllm_command(config: ServeConfig) -> list[str]:
         cmd += ["--lora-modules", *(f"{name}={path}" for name, path in config.lora_modules.items())]
     cmd += ["--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank)]
     options = config.vllm
+    if config.served_model_name:  # the listed name first; the base's path second, so requests naming it still work
+        cmd += ["--served-model-name", *dict.fromkeys([config.served_model_name, config.base])]
     optional = {
-        "--served-model-name": config.served_model_name, "--max-cpu-loras": options.max_cpu_loras,
+        "--max-cpu-loras": options.max_cpu_loras,
         "--quantization": options.quantization, "--dtype": options.dtype,
         "--gpu-memory-utilization": options.gpu_memory_utilization, "--tensor-parallel-size": options.tensor_parallel_size,
         "--max-model-len": options.max_model_len,
@@ -86,6 +88,8 @@ def vllm_command(config: ServeConfig) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             cmd += [flag, str(value)]
+    if options.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", options.tool_call_parser]
     return [*cmd, *options.extra_args]
 
 

@@ -191,3 +191,11 @@ def test_langchain_bind_tools_with_tool_choice_returns_tool_calls(served):
     [call] = named.tool_calls
     assert call["name"] == "get_weather"
     check_weather_arguments(json.dumps(call["args"]))
+
+
+def test_the_base_is_listed_under_its_directory_name_and_still_answers_to_its_path(client, served):
+    ids = [model.id for model in client.models.list().data]
+    assert ids == ["qwen-tools"] and served["name"] == "qwen-tools"
+    assert client.models.retrieve("qwen-tools").root == served["base"]
+    reply = client.chat.completions.create(model=served["base"], messages=ASK, max_tokens=2)
+    assert reply.usage.completion_tokens == 2

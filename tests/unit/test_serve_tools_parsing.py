@@ -103,3 +103,53 @@ def test_history_arguments_reach_the_template_as_objects():
     assert history[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
     with pytest.raises(ValueError, match="arguments is not JSON"):
         history_for_template([{"role": "assistant", "tool_calls": [{"function": {"name": "w", "arguments": "{x"}}]}])
+
+
+# ---------------------------------------------------------------------------- vLLM's flags and the base's name
+
+
+def write_base(path, template: str | None):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template} if template else {}))
+    return str(path)
+
+
+def vllm_config(tmp_path, base: str, **vllm):
+    from tunepipe.schemas.serve import ServeConfig
+    from tunepipe.tasks.core.environment import load_environment
+    from tunepipe.tasks.serving.settings import resolve_serve_config
+
+    return resolve_serve_config(ServeConfig(engine="vllm", base=base, vllm=vllm), load_environment("serve-vllm-cpu"))
+
+
+def test_vllm_starts_with_the_tool_call_parser_of_the_bases_family(tmp_path):
+    from tunepipe.tasks.serving.vllm import vllm_command
+
+    tools = vllm_command(vllm_config(tmp_path, write_base(tmp_path / "qwen", QWEN25_TOOLS_TEMPLATE)))
+    assert tools[tools.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in tools
+    llama = vllm_command(vllm_config(tmp_path, write_base(tmp_path / "llama", LLAMA_TOOLS)))
+    assert llama[llama.index("--tool-call-parser") + 1] == "llama3_json"
+    plain = vllm_command(vllm_config(tmp_path, write_base(tmp_path / "plain", FAMILIES["qwen2.5"].template)))
+    assert "--tool-call-parser" not in plain and "--enable-auto-tool-choice" not in plain
+    chosen = vllm_command(vllm_config(tmp_path, str(tmp_path / "plain"), tool_call_parser="pythonic"))
+    assert chosen[chosen.index("--tool-call-parser") + 1] == "pythonic"
+    off = vllm_command(vllm_config(tmp_path, str(tmp_path / "qwen"), tool_call_parser="none"))
+    assert "--enable-auto-tool-choice" not in off
+
+
+def test_the_base_is_served_under_its_name_not_its_path(tmp_path):
+    from tunepipe.tasks.serving.settings import served_base_name
+    from tunepipe.tasks.serving.vllm import vllm_command
+
+    base = write_base(tmp_path / "models" / "SmolLM2-135M-Instruct", None)
+    config = vllm_config(tmp_path, base)
+    assert config.served_model_name == "SmolLM2-135M-Instruct"
+    command = vllm_command(config)
+    at = command.index("--served-model-name")
+    assert command[at + 1: at + 3] == ["SmolLM2-135M-Instruct", base]  # listed by name; the path still answers
+    assert served_base_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert served_base_name(str(tmp_path / "m" / "smol.Q4_1.gguf")) == "smol.Q4_1"
+    assert served_base_name(base + "/") == "SmolLM2-135M-Instruct"
+    named = vllm_config(tmp_path, base).model_copy(update={"served_model_name": "smol"})
+    assert vllm_command(named)[at + 1: at + 3] == ["smol", base]
