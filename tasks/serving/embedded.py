@@ -272,7 +272,7 @@ class _State:
             raise APIError(400, f"tools: the chat template of {self.base_name} writes tool calls in a format this "
                            f"server cannot parse (it reads {', '.join(TOOL_CALL_PARSERS)}); send tool_choice "
                            "'required' or a named function", param="tools", code="unsupported_parameter")
-        return [tool.model_dump(exclude_none=True) for tool in body.tools]
+        return [tool.for_template() for tool in body.tools]
 
     def _max_tokens(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         wanted = body.max_tokens or self.limits.max_tokens

@@ -195,7 +195,9 @@ class Front:
         return cards
 
     def target(self, model: str) -> str:
-        """The name vLLM knows for what a request asks for."""
+        """The name vLLM knows for what a request asks for (the base's path: the name it is served under)."""
+        if model == self.config.base and self.base_name:
+            return self.base_name
         return self.aliases.get(model, model)
 
 

@@ -43,6 +43,15 @@ class Tool(BaseModel):
     type: Literal["function"]
     function: ToolFunction
 
+    def for_template(self) -> dict[str, Any]:
+        """The tool as vLLM hands it to the chat template (its FunctionDefinition's dump): `description` and
+        `parameters` always (null when absent), `strict` only when set; so both engines render the same prompt."""
+        function = {"name": self.function.name, "description": self.function.description,
+                    "parameters": self.function.parameters}
+        if self.function.strict is not None:
+            function["strict"] = self.function.strict
+        return {"type": self.type, "function": function}
+
 
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")

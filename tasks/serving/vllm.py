@@ -19,6 +19,7 @@ log's tail.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,11 @@ from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, wait_healt
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+# Constrained JSON (response_format, forced tool calls) as the embedded engine decodes it: xgrammar, no free
+# whitespace. With vLLM's default (any whitespace) an untrained or small model filled max_tokens with blanks
+# and the answer did not parse (measured on the tiny Qwen2.5 of test_serve_vllm_tools.py).
+STRUCTURED_OUTPUTS_FLAG = "--structured-outputs-config"
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
@@ -77,8 +83,8 @@ def vllm_command(config: ServeConfig) -> list[str]:
         cmd += ["--lora-modules", *(f"{name}={path}" for name, path in config.lora_modules.items())]
     cmd += ["--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank)]
     options = config.vllm
-    if config.served_model_name:  # the listed name first; the base's path second, so requests naming it still work
-        cmd += ["--served-model-name", *dict.fromkeys([config.served_model_name, config.base])]
+    if config.served_model_name:  # requests naming the base's path are mapped to this name by the front
+        cmd += ["--served-model-name", config.served_model_name]
     optional = {
         "--max-cpu-loras": options.max_cpu_loras,
         "--quantization": options.quantization, "--dtype": options.dtype,
@@ -90,6 +96,8 @@ def vllm_command(config: ServeConfig) -> list[str]:
             cmd += [flag, str(value)]
     if options.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", options.tool_call_parser]
+    if not any(arg.startswith(STRUCTURED_OUTPUTS_FLAG) for arg in options.extra_args):
+        cmd += [STRUCTURED_OUTPUTS_FLAG, json.dumps(STRUCTURED_OUTPUTS)]
     return [*cmd, *options.extra_args]
 
 
