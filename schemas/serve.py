@@ -55,6 +55,13 @@ class VLLMOptions(StrictModel):
     cpu_kvcache_gb: float | None = Field(
         default=None, gt=0, description="KV-cache GiB of a CPU vLLM (VLLM_CPU_KVCACHE_SPACE); default: the profile's."
     )
+    tool_call_parser: str | None = Field(
+        default=None, pattern=r"^[a-z0-9_]{1,40}$",
+        description="vLLM --tool-call-parser (started with --enable-auto-tool-choice), e.g. hermes, llama3_json, mistral; "
+        "`none`: tool calling off. Default: derived from the base's chat template (hermes for `<tool_call>` templates: "
+        "Qwen2.5/Qwen3 and ChatML tool templates; llama3_json for Llama 3.1+; mistral for `[TOOL_CALLS]`); off when the "
+        "template takes no tools.",
+    )
     extra_args: list[str] = Field(default_factory=list, description="Further `vllm serve` arguments, appended verbatim.")
     health_timeout_s: float = Field(
         default=900.0, gt=0, description="Seconds to wait for vLLM's /health after starting (model load and CUDA graphs)."
@@ -126,7 +133,9 @@ class ServeConfig(StrictModel):
         default=None, description="Base model: hub id, local directory, or GGUF file. Default: the adapter registry's current base."
     )
     served_model_name: str | None = Field(
-        default=None, description="Name the base model is served under (vLLM --served-model-name). Default: `base` as given."
+        default=None, description="Name the base model is listed and addressed under (vLLM --served-model-name). Default: "
+        "a hub id (or the registry's base) as given, a local directory by its name (a GGUF file by its stem); requests "
+        "naming the base's path are still served."
     )
     lora_modules: dict[str, str] = Field(
         default_factory=dict,

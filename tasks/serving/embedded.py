@@ -42,6 +42,14 @@ from tunepipe.tasks.serving.protocol import (
 )
 from tunepipe.tasks.serving.metrics import UNKNOWN_MODEL, ServingMetrics, tunepipe_version
 from tunepipe.tasks.serving.router import Assignment, WeightedRouter
+from tunepipe.tasks.serving.tools import (
+    TOOL_CALL_PARSERS,
+    forced_schema,
+    history_for_template,
+    template_takes_tools,
+    tool_call_parser,
+    tool_message,
+)
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -212,7 +220,8 @@ class _State:
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> list[int]:
         try:
             if chat:
-                ids = self.engine.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+                ids = self.engine.chat_ids(history_for_template([m.for_template() for m in body.messages]),
+                                           tools=self._tools(body))
             elif isinstance(prompt := body.prompt_text(), list):  # token ids
                 vocab = len(self.engine.tokenizer)
                 if any(not 0 <= token < vocab for token in prompt):
@@ -231,6 +240,21 @@ class _State:
             raise APIError(400, "the prompt is empty and this model has no start-of-text token to begin from",
                            param="messages" if chat else "prompt")
         return [start]
+
+    def _tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+        """The request's tools for the chat template; 400 naming `tools` when this model's template takes none,
+        or (tool_choice auto) writes calls in a format no parser here reads."""
+        if not body.calls_tools():
+            return None
+        template = self.engine.tokenizer.chat_template
+        if not template_takes_tools(template):
+            raise APIError(400, f"tools: the model {self.base_name} has no tool support in its chat template",
+                           param="tools", code="unsupported_parameter")
+        if body.tool_choice in (None, "auto") and tool_call_parser(template) is None:
+            raise APIError(400, f"tools: the chat template of {self.base_name} writes tool calls in a format this "
+                           f"server cannot parse (it reads {', '.join(TOOL_CALL_PARSERS)}); send tool_choice "
+                           "'required' or a named function", param="tools", code="unsupported_parameter")
+        return [tool.for_template() for tool in body.tools]
 
     def _max_tokens(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         wanted = body.max_tokens or self.limits.max_tokens
@@ -261,6 +285,9 @@ class _State:
             self.metrics.refused(request.url.path, served if self.serves(served) else UNKNOWN_MODEL, exc.status)
             raise
         constraint = body.response_format.constraint() if chat and body.response_format else None
+        tool_schema = forced_schema(body.tools, body.tool_choice, body.parallel_tool_calls) if chat and body.calls_tools() else None
+        if tool_schema is not None:  # tool_choice required or named: the answer is a valid call
+            constraint = {"type": "json_schema", "json_schema": {"schema": tool_schema}}
         grammar = await self._grammar(constraint) if constraint else None
         job = _Job(self, body, request, chat, served, assignment, prompt_ids)
         if chat:
@@ -271,6 +298,9 @@ class _State:
                       stop=body.stop_strings(), sampling=Sampling(temperature=body.temperature, top_p=body.top_p,
                                                                   seed=body.seed),
                       logprobs=logprobs, echo=not chat and body.echo and logprobs is not None, grammar=grammar)
+        if chat and body.calls_tools():
+            job.tool_parser = tool_call_parser(self.engine.tokenizer.chat_template)
+            job.row.skip_special_tokens = tool_schema is not None  # auto: keep the call markers for the parser
         headers = job.headers()
         self.admit(served)
         # Admitted: from here every path (an exception, a client gone, a response that cannot be sent) ends in
@@ -321,6 +351,7 @@ class _Job:
         self.released = False
         self.started = time.monotonic()
         self.first_token = False
+        self.tool_parser: str | None = None  # set when the request offers tools (see tools.tool_message)
 
     def emit(self, event: tuple) -> None:  # called on the engine thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -416,8 +447,10 @@ class _Job:
             self.abandon()  # a no-op once answered; else the request was cancelled mid-generation
         content = "".join(text)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                      "logprobs": self._chat_logprobs(), "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": content}
+            if self.body.calls_tools():
+                message, finish_reason = tool_message(content, self.body.tool_choice, self.tool_parser, finish_reason)
+            choice = {"index": 0, "message": message, "logprobs": self._chat_logprobs(), "finish_reason": finish_reason}
         else:
             echoed = self._prompt_text() if self.body.echo else ""
             choice = {"index": 0, "text": echoed + content, "logprobs": self._completion_logprobs(),

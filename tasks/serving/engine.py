@@ -95,6 +95,9 @@ class Row:
     echo: bool = False  # also the prompt's tokens' log-probabilities (completions' echo)
     grammar: Any = None  # an xgrammar GrammarMatcher the answer must follow (response_format), or None
     cancelled: bool = False  # set by the HTTP side when the client goes away
+    # False keeps special tokens in the text: a tool call's markers are special tokens in some families (vLLM's
+    # hermes parser turns skipping off likewise)
+    skip_special_tokens: bool = True
     tokens: list[int] = field(default_factory=list)  # the answer's tokens (an end-of-sequence token excluded)
     # Tokens the model produced, the end-of-sequence token included: the usage's completion_tokens, counted as
     # vLLM counts them (an answer ending in EOS is one token longer than its text's tokens).
@@ -278,12 +281,17 @@ class MultiLoraEngine:
     def completion_ids(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not self.tokenizer.chat_template:
             raise ValueError(f"the model {self.base} has no chat template: use /v1/completions")
         # Rendered and tokenized exactly as the training stages render a prompt (the template owns BOS).
         try:
-            text = render_messages(self.tokenizer, self.tokenizer.chat_template, messages, True)
+            if tools:
+                from tunepipe.tasks.serving.tools import render_with_tools
+
+                text = render_with_tools(self.tokenizer, messages, tools)
+            else:
+                text = render_messages(self.tokenizer, self.tokenizer.chat_template, messages, True)
         except TemplateRefused as exc:  # e.g. a system message to Gemma: the client's error (400), not ours
             raise ValueError(str(exc)) from None
         return list(encode_text(self.tokenizer, text)["input_ids"])
@@ -477,7 +485,7 @@ class RowTracker(StoppingCriteria):
             row.finish_reason = "stop"
         else:
             row.tokens.append(token)
-            row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=row.skip_special_tokens)
             cut = min((i for i in (row.text.find(s) for s in row.stop) if i >= 0), default=-1)
             if cut >= 0:
                 row.text = row.text[:cut]  # OpenAI semantics: the stop string is not returned

@@ -200,7 +200,9 @@ class Front:
         return model in (self.base_name, *self.aliases, *self.paths) or bool(self.router and model == self.router.name)
 
     def target(self, model: str) -> str:
-        """The name vLLM knows for what a request asks for."""
+        """The name vLLM knows for what a request asks for (the base's path: the name it is served under)."""
+        if model == self.config.base and self.base_name:
+            return self.base_name
         return self.aliases.get(model, model)
 
 

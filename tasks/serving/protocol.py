@@ -12,6 +12,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tunepipe.tasks.serving.tools import NamedToolChoice, Tool, ToolChoice, tool_named
 
 
 class APIError(Exception):
@@ -68,10 +69,7 @@ def _text_only(value: Any) -> bool:
 # OpenAI fields the embedded engine has no machinery for, with the values that ask for nothing (accepted:
 # they change nothing). Any other value is a 400 naming the field. Fields it honours are modelled below.
 EMBEDDED_NEUTRAL: dict[str, Any] = {
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
-    "parallel_tool_calls": lambda v: True,  # only matters with tools, which are refused
-    "functions": lambda v: not v,
+    "functions": lambda v: not v,  # the deprecated form of `tools`, which is honoured
     "function_call": lambda v: v in (None, "none"),
     "audio": lambda v: v is None,
     "modalities": _text_only,
@@ -233,6 +231,25 @@ class CompletionRequest(_Request):
 
 
 MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"})
+# Rendered by the chat template (tools.py): an assistant's earlier calls and the tool results answering them.
+RENDERED_MESSAGE_FIELDS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(BaseModel):
+    """One call in an assistant message of the history (as the answer that made it carried it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(BaseModel):
@@ -240,6 +257,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -250,7 +269,7 @@ class ChatMessage(BaseModel):
             for name, value in data.items():
                 if name not in MESSAGE_FIELDS:
                     raise UnsupportedField(name, f"Unrecognized message field supplied: {name}")
-                if name not in ("role", "content") and value not in (None, "", []):
+                if name not in RENDERED_MESSAGE_FIELDS and value not in (None, "", []):
                     raise UnsupportedField(name, f"the message field {name} is not supported by this server's engine")
         return data
 
@@ -262,6 +281,16 @@ class ChatMessage(BaseModel):
         if len(parts) != len(self.content):
             raise ValueError("only text content parts are supported")
         return "".join(parts)
+
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template takes it (tool calls and the id a tool result answers included)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class JSONSchemaFormat(BaseModel):
@@ -299,6 +328,9 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -320,7 +352,25 @@ class ChatCompletionRequest(_Request):
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise UnsupportedField("max_completion_tokens", "max_tokens and max_completion_tokens differ: send one")
             self.max_tokens = self.max_completion_tokens
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise UnsupportedField("tool_choice", "tool_choice asks for a tool call but no `tools` are given")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            try:
+                tool_named(self.tools, self.tool_choice.function.name)
+            except ValueError as exc:
+                raise UnsupportedField("tool_choice", str(exc)) from None
+        if self.calls_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedField("response_format", "response_format and tools exclude each other: send one")
+        if self.calls_tools() and self.stream:
+            raise UnsupportedField("stream", "tool calls are answered without stream only: send stream: false")
+
+    def calls_tools(self) -> bool:
+        """Whether the model is offered the tools (tool_choice none renders no tools, as vLLM does not parse)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 def check_adapter_name(name: object) -> str:

@@ -146,9 +146,11 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan:
     })
     max_loras = config.max_loras or max(profile.serving.max_loras, len(modules), 1)
     vllm = vllm.model_copy(update={"max_cpu_loras": vllm.max_cpu_loras or max(profile.serving.max_cpu_loras, max_loras)})
+    vllm = vllm.model_copy(update={"tool_call_parser": vllm_tool_call_parser(config.vllm.tool_call_parser, base)})
     resolved = config.model_copy(update={
         "base": base, "lora_modules": modules, "engine": engine, "max_lora_rank": max_rank, "max_loras": max_loras,
         "allowed_adapter_dirs": allowed, "vllm": vllm,
+        "served_model_name": config.served_model_name or served_base_name(config.base or plan.base),
     })
     check_router(resolved)
     return resolved
@@ -182,3 +184,23 @@ def api_key(config: ServeConfig) -> str | None:
         return resolve(config.api_key, "api_key")
     except SecretMissing as exc:
         raise ServePlanError(str(exc)) from None
+
+
+def served_base_name(given: str) -> str:
+    """The name the base is listed and addressed under by default: a hub id (or the registry's name) as given, a
+    local directory by its own name (a GGUF file by its stem), never its absolute path (which says where the
+    server's disk keeps it, and changes from host to host)."""
+    path = Path(given).expanduser()
+    if not (path.exists() or path.is_absolute() or given.startswith(".")):
+        return given  # a hub id: already a name
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def vllm_tool_call_parser(chosen: str | None, base: str) -> str | None:
+    """vLLM's --tool-call-parser: the configured one, or the one the base's chat template's family needs (None:
+    the template takes no tools, or writes calls in a format no parser here names; `none` turns it off)."""
+    from tunepipe.tasks.serving.tools import base_chat_template, tool_call_parser
+
+    if chosen is not None:
+        return None if chosen == "none" else chosen
+    return tool_call_parser(base_chat_template(base))

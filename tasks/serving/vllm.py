@@ -19,6 +19,7 @@ log's tail.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,11 @@ from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, wait_healt
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+# Constrained JSON (response_format, forced tool calls) as the embedded engine decodes it: xgrammar, no free
+# whitespace. With vLLM's default (any whitespace) an untrained or small model filled max_tokens with blanks
+# and the answer did not parse (measured on the tiny Qwen2.5 of test_serve_vllm_tools.py).
+STRUCTURED_OUTPUTS_FLAG = "--structured-outputs-config"
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
@@ -77,8 +83,10 @@ def vllm_command(config: ServeConfig) -> list[str]:
         cmd += ["--lora-modules", *(f"{name}={path}" for name, path in config.lora_modules.items())]
     cmd += ["--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank)]
     options = config.vllm
+    if config.served_model_name:  # requests naming the base's path are mapped to this name by the front
+        cmd += ["--served-model-name", config.served_model_name]
     optional = {
-        "--served-model-name": config.served_model_name, "--max-cpu-loras": options.max_cpu_loras,
+        "--max-cpu-loras": options.max_cpu_loras,
         "--quantization": options.quantization, "--dtype": options.dtype,
         "--gpu-memory-utilization": options.gpu_memory_utilization, "--tensor-parallel-size": options.tensor_parallel_size,
         "--max-model-len": options.max_model_len,
@@ -86,6 +94,10 @@ def vllm_command(config: ServeConfig) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             cmd += [flag, str(value)]
+    if options.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", options.tool_call_parser]
+    if not any(arg.startswith(STRUCTURED_OUTPUTS_FLAG) for arg in options.extra_args):
+        cmd += [STRUCTURED_OUTPUTS_FLAG, json.dumps(STRUCTURED_OUTPUTS)]
     return [*cmd, *options.extra_args]
 
 

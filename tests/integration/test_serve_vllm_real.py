@@ -157,8 +157,9 @@ def load(world, name: str, path: str) -> httpx.Response:
 def test_openai_client_models_chat_completions_streaming_and_404(world):
     api = client(world["url"])
     cards = {m.id: m for m in api.models.list().data}
-    assert {world["base"], "alpha", "beta", "bot"} <= set(cards)
-    assert cards["alpha"].root == world["adapters"]["alpha"] and cards["alpha"].parent == world["base"]
+    name = Path(world["base"]).name  # the base is listed under its directory's name, not its path (issue 27)
+    assert {name, "alpha", "beta", "bot"} <= set(cards) and world["base"] not in cards
+    assert cards["alpha"].root == world["adapters"]["alpha"] and cards["alpha"].parent == name
     assert cards["alpha"].version != cards["beta"].version and cards["alpha"].version in cards  # the versioned name vLLM knows
 
     message = [{"role": "user", "content": "Classify the sentiment.\n\nI love the dog."}]
