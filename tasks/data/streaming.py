@@ -18,9 +18,9 @@ How memory stays bounded:
 
 What is not bounded (README: "Streaming"): the per-record arrays and the mix's order (memory
 proportional to the number of records, not to their text); the texts of near-duplicate and
-contamination *candidates* (checked on their exact shingle sets); and Great Expectations'
-rows suite, which validates one pandas frame of every kept row's prompt and response, as the
-local engine does (`validation.enabled: false` leaves it out).
+contamination *candidates* (checked on their exact shingle sets); and, in validation, every
+kept id (16 bytes each, for the uniqueness check). Great Expectations' rows suite runs over
+frames of `validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`).
 """
 
 from __future__ import annotations
