@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -130,6 +131,7 @@ def run_variant(variant: str, shards: Path, out: Path, validation: bool = True) 
     started = time.perf_counter()
     output = DataStage().run(config, ctx)
     result["stage_s"] = round(time.perf_counter() - started, 1)
+    result["load_avg_1m_after"] = round(os.getloadavg()[0], 1)  # a loaded machine's times are not an idle one's
     result["driver_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if sampler is not None:
         sampler.stop.set()
