@@ -9,8 +9,8 @@ per file), then the whole stage (Great Expectations included) once per engine va
 its own process so peak RSS is that variant's alone:
 
 - `local`: the local engine;
-- `streaming`: `engine: streaming` (records spilled to disk in batches, bounded memory but for
-  Great Expectations' rows frame; `--no-validation` leaves validation out of every variant);
+- `streaming`: `engine: streaming` (records spilled to disk in batches; Great Expectations runs
+  over frames of 50,000 rows; `--no-validation` leaves validation out of every variant);
 - `ray-1`, `ray-2`: `engine: ray` on a local Ray cluster (ray.cluster_utils) of a head with no
   CPUs and 1 or 2 worker nodes of 1 CPU each.
 
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--shards", type=int, default=8, help="jsonl files the records are split into")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--no-validation", action="store_true", help="validation.enabled false in every variant (Great Expectations' frame holds every kept row)")
+    parser.add_argument("--no-validation", action="store_true", help="validation.enabled false in every variant (Great Expectations' runs left out)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child process: one variant, JSON on stdout
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-engines-"))

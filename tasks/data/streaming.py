@@ -25,6 +25,7 @@ frames of `validate.ROWS_PER_RUN` rows merged into one run's result (`validate._
 
 from __future__ import annotations
 
+import os
 import pickle
 import sqlite3
 from array import array
@@ -291,8 +292,8 @@ class StreamingDataRun(_DataRun):
         (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with `key`).
 
         One sequential pass over the signatures writes one 8-byte hash per (row, band) to a file
-        per band; then band by band, only the rows whose hash is shared are read back (a memory
-        map of the signatures, touched at those rows only) and bucketed by their exact values.
+        per band; then band by band, only the band values of the rows whose hash is shared are
+        read back (`_gather`) and bucketed by their exact values.
         """
         dedup = self.config.dedup
         num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
@@ -309,8 +310,8 @@ class StreamingDataRun(_DataRun):
             finally:
                 for output in outputs:
                     output.close()
-        signatures = np.memmap(path, dtype=np.uint32, mode="r").reshape(rows, dedup.num_perm)
         found = []
+        signatures = open(path, "rb")
         for band, band_path in enumerate(band_paths):
             hashes = np.fromfile(band_path, dtype=np.uint64)
             band_path.unlink()
@@ -319,11 +320,11 @@ class StreamingDataRun(_DataRun):
             del hashes, inverse, counts
             if len(shared) < 2:
                 continue
-            block = np.asarray(signatures[shared, band * width:(band + 1) * width], dtype=np.uint32)
+            block = _gather(signatures, shared, dedup.num_perm, band * width, width)
             exact = np.concatenate([tags[shared, None].astype(np.uint32), block], axis=1)
             labels = np.unique(exact, axis=0, return_inverse=True)[1].ravel()
             found.append(shared[dedup_mod.bucket_pairs(labels, key[shared])])
-        del signatures
+        signatures.close()
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
     def _verified(self, pairs: np.ndarray, text_of) -> np.ndarray:
@@ -444,6 +445,17 @@ class StreamingDataRun(_DataRun):
             with open(self.out / name, "wb", buffering=1 << 20) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
                     handle.write(_dumps(public_record(record)) + b"\n")
+
+
+def _gather(handle, rows: np.ndarray, row_values: int, start: int, width: int) -> np.ndarray:
+    """Values [start, start + width) of `rows` of a flat uint32 file of `row_values` per row, read
+    row by row. Not a memory map: its touched pages stay in the process's RSS, and over the bands
+    they cover most of the signatures (512 bytes per record at 128 permutations)."""
+    out = np.empty((len(rows), width), dtype=np.uint32)
+    fd, size, stride, offset = handle.fileno(), 4 * width, 4 * row_values, 4 * start
+    for index, row in enumerate(rows.tolist()):
+        out[index] = np.frombuffer(os.pread(fd, size, row * stride + offset), dtype=np.uint32)
+    return out
 
 
 def _band_hash(values: np.ndarray, tags: np.ndarray) -> np.ndarray:
