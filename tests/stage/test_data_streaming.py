@@ -38,6 +38,7 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
         make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
     monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
     monkeypatch.setattr(streaming, "_ROWS", 3)  # the band pass reads its signatures in many chunks
+    monkeypatch.setattr(streaming, "VERIFY_PAIRS", 2)  # candidate pairs checked in many chunks
     monkeypatch.setattr(streaming, "PROGRESS_EVERY", 20)
     caplog.set_level(logging.INFO, logger="test.data")
     local_config, streaming_config = make(), make(engine="streaming")
