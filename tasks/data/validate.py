@@ -8,6 +8,9 @@ Two suites, built from the config, each on an in-memory pandas dataframe (epheme
   map expectations skip), character/token bounds, and the user regex rules;
 - `counts`: one row per (family, task, split) with its row count and the configured minimum.
 
+The rows suite runs over frames of `ROWS_PER_RUN` rows, merged into the result of one run over
+every row (`_MergedRows`), so memory does not grow with the kept text.
+
 A failing blocking expectation fails the stage; rows failing a non-blocking rule are returned
 so the stage can reject them (reason `rule:<name>`). GX is imported here, lazily: importing it
 takes seconds.
