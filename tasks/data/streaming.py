@@ -81,7 +81,7 @@ class _Lite:
 
     def __iter__(self) -> Iterator[dict]:
         kinds, tasks, splits = self.run.kind, self.run.task, self.run.split
-        for p in self.positions.tolist():
+        for p in self.positions:  # numpy ints: a list of Python ints costs ~36 bytes per record
             code = splits[p]
             yield {"kind": _KINDS[kinds[p]], "task": self.run.tasks[tasks[p]], "split": _SPLITS[code] if code < _NO_SPLIT else None}
 
@@ -275,7 +275,8 @@ class StreamingDataRun(_DataRun):
         return record
 
     def _stream(self, positions: Iterable[int]) -> Iterator[dict]:
-        """Records at increasing `positions`, read sequentially (no seek between neighbours)."""
+        """Records at increasing `positions`, read sequentially (no seek between neighbours).
+        Callers pass numpy arrays, not lists: a list of Python ints costs ~36 bytes per record."""
         handle = self.records_file
         for position in positions:
             if handle.tell() != self.offset[position]:
@@ -381,7 +382,7 @@ class StreamingDataRun(_DataRun):
             return 0
         path = spill / "prompts.u32"
         with open(path, "wb", buffering=1 << 20) as handle:
-            for chunk in batched(self._stream(supervised.tolist()), BATCH):
+            for chunk in batched(self._stream(supervised), BATCH):
                 handle.write(dedup_mod.signatures([prompt_text(r) for r in chunk], config).tobytes())
         rows = np.arange(len(supervised))
         # Eval rows sort first in a bucket, so a train row is paired with an eval row.
@@ -406,19 +407,19 @@ class StreamingDataRun(_DataRun):
     def _validate_streamed(self) -> ValidationOutcome:
         if not self.config.validation.enabled:
             return ValidationOutcome(True, [], {"skipped": True})
-        outcome = validate_rows(self._stream(np.flatnonzero(self.alive).tolist()), self.config)
+        outcome = validate_rows(self._stream(np.flatnonzero(self.alive)), self.config)
         reject_ids: dict[str, str] = {}
         for failure in outcome.failures:
             for record_id_ in failure.ids:
                 reject_ids.setdefault(record_id_, failure.name.removeprefix("rule "))
         if reject_ids:
-            positions = np.flatnonzero(self.alive).tolist()
+            positions = np.flatnonzero(self.alive)
             for position, record in zip(positions, self._stream(positions)):
                 rule = reject_ids.get(record["id"])
                 if rule is not None:
                     self._reject_record(record, f"rule:{rule}", f"failed non-blocking rule {rule}")
                     self.alive[position] = False
-        counts = validate_counts(self._stream(np.flatnonzero(self.alive).tolist()), self.config)
+        counts = validate_counts(self._stream(np.flatnonzero(self.alive)), self.config)
         return ValidationOutcome(outcome.success and counts.success, outcome.failures + counts.failures,
                                  {"rows": outcome.results, "counts": counts.results})
 
@@ -438,13 +439,13 @@ class StreamingDataRun(_DataRun):
         sft = self.alive & np.isin(self.kind, kinds["sft"])
         files: dict[str, Iterable[dict]] = {
             "train.jsonl": (self._load(position) for position in mixed),
-            "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1)).tolist()),
-            "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2)).tolist()),
+            "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1))),
+            "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2))),
         }
         for name, family in (("preferences.jsonl", "preference"), ("corpus.jsonl", "text")):
             positions = np.flatnonzero(self.alive & np.isin(self.kind, kinds[family]))
             if len(positions):
-                files[name] = self._stream(positions.tolist())
+                files[name] = self._stream(positions)
         for name, rows in files.items():
             with open(self.out / name, "wb", buffering=1 << 20) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
