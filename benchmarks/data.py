@@ -9,8 +9,8 @@ per file), then the whole stage (Great Expectations included) once per engine va
 its own process so peak RSS is that variant's alone:
 
 - `local`: the local engine;
-- `streaming`: `engine: streaming` (records spilled to disk in batches, bounded memory but for
-  Great Expectations' rows frame; `--no-validation` leaves validation out of every variant);
+- `streaming`: `engine: streaming` (records spilled to disk in batches; Great Expectations runs
+  over frames of 50,000 rows; `--no-validation` leaves validation out of every variant);
 - `ray-1`, `ray-2`: `engine: ray` on a local Ray cluster (ray.cluster_utils) of a head with no
   CPUs and 1 or 2 worker nodes of 1 CPU each.
 
@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -130,6 +131,7 @@ def run_variant(variant: str, shards: Path, out: Path, validation: bool = True) 
     started = time.perf_counter()
     output = DataStage().run(config, ctx)
     result["stage_s"] = round(time.perf_counter() - started, 1)
+    result["load_avg_1m_after"] = round(os.getloadavg()[0], 1)  # a loaded machine's times are not an idle one's
     result["driver_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if sampler is not None:
         sampler.stop.set()
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--shards", type=int, default=8, help="jsonl files the records are split into")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--no-validation", action="store_true", help="validation.enabled false in every variant (Great Expectations' frame holds every kept row)")
+    parser.add_argument("--no-validation", action="store_true", help="validation.enabled false in every variant (Great Expectations' runs left out)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child process: one variant, JSON on stdout
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-engines-"))

@@ -245,10 +245,14 @@ class RayDataRun(_DataRun):
             return super().run()
 
     def _split_rows(self, ds) -> tuple[Any, list[dict]]:
-        """(materialised record rows, reject/stats rows collected here)."""
+        """(record rows of a materialised step, reject/stats rows collected here).
+
+        The record rows stay a lazy filter over the materialised blocks: the next step reads them
+        once (a filter fused into its tasks), not a second copy of every record in the object
+        store and one more Ray Data execution per step."""
         ds = ds.materialize()
         side = ds.filter(expr="kind != 'record'").take_all()
-        return ds.filter(expr="kind == 'record'").materialize(), side
+        return ds.filter(expr="kind == 'record'"), side
 
     def _clean_and_deduplicate(self, plans, count_tokens) -> tuple[list[dict], dict[str, Any]]:
         import ray.data

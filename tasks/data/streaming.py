@@ -18,13 +18,14 @@ How memory stays bounded:
 
 What is not bounded (README: "Streaming"): the per-record arrays and the mix's order (memory
 proportional to the number of records, not to their text); the texts of near-duplicate and
-contamination *candidates* (checked on their exact shingle sets); and Great Expectations'
-rows suite, which validates one pandas frame of every kept row's prompt and response, as the
-local engine does (`validation.enabled: false` leaves it out).
+contamination *candidates* (checked on their exact shingle sets); and, in validation, every
+kept id (16 bytes each, for the uniqueness check). Great Expectations' rows suite runs over
+frames of `validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import sqlite3
 from array import array
@@ -49,6 +50,7 @@ from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, val
 BATCH = 4096  # records cleaned, counted and deduplicated together (the local engine's token batch)
 PROGRESS_EVERY = 1_000_000  # records read between two progress lines of the first pass
 _ROWS = 1 << 14  # signature rows read per step of the band pass (8 MiB at 128 permutations)
+VERIFY_PAIRS = 1 << 13  # candidate pairs checked together (~2.6 KB each: texts, shingles, signatures)
 _KINDS = ("instruction", "chat", "preference", "text")
 _SPLITS = ("train", "validation", "test")
 _NO_SPLIT = 3  # text records
@@ -79,7 +81,7 @@ class _Lite:
 
     def __iter__(self) -> Iterator[dict]:
         kinds, tasks, splits = self.run.kind, self.run.task, self.run.split
-        for p in self.positions.tolist():
+        for p in self.positions:  # numpy ints: a list of Python ints costs ~36 bytes per record
             code = splits[p]
             yield {"kind": _KINDS[kinds[p]], "task": self.run.tasks[tasks[p]], "split": _SPLITS[code] if code < _NO_SPLIT else None}
 
@@ -273,7 +275,8 @@ class StreamingDataRun(_DataRun):
         return record
 
     def _stream(self, positions: Iterable[int]) -> Iterator[dict]:
-        """Records at increasing `positions`, read sequentially (no seek between neighbours)."""
+        """Records at increasing `positions`, read sequentially (no seek between neighbours).
+        Callers pass numpy arrays, not lists: a list of Python ints costs ~36 bytes per record."""
         handle = self.records_file
         for position in positions:
             if handle.tell() != self.offset[position]:
@@ -291,8 +294,8 @@ class StreamingDataRun(_DataRun):
         (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with `key`).
 
         One sequential pass over the signatures writes one 8-byte hash per (row, band) to a file
-        per band; then band by band, only the rows whose hash is shared are read back (a memory
-        map of the signatures, touched at those rows only) and bucketed by their exact values.
+        per band; then band by band, only the band values of the rows whose hash is shared are
+        read back (`_gather`) and bucketed by their exact values.
         """
         dedup = self.config.dedup
         num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
@@ -309,30 +312,33 @@ class StreamingDataRun(_DataRun):
             finally:
                 for output in outputs:
                     output.close()
-        signatures = np.memmap(path, dtype=np.uint32, mode="r").reshape(rows, dedup.num_perm)
         found = []
+        signatures = open(path, "rb")
         for band, band_path in enumerate(band_paths):
-            hashes = np.fromfile(band_path, dtype=np.uint64)
+            shared = _shared_rows(np.fromfile(band_path, dtype=np.uint64))
             band_path.unlink()
-            _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-            shared = np.flatnonzero(counts[inverse.ravel()] > 1)  # a hash bucket with 2+ rows
-            del hashes, inverse, counts
             if len(shared) < 2:
                 continue
-            block = np.asarray(signatures[shared, band * width:(band + 1) * width], dtype=np.uint32)
+            block = _gather(signatures, shared, dedup.num_perm, band * width, width)
             exact = np.concatenate([tags[shared, None].astype(np.uint32), block], axis=1)
             labels = np.unique(exact, axis=0, return_inverse=True)[1].ravel()
             found.append(shared[dedup_mod.bucket_pairs(labels, key[shared])])
-        del signatures
+        signatures.close()
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
     def _verified(self, pairs: np.ndarray, text_of) -> np.ndarray:
-        """Pairs (positions) passing the local engine's similarity test (`dedup.verify_pairs`)."""
+        """Pairs (positions) passing the local engine's similarity test (`dedup.verify_pairs`),
+        `VERIFY_PAIRS` at a time: the test is per pair, so chunks give the same pairs while only
+        one chunk's texts, shingles and signatures are in memory."""
         if len(pairs) == 0:
             return pairs
-        involved, local = np.unique(pairs, return_inverse=True)
-        texts = [text_of(record) for record in self._stream(involved.tolist())]
-        return pairs[dedup_mod.verify_pairs(texts, local.reshape(pairs.shape), self.config.dedup)]
+        kept = []
+        for start in range(0, len(pairs), VERIFY_PAIRS):
+            chunk = pairs[start:start + VERIFY_PAIRS]
+            involved, local = np.unique(chunk, return_inverse=True)
+            texts = [text_of(record) for record in self._stream(involved.tolist())]
+            kept.append(chunk[dedup_mod.verify_pairs(texts, local.reshape(chunk.shape), self.config.dedup)])
+        return np.concatenate(kept)
 
     def _near_pass(self, spill: Path) -> int:
         config = self.config.dedup
@@ -376,7 +382,7 @@ class StreamingDataRun(_DataRun):
             return 0
         path = spill / "prompts.u32"
         with open(path, "wb", buffering=1 << 20) as handle:
-            for chunk in batched(self._stream(supervised.tolist()), BATCH):
+            for chunk in batched(self._stream(supervised), BATCH):
                 handle.write(dedup_mod.signatures([prompt_text(r) for r in chunk], config).tobytes())
         rows = np.arange(len(supervised))
         # Eval rows sort first in a bucket, so a train row is paired with an eval row.
@@ -401,19 +407,19 @@ class StreamingDataRun(_DataRun):
     def _validate_streamed(self) -> ValidationOutcome:
         if not self.config.validation.enabled:
             return ValidationOutcome(True, [], {"skipped": True})
-        outcome = validate_rows(self._stream(np.flatnonzero(self.alive).tolist()), self.config)
+        outcome = validate_rows(self._stream(np.flatnonzero(self.alive)), self.config)
         reject_ids: dict[str, str] = {}
         for failure in outcome.failures:
             for record_id_ in failure.ids:
                 reject_ids.setdefault(record_id_, failure.name.removeprefix("rule "))
         if reject_ids:
-            positions = np.flatnonzero(self.alive).tolist()
+            positions = np.flatnonzero(self.alive)
             for position, record in zip(positions, self._stream(positions)):
                 rule = reject_ids.get(record["id"])
                 if rule is not None:
                     self._reject_record(record, f"rule:{rule}", f"failed non-blocking rule {rule}")
                     self.alive[position] = False
-        counts = validate_counts(self._stream(np.flatnonzero(self.alive).tolist()), self.config)
+        counts = validate_counts(self._stream(np.flatnonzero(self.alive)), self.config)
         return ValidationOutcome(outcome.success and counts.success, outcome.failures + counts.failures,
                                  {"rows": outcome.results, "counts": counts.results})
 
@@ -433,17 +439,42 @@ class StreamingDataRun(_DataRun):
         sft = self.alive & np.isin(self.kind, kinds["sft"])
         files: dict[str, Iterable[dict]] = {
             "train.jsonl": (self._load(position) for position in mixed),
-            "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1)).tolist()),
-            "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2)).tolist()),
+            "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1))),
+            "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2))),
         }
         for name, family in (("preferences.jsonl", "preference"), ("corpus.jsonl", "text")):
             positions = np.flatnonzero(self.alive & np.isin(self.kind, kinds[family]))
             if len(positions):
-                files[name] = self._stream(positions.tolist())
+                files[name] = self._stream(positions)
         for name, rows in files.items():
             with open(self.out / name, "wb", buffering=1 << 20) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
                     handle.write(_dumps(public_record(record)) + b"\n")
+
+
+def _shared_rows(hashes: np.ndarray) -> np.ndarray:
+    """Rows (ascending) whose hash another row has: a sort and a neighbour test, ~25 bytes per
+    row at the peak (np.unique with inverse and counts took ~70)."""
+    order = np.argsort(hashes)  # in place (introsort): the order among equal hashes does not matter
+    ordered = hashes[order]
+    del hashes
+    same = ordered[1:] == ordered[:-1]
+    del ordered
+    shared = np.zeros(len(order), dtype=bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    return np.sort(order[shared])
+
+
+def _gather(handle, rows: np.ndarray, row_values: int, start: int, width: int) -> np.ndarray:
+    """Values [start, start + width) of `rows` of a flat uint32 file of `row_values` per row, read
+    row by row. Not a memory map: its touched pages stay in the process's RSS, and over the bands
+    they cover most of the signatures (512 bytes per record at 128 permutations)."""
+    out = np.empty((len(rows), width), dtype=np.uint32)
+    fd, size, stride, offset = handle.fileno(), 4 * width, 4 * row_values, 4 * start
+    for index, row in enumerate(rows.tolist()):
+        out[index] = np.frombuffer(os.pread(fd, size, row * stride + offset), dtype=np.uint32)
+    return out
 
 
 def _band_hash(values: np.ndarray, tags: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@ Two suites, built from the config, each on an in-memory pandas dataframe (epheme
   map expectations skip), character/token bounds, and the user regex rules;
 - `counts`: one row per (family, task, split) with its row count and the configured minimum.
 
+The rows suite runs over frames of `ROWS_PER_RUN` rows, merged into the result of one run over
+every row (`_MergedRows`), so memory does not grow with the kept text.
+
 A failing blocking expectation fails the stage; rows failing a non-blocking rule are returned
 so the stage can reject them (reason `rule:<name>`). GX is imported here, lazily: importing it
 takes seconds.
@@ -15,16 +18,21 @@ takes seconds.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
+import numpy as np
 from tunepipe.schemas.data import DataConfig
 from tunepipe.schemas.records import SPLITS
+from tunepipe.tasks.data.clean import batched
 from tunepipe.tasks.data.formats import FAMILY, prompt_text, response_text
 
 _KEEP_UNEXPECTED = 20  # unexpected values kept per expectation in validation.json
+ROWS_PER_RUN = 50_000  # rows per Great Expectations run of the rows suite: its frame's memory bound
 
 
 @dataclass
@@ -120,7 +128,7 @@ def _row_expectations(config: DataConfig, with_tokens: bool) -> list[tuple[Any, 
     return checks
 
 
-def _run_suite(context, name: str, frame, checks: list[tuple[Any, str, bool, Any]], id_column: str):
+def _definition(context, name: str, checks: list[tuple[Any, str, bool, Any]]):
     import great_expectations as gx
 
     asset = context.data_sources.add_pandas(f"{name}-source").add_dataframe_asset(f"{name}-asset")
@@ -129,11 +137,16 @@ def _run_suite(context, name: str, frame, checks: list[tuple[Any, str, bool, Any
     for expectation, label, blocking, _ in checks:
         expectation.meta = {"name": label, "blocking": blocking}
         suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=f"data-{name}", data=batch, suite=suite))
-    return definition.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [id_column], "partial_unexpected_count": _KEEP_UNEXPECTED},
-    )
+    return context.validation_definitions.add(gx.ValidationDefinition(name=f"data-{name}", data=batch, suite=suite))
+
+
+def _result_format(id_column: str) -> dict:
+    return {"result_format": "COMPLETE", "unexpected_index_column_names": [id_column], "partial_unexpected_count": _KEEP_UNEXPECTED}
+
+
+def _run_suite(context, name: str, frame, checks: list[tuple[Any, str, bool, Any]], id_column: str):
+    definition = _definition(context, name, checks)
+    return definition.run(batch_parameters={"dataframe": frame}, result_format=_result_format(id_column))
 
 
 # What Great Expectations stamps on every run (fresh uuids, clock times): left out of
@@ -158,31 +171,164 @@ def _trim(result: dict) -> dict:
     return result
 
 
-def _failures(result, checks, id_column: str) -> list[Failure]:
+def _failures(result: dict, checks, id_column: str, ids_of: dict[str, list[str]] | None = None) -> list[Failure]:
+    """Failed expectations of a result (JSON form); `ids_of` holds the complete list of failing
+    ids per label where the result's own lists were cut (a batched run)."""
     by_name = {label: (blocking, rule) for _, label, blocking, rule in checks}
     failures = []
-    for item in result.results:
-        if item.success:
+    for item in result.get("results", []):
+        if item.get("success"):
             continue
-        label = item.expectation_config.meta.get("name", item.expectation_config.type)
+        config = item.get("expectation_config") or {}
+        label = (config.get("meta") or {}).get("name", config.get("type"))
         blocking, rule = by_name.get(label, (True, None))
-        res = item.result or {}
-        index_list = res.get("unexpected_index_list") or []
-        ids = [row[id_column] for row in index_list if isinstance(row, dict) and id_column in row]
+        res = item.get("result") or {}
+        if ids_of is not None and label in ids_of:
+            ids = ids_of[label]
+        else:
+            index_list = res.get("unexpected_index_list") or []
+            ids = [row[id_column] for row in index_list if isinstance(row, dict) and id_column in row]
         count = res.get("unexpected_count")
         failures.append(Failure(label, int(count if count is not None else len(ids) or 1), blocking, list(res.get("partial_unexpected_list") or [])[:5], ids if not blocking else []))
     return failures
 
 
-def validate_rows(records: list[dict], config: DataConfig) -> ValidationOutcome:
-    """The rows suite: blocking failures and rows that fail non-blocking rules."""
+class _MergedRows:
+    """The rows suite's result over the whole input, from runs over batches of it.
+
+    Every rows expectation is a column map expectation: its result is a function of the counts
+    (rows, nulls, unexpected), the unexpected values in row order and their value counts. Those are
+    summed and concatenated over the batches (the first `_KEEP_UNEXPECTED` of each list is all
+    validation.json keeps) and formatted by Great Expectations' own map formatter, so the merged
+    result is the one a single run over every row gives. Uniqueness is not a per-batch property:
+    its unexpected rows (every row whose id occurs twice or more) come from all ids, kept as
+    fixed-width bytes (16 bytes per record id) rather than as the rows frame.
+    """
+
+    def __init__(self, checks, id_column: str) -> None:
+        self.checks, self.id_column = checks, id_column
+        self.template: dict | None = None
+        self.items: list[dict] = []
+        self.ids: list[np.ndarray] = []
+        self.rejected_ids: dict[str, list[str]] = {}  # complete, for non-blocking rules
+        self.rows = 0
+        # Great Expectations' batch marker: md5 of the frame's row hashes (index included), one
+        # uint64 per row, so it is fed batch by batch with the rows' positions as the index.
+        self.fingerprint = hashlib.md5(usedforsecurity=False)
+
+    def frame(self, batch: list[dict], with_tokens: bool):
+        """The rows frame of a batch, indexed by the rows' positions in the whole input."""
+        import pandas as pd
+
+        frame = rows_frame(batch, with_tokens)
+        frame.index = pd.RangeIndex(self.rows, self.rows + len(frame))
+        self.rows += len(frame)
+        self.fingerprint.update(pd.util.hash_pandas_object(frame, index=True).values)
+        return frame
+
+    def add(self, result: dict, frame) -> None:
+        from great_expectations.constants import MAX_RESULT_RECORDS
+
+        if self.template is None:
+            self.template = result
+            self.items = [self._empty() for _ in result["results"]]
+        self.ids.append(frame[self.id_column].dropna().astype(str).to_numpy(dtype=bytes))
+        blocking = {label: blocking for _, label, blocking, _ in self.checks}
+        for merged, item in zip(self.items, result["results"]):
+            res, label = item.get("result") or {}, ((item.get("expectation_config") or {}).get("meta") or {}).get("name")
+            if (item.get("exception_info") or {}).get("raised_exception"):
+                merged["raised"] = merged["raised"] or item
+                continue
+            merged["elements"] += res.get("element_count") or 0
+            merged["missing"] += res.get("missing_count") or 0
+            merged["reports_missing"] = "missing_count" in res
+            merged["unexpected"] += res.get("unexpected_count") or 0
+            values = res.get("unexpected_list") or []
+            # One run counts the values of its (capped) unexpected list: the first MAX_RESULT_RECORDS.
+            merged["counts"].update(values[:max(0, MAX_RESULT_RECORDS - merged["counted"])])
+            merged["counted"] = min(MAX_RESULT_RECORDS, merged["counted"] + len(values))
+            room = _KEEP_UNEXPECTED - len(merged["values"])
+            merged["values"].extend(values[:room])
+            index_list = res.get("unexpected_index_list") or []
+            merged["index"].extend(index_list[:_KEEP_UNEXPECTED - len(merged["index"])])
+            if not blocking.get(label, True):
+                self.rejected_ids.setdefault(label, []).extend(row[self.id_column] for row in index_list)
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"elements": 0, "missing": 0, "reports_missing": True, "unexpected": 0, "values": [], "index": [], "counts": Counter(), "counted": 0, "raised": None}
+
+    def _duplicate_ids(self, merged: dict) -> None:
+        """The unique expectation's unexpected rows over all batches, not within each."""
+        from great_expectations.constants import MAX_RESULT_RECORDS
+
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=bytes)
+        values, counts = np.unique(ids, return_counts=True)
+        repeated = ids[np.isin(ids, values[counts > 1])]
+        listed = [value.decode() for value in repeated.tolist()]
+        merged["unexpected"], merged["counts"] = len(listed), Counter(listed[:MAX_RESULT_RECORDS])
+        merged["values"] = listed[:_KEEP_UNEXPECTED]
+        merged["index"] = [{self.id_column: value} for value in merged["values"]]
+
+    def result(self) -> dict:
+        from great_expectations.expectations.expectation import _format_map_output, _mostly_success
+
+        assert self.template is not None, "at least one batch is validated (an empty frame for no rows)"
+        results = []
+        for merged, item in zip(self.items, self.template["results"]):
+            if merged["raised"] is not None:
+                results.append(merged["raised"])
+                continue
+            config = item.get("expectation_config") or {}
+            if config.get("type") == "expect_column_values_to_be_unique":
+                self._duplicate_ids(merged)
+            # Not-null expectations report no missing count (their unexpected rows are the nulls).
+            nonnull = merged["elements"] - merged["missing"] if merged["reports_missing"] else None
+            considered = merged["elements"] if nonnull is None else nonnull
+            mostly = (config.get("kwargs") or {}).get("mostly", 1)
+            success = True if considered == 0 else _mostly_success(considered, merged["unexpected"], mostly)
+            res = _format_map_output(
+                {**_result_format(self.id_column), "include_unexpected_rows": False}, success, merged["elements"], nonnull,
+                merged["unexpected"], merged["values"], merged["index"], None, [self.id_column],
+            )["result"]
+            if "partial_unexpected_counts" in res:  # over every unexpected value, as one run counts them
+                top = merged["counts"].most_common(_KEEP_UNEXPECTED)
+                res["partial_unexpected_counts"] = [{"value": k, "count": v} for k, v in sorted(top, key=lambda x: (-x[1], x[0]))]
+            results.append({**item, "success": success, "result": res})
+        passed = sum(1 for item in results if item.get("success"))
+        statistics = {"evaluated_expectations": len(results), "successful_expectations": passed,
+                      "unsuccessful_expectations": len(results) - passed,
+                      "success_percent": passed / len(results) * 100 if results else None}
+        meta = dict(self.template.get("meta") or {})
+        if "pandas_data_fingerprint" in (meta.get("batch_markers") or {}):
+            meta["batch_markers"] = {**meta["batch_markers"], "pandas_data_fingerprint": self.fingerprint.hexdigest()}
+        return {**self.template, "success": passed == len(results), "results": results, "meta": meta,
+                "statistics": {**self.template.get("statistics", {}), **statistics}}
+
+
+def validate_rows(records: Iterable[dict], config: DataConfig) -> ValidationOutcome:
+    """The rows suite: blocking failures and rows that fail non-blocking rules.
+
+    Runs over batches of `ROWS_PER_RUN` records (memory: one batch's frame), merged into the
+    result one run over every record gives (`_MergedRows`)."""
     _quiet_gx()
     with_tokens = config.clean.tokenizer is not None
     context = _context()
     checks = _row_expectations(config, with_tokens)
-    result = _run_suite(context, "rows", rows_frame(records, with_tokens), checks, "id")
-    failures = _failures(result, checks, "id")
-    return ValidationOutcome(result.success, failures, _trim(result.to_json_dict()))
+    definition = _definition(context, "rows", checks)
+    merged = _MergedRows(checks, "id")
+
+    def validate(batch: list[dict]) -> None:
+        frame = merged.frame(batch, with_tokens)
+        merged.add(definition.run(batch_parameters={"dataframe": frame}, result_format=_result_format("id")).to_json_dict(), frame)
+
+    for batch in batched(records, ROWS_PER_RUN):
+        validate(batch)
+    if merged.template is None:  # no rows: one run over the empty frame, as before
+        validate([])
+    result = merged.result()
+    failures = _failures(result, checks, "id", merged.rejected_ids)
+    return ValidationOutcome(result["success"], failures, _trim(result))
 
 
 def validate_counts(records: list[dict], config: DataConfig) -> ValidationOutcome:
@@ -196,9 +342,9 @@ def validate_counts(records: list[dict], config: DataConfig) -> ValidationOutcom
     frame = counts_frame(records, config)
     if frame.empty:
         return ValidationOutcome(True, [], {"success": True, "results": [], "note": "no supervised or preference rows"})
-    result = _run_suite(context, "counts", frame, checks, "group")
+    result = _run_suite(context, "counts", frame, checks, "group").to_json_dict()
     failures = _failures(result, checks, "group")
     for failure in failures:
         short = frame[frame["rows"] < frame["min_rows"]]
         failure.examples = [f"{g}: {r} < {m}" for g, r, m in short.itertuples(index=False)][:10]
-    return ValidationOutcome(result.success, failures, _trim(result.to_json_dict()))
+    return ValidationOutcome(result["success"], failures, _trim(result))

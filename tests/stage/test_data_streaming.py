@@ -16,7 +16,7 @@ import pytest
 from tests.stage.test_data import OUTPUTS, load_config, run
 from tests.stage.test_data_ray import quickstart_config, word_tokenizer
 from tunepipe.schemas.data import DataConfig
-from tunepipe.tasks.data import streaming
+from tunepipe.tasks.data import streaming, validate
 from tunepipe.tasks.data.stage import DataStage
 
 PUBLISHED = (*OUTPUTS, "rejected.jsonl", "report.json", "validation.json")
@@ -38,6 +38,7 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
         make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
     monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
     monkeypatch.setattr(streaming, "_ROWS", 3)  # the band pass reads its signatures in many chunks
+    monkeypatch.setattr(streaming, "VERIFY_PAIRS", 2)  # candidate pairs checked in many chunks
     monkeypatch.setattr(streaming, "PROGRESS_EVERY", 20)
     caplog.set_level(logging.INFO, logger="test.data")
     local_config, streaming_config = make(), make(engine="streaming")
@@ -81,15 +82,15 @@ def write_records(path: Path, count: int, words: int) -> Path:
     return path
 
 
-def peak_bytes(tmp_path: Path, count: int, engine: str) -> int:
+def peak_bytes(tmp_path: Path, count: int, engine: str, validation: bool = False) -> int:
     source = write_records(tmp_path / f"records-{count}.jsonl", count, WORDS)
     config = DataConfig.model_validate({
         "sources": [{"path": str(source), "format": "alpaca", "task": "t"}], "engine": engine,
-        "clean": {"max_chars": 10_000_000}, "validation": {"enabled": False},
+        "clean": {"max_chars": 10_000_000}, "validation": {"enabled": validation},
     })
     tracemalloc.start()
     try:
-        run(config, tmp_path / f"out-{engine}-{count}")
+        run(config, tmp_path / f"out-{engine}-{count}-{validation}")
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -110,3 +111,18 @@ def test_streaming_memory_does_not_grow_with_the_input(tmp_path, monkeypatch):
     local_growth = peak_bytes(tmp_path, many, "local") - peak_bytes(tmp_path, few, "local")
     assert local_growth > added_text, (local_growth, added_text)
     assert streaming_growth < added_text / 10, (streaming_growth, added_text)
+
+
+def test_streaming_memory_with_validation_does_not_grow_with_the_input(tmp_path, monkeypatch):
+    """As above with Great Expectations on: the rows suite runs over batches of 25 rows, so its
+    frames do not hold the texts of every kept row (the local engine's frame did)."""
+    monkeypatch.setattr(streaming, "BATCH", 8)
+    monkeypatch.setattr(validate, "ROWS_PER_RUN", 25)
+    peak_bytes(tmp_path, 2, "streaming", True)  # imports Great Expectations (~110 MB) before measuring
+    few, many = 50, 250
+    added_text = (many - few) * WORDS * 7
+    streaming_growth = peak_bytes(tmp_path, many, "streaming", True) - peak_bytes(tmp_path, few, "streaming", True)
+    assert streaming_growth < added_text / 10, (streaming_growth, added_text)
+    validation = json.loads((tmp_path / "out-streaming-250-True" / "validation.json").read_text())
+    assert validation["rows"]["success"] is True
+    assert {item["result"]["element_count"] for item in validation["rows"]["results"]} == {250}
