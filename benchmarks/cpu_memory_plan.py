@@ -129,8 +129,8 @@ def run_reward(model: str, env: Any, max_length: int, steps: int, work: Path) ->
     from trl import RewardTrainer
     from tunepipe.schemas.reward import RewardConfig
     from tunepipe.tasks.reward.train import reward_model_for_training
-    from tunepipe.tasks.training.modeling import load_tokenizer
-    from tunepipe.tasks.training.pairs import conversational_pair
+    from tunepipe.tasks.lm.modeling import load_tokenizer
+    from tunepipe.tasks.lm.pairs import conversational_pair
     from tunepipe.tasks.training.trainer import training_kwargs
 
     config = RewardConfig.model_validate({"model": model, "method": LORA, "max_length": max_length, "training": _training(steps)})
@@ -154,7 +154,7 @@ def make_sft_adapter(model: str, env: Any, sft_dir: Path) -> None:
     from peft import get_peft_model
     from tunepipe.schemas.sft import SFTConfig
     from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
     from tunepipe.tasks.training.trainer import load_base
 
     sft_method = SFTConfig.model_validate({"method": LORA}).method

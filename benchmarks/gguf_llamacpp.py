@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoTokenizer
     from tunepipe.tasks.llamacpp.env import require_tools
     from tunepipe.tasks.llamacpp.gguf import convert_model, quantize
-    from tunepipe.tasks.training.encoding import encode_text, stop_token_ids
+    from tunepipe.tasks.lm.encoding import encode_text, stop_token_ids
 
     if args.model is None:
         sys.path.insert(0, str(REPO))

@@ -38,7 +38,7 @@ PROSE = [
 
 
 def texts(tokenizer) -> dict[str, list[list[int]]]:
-    from tunepipe.tasks.training.encoding import encode_text, record_messages, render_messages
+    from tunepipe.tasks.lm.encoding import encode_text, record_messages, render_messages
 
     from tests.helpers.training import records
 

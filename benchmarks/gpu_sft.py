@@ -259,7 +259,7 @@ def run_tunepipe(spec: dict[str, Any], out_dir: Path, clock: list[dict[str, floa
         metrics = train_job(job)
     finally:
         trainer.make_callbacks = original
-    from tunepipe.tasks.training.modeling import training_attention
+    from tunepipe.tasks.lm.modeling import training_attention
 
     packed = "packing" in spec["variant"]
     env = bench_env(spec)
@@ -357,7 +357,7 @@ def run_trl(spec: dict[str, Any], out_dir: Path, clock: list[dict[str, float]]) 
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from tunepipe.tasks.training.modeling import training_attention
+    from tunepipe.tasks.lm.modeling import training_attention
     from tunepipe.tasks.training.peft_methods import count_parameters
 
     env = bench_env(spec)

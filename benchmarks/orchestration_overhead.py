@@ -176,7 +176,7 @@ def load_tokenizer(path: str):
 
 
 def sft_runs(stage: dict[str, Any]) -> dict[str, Any]:
-    from tunepipe.tasks.training.encoding import encode_records, read_split, resolve_chat_template
+    from tunepipe.tasks.lm.encoding import encode_records, read_split, resolve_chat_template
 
     config, env, out = stage["config"], stage["env"], Path(stage["output_dir"])
     tokenizer = load_tokenizer(stage["model_path"])
@@ -203,7 +203,7 @@ def sft_runs(stage: dict[str, Any]) -> dict[str, Any]:
 
 def pretrain_runs(stage: dict[str, Any]) -> dict[str, Any]:
     from tunepipe.tasks.pretrain.train import read_corpus, split_corpus
-    from tunepipe.tasks.training.encoding import encode_texts
+    from tunepipe.tasks.lm.encoding import encode_texts
 
     config, env, out = stage["config"], stage["env"], Path(stage["output_dir"])
     tokenizer = load_tokenizer(stage["model_path"])

@@ -161,7 +161,7 @@ def make_adapters(base: str, root: Path, names: list[str], rank: int, dtype: str
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     model = load_model(base, dtype=dtype)
     paths = {}

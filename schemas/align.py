@@ -37,7 +37,7 @@ RULE_REWARDS = ("exact_match", "token_f1", "triple_format")
 RewardName = Literal["exact_match", "token_f1", "triple_format", "reward_model", "judge"]
 
 
-# The self-checks the stage runs (tasks/training/checks.py).
+# The self-checks the stage runs (tasks/lm/checks.py).
 ALIGN_CHECKS = ("steps", "loss", "adapter_changed", "reward_variance", "reward_moved")
 
 # What a method trains on: `pairwise` methods on preference pairs (from the dataset or sampled on

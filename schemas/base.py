@@ -113,7 +113,7 @@ CheckAction = Literal["fail", "warn"]
 
 
 def self_checks_field(section: str, checks: tuple[str, ...]) -> Any:
-    """The `self_checks` field of a stage that proves its own result (tasks/training/checks.py)."""
+    """The `self_checks` field of a stage that proves its own result (tasks/lm/checks.py)."""
     return Field(
         default_factory=dict,
         description=f"What a failed self-check does, per check ({', '.join(checks)}): `fail` the stage (the default) or "

@@ -25,7 +25,7 @@ GGUFType = Literal[
 ]
 
 
-EXPORT_CHECKS = ("merged_matches_adapter",)  # the self-checks the stage runs (tasks/training/checks.py)
+EXPORT_CHECKS = ("merged_matches_adapter",)  # the self-checks the stage runs (tasks/lm/checks.py)
 
 class Bnb4Settings(StrictModel):
     """bitsandbytes 4-bit export. Unset fields come from the profile's `quantization` defaults."""

@@ -20,7 +20,7 @@ def _pretrain_training() -> TrainingConfig:
     return TrainingConfig(learning_rate=5e-5)
 
 
-PRETRAIN_CHECKS = ("labels", "steps", "loss")  # the self-checks the stage runs (tasks/training/checks.py)
+PRETRAIN_CHECKS = ("labels", "steps", "loss")  # the self-checks the stage runs (tasks/lm/checks.py)
 
 class PretrainConfig(StrictModel):
     """Continued pretraining (next-token loss on every token) of the base model on `corpus.jsonl`."""

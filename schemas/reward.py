@@ -21,7 +21,7 @@ def _reward_training() -> TrainingConfig:
     return TrainingConfig(learning_rate=1e-3, max_steps=None, epochs=1.0, warmup_ratio=0.0)
 
 
-REWARD_CHECKS = ("steps", "loss", "reward_scores")  # the self-checks the stage runs (tasks/training/checks.py)
+REWARD_CHECKS = ("steps", "loss", "reward_scores")  # the self-checks the stage runs (tasks/lm/checks.py)
 
 class RewardConfig(StrictModel):
     """Reward model on the data artifact's `preferences.jsonl` (train pairs; held-out pairs for accuracy)."""

@@ -41,7 +41,7 @@ NAMED_CHAT_TEMPLATES: dict[str, str] = {
     ),
 }
 
-SFT_CHECKS = ("label_mask", "steps", "loss", "adapter_effect")  # the self-checks the stage runs (tasks/training/checks.py)
+SFT_CHECKS = ("label_mask", "steps", "loss", "adapter_effect")  # the self-checks the stage runs (tasks/lm/checks.py)
 
 
 class HeldoutConfig(StrictModel):

@@ -18,9 +18,9 @@ from typing import Any
 
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.rewards import RULES
-from tunepipe.tasks.training.generation import greedy_answers, sampled_answers
-from tunepipe.tasks.training.metrics import DEFAULT_SCORER, TaskScorer
-from tunepipe.tasks.training.pairs import (
+from tunepipe.tasks.lm.generation import greedy_answers, sampled_answers
+from tunepipe.tasks.lm.metrics import DEFAULT_SCORER, TaskScorer
+from tunepipe.tasks.lm.pairs import (
     pair_prompt,
     render_conversation,
     render_prompt,
@@ -117,7 +117,7 @@ def task_and_reward_metrics(
     scorers: dict[str, TaskScorer] | None = None,
 ) -> dict[str, Any]:
     """Task metric, KL and (with a reward model) reward and win rate on held-out prompts."""
-    from tunepipe.tasks.training.reward_model import score_texts
+    from tunepipe.tasks.lm.reward_model import score_texts
 
     settings = config.heldout
     if not examples:
@@ -167,9 +167,9 @@ def task_and_reward_metrics(
 
 
 def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[str, Any] | None:
-    """The general-knowledge set asked of the SFT and the aligned policy (tasks/training/retention.py);
+    """The general-knowledge set asked of the SFT and the aligned policy (tasks/lm/retention.py);
     None when the SFT policy answers none of it."""
-    from tunepipe.tasks.training import retention
+    from tunepipe.tasks.lm import retention
 
     questions = [render_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}]) for item in retention.general_set()]
     answers = {}

@@ -35,7 +35,7 @@ def sft_method(sft_config: dict[str, Any]) -> Any:
 def load_policy(job: AlignJob) -> tuple[Any, Any]:
     """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter.
     A MoE policy trains with its router's load-balancing loss (`training.router`)."""
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
     from tunepipe.tasks.training.moe import apply_router
 
     method = job.sft_method

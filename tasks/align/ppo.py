@@ -27,7 +27,7 @@ from tunepipe.schemas.align import AlignConfig, PPOMethod
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.align.policy import REF_ADAPTER, add_reference_adapter
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.pairs import render_prompt
+from tunepipe.tasks.lm.pairs import render_prompt
 
 # The last TRL release that ships `trl.experimental.ppo` (pyproject's range admits later ones).
 PPO_TRL = "1.12.0"

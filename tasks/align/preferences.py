@@ -1,6 +1,6 @@
 """On-policy preference pairs: sample `k` completions per train prompt from the SFT policy, score
 them with the reward model, a rule against the reference answer, or an AI judge (RLAIF:
-tasks/training/judge.py, every two samples compared), and pair the best with the worst. Prompts whose samples all score the same give no preference and are skipped (counted).
+tasks/lm/judge.py, every two samples compared), and pair the best with the worst. Prompts whose samples all score the same give no preference and are skipped (counted).
 
 The pairs have the data artifact's preference-record shape (plus `prompt_messages`, `scores`),
 and the stage writes them into its artifact as `preferences.on_policy.jsonl`: a data artifact
@@ -14,9 +14,9 @@ from typing import Any
 
 from tunepipe.schemas.align import PreferencesConfig
 from tunepipe.tasks.align.rewards import RULES
-from tunepipe.tasks.training.encoding import final_answer, reasoning_end, stop_token_ids
-from tunepipe.tasks.training.pairs import render_conversation, render_prompt
-from tunepipe.tasks.training.reward_model import score_texts
+from tunepipe.tasks.lm.encoding import final_answer, reasoning_end, stop_token_ids
+from tunepipe.tasks.lm.pairs import render_conversation, render_prompt
+from tunepipe.tasks.lm.reward_model import score_texts
 
 
 def sample_completions(model: Any, tokenizer: Any, prompt: str, settings: PreferencesConfig) -> list[str]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from tunepipe.tasks.training.encoding import final_answer
-from tunepipe.tasks.training.metrics import exact_match, token_f1
-from tunepipe.tasks.training.reward_model import completion_text
+from tunepipe.tasks.lm.encoding import final_answer
+from tunepipe.tasks.lm.metrics import exact_match, token_f1
+from tunepipe.tasks.lm.reward_model import completion_text
 
 _TRIPLE = re.compile(r"\(\s*[^(),;]+?\s*,\s*[a-z_]+\s*,\s*[^(),;]+?\s*\)")
 
@@ -52,7 +52,7 @@ def rule_reward_func(name: str, think_end: str | None = None) -> Callable[..., l
 def judge_reward_func(judge: Any, think_end: str | None = None) -> Callable[..., list[float]]:
     """RLAIF as a TRL reward function: the completions of one prompt (GRPO/RLOO's group, which TRL
     passes as consecutive rows with the same prompt) are compared pairwise by the AI judge
-    (`tasks/training/judge.CachedJudge`, both orders); a completion's reward is its share of
+    (`tasks/lm/judge.CachedJudge`, both orders); a completion's reward is its share of
     comparisons won, ties counting half, in [0, 1]."""
 
     def reward(prompts: list[Any], completions: list[Any], reference: list[str], **_: Any) -> list[float]:

@@ -36,7 +36,7 @@ from tunepipe.tasks.training.stage_base import training_env_payload
 
 ENTRYPOINT = "tunepipe.tasks.align.train:align_job"
 ON_POLICY_FILE = "preferences.on_policy.jsonl"
-JUDGE_CACHE = "judge_cache.jsonl"  # RLAIF judgments by sha256 of the request (tasks/training/judge.py)
+JUDGE_CACHE = "judge_cache.jsonl"  # RLAIF judgments by sha256 of the request (tasks/lm/judge.py)
 # Held-out share for pairs without a `split` (the data stage gives every pair one): by prompt hash.
 HELDOUT_FRACTION = 0.1
 
@@ -54,7 +54,7 @@ def plan_runs(sft_dir: Path, outputs: ModelOutputs, tasks: list[str] | None) -> 
 
 def heldout_prompts(data_dir: str, tasks: list[str] | None, per_task: int) -> list[dict[str, Any]]:
     """Up to `per_task` test-split prompts (with reference answers) of each task."""
-    from tunepipe.tasks.training.pairs import prompt_records
+    from tunepipe.tasks.lm.pairs import prompt_records
 
     counts: dict[str, int] = {}
     out = []
@@ -101,7 +101,7 @@ class AlignStage(Stage):
         )
         from tunepipe.tasks.core.jsonl import read_jsonl
         from tunepipe.tasks.training.launcher import run_training
-        from tunepipe.tasks.training.pairs import (
+        from tunepipe.tasks.lm.pairs import (
             prompt_records,
             read_pairs,
             split_pairs,
@@ -189,7 +189,7 @@ class AlignStage(Stage):
 
     def _judge_agreement(self, config, ctx, metrics_by_run, dataset_pairs) -> dict[str, Any] | None:
         """The AI judge's use during training, and its agreement with the dataset's preferences."""
-        from tunepipe.tasks.training.judge import CachedJudge
+        from tunepipe.tasks.lm.judge import CachedJudge
 
         if config.judge is None:
             return None
@@ -213,11 +213,11 @@ class AlignStage(Stage):
             preference_metrics,
             task_and_reward_metrics,
         )
-        from tunepipe.tasks.training.retention import applies
+        from tunepipe.tasks.lm.retention import applies
         from tunepipe.tasks.align.policy import PolicyPair
-        from tunepipe.tasks.training.modeling import load_tokenizer
-        from tunepipe.tasks.training.reward_model import load_reward_model
-        from tunepipe.tasks.training.scoring import task_scorers
+        from tunepipe.tasks.lm.modeling import load_tokenizer
+        from tunepipe.tasks.lm.reward_model import load_reward_model
+        from tunepipe.tasks.lm.scoring import task_scorers
 
         settings = config.heldout
         # What the SFT policy was trained from: its adapters' base, or (a full fine-tune) the model sft started from.

@@ -180,7 +180,7 @@ def load_token_counter(path: str):
         AutoTokenizer,  # hub ids and slow tokenizers: the general path
     )
 
-    from tunepipe.tasks.training.gguf_base import model_dir
+    from tunepipe.tasks.lm.gguf_base import model_dir
 
     auto = AutoTokenizer.from_pretrained(model_dir(path))
 

@@ -25,9 +25,9 @@ from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.encoding import final_answer, read_split, reasoning_end
-from tunepipe.tasks.training.generation import greedy_answers
-from tunepipe.tasks.training.judge import openai_client
+from tunepipe.tasks.lm.encoding import final_answer, read_split, reasoning_end
+from tunepipe.tasks.lm.generation import greedy_answers
+from tunepipe.tasks.lm.judge import openai_client
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def path_source(path: str, base_override: str | None, fallback_base: str | None)
         return ModelSource(str(root), "adapter", _base_model(base_override, declared, fallback_base, str(root)), root)
     if (root / "config.json").exists():
         return ModelSource(str(root), "model", str(root), root)
-    from tunepipe.tasks.training.modeling import gguf_source, model_dir
+    from tunepipe.tasks.lm.modeling import gguf_source, model_dir
 
     if gguf_source(root) is not None:
         converted = model_dir(root)
@@ -193,7 +193,7 @@ def _base_model(override: str | None, declared: str | None, fallback: str | None
     """The base under the adapters: the config's, else the artifact's own (if it is still there), else upstream."""
     from tunepipe.schemas.base import looks_like_hub_id
 
-    from tunepipe.tasks.training.modeling import model_dir
+    from tunepipe.tasks.lm.modeling import model_dir
 
     for candidate in (override, declared, fallback):
         if candidate and (Path(candidate).exists() or looks_like_hub_id(candidate)):
@@ -220,7 +220,7 @@ class HFGenerator:
         self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, spec: ModelSpec) -> Any:
-        from tunepipe.tasks.training.modeling import load_tokenizer
+        from tunepipe.tasks.lm.modeling import load_tokenizer
 
         if spec.tokenizer not in self._tokenizers:
             self._tokenizers[spec.tokenizer] = load_tokenizer(spec.tokenizer)
@@ -228,7 +228,7 @@ class HFGenerator:
 
     def _load(self, path: str) -> Any:
         from tunepipe.tasks.training.hardware import hardware
-        from tunepipe.tasks.training.modeling import load_model
+        from tunepipe.tasks.lm.modeling import load_model
 
         if path not in self._models:
             hw = hardware(self.env)
@@ -272,7 +272,7 @@ class EndpointGenerator:
         self.endpoint = endpoint
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.client = openai_client(endpoint)  # tasks/training/judge.py
+        self.client = openai_client(endpoint)  # tasks/lm/judge.py
         self._think_ends: dict[str, str | None] = {}
 
     def think_end(self, spec: ModelSpec) -> str | None:
@@ -281,7 +281,7 @@ class EndpointGenerator:
         if not spec.tokenizer:
             return None
         if spec.tokenizer not in self._think_ends:
-            from tunepipe.tasks.training.modeling import load_tokenizer
+            from tunepipe.tasks.lm.modeling import load_tokenizer
 
             self._think_ends[spec.tokenizer] = reasoning_end(load_tokenizer(spec.tokenizer))
         return self._think_ends[spec.tokenizer]

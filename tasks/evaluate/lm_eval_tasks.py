@@ -37,7 +37,7 @@ def filter_source(scorers: dict[str, Any]) -> str:
     without tunepipe installed) and one filter per task with its normalisation and labels."""
     import inspect
 
-    from tunepipe.tasks.training.metrics import extract_label, normalise
+    from tunepipe.tasks.lm.metrics import extract_label, normalise
 
     parts = [FILTER_HEADER, inspect.getsource(normalise), "\n\n", inspect.getsource(extract_label)]
     for task, scorer in scorers.items():
@@ -95,7 +95,7 @@ def write_local_tasks(
     `portable`: data_files name the JSONL relative to the directory (a copy kept in the artifact,
     run from inside it); otherwise absolute (the copy this run evaluates).
     """
-    from tunepipe.tasks.training.metrics import DEFAULT_SCORER, normalise
+    from tunepipe.tasks.lm.metrics import DEFAULT_SCORER, normalise
 
     scorers = {task: (scorers or {}).get(task, DEFAULT_SCORER) for task in examples}
     directory.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def think_end_id(tokenizer: Any) -> int | None:
     """A reasoning family's `</think>` as a token id, for HFLM's `think_end_token`: lm-eval then scores the
     answer after the think block, as evaluate's own generation does (by id, so it works whether or not the
     tokenizer marks the tag special and decoding drops it)."""
-    from tunepipe.tasks.training.encoding import reasoning_end
+    from tunepipe.tasks.lm.encoding import reasoning_end
 
     end = reasoning_end(tokenizer)
     return None if end is None else int(tokenizer.convert_tokens_to_ids(end))

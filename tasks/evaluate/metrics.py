@@ -19,7 +19,7 @@ from typing import Callable
 
 from tunepipe.tasks.core.fingerprint import sha256_file
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.metrics import DEFAULT_SCORER, TaskScorer, exact_match, token_f1
+from tunepipe.tasks.lm.metrics import DEFAULT_SCORER, TaskScorer, exact_match, token_f1
 
 PerExample = Callable[[str, str], float]
 CORPUS_LEVEL = ("bleu", "chrf")

@@ -71,7 +71,7 @@ class EvaluateStage(Stage):
     def key_payload(self, config: EvaluateConfig) -> Any:
         from tunepipe.tasks.core.fingerprint import content_digest
         from tunepipe.tasks.evaluate.metrics import callable_digest
-        from tunepipe.tasks.training.modeling import model_fingerprint
+        from tunepipe.tasks.lm.modeling import model_fingerprint
 
         payload = config.model_dump(mode="json")
         for field in ("candidate", "baseline"):
@@ -97,8 +97,8 @@ class EvaluateStage(Stage):
         )
         from tunepipe.tasks.evaluate.metrics import metric_functions
         from tunepipe.tasks.evaluate.report import write_report
-        from tunepipe.tasks.training.generation import heldout_examples
-        from tunepipe.tasks.training.scoring import task_scorers
+        from tunepipe.tasks.lm.generation import heldout_examples
+        from tunepipe.tasks.lm.scoring import task_scorers
         from tunepipe.tasks.training.trainer import write_json
 
         if config.ab.judge == "reward_model" and "reward" not in ctx.inputs:
@@ -174,7 +174,7 @@ def make_generator(config: EvaluateConfig, env: EnvironmentProfile) -> Any:
 
 
 def prompt_template(config: EvaluateConfig, tokenizer: Any) -> str:
-    from tunepipe.tasks.training.encoding import resolve_chat_template
+    from tunepipe.tasks.lm.encoding import resolve_chat_template
 
     return resolve_chat_template("model" if config.chat_template == "candidate" else config.chat_template, tokenizer)
 
@@ -186,9 +186,9 @@ def answer_task(
     """Render the task's prompts once (the candidate's template), answer them with both models, score both."""
     from tunepipe.tasks.evaluate.generation import served_spec
     from tunepipe.tasks.evaluate.metrics import per_example
-    from tunepipe.tasks.training.encoding import record_messages
-    from tunepipe.tasks.training.generation import prompts_and_references
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.encoding import record_messages
+    from tunepipe.tasks.lm.generation import prompts_and_references
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     cand_spec, base_spec = candidate.spec(task), baseline.spec(task)
     tokenizer = load_tokenizer(cand_spec.tokenizer)
@@ -336,11 +336,11 @@ def regression_scores(config: EvaluateConfig, runs: dict[str, TaskRun], lm_figur
 
 
 def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, ctx: StageContext) -> dict[str, TaskRun]:
-    """The general-knowledge set (tasks/training/retention.py) answered by both models, once per
+    """The general-knowledge set (tasks/lm/retention.py) answered by both models, once per
     adapter of the candidate (`general_chat:<task>` for per-task adapters), where it applies: a
     pretrained base (`regression.general_set: auto`) or `on`, and a base model that answers at least
     one of its questions (a model with nothing to lose is not checked)."""
-    from tunepipe.tasks.training import retention
+    from tunepipe.tasks.lm import retention
 
     if not retention.applies(config.regression.general_set, candidate.base_model, ctx.inputs):
         return {}
@@ -360,8 +360,8 @@ def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: Model
 def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, task: str) -> TaskRun | None:
     """Both models' answers to the general set; None when the base model answers none of it."""
     from tunepipe.tasks.evaluate.generation import base_source, served_spec
-    from tunepipe.tasks.training import retention
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm import retention
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     cand_spec, base_spec = candidate.spec(task), baseline.spec(task)
     if config.generation.backend == "endpoint":
@@ -393,7 +393,7 @@ def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelS
 
 def general_scores(general: dict[str, TaskRun]) -> dict[str, dict[str, Any]]:
     """Regression entries of the general set: the share of its questions each model answered."""
-    from tunepipe.tasks.training import retention
+    from tunepipe.tasks.lm import retention
 
     out = {}
     for name, run in general.items():
@@ -424,8 +424,8 @@ def sft_against_base(
     lm-eval's regression tasks are not rerun for it (a SKIP line says so)."""
     from tunepipe.tasks.evaluate.generation import artifact_source, base_source, trained_tasks
     from tunepipe.tasks.evaluate.metrics import metric_functions
-    from tunepipe.tasks.training.generation import heldout_examples
-    from tunepipe.tasks.training.scoring import task_scorers
+    from tunepipe.tasks.lm.generation import heldout_examples
+    from tunepipe.tasks.lm.scoring import task_scorers
 
     sft = artifact_source("sft", ctx.inputs["sft"], config.base_model, candidate.base_model)
     base = base_source(sft)

@@ -25,7 +25,7 @@ from typing import Any
 
 from tunepipe.schemas.export import ExportConfig, GGUFLimits, GGUFSettings
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training import checks
+from tunepipe.tasks.lm import checks
 
 F16 = "f16"
 
@@ -51,8 +51,8 @@ class RunData:
 
 
 def run_data(data_dir: str, tasks: list[str], per_task: int, system_prompt: str | None, settings: GGUFSettings) -> RunData:
-    from tunepipe.tasks.training.encoding import read_split, record_messages
-    from tunepipe.tasks.training.generation import heldout_examples
+    from tunepipe.tasks.lm.encoding import read_split, record_messages
+    from tunepipe.tasks.lm.generation import heldout_examples
 
     def prompt_of(record: dict[str, Any]) -> list[dict[str, str]]:
         messages = record_messages(record, system_prompt)
@@ -66,7 +66,7 @@ def run_data(data_dir: str, tasks: list[str], per_task: int, system_prompt: str 
 
 def make_probe(tokenizer: Any, model: Any, data: RunData, settings: GGUFSettings, max_new_tokens: int) -> Any:
     from tunepipe.tasks.llamacpp.verify import Probe
-    from tunepipe.tasks.training.encoding import encode_text, render_messages, resolve_chat_template, stop_token_ids
+    from tunepipe.tasks.lm.encoding import encode_text, render_messages, resolve_chat_template, stop_token_ids
 
     template = resolve_chat_template("model", tokenizer)
     prompt_ids = [list(encode_text(tokenizer, render_messages(tokenizer, template, chat, True))["input_ids"]) for chat in data.chats]
@@ -83,7 +83,7 @@ def threads(settings: GGUFSettings) -> int:
 
 
 def imatrix_text(tokenizer: Any, data: RunData) -> str:
-    from tunepipe.tasks.training.encoding import render_messages, resolve_chat_template
+    from tunepipe.tasks.lm.encoding import render_messages, resolve_chat_template
 
     template = resolve_chat_template("model", tokenizer)
     return "\n".join(render_messages(tokenizer, template, chat, False) for chat in data.imatrix_records)
@@ -123,7 +123,7 @@ def f16_check(numbers: dict[str, Any], margins: list[float | None], tie: float) 
 
 def gguf_answers(tokenizer: Any, texts: list[str]) -> list[str]:
     """llama.cpp's greedy texts as the re-evaluation reads answers (a reasoning family's think block dropped)."""
-    from tunepipe.tasks.training.encoding import final_answer, reasoning_end
+    from tunepipe.tasks.lm.encoding import final_answer, reasoning_end
 
     end = reasoning_end(tokenizer)
     return [final_answer(t, end) for t in texts]
@@ -252,7 +252,7 @@ def write_added_tokens(source: Path, tokenizer: Any, dest: Path) -> None:
 
 def same_vocabulary(tokenizer: Any, base: Path) -> bool:
     """Whether the base model's tokenizer maps every token to the same id as the fine-tune's (no tokens added)."""
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     try:
         return load_tokenizer(str(base)).get_vocab() == tokenizer.get_vocab()
@@ -262,7 +262,7 @@ def same_vocabulary(tokenizer: Any, base: Path) -> bool:
 
 def make_imatrix(tools: Any, tokenizer: Any, data: RunData, f16: Path, dest: Path, settings: GGUFSettings, nthreads: int) -> tuple[Path, dict[str, Any]]:
     from tunepipe.tasks.llamacpp.gguf import compute_imatrix
-    from tunepipe.tasks.training.encoding import encode_text
+    from tunepipe.tasks.lm.encoding import encode_text
 
     text = imatrix_text(tokenizer, data)
     tokens = len(encode_text(tokenizer, text)["input_ids"])
@@ -281,7 +281,7 @@ def write_modelfiles(tokenizer: Any, model: Any, probe: Any, files: dict[str, st
     """One Ollama Modelfile per published type, and the check that its TEMPLATE replays training's rendering of
     the held-out prompts (with and without the system prompt)."""
     from tunepipe.tasks.llamacpp.modelfile import modelfile, render, template_pieces
-    from tunepipe.tasks.training.encoding import render_messages, resolve_chat_template
+    from tunepipe.tasks.lm.encoding import render_messages, resolve_chat_template
 
     template = resolve_chat_template("model", tokenizer)
     jinja = lambda messages: render_messages(tokenizer, template, messages, True)  # noqa: E731

@@ -46,7 +46,7 @@ from tunepipe.tasks.core.artifacts import read_manifest
 from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.export import gguf
-from tunepipe.tasks.training import checks
+from tunepipe.tasks.lm import checks
 
 UNCONVERTED_INITS = ("pissa", "olora", "corda", "eva")  # adapters that only fit their modified base
 COMPRESSOR_TARGETS = ("gptq", "awq")
@@ -162,7 +162,7 @@ VLLM_MOE_LORA_ARCHITECTURES = (
 
 def base_architecture(base_model: str) -> tuple[str, bool]:
     """(architecture name, is it a Mixture of Experts) from the base model's config."""
-    from tunepipe.tasks.training.modeling import load_config
+    from tunepipe.tasks.lm.modeling import load_config
     from tunepipe.tasks.training.moe import is_moe
 
     config = load_config(base_model)
@@ -277,7 +277,7 @@ def compressor_requirements(targets: list[str], env: EnvironmentProfile) -> None
 
 def load_reference(source: Source, run: str, env: EnvironmentProfile) -> Any:
     """What serving must reproduce: base + adapter (PEFT), or the trained full model."""
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     if source.kind == "model":
         return load_model(str(source.runs[run]), dtype=env.dtype, device_map={"": env.device}).eval()
@@ -290,7 +290,7 @@ def load_reference(source: Source, run: str, env: EnvironmentProfile) -> Any:
 
 def run_tokenizer(source: Source, run: str) -> Any:
     """The tokenizer saved with the run (it carries the chat template trained with), else the base's."""
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     run_dir = source.runs[run]
     has_own = (run_dir / "tokenizer_config.json").exists() or (run_dir / "tokenizer.json").exists()
@@ -301,7 +301,7 @@ def generation_config_for(model: Any, tokenizer: Any) -> Any:
     """The model's generation config with the tokenizer's special tokens. eos_token_id keeps the
     base's list and adds the tokenizer's eos and the template's end-of-turn token, so generation
     from the merged model stops at the end of a turn (Gemma's `<end_of_turn>` is not its eos)."""
-    from tunepipe.tasks.training.encoding import stop_token_ids
+    from tunepipe.tasks.lm.encoding import stop_token_ids
 
     config = model.generation_config
     stops = stop_token_ids(tokenizer, config)
@@ -335,7 +335,7 @@ def bnb_settings(target: str, config: ExportConfig, env: EnvironmentProfile) -> 
 
 def save_bnb(merged_dir: Path, dest: Path, settings: dict[str, Any], env: EnvironmentProfile) -> None:
     """Quantize the merged model while loading it, then save the pre-quantized checkpoint."""
-    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     model = load_model(str(merged_dir), dtype=env.dtype, quantization=settings, device_map={"": env.device})
     model.save_pretrained(dest)
@@ -357,7 +357,7 @@ def compressor_modifier(target: str, config: ExportConfig) -> dict[str, Any]:
 
 def calibration_texts(data_dir: str, tokenizer: Any, system_prompt: str | None, limit: int) -> list[str]:
     """Whole training conversations rendered with the model's chat template: what the model will see."""
-    from tunepipe.tasks.training.encoding import (
+    from tunepipe.tasks.lm.encoding import (
         read_split,
         record_messages,
         render_messages,
@@ -374,7 +374,7 @@ def save_compressed(target: str, merged_dir: Path, dest: Path, config: ExportCon
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers import awq, quantization
-    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     settings = getattr(config, target)
     tokenizer = load_tokenizer(str(merged_dir))
@@ -407,12 +407,12 @@ class EvalSet:
 
 
 def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, config: ExportConfig) -> EvalSet:
-    from tunepipe.tasks.training.encoding import read_split, resolve_chat_template
-    from tunepipe.tasks.training.generation import (
+    from tunepipe.tasks.lm.encoding import read_split, resolve_chat_template
+    from tunepipe.tasks.lm.generation import (
         heldout_examples,
         prompts_and_references,
     )
-    from tunepipe.tasks.training.scoring import task_scorers
+    from tunepipe.tasks.lm.scoring import task_scorers
 
     per_task = config.reeval.max_examples_per_task
 
@@ -428,7 +428,7 @@ def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, config: Ex
 
 
 def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig) -> list[str]:
-    from tunepipe.tasks.training.generation import greedy_answers
+    from tunepipe.tasks.lm.generation import greedy_answers
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bnb int8 on CPU warns on every matmul
@@ -436,7 +436,7 @@ def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig)
 
 
 def task_scores(evals: EvalSet, answers: list[str]) -> dict[str, dict[str, float]]:
-    from tunepipe.tasks.training.metrics import DEFAULT_SCORER
+    from tunepipe.tasks.lm.metrics import DEFAULT_SCORER
 
     out, start = {}, 0
     for task, (prompts, references) in evals.tasks.items():
@@ -478,7 +478,7 @@ def agreement(a: list[str], b: list[str]) -> float:
 def export_run_gguf(tools: Any, run: str, merged: Any, merged_dir: Path, tokenizer: Any, config: ExportConfig, source: Source,
                     evals: EvalSet, data_dir: str, ctx: StageContext) -> dict[str, Any]:
     """The run's GGUFs (tasks/export/gguf.py), checked on the re-evaluation's own held-out prompts."""
-    from tunepipe.tasks.training.encoding import read_split
+    from tunepipe.tasks.lm.encoding import read_split
 
     present = sorted({str(r.get("task") or "default") for r in read_split(data_dir, "test")})
     data = gguf.run_data(data_dir, source.tasks_of(run, present), config.reeval.max_examples_per_task, source.system_prompt, config.gguf)
@@ -522,7 +522,7 @@ def gguf_card(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def base_provenance(base_model: str) -> str:
     """The card's note on a base converted from a GGUF: its weights are a dequantisation, not the original."""
-    from tunepipe.tasks.training.modeling import gguf_provenance
+    from tunepipe.tasks.lm.modeling import gguf_provenance
 
     record = gguf_provenance(base_model)
     if record is None:
@@ -536,7 +536,7 @@ def model_card(
 ) -> str:
     """The exported models' card (huggingface_hub's ModelCard): base model by Hub id, licence, datasets, the
     test-split results of the trained model as `model-index`, how it was trained and what was exported."""
-    from tunepipe.tasks.training.cards import build_card, eval_results
+    from tunepipe.tasks.lm.cards import build_card, eval_results
 
     if gate is None:
         verdict = "no evaluate stage ran: no gate verdict"
@@ -619,7 +619,7 @@ class ExportStage(Stage):
         return {f"{target}-{run}": artifact_dir / rel for target, runs in exports.targets.items() for run, rel in runs.items()}
 
     def run(self, config: ExportConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.training.modeling import load_model
+        from tunepipe.tasks.lm.modeling import load_model
 
         data_ref = ctx.inputs["data"]
         picked, why = pick_source(config, ctx.inputs)

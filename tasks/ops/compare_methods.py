@@ -117,7 +117,7 @@ def decode_seconds_per_token(model: Any, prompts: list[list[int]], new_tokens: i
 
 
 def latency(artifact: Path, base_model: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, float]:
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     outputs = json.loads((artifact / "outputs.json").read_text())
     base = load_model(base_model).eval()
@@ -139,8 +139,8 @@ def latency(artifact: Path, base_model: str, prompts: list[list[int]], new_token
 
 def test_prompts(data_dir: str, tokenizer_dir: Path, count: int) -> list[list[int]]:
     """The first `count` test prompts, rendered with the trained tokenizer's chat template."""
-    from tunepipe.tasks.training.encoding import read_split, record_messages
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.encoding import read_split, record_messages
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     prompts = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.tasks.pretrain.train import PretrainJob
 from tunepipe.tasks.core.stage import StageContext, StageOutput
-from tunepipe.tasks.training.checks import warned_markdown
+from tunepipe.tasks.lm.checks import warned_markdown
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
 
 ENTRYPOINT = "tunepipe.tasks.pretrain.train:train_job"

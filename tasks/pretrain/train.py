@@ -45,7 +45,7 @@ def split_corpus(records: list[dict[str, Any]], fraction: float) -> tuple[list[s
 
 def labels_check(config: PretrainConfig, trainer: Any) -> dict[str, Any]:
     """`labels`: the blocks as the trainer's collator hands them to the model carry labeled tokens."""
-    from tunepipe.tasks.training import checks
+    from tunepipe.tasks.lm import checks
 
     policy = checks.CheckPolicy("pretrain", config.self_checks)
     result = checks.labels_present_check(checks.first_batches(trainer))
@@ -57,7 +57,7 @@ def labels_check(config: PretrainConfig, trainer: Any) -> dict[str, Any]:
 
 def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
     """`steps` (every requested optimizer step ran) and `loss` (finite, moved)."""
-    from tunepipe.tasks.training import checks
+    from tunepipe.tasks.lm import checks
     from tunepipe.tasks.training.trainer import loss_history
 
     policy = checks.CheckPolicy("pretrain", config.self_checks)
@@ -72,8 +72,8 @@ def train_job(job: PretrainJob) -> dict[str, Any]:
     import math
 
     from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.training.encoding import encode_texts
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.encoding import encode_texts
+    from tunepipe.tasks.lm.modeling import load_tokenizer
     from tunepipe.tasks.training.trainer import (
         build_trainer,
         evaluate,

@@ -29,8 +29,8 @@ from tunepipe.schemas.methods import QLoraMethod
 from tunepipe.tasks.reward.train import RewardJob
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
-from tunepipe.tasks.training.checks import warned_markdown
-from tunepipe.tasks.training.modeling import model_dir
+from tunepipe.tasks.lm.checks import warned_markdown
+from tunepipe.tasks.lm.modeling import model_dir
 from tunepipe.tasks.training.stage_base import TrainingStage
 
 ENTRYPOINT = "tunepipe.tasks.reward.train:train_reward_job"
@@ -39,7 +39,7 @@ ENTRYPOINT = "tunepipe.tasks.reward.train:train_reward_job"
 def merge_adapter(base: str, adapter_dir: str | Path, dest: Path) -> str:
     """The base with an SFT adapter merged in, saved (with the adapter's tokenizer) to `dest`."""
     from peft import PeftModel
-    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     if (dest / "config.json").exists():
         return str(dest)
@@ -124,7 +124,7 @@ class RewardStage(TrainingStage):
     def run(self, config: RewardConfig, ctx: StageContext) -> StageOutput:
         from tunepipe.tasks.training.launcher import run_training
         from tunepipe.tasks.training.memory_plan import check_fit
-        from tunepipe.tasks.training.pairs import read_pairs, split_pairs
+        from tunepipe.tasks.lm.pairs import read_pairs, split_pairs
         from tunepipe.tasks.training.plots import plot_loss, plot_series
         from tunepipe.tasks.training.trainer import write_json
 

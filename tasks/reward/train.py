@@ -34,7 +34,7 @@ def reward_model_for_training(model_path: str, config: RewardConfig, env: Enviro
     """A one-output sequence-classification model, wrapped in a LoRA adapter for lora/qlora."""
     from transformers import AutoModelForSequenceClassification
     from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.training.modeling import torch_dtype
+    from tunepipe.tasks.lm.modeling import torch_dtype
 
     method, hw = config.method, hardware(env)
     kwargs: dict[str, Any] = {"num_labels": 1, "dtype": torch_dtype(hw.dtype), "revision": config.revision}
@@ -62,7 +62,7 @@ CHECK_TRAIN_PAIRS = 16  # training pairs the reward_scores check scores when no 
 def self_checks(config: RewardConfig, trainer: Any, metrics: dict[str, Any], scores_before: tuple, scores_after: tuple,
                 on: str) -> dict[str, Any]:
     """`steps`, `loss` (finite, moved) and `reward_scores` (the trained model scores the pairs differently)."""
-    from tunepipe.tasks.training import checks
+    from tunepipe.tasks.lm import checks
     from tunepipe.tasks.training.trainer import loss_history
 
     policy = checks.CheckPolicy("reward", config.self_checks)
@@ -85,10 +85,10 @@ def train_reward_job(job: RewardJob) -> dict[str, Any]:
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
     from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.training.modeling import load_tokenizer
-    from tunepipe.tasks.training.pairs import conversational_pair
+    from tunepipe.tasks.lm.modeling import load_tokenizer
+    from tunepipe.tasks.lm.pairs import conversational_pair
     from tunepipe.tasks.training.plots import step_history
-    from tunepipe.tasks.training.reward_model import pair_scores, pairwise_summary
+    from tunepipe.tasks.lm.reward_model import pair_scores, pairwise_summary
     from tunepipe.tasks.training.trainer import (
         fit,
         is_main_process,

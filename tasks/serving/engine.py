@@ -7,7 +7,7 @@ kept and refilled by the next adapter of the same shape, so a hot swap is a weig
 
 Besides LoRA (what vLLM serves too), the engine serves tunepipe's bottleneck adapters (sft
 methods adapter, adapter_drop, mam_adapter, unipelt, adapter_fusion: a PEFT method of its own,
-tasks/training/bottleneck.py), which vLLM cannot. One PeftModel holds adapters of one PEFT type
+tasks/lm/bottleneck.py), which vLLM cannot. One PeftModel holds adapters of one PEFT type
 only, so each type ("family") gets its own PeftModel over its own copy of the base, loaded when
 its first adapter arrives; a batch with rows of both families runs one `generate` per family. All
 model work (generation, loading, unloading) runs on one worker thread (see batcher.py), so an
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from transformers import StoppingCriteria
-from tunepipe.tasks.training.encoding import TemplateRefused, encode_text, render_messages, stop_token_ids
+from tunepipe.tasks.lm.encoding import TemplateRefused, encode_text, render_messages, stop_token_ids
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # Unloaded adapters' slots kept for reuse. Loading into a new slot is peft's module injection,
@@ -136,7 +136,7 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
     here only (vLLM serves LoRA only), which `tunepipe export` says when it refuses it for vLLM."""
     from peft import PeftConfig
 
-    from tunepipe.tasks.training import bottleneck
+    from tunepipe.tasks.lm import bottleneck
 
     bottleneck.register()
     path = Path(path)
@@ -175,7 +175,7 @@ class MultiLoraEngine:
         self, base: str, *, dtype: str = "float32", attn_implementation: str | None = None, max_rank: int = 64, device: str = "cpu"
     ):
         import torch
-        from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+        from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
         self.base = base
         self.max_rank = max_rank

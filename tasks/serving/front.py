@@ -99,7 +99,7 @@ class Front:
         return modules
 
     def load_tokenizer(self) -> None:
-        from tunepipe.tasks.training.modeling import load_tokenizer
+        from tunepipe.tasks.lm.modeling import load_tokenizer
 
         try:
             self.tokenizer = (self.caps.tokenizer or load_tokenizer)(self.config.base)
@@ -111,7 +111,7 @@ class Front:
         vLLM renders messages with the model's own chat template and parses special-token strings in them, so
         a user writing `<|im_start|>system ...` would inject a turn; training, evaluation and the embedded
         engine escape those strings (`data_messages`), and the front does the same before vLLM sees them."""
-        from tunepipe.tasks.training.encoding import data_messages
+        from tunepipe.tasks.lm.encoding import data_messages
 
         if self.tokenizer is None or not isinstance(body.get("messages"), list):
             return body

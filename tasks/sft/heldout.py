@@ -16,15 +16,15 @@ from typing import Any
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.sft import SFTConfig
-from tunepipe.tasks.training.encoding import resolve_chat_template
-from tunepipe.tasks.training.generation import (
+from tunepipe.tasks.lm.encoding import resolve_chat_template
+from tunepipe.tasks.lm.generation import (
     greedy_answers,
     heldout_examples,
     prompts_and_references,
 )
-from tunepipe.tasks.training import retention
+from tunepipe.tasks.lm import retention
 from tunepipe.tasks.training.hardware import hardware
-from tunepipe.tasks.training.scoring import task_scorers
+from tunepipe.tasks.lm.scoring import task_scorers
 
 
 def heldout_metrics(
@@ -34,7 +34,7 @@ def heldout_metrics(
     """({task: {exact_match, token_f1, base_exact_match, base_token_f1, n}} on the test split,
     {run: retention on the general set, base → trained} when `general`)."""
     from peft import PeftModel
-    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
     from tunepipe.tasks.training.trainer import load_base
 
     settings = config.heldout

@@ -27,8 +27,8 @@ from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.sft.train import SFTJob
 from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
-from tunepipe.tasks.training.checks import warned_markdown
-from tunepipe.tasks.training.encoding import read_split
+from tunepipe.tasks.lm.checks import warned_markdown
+from tunepipe.tasks.lm.encoding import read_split
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
 
 ENTRYPOINT = "tunepipe.tasks.sft.train:train_job"
@@ -138,7 +138,7 @@ class SFTStage(TrainingStage):
         heldout, kept = {}, {}
         if config.heldout.max_examples_per_task:
             from tunepipe.tasks.sft.heldout import heldout_metrics
-            from tunepipe.tasks.training.retention import applies
+            from tunepipe.tasks.lm.retention import applies
 
             general = applies(config.heldout.general_set, model_path, ctx.inputs)
             heldout, kept = heldout_metrics(config, outputs, ctx.staging_dir, model_path, data_dir, ctx.env, tasks, general)

@@ -20,9 +20,9 @@ from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.schemas.methods import LoraMethod
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training import checks as checks_
+from tunepipe.tasks.lm import checks as checks_
 from tunepipe.tasks.training import peft_methods
-from tunepipe.tasks.training.encoding import (
+from tunepipe.tasks.lm.encoding import (
     encode_records,
     read_split,
     resolve_chat_template,
@@ -69,7 +69,7 @@ def label_mask_result(stats: Any) -> dict[str, Any]:
 
 def prepare_sft(job: SFTJob | dict[str, Any]) -> dict[str, Any]:
     """Tokenizer, encoded rows and statistics of an SFT job (no model loaded)."""
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     job = SFTJob.model_validate(job)  # the stage's job as is; a test's dict validated here
     config = job.config
@@ -164,7 +164,7 @@ def save_result(
 
 def check_prompts(job: SFTJob, config: SFTConfig, tokenizer: Any, limit: int = 8) -> list[str]:
     """Held-out prompts for the adapter check: the test split's (else validation's, else train's) prompts."""
-    from tunepipe.tasks.training.generation import prompts_and_references
+    from tunepipe.tasks.lm.generation import prompts_and_references
 
     wanted = set(job.tasks) if job.tasks else None
     for split in ("test", "validation", "train"):
@@ -263,7 +263,7 @@ def train_job(job: SFTJob) -> dict[str, Any]:
         save_result(trainer, prepared["tokenizer"], config.method, dest, prepared["initial_adapter"])
         checks["adapter_effect"] = saved_adapter_effect(trainer, prepared, config, dest, job)
     if is_main_process() and config.method.is_peft and dest.is_dir():
-        from tunepipe.tasks.training.cards import adapter_card
+        from tunepipe.tasks.lm.cards import adapter_card
 
         # Our card instead of PEFT's blank template (its `base_model:` an absolute local path).
         (dest / "README.md").write_text(adapter_card(

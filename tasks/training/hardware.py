@@ -61,7 +61,7 @@ class Hardware:
     def attention(self, *, padding_free: bool) -> str:
         """The kernel training loads: for padding-free packed rows the first installed of the profile's
         `packed_attention` preferences, otherwise `attn_implementation`."""
-        from tunepipe.tasks.training.modeling import training_attention
+        from tunepipe.tasks.lm.modeling import training_attention
 
         return training_attention(self.env.attn_implementation, self.env.packed_attention, padding_free=padding_free)
 

@@ -80,7 +80,7 @@ def model_config(model: Any) -> Any:
     """A transformers config from a config object, a local directory or a hub id."""
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         return model
-    from tunepipe.tasks.training.modeling import check_loadable, load_config
+    from tunepipe.tasks.lm.modeling import check_loadable, load_config
 
     return load_config(check_loadable(str(model)))
 
@@ -458,7 +458,7 @@ def pipeline_plan_target(config: Any) -> tuple[Any, Any, int, TrainingConfig]:
         raise ValueError(f"{config.name}: the pipeline has no sft section to plan")
     model = config.sft.model or (config.pretrain.model if config.pretrain else None)
     if model is None and config.base_model is not None:
-        from tunepipe.tasks.training.modeling import llama_config
+        from tunepipe.tasks.lm.modeling import llama_config
 
         model = llama_config(config.base_model, vocab_size=config.base_model.tokenizer.vocab_size)
     return model, config.sft.method, config.sft.max_length, config.sft.training

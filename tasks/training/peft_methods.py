@@ -152,8 +152,8 @@ def p_tuning_v2_config(method: PTuningV2Method) -> Any:
 
 
 def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
-    """The `BottleneckConfig` of the bottleneck-adapter PEFT method (tasks/training/bottleneck.py)."""
-    from tunepipe.tasks.training import bottleneck
+    """The `BottleneckConfig` of the bottleneck-adapter PEFT method (tasks/lm/bottleneck.py)."""
+    from tunepipe.tasks.lm import bottleneck
 
     config_cls = bottleneck.register()
     return config_cls(
@@ -169,7 +169,7 @@ def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
 
 def mam_config(method: MamAdapterMethod) -> Any:
     """MAM Adapter: a prefix on every attention plus a scaled parallel adapter on every FFN."""
-    from tunepipe.tasks.training import bottleneck
+    from tunepipe.tasks.lm import bottleneck
 
     return bottleneck.register()(
         task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
@@ -180,7 +180,7 @@ def mam_config(method: MamAdapterMethod) -> Any:
 
 def unipelt_config(method: UniPeltMethod) -> Any:
     """UniPELT: gated LoRA, gated prefix and a gated sequential FFN adapter."""
-    from tunepipe.tasks.training import bottleneck
+    from tunepipe.tasks.lm import bottleneck
 
     return bottleneck.register()(
         task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
@@ -222,7 +222,7 @@ def fusion_config(method: AdapterFusionMethod) -> Any:
     """A bottleneck config holding the task adapters (their own settings) and a fusion layer."""
     import json
 
-    from tunepipe.tasks.training import bottleneck
+    from tunepipe.tasks.lm import bottleneck
 
     components = fusion_components(method)
     first = json.loads((next(iter(components.values())) / "adapter_config.json").read_text())

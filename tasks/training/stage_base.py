@@ -14,7 +14,7 @@ def resolve_model(config_model: str | None, inputs: dict[str, Any], stage: str, 
     """The base model path: the config's (a GGUF as its converted directory), else the first input
     artifact of `order` present."""
     if config_model:
-        from tunepipe.tasks.training.modeling import model_dir
+        from tunepipe.tasks.lm.modeling import model_dir
 
         return model_dir(config_model)
     for name in order:
@@ -27,7 +27,7 @@ def model_payload(model: str | None, revision: str | None) -> str | None:
     """A local model enters the key as a digest of its files, a hub model as id@revision."""
     if model is None:
         return None
-    from tunepipe.tasks.training.modeling import model_fingerprint
+    from tunepipe.tasks.lm.modeling import model_fingerprint
 
     return model_fingerprint(model, revision)
 
@@ -36,7 +36,7 @@ def gguf_payload(model: str | None) -> dict[str, str] | None:
     """For a GGUF base: the quantisation its weights were dequantised from (a property of the file's
     bytes, so it moves no key the file's digest does not), from its conversion's provenance (the
     stage converts it anyway)."""
-    from tunepipe.tasks.training.modeling import gguf_provenance, gguf_source
+    from tunepipe.tasks.lm.modeling import gguf_provenance, gguf_source
 
     if model is None or gguf_source(model) is None:
         return None

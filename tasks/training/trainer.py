@@ -56,7 +56,7 @@ def load_base(
 ) -> Any:
     """The base model at the profile's dtype and attention kernel (4-bit for qlora); packed, padding-free
     training loads the profile's `packed_attention` kernel instead."""
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     hw = hardware(env)
     quantization = peft_methods.bnb_config(method, env) if isinstance(method, QLoraMethod) else None

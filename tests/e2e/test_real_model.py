@@ -31,7 +31,7 @@ from tunepipe.tasks.core.stage import run_stage
 from tunepipe.tasks.evaluate.stage import EvaluateStage
 from tunepipe.tasks.export.stage import ExportStage
 from tunepipe.tasks.sft.stage import SFTStage
-from tunepipe.tasks.training.retention import SET_NAME, general_set
+from tunepipe.tasks.lm.retention import SET_NAME, general_set
 from tests.helpers.real_model import smollm2_gguf
 from tests.helpers.training import cpu_profile
 
@@ -128,7 +128,7 @@ def _engine(run):
 
 def _engine_rows(engine, prompts: list[str], adapter: str | None):
     from tunepipe.tasks.serving.engine import Row
-    from tunepipe.tasks.training.encoding import encode_text
+    from tunepipe.tasks.lm.encoding import encode_text
 
     rows = [Row(prompt_ids=list(encode_text(engine.tokenizer, p)["input_ids"]), adapter=adapter, max_tokens=NEW_TOKENS,
                 emit=lambda e: None) for p in prompts]
@@ -137,7 +137,7 @@ def _engine_rows(engine, prompts: list[str], adapter: str | None):
 
 
 def test_the_gguf_is_the_base_keyed_by_its_bytes_and_recorded_as_dequantised(run):
-    from tunepipe.tasks.training.modeling import model_dir, model_fingerprint
+    from tunepipe.tasks.lm.modeling import model_dir, model_fingerprint
 
     manifest = json.loads((Path(run["sft"].path) / "manifest.json").read_text())
     assert manifest["config"]["model"] == model_fingerprint(run["gguf"]) and manifest["config"]["model"].startswith("gguf:sha256:")
@@ -149,8 +149,8 @@ def test_the_gguf_is_the_base_keyed_by_its_bytes_and_recorded_as_dequantised(run
 
 
 def test_label_mask_passes_with_one_bos_per_rendered_turn(run):
-    from tunepipe.tasks.training.encoding import encode_records
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.encoding import encode_records
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     checks = _metrics(run["sft"])["checks"]["all"]
     assert all(c["passed"] for c in checks.values()), checks
@@ -201,7 +201,7 @@ def test_the_forgetting_guard_runs_on_the_pretrained_base(run):
     both models on it and the gate's forgetting rule judges the drop instead of skipping it."""
     from tunepipe.schemas.evaluate import GateRules
     from tunepipe.tasks.evaluate.gate import drop_rule
-    from tunepipe.tasks.training.retention import METRIC
+    from tunepipe.tasks.lm.retention import METRIC
 
     evaluate = _metrics(run["evaluate"])
     general = evaluate["regression"][SET_NAME]
@@ -253,7 +253,7 @@ def test_vllm_serves_the_gguf_base_and_the_adapter_with_the_embedded_engines_ans
     from tunepipe.tasks.ops.prefect_server import free_port
     from tunepipe.tasks.serving.settings import resolve_serve_config
     from tunepipe.tasks.serving.vllm import VLLMServer
-    from tunepipe.tasks.training.modeling import model_dir
+    from tunepipe.tasks.lm.modeling import model_dir
     from tests.helpers.vllm import vllm_python_or_skip
 
     python = vllm_python_or_skip()

@@ -59,7 +59,7 @@ def pairs_against_sft(assets: dict) -> list[dict]:
     from peft import PeftModel
 
     from tunepipe.tasks.align.evaluation import response_logprobs
-    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     sft_dir = Path(assets["sft"].path)
     adapter = sft_dir / _json.loads((sft_dir / "outputs.json").read_text())["paths"]["all"]

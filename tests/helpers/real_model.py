@@ -58,6 +58,6 @@ def smollm2_gguf() -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an HF model directory: the directory tunepipe itself converts the GGUF to
     (`model: <the .gguf>` in a config), so the tests and the pipeline share one conversion."""
-    from tunepipe.tasks.training.modeling import model_dir
+    from tunepipe.tasks.lm.modeling import model_dir
 
     return Path(model_dir(smollm2_gguf()))

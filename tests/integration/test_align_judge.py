@@ -14,7 +14,7 @@ from tunepipe.schemas.align import AIJudgeConfig, AlignConfig
 from tunepipe.tasks.align.stage import JUDGE_CACHE, AlignStage
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.serving.process import ServerThread
-from tunepipe.tasks.training.judge import FIRST, SECOND, TIE, CachedJudge
+from tunepipe.tasks.lm.judge import FIRST, SECOND, TIE, CachedJudge
 
 from tests.helpers.alignment import build_assets, data_with_pairs, env
 from tests.helpers.judge_server import judge_app

@@ -52,7 +52,7 @@ def _loads_on_sft_base(assets, ref) -> None:
     """The aligned adapter is one adapter of the SFT adapter's kind, loadable on the SFT base."""
     from peft import PeftModel
 
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     root = Path(ref.path)
     outputs = json.loads((root / "outputs.json").read_text())

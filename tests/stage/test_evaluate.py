@@ -19,7 +19,7 @@ from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.evaluate.stage import EvaluateStage
 from tunepipe.tasks.sft.stage import SFTStage
-from tunepipe.tasks.training.metrics import normalise
+from tunepipe.tasks.lm.metrics import normalise
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tests.helpers.training import WORDS, build_tiny_model, cpu_profile
 
@@ -232,9 +232,9 @@ def test_reward_model_judge_decides_by_the_reward_models_scores(assets, promoted
     saves one): each pair's outcome is the sign of the score difference, recomputed here."""
     from transformers import AutoModelForSequenceClassification
 
-    from tunepipe.tasks.training.pairs import render_conversation
-    from tunepipe.tasks.training.reward_model import load_reward_model, score_texts
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.pairs import render_conversation
+    from tunepipe.tasks.lm.reward_model import load_reward_model, score_texts
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     root = assets["root"] / "reward"
     tokenizer = load_tokenizer(str(assets["model"]))

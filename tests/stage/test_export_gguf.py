@@ -57,8 +57,8 @@ def llama_greedy(tools, gguf: Path, prompt_ids: list[list[int]], stops: list[int
 
 def hf_prompts(tokenizer, data_dir: str, per_task: int):
     """The held-out prompts as training renders and tokenizes them."""
-    from tunepipe.tasks.training.encoding import encode_text, record_messages, render_messages
-    from tunepipe.tasks.training.generation import heldout_examples
+    from tunepipe.tasks.lm.encoding import encode_text, record_messages, render_messages
+    from tunepipe.tasks.lm.generation import heldout_examples
 
     out = []
     for recs in heldout_examples(data_dir, ["count", "sentiment"], per_task).values():
@@ -122,7 +122,7 @@ def test_quickstart_gguf_reproduces_the_merged_model(tools, quickstart):
 def test_quickstart_imatrix_comes_from_the_runs_data(quickstart):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
-    from tunepipe.tasks.training.encoding import encode_text, record_messages, render_messages
+    from tunepipe.tasks.lm.encoding import encode_text, record_messages, render_messages
 
     im = quickstart["metrics"]["gguf"]["all"]["imatrix"]
     tokenizer = AutoTokenizer.from_pretrained(quickstart["art"] / "merged/all")
@@ -151,7 +151,7 @@ def test_quickstart_gguf_lora_applied_in_llamacpp_matches_the_merged_gguf(tools,
 def test_quickstart_modelfile_parses_and_matches_training(quickstart):
     from transformers import AutoTokenizer
     from tunepipe.tasks.llamacpp.modelfile import parse_modelfile, render, template_pieces
-    from tunepipe.tasks.training.encoding import stop_token_ids
+    from tunepipe.tasks.lm.encoding import stop_token_ids
 
     art = quickstart["art"]
     tokenizer = AutoTokenizer.from_pretrained(art / "merged/all")

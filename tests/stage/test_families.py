@@ -39,7 +39,7 @@ from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.evaluate.stage import EvaluateStage
 from tunepipe.tasks.export.stage import ExportStage
 from tunepipe.tasks.sft.stage import SFTStage
-from tunepipe.tasks.training.encoding import (
+from tunepipe.tasks.lm.encoding import (
     IGNORE,
     encode_conversation,
     encode_records,
@@ -131,7 +131,7 @@ def run(request, tmp_path_factory):
 
 
 def _tokenizer(run):
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
 
     return load_tokenizer(str(run["model"]))
 
@@ -189,7 +189,7 @@ def test_end_of_turn_found_from_the_template_and_the_model(run):
 
 
 def test_pad_token_and_attention_chosen_from_the_model(run, caplog):
-    from tunepipe.tasks.training.modeling import attention_for
+    from tunepipe.tasks.lm.modeling import attention_for
 
     spec = run["spec"]
     with caplog.at_level(logging.INFO, logger="tunepipe.modeling"):
@@ -329,7 +329,7 @@ def _predictions(run) -> list[dict]:
 
 def _engine_answers(engine, tokenizer, prompts: list[str], adapter: str | None, max_tokens: int) -> list[Row]:
     """Greedy answers of the embedded engine to rendered prompts (tokenized as evaluate does: no special tokens added)."""
-    from tunepipe.tasks.training.encoding import encode_text
+    from tunepipe.tasks.lm.encoding import encode_text
 
     rows = [Row(prompt_ids=list(encode_text(tokenizer, p)["input_ids"]), adapter=adapter, max_tokens=max_tokens, emit=lambda e: None)
             for p in prompts]
@@ -347,7 +347,7 @@ def test_evaluate_figures_are_what_the_served_adapter_answers(run):
     """Every answer in evaluate's predictions is the served exported adapter's (candidate) or the base's (baseline)
     greedy answer to the same rendered prompt, and the per-task figures are those answers scored."""
     from tunepipe.tasks.serving.engine import MultiLoraEngine
-    from tunepipe.tasks.training.metrics import exact_match, token_f1
+    from tunepipe.tasks.lm.metrics import exact_match, token_f1
 
     predictions = _predictions(run)
     engine = MultiLoraEngine(str(run["model"]), max_rank=16)
@@ -615,7 +615,7 @@ def test_vllm_answers_what_evaluate_scored(run, served):
 
 @pytest.fixture(scope="module")
 def real():
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
     from tests.helpers.real_model import smollm2_gguf
 
     gguf = smollm2_gguf()
@@ -623,7 +623,7 @@ def real():
 
 
 def test_real_model_row_bos_per_turn_labels_cover_exactly_the_answers(real):
-    from tunepipe.tasks.training.checks import label_mask_problem
+    from tunepipe.tasks.lm.checks import label_mask_problem
 
     tokenizer = real["tokenizer"]
     template = tokenizer.chat_template

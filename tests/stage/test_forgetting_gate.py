@@ -34,7 +34,7 @@ from tunepipe.tasks.deploy.stage import DeployStage
 from tunepipe.tasks.evaluate.stage import EvaluateStage
 from tunepipe.tasks.export.stage import ExportStage
 from tunepipe.tasks.sft.stage import SFTStage
-from tunepipe.tasks.training.retention import general_set
+from tunepipe.tasks.lm.retention import general_set
 from tests.helpers.training import WORDS, build_tiny_model, cpu_profile
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tunepipe.schemas.reward import RewardConfig
-from tunepipe.tasks.training.pairs import is_heldout
+from tunepipe.tasks.lm.pairs import is_heldout
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.reward.stage import RewardStage
 from tunepipe.tasks.core.stage import StageFailed, run_stage
@@ -53,7 +53,7 @@ def test_quickstart_reward_model_beats_chance_on_heldout_pairs(assets):
     assert (root / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and (root / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
     # The published reward model scores the held-out pairs as training ended.
-    from tunepipe.tasks.training.reward_model import load_reward_model, pairwise_accuracy
+    from tunepipe.tasks.lm.reward_model import load_reward_model, pairwise_accuracy
 
     model, tokenizer = load_reward_model(root)
     heldout = [p for p in assets["pairs"] if is_heldout(p, 0.1)]

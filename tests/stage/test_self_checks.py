@@ -76,7 +76,7 @@ def test_steps_that_did_not_all_run(assets, tmp_path, monkeypatch):
     (lambda text: [(0, len(text))], "labels cover prompt"),
 ])
 def test_label_mask_empty_or_covering_the_prompt(assets, tmp_path, monkeypatch, spans, reason):
-    from tunepipe.tasks.training import encoding
+    from tunepipe.tasks.lm import encoding
 
     monkeypatch.setattr(encoding, "_turn_spans", lambda tokenizer, template, messages, text: (spans(text), []))
     with pytest.raises(StageFailed, match=rf"self-check label_mask failed: train record \S+: {reason}"):

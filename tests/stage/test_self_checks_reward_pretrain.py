@@ -116,7 +116,7 @@ def test_reward_model_whose_scores_never_changed(assets, tmp_path, monkeypatch):
 
 
 def test_reward_scores_check_on_training_pairs_when_none_is_held_out():
-    from tunepipe.tasks.training.checks import reward_scores_check
+    from tunepipe.tasks.lm.checks import reward_scores_check
 
     same = reward_scores_check(([1.0, 2.0], [0.5, 3.0]), ([1.0, 2.0], [0.5, 3.0]), "train")
     moved = reward_scores_check(([1.0, 2.0], [0.5, 3.0]), ([1.0, 2.5], [0.5, 3.0]), "train")

@@ -12,7 +12,7 @@ import torch
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES, SFTConfig
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.sft.stage import SFTStage
-from tunepipe.tasks.training.encoding import IGNORE
+from tunepipe.tasks.lm.encoding import IGNORE
 from tunepipe.tasks.sft.train import prepare_sft, sft_trainer
 from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact

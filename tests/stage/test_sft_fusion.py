@@ -45,8 +45,8 @@ def union_loss(model_path: Path, adapter: Path, data_dir: str) -> float:
     """Mean answer-token loss over the validation records of every task."""
     from peft import PeftModel
 
-    from tunepipe.tasks.training.encoding import encode_records, read_split
-    from tunepipe.tasks.training.modeling import load_model, load_tokenizer
+    from tunepipe.tasks.lm.encoding import encode_records, read_split
+    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(adapter))
     by_task, _ = encode_records(read_split(data_dir, "validation"), tokenizer, tokenizer.chat_template, max_length=96, train_on_inputs=False)

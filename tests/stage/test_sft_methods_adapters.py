@@ -30,7 +30,7 @@ def _adapter(model_path, config, dest, seed):
     """A saved adapter of `config` with random (non-identity) weights."""
     from peft import get_peft_model
 
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(str(model_path)), config)
@@ -47,7 +47,7 @@ def test_one_engine_serves_lora_and_bottleneck_adapters_in_one_batch(assets, tmp
     from tunepipe.schemas.sft import SFTConfig
     from tunepipe.tasks.serving.engine import MultiLoraEngine, Row
     from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.training.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model
 
     model = assets["model"]
     mam = peft_methods.peft_config(SFTConfig.model_validate({"method": {"name": "mam_adapter", "prefix_length": 3, "bottleneck_size": 8}}).method)

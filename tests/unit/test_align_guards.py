@@ -11,8 +11,8 @@ from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.evaluation import verdict
 from tunepipe.tasks.align.preferences import empty_counts, rank, require_pairs
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.checks import reward_moved_check, reward_variance_check
-from tunepipe.tasks.training.reward_model import calibration
+from tunepipe.tasks.lm.checks import reward_moved_check, reward_variance_check
+from tunepipe.tasks.lm.reward_model import calibration
 
 
 def test_calibration_of_sigmoid_margins():

@@ -69,7 +69,7 @@ def test_copy_is_imported_not_the_checkout(source_copy):
     [
         # The loader every training stage uses (the edit that once left sft cached), and the
         # base_model stage, which builds its LlamaConfig there.
-        ("tasks.training.modeling", {"base_model", "pretrain", "sft", "reward", "align", "evaluate", "export"}),
+        ("tasks.lm.modeling", {"base_model", "pretrain", "sft", "reward", "align", "evaluate", "export"}),
         # The sft training job: imported by no stage module, reached through the ENTRYPOINT string.
         ("tasks.sft.train", {"sft"}),
         # Data cleaning: the data stage alone.

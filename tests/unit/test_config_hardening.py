@@ -165,7 +165,8 @@ def test_a_missing_model_directory_and_an_offline_hub_id_say_how_to_fix_them(tmp
     from huggingface_hub import constants
 
     from tunepipe.tasks.core.stage import StageFailed
-    from tunepipe.tasks.training import memory_plan, modeling
+    from tunepipe.tasks.lm import modeling
+    from tunepipe.tasks.training import memory_plan
 
     with pytest.raises(StageFailed, match="no such local model directory, and not a hub id.*config.json"):
         modeling.load_tokenizer(tmp_path / "missing-model")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.families import FAMILIES, build_tokenizer
-from tunepipe.tasks.training.encoding import ESCAPE, encode_conversation, encode_text, encode_texts, render_messages
-from tunepipe.tasks.training.generation import prompts_and_references
-from tunepipe.tasks.training.pairs import conversational_pair, render_prompt
+from tunepipe.tasks.lm.encoding import ESCAPE, encode_conversation, encode_text, encode_texts, render_messages
+from tunepipe.tasks.lm.generation import prompts_and_references
+from tunepipe.tasks.lm.pairs import conversational_pair, render_prompt
 
 _TOKENIZERS: dict = {}
 

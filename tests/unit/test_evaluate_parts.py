@@ -129,7 +129,7 @@ def test_lm_eval_filter_scores_as_the_stage_does(tmp_path):
     import importlib.util
     import json
 
-    from tunepipe.tasks.training.metrics import TaskScorer
+    from tunepipe.tasks.lm.metrics import TaskScorer
 
     scorers = {"sentiment": TaskScorer(labels=("positive", "negative")), "triples": TaskScorer("whitespace")}
     rows = {"sentiment": [("p", "positive"), ("p", "negative")], "triples": [("p", "(A, r, B)")]}

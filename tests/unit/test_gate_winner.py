@@ -14,7 +14,7 @@ from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.deploy.stage import gate_verdict
 from tunepipe.tasks.evaluate.stage import winner
 from tunepipe.tasks.export.stage import pick_source
-from tunepipe.tasks.training import retention
+from tunepipe.tasks.lm import retention
 
 FORGOT = "FAIL max forgetting drop 0.05: worst regression change -0.400 on general_chat (0.800 → 0.400), a drop of 0.400 > 0.05"
 
@@ -86,7 +86,7 @@ def test_general_set_is_well_formed_and_scored_by_containment():
     items = retention.general_set()
     assert len(items) == 48 and len({i["id"] for i in items}) == 48
     # every accepted answer survives normalisation (an answer "A" would normalise to nothing)
-    from tunepipe.tasks.training.metrics import normalise
+    from tunepipe.tasks.lm.metrics import normalise
 
     assert all(normalise(answer) for item in items for answer in item["answers"])
     right = [f"I think it is {item['answers'][0]}." for item in items]
@@ -162,7 +162,7 @@ def test_per_task_adapters_are_checked_one_by_one_and_the_gate_names_the_one_tha
             forgot = spec.adapter is not None and spec.adapter.endswith("align/t")
             return ["I cannot say."] * len(prompts) if forgot else right
 
-    monkeypatch.setattr("tunepipe.tasks.training.modeling.load_tokenizer", lambda path: None)
+    monkeypatch.setattr("tunepipe.tasks.lm.modeling.load_tokenizer", lambda path: None)
     monkeypatch.setattr(stage, "prompt_template", lambda config, tokenizer: "")
     monkeypatch.setattr(retention, "prompts", lambda tokenizer, template, system_prompt=None: [i["prompt"] for i in items])
     candidate = ModelSource("align", "adapters", "/base", Path("/align"), {"sentiment": "s", "triples": "t"})

@@ -13,8 +13,8 @@ import shutil
 import pytest
 
 from tunepipe.schemas.sft import SFTConfig
-from tunepipe.tasks.training import modeling
-from tunepipe.tasks.training.gguf_base import PROVENANCE_FILE, gguf_file_in
+from tunepipe.tasks.lm import modeling
+from tunepipe.tasks.lm.gguf_base import PROVENANCE_FILE, gguf_file_in
 from tunepipe.tests.helpers.real_model import smollm2_gguf
 
 

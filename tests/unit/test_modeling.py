@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tunepipe.tasks.training import modeling
+from tunepipe.tasks.lm import modeling
 
 
 @pytest.fixture(scope="module")

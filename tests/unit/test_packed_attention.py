@@ -14,8 +14,8 @@ import torch
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training import modeling
-from tunepipe.tasks.training.encoding import IGNORE
+from tunepipe.tasks.lm import modeling
+from tunepipe.tasks.lm.encoding import IGNORE
 from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
 
 torch.set_num_threads(1)

@@ -174,7 +174,7 @@ def test_a_4bit_base_is_quantized_onto_this_process_gpu(monkeypatch):
     assert hardware(load_environment("multi-gpu-deepspeed")).quantized_device_map() == {"": 3}
 
     # load_base hands it to from_pretrained for a 4-bit base only (the Trainer moves the others).
-    import tunepipe.tasks.training.modeling as modeling
+    import tunepipe.tasks.lm.modeling as modeling
     from tunepipe.tasks.training.trainer import load_base
 
     calls = []

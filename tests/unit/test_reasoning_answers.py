@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tunepipe.tasks.align.rewards import rule_reward_func
-from tunepipe.tasks.training.encoding import final_answer, reasoning_end
+from tunepipe.tasks.lm.encoding import final_answer, reasoning_end
 
 
 @pytest.mark.parametrize("text,answer", [

@@ -8,7 +8,7 @@ import pytest
 
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.evaluation import sampled_rule_rewards, verdict
-from tunepipe.tasks.training.generation import sampled_answers
+from tunepipe.tasks.lm.generation import sampled_answers
 from tests.helpers.training import build_tiny_model
 
 
@@ -65,7 +65,7 @@ def test_sampled_rule_rewards_score_every_sample_of_both_policies(tiny):
     out = sampled_rule_rewards(Pair(models_), tok, prompts, references, config, ["token_f1", "exact_match"])
     assert out["sampling"] == {"samples_per_prompt": 2, "temperature": 0.9}
     # Recomputed by hand from the same seeded draws.
-    from tunepipe.tasks.training.metrics import token_f1
+    from tunepipe.tasks.lm.metrics import token_f1
 
     for which in ("sft", "aligned"):
         groups = sampled_answers(models_[which], tok, prompts, samples=2, temperature=0.9, max_new_tokens=5, batch_size=4, seed=3)

@@ -13,8 +13,8 @@ import pytest
 
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.checks import IGNORE, CheckPolicy, label_mask_problem, require
-from tunepipe.tasks.training.encoding import Encoded, encode_conversation, encode_records, resolve_chat_template
+from tunepipe.tasks.lm.checks import IGNORE, CheckPolicy, label_mask_problem, require
+from tunepipe.tasks.lm.encoding import Encoded, encode_conversation, encode_records, resolve_chat_template
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -25,7 +25,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tunepipe.tasks.training.modeling import load_tokenizer
+    from tunepipe.tasks.lm.modeling import load_tokenizer
     from tunepipe.tests.helpers.real_model import smollm2_dir
 
     tokenizer = load_tokenizer(smollm2_dir())
@@ -93,7 +93,7 @@ def test_self_checks_accepts_only_the_stages_checks():
 
 
 def test_warned_checks_are_listed_for_the_summary():
-    from tunepipe.tasks.training.checks import warned_markdown
+    from tunepipe.tasks.lm.checks import warned_markdown
 
     results = {"steps": {"passed": False, "warned": "ran 1 of 2"}, "loss": {"passed": True}}
     assert warned_markdown(results, "capitals") == "\n- **warning** (self-check steps, capitals, configured to warn): ran 1 of 2"

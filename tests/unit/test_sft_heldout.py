@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunepipe.tasks.training.metrics import (
+from tunepipe.tasks.lm.metrics import (
     TaskScorer,
     contains_answer,
     exact_match,
@@ -13,7 +13,7 @@ from tunepipe.tasks.training.metrics import (
     score,
     token_f1,
 )
-from tunepipe.tasks.training.generation import heldout_examples
+from tunepipe.tasks.lm.generation import heldout_examples
 
 
 def test_whitespace_normalisation_keeps_case_and_punctuation():

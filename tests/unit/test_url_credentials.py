@@ -95,7 +95,7 @@ def recorder():
 
 def test_a_base_url_with_a_query_keeps_its_query_after_the_path(recorder, monkeypatch):
     from tunepipe.tasks.serving.client import ServerClient
-    from tunepipe.tasks.training.judge import openai_client
+    from tunepipe.tasks.lm.judge import openai_client
 
     base, seen = recorder
     monkeypatch.setenv("TUNEPIPE_T_TOKEN", "tok-abcdef")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunepipe.tasks.align.methods.base import AlignMethodUnit, AlignRun
-from tunepipe.tasks.training.encoding import reasoning_end
+from tunepipe.tasks.lm.encoding import reasoning_end
 from tunepipe.tasks.training.moe import router_loss_weight
 
 # TRL's step-log keys → our metric names.
@@ -31,7 +31,7 @@ def reward_funcs(method: Any, reward: tuple[Any, Any] | None, judge: Any = None,
     """The TRL reward functions named in `method.rewards` (rules and judge score the answer after a
     reasoning family's think block, `think_end`)."""
     from tunepipe.tasks.align.rewards import judge_reward_func, rule_reward_func
-    from tunepipe.tasks.training.reward_model import reward_model_func
+    from tunepipe.tasks.lm.reward_model import reward_model_func
 
     funcs = []
     for name in method.rewards:
@@ -70,7 +70,7 @@ class GroupUnit(AlignMethodUnit):
         """The trainer over the train prompts with their reference answers (for rule rewards)."""
         from datasets import Dataset
 
-        from tunepipe.tasks.training.encoding import data_messages
+        from tunepipe.tasks.lm.encoding import data_messages
 
         method, tokenizer = run.config.method, run.tokenizer
         common = {

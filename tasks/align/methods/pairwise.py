@@ -57,6 +57,6 @@ def pair_dataset(pairs: list[dict[str, Any]], tokenizer: Any) -> Any:
     """Conversational prompt/chosen/rejected rows (DPO, ORPO)."""
     from datasets import Dataset
 
-    from tunepipe.tasks.training.pairs import conversational_pair
+    from tunepipe.tasks.lm.pairs import conversational_pair
 
     return Dataset.from_list([conversational_pair(p, tokenizer) for p in pairs])

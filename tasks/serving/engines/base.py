@@ -77,7 +77,7 @@ class Engine:
 
     def resolve_base(self, base: str, config: ServeConfig | None = None) -> str:
         """What this engine loads for `base` (config: the served adapters and the engine's options)."""
-        from tunepipe.tasks.training.modeling import model_dir
+        from tunepipe.tasks.lm.modeling import model_dir
 
         return model_dir(base)  # a GGUF: served from its converted directory
 

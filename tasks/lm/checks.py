@@ -63,7 +63,7 @@ def require(name: str, result: dict[str, Any], why: str, policy: CheckPolicy | N
 
 def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
     """Why a row's labels are not exactly its last assistant answer (None when they are)."""
-    from tunepipe.tasks.training.encoding import encode_text, end_of_turn_token, render_messages
+    from tunepipe.tasks.lm.encoding import encode_text, end_of_turn_token, render_messages
 
     ids, labels, messages = enc.input_ids, enc.labels, enc.messages
     if problem := extra_bos(tokenizer, template, enc):
@@ -107,7 +107,7 @@ def extra_bos(tokenizer: Any, template: str, enc: Any) -> str | None:
     """A BOS in the row that the template did not render: one the tokenizer added, or one carried in the
     data's text. The template's own count is what its rendering holds outside the messages' contents
     (Llama 3 renders one; ChatML models whose BOS is `<|im_start|>` render one per turn)."""
-    from tunepipe.tasks.training.encoding import render_messages
+    from tunepipe.tasks.lm.encoding import render_messages
 
     bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
     if bos_id is None or not bos:
@@ -125,7 +125,7 @@ def extra_bos(tokenizer: Any, template: str, enc: Any) -> str | None:
 
 def _labels_prompt_tokens(tokenizer: Any, template: str, messages: list[dict[str, str]], labels: list[int], prompt_len: int) -> bool:
     """True when a token labeled before the last answer lies outside every earlier assistant answer."""
-    from tunepipe.tasks.training.encoding import encode_text, render_messages
+    from tunepipe.tasks.lm.encoding import encode_text, render_messages
 
     allowed: set[int] = set()
     for i, m in enumerate(messages[:-1]):
@@ -181,7 +181,7 @@ def output_difference(a: Any, b: Any, batches: list[dict[str, Any]]) -> float:
 
 
 def prompt_batches(tokenizer: Any, prompts: list[str], device: Any, batch_size: int = 8) -> list[dict[str, Any]]:
-    from tunepipe.tasks.training.encoding import encode_text
+    from tunepipe.tasks.lm.encoding import encode_text
 
     tokenizer.padding_side = "left"
     out = []

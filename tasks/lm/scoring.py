@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.encoding import read_split, record_messages
-from tunepipe.tasks.training.metrics import TaskScorer, normalise
+from tunepipe.tasks.lm.encoding import read_split, record_messages
+from tunepipe.tasks.lm.metrics import TaskScorer, normalise
 
 
 def train_answers(data_dir: str | Path, task: str) -> list[str]:

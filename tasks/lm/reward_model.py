@@ -18,7 +18,7 @@ def load_reward_model(reward_dir: str | Path, dtype: str = "float32") -> tuple[A
     from transformers import AutoModelForSequenceClassification
     from tunepipe.schemas.handoffs import ModelOutputs
     from tunepipe.tasks.core.handoff import read_handoff
-    from tunepipe.tasks.training.modeling import load_tokenizer, torch_dtype
+    from tunepipe.tasks.lm.modeling import load_tokenizer, torch_dtype
 
     root = Path(reward_dir)
     outputs = read_handoff(root, ModelOutputs, reader="reward model")
@@ -59,7 +59,7 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], b
 
 def pair_scores(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int = 16) -> tuple[list[float], list[float]]:
     """(chosen scores, rejected scores) of the pairs, each response rendered after its prompt."""
-    from tunepipe.tasks.training.pairs import pair_prompt, render_conversation
+    from tunepipe.tasks.lm.pairs import pair_prompt, render_conversation
 
     if not pairs:
         return [], []
@@ -118,7 +118,7 @@ def completion_text(completion: Any) -> str:
 
 def reward_model_func(model: Any, tokenizer: Any) -> Callable[..., list[float]]:
     """A TRL reward function that scores prompt + completion with the learned reward model."""
-    from tunepipe.tasks.training.pairs import render_conversation
+    from tunepipe.tasks.lm.pairs import render_conversation
 
     def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         texts = [

@@ -25,7 +25,7 @@ from typing import Any
 from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.tasks.core.fingerprint import content_digest, glob_files
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.training.gguf_base import gguf_source, model_dir  # noqa: F401 (model_dir: the name callers use)
+from tunepipe.tasks.lm.gguf_base import gguf_source, model_dir  # noqa: F401 (model_dir: the name callers use)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -83,7 +83,7 @@ def _require_cached_when_offline(name: str, revision: str | None) -> None:
 def gguf_provenance(name_or_path: str | os.PathLike) -> dict[str, Any] | None:
     """Where a converted model came from (`tunepipe_gguf.json`: file, sha256, `dequantised_from`, note), for a
     GGUF name or its converted directory; None for any other model."""
-    from tunepipe.tasks.training.gguf_base import PROVENANCE_FILE
+    from tunepipe.tasks.lm.gguf_base import PROVENANCE_FILE
 
     if not is_local(name_or_path):
         return None
@@ -219,7 +219,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.tasks.training import bottleneck
+    from tunepipe.tasks.lm import bottleneck
 
     # Adapters are loaded onto a base this function loads (training, held-out check, export,
     # evaluation, serving): tunepipe's own PEFT method must be registered in every such process
@@ -290,7 +290,7 @@ def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = No
         if (cached := _DIGEST_CACHE.get(signature)) is not None:
             return cached
     if gguf:
-        from tunepipe.tasks.training.gguf_base import file_sha256
+        from tunepipe.tasks.lm.gguf_base import file_sha256
 
         digest = f"gguf:sha256:{file_sha256(gguf)}"  # memoised there too: model_dir needs it on every load
     else:

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunepipe.tasks.training.encoding import (
+from tunepipe.tasks.lm.encoding import (
     read_split,
     record_messages,
     encode_text,

@@ -358,7 +358,7 @@ def encode_records(
                     continue
                 stats.truncated += 1
             if not enc.truncated and not train_on_inputs:
-                from tunepipe.tasks.training.checks import label_mask_problem, require
+                from tunepipe.tasks.lm.checks import label_mask_problem, require
 
                 if problem := label_mask_problem(tokenizer, template, enc):
                     why = f"{split} record {record.get('id', '?')}: {problem}"
