@@ -53,7 +53,7 @@ def _guarded(command):
         import sys
 
         from tunepipe.tasks.deploy.stage import DeployError
-        from tunepipe.tasks.serving.registry import RegistryError
+        from tunepipe.tasks.core.registry import RegistryError
 
         try:
             return command(args)
@@ -78,7 +78,7 @@ def registry_root(args: argparse.Namespace) -> str:
 
 
 def _registry(args: argparse.Namespace):
-    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry
 
     return AdapterRegistry(registry_root(args))
 
@@ -127,7 +127,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _hot_swap(args: argparse.Namespace, registry: Any, entry: Any) -> None:
     if not args.server:
         return
-    from tunepipe.tasks.serving.client import ServerClient
+    from tunepipe.tasks.lm.server_client import ServerClient
 
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     ServerClient(args.server.rstrip("/"), key, args.timeout).swap(entry.name, registry.local_path(entry))

@@ -38,8 +38,8 @@ from tunepipe.schemas.handoffs import DeployDecision, ExportIndex, GateVerdict
 from tunepipe.schemas.registry import Lineage
 from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
-from tunepipe.tasks.serving.client import ServerClient, ServerError
-from tunepipe.tasks.serving.registry import AdapterRegistry
+from tunepipe.tasks.lm.server_client import ServerClient, ServerError
+from tunepipe.tasks.core.registry import AdapterRegistry
 
 
 class DeployError(ServerError):

@@ -150,7 +150,7 @@ def serving_names(config: EvaluateConfig, candidate: ModelSource) -> dict[str, s
 
 def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str, Any]:
     """{run: the registry version serving it}, for the runs that have one."""
-    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry
 
     registry = AdapterRegistry(str(config.registry))
     serving = registry.serving(config.registry_alias)
@@ -160,7 +160,7 @@ def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str
 def serving_source(config: EvaluateConfig, candidate: ModelSource) -> ModelSource | None:
     """What serves now, as a source over the candidate's base; None when nothing serves every run
     (the caller then compares with the base model, which is what a first deploy replaces)."""
-    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry
 
     versions = serving_versions(config, candidate)
     if not versions or len(versions) < len(serving_names(config, candidate)):

@@ -57,7 +57,7 @@ class TaskRun:
 
 def serving_digests(config: EvaluateConfig) -> dict[str, str]:
     """What the registry serves now, by content: `baseline: serving` is compared against it."""
-    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry
 
     return {name: entry.digest for name, entry in AdapterRegistry(str(config.registry)).serving(config.registry_alias).items()}
 

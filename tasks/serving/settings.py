@@ -54,7 +54,7 @@ def base_quantization(base: str | None) -> str | None:
 
 def serving_plan_from_registry(root: str | os.PathLike, alias: str = "prod") -> ServingPlan:
     """Every adapter `alias` points at in the registry, under its adapter name, and their common base."""
-    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry
 
     registry = AdapterRegistry(root)
     entries = registry.serving(alias)

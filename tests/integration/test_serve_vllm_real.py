@@ -35,7 +35,7 @@ from tunepipe.tasks.deploy.stage import DeployStage
 from tunepipe.tasks.export.stage import vllm_problems
 from tunepipe.tasks.serving.embedded import build_app
 from tunepipe.tasks.serving.process import ServerThread, free_port, is_healthy
-from tunepipe.tasks.serving.registry import AdapterRegistry
+from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.serving.router import read_log
 from tunepipe.tasks.serving.settings import resolve_serve_config
 from tests.helpers.training import build_tiny_model, cpu_profile, records, write_data_artifact

@@ -19,7 +19,7 @@ import torch
 
 from tunepipe.schemas.deploy import DeployConfig
 from tunepipe.schemas.manifest import ArtifactRef
-from tunepipe.tasks.serving.registry import AdapterRegistry
+from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.deploy.stage import DeployStage
 from tunepipe.tasks.core.stage import StageFailed, run_stage

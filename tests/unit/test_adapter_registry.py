@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunepipe.schemas.registry import Lineage
-from tunepipe.tasks.serving.registry import AdapterRegistry, RegistryError, parse_ref
+from tunepipe.tasks.core.registry import AdapterRegistry, RegistryError, parse_ref
 
 
 def adapter(path: Path, content: str) -> Path:

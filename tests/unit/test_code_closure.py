@@ -75,7 +75,7 @@ def test_copy_is_imported_not_the_checkout(source_copy):
         # Data cleaning: the data stage alone.
         ("tasks.data.clean", {"data"}),
         # The adapter registry: deploy, and evaluate (its `serving` baseline reads the registry).
-        ("tasks.serving.registry", {"evaluate", "deploy"}),
+        ("tasks.core.registry", {"evaluate", "deploy"}),
         # The contract itself: every stage.
         ("tasks.core.stage", set(STAGES)),
         # The CLI and the Prefect wrapper compute nothing a stage publishes.

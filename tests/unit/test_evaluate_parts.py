@@ -150,7 +150,7 @@ def test_lm_eval_filter_scores_as_the_stage_does(tmp_path):
 
 
 def test_serving_baseline_follows_the_registry_and_enters_the_key(tmp_path):
-    from tunepipe.tasks.serving.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry
     from tunepipe.tasks.evaluate.stage import EvaluateStage
     from tunepipe.tasks.evaluate.generation import ModelSource, resolve_baseline
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tunepipe.schemas.registry import Lineage
 from tunepipe.schemas.serve import RouterConfig, ServeConfig
-from tunepipe.tasks.serving.registry import AdapterRegistry
+from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.serving.settings import ServePlanError, api_key, choose_engine, resolve_serve_config, serving_plan_from_registry, vllm_rank
 from tunepipe.tasks.serving.router import WeightedRouter, read_log

@@ -94,7 +94,7 @@ def recorder():
 
 
 def test_a_base_url_with_a_query_keeps_its_query_after_the_path(recorder, monkeypatch):
-    from tunepipe.tasks.serving.client import ServerClient
+    from tunepipe.tasks.lm.server_client import ServerClient
     from tunepipe.tasks.lm.judge import openai_client
 
     base, seen = recorder
