@@ -6,6 +6,7 @@ carries a description, because the descriptions are the config reference in the 
 
 from __future__ import annotations
 
+import glob
 import re
 import types
 import typing
@@ -120,3 +121,15 @@ def self_checks_field(section: str, checks: tuple[str, ...]) -> Any:
         f"`warn` (logged, kept in the metrics' `checks` as `warned`, published anyway), e.g. `{{{checks[0]}: warn}}`. "
         "A failed check's message names this switch.",
     )
+
+
+def glob_files(pattern_or_dir: str | Path) -> list[Path]:
+    """The files a source path names: a file, every file below a directory, or a glob's matches.
+
+    Here, below tasks/core/, because validators (data sources) list files too; content digests use it."""
+    path = Path(pattern_or_dir)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(Path(p) for p in glob.glob(str(pattern_or_dir), recursive=True) if Path(p).is_file())

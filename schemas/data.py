@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from tunepipe.schemas.base import StrictModel, looks_like_hub_id, resolve_path
+from tunepipe.schemas.base import StrictModel, glob_files, looks_like_hub_id, resolve_path
 from tunepipe.schemas.records import SPLITS
 
 SourceFormat = Literal["auto", "alpaca", "sharegpt", "messages", "preference", "text"]
@@ -112,8 +112,6 @@ class SourceConfig(StrictModel):
 
 def source_files(path: str) -> list[Path]:
     """The data files a local source path names (a `save_to_disk` directory counts as one)."""
-    from tunepipe.tasks.core.fingerprint import glob_files
-
     p = Path(path)
     if is_datasets_dir(p):
         return [p]

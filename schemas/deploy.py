@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator
 from tunepipe.schemas.base import StrictModel, resolve_path
 from tunepipe.schemas.registry import NAME_PATTERN
+from tunepipe.schemas.secret_refs import check_url
 
 
 class SmokeTest(StrictModel):
@@ -71,6 +72,4 @@ class DeployConfig(StrictModel):
     def _url(cls, value: Any) -> Any:
         if value is not None and not str(value).startswith(("http://", "https://")):
             raise ValueError(f"server_url {value!r}: give an http:// or https:// URL")
-        from tunepipe.tasks.core.secrets import check_url
-
         return check_url(value, "server_url", userinfo=False).rstrip("/") if value else value

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
 from tunepipe.schemas.scoring import ScoringConfig
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
+from tunepipe.schemas.secret_refs import check_url
 
 BUILTIN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
 MODEL_SOURCES = ("auto", "align", "sft", "base", "serving")
@@ -45,8 +46,6 @@ class EndpointSettings(StrictModel):
     def _http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"url {value!r}: must start with http:// or https://")
-        from tunepipe.tasks.core.secrets import check_url
-
         return check_url(value, "url", userinfo=False).rstrip("/")
 
 

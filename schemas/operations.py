@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_path
 from tunepipe.schemas.data import FileType, SourceFormat
+from tunepipe.schemas.secret_refs import REFERENCE, SENSITIVE_HEADER, check_literal, check_url, is_reference, references
 
 # The event the watcher emits for every new data version; deployment triggers match on it.
 DATA_VERSION_EVENT = "tunepipe.data.version.created"
@@ -124,8 +125,6 @@ class NotificationsConfig(StrictModel):
     @field_validator("headers")
     @classmethod
     def _no_literal_credentials(cls, value: dict[str, str]) -> dict[str, str]:
-        from tunepipe.tasks.core.secrets import SENSITIVE_HEADER, check_literal
-
         for name, header in value.items():
             if SENSITIVE_HEADER.search(name):
                 check_literal(header, f"headers.{name}")
@@ -133,8 +132,6 @@ class NotificationsConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_url(self) -> "NotificationsConfig":
-        from tunepipe.tasks.core.secrets import is_reference
-
         if self.webhook_url is None and not self.urls:
             raise ValueError("notifications: set webhook_url (a JSON POST) or urls (Apprise URLs), or both")
         for url in self.urls:
@@ -153,8 +150,6 @@ PLAIN_APPRISE_SCHEMES = ("json", "jsons", "form", "forms", "xml", "xmls")
 def check_apprise_url(url: str, allow_remote: bool, *, literal: bool) -> None:
     """A service URL refers to its credentials by `${NAME}`; a plain json/form/xml URL has a host
     (loopback only unless allow_remote) and no literal credentials, like webhook_url."""
-    from tunepipe.tasks.core.secrets import REFERENCE, references
-
     scheme = urlparse(REFERENCE.sub("x", url)).scheme if literal else urlparse(url).scheme
     if not scheme:
         if literal and references(url):
@@ -177,8 +172,6 @@ def check_apprise_url(url: str, allow_remote: bool, *, literal: bool) -> None:
 def check_webhook_url(url: str, allow_remote: bool, *, literal: bool) -> None:
     """An http(s) URL with a host (loopback only unless allow_remote); in a config (`literal`), no
     credential-like query value or userinfo that is not a `${NAME}` reference."""
-    from tunepipe.tasks.core.secrets import REFERENCE, check_url
-
     parsed = urlparse(REFERENCE.sub("x", url) if literal else url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(f"webhook_url must be an http(s) URL with a host, got {parsed.scheme}://{parsed.hostname or ''}...")

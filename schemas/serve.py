@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel, resolve_model, resolve_path
+from tunepipe.schemas.secret_refs import check_literal
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 
@@ -196,8 +197,6 @@ class ServeConfig(StrictModel):
     @field_validator("api_key")
     @classmethod
     def _key_by_reference(cls, value: str | None) -> str | None:
-        from tunepipe.tasks.core.secrets import check_literal
-
         return None if value is None else check_literal(value, "api_key")
 
     @field_validator("base")

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.secret_refs import check_literal, mask_credentials
 
 
 class TensorBoardSettings(StrictModel):
@@ -42,9 +43,7 @@ class MLflowSettings(StrictModel):
     @field_validator("tracking_uri")
     @classmethod
     def _no_literal_password(cls, value: str | None) -> str | None:
-        from tunepipe.tasks.core.secrets import check_literal, redact
-
-        if value and redact(value) != value:  # user:password@ or a token in the query
+        if value and mask_credentials(value) != value:  # user:password@ or a token in the query
             check_literal(value, "tracking.mlflow.tracking_uri")
         return value
 
@@ -66,8 +65,6 @@ class WandbSettings(StrictModel):
     @field_validator("api_key")
     @classmethod
     def _reference_only(cls, value: str | None) -> str | None:
-        from tunepipe.tasks.core.secrets import check_literal
-
         return check_literal(value, "tracking.wandb.api_key") if value else value
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import glob
 import hashlib
 import importlib.util
 import json
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
+
+from tunepipe.schemas.base import glob_files
 
 KEY_LENGTH = 16  # hex chars: 64 bits, ample for one workdir's artifacts
 _CHUNK = 1 << 20
@@ -48,16 +49,6 @@ def _digest_named_files(files: Iterable[tuple[str, Path]]) -> str:
         digest.update(sha256_file(path).encode())
         digest.update(b"\n")
     return digest.hexdigest()
-
-
-def glob_files(pattern_or_dir: str | Path) -> list[Path]:
-    """The files a source path names: a file, every file below a directory, or a glob's matches."""
-    path = Path(pattern_or_dir)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return sorted(Path(p) for p in glob.glob(str(pattern_or_dir), recursive=True) if Path(p).is_file())
 
 
 def content_digest(path: str | Path) -> str:
