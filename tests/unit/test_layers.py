@@ -1,0 +1,166 @@
+"""The layers never point up: the import graph read from the source, every import at any depth.
+
+Bottom to top (each layer imports only from layers below it or its own):
+
+    schemas      configs and records (with the package root and the bundled profiles)
+    core         the stage machinery: artifacts, keys, graph, secrets, registry
+    lm           the language-model library every stage and the server share (+ llama.cpp's toolchain)
+    training     what trains: trainer, launchers, distributed, PEFT methods, memory plan
+    stages       one folder per stage; a stage imports no other stage
+    serving/ops  the server, and what runs the pipeline's operations
+    flows        the Prefect flows and the CLI
+    examples     the bundled examples
+
+The graph is built with `ast` from the files, so function-level imports count (a circle hidden
+inside a function is still a circle, and it still puts the imported module's code into a stage's
+key). A planted upward import must fail the same check, so the check is shown to bite.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = "tunepipe"
+STAGES = ("data", "base_model", "pretrain", "sft", "reward", "align", "evaluate", "export", "deploy")
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("schemas", ("tunepipe.schemas", "tunepipe.environments")),
+    ("core", ("tunepipe.tasks.core",)),
+    ("lm", ("tunepipe.tasks.lm", "tunepipe.tasks.llamacpp")),
+    ("training", ("tunepipe.tasks.training",)),
+    ("stages", tuple(f"tunepipe.tasks.{stage}" for stage in STAGES)),
+    ("serving/ops", ("tunepipe.tasks.serving", "tunepipe.tasks.ops")),
+    ("flows", ("tunepipe.flows",)),
+    ("examples", ("tunepipe.examples",)),
+)
+# Package roots without code of their own (the root holds only `__version__`): importable from anywhere.
+NEUTRAL = ("tunepipe", "tunepipe.tasks")
+OUTSIDE_PACKAGE = ("tests", "benchmarks", "build", "dist")
+
+
+def package_sources(root: Path = ROOT) -> dict[str, str]:
+    """{dotted module name: source} of every module of the package (the repository root is `tunepipe`)."""
+    sources = {}
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in OUTSIDE_PACKAGE]
+    paths = [p for p in root.glob("*.py") if p.name != "setup.py"] + [p for f in folders for p in f.rglob("*.py")]
+    for path in sorted(paths):
+        rel = path.relative_to(root)
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        sources[".".join([PACKAGE, *parts])] = path.read_text(encoding="utf-8")
+    return sources
+
+
+@functools.lru_cache(maxsize=None)  # parsed once: the planted cases change one module's source
+def imported_modules(module: str, source: str, is_package: bool, known: frozenset[str]) -> list[tuple[str, int]]:
+    """(module, line) of every package import in `source`, at any depth, relative ones resolved.
+    `from a import b` counts as `a.b` when that is a module."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((sub if sub in known else target, node.lineno))
+    return [(name, line) for name, line in found if name == PACKAGE or name.startswith(PACKAGE + ".")]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer's index, None for the neutral package roots; KeyError for a module no layer holds."""
+    if module in NEUTRAL:
+        return None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    raise KeyError(module)
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "tasks" and parts[2] in STAGES else None
+
+
+def violations(sources: dict[str, str], packages: set[str]) -> list[str]:
+    """Every import that points up a layer, or from one stage into another (`packages`: the
+    modules that are packages, where relative imports start)."""
+    known = frozenset(sources)
+    problems = []
+    for module, source in sorted(sources.items()):
+        here = layer_of(module)
+        for target, line in imported_modules(module, source, module in packages, known):
+            there = layer_of(target)
+            if here is not None and there is not None and there > here:
+                problems.append(f"{module}:{line} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]})")
+            elif stage_of(module) and stage_of(target) and stage_of(module) != stage_of(target):
+                problems.append(f"{module}:{line} (stage {stage_of(module)}) imports {target} (stage {stage_of(target)})")
+    return problems
+
+
+def package_names(sources: dict[str, str], root: Path = ROOT) -> set[str]:
+    """The modules that are packages (their `__init__.py`): their relative imports start at themselves."""
+    names = {PACKAGE}
+    for module in sources:
+        rel = Path(*module.split(".")[1:])
+        if (root / rel / "__init__.py").is_file():
+            names.add(module)
+    return names
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, str]:
+    return package_sources()
+
+
+def test_every_module_has_a_layer(sources):
+    """A new folder must be placed in the order (here) before it can import anything."""
+    unplaced = []
+    for module in sources:
+        try:
+            layer_of(module)
+        except KeyError:
+            unplaced.append(module)
+    assert unplaced == []
+    assert "tunepipe.tasks.lm.modeling" in sources and "tunepipe.tasks.training.trainer" in sources
+
+
+def test_no_import_points_up(sources):
+    assert violations(sources, package_names(sources)) == []
+
+
+PLANTED = [
+    # a function-level import from the lm library into training (a hidden circle)
+    ("tunepipe.tasks.lm.modeling", "\n\ndef _planted():\n    from tunepipe.tasks.training.trainer import write_json\n",
+     "tunepipe.tasks.lm.modeling:{line} (lm) imports tunepipe.tasks.training.trainer (training)"),
+    # a training module reaching the Prefect server helper (ops): every trained key would include it
+    ("tunepipe.tasks.training.launcher", "\nfrom tunepipe.tasks.ops.prefect_server import start_server\n",
+     "tunepipe.tasks.training.launcher:{line} (training) imports tunepipe.tasks.ops.prefect_server (serving/ops)"),
+    # a validator's relative import of core
+    ("tunepipe.schemas.data", "\n\ndef _planted():\n    from ..tasks.core import fingerprint\n",
+     "tunepipe.schemas.data:{line} (schemas) imports tunepipe.tasks.core.fingerprint (core)"),
+    # `import a.b` of a stage from the serving layer is fine, of serving from a stage is not
+    ("tunepipe.tasks.deploy.stage", "\nimport tunepipe.tasks.serving.embedded\n",
+     "tunepipe.tasks.deploy.stage:{line} (stages) imports tunepipe.tasks.serving.embedded (serving/ops)"),
+    # one stage into another
+    ("tunepipe.tasks.export.stage", "\n\ndef _planted():\n    from tunepipe.tasks.sft import train\n",
+     "tunepipe.tasks.export.stage:{line} (stage export) imports tunepipe.tasks.sft.train (stage sft)"),
+]
+
+
+@pytest.mark.parametrize(("module", "planted", "expected"), PLANTED, ids=[p[0] for p in PLANTED])
+def test_a_planted_upward_import_fails(sources, module, planted, expected):
+    """The real module's source with one more import appended: the check names exactly that import."""
+    source = sources[module].rstrip("\n") + "\n" + planted
+    line = next(i for i, text in enumerate(source.splitlines(), 1) if "import" in text and i > len(sources[module].rstrip("\n").splitlines()))
+    assert violations({**sources, module: source}, package_names(sources)) == [expected.format(line=line)]
