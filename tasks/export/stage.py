@@ -47,6 +47,7 @@ from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.export import gguf
 from tunepipe.tasks.lm import checks
+from tunepipe.tasks.lm.encoding import prompt_batches
 
 UNCONVERTED_INITS = ("pissa", "olora", "corda", "eva")  # adapters that only fit their modified base
 COMPRESSOR_TARGETS = ("gptq", "awq")
@@ -647,7 +648,7 @@ class ExportStage(Stage):
                 written["adapters"][run] = f"adapters/{run}"
             reference = load_reference(source, run, ctx.env)
             reference_answers = answer(reference, tokenizer, evals.prompts, config)
-            batches = checks.prompt_batches(tokenizer, evals.prompts, reference.device)
+            batches = prompt_batches(tokenizer, evals.prompts, reference.device)
             reference_logits = logits_of(reference, batches)
             scores[run] = {"reference": task_scores(evals, reference_answers)}
             model_targets = [t for t in targets if t != "adapters"]

@@ -20,6 +20,7 @@ from typing import Any
 from tunepipe.schemas.sft import NAMED_CHAT_TEMPLATES
 from tunepipe.tasks.core.jsonl import read_jsonl
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.lm.checks import require
 
 IGNORE = -100
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
@@ -358,8 +359,6 @@ def encode_records(
                     continue
                 stats.truncated += 1
             if not enc.truncated and not train_on_inputs:
-                from tunepipe.tasks.lm.checks import label_mask_problem, require
-
                 if problem := label_mask_problem(tokenizer, template, enc):
                     why = f"{split} record {record.get('id', '?')}: {problem}"
                     if stats.label_mask_problem is None:
@@ -391,3 +390,81 @@ def encode_texts(
             ids, truncated = ids[:max_length], truncated + 1
         rows.append({"input_ids": ids, "labels": list(ids)})
     return rows, truncated
+
+
+def label_mask_problem(tokenizer: Any, template: str, enc: Any) -> str | None:
+    """Why a row's labels are not exactly its last assistant answer (None when they are)."""
+    ids, labels, messages = enc.input_ids, enc.labels, enc.messages
+    if problem := extra_bos(tokenizer, template, enc):
+        return problem
+    labeled = [i for i, label in enumerate(labels) if label != IGNORE]
+    if not labeled:
+        return "no token is labeled: the assistant's answer was not found in the rendering"
+    if any(labels[i] != ids[i] for i in labeled):
+        return "labels differ from the input ids they should copy"
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = render_messages(tokenizer, template, messages[:last], True) if last else ""
+    prompt_ids = list(encode_text(tokenizer, prompt)["input_ids"])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        return "the row does not start with the prompt as the server would render it"
+    answer_labeled = [i for i in labeled if i >= len(prompt_ids)]
+    if not answer_labeled:
+        return "the last assistant answer has no labeled token"
+    if any(i < len(prompt_ids) for i in labeled) and _labels_prompt_tokens(tokenizer, template, messages, labels, len(prompt_ids)):
+        return "labels cover prompt (system/user/template) tokens"
+    start, end = answer_labeled[0], answer_labeled[-1] + 1
+    if any(labels[i] == IGNORE for i in range(start, end)):
+        return "the answer's labels have holes"
+    text = tokenizer.decode(ids[start:end], skip_special_tokens=True)
+    if messages[last]["content"].strip() not in text:
+        return f"the labeled text {text!r} does not hold the answer {messages[last]['content']!r}"
+    eot = end_of_turn_token(tokenizer, template)
+    if eot is not None and eot not in ids[start:end]:
+        return f"the end-of-turn token {tokenizer.convert_ids_to_tokens(eot)!r} is not labeled, so the model never learns to stop"
+    return None
+
+
+def extra_bos(tokenizer: Any, template: str, enc: Any) -> str | None:
+    """A BOS in the row that the template did not render: one the tokenizer added, or one carried in the
+    data's text. The template's own count is what its rendering holds outside the messages' contents
+    (Llama 3 renders one; ChatML models whose BOS is `<|im_start|>` render one per turn)."""
+    bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos_id is None or not bos:
+        return None
+    in_row = enc.input_ids.count(bos_id)
+    rendered = render_messages(tokenizer, template, enc.messages, False)
+    in_contents = sum(str(m.get("content") or "").count(bos) for m in enc.messages)
+    from_template = rendered.count(bos) - in_contents
+    if in_row <= from_template:
+        return None
+    cause = (f"the data's text holds {in_contents} {bos!r}, which tokenizes as the special token" if in_contents
+             else "the tokenizer added BOS to text the template had rendered")
+    return f"{in_row} BOS tokens ({bos!r}) in one row where the template renders {from_template}: {cause}"
+
+
+def _labels_prompt_tokens(tokenizer: Any, template: str, messages: list[dict[str, str]], labels: list[int], prompt_len: int) -> bool:
+    """True when a token labeled before the last answer lies outside every earlier assistant answer."""
+    allowed: set[int] = set()
+    for i, m in enumerate(messages[:-1]):
+        if m["role"] != "assistant":
+            continue
+        start = len(encode_text(tokenizer, render_messages(tokenizer, template, messages[:i], True))["input_ids"]) if i else 0
+        end = len(encode_text(tokenizer, render_messages(tokenizer, template, messages[: i + 1], False))["input_ids"])
+        allowed.update(range(start, end))
+    return any(labels[i] != IGNORE and i not in allowed for i in range(prompt_len))
+
+
+def prompt_batches(tokenizer: Any, prompts: list[str], device: Any, batch_size: int = 8) -> list[dict[str, Any]]:
+    tokenizer.padding_side = "left"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [list(encode_text(tokenizer, p)["input_ids"]) for p in prompts[start : start + batch_size]]
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        import torch
+
+        out.append({
+            "input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device),
+        })
+    return out

@@ -24,6 +24,7 @@ from tunepipe.tasks.lm import checks as checks_
 from tunepipe.tasks.training import peft_methods
 from tunepipe.tasks.lm.encoding import (
     encode_records,
+    prompt_batches,
     read_split,
     resolve_chat_template,
 )
@@ -177,7 +178,7 @@ def check_prompts(job: SFTJob, config: SFTConfig, tokenizer: Any, limit: int = 8
 def effect_on_check_prompts(model: Any, prepared: dict[str, Any], config: SFTConfig, job: dict[str, Any], measure: Any) -> dict[str, Any]:
     """`measure(batches)` on the held-out check prompts, with the model in eval mode (restored after)."""
     prompts = check_prompts(job, config, prepared["tokenizer"])
-    batches = checks_.prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
+    batches = prompt_batches(prepared["tokenizer"], prompts, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:

@@ -623,7 +623,7 @@ def real():
 
 
 def test_real_model_row_bos_per_turn_labels_cover_exactly_the_answers(real):
-    from tunepipe.tasks.lm.checks import label_mask_problem
+    from tunepipe.tasks.lm.encoding import label_mask_problem
 
     tokenizer = real["tokenizer"]
     template = tokenizer.chat_template

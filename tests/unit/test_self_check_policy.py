@@ -13,7 +13,8 @@ import pytest
 
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.lm.checks import IGNORE, CheckPolicy, label_mask_problem, require
+from tunepipe.tasks.lm.checks import IGNORE, CheckPolicy, require
+from tunepipe.tasks.lm.encoding import label_mask_problem
 from tunepipe.tasks.lm.encoding import Encoded, encode_conversation, encode_records, resolve_chat_template
 
 CONVERSATION = [
