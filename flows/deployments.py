@@ -17,18 +17,7 @@ from uuid import UUID
 
 from tunepipe.schemas.operations import DATA_VERSION_EVENT
 from tunepipe.schemas.pipeline import PipelineConfig
-from tunepipe.tasks.core.environment import load_environment
-
-DEFAULT_POOL = "tunepipe"
-
-
-def pool_for(config: PipelineConfig, environment: str | None = None) -> str:
-    """The work pool of the pipeline (or of a routed profile): config, then profile, then default."""
-    if environment is None and config.deployment.work_pool:
-        return config.deployment.work_pool
-    profile = load_environment(environment or config.environment)
-    return profile.work_pool or DEFAULT_POOL
-
+from tunepipe.tasks.ops.retrain import pool_for
 
 def pools(config: PipelineConfig) -> list[str]:
     """Every work pool the config's deployments use, the pipeline's first."""

@@ -84,9 +84,8 @@ def _run_segment(
     """Run the stages up to `last` on `env`'s work pool and wait for the result."""
     from prefect.deployments import run_deployment
     from prefect.logging import get_run_logger
-    from tunepipe.flows.deployments import pool_for
     from tunepipe.tasks.core.stage import StageFailed
-    from tunepipe.tasks.ops.retrain import segment_stages
+    from tunepipe.tasks.ops.retrain import pool_for, segment_stages
 
     logger = get_run_logger()
     target = f"{RETRAIN_FLOW}/{deployment_name(config.name, env)}"

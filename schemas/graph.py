@@ -39,3 +39,8 @@ STAGE_GRAPH: dict[str, StageNode] = {
     "deploy": StageNode(stage_class="DeployStage", inputs=("export", "evaluate"), required=("export",)),
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_GRAPH)
+
+
+def required_inputs(name: str) -> tuple[str, ...]:
+    """The upstream artifacts a stage cannot run without (none declared for plugin stages)."""
+    return STAGE_GRAPH[name].required if name in STAGE_GRAPH else ()

@@ -33,11 +33,6 @@ def register_stage(name: str, module: str, cls: str) -> None:
     _EXTRA_STAGES[name] = (module, cls)
 
 
-def required_inputs(name: str) -> tuple[str, ...]:
-    """The upstream artifacts a stage cannot run without (none declared for plugin stages)."""
-    return STAGE_GRAPH[name].required if name in STAGE_GRAPH else ()
-
-
 @cache
 def get_stage(name: str) -> Stage:
     module, cls = stage_location(name)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tunepipe.schemas.base import StrictModel
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.graph import required_inputs
 from tunepipe.schemas.manifest import ArtifactRef, Manifest, Timings
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.fingerprint import code_identity, stage_key
@@ -187,8 +188,6 @@ def run_stage(
 
 
 def _check_required_inputs(name: str, inputs: dict[str, ArtifactRef]) -> None:
-    from tunepipe.tasks.core.graph import required_inputs
-
     missing = [needed for needed in required_inputs(name) if needed not in inputs]
     if missing:
         raise StageFailed(

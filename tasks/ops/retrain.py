@@ -9,7 +9,19 @@ from pathlib import Path
 
 from tunepipe.schemas.graph import STAGE_ORDER
 from tunepipe.schemas.pipeline import PipelineConfig
+from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.ops.watch import DataVersion
+
+
+DEFAULT_POOL = "tunepipe"
+
+
+def pool_for(config: PipelineConfig, environment: str | None = None) -> str:
+    """The work pool of the pipeline (or of a routed profile): config, then profile, then default."""
+    if environment is None and config.deployment.work_pool:
+        return config.deployment.work_pool
+    profile = load_environment(environment or config.environment)
+    return profile.work_pool or DEFAULT_POOL
 
 
 def with_data_versions(config: PipelineConfig, versions: list[DataVersion]) -> PipelineConfig:
