@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
+from tunepipe.tasks.core.tracking import current_stage_name
 from tunepipe.tasks.lm.encoding import (
     read_split,
     record_messages,
@@ -58,7 +59,6 @@ def _generation_bar(total: int, batch_size: int) -> Any:
     import sys
 
     from tqdm.auto import tqdm
-    from tunepipe.tasks.core.tracking import current_stage_name
 
     label = f"{current_stage_name() or 'generation'}: generating"
     return tqdm(total=total, desc=label, unit="prompt", leave=False, mininterval=1.0, file=sys.stderr, disable=total <= batch_size)

@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunepipe.tasks.core.runtime import cache_root
+
 PROVENANCE_FILE = "tunepipe_gguf.json"
 
 
@@ -124,6 +126,4 @@ def model_dir(name_or_path: str | os.PathLike) -> str:
     gguf = gguf_source(name_or_path)
     if gguf is None:
         return str(name_or_path)
-    from tunepipe.tasks.core.runtime import cache_root
-
     return str(materialise(gguf, cache_root()))

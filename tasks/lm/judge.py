@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tunepipe.tasks.core.secrets import remember, url_parts
 from tunepipe.tasks.core.stage import StageFailed
 
 JUDGE_SYSTEM = (
@@ -44,11 +45,7 @@ def openai_client(endpoint: Any, who: str = "evaluate") -> Any:
     if endpoint.api_key_env and not key:
         raise StageFailed(f"{who}: {endpoint.url}: the API key variable {endpoint.api_key_env} is not set")
     if key:
-        from tunepipe.tasks.core.secrets import remember
-
         remember(key)  # masked in every log line from here on
-    from tunepipe.tasks.core.secrets import url_parts
-
     base, query = url_parts(endpoint.url, f"{who}: url")  # a base URL's query (?api-version=) rides on every request
     return OpenAI(base_url=base, api_key=key or "EMPTY", timeout=endpoint.timeout_s, max_retries=endpoint.max_retries,
                   default_query=query or None)

@@ -25,7 +25,7 @@ from typing import Any
 from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.tasks.core.fingerprint import content_digest, glob_files
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.lm.gguf_base import gguf_source, model_dir  # noqa: F401 (model_dir: the name callers use)
+from tunepipe.tasks.lm.gguf_base import PROVENANCE_FILE, file_sha256, gguf_source, model_dir  # noqa: F401 (model_dir: the name callers use)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -83,8 +83,6 @@ def _require_cached_when_offline(name: str, revision: str | None) -> None:
 def gguf_provenance(name_or_path: str | os.PathLike) -> dict[str, Any] | None:
     """Where a converted model came from (`tunepipe_gguf.json`: file, sha256, `dequantised_from`, note), for a
     GGUF name or its converted directory; None for any other model."""
-    from tunepipe.tasks.lm.gguf_base import PROVENANCE_FILE
-
     if not is_local(name_or_path):
         return None
     record = Path(model_dir(name_or_path)) / PROVENANCE_FILE
@@ -219,7 +217,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.tasks.lm import bottleneck
+    from tunepipe.tasks.lm import bottleneck  # here, not at the top: it imports torch, which only adapter loads need
 
     # Adapters are loaded onto a base this function loads (training, held-out check, export,
     # evaluation, serving): tunepipe's own PEFT method must be registered in every such process
@@ -262,8 +260,6 @@ def training_attention(attn_implementation: str, packed_attention: list[str], *,
     for kernel in packed_attention:
         if attention_installed(kernel):
             return kernel
-    from tunepipe.tasks.core.stage import StageFailed
-
     raise StageFailed(
         f"packed_attention {packed_attention}: none of these attention kernels is installed here "
         "(flash_attention_2/3 need the flash-attn package and a CUDA device; flex_attention needs torch >= 2.5)"
@@ -290,8 +286,6 @@ def model_fingerprint(name_or_path: str | os.PathLike, revision: str | None = No
         if (cached := _DIGEST_CACHE.get(signature)) is not None:
             return cached
     if gguf:
-        from tunepipe.tasks.lm.gguf_base import file_sha256
-
         digest = f"gguf:sha256:{file_sha256(gguf)}"  # memoised there too: model_dir needs it on every load
     else:
         digest = f"sha256:{content_digest(path)}"

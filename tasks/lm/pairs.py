@@ -15,7 +15,7 @@ from typing import Any
 
 from tunepipe.tasks.core.jsonl import read_jsonl
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.lm.encoding import read_split, record_messages
+from tunepipe.tasks.lm.encoding import data_messages, read_split, record_messages
 
 PREFERENCES_FILE = "preferences.jsonl"
 
@@ -66,8 +66,6 @@ def pair_prompt(pair: dict[str, Any]) -> list[dict[str, str]]:
 def conversational_pair(pair: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
     """A pair in TRL's conversational preference format (the tokenizer's chat template renders it;
     with `tokenizer`, contents are made to tokenize as text: see encoding.data_messages)."""
-    from tunepipe.tasks.lm.encoding import data_messages
-
     def text(messages: list[dict[str, str]]) -> list[dict[str, str]]:
         return data_messages(tokenizer, messages) if tokenizer is not None else messages
 
@@ -94,13 +92,9 @@ def prompt_records(data_dir: str | Path, split: str, tasks: list[str] | None, li
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    from tunepipe.tasks.lm.encoding import data_messages
-
     return tokenizer.apply_chat_template(data_messages(tokenizer, messages), tokenize=False, add_generation_prompt=True)
 
 
 def render_conversation(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> str:
-    from tunepipe.tasks.lm.encoding import data_messages
-
     messages = data_messages(tokenizer, [*prompt, {"role": "assistant", "content": response}])
     return tokenizer.apply_chat_template(messages, tokenize=False)

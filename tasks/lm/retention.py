@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunepipe.tasks.core.handoff import read_manifest_config
+from tunepipe.tasks.lm.encoding import render_messages
 from tunepipe.tasks.lm.metrics import contains_answer
 
 SET_NAME = "general_chat"
@@ -60,8 +61,6 @@ def applies(setting: Literal["auto", "on", "off"], base_model: str, inputs: dict
 
 def prompts(tokenizer: Any, template: str, system_prompt: str | None = None) -> list[str]:
     """Each question rendered as a one-turn chat up to the answer."""
-    from tunepipe.tasks.lm.encoding import render_messages
-
     rendered = []
     for item in general_set():
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": item["prompt"]}]

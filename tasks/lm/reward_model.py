@@ -10,15 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.tasks.core.handoff import read_handoff
+from tunepipe.tasks.lm.modeling import load_tokenizer, torch_dtype
+from tunepipe.tasks.lm.pairs import pair_prompt, render_conversation
+
 
 def load_reward_model(reward_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """(sequence-classification model, tokenizer) of a reward artifact; an adapter is merged into
     its base so the result is a plain model (PPO's `get_reward` needs `.score` and the backbone)."""
 
     from transformers import AutoModelForSequenceClassification
-    from tunepipe.schemas.handoffs import ModelOutputs
-    from tunepipe.tasks.core.handoff import read_handoff
-    from tunepipe.tasks.lm.modeling import load_tokenizer, torch_dtype
 
     root = Path(reward_dir)
     outputs = read_handoff(root, ModelOutputs, reader="reward model")
@@ -59,8 +61,6 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], b
 
 def pair_scores(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int = 16) -> tuple[list[float], list[float]]:
     """(chosen scores, rejected scores) of the pairs, each response rendered after its prompt."""
-    from tunepipe.tasks.lm.pairs import pair_prompt, render_conversation
-
     if not pairs:
         return [], []
     prompts = [pair_prompt(p) for p in pairs]
@@ -118,8 +118,6 @@ def completion_text(completion: Any) -> str:
 
 def reward_model_func(model: Any, tokenizer: Any) -> Callable[..., list[float]]:
     """A TRL reward function that scores prompt + completion with the learned reward model."""
-    from tunepipe.tasks.lm.pairs import render_conversation
-
     def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         texts = [
             render_conversation(tokenizer, p if isinstance(p, list) else [{"role": "user", "content": p}], completion_text(c))

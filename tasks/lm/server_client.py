@@ -3,6 +3,7 @@ and the runtime adapter load/unload endpoints both engines answer."""
 
 from __future__ import annotations
 
+from tunepipe.tasks.core.secrets import redact_url, url_parts
 from tunepipe.tasks.core.stage import StageFailed
 
 
@@ -19,8 +20,6 @@ class ServerClient:
 
     def __init__(self, url: str, api_key: str | None, timeout: float):
         import httpx
-
-        from tunepipe.tasks.core.secrets import redact_url, url_parts
 
         self.url = redact_url(url)  # for messages; requests use the resolved base and its query
         self.api_key = api_key
