@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunepipe.tasks.core.loading import ConfigError, read_yaml, validate_yaml_mapping
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.core.loading import ConfigError, _yaml_line, field_path, read_yaml, validate_yaml_mapping
+from tunepipe.tasks.core.secrets import references
 
 
 def quickstart_config() -> Path:
@@ -29,7 +31,7 @@ def load_pipeline_config(
     `environment` given here (the CLI's --workdir/--env) replace the YAML's, and `overrides`
     (a deployed run's parameter) is merged into it before validation (see `apply_overrides`).
     """
-    from tunepipe.schemas.pipeline import PipelineConfig
+    from tunepipe.schemas.pipeline import PipelineConfig  # here: it builds every stage's config model, which commands that read no YAML skip
 
     path = Path(path).resolve() if path is not None else quickstart_config()
     text, data = read_yaml(path)
@@ -42,7 +44,6 @@ def load_pipeline_config(
             data["environment"] = environment
     unset_references(data, text, str(path))
     config = validate_yaml_mapping(PipelineConfig, data, text=text, source=str(path), context={"base_dir": str(path.parent)})
-    from tunepipe.tasks.core.environment import load_environment
 
     try:
         load_environment(config.environment)  # fail before any work, not when the first stage starts
@@ -56,9 +57,6 @@ def unset_references(data: Any, text: str | None, source: str) -> None:
     and line: otherwise `workdir: ${UNSET}/x` makes a directory literally named `${UNSET}`, and a
     secret reference fails only when a late stage first uses it."""
     import os
-
-    from tunepipe.tasks.core.loading import _yaml_line, field_path
-    from tunepipe.tasks.core.secrets import references
 
     problems = []
     for loc, value in _strings(data, ()):

@@ -46,6 +46,7 @@ def model_reference(model: type[BaseModel], path: str, seen: set[str]) -> list[s
 
 
 def config_reference() -> str:
+    # here: the pipeline schema builds every stage's config model, which only this command needs
     from tunepipe.schemas.environment import EnvironmentProfile
     from tunepipe.schemas.pipeline import PipelineConfig
 

@@ -11,6 +11,8 @@ import os
 import threading
 from pathlib import Path
 
+from tunepipe.tasks.core.secrets import install_log_redaction
+
 def cache_root() -> Path:
     """tunepipe's machine-wide cache: `$TUNEPIPE_CACHE`, else `~/.cache/tunepipe` (CI keeps it for the run).
     Built environments (vLLM's venv) and converted base models (a GGUF's HF directory) live there: they
@@ -44,8 +46,6 @@ def configure_runtime(workdir: str | Path) -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    from tunepipe.tasks.core.secrets import install_log_redaction
-
     install_log_redaction()  # credential-shaped URL parts and headers never reach a log line
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from tunepipe.schemas.base import StrictModel
 from tunepipe.schemas.environment import EnvironmentProfile
@@ -24,9 +24,7 @@ from tunepipe.schemas.graph import required_inputs
 from tunepipe.schemas.manifest import ArtifactRef, Manifest, Timings
 from tunepipe.tasks.core.artifacts import ArtifactStore
 from tunepipe.tasks.core.fingerprint import code_identity, stage_key
-
-if TYPE_CHECKING:
-    from tunepipe.tasks.core.tracking import TrackingSession
+from tunepipe.tasks.core.tracking import TrackingSession, log_stage_results, tracked_stage
 
 SUMMARY_FILE = "summary.md"
 TABLE_FILE = "summary_table.json"
@@ -150,8 +148,6 @@ def run_stage(
     """Return the stage's artifact: the published one under its key, or a freshly computed one.
 
     `tracking`: the pipeline run's experiment tracking; only a stage that runs is tracked."""
-    from tunepipe.tasks.core.tracking import log_stage_results, tracked_stage
-
     logger = logger or logging.getLogger(f"tunepipe.{stage.name}")
     _check_required_inputs(stage.name, inputs)
     identity = identify(stage, config, inputs, env)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunepipe.schemas.tracking import TrackingConfig
+from tunepipe.tasks.core.secrets import redact, resolve
 
 log = logging.getLogger("tunepipe.tracking")
 
@@ -64,8 +65,6 @@ class TrackingSession:
         return Path(self.settings.tensorboard.log_dir or self.tracking_dir() / "tensorboard")
 
     def mlflow_uri(self) -> str:
-        from tunepipe.tasks.core.secrets import resolve
-
         uri = self.settings.mlflow.tracking_uri
         if uri:
             return resolve(uri, "tracking.mlflow.tracking_uri")
@@ -304,8 +303,6 @@ def _wandb_tags(run: StageRun) -> list[str]:
 
 @contextlib.contextmanager
 def _wandb_environment(session: TrackingSession) -> Iterator[None]:
-    from tunepipe.tasks.core.secrets import resolve
-
     values = {"WANDB_SILENT": "true", "WANDB_DIR": str(session.wandb_dir())}
     if session.settings.wandb.api_key:
         values["WANDB_API_KEY"] = resolve(session.settings.wandb.api_key, "tracking.wandb.api_key")
@@ -462,8 +459,6 @@ def write_record(run: StageRun) -> None:
 
 
 def _redacted(uri: str) -> str:
-    from tunepipe.tasks.core.secrets import redact
-
     return redact(uri)
 
 

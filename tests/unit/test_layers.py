@@ -222,3 +222,49 @@ def test_a_planted_circle_is_found(sources):
     planted = sources[module] + "\n\ndef _planted():\n    from tunepipe.tasks.lm.encoding import encode_text\n"
     found = import_circles({**sources, module: planted}, package_names(sources))
     assert found - KNOWN_CIRCLES == {frozenset({"tunepipe.tasks.lm.checks", "tunepipe.tasks.lm.encoding"})}
+
+
+LOWER_LAYERS = ("schemas", "core", "lm")
+
+
+def unexplained_inner_imports(sources: dict[str, str]) -> list[str]:
+    """Imports of tunepipe code inside a function in the lower layers without a comment saying why (on the
+    line, or above the run of import lines it belongs to). They hide edges of the graph; the reason to
+    have one is a heavy import (torch, every stage's config model) that most callers never need."""
+    lower = {index for index, (name, _) in enumerate(LAYERS) if name in LOWER_LAYERS}
+    found = []
+    for module, source in sorted(sources.items()):
+        if layer_of(module) not in lower:
+            continue
+        lines = source.splitlines()
+        for function in ast.walk(ast.parse(source)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""] if not node.level else [PACKAGE]  # a relative import is ours
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                if not any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names):
+                    continue
+                above = node.lineno - 2
+                while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
+                    above -= 1
+                if "#" not in lines[node.lineno - 1] and not (above >= 0 and lines[above].lstrip().startswith("#")):
+                    found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_inner_imports_in_the_lower_layers_say_why(sources):
+    assert unexplained_inner_imports(sources) == []
+
+
+def test_an_unexplained_inner_import_is_named(sources):
+    module = "tunepipe.tasks.lm.pairs"
+    planted = sources[module] + "\n\ndef _planted():\n    from tunepipe.tasks.lm.metrics import normalise\n    return normalise\n"
+    explained = sources[module] + "\n\ndef _planted():\n    # why: planted\n    from tunepipe.tasks.lm.metrics import normalise\n    return normalise\n"
+    line = len(planted.splitlines()) - 1
+    assert unexplained_inner_imports({module: planted}) == [f"{module}:{line}"]
+    assert unexplained_inner_imports({module: explained}) == []
