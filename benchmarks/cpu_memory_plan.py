@@ -167,7 +167,7 @@ def run_dpo(model: str, env: Any, max_length: int, steps: int, work: Path, sft_d
     from tunepipe.tasks.align.methods import dpo
     from tunepipe.tasks.align.methods.base import AlignRun
     from tunepipe.tasks.align.policy import load_policy
-    from tunepipe.tasks.align.train import AlignJob
+    from tunepipe.tasks.align.job import AlignJob
     from tunepipe.tasks.training.trainer import training_kwargs
 
     config = AlignConfig.model_validate({"method": {"name": "dpo"}, "max_length": max_length, "training": _training(steps)})

@@ -21,7 +21,7 @@ from typing import Any
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.methods import QLoraMethod
 from tunepipe.schemas.sft import SFTConfig
-from tunepipe.tasks.align.train import AlignJob
+from tunepipe.tasks.align.job import AlignJob
 from tunepipe.tasks.core.stage import StageFailed
 
 REF_ADAPTER = "ref"

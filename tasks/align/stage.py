@@ -29,7 +29,7 @@ from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.tasks.align.policy import sft_method
-from tunepipe.tasks.align.train import AlignJob
+from tunepipe.tasks.align.job import AlignJob
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.stage_base import training_env_payload
@@ -73,7 +73,7 @@ def check_memory(config: AlignConfig, ctx: StageContext, base_model: str, sft_co
     from tunepipe.tasks.align.policy import sft_method
     from tunepipe.tasks.training.memory_plan import check_fit
 
-    if config.method.name not in PAIRWISE_METHODS:
+    if not config.trains_on_pairs():
         ctx.logger.info("align: %s is not memory-planned (the planner models sft, reward and pairwise methods)", config.method.name)
         return None
     method = sft_method(sft_config)

@@ -8,31 +8,11 @@ checkpoint into the job's `checkpoint_dir` and resume from the last checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
 from tunepipe.schemas.align import AlignConfig
-from tunepipe.schemas.jobs import TrainingJob
-from tunepipe.schemas.methods import MethodConfig
-
-
-class AlignJob(TrainingJob):
-    """One align run, as the stage hands it to `align_job` (through a launcher or not)."""
-
-    config: AlignConfig
-    run: str = Field(description="The run's name: a task (per-task SFT adapters) or `all`.")
-    sft_dir: str = Field(description="The SFT adapter (or full model) this run continues.")
-    sft_kind: Literal["adapter", "adapters", "model"] = Field(description="The SFT artifact's kind.")
-    sft_method: MethodConfig = Field(description="The SFT run's method (decides how the base loads: 4-bit for qlora).")
-    base_model: str = Field(description="The base the SFT adapter was trained on (the SFT model itself for a full-model SFT).")
-    reward_dir: str | None = Field(default=None, description="The reward artifact, when the pipeline has one.")
-    train_pairs: list[dict[str, Any]] = Field(default_factory=list, description="Train preference pairs (dataset source).")
-    prompts: list[dict[str, Any]] = Field(default_factory=list, description="Train prompts with reference answers.")
-    pairs_file: str = Field(description="Where on-policy pairs are written.")
-    save_to: str = Field(description="The adapter's directory under output_dir.")
-    judge_cache: str = Field(description="The AI judge's cache file.")
+from tunepipe.tasks.align.job import AlignJob
 
 
 def check_policy(config: AlignConfig) -> Any:
@@ -134,7 +114,7 @@ def align_job(job: AlignJob) -> dict[str, Any]:
     """Train one policy with its method's unit (tasks/align/methods/); returns its metrics (rank 0
     also saves the adapter)."""
     from datasets.utils.logging import disable_progress_bar
-    from tunepipe.tasks.align.methods import AlignRun, unit_for
+    from tunepipe.tasks.align.methods.registry import AlignRun, unit_for
     from tunepipe.tasks.align.policy import load_policy, save_policy
     from tunepipe.tasks.lm import checks
     from tunepipe.tasks.training.hardware import hardware

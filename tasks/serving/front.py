@@ -38,7 +38,7 @@ from fastapi.responses import (
 )
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.app import new_app
-from tunepipe.tasks.serving.engines.base import Capabilities
+from tunepipe.tasks.serving.engines.base import VLLM_CAPABILITIES, Capabilities
 from tunepipe.tasks.serving.protocol import (
     APIError,
     UnsupportedField,
@@ -72,10 +72,9 @@ class Front:
     def __init__(self, config: ServeConfig, upstream: str, *, upstream_key: str | None, api_key: str | None,
                  capabilities: Capabilities | None = None, engine: str = "vllm"):
         import httpx
-        from tunepipe.tasks.serving.engines.vllm import VLLMEngine
 
         self.config = config
-        self.caps = capabilities or VLLMEngine.capabilities
+        self.caps = capabilities or VLLM_CAPABILITIES
         self.engine = engine
         self.base_name = config.served_model_name or config.base
         self.allowed = tuple(Path(d).resolve() for d in config.allowed_adapter_dirs)
@@ -408,7 +407,7 @@ def _message(response) -> str:
 def vllm_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
     """(front app, front, VLLMServer): vLLM on a private loopback port with a private key, the front on
     config.host:config.port. Start the server (`server.start()`), then serve the app."""
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
     from tunepipe.tasks.serving.vllm import VLLMServer
 
     upstream_key = secrets.token_urlsafe(24)

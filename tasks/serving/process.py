@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Callable
 
-from tunepipe.tasks.ops.prefect_server import free_port
+from tunepipe.tasks.core.net import free_port
 
 
 class HealthTimeout(RuntimeError):

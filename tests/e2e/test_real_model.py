@@ -250,7 +250,7 @@ def test_vllm_serves_the_gguf_base_and_the_adapter_with_the_embedded_engines_ans
 
     from tunepipe.schemas.serve import ServeConfig
     from tunepipe.tasks.core.environment import load_environment
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
     from tunepipe.tasks.serving.settings import resolve_serve_config
     from tunepipe.tasks.serving.vllm import VLLMServer
     from tunepipe.tasks.lm.modeling import model_dir

@@ -266,7 +266,7 @@ def test_cli_checks_its_port_before_loading_and_exits_soon_after_sigterm(tmp_pat
     import sys
     from pathlib import Path
 
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
     from tunepipe.tasks.serving.process import is_healthy
 
     repo = Path(__file__).resolve().parents[2]

@@ -152,7 +152,7 @@ def test_the_cli_serves_a_gguf_and_stops_its_server_on_sigterm(tmp_path):
     import time
     from pathlib import Path
 
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
     from tunepipe.tasks.serving.process import is_healthy, wait_healthy
 
     llamacpp_tools_or_skip()

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from tunepipe.schemas.align import AlignConfig, AlignMethodConfig, MethodCategory, register_align_method
-from tunepipe.tasks.align import methods
+from tunepipe.tasks.align.methods import registry as methods
 from tunepipe.tasks.align.methods.base import AlignRun
 from tunepipe.tasks.align.methods.pairwise import PAIRWISE_STEP_METRICS, PairwiseUnit, pair_dataset
 from tunepipe.tasks.align.stage import AlignStage

@@ -444,7 +444,7 @@ class VLLMPool:
 
         from tunepipe.schemas.serve import ServeConfig
         from tunepipe.tasks.core.environment import load_environment
-        from tunepipe.tasks.ops.prefect_server import free_port
+        from tunepipe.tasks.core.net import free_port
         from tunepipe.tasks.serving.settings import resolve_serve_config
         from tunepipe.tasks.serving.vllm import VLLMServer
 

@@ -69,7 +69,7 @@ def test_literal_credentials_are_refused_in_the_config():
 
 
 def test_failed_post_and_missing_variable_are_logged_redacted(monkeypatch, caplog):
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
 
     monkeypatch.setenv("TUNEPIPE_TEST_HOOK_TOKEN", "tok-abcdef")
     port = free_port()
@@ -97,7 +97,7 @@ def test_log_lines_are_redacted_whatever_logs_them(caplog):
 
 
 def test_unreachable_webhook_is_logged_not_raised():
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
 
     settings = NotificationsConfig(webhook_url=f"http://127.0.0.1:{free_port()}/x", timeout_s=1)
     assert notify.send(settings, {"event": "failure"}) is False

@@ -6,13 +6,12 @@ TRL pairs `dpo_config.py` with `dpo_trainer.py`; `tasks/align/train.py` runs any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from tunepipe.schemas.align import AlignConfig, AlignMethodConfig, method_name
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.align.job import AlignJob
 
-if TYPE_CHECKING:  # the job's module imports the units' registry when it runs
-    from tunepipe.tasks.align.train import AlignJob
 
 
 @dataclass
@@ -22,7 +21,7 @@ class AlignRun:
 
     config: AlignConfig
     env: EnvironmentProfile
-    job: "AlignJob"
+    job: AlignJob
     model: Any
     tokenizer: Any
     base_args: dict[str, Any]

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.protocol import VLLM_EXTRA_FIELDS, VLLM_NEUTRAL
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Built:
     @property
     def has_process(self) -> bool:
         return False
+
+
+# vLLM's fields, here rather than in engines/vllm.py: the front defaults to them, and the vLLM engine
+# builds the front, so the front must not import that engine.
+VLLM_CAPABILITIES = Capabilities(label="vLLM", neutral=VLLM_NEUTRAL, extra_fields=VLLM_EXTRA_FIELDS)
 
 
 class Engine:

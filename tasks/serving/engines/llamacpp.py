@@ -290,7 +290,7 @@ class LlamaCppServer:
 
 def llamacpp_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
     """(front app, front, LlamaCppServer) for a resolved config: start the server, then serve the app."""
-    from tunepipe.tasks.ops.prefect_server import free_port
+    from tunepipe.tasks.core.net import free_port
     from tunepipe.tasks.serving.front import create_front
 
     upstream_key = secrets.token_urlsafe(24)

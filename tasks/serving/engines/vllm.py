@@ -7,9 +7,7 @@ from pathlib import Path
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
-from tunepipe.tasks.serving.engines.base import Built, Engine
-from tunepipe.tasks.serving.protocol import VLLM_EXTRA_FIELDS, VLLM_NEUTRAL
-from tunepipe.tasks.serving.engines.base import Capabilities
+from tunepipe.tasks.serving.engines.base import VLLM_CAPABILITIES, Built, Engine
 
 
 class ChildBuilt(Built):
@@ -40,7 +38,7 @@ class ChildBuilt(Built):
 class VLLMEngine(Engine):
     name = "vllm"
     summary = "vLLM's OpenAI server from its own environment, behind tunepipe's front"
-    capabilities = Capabilities(label="vLLM", neutral=VLLM_NEUTRAL, extra_fields=VLLM_EXTRA_FIELDS)
+    capabilities = VLLM_CAPABILITIES
 
     def resolve_rank(self, rank: int) -> int:
         from tunepipe.tasks.serving.settings import vllm_rank
