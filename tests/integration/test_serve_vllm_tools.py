@@ -61,7 +61,8 @@ def engines(tmp_path_factory):
             time.sleep(1)
         config = ServeConfig(base=base, engine="embedded", max_tokens_limit=400)
         with ServerThread(build_app(resolve_serve_config(config, cpu_profile()), cpu_profile())) as embedded:
-            yield {"vllm": client(url), "embedded": client(embedded.url), "base": base, "log": root / "work" / "logs"}
+            yield {"vllm": client(url), "embedded": client(embedded.url), "base": base, "log": root / "work" / "logs",
+                   "urls": {"vllm": url, "embedded": embedded.url}}
     finally:
         cli.terminate()
         try:
@@ -159,3 +160,44 @@ def test_completion_echo_logprobs_equal_vllms_within_tolerance(engines):
         assert (mine is None) == (vllms is None)
         if mine is not None:
             assert abs(mine - vllms) < LOGPROB_TOLERANCE
+
+
+# A choice's log-likelihood is a sum over its tokens, each within LOGPROB_TOLERANCE of transformers' own
+CHOICE_TOLERANCE = 4 * LOGPROB_TOLERANCE
+
+
+def test_lm_eval_multiple_choice_through_both_engines_equals_lm_eval_on_the_model(engines, tmp_path):
+    """lm-eval's `local-completions` (echo + logprobs, what every loglikelihood task needs) against real vLLM
+    and the embedded engine scores a locally made multiple-choice task as `--model hf` does on the same model."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    items = [{"question": q, "choices": c, "answer": a} for q, c, a in (
+        ("The weather in Paris is", ["sunny", "a number", "Rome"], 0), ("Count to", ["three", "the moon", "blue"], 0),
+        ("Name a", ["colour", "weather in", "Oslo"], 0), ("What is the", ["weather", "three four", "days"], 0),
+        ("Be", ["brief", "a city", "seven"], 0))]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+
+    def run(model, model_args):
+        result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc"], device="cpu",
+                                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                         bootstrap_iters=0, log_samples=True)
+        samples = sorted(result["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+        return result["results"]["tiny_mc"]["acc,none"], [[float(r[0][0]) for r in s["resps"]] for s in samples]
+
+    offline = run("hf", f"pretrained={engines['base']}")
+    for engine, url in engines["urls"].items():
+        served = run("local-completions", f"base_url={url}/v1/completions,model={NAME},tokenizer={engines['base']},"
+                     "tokenized_requests=True,num_concurrent=1,max_retries=1")
+        for served_scores, model_scores in zip(served[1], offline[1]):
+            assert max(abs(a - b) for a, b in zip(served_scores, model_scores)) < CHOICE_TOLERANCE, engine
+            ranked = sorted(model_scores, reverse=True)
+            if ranked[0] - ranked[1] > 2 * CHOICE_TOLERANCE:  # a near-tie may fall either way within the tolerance
+                assert served_scores.index(max(served_scores)) == model_scores.index(max(model_scores)), engine
+        assert served[0] == offline[0] or any(
+            sorted(s, reverse=True)[0] - sorted(s, reverse=True)[1] <= 2 * CHOICE_TOLERANCE for s in offline[1]), engine
