@@ -262,6 +262,7 @@ def test_vllm_serves_the_gguf_base_and_the_adapter_with_the_embedded_engines_ans
         vllm={"python": python, "extra_args": ["--enforce-eager", "--distributed-executor-backend", "uni"], "health_timeout_s": 600},
     ), load_environment("serve-vllm-cpu"))
     assert config.base == model_dir(run["gguf"])
+    assert config.served_model_name == run["gguf"].stem  # listed by the GGUF's name; without the front, vLLM answers to it only
     server = VLLMServer(config, log_file=run["root"] / "vllm.log")
     server.start()
     try:
@@ -272,7 +273,7 @@ def test_vllm_serves_the_gguf_base_and_the_adapter_with_the_embedded_engines_ans
         predictions = _predictions(run)
         prompts = [p["prompt"] for p in predictions]
         engine = _engine(run)
-        for model, adapter_name in (("tuned", "tuned"), (config.base, None)):
+        for model, adapter_name in (("tuned", "tuned"), (config.served_model_name, None)):
             reply = client.completions.create(model=model, prompt=prompts, max_tokens=NEW_TOKENS, temperature=0.0,
                                               extra_body={"add_special_tokens": False, "return_token_ids": True})
             choices = sorted(reply.choices, key=lambda c: c.index)
