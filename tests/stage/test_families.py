@@ -526,7 +526,8 @@ def served(run, vllm_pool, request):
     adapter = Path(run["export"].path) / "adapters" / "all"
     loaded = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "tuned", "lora_path": str(adapter)}, timeout=120)
     assert loaded.status_code == 200, loaded.text
-    yield {"url": server.url, "base": server.config.base, "adapter": adapter,
+    # vLLM without the front answers to the base's served name only (--served-model-name), not its path
+    yield {"url": server.url, "base": server.config.served_model_name, "adapter": adapter,
            "client": openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)}
     vllm_pool.stop(family)
 
