@@ -5,6 +5,7 @@ limit verdicts and the `export.gguf` schema."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -27,14 +28,14 @@ def test_missing_tooling_is_one_message_naming_the_command(tmp_path, monkeypatch
 
 def test_half_built_tooling_is_not_ready(tmp_path, monkeypatch):
     """An interrupted build (everything but the marker written last) is not taken for a built one."""
-    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, LlamaCppTools, require_tools, tools_dir
+    from tunepipe.tasks.llamacpp.env import MARKER, LlamaCppEnvError, LlamaCppTools, require_tools, tools_dir
 
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))
     tools = LlamaCppTools(tools_dir())
     for path in (tools.python, tools.converter, tools.lora_converter, tools.quantize, tools.imatrix):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
-    with pytest.raises(LlamaCppEnvError, match="tunepipe-llamacpp.json"):
+    with pytest.raises(LlamaCppEnvError, match=re.escape(MARKER)):
         require_tools()
 
 
