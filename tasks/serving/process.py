@@ -6,6 +6,9 @@ socket, stopped cleanly. `tunepipe serve` runs uvicorn in the foreground instead
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -17,6 +20,28 @@ from tunepipe.tasks.core.net import free_port
 
 class HealthTimeout(RuntimeError):
     """A server did not become healthy in time, or exited while we waited."""
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """`sig` to the child's own process group (it was started with start_new_session): its workers too."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(process: subprocess.Popen | None, timeout_s: float) -> int | None:
+    """SIGTERM the child's group, SIGKILL it after `timeout_s`; its exit code (None: never started)."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            signal_group(process, signal.SIGKILL)
+            process.wait(10)
+    return process.returncode
 
 
 def is_healthy(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:

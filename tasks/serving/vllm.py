@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 from pathlib import Path
 
 from tunepipe.schemas.serve import ServeConfig
-from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, wait_healthy
+from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, stop_group, wait_healthy
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -161,22 +160,7 @@ class VLLMServer:
         return self.process.wait() if self.process is not None else 0
 
     def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(self.config.vllm.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait(10)
-        return self.process.returncode
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)  # our child's own group (start_new_session): vLLM's workers too
-        except (ProcessLookupError, PermissionError):
-            pass
+        return stop_group(self.process, self.config.vllm.stop_timeout_s)
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.log_file.exists():

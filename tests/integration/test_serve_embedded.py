@@ -396,32 +396,17 @@ def test_logprobs_and_echo_equal_the_models_own_log_softmax(client, served):
 
 
 def test_lm_eval_multiple_choice_through_the_endpoint_equals_lm_eval_on_the_model(served, tmp_path, monkeypatch):
-    import json as _json
-
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    from tests.helpers.lm_eval_mc import run_mc, write_mc_task
 
     items = [{"question": q, "choices": c, "answer": a} for q, c, a in (
         ("the cat sat on", ["the mat", "a dog", "the moon"], 0), ("I love the", ["dog", "cat sat", "sentiment"], 1),
         ("Count to", ["three", "the dog", "one two"], 0), ("Classify the", ["sentiment", "mat", "moon"], 0))]
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(_json.dumps(item) + "\n" for item in items))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    task = write_mc_task(tmp_path, items)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
-    def run(model, model_args):
-        result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc"], device="cpu",
-                                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                                         bootstrap_iters=0, log_samples=True)
-        samples = sorted(result["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
-        return result["results"]["tiny_mc"]["acc,none"], [[float(r[0][0]) for r in s["resps"]] for s in samples]
-
-    endpoint = run("local-completions", f"base_url={served['url']}/v1/completions,model=tiny,tokenizer={served['base']},"
+    endpoint = run_mc(task, "local-completions", f"base_url={served['url']}/v1/completions,model=tiny,tokenizer={served['base']},"
                    "tokenized_requests=True,num_concurrent=1,max_retries=1")
-    offline = run("hf", f"pretrained={served['base']}")
+    offline = run_mc(task, "hf", f"pretrained={served['base']}")
     assert endpoint[0] == offline[0]
     for served_scores, model_scores in zip(endpoint[1], offline[1]):
         assert max(range(3), key=served_scores.__getitem__) == max(range(3), key=model_scores.__getitem__)

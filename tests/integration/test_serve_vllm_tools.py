@@ -169,30 +169,17 @@ CHOICE_TOLERANCE = 4 * LOGPROB_TOLERANCE
 def test_lm_eval_multiple_choice_through_both_engines_equals_lm_eval_on_the_model(engines, tmp_path):
     """lm-eval's `local-completions` (echo + logprobs, what every loglikelihood task needs) against real vLLM
     and the embedded engine scores a locally made multiple-choice task as `--model hf` does on the same model."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    from tests.helpers.lm_eval_mc import run_mc, write_mc_task
 
     items = [{"question": q, "choices": c, "answer": a} for q, c, a in (
         ("The weather in Paris is", ["sunny", "a number", "Rome"], 0), ("Count to", ["three", "the moon", "blue"], 0),
         ("Name a", ["colour", "weather in", "Oslo"], 0), ("What is the", ["weather", "three four", "days"], 0),
         ("Be", ["brief", "a city", "seven"], 0))]
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(item) + "\n" for item in items))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    task = write_mc_task(tmp_path, items)
 
-    def run(model, model_args):
-        result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc"], device="cpu",
-                                         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                                         bootstrap_iters=0, log_samples=True)
-        samples = sorted(result["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
-        return result["results"]["tiny_mc"]["acc,none"], [[float(r[0][0]) for r in s["resps"]] for s in samples]
-
-    offline = run("hf", f"pretrained={engines['base']}")
+    offline = run_mc(task, "hf", f"pretrained={engines['base']}")
     for engine, url in engines["urls"].items():
-        served = run("local-completions", f"base_url={url}/v1/completions,model={NAME},tokenizer={engines['base']},"
+        served = run_mc(task, "local-completions", f"base_url={url}/v1/completions,model={NAME},tokenizer={engines['base']},"
                      "tokenized_requests=True,num_concurrent=1,max_retries=1")
         for served_scores, model_scores in zip(served[1], offline[1]):
             assert max(abs(a - b) for a, b in zip(served_scores, model_scores)) < CHOICE_TOLERANCE, engine

@@ -14,7 +14,7 @@ Anchor: vLLM's OpenAIServingChat(GenerateBaseServing), one serving class per end
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from tunepipe.schemas.environment import EnvironmentProfile

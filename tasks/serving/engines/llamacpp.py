@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.engines.base import Built, Capabilities, Engine
 from tunepipe.tasks.serving.protocol import VLLM_NEUTRAL, APIError
-from tunepipe.tasks.serving.process import HealthTimeout, wait_healthy
+from tunepipe.tasks.serving.process import HealthTimeout, stop_group, wait_healthy
 
 SERVER_MODULE = "llama_cpp.server"
 SEED_RANGE = (0, 2**32 - 1)  # llama.cpp's sampler seed is a uint32: a larger one would be truncated silently
@@ -256,22 +255,7 @@ class LlamaCppServer:
 
     def stop(self) -> int | None:
         shutil.rmtree(self.folder, ignore_errors=True)
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(self.config.llamacpp.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait(10)
-        return self.process.returncode
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        return stop_group(self.process, self.config.llamacpp.stop_timeout_s)
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.log_file.exists():
