@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Callable
 
 from tunepipe.tasks.core.net import free_port
@@ -42,6 +43,51 @@ def stop_group(process: subprocess.Popen | None, timeout_s: float) -> int | None
             signal_group(process, signal.SIGKILL)
             process.wait(10)
     return process.returncode
+
+
+class ChildServer:
+    """A server run as our child in its own process group (its workers die with it), its output appended to
+    `log_file`. Subclasses set `log_file` and `stop_timeout_s` and start through `spawn`."""
+
+    log_file: Path
+    stop_timeout_s: float
+    process: subprocess.Popen | None = None
+    log_start = 0  # where this start's lines begin in the (appended) log file
+
+    def spawn(self, command: list[str], env: dict[str, str]) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit code."""
+        return self.process.wait() if self.process is not None else 0
+
+    def stop(self) -> int | None:
+        return stop_group(self.process, self.stop_timeout_s)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """This start's last `lines` log lines, for an error message."""
+        if not self.log_file.exists():
+            return ""
+        with self.log_file.open("rb") as fh:
+            fh.seek(self.log_start)
+            tail = fh.read().decode(errors="replace").splitlines()[-lines:]
+        return f" (log {self.log_file}):\n" + "\n".join(tail) if tail else f" (log {self.log_file} is empty)"
+
+    def start(self) -> "ChildServer":
+        raise NotImplementedError
+
+    def __enter__(self) -> "ChildServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def is_healthy(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 from tunepipe.schemas.serve import ServeConfig
-from tunepipe.tasks.serving.process import HealthTimeout, is_healthy, stop_group, wait_healthy
+from tunepipe.tasks.serving.process import ChildServer, HealthTimeout, is_healthy, wait_healthy
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -112,7 +111,7 @@ def vllm_env(api_key: str | None, base: dict[str, str] | None = None, *, cpu_kvc
     return env
 
 
-class VLLMServer:
+class VLLMServer(ChildServer):
     """A `vllm serve` child process: `with VLLMServer(config, api_key, log_file) as server: ...`."""
 
     def __init__(self, config: ServeConfig, *, api_key: str | None = None, log_file: str | Path):
@@ -120,7 +119,7 @@ class VLLMServer:
         self.command = vllm_command(config)
         self.env = vllm_env(api_key, cpu_kvcache_gb=config.vllm.cpu_kvcache_gb)
         self.log_file = Path(log_file)
-        self.process: subprocess.Popen | None = None
+        self.stop_timeout_s = config.vllm.stop_timeout_s
 
     @property
     def url(self) -> str:
@@ -139,43 +138,14 @@ class VLLMServer:
 
     def start(self) -> "VLLMServer":
         self.preflight()
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.spawn(self.command, self.env)
         try:
             wait_healthy(f"{self.url}/health", self.config.vllm.health_timeout_s, alive=self.alive, interval=0.5,
-                         describe=self._log_tail)
+                         describe=self.log_tail)
         except HealthTimeout as exc:
             self.stop()
-            raise VLLMError(f"vLLM did not start: {exc}\n{explain(self._log_tail(200))}") from None
+            raise VLLMError(f"vLLM did not start: {exc}\n{explain(self.log_tail(200))}") from None
         return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait(self) -> int:
-        """Block until vLLM exits; its exit code."""
-        return self.process.wait() if self.process is not None else 0
-
-    def stop(self) -> int | None:
-        return stop_group(self.process, self.config.vllm.stop_timeout_s)
-
-    def _log_tail(self, lines: int = 20) -> str:
-        if not self.log_file.exists():
-            return ""
-        with self.log_file.open("rb") as fh:  # this start's lines only (the log file is appended to)
-            fh.seek(getattr(self, "_log_start", 0))
-            text = fh.read().decode(errors="replace")
-        tail = text.splitlines()[-lines:]
-        return f" (log {self.log_file}):\n" + "\n".join(tail) if tail else f" (log {self.log_file} is empty)"
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def port_in_use(host: str, port: int) -> bool:

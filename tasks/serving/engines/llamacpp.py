@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.engines.base import Built, Capabilities, Engine
 from tunepipe.tasks.serving.protocol import VLLM_NEUTRAL, APIError
-from tunepipe.tasks.serving.process import HealthTimeout, stop_group, wait_healthy
+from tunepipe.tasks.serving.process import ChildServer, HealthTimeout, wait_healthy
 
 SERVER_MODULE = "llama_cpp.server"
 SEED_RANGE = (0, 2**32 - 1)  # llama.cpp's sampler seed is a uint32: a larger one would be truncated silently
@@ -210,7 +209,7 @@ def server_settings(config: ServeConfig, models: dict[str, str | None], *, port:
                        for alias, lora in models.items()]}
 
 
-class LlamaCppServer:
+class LlamaCppServer(ChildServer):
     """`python -m llama_cpp.server --config_file F` as our child, in its own process group; `start()` waits for it
     to answer, `stop()` sends SIGTERM then SIGKILL. The config file (it holds the private key) lives in a 0700
     directory removed at stop."""
@@ -222,7 +221,7 @@ class LlamaCppServer:
         self.log_file = Path(log_file)
         self.folder = Path(tempfile.mkdtemp(prefix="tunepipe-llamacpp-"))
         self.command = [self.python, "-m", SERVER_MODULE, "--config_file", str(self.folder / "server.json")]
-        self.process: subprocess.Popen | None = None
+        self.stop_timeout_s = config.llamacpp.stop_timeout_s
 
     @property
     def url(self) -> str:
@@ -232,44 +231,20 @@ class LlamaCppServer:
         config_file = self.folder / "server.json"
         config_file.touch(mode=0o600)
         config_file.write_text(json.dumps(self.settings))
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         env = {k: v for k, v in os.environ.items() if k not in ("CONFIG_FILE", "HOST", "PORT")}  # they override the file
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.spawn(self.command, env)
         opener_headers = {"Authorization": f"Bearer {self.settings['api_key']}"}
         try:
             wait_healthy(f"{self.url}/v1/models", self.config.llamacpp.health_timeout_s, alive=self.alive, interval=0.3,
-                         describe=self._log_tail, headers=opener_headers)
+                         describe=self.log_tail, headers=opener_headers)
         except HealthTimeout as exc:
             self.stop()
             raise RuntimeError(f"llama.cpp's server did not start: {exc}") from None
         return self
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait(self) -> int:
-        return self.process.wait() if self.process is not None else 0
-
     def stop(self) -> int | None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        return stop_group(self.process, self.config.llamacpp.stop_timeout_s)
-
-    def _log_tail(self, lines: int = 20) -> str:
-        if not self.log_file.exists():
-            return ""
-        with self.log_file.open("rb") as fh:
-            fh.seek(getattr(self, "_log_start", 0))
-            tail = fh.read().decode(errors="replace").splitlines()[-lines:]
-        return f" (log {self.log_file}):\n" + "\n".join(tail) if tail else f" (log {self.log_file} is empty)"
-
-    def __enter__(self) -> "LlamaCppServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)  # the config file holds the private key
+        return super().stop()
 
 
 def llamacpp_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
