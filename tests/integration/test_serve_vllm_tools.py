@@ -8,9 +8,6 @@ The base is a tiny random Qwen2.5 with the published tool-calling template (test
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import jsonschema
 import openai
@@ -21,13 +18,12 @@ torch.set_num_threads(1)
 
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.embedded import build_app
-from tunepipe.tasks.serving.process import ServerThread, free_port, is_healthy
+from tunepipe.tasks.serving.process import ServerThread, free_port
 from tunepipe.tasks.serving.settings import resolve_serve_config
 
-from tests.conftest import REPO
 from tests.helpers.tool_models import qwen25_tools_model
 from tests.helpers.training import cpu_profile
-from tests.helpers.vllm import vllm_python_or_skip
+from tests.helpers.vllm import serving_cli, vllm_python_or_skip
 
 pytestmark = pytest.mark.vllm
 
@@ -49,26 +45,14 @@ def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-tools")
     base = str(qwen25_tools_model(root / NAME))
     port = free_port()
-    cmd = [sys.executable, "-m", "tunepipe.flows.cli.main", "serve", base, "--engine", "vllm", "--env", "serve-vllm-cpu",
-           "--port", str(port), "--workdir", str(root / "work"), "--vllm-arg=--max-model-len=2048"]
-    started = time.monotonic()
-    cli = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [base, "--engine", "vllm", "--env", "serve-vllm-cpu", "--workdir", str(root / "work"),
+            "--vllm-arg=--max-model-len=2048"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        while not is_healthy(f"{url}/health"):
-            assert cli.poll() is None, f"tunepipe serve --engine vllm exited:\n{cli.stdout.read()}"
-            assert time.monotonic() - started < 600, "vLLM was not healthy within 10 minutes"
-            time.sleep(1)
+    with serving_cli(args, port, limit_s=600):
         config = ServeConfig(base=base, engine="embedded", max_tokens_limit=400)
         with ServerThread(build_app(resolve_serve_config(config, cpu_profile()), cpu_profile())) as embedded:
             yield {"vllm": client(url), "embedded": client(embedded.url), "base": base, "log": root / "work" / "logs",
                    "urls": {"vllm": url, "embedded": embedded.url}}
-    finally:
-        cli.terminate()
-        try:
-            cli.wait(60)
-        except subprocess.TimeoutExpired:
-            cli.kill()
 
 
 def client(url: str) -> openai.OpenAI:
