@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import EvaluateConfig, GenerationEndpoint
-from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.schemas.handoffs import AlignKeyedConfig, ModelOutputs, SFTKeyedConfig
 from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
@@ -75,18 +75,19 @@ class ModelSource:
 
 
 def artifact_source(name: str, ref: ArtifactRef | Path | str, base_override: str | None, fallback_base: str | None) -> ModelSource:
-    """A model artifact (sft, align): its outputs.json and, when it has one, its manifest's config."""
+    """A model artifact (sft, align): its outputs.json, and its manifest's config (the tasks it was trained on,
+    the system prompt it was trained with)."""
     root = Path(ref.path if isinstance(ref, ArtifactRef) else ref)
     outputs = read_handoff(root, ModelOutputs, reader=f"evaluate: {name}")
-    config = read_manifest_config(root)
+    config = read_manifest_config(root, (SFTKeyedConfig, AlignKeyedConfig), reader=f"evaluate: {name}")
     return ModelSource(
         name=name,
         kind=outputs.kind,
         base_model=_base_model(base_override, outputs.base_model, fallback_base, name),
         root=root,
         paths=dict(outputs.paths),
-        trained_tasks=config.get("tasks"),
-        system_prompt=config.get("system_prompt"),
+        trained_tasks=config.tasks,
+        system_prompt=config.system_prompt,
     )
 
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import BUILTIN_METRICS, EvaluateConfig
-from tunepipe.schemas.handoffs import GateVerdict
+from tunepipe.schemas.handoffs import AlignKeyedConfig, GateVerdict
 from tunepipe.tasks.core.artifacts import read_manifest
-from tunepipe.tasks.core.handoff import write_handoff
+from tunepipe.tasks.core.handoff import read_manifest_config, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.evaluate.gate import AlignmentEvidence, GateEvidence, decide
 from tunepipe.tasks.training.hardware import hardware
@@ -488,12 +488,13 @@ def align_tolerance(candidate: ModelSource, inputs: dict[str, Any]) -> Alignment
     if stage_of(candidate, inputs) != "align":
         return None
     manifest = read_manifest(inputs["align"].path)
+    aligned_with = read_manifest_config(inputs["align"], AlignKeyedConfig, reader="evaluate")
     task = {run: h["task"] for run, h in (manifest.metrics.get("heldout") or {}).items() if h.get("task")}
     return AlignmentEvidence(
         within=manifest.metrics.get("task_metric_within_tolerance"),
         drops={run: t["task_metric_drop"] for run, t in task.items() if "task_metric_drop" in t},
         metric=next((t.get("task_metric") for t in task.values() if t.get("task_metric")), None),
-        tolerance=(manifest.config or {}).get("task_tolerance"),
+        tolerance=aligned_with.task_tolerance,
     )
 
 
