@@ -155,7 +155,7 @@ def test_per_task_adapters_are_checked_one_by_one_and_the_gate_names_the_one_tha
     from tunepipe.schemas.evaluate import EvaluateConfig, GateRules
     from tunepipe.tasks.evaluate import stage
     from tunepipe.tasks.evaluate.gate import GateEvidence, decide
-    from tunepipe.tasks.evaluate.generation import ModelSource
+    from tunepipe.tasks.evaluate.sources import ModelSource
 
     items = retention.general_set()
     right = [item["answers"][0] for item in items]

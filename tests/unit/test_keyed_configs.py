@@ -145,7 +145,7 @@ def test_a_missing_manifest_another_stages_and_an_older_payload_name_the_artifac
 
 
 def test_evaluate_reads_an_sft_candidates_tasks_and_prompt_and_an_aligned_ones_tasks(tmp_path):
-    from tunepipe.tasks.evaluate.generation import artifact_source
+    from tunepipe.tasks.evaluate.sources import artifact_source
 
     base = local_model(tmp_path / "base")
     sft = publish(tmp_path / "sft", SFTStage(), sft_config(), adapter_outputs(base))
@@ -162,7 +162,7 @@ def test_evaluate_reads_an_sft_candidates_tasks_and_prompt_and_an_aligned_ones_t
 
 
 def test_evaluate_holds_an_aligned_candidate_to_the_tolerance_align_was_run_with(tmp_path):
-    from tunepipe.tasks.evaluate.generation import artifact_source
+    from tunepipe.tasks.evaluate.sources import artifact_source
     from tunepipe.tasks.evaluate.stage import align_tolerance
 
     base = local_model(tmp_path / "base")
