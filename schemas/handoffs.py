@@ -166,7 +166,3 @@ class PretrainKeyedConfig(KeyedConfig):
     base_model_fingerprint: ModelFingerprint | None = Field(
         alias="model", description="`pretrain.model` by content (None: it continued the base_model input)."
     )
-
-
-# A trained model artifact's config, as evaluate and export read it (their candidate or source).
-ModelKeyedConfig = SFTKeyedConfig | AlignKeyedConfig
