@@ -6,14 +6,23 @@ these models, written by `tunepipe.tasks.core.handoff.write_handoff` and read (v
     GateVerdict    verdict.json     evaluate           → deploy (its only source of the verdict)
     ExportIndex    exports.json     export             → deploy
     DeployDecision deployment.json  deploy             → operators (`tunepipe registry`, the UI)
+
+An upstream stage's config is read from its manifest (`manifest.json`'s `config`, read by
+`tunepipe.tasks.core.handoff.read_manifest_config`) as one of the `KeyedConfig` views below:
+
+    SFTKeyedConfig      sft       → align (the SFT method), evaluate and export (tasks, system prompt, training)
+    AlignKeyedConfig    align     → evaluate (tasks, task tolerance) and export (training)
+    PretrainKeyedConfig pretrain  → the general-knowledge check (was the model configured, or the input's)
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from tunepipe.schemas.base import StrictModel
+from tunepipe.schemas.methods import MethodConfig
+from tunepipe.schemas.training import TrainingConfig
 
 
 class Handoff(StrictModel):
@@ -96,3 +105,64 @@ class DeployDecision(Handoff):
     previous: dict[str, int | None] = Field(default_factory=dict, description="Name → the version the alias pointed at before.")
     smoke: dict[str, Any] = Field(default_factory=dict, description="Name → the smoke test's answer and latency.")
     hot_loaded: bool = Field(default=False, description="Whether the adapters were hot-loaded into a running server.")
+
+
+# --------------------------------------------------------------------------------------------
+# An upstream stage's config, as its key saw it
+
+# What a model contributes to a key (tasks/lm/modeling.py model_fingerprint): the digest of a local
+# directory's files, of a GGUF file's bytes, or a hub id at its revision. Never a local path: the
+# key replaced the path, so the manifest (same key, same bytes) holds none.
+ModelFingerprint = Annotated[str, StringConstraints(pattern=r"^(sha256:[0-9a-f]{64}|gguf:sha256:[0-9a-f]{64}|hub:.+@.+)$")]
+
+
+class KeyedConfig(BaseModel):
+    """An upstream stage's config as its manifest records it: the payload its key was computed from,
+    which is the stage's config with some fields rewritten (a model path became its fingerprint).
+
+    Each view declares the fields its readers use, typed as what the payload holds; a field the key
+    rewrote has the name of what it now is (`base_model_fingerprint`, read from `model`). The rest
+    of the payload is the stage's business (ignored, not guessed at). Every declared field is
+    required: the payload is the whole config, so a missing one is an older or another stage's
+    manifest, and the reader fails naming the artifact."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    STAGES: ClassVar[tuple[str, ...]]  # the stages whose manifests this view reads
+
+
+class SFTKeyedConfig(KeyedConfig):
+    """The sft stage's config (schemas/sft.py SFTConfig) as its key saw it."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("sft",)
+
+    base_model_fingerprint: ModelFingerprint | None = Field(
+        alias="model", description="`sft.model` by content (None: the model was the pretrain or base_model input)."
+    )
+    method: MethodConfig = Field(description="The SFT method (align continues it: 4-bit loading for qlora).")
+    tasks: list[str] | None = Field(description="The tasks trained on; None: every task of the train split.")
+    system_prompt: str | None = Field(description="The system message sft prepended to records that had none.")
+    training: TrainingConfig = Field(description="Its optimisation hyper-parameters.")
+
+
+class AlignKeyedConfig(KeyedConfig):
+    """The align stage's config (schemas/align.py AlignConfig) as its key saw it."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("align",)
+    # align adds no system message: it trains on the data's messages as they are (tasks/lm/pairs.py
+    # prompt_records), so a reader that asks an aligned model's system prompt gets None.
+    system_prompt: ClassVar[None] = None
+
+    tasks: list[str] | None = Field(description="The tasks aligned; None: every task.")
+    task_tolerance: float = Field(description="The largest task-metric drop from SFT the run was held to.")
+    training: TrainingConfig = Field(description="Its optimisation hyper-parameters.")
+
+
+class PretrainKeyedConfig(KeyedConfig):
+    """The pretrain stage's config (schemas/pretrain.py PretrainConfig) as its key saw it."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("pretrain",)
+
+    base_model_fingerprint: ModelFingerprint | None = Field(
+        alias="model", description="`pretrain.model` by content (None: it continued the base_model input)."
+    )

@@ -19,17 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.methods import QLoraMethod
-from tunepipe.schemas.sft import SFTConfig
+from tunepipe.schemas.methods import MethodConfig, QLoraMethod
 from tunepipe.tasks.align.job import AlignJob
 from tunepipe.tasks.core.stage import StageFailed
 
 REF_ADAPTER = "ref"
-
-
-def sft_method(sft_config: dict[str, Any]) -> Any:
-    """The SFT run's method model (decides how the base is loaded: 4-bit for qlora)."""
-    return SFTConfig.model_validate({"method": sft_config.get("method", "lora")}).method
 
 
 def load_policy(job: AlignJob) -> tuple[Any, Any]:
@@ -84,7 +78,7 @@ def save_policy(model: Any, tokenizer: Any, dest: Path) -> None:
 class PolicyPair:
     """The SFT policy and the aligned policy on one loaded base, switched by adapter name."""
 
-    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, method: Any, env: EnvironmentProfile):
+    def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, method: MethodConfig, env: EnvironmentProfile):
         from peft import PeftModel
         from tunepipe.tasks.training.trainer import load_base
 

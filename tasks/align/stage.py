@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.handoffs import ModelOutputs
-from tunepipe.tasks.align.policy import sft_method
+from tunepipe.schemas.handoffs import ModelOutputs, SFTKeyedConfig
 from tunepipe.tasks.align.job import AlignJob
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.training.hardware import hardware
@@ -65,22 +64,34 @@ def heldout_prompts(data_dir: str, tasks: list[str] | None, per_task: int) -> li
     return out
 
 
-def check_memory(config: AlignConfig, ctx: StageContext, base_model: str, sft_config: dict[str, Any]) -> dict[str, Any] | None:
+def check_memory(config: AlignConfig, ctx: StageContext, base_model: str, sft_config: SFTKeyedConfig) -> dict[str, Any] | None:
     """The memory plan of a pairwise method (the SFT policy's method trained further on chosen + rejected rows,
     with its reference), or StageFailed saying what to change when it does not fit the profile; read from the
     configs alone, before any weights load. Online methods (ppo, grpo, rloo) hold generation state the planner
     does not model: they are not planned (None)."""
-    from tunepipe.tasks.align.policy import sft_method
     from tunepipe.tasks.training.memory_plan import check_fit
 
     if not config.trains_on_pairs():
         ctx.logger.info("align: %s is not memory-planned (the planner models sft, reward and pairwise methods)", config.method.name)
         return None
-    method = sft_method(sft_config)
+    method = sft_config.method
     plan = check_fit(base_model, method, ctx.env, config.max_length, config.training, stage="dpo")
     ctx.logger.info("align: %s continuing the %s policy, ~%.2f GiB per device", config.method.name, method.name,
                     plan["memory"]["total_gb"])
     return plan
+
+
+def asks_general_set(setting: Literal["auto", "on", "off"], sft_outputs: ModelOutputs, sft_config: SFTKeyedConfig, inputs: dict[str, Any]) -> bool:
+    """Whether the general-knowledge set is asked of SFT and aligned (tasks/lm/retention.py `applies`), judged
+    on what the SFT policy was trained from: its adapters' base; a full fine-tune's configured `sft.model` (the
+    manifest knows it by fingerprint only: a model the user brought, pretrained, never one the pipeline
+    initialised); else the pretrain or base_model input it started from."""
+    from tunepipe.tasks.lm.retention import applies
+
+    if sft_outputs.base_model is None and sft_config.base_model_fingerprint is not None:
+        return setting != "off"
+    origin = sft_outputs.base_model or next((inputs[n].path for n in ("pretrain", "base_model") if n in inputs), "")
+    return applies(setting, origin, inputs)
 
 
 class AlignStage(Stage):
@@ -118,7 +129,7 @@ class AlignStage(Stage):
         data_dir = ctx.inputs["data"].path
         sft_ref = ctx.inputs["sft"]
         sft_outputs = read_handoff(sft_ref, ModelOutputs, reader="align")
-        sft_config = read_manifest_config(sft_ref)
+        sft_config = read_manifest_config(sft_ref, SFTKeyedConfig, reader="align")
         reward_dir = ctx.inputs["reward"].path if "reward" in ctx.inputs else None
         runs = plan_runs(Path(sft_ref.path), sft_outputs, config.tasks)
         base_model = sft_outputs.base_model if sft_outputs.kind != "model" else runs["all"]["sft_dir"]
@@ -149,7 +160,7 @@ class AlignStage(Stage):
                 continue
             job = AlignJob(
                 config=config, env=ctx.env, run=run, sft_dir=spec["sft_dir"], sft_kind=sft_outputs.kind,
-                sft_method=sft_method(sft_config), base_model=base_model, reward_dir=reward_dir, train_pairs=train_pairs, prompts=prompts,
+                sft_method=sft_config.method, base_model=base_model, reward_dir=reward_dir, train_pairs=train_pairs, prompts=prompts,
                 pairs_file=str(ctx.staging_dir / (ON_POLICY_FILE if run == "all" else f"preferences.on_policy.{run}.jsonl")),
                 output_dir=str(ctx.staging_dir), save_to=spec["save_to"], checkpoint_dir=str(ctx.checkpoint_dir / run),
                 judge_cache=str(ctx.checkpoint_dir / JUDGE_CACHE),
@@ -213,22 +224,19 @@ class AlignStage(Stage):
             preference_metrics,
             task_and_reward_metrics,
         )
-        from tunepipe.tasks.lm.retention import applies
         from tunepipe.tasks.align.policy import PolicyPair
         from tunepipe.tasks.lm.modeling import load_tokenizer
         from tunepipe.tasks.lm.reward_model import load_reward_model
         from tunepipe.tasks.lm.scoring import task_scorers
 
         settings = config.heldout
-        # What the SFT policy was trained from: its adapters' base, or (a full fine-tune) the model sft started from.
-        origin = sft_outputs.base_model or sft_config.get("model") or next((ctx.inputs[n].path for n in ("pretrain", "base_model") if n in ctx.inputs), "")
-        general = applies(settings.general_set, str(origin), ctx.inputs)
+        general = asks_general_set(settings.general_set, sft_outputs, sft_config, ctx.inputs)
         reward = load_reward_model(reward_dir, hardware(ctx.env).dtype) if reward_dir else None
         beta = getattr(config.method, "beta", None)
         results: dict[str, Any] = {}
         for run, spec in runs.items():
             aligned_dir = str(ctx.staging_dir / spec["save_to"])
-            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_method(sft_config), ctx.env)
+            pair = PolicyPair(outputs.base_model, spec["sft_dir"], aligned_dir, sft_outputs.kind, sft_config.method, ctx.env)
             tokenizer = load_tokenizer(aligned_dir)
             pairs = heldout_pairs.get(run, [])[: settings.max_pairs] if settings.max_pairs else []
             examples = heldout_prompts(data_dir, spec["tasks"], settings.max_examples_per_task) if settings.max_examples_per_task else []

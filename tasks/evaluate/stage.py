@@ -28,13 +28,13 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import BUILTIN_METRICS, EvaluateConfig
-from tunepipe.schemas.handoffs import GateVerdict
+from tunepipe.schemas.handoffs import AlignKeyedConfig, GateVerdict
 from tunepipe.tasks.core.artifacts import read_manifest
-from tunepipe.tasks.core.handoff import write_handoff
+from tunepipe.tasks.core.handoff import read_manifest_config, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.evaluate.gate import AlignmentEvidence, GateEvidence, decide
 from tunepipe.tasks.training.hardware import hardware
-from tunepipe.tasks.evaluate.generation import ModelSource, ModelSpec
+from tunepipe.tasks.evaluate.sources import ModelSource, ModelSpec
 
 ARTIFACT_FILES = ("report.md", "report.html", "task_metrics.png", "ab.png", "predictions.jsonl", "metrics.json", GateVerdict.FILE)
 
@@ -90,7 +90,7 @@ class EvaluateStage(Stage):
         return {"device": env.device, "dtype": env.dtype, "attn_implementation": env.attn_implementation}
 
     def run(self, config: EvaluateConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.evaluate.generation import (
+        from tunepipe.tasks.evaluate.sources import (
             resolve_baseline,
             resolve_candidate,
             trained_tasks,
@@ -165,7 +165,7 @@ class EvaluateStage(Stage):
 
 
 def make_generator(config: EvaluateConfig, env: EnvironmentProfile) -> Any:
-    from tunepipe.tasks.evaluate.generation import EndpointGenerator, HFGenerator
+    from tunepipe.tasks.evaluate.backends import EndpointGenerator, HFGenerator
 
     settings = config.generation
     if settings.backend == "endpoint":
@@ -184,7 +184,6 @@ def answer_task(
     generator: Any, functions: dict[str, Any],
 ) -> TaskRun:
     """Render the task's prompts once (the candidate's template), answer them with both models, score both."""
-    from tunepipe.tasks.evaluate.generation import served_spec
     from tunepipe.tasks.evaluate.metrics import per_example
     from tunepipe.tasks.lm.encoding import record_messages
     from tunepipe.tasks.lm.generation import prompts_and_references
@@ -200,8 +199,8 @@ def answer_task(
         last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
         messages.append(conversation[:last])
     if config.generation.backend == "endpoint":
-        cand_spec = served_spec(cand_spec, config.generation.endpoint.candidate_model, task)
-        base_spec = served_spec(base_spec, config.generation.endpoint.baseline_model, task)
+        cand_spec = cand_spec.served(config.generation.endpoint.candidate_model, task)
+        base_spec = base_spec.served(config.generation.endpoint.baseline_model, task)
     cand_answers = generator.answers(cand_spec, prompts)
     base_answers = generator.answers(base_spec, prompts)
     return TaskRun(
@@ -359,14 +358,14 @@ def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: Model
 
 def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, task: str) -> TaskRun | None:
     """Both models' answers to the general set; None when the base model answers none of it."""
-    from tunepipe.tasks.evaluate.generation import base_source, served_spec
+    from tunepipe.tasks.evaluate.sources import base_source
     from tunepipe.tasks.lm import retention
     from tunepipe.tasks.lm.modeling import load_tokenizer
 
     cand_spec, base_spec = candidate.spec(task), baseline.spec(task)
     if config.generation.backend == "endpoint":
-        cand_spec = served_spec(cand_spec, config.generation.endpoint.candidate_model, task)
-        base_spec = served_spec(base_spec, config.generation.endpoint.baseline_model, task)
+        cand_spec = cand_spec.served(config.generation.endpoint.candidate_model, task)
+        base_spec = base_spec.served(config.generation.endpoint.baseline_model, task)
     tokenizer = load_tokenizer(cand_spec.tokenizer)
     system_prompt = config.system_prompt or candidate.system_prompt
     prompts = retention.prompts(tokenizer, prompt_template(config, tokenizer), system_prompt)
@@ -422,7 +421,7 @@ def sft_against_base(
     """The aligned candidate was held back: do the SFT adapters it started from pass the same gate
     against the base (task metrics, A/B by the same judge, regression tasks and the general set)?
     lm-eval's regression tasks are not rerun for it (a SKIP line says so)."""
-    from tunepipe.tasks.evaluate.generation import artifact_source, base_source, trained_tasks
+    from tunepipe.tasks.evaluate.sources import artifact_source, base_source, trained_tasks
     from tunepipe.tasks.evaluate.metrics import metric_functions
     from tunepipe.tasks.lm.generation import heldout_examples
     from tunepipe.tasks.lm.scoring import task_scorers
@@ -488,12 +487,13 @@ def align_tolerance(candidate: ModelSource, inputs: dict[str, Any]) -> Alignment
     if stage_of(candidate, inputs) != "align":
         return None
     manifest = read_manifest(inputs["align"].path)
+    aligned_with = read_manifest_config(inputs["align"], AlignKeyedConfig, reader="evaluate")
     task = {run: h["task"] for run, h in (manifest.metrics.get("heldout") or {}).items() if h.get("task")}
     return AlignmentEvidence(
         within=manifest.metrics.get("task_metric_within_tolerance"),
         drops={run: t["task_metric_drop"] for run, t in task.items() if "task_metric_drop" in t},
         metric=next((t.get("task_metric") for t in task.values() if t.get("task_metric")), None),
-        tolerance=(manifest.config or {}).get("task_tolerance"),
+        tolerance=aligned_with.task_tolerance,
     )
 
 

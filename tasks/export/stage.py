@@ -36,14 +36,16 @@ from typing import Any
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.export import QUANTIZED_TARGETS, ExportConfig
 from tunepipe.schemas.handoffs import (
+    AlignKeyedConfig,
     ExportIndex,
     ExportSource,
     GateVerdict,
     ModelOutputs,
+    SFTKeyedConfig,
 )
 from tunepipe.schemas.manifest import ArtifactRef
-from tunepipe.tasks.core.artifacts import read_manifest
-from tunepipe.tasks.core.handoff import read_handoff, write_handoff
+from tunepipe.schemas.training import TrainingConfig
+from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.export import gguf
 from tunepipe.tasks.lm import checks
@@ -68,6 +70,7 @@ class Source:
     base_model: str
     runs: dict[str, Path]  # run → directory of the adapter or model
     system_prompt: str | None
+    training: TrainingConfig  # its optimisation hyper-parameters (the model card names them)
 
     def tasks_of(self, run: str, present: list[str]) -> list[str]:
         """Per-task adapters answer their own task; a shared adapter or a model answers every task."""
@@ -101,11 +104,11 @@ def read_source(ref: ArtifactRef, inputs: dict[str, ArtifactRef]) -> Source:
     missing = [str(p) for p in runs.values() if not p.is_dir()]
     if missing:
         raise StageFailed(f"export: {ref.stage} artifact lists directories that do not exist: {missing}")
-    trained_with = read_manifest(ref.path).config or {}
+    trained_with = read_manifest_config(ref, (SFTKeyedConfig, AlignKeyedConfig), reader="export")
     return Source(
         ref=ref, kind=outputs.kind, method=outputs.method,
         base_model=resolve_base(outputs.base_model, inputs), runs=runs,
-        system_prompt=trained_with.get("system_prompt") if isinstance(trained_with, dict) else None,
+        system_prompt=trained_with.system_prompt, training=trained_with.training,
     )
 
 
@@ -543,8 +546,7 @@ def model_card(
         verdict = "no evaluate stage ran: no gate verdict"
     else:
         verdict = ("**passed**" if gate.passed else "**failed**") + "".join(f"\n  - {r}" for r in gate.reasons)
-    trained_with = read_manifest(source.ref.path).config or {}
-    training = trained_with.get("training", {}) if isinstance(trained_with, dict) else {}
+    card_settings = ("epochs", "learning_rate", "lr_scheduler", "max_steps", "optimizer", "seed", "warmup_ratio", "weight_decay")
     lines = [
         f"- Trained artifact: `{source.ref.stage}:{source.ref.key}` ({source.kind}: {', '.join(source.runs)})",
         *([f"- Base model weights{provenance}"] if (provenance := base_provenance(source.base_model)) else []),
@@ -558,8 +560,7 @@ def model_card(
         f"tunepipe's `{source.ref.stage}` stage, method **{source.method}**; its training settings:",
         "",
         "```json",
-        json.dumps({k: training.get(k) for k in sorted(training) if k in (
-            "learning_rate", "max_steps", "epochs", "lr_scheduler", "warmup_ratio", "weight_decay", "seed", "optimizer")}, indent=1),
+        json.dumps(source.training.model_dump(mode="json", include=set(card_settings)), indent=1, sort_keys=True),
         "```",
         "",
         "## Exports",

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from tunepipe.schemas.handoffs import PretrainKeyedConfig
 from tunepipe.tasks.core.handoff import read_manifest_config
 from tunepipe.tasks.lm.encoding import render_messages
 from tunepipe.tasks.lm.metrics import contains_answer
@@ -48,7 +49,9 @@ def from_scratch(base_model: str, inputs: dict[str, Any]) -> bool:
         return True
     pretrain = inputs.get("pretrain")
     if pretrain is not None and resolved == _resolved(pretrain.path):
-        return read_manifest_config(pretrain).get("model") is None and built is not None
+        # pretrain continued the built model when it was given no model of its own
+        continued = read_manifest_config(pretrain, PretrainKeyedConfig, reader="general-knowledge check")
+        return continued.base_model_fingerprint is None and built is not None
     return False
 
 

@@ -27,9 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.pipeline import PipelineConfig
 from tunepipe.schemas.methods import method_shorthand
 from tunepipe.schemas.sft import SFTConfig
+from tunepipe.tasks.core.artifacts import read_manifest
+from tunepipe.tasks.core.handoff import read_handoff
 
 UPSTREAM = ("data", "base_model", "pretrain")
 
@@ -92,10 +95,10 @@ def vllm_verdict(artifact: Path) -> str:
     """"yes", or export's reason why vLLM cannot serve the result."""
     from tunepipe.tasks.export.stage import vllm_problems
 
-    outputs = json.loads((artifact / "outputs.json").read_text())
-    if outputs["kind"] == "model":
+    outputs = read_handoff(artifact, ModelOutputs, reader="compare-methods")
+    if outputs.kind == "model":
         return "yes (full weights)"
-    cfg = json.loads((artifact / outputs["paths"]["all"] / "adapter_config.json").read_text())
+    cfg = json.loads((artifact / outputs.paths["all"] / "adapter_config.json").read_text())
     problems = vllm_problems("all", cfg, max_rank=512)
     return "yes" if not problems else "no: " + problems[0].split(": ", 1)[1].split(": vLLM")[0]
 
@@ -116,17 +119,17 @@ def decode_seconds_per_token(model: Any, prompts: list[list[int]], new_tokens: i
     return statistics.median(times)
 
 
-def latency(artifact: Path, base_model: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, float]:
+def latency(artifact: Path, outputs: ModelOutputs, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, float]:
     from tunepipe.tasks.lm.modeling import load_model
 
-    outputs = json.loads((artifact / "outputs.json").read_text())
+    base_model = outputs.base_model
     base = load_model(base_model).eval()
-    if outputs["kind"] == "model":
-        tuned = load_model(str(artifact / outputs["paths"]["all"])).eval()
+    if outputs.kind == "model":
+        tuned = load_model(str(artifact / outputs.paths["all"])).eval()
     else:
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(load_model(base_model), str(artifact / outputs["paths"]["all"])).eval()
+        tuned = PeftModel.from_pretrained(load_model(base_model), str(artifact / outputs.paths["all"])).eval()
     # Alternating base and tuned rounds, so a machine's load drift hits both alike.
     base_runs, tuned_runs = [], []
     for _ in range(repeats):
@@ -173,11 +176,10 @@ def compare_methods(
         spec = method_shorthand(raw)
         sft = sft_variant(config, spec, max_steps, heldout_examples)
         artifact = train_method(config, sft, refs, env)
-        manifest = json.loads((artifact / "manifest.json").read_text())
         run = json.loads((artifact / "metrics.json").read_text())["all"]
-        metrics = manifest["metrics"]
-        outputs = json.loads((artifact / "outputs.json").read_text())
-        prompts = test_prompts(refs["data"].path, artifact / outputs["paths"]["all"], latency_prompts)
+        metrics = read_manifest(artifact).metrics
+        outputs = read_handoff(artifact, ModelOutputs, reader="compare-methods")
+        prompts = test_prompts(refs["data"].path, artifact / outputs.paths["all"], latency_prompts)
         rows.append({
             "method": method_label(spec),
             "trainable_parameters": metrics["trainable_parameters"],
@@ -190,7 +192,7 @@ def compare_methods(
             "train_loss": run["train_loss"],
             "heldout": {task: {k: s[k] for k in ("exact_match", "token_f1", "base_exact_match", "base_token_f1", "n")}
                         for task, s in (metrics.get("heldout") or {}).items()},
-            **latency(artifact, outputs["base_model"], prompts, latency_tokens, repeats),
+            **latency(artifact, outputs, prompts, latency_tokens, repeats),
             "vllm": vllm_verdict(artifact),
             "artifact": str(artifact),
         })

@@ -28,8 +28,8 @@ def test_dpo_on_a_qlora_sft_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from tunepipe.tasks.align import policy as policy_module
+    from tunepipe.schemas.handoffs import SFTKeyedConfig
     from tunepipe.tasks.core.handoff import read_manifest_config
-    from tunepipe.tasks.align.policy import sft_method
     from tunepipe.tasks.training.trainer import load_base
 
     model = build_tiny_model(tmp_path / "model")
@@ -81,7 +81,7 @@ def test_dpo_on_a_qlora_sft_adapter(tmp_path, monkeypatch):
     assert unchanged == [], f"not trained by DPO: {unchanged}"
 
     # It loads on the 4-bit base (the SFT run's own quantization) and answers differently from SFT.
-    method = sft_method(read_manifest_config(sft))
+    method = read_manifest_config(sft, SFTKeyedConfig, reader="test").method
     base = load_base(outputs["base_model"], method, env())
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()), "the base did not load in 4 bits"
     policy = PeftModel.from_pretrained(base, str(out / "adapter"), adapter_name="aligned").eval()

@@ -197,7 +197,8 @@ def _judge(text: str) -> str:
 
 
 def test_endpoint_generation_and_judge_give_the_in_process_verdict(assets, promoted):
-    from tunepipe.tasks.evaluate.generation import HFGenerator, artifact_source, base_source
+    from tunepipe.tasks.evaluate.backends import HFGenerator
+    from tunepipe.tasks.evaluate.sources import artifact_source, base_source
 
     _, in_process = promoted
     source = artifact_source("sft", assets["good"], None, None)

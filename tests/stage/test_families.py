@@ -581,7 +581,7 @@ def test_vllm_greedy_answers_equal_the_embedded_engines_and_the_adapter_is_appli
 @pytest.mark.vllm
 def test_vllm_answers_what_evaluate_scored(run, served):
     """The evaluate stage's candidate answers (HF, in-process) are what vLLM serving the exported adapter answers."""
-    from tunepipe.tasks.evaluate.generation import completion_request
+    from tunepipe.tasks.evaluate.backends import completion_request
 
     predictions = _predictions(run)
     tokenizer = _tokenizer(run)
@@ -596,7 +596,8 @@ def test_vllm_answers_what_evaluate_scored(run, served):
     # evaluate's endpoint backend on the same server reads the same answers (after Qwen3's think block too), wherever
     # no character was cut in half at the token limit (the server's text holds such bytes back, see above)
     from tunepipe.schemas.evaluate import GenerationEndpoint
-    from tunepipe.tasks.evaluate.generation import EndpointGenerator, ModelSpec
+    from tunepipe.tasks.evaluate.backends import EndpointGenerator
+    from tunepipe.tasks.evaluate.sources import ModelSpec
 
     generator = EndpointGenerator(GenerationEndpoint(url=f"{served['url']}/v1", candidate_model="tuned", baseline_model="base"),
                                   max_new_tokens=NEW_TOKENS, batch_size=8)

@@ -23,7 +23,9 @@ def test_each_method_trains_the_pipelines_sft_section_with_one_shared_run(tmp_pa
 
 def _artifact(path, kind, cfg=None):
     path.mkdir(parents=True)
-    (path / "outputs.json").write_text(json.dumps({"kind": kind, "paths": {"all": "adapter" if kind == "adapter" else "model"}}))
+    outputs = {"kind": kind, "method": "lora" if kind == "adapter" else "full", "base_model": "base" if kind == "adapter" else None,
+               "paths": {"all": "adapter" if kind == "adapter" else "model"}}
+    (path / "outputs.json").write_text(json.dumps(outputs))
     if cfg is not None:
         (path / "adapter").mkdir()
         (path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))

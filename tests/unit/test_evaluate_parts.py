@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from tunepipe.schemas.evaluate import EvaluateConfig, GateRules
 from tunepipe.tasks.evaluate import judges
 from tunepipe.tasks.evaluate.gate import GateEvidence, decide
-from tunepipe.tasks.evaluate.generation import completion_request
+from tunepipe.tasks.evaluate.backends import completion_request
 from tunepipe.tasks.evaluate.lm_eval_tasks import FILTER_MODULE, write_local_tasks
 from tunepipe.tasks.evaluate.metrics import aggregate, load_callable, per_example, rouge_l, sentence_bleu
 from tunepipe.tasks.core.stage import StageFailed
@@ -152,7 +152,7 @@ def test_lm_eval_filter_scores_as_the_stage_does(tmp_path):
 def test_serving_baseline_follows_the_registry_and_enters_the_key(tmp_path):
     from tunepipe.tasks.core.registry import AdapterRegistry
     from tunepipe.tasks.evaluate.stage import EvaluateStage
-    from tunepipe.tasks.evaluate.generation import ModelSource, resolve_baseline
+    from tunepipe.tasks.evaluate.sources import ModelSource, resolve_baseline
 
     candidate = ModelSource("align", "adapters", "/base", tmp_path, {"triples": "a/triples", "sentiment": "a/sentiment"})
     config = EvaluateConfig.model_validate({"baseline": "serving", "registry": str(tmp_path / "registry"), "registry_name": "qs"})

@@ -102,12 +102,19 @@ def test_only_a_pretrained_base_is_checked(tmp_path):
     assert retention.applies("off", str(tmp_path / "smollm2"), {}) is False
     assert retention.applies("on", built.path, {"base_model": built}) is True
     # continued pretraining of the pipeline's own base is still from scratch; of a pretrained model it is not
-    import json
+    # (the manifest as the pretrain stage writes it: its key payload, where a model is its fingerprint)
+    from tunepipe.schemas.manifest import Manifest, Timings
+    from tunepipe.schemas.pretrain import PretrainConfig
+    from tunepipe.tasks.pretrain.stage import PretrainStage
+
+    def manifest(config: PretrainConfig) -> str:
+        return Manifest(stage="pretrain", key="p1", code_version="c", config=PretrainStage().key_payload(config),
+                        timings=Timings(started_at="t0", finished_at="t1", seconds=0.0)).model_dump_json()
 
     pretrain = _artifact(tmp_path, "pretrain", "p1")
-    (Path(pretrain.path) / "manifest.json").write_text(json.dumps({"config": {"model": None}}))
+    (Path(pretrain.path) / "manifest.json").write_text(manifest(PretrainConfig()))
     assert retention.applies("auto", pretrain.path, {"base_model": built, "pretrain": pretrain}) is False
-    (Path(pretrain.path) / "manifest.json").write_text(json.dumps({"config": {"model": "/models/smollm2"}}))
+    (Path(pretrain.path) / "manifest.json").write_text(manifest(PretrainConfig(model="HuggingFaceTB/SmolLM2-135M")))
     assert retention.applies("auto", pretrain.path, {"base_model": built, "pretrain": pretrain}) is True
 
 
@@ -148,7 +155,7 @@ def test_per_task_adapters_are_checked_one_by_one_and_the_gate_names_the_one_tha
     from tunepipe.schemas.evaluate import EvaluateConfig, GateRules
     from tunepipe.tasks.evaluate import stage
     from tunepipe.tasks.evaluate.gate import GateEvidence, decide
-    from tunepipe.tasks.evaluate.generation import ModelSource
+    from tunepipe.tasks.evaluate.sources import ModelSource
 
     items = retention.general_set()
     right = [item["answers"][0] for item in items]

@@ -48,7 +48,7 @@ def test_packed_attention_plans_the_first_preference_and_padded_rows_keep_the_ba
 # The profile fields that carry hardware decisions, read only by tasks/training/hardware.py in the code that
 # trains and evaluates (export and serving still read some themselves: see the module docstring).
 DECIDING_FIELDS = {"device", "dtype", "attn_implementation", "packed_attention", "fsdp", "deepspeed_config"}
-TRAINING_CODE = ["tasks/training", "tasks/sft", "tasks/reward", "tasks/pretrain", "tasks/align", "tasks/evaluate/generation.py"]
+TRAINING_CODE = ["tasks/training", "tasks/sft", "tasks/reward", "tasks/pretrain", "tasks/align", "tasks/evaluate/backends.py"]
 
 
 def _is_profile(node: ast.AST) -> bool:

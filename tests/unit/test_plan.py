@@ -158,13 +158,20 @@ def _pairs_data(path):
 
 
 def _sft_adapter_artifact(path, base):
-    """An sft artifact as align and reward read it: a LoRA adapter handoff on `base` and its manifest's config."""
+    """An sft artifact as align and reward read it: a LoRA adapter handoff on `base` and its manifest (the sft
+    stage's key payload of a LoRA config)."""
     import json
+
+    from tunepipe.schemas.manifest import Manifest, Timings
+    from tunepipe.schemas.sft import SFTConfig
+    from tunepipe.tasks.sft.stage import SFTStage
 
     path.mkdir()
     (path / "adapter").mkdir()
     (path / "outputs.json").write_text(json.dumps({"kind": "adapter", "method": "lora", "base_model": str(base), "paths": {"all": "adapter"}}))
-    (path / "manifest.json").write_text(json.dumps({"config": {"method": {"name": "lora"}}}))
+    manifest = Manifest(stage="sft", key="s", code_version="c", config=SFTStage().key_payload(SFTConfig.model_validate({"method": "lora"})),
+                        timings=Timings(started_at="t0", finished_at="t1", seconds=0.0))
+    (path / "manifest.json").write_text(manifest.model_dump_json())
     return path
 
 

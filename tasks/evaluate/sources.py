@@ -1,33 +1,24 @@
-"""What is compared, and how its answers are generated.
+"""What is compared: the candidate and the baseline, resolved to the models that answer.
 
 A *source* is the candidate or the baseline: a model artifact (`outputs.json` of sft/align), a
-bare adapter or model directory, or the base model itself (adapters disabled). Per task it names
-one *spec*: a full model, or a base model plus an adapter (per-task adapters: the task's own).
-
-Answers are greedy. `HFGenerator` loads each base model once, puts every adapter on it under
-its own name, and switches between them (the base is the same weights with adapters disabled);
-it is also what lm-eval runs on. `EndpointGenerator` sends the same rendered prompts to an
-OpenAI-compatible completions endpoint (vLLM), so both paths answer the same text.
+bare adapter or model directory, the base model itself (adapters disabled), or what the registry
+serves now. Per task it names one *spec*: a full model, or a base model plus an adapter
+(per-task adapters: the task's own). How a spec answers is `backends.py`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from tunepipe.schemas.environment import EnvironmentProfile
-from tunepipe.schemas.evaluate import EvaluateConfig, GenerationEndpoint
-from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.schemas.evaluate import EvaluateConfig
+from tunepipe.schemas.handoffs import AlignKeyedConfig, ModelOutputs, SFTKeyedConfig
 from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.lm.encoding import final_answer, read_split, reasoning_end
-from tunepipe.tasks.lm.generation import greedy_answers
-from tunepipe.tasks.lm.judge import openai_client
+from tunepipe.tasks.lm.encoding import read_split
 
 
 @dataclass(frozen=True)
@@ -39,6 +30,10 @@ class ModelSpec:
     adapter: str | None = None
     tokenizer: str = ""
     served_name: str | None = None  # the endpoint's model name (backend: endpoint)
+
+    def served(self, template: str, task: str) -> "ModelSpec":
+        """This spec under its model name on the endpoint (`{task}` filled in)."""
+        return ModelSpec(self.label, self.model, self.adapter, self.tokenizer, template.replace("{task}", task))
 
 
 @dataclass
@@ -75,18 +70,19 @@ class ModelSource:
 
 
 def artifact_source(name: str, ref: ArtifactRef | Path | str, base_override: str | None, fallback_base: str | None) -> ModelSource:
-    """A model artifact (sft, align): its outputs.json and, when it has one, its manifest's config."""
+    """A model artifact (sft, align): its outputs.json, and its manifest's config (the tasks it was trained on,
+    the system prompt it was trained with)."""
     root = Path(ref.path if isinstance(ref, ArtifactRef) else ref)
     outputs = read_handoff(root, ModelOutputs, reader=f"evaluate: {name}")
-    config = read_manifest_config(root)
+    config = read_manifest_config(root, (SFTKeyedConfig, AlignKeyedConfig), reader=f"evaluate: {name}")
     return ModelSource(
         name=name,
         kind=outputs.kind,
         base_model=_base_model(base_override, outputs.base_model, fallback_base, name),
         root=root,
         paths=dict(outputs.paths),
-        trained_tasks=config.get("tasks"),
-        system_prompt=config.get("system_prompt"),
+        trained_tasks=config.tasks,
+        system_prompt=config.system_prompt,
     )
 
 
@@ -202,141 +198,3 @@ def _base_model(override: str | None, declared: str | None, fallback: str | None
         f"evaluate: {name}: its base model {declared!r} is not here: set evaluate.base_model, or give the stage the "
         "`pretrain` or `base_model` input it was trained from"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Generation
-
-
-class HFGenerator:
-    """Batched greedy generation with transformers (+ PEFT), on the profile's device and dtype."""
-
-    def __init__(self, env: EnvironmentProfile, *, max_new_tokens: int, batch_size: int):
-        self.env = env
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self._models: dict[str, Any] = {}  # base or full model path → model (PeftModel once it has adapters)
-        self._adapters: dict[str, str] = {}  # adapter dir → its name on the model
-        self._tokenizers: dict[str, Any] = {}
-
-    def tokenizer(self, spec: ModelSpec) -> Any:
-        from tunepipe.tasks.lm.modeling import load_tokenizer
-
-        if spec.tokenizer not in self._tokenizers:
-            self._tokenizers[spec.tokenizer] = load_tokenizer(spec.tokenizer)
-        return self._tokenizers[spec.tokenizer]
-
-    def _load(self, path: str) -> Any:
-        from tunepipe.tasks.training.hardware import hardware
-        from tunepipe.tasks.lm.modeling import load_model
-
-        if path not in self._models:
-            hw = hardware(self.env)
-            model = load_model(path, dtype=hw.dtype, attn_implementation=hw.attention(padding_free=False))
-            model.config.use_cache = True
-            self._models[path] = model.to(hw.device).eval()
-        return self._models[path]
-
-    @contextlib.contextmanager
-    def active(self, spec: ModelSpec) -> Iterator[Any]:
-        """The model with exactly this spec's adapter on (or none: adapters disabled)."""
-        from peft import PeftModel
-
-        model = self._load(spec.model)
-        if spec.adapter is None:
-            if isinstance(model, PeftModel):
-                with model.disable_adapter():
-                    yield model
-            else:
-                yield model
-            return
-        if spec.adapter not in self._adapters:
-            name = f"adapter{len(self._adapters)}"
-            if isinstance(model, PeftModel):
-                model.load_adapter(spec.adapter, adapter_name=name)
-            else:
-                model = self._models[spec.model] = PeftModel.from_pretrained(model, spec.adapter, adapter_name=name).eval()
-            self._adapters[spec.adapter] = name
-        model.set_adapter(self._adapters[spec.adapter])
-        yield model
-
-    def answers(self, spec: ModelSpec, prompts: list[str]) -> list[str]:
-        with self.active(spec) as model:
-            return greedy_answers(model, self.tokenizer(spec), prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-
-
-class EndpointGenerator:
-    """Greedy completions of the rendered prompts from an OpenAI-compatible server (vLLM)."""
-
-    def __init__(self, endpoint: GenerationEndpoint, *, max_new_tokens: int, batch_size: int):
-        self.endpoint = endpoint
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.client = openai_client(endpoint)  # tasks/lm/judge.py
-        self._think_ends: dict[str, str | None] = {}
-
-    def think_end(self, spec: ModelSpec) -> str | None:
-        """The reasoning marker of the spec's tokenizer: a server returns a reasoning family's think block
-        in the completion text, and the answer is what follows it (as greedy_answers reads it)."""
-        if not spec.tokenizer:
-            return None
-        if spec.tokenizer not in self._think_ends:
-            from tunepipe.tasks.lm.modeling import load_tokenizer
-
-            self._think_ends[spec.tokenizer] = reasoning_end(load_tokenizer(spec.tokenizer))
-        return self._think_ends[spec.tokenizer]
-
-    def answers(self, spec: ModelSpec, prompts: list[str]) -> list[str]:
-        end = self.think_end(spec)
-        out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            response = self.client.completions.create(**completion_request(spec.served_name, batch, self.max_new_tokens))
-            texts = {choice.index: choice.text for choice in response.choices}
-            if sorted(texts) != list(range(len(batch))):
-                raise StageFailed(f"evaluate: {self.endpoint.url} answered {len(texts)} completions for {len(batch)} prompts")
-            out.extend(final_answer(texts[i], end) for i in range(len(batch)))
-        return out
-
-    @contextlib.contextmanager
-    def active(self, spec: ModelSpec) -> Iterator[ModelSpec]:
-        """Nothing to switch: the server holds every model; lm-eval talks to it (see lm_eval_model)."""
-        yield spec
-
-    def tokenizer(self, spec: ModelSpec) -> str:
-        return spec.tokenizer
-
-    def lm_eval_model(self, spec: ModelSpec, batch_size: int) -> Any:
-        """lm-eval's OpenAI-compatible completions backend on the served model. Prompts travel as token ids from
-        the spec's own tokenizer (no special tokens added: the rendered prompt holds them), as the HF path reads them."""
-        from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-        from urllib.parse import urlencode
-
-        from tunepipe.tasks.core.secrets import url_parts
-
-        key = os.environ.get(self.endpoint.api_key_env) if self.endpoint.api_key_env else None
-        base, query = url_parts(self.endpoint.url, "evaluate: url")
-        return LocalCompletionsAPI(
-            model=spec.served_name, base_url=f"{base}/completions" + (f"?{urlencode(query)}" if query else ""), tokenizer_backend="huggingface",
-            tokenizer=spec.tokenizer, tokenized_requests=True, add_bos_token=False, batch_size=batch_size,
-            num_concurrent=1, max_retries=self.endpoint.max_retries + 1, timeout=int(self.endpoint.timeout_s),
-            max_gen_toks=self.max_new_tokens, **({"auth_token": key} if key else {}),
-        )
-
-
-def completion_request(model: str | None, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
-    """The /v1/completions payload: greedy, and (a vLLM extension) no special tokens added, because
-    the rendered prompt already holds them, exactly as the HF path tokenizes it."""
-    return {
-        "model": model,
-        "prompt": prompts,
-        "max_tokens": max_new_tokens,
-        "temperature": 0.0,
-        "extra_body": {"add_special_tokens": False, "skip_special_tokens": True},
-    }
-
-
-def served_spec(spec: ModelSpec, template: str, task: str) -> ModelSpec:
-    """The spec with its model name on the endpoint (`{task}` filled in)."""
-    return ModelSpec(spec.label, spec.model, spec.adapter, spec.tokenizer, template.replace("{task}", task))
