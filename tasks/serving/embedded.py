@@ -50,6 +50,7 @@ from tunepipe.tasks.serving.tools import (
     tool_call_parser,
     tool_message,
 )
+from tunepipe.tasks.training.hardware import hardware
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -71,8 +72,9 @@ def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
     return the app. `config` must be resolved (plan.resolve_serve_config)."""
     from tunepipe.tasks.serving.settings import api_key
 
-    engine = MultiLoraEngine(config.base, dtype=profile.dtype, attn_implementation=profile.attn_implementation,
-                             max_rank=config.max_lora_rank or 64, device=profile.device)
+    hw = hardware(profile)
+    engine = MultiLoraEngine(config.base, dtype=hw.dtype, attn_implementation=hw.attention(padding_free=False),
+                             max_rank=config.max_lora_rank or 64, device=hw.device)
     if len(config.lora_modules) > (config.max_loras or 1):
         raise AdapterError(f"{len(config.lora_modules)} adapters to load but max_loras is {config.max_loras}: raise --max-loras")
     for name, path in config.lora_modules.items():

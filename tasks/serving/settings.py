@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.training.hardware import hardware
 
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -138,7 +139,7 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan:
     vllm = config.vllm.model_copy(update={
         **vllm_launcher(config, profile),
         "quantization": config.vllm.quantization or plan.quantization or base_quantization(base),
-        "dtype": config.vllm.dtype or profile.dtype,
+        "dtype": config.vllm.dtype or hardware(profile).dtype,
         "gpu_memory_utilization": config.vllm.gpu_memory_utilization or profile.serving.gpu_memory_utilization,
         "tensor_parallel_size": config.vllm.tensor_parallel_size or profile.serving.tensor_parallel_size,
         "max_model_len": config.vllm.max_model_len or profile.serving.vllm_max_model_len,

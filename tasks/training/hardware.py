@@ -2,11 +2,12 @@
 
 Device and precision, the attention kernel, the distributed backend (DDP, FSDP2, DeepSpeed ZeRO)
 and where parameters and optimizer states live: everything that trains, plans memory, launches
-workers or loads a model for a check asks `hardware(env)` instead of reading the profile's fields
-and deciding again. The profile says what the machine is; this module says what that means, so a
-new kind of machine is a profile (and, at most, a change here), never an `if cpu:` elsewhere.
-tests/unit/test_hardware.py holds the training stages, the trainer, launchers and memory plan to
-it; the export stage and the serving engines still read `device`/`dtype` themselves (to move next).
+workers, loads a model for a check, exports or serves one asks `hardware(env)` instead of reading
+the profile's fields and deciding again. The profile says what the machine is; this module says what
+that means, so a new kind of machine is a profile (and, at most, a change here), never an `if cpu:`
+elsewhere. tests/unit/test_hardware.py holds the training stages, the trainer, launchers, memory
+plan, evaluate, export, deploy and the serving engines to it (a stage's `env_payload`, which lists
+the profile fields entering its key, reads them as written).
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class Hardware:
     def device_map(self) -> dict[str, str]:
         """Everything on the profile's device (a model loaded for a check, a merge, an evaluation)."""
         return {"": self.device}
+
+    def placement(self) -> dict[str, Any]:
+        """How a model is loaded whole for a check, a merge, an export or a re-evaluation: at the profile's
+        dtype, every module on its device (`load_model(path, **hw.placement())`)."""
+        return {"dtype": self.dtype, "device_map": self.device_map()}
+
+    def runs_gpu_only_quantizers(self) -> bool:
+        """Whether the quantizers that need a CUDA device (llm-compressor's GPTQ/AWQ calibration) can run here."""
+        return self.on_gpu
 
     def quantized_device_map(self) -> dict[str, Any] | None:
         """Where a 4-bit base is loaded: the Trainer never moves a bitsandbytes model, so on CUDA it
