@@ -102,7 +102,7 @@ def build_deployments(config_path: str | Path, config: PipelineConfig, *, workdi
     return out
 
 
-def deploy(
+def register_deployments(
     config_path: str | Path, config: PipelineConfig, *, workdir: str | None = None, environment: str | None = None, api_url: str
 ) -> dict[str, UUID]:
     """Register (or update) the deployments against the server at `api_url`; creates missing pools."""

@@ -63,15 +63,15 @@ def retrain(
         description="data versions this run trains on",
     )
     from tunepipe.flows.pipeline import pipeline
-    from tunepipe.tasks.core.selection import RunPlan
+    from tunepipe.tasks.core.selection import StageSelection
 
-    plan_stages = RunPlan(stages=config.stages(), until=until)
-    stages = [s for s in config.stages() if plan_stages.includes(s)]
+    selection = StageSelection(stages=config.stages(), until=until)
+    stages = [s for s in config.stages() if selection.includes(s)]
     parts = segments(stages, config.environment, config.deployment.stage_environments if routed else {})
     summary: dict[str, Any] = {}
     for env, last in parts:
         if env == config.environment:
-            summary = pipeline(config=config, plan=RunPlan(stages=config.stages(), until=last))
+            summary = pipeline(config=config, selection=StageSelection(stages=config.stages(), until=last))
         else:
             summary = _run_segment(config, config_path, data_version, workdir, env, last, overrides, stages)
     return {**summary, "data_versions": [v.version for v in versions]}

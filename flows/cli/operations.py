@@ -73,11 +73,11 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     url = api_url_of(args)
     use_api(url)
     configure_runtime(config.workdir)
-    from tunepipe.flows.deployments import deploy, pools
+    from tunepipe.flows.deployments import pools, register_deployments
     from tunepipe.tasks.ops.prefect_server import ServerError
 
     try:
-        ids = deploy(args.config, config, workdir=args.workdir, environment=args.env, api_url=url)
+        ids = register_deployments(args.config, config, workdir=args.workdir, environment=args.env, api_url=url)
     except ServerError as exc:
         print(f"tunepipe deployments: {exc}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from tunepipe.tasks.core.loading import ConfigError
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    plan = run_plan(config, args)  # before any work: a mistyped stage name is a config error
+    selection = stage_selection(config, args)  # before any work: a mistyped stage name is a config error
     from tunepipe.tasks.core.runtime import configure_runtime, owned_prefect_server
 
     configure_runtime(config.workdir)
@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with owned_prefect_server(), _stdout_to_stderr(args.json):
         try:
-            summary = pipeline(config=config, plan=plan)
+            summary = pipeline(config=config, selection=selection)
         except (KeyboardInterrupt, TerminationSignal) as exc:
             # Ctrl-C or SIGTERM: Prefect has marked the flow run crashed; staging is kept for resume.
             code = 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signal
@@ -62,12 +62,12 @@ def _stdout_to_stderr(active: bool):
         os.close(saved)
 
 
-def run_plan(config, args: argparse.Namespace):
+def stage_selection(config, args: argparse.Namespace):
     from pydantic import ValidationError
-    from tunepipe.tasks.core.selection import RunPlan
+    from tunepipe.tasks.core.selection import StageSelection
 
     try:
-        return RunPlan(stages=config.stages(), until=args.until, from_stage=args.from_stage)
+        return StageSelection(stages=config.stages(), until=args.until, from_stage=args.from_stage)
     except ValidationError as exc:
         raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 

@@ -168,9 +168,9 @@ def serve_config_from_args(args: argparse.Namespace):
     from tunepipe.tasks.core.config import load_pipeline_config
     from tunepipe.tasks.core.environment import load_environment
     from tunepipe.tasks.serving.settings import (
-        ServingPlan,
+        RegistryServing,
+        registry_serving,
         resolve_serve_config,
-        serving_plan_from_registry,
     )
 
     workdir = args.workdir or (None if args.config else "runs/quickstart")
@@ -188,19 +188,19 @@ def serve_config_from_args(args: argparse.Namespace):
     alias = args.alias or getattr(deploy, "alias", None) or DEFAULT_ALIAS
     wants_registry = config.base is None or not config.lora_modules
     has_registry = "://" in root or (Path(root) / "index.json").is_file()
-    plan = serving_plan_from_registry(root, alias) if wants_registry and has_registry else ServingPlan(base=None)
+    from_registry = registry_serving(root, alias) if wants_registry and has_registry else RegistryServing(base=None)
     env = load_environment(pipeline.environment)
-    return resolve_serve_config(config, env, plan), env, pipeline.workdir
+    return resolve_serve_config(config, env, from_registry), env, pipeline.workdir
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunepipe.tasks.serving.settings import ServePlanError
+    from tunepipe.tasks.serving.settings import ServeSettingsError
     from tunepipe.tasks.serving.supervise import serve
 
     try:
         config, env, workdir = serve_config_from_args(args)
         return serve(config, env, workdir)
-    except (ServePlanError, RuntimeError, ValueError) as exc:
+    except (ServeSettingsError, RuntimeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         print(f"tunepipe serve: {exc}", file=sys.stderr)

@@ -114,7 +114,7 @@ def align_job(job: AlignJob) -> dict[str, Any]:
     """Train one policy with its method's unit (tasks/align/methods/); returns its metrics (rank 0
     also saves the adapter)."""
     from datasets.utils.logging import disable_progress_bar
-    from tunepipe.tasks.align.methods.registry import AlignRun, unit_for
+    from tunepipe.tasks.align.methods.units import AlignRun, unit_for
     from tunepipe.tasks.align.policy import load_policy, save_policy
     from tunepipe.tasks.lm import checks
     from tunepipe.tasks.training.hardware import hardware

@@ -69,7 +69,7 @@ class Limits:
 
 def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
     """Load the base (on the profile's device, at its dtype and attention kernel) and the start-up adapters, and
-    return the app. `config` must be resolved (plan.resolve_serve_config)."""
+    return the app. `config` must be resolved (settings.resolve_serve_config)."""
     from tunepipe.tasks.serving.settings import api_key
 
     hw = hardware(profile)
@@ -84,7 +84,7 @@ def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
 
 def create_app(engine: MultiLoraEngine, config: ServeConfig, *, api_key: str | None = None) -> FastAPI:
     """The app for an engine with its start-up adapters already loaded. `config` must be resolved
-    (see plan.resolve_serve_config): max_loras set."""
+    (see settings.resolve_serve_config): max_loras set."""
     limits = Limits(
         max_loras=config.max_loras or 1, max_tokens=config.max_tokens_limit, max_request_bytes=config.max_request_bytes,
         max_concurrency=config.max_concurrency,

@@ -74,7 +74,7 @@ def _docker_run(config: ServeConfig) -> list[str]:
 
 
 def vllm_command(config: ServeConfig) -> list[str]:
-    """The full command line for a resolved config (see plan.resolve_serve_config)."""
+    """The full command line for a resolved config (see settings.resolve_serve_config)."""
     host = "0.0.0.0" if config.vllm.image else config.host  # inside a container, listen on its interface
     cmd = [*_launcher_prefix(config), "--host", host, "--port", str(config.port), "--enable-lora"]
     if config.lora_modules:

@@ -91,7 +91,7 @@ class Engine:
         return rank
 
     def resolve_adapters(self, modules: dict[str, str]) -> dict[str, str]:
-        """The adapters as this engine loads them; ServePlanError (naming the fix) for one it cannot take."""
+        """The adapters as this engine loads them; ServeSettingsError (naming the fix) for one it cannot take."""
         return modules
 
     def build(self, config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> Built:

@@ -135,10 +135,10 @@ class LlamaCppEngine(Engine):
         return ChildBuilt(app, server, label="llama.cpp", log_file=log_file)
 
 
-def _plan_error(message: str) -> Exception:
-    from tunepipe.tasks.serving.settings import ServePlanError
+def _settings_error(message: str) -> Exception:
+    from tunepipe.tasks.serving.settings import ServeSettingsError
 
-    return ServePlanError(message)
+    return ServeSettingsError(message)
 
 
 def gguf_model(base: str, gguf_type: str | None, with_adapters: bool) -> Path:
@@ -146,28 +146,28 @@ def gguf_model(base: str, gguf_type: str | None, with_adapters: bool) -> Path:
     path = Path(base)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise _plan_error(f"{base}: the llamacpp engine serves GGUF files (.gguf): export one with "
+            raise _settings_error(f"{base}: the llamacpp engine serves GGUF files (.gguf): export one with "
                               "export.targets: [gguf], or serve this model with --engine embedded or vllm")
         return path.resolve()
     if not path.is_dir():
-        raise _plan_error(f"{base}: no such GGUF file or export directory")
+        raise _settings_error(f"{base}: no such GGUF file or export directory")
     files = sorted({*path.glob("*.gguf"), *path.glob("gguf/*/*.gguf")})
     if with_adapters:  # GGUF LoRAs apply to the unmerged base the export keeps beside them
         bases = [f for f in files if f.name == "base-f16.gguf"]
         if len(bases) == 1:
             return bases[0].resolve()
-        raise _plan_error(f"{base}: adapters need the unmerged base `base-f16.gguf` (the gguf export writes it with "
+        raise _settings_error(f"{base}: adapters need the unmerged base `base-f16.gguf` (the gguf export writes it with "
                           f"its LoRA); found {[f.name for f in files] or 'no GGUF'}: pass the base's .gguf as BASE")
     models = {f.name.removeprefix("model-").removesuffix(".gguf"): f for f in files if f.name.startswith("model-")}
     if gguf_type is not None:
         if gguf_type in models:
             return models[gguf_type].resolve()
-        raise _plan_error(f"{base}: no model-{gguf_type}.gguf; this export has {sorted(models) or 'none'}")
+        raise _settings_error(f"{base}: no model-{gguf_type}.gguf; this export has {sorted(models) or 'none'}")
     if len(models) == 1:
         return next(iter(models.values())).resolve()
     if "f16" in models:
         return models["f16"].resolve()
-    raise _plan_error(f"{base}: no GGUF model here (model-<type>.gguf, as export.targets: [gguf] writes): "
+    raise _settings_error(f"{base}: no GGUF model here (model-<type>.gguf, as export.targets: [gguf] writes): "
                       f"found {[f.name for f in files] or 'none'}" + (f"; choose one with --gguf-type {sorted(models)}" if models else ""))
 
 
@@ -180,7 +180,7 @@ def gguf_lora(name: str, path: str) -> Path:
             return found[0].resolve()
     elif target.is_file() and target.suffix == ".gguf":
         return target.resolve()
-    raise _plan_error(
+    raise _settings_error(
         f"adapter {name}={path}: the llamacpp engine takes LoRA adapters as GGUF files (llama.cpp --lora): export the "
         "run with export.targets: [gguf] (it writes gguf/<run>/lora-<run>.gguf beside base-f16.gguf) and pass that "
         "file, or serve PEFT adapter directories with --engine embedded or vllm"
@@ -195,7 +195,7 @@ def llamacpp_python(config: ServeConfig) -> str:
     try:
         return str(require_tools().python)
     except LlamaCppEnvError as exc:
-        raise _plan_error(f"the llamacpp engine needs llama.cpp's environment: {exc}") from None
+        raise _settings_error(f"the llamacpp engine needs llama.cpp's environment: {exc}") from None
 
 
 def server_settings(config: ServeConfig, models: dict[str, str | None], *, port: int, api_key: str) -> dict[str, Any]:
