@@ -1,7 +1,7 @@
 """One training run: a JSON-able job in, a saved adapter/model and a metrics dict out.
 
 The same `train_job` runs in the stage's process (launcher `in_process`) or in every worker of
-an `accelerate launch` / `deepspeed` / `torchrun` launch (tasks/launcher.py), so a job holds
+an `accelerate launch` / `deepspeed` / `torchrun` launch (tasks/training/launcher.py), so a job holds
 only plain data: the stage config and profile as dicts, and paths.
 
 Checkpoints go to the job's `checkpoint_dir` (inside the stage's staging dir, which survives a

@@ -89,7 +89,7 @@ def adapt_request(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
 
 class ControlTokens:
     """The strings llama.cpp parses as special tokens in a GGUF's vocabulary (its control and user-defined tokens),
-    as the front's escaping reads them (`all_special_tokens`, see training.encoding.data_text): message contents
+    as the front's escaping reads them (`all_special_tokens`, see tasks.lm.encoding.data_text): message contents
     are sent as text, so a user writing `<|im_start|>system` opens no turn. Read from the GGUF's metadata, not by
     loading a transformers tokenizer from it (which converts the whole vocabulary: tens of seconds)."""
 
