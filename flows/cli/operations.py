@@ -133,7 +133,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     import logging
 
     from tunepipe.tasks.core.environment import load_environment
-    from tunepipe.tasks.training.multinode import follow
+    from tunepipe.tasks.training.join import follow
 
     env = load_environment(args.env)
     if env.multi_node is None or env.launcher != "torchrun":
