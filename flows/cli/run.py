@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from pydantic import ValidationError
+
 from tunepipe.flows.cli.common import add_config_args, load_config
 from tunepipe.tasks.core.loading import ConfigError
 
@@ -15,10 +17,11 @@ from tunepipe.tasks.core.loading import ConfigError
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     selection = stage_selection(config, args)  # before any work: a mistyped stage name is a config error
+    # lazy: kept off `tunepipe` start-up
     from tunepipe.tasks.core.runtime import configure_runtime, owned_prefect_server
 
     configure_runtime(config.workdir)
-    from tunepipe.tasks.core.runtime import configure_console
+    from tunepipe.tasks.core.runtime import configure_console  # lazy: kept off `tunepipe` start-up
 
     configure_console(args.verbose)
     # Prefect is imported only now, after configure_runtime has set its environment.
@@ -63,8 +66,7 @@ def _stdout_to_stderr(active: bool):
 
 
 def stage_selection(config, args: argparse.Namespace):
-    from pydantic import ValidationError
-    from tunepipe.tasks.core.selection import StageSelection
+    from tunepipe.tasks.core.selection import StageSelection  # lazy: kept off `tunepipe` start-up
 
     try:
         return StageSelection(stages=config.stages(), until=args.until, from_stage=args.from_stage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 from tunepipe.environments import PROFILES_DIR
@@ -53,8 +55,6 @@ def apply_allocator_settings(env: EnvironmentProfile) -> bool:
     (False without the setting, or where the C library is not glibc)."""
     if env.malloc_mmap_threshold_kb is None:
         return False
-    import ctypes
-    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

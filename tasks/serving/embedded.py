@@ -32,6 +32,7 @@ from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.app import BodyLimit, _add_error_handlers, new_app, request_error  # noqa: F401 - their old home
 from tunepipe.tasks.serving.batcher import Batcher
 from tunepipe.tasks.serving.engine import AdapterError, MultiLoraEngine, Row, Sampling
+from tunepipe.tasks.serving.grammar import GrammarError
 from tunepipe.tasks.serving.protocol import (
     APIError,
     UnsupportedField,
@@ -42,6 +43,7 @@ from tunepipe.tasks.serving.protocol import (
 )
 from tunepipe.tasks.serving.metrics import UNKNOWN_MODEL, ServingMetrics, tunepipe_version
 from tunepipe.tasks.serving.router import Assignment, WeightedRouter
+from tunepipe.tasks.serving.settings import api_key
 from tunepipe.tasks.serving.tools import (
     TOOL_CALL_PARSERS,
     forced_schema,
@@ -70,8 +72,6 @@ class Limits:
 def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
     """Load the base (on the profile's device, at its dtype and attention kernel) and the start-up adapters, and
     return the app. `config` must be resolved (settings.resolve_serve_config)."""
-    from tunepipe.tasks.serving.settings import api_key
-
     hw = hardware(profile)
     engine = MultiLoraEngine(config.base, dtype=hw.dtype, attn_implementation=hw.attention(padding_free=False),
                              max_rank=config.max_lora_rank or 64, device=hw.device)
@@ -321,8 +321,6 @@ class _State:
 
     async def _grammar(self, constraint: dict[str, Any]):
         """A grammar matcher for the request's response_format, compiled off the event loop; 400 if it cannot be."""
-        from tunepipe.tasks.serving.grammar import GrammarError
-
         try:
             return await asyncio.to_thread(lambda: self.engine.grammars.matcher(constraint))
         except GrammarError as exc:

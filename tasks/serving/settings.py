@@ -16,6 +16,11 @@ from pathlib import Path
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.registry import AdapterRegistry
+from tunepipe.tasks.core.secrets import SecretMissing, remember, resolve
+from tunepipe.tasks.serving.engines import engine_named
+from tunepipe.tasks.serving.tools import base_chat_template, tool_call_parser
+from tunepipe.tasks.serving.vllm_env import env_python
 from tunepipe.tasks.training.hardware import hardware
 
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
@@ -55,8 +60,6 @@ def base_quantization(base: str | None) -> str | None:
 
 def registry_serving(root: str | os.PathLike, alias: str = "prod") -> RegistryServing:
     """Every adapter `alias` points at in the registry, under its adapter name, and their common base."""
-    from tunepipe.tasks.core.registry import AdapterRegistry
-
     registry = AdapterRegistry(root)
     entries = registry.serving(alias)
     adapters = {name: registry.local_path(entry) for name, entry in sorted(entries.items())}
@@ -84,8 +87,6 @@ def vllm_rank(rank: int) -> int:
 def vllm_launcher(config: ServeConfig, profile: EnvironmentProfile) -> dict[str, str | None]:
     """Which of vLLM's environments starts it: {"executable"|"image"|"python": value, the others None}.
     The config's choice wins over the profile's; an image wins over an interpreter."""
-    from tunepipe.tasks.serving.vllm_env import env_python
-
     options = config.vllm
     none = {"executable": None, "image": None, "python": None}
     managed = str(env_python(profile.serving.vllm_env)) if profile.serving.vllm_env else None
@@ -125,7 +126,6 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, from_
             "no base model to serve: pass one (tunepipe serve BASE), set serve.base, or register adapters with their "
             "base model (the deploy stage does)"
         )
-    from tunepipe.tasks.serving.engines import engine_named
 
     engine = choose_engine(config, profile)
     server = engine_named(engine)
@@ -171,8 +171,6 @@ def check_router(config: ServeConfig) -> None:
 def api_key(config: ServeConfig) -> str | None:
     """The key from the environment variable `api_key_env` names, or `api_key`'s `${NAME}`
     reference resolved; in memory only."""
-    from tunepipe.tasks.core.secrets import SecretMissing, remember, resolve
-
     if config.api_key_env:
         value = os.environ.get(config.api_key_env)
         if not value:
@@ -200,8 +198,6 @@ def served_base_name(given: str) -> str:
 def vllm_tool_call_parser(chosen: str | None, base: str) -> str | None:
     """vLLM's --tool-call-parser: the configured one, or the one the base's chat template's family needs (None:
     the template takes no tools, or writes calls in a format no parser here names; `none` turns it off)."""
-    from tunepipe.tasks.serving.tools import base_chat_template, tool_call_parser
-
     if chosen is not None:
         return None if chosen == "none" else chosen
     return tool_call_parser(base_chat_template(base))

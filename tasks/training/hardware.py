@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.core.environment import deepspeed_config_path
+from tunepipe.tasks.lm.modeling import training_attention
 
 Backend = Literal["single", "ddp", "fsdp", "deepspeed"]
 
@@ -71,8 +73,6 @@ class Hardware:
     def attention(self, *, padding_free: bool) -> str:
         """The kernel training loads: for padding-free packed rows the first installed of the profile's
         `packed_attention` preferences, otherwise `attn_implementation`."""
-        from tunepipe.tasks.lm.modeling import training_attention
-
         return training_attention(self.env.attn_implementation, self.env.packed_attention, padding_free=padding_free)
 
     def planned_attention(self, *, padding_free: bool) -> str:
@@ -169,8 +169,6 @@ class Hardware:
         return self.env.fsdp is not None
 
     def _deepspeed_config(self) -> dict[str, Any] | None:
-        from tunepipe.tasks.core.environment import deepspeed_config_path
-
         path = deepspeed_config_path(self.env)
         return json.loads(path.read_text()) if path is not None else None
 

@@ -29,6 +29,7 @@ from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.core.tracking import current_stage_name, environment, tracked_training
 from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.multinode import posted_job, torchrun_node_arguments
 from tunepipe.tasks.training.ray_launcher import driver_command
@@ -176,8 +177,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Run `entrypoint(job)` as the profile says and return its result, tracked as the running
     stage's task named by `work_dir` (`<task>.launch`; a plain `launch`: the stage's one job)."""
-    from tunepipe.tasks.core.tracking import current_stage_name, environment, tracked_training
-    from tunepipe.tasks.training.progress import JOB_LABEL_ENV
+    from tunepipe.tasks.training.progress import JOB_LABEL_ENV  # lazy: pulls in transformers
 
     name = Path(work_dir).name
     task = name.removesuffix(".launch") if name.endswith(".launch") else None

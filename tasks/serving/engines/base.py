@@ -14,6 +14,7 @@ Anchor: vLLM's OpenAIServingChat(GenerateBaseServing), one serving class per end
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -59,8 +60,6 @@ class Built:
 
     def wait(self) -> int:
         """Block until the engine's process exits (never, for an in-process engine); its exit code."""
-        import threading
-
         threading.Event().wait()
         return 0
 
@@ -83,7 +82,7 @@ class Engine:
 
     def resolve_base(self, base: str, config: ServeConfig | None = None) -> str:
         """What this engine loads for `base` (config: the served adapters and the engine's options)."""
-        from tunepipe.tasks.lm.modeling import model_dir
+        from tunepipe.tasks.lm.modeling import model_dir  # lazy: kept off `tunepipe` start-up
 
         return model_dir(base)  # a GGUF: served from its converted directory
 

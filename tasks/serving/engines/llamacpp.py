@@ -29,9 +29,13 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, require_tools
 from tunepipe.tasks.serving.engines.base import Built, Capabilities, Engine
+from tunepipe.tasks.serving.engines.vllm import ChildBuilt
 from tunepipe.tasks.serving.protocol import VLLM_NEUTRAL, APIError
 from tunepipe.tasks.serving.process import ChildServer, HealthTimeout, wait_healthy
+from tunepipe.tasks.serving.settings import ServeSettingsError, api_key
 
 SERVER_MODULE = "llama_cpp.server"
 SEED_RANGE = (0, 2**32 - 1)  # llama.cpp's sampler seed is a uint32: a larger one would be truncated silently
@@ -127,17 +131,12 @@ class LlamaCppEngine(Engine):
         return {name: str(gguf_lora(name, path)) for name, path in modules.items()}
 
     def build(self, config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> Built:
-        from tunepipe.tasks.serving.engines.vllm import ChildBuilt
-        from tunepipe.tasks.serving.settings import api_key
-
         log_file = config.llamacpp.log_file or str(Path(workdir) / "logs" / f"llamacpp-{config.port}.log")
         app, _, server = llamacpp_behind_front(config, api_key=api_key(config), log_file=log_file)
         return ChildBuilt(app, server, label="llama.cpp", log_file=log_file)
 
 
 def _settings_error(message: str) -> Exception:
-    from tunepipe.tasks.serving.settings import ServeSettingsError
-
     return ServeSettingsError(message)
 
 
@@ -190,7 +189,6 @@ def gguf_lora(name: str, path: str) -> Path:
 def llamacpp_python(config: ServeConfig) -> str:
     if config.llamacpp.python:
         return config.llamacpp.python
-    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, require_tools
 
     try:
         return str(require_tools().python)
@@ -249,8 +247,7 @@ class LlamaCppServer(ChildServer):
 
 def llamacpp_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
     """(front app, front, LlamaCppServer) for a resolved config: start the server, then serve the app."""
-    from tunepipe.tasks.core.net import free_port
-    from tunepipe.tasks.serving.front import create_front
+    from tunepipe.tasks.serving.front import create_front  # lazy: pulls in fastapi, starlette
 
     upstream_key = secrets.token_urlsafe(24)
     port = free_port("127.0.0.1")
