@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from pathlib import Path
 
 from tunepipe.environments import PROFILES_DIR
@@ -55,6 +53,9 @@ def apply_allocator_settings(env: EnvironmentProfile) -> bool:
     (False without the setting, or where the C library is not glibc)."""
     if env.malloc_mmap_threshold_kb is None:
         return False
+    # lazy: ctypes (and ctypes.util's subprocess) only for this setting, kept off `tunepipe validate`
+    import ctypes
+    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
