@@ -152,7 +152,7 @@ def settings_from_parameters(parameters: dict[str, Any] | None) -> tuple[str | N
 def failure_details(message: str | None, failed_stage: str | None = None) -> dict[str, str]:
     """Stage, reason and fix from a failed state's message (and the failed task's stage, if known)."""
     reason = _EXC_PREFIX.sub("", (message or "").strip())
-    for prefix in ("StageFailed: ", "tasks.stage.StageFailed: "):
+    for prefix in ("StageFailed: ", "tunepipe.tasks.core.stage.StageFailed: "):  # bare, or with its module (a traceback's last line)
         if reason.startswith(prefix):
             reason = reason[len(prefix) :]
     stage = failed_stage
