@@ -45,14 +45,14 @@ def test_packed_attention_plans_the_first_preference_and_padded_rows_keep_the_ba
     assert hardware(env).attention(padding_free=False) == "sdpa"
 
 
-# The profile fields that carry hardware decisions, read only by tasks/training/hardware.py in the code that
-# trains, evaluates, exports, deploys and serves.
+# The profile fields that carry hardware decisions, read only by tasks/training/hardware.py everywhere in tasks/
+# and flows/: what trains, evaluates, exports, deploys and serves, the lm library, the CLI.
 DECIDING_FIELDS = {"device", "dtype", "attn_implementation", "packed_attention", "fsdp", "deepspeed_config"}
-DECIDING_CODE = ["tasks/training", "tasks/sft", "tasks/reward", "tasks/pretrain", "tasks/align", "tasks/evaluate",
-                 "tasks/export", "tasks/deploy", "tasks/serving", "tasks/ops"]
-# A stage's env_payload (training_env_payload for the training stages) lists the profile fields that enter its
-# key as written: a record of the inputs, not a decision.
-KEY_PAYLOADS = {"env_payload", "training_env_payload"}
+DECIDING_CODE = ["tasks", "flows"]
+# Functions that read the profile as written, deciding nothing: a stage's env_payload (training_env_payload for
+# the training stages) lists the fields that enter its key; deepspeed_config_path resolves the profile's file
+# name; `tunepipe envs` prints each bundled profile.
+KEY_PAYLOADS = {"env_payload", "training_env_payload", "deepspeed_config_path", "cmd_envs"}
 
 
 def _is_profile(node: ast.AST) -> bool:
@@ -76,9 +76,9 @@ def deciding_files() -> list[Path]:
     return [p for p in paths if p.name != "hardware.py"]
 
 
-def test_training_export_and_serving_code_asks_the_hardware_module():
+def test_tasks_and_flows_ask_the_hardware_module():
     files = deciding_files()
-    assert ROOT / "tasks/export/stage.py" in files and ROOT / "tasks/serving/embedded.py" in files
+    assert {ROOT / "tasks/export/stage.py", ROOT / "tasks/serving/embedded.py", ROOT / "flows/cli/serve.py"} <= set(files)
     readers = [read for path in files for read in direct_reads(path, path.read_text())]
     assert readers == [], readers
 
