@@ -5,9 +5,8 @@ and where parameters and optimizer states live: everything that trains, plans me
 workers, loads a model for a check, exports or serves one asks `hardware(env)` instead of reading
 the profile's fields and deciding again. The profile says what the machine is; this module says what
 that means, so a new kind of machine is a profile (and, at most, a change here), never an `if cpu:`
-elsewhere. tests/unit/test_hardware.py holds the training stages, the trainer, launchers, memory
-plan, evaluate, export, deploy and the serving engines to it (a stage's `env_payload`, which lists
-the profile fields entering its key, reads them as written).
+elsewhere. tests/unit/test_hardware.py holds all of tasks/ and flows/ to it (a stage's `env_payload`,
+which lists the profile fields entering its key, reads them as written).
 """
 
 from __future__ import annotations
