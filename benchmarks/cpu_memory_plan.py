@@ -4,7 +4,7 @@ For each stage (sft with LoRA, the reward model with LoRA, DPO continuing an SFT
 fresh child process builds the model and trainer with the stage's own builders
 (`tasks.sft.train.sft_trainer`, `tasks.reward.train.reward_model_for_training` + TRL's
 RewardTrainer as `train_reward_job` configures it, `tasks.align.policy.load_policy` +
-`tasks.align.trainers.pairwise_trainer`), trains `--steps` optimizer steps on synthetic rows long
+the DPO unit's trainer, `tasks.align.methods.dpo.UNIT`), trains `--steps` optimizer steps on synthetic rows long
 enough to fill `max_length`, and reports its peak resident set size (`ru_maxrss`).
 
 Why peak RSS and not torch's CPU allocator: on a CPU host training shares the machine's RAM with

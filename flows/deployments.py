@@ -17,7 +17,8 @@ from uuid import UUID
 
 from tunepipe.schemas.operations import DATA_VERSION_EVENT
 from tunepipe.schemas.pipeline import PipelineConfig
-from tunepipe.tasks.ops.retrain import pool_for
+from tunepipe.tasks.ops.prefect_server import ensure_process_pool, require_server
+from tunepipe.tasks.ops.retrain import deployment_name, pool_for
 
 def pools(config: PipelineConfig) -> list[str]:
     """Every work pool the config's deployments use, the pipeline's first."""
@@ -62,8 +63,7 @@ def build_deployments(config_path: str | Path, config: PipelineConfig, *, workdi
         ConcurrencyLimitStrategy,
     )
     from prefect.deployments.runner import EntrypointType
-    from tunepipe.flows.retrain import retrain
-    from tunepipe.tasks.ops.retrain import deployment_name
+    from tunepipe.flows.retrain import retrain  # lazy: pulls in prefect
 
     parameters = {
         "config_path": str(Path(config_path).resolve()),
@@ -102,12 +102,11 @@ def build_deployments(config_path: str | Path, config: PipelineConfig, *, workdi
     return out
 
 
-def deploy(
+def register_deployments(
     config_path: str | Path, config: PipelineConfig, *, workdir: str | None = None, environment: str | None = None, api_url: str
 ) -> dict[str, UUID]:
     """Register (or update) the deployments against the server at `api_url`; creates missing pools."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from tunepipe.tasks.ops.prefect_server import ensure_process_pool, require_server
 
     require_server(api_url)
     for pool in pools(config):

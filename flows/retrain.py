@@ -14,10 +14,17 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from tunepipe.flows.pipeline import pipeline
 from tunepipe.schemas.pipeline import PipelineConfig
+from tunepipe.tasks.core.config import load_pipeline_config
+from tunepipe.tasks.core.runtime import route_tunepipe_logs
+from tunepipe.tasks.core.selection import StageSelection
+from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.ops.retrain import (
     deployment_name,
+    pool_for,
     run_name,
+    segment_stages,
     segments,
     versions_markdown,
     with_data_versions,
@@ -49,9 +56,6 @@ def retrain(
     `overrides` is merged into the YAML for this run (`{"sft.training.max_steps": 50}` or nested
     mappings); `routed=False` runs every stage here (a routed segment's own run does).
     """
-    from tunepipe.tasks.core.config import load_pipeline_config
-    from tunepipe.tasks.core.runtime import route_tunepipe_logs
-
     route_tunepipe_logs()
     # Read on the worker, at run time: relative paths resolve against the YAML where it runs.
     config = load_pipeline_config(config_path, workdir=workdir, environment=environment, overrides=overrides)
@@ -62,16 +66,14 @@ def retrain(
         markdown=versions_markdown(data_version, versions),
         description="data versions this run trains on",
     )
-    from tunepipe.flows.pipeline import pipeline
-    from tunepipe.tasks.core.selection import RunPlan
 
-    plan_stages = RunPlan(stages=config.stages(), until=until)
-    stages = [s for s in config.stages() if plan_stages.includes(s)]
+    selection = StageSelection(stages=config.stages(), until=until)
+    stages = [s for s in config.stages() if selection.includes(s)]
     parts = segments(stages, config.environment, config.deployment.stage_environments if routed else {})
     summary: dict[str, Any] = {}
     for env, last in parts:
         if env == config.environment:
-            summary = pipeline(config=config, plan=RunPlan(stages=config.stages(), until=last))
+            summary = pipeline(config=config, selection=StageSelection(stages=config.stages(), until=last))
         else:
             summary = _run_segment(config, config_path, data_version, workdir, env, last, overrides, stages)
     return {**summary, "data_versions": [v.version for v in versions]}
@@ -84,8 +86,6 @@ def _run_segment(
     """Run the stages up to `last` on `env`'s work pool and wait for the result."""
     from prefect.deployments import run_deployment
     from prefect.logging import get_run_logger
-    from tunepipe.tasks.core.stage import StageFailed
-    from tunepipe.tasks.ops.retrain import pool_for, segment_stages
 
     logger = get_run_logger()
     target = f"{RETRAIN_FLOW}/{deployment_name(config.name, env)}"

@@ -8,7 +8,7 @@ stage's cache key. `method: dpo` is shorthand for `{name: dpo}`.
 Each method's class carries its `category` (what it trains on) and the rewards it asks for; the
 stage and the trainer read those, never a list of method names. Its trainer is its unit in
 `tasks/align/methods/<name>.py` (like TRL's `dpo_config.py` beside `dpo_trainer.py`). A method
-added outside this file registers its class with `register_align_method` (the units' registry
+added outside this file registers its class with `register_align_method` (`tasks/align/methods/units.py`
 does that), and `align.method` then accepts it by name.
 """
 

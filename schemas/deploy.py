@@ -1,7 +1,7 @@
 """The `deploy:` section: register the exported adapters, promote them, hot-load them, smoke-test them.
 
 The deploy stage acts on the world (the registry and a running server), so its artifact is the
-record of one deployment decision: see `tasks/deploy.py` for what its key means.
+record of one deployment decision: see `tasks/deploy/stage.py` for what its key means.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class Manifest(BaseModel):
     """`manifest.json`: everything needed to trust, trace and reproduce an artifact."""
 
     stage: str = Field(description="Stage name.")
-    key: str = Field(description="Cache key (see tasks.fingerprint.stage_key).")
+    key: str = Field(description="Cache key (see tasks.core.fingerprint.stage_key).")
     code_version: str = Field(description="Hash of the normalised source of the stage's import closure and its libraries' versions.")
     config: Any = Field(description="The config payload that entered the key.")
     environment: dict[str, Any] = Field(default_factory=dict, description="Profile fields that entered the key.")

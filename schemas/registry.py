@@ -1,4 +1,4 @@
-"""Records of the adapter registry (`tasks/adapter_registry.py`): what `index.json` holds.
+"""Records of the adapter registry (`tasks/core/registry.py`): what `index.json` holds.
 
 Not a pipeline section: these are the registry's own records, validated on every read so a
 hand-edited or truncated index fails loudly instead of serving the wrong adapter.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from tunepipe.tasks.core.config import load_pipeline_config
 
@@ -23,17 +24,13 @@ def load_config(args: argparse.Namespace):
 
 
 def api_url_of(args: argparse.Namespace) -> str:
-    import os
-
-    from tunepipe.tasks.ops.prefect_server import api_url
+    from tunepipe.tasks.ops.prefect_server import api_url  # lazy: kept off `tunepipe` start-up
 
     return args.api_url or os.environ.get("PREFECT_API_URL") or api_url()
 
 
 def use_api(url: str) -> None:
     """Point this process's Prefect client at `url`: set before Prefect is first imported."""
-    import os
-
     os.environ["PREFECT_API_URL"] = url
 
 

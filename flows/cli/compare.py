@@ -24,6 +24,7 @@ def parse_method(text: str) -> object:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    # lazy: kept off `tunepipe` start-up
     from tunepipe.tasks.ops.compare_methods import compare_methods, markdown_table, sft_variant
 
     config = load_config(args)

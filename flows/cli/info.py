@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from tunepipe.tasks.core.environment import bundled_profiles, load_environment
+
 
 def cmd_envs(args: argparse.Namespace) -> int:
-    from tunepipe.tasks.core.environment import bundled_profiles, load_environment
-
     for name in bundled_profiles():
         env = load_environment(name)
         print(f"{name:<28} {env.device:<5} {env.dtype:<9} {env.launcher:<11} x{env.num_processes}  {env.description}")
@@ -17,7 +17,7 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from tunepipe.tasks.core.config_reference import config_reference
+    from tunepipe.tasks.core.config_reference import config_reference  # lazy: kept off `tunepipe` start-up
 
     text = config_reference()
     if args.output:

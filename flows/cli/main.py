@@ -7,7 +7,9 @@ import argparse
 import errno
 import os
 import sys
+import traceback
 
+from tunepipe import __version__
 from tunepipe.flows.cli import compare, info, operations, plan, registry, run, serve
 from tunepipe.tasks.core.loading import ConfigError
 
@@ -26,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tunepipe_version() -> str:
-    from tunepipe import __version__
-
     return __version__
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["TUNEPIPE_DEBUG"] = "1"  # stage processes and Prefect's logs keep their tracebacks too
     else:
-        from tunepipe.tasks.core.stage import quiet_expected_failures
+        from tunepipe.tasks.core.stage import quiet_expected_failures  # lazy: kept off `tunepipe` start-up
 
         quiet_expected_failures()
     try:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunepipe: config error\n{exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - a stage's own error is the message the user needs
-        from tunepipe.tasks.core.stage import StageFailed
+        from tunepipe.tasks.core.stage import StageFailed  # lazy: kept off `tunepipe` start-up
 
         if isinstance(exc, StageFailed):
             _traceback(debug)
@@ -74,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _traceback(debug: bool) -> None:
     if debug:
-        import traceback
-
         traceback.print_exc()
 
 

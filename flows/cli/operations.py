@@ -5,7 +5,11 @@ join` (a cluster node joining the multi-node training jobs another node's stages
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from tunepipe.flows.cli.common import (
@@ -15,21 +19,18 @@ from tunepipe.flows.cli.common import (
     load_config,
     use_api,
 )
+from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.loading import ConfigError
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    import signal
-    import time
-
     config = load_config(args)
-    from tunepipe.tasks.core.runtime import configure_runtime
+    from tunepipe.tasks.core.runtime import configure_runtime  # lazy: kept off `tunepipe` start-up
 
     configure_runtime(config.workdir)
-    import os
 
-    from tunepipe.flows.deployments import pools
-    from tunepipe.tasks.ops.prefect_server import LocalStack, ServerError
+    from tunepipe.flows.deployments import pools  # lazy: kept off `tunepipe` start-up
+    from tunepipe.tasks.ops.prefect_server import LocalStack, ServerError  # lazy: kept off `tunepipe` start-up
 
     home = Path(os.environ["PREFECT_HOME"])
     stack = LocalStack(prefect_home=home, host=args.host, port=args.port, log_dir=Path(config.workdir) / "logs")
@@ -42,7 +43,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             stack.start_worker(pool)
         print(f"Prefect UI:  {stack.ui_url}")
         if args.mlflow:
-            from tunepipe.tasks.core.tracking import TrackingSession
+            from tunepipe.tasks.core.tracking import TrackingSession  # lazy: kept off `tunepipe` start-up
 
             session = TrackingSession(config.tracking, config.name, config.workdir, "up")
             mlflow_url = stack.start_mlflow(
@@ -68,16 +69,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_deployments(args: argparse.Namespace) -> int:
     config = load_config(args)
-    from tunepipe.tasks.core.runtime import configure_runtime
+    from tunepipe.tasks.core.runtime import configure_runtime  # lazy: kept off `tunepipe` start-up
 
     url = api_url_of(args)
     use_api(url)
     configure_runtime(config.workdir)
-    from tunepipe.flows.deployments import deploy, pools
-    from tunepipe.tasks.ops.prefect_server import ServerError
+    from tunepipe.flows.deployments import pools, register_deployments  # lazy: kept off `tunepipe` start-up
+    from tunepipe.tasks.ops.prefect_server import ServerError  # lazy: kept off `tunepipe` start-up
 
     try:
-        ids = deploy(args.config, config, workdir=args.workdir, environment=args.env, api_url=url)
+        ids = register_deployments(args.config, config, workdir=args.workdir, environment=args.env, api_url=url)
     except ServerError as exc:
         print(f"tunepipe deployments: {exc}", file=sys.stderr)
         return 1
@@ -98,15 +99,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
         raise ConfigError("no inbox: name one (tunepipe watch INBOX -c CONFIG) or set watch.inbox")
     if "://" not in inbox:
         inbox = str(Path(inbox).resolve())
-    from tunepipe.tasks.core.runtime import configure_runtime
+    from tunepipe.tasks.core.runtime import configure_runtime  # lazy: kept off `tunepipe` start-up
 
     url = api_url_of(args)
     use_api(url)
     configure_runtime(config.workdir)
-    import logging
 
-    from tunepipe.tasks.ops.prefect_server import ServerError, require_server
-    from tunepipe.tasks.ops.watch import Debouncer, Watcher
+    from tunepipe.tasks.ops.prefect_server import ServerError, require_server  # lazy: kept off `tunepipe` start-up
+    from tunepipe.tasks.ops.watch import Debouncer, Watcher  # lazy: kept off `tunepipe` start-up
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -130,10 +130,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    import logging
-
-    from tunepipe.tasks.core.environment import load_environment
-    from tunepipe.tasks.training.multinode import follow
+    from tunepipe.tasks.training.join import follow  # lazy: kept off `tunepipe` start-up
 
     env = load_environment(args.env)
     if env.multi_node is None or env.launcher != "torchrun":

@@ -6,12 +6,13 @@ import argparse
 import json
 
 from tunepipe.flows.cli.common import add_config_args, load_config
+from tunepipe.tasks.core.environment import bundled_profiles, load_environment
 from tunepipe.tasks.core.loading import ConfigError
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from tunepipe.schemas.sft import SFTConfig
-    from tunepipe.tasks.core.environment import bundled_profiles, load_environment
+    from tunepipe.schemas.sft import SFTConfig  # lazy: kept off `tunepipe` start-up
+    # lazy: kept off `tunepipe` start-up
     from tunepipe.tasks.training.memory_plan import advice, pipeline_plan_target, plan
 
     if args.model:

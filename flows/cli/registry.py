@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
+
+from tunepipe.tasks.core.config import load_pipeline_config
 
 
 def add_parsers(subparsers) -> argparse.ArgumentParser:
@@ -50,10 +53,8 @@ def _guarded(command):
     """A registry or server error is the message the user needs, not a traceback (exit code 1)."""
 
     def run(args: argparse.Namespace) -> int:
-        import sys
-
-        from tunepipe.tasks.deploy.stage import DeployError
-        from tunepipe.tasks.core.registry import RegistryError
+        from tunepipe.tasks.deploy.stage import DeployError  # lazy: kept off `tunepipe` start-up
+        from tunepipe.tasks.core.registry import RegistryError  # lazy: kept off `tunepipe` start-up
 
         try:
             return command(args)
@@ -67,7 +68,6 @@ def _guarded(command):
 def registry_root(args: argparse.Namespace) -> str:
     if args.root:
         return args.root
-    from tunepipe.tasks.core.config import load_pipeline_config
 
     workdir = None if args.config else "runs/quickstart"
     config = load_pipeline_config(args.config, workdir=workdir)
@@ -78,7 +78,7 @@ def registry_root(args: argparse.Namespace) -> str:
 
 
 def _registry(args: argparse.Namespace):
-    from tunepipe.tasks.core.registry import AdapterRegistry
+    from tunepipe.tasks.core.registry import AdapterRegistry  # lazy: kept off `tunepipe` start-up
 
     return AdapterRegistry(registry_root(args))
 
@@ -127,7 +127,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _hot_swap(args: argparse.Namespace, registry: Any, entry: Any) -> None:
     if not args.server:
         return
-    from tunepipe.tasks.lm.server_client import ServerClient
+    from tunepipe.tasks.lm.server_client import ServerClient  # lazy: kept off `tunepipe` start-up
 
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     ServerClient(args.server.rstrip("/"), key, args.timeout).swap(entry.name, registry.local_path(entry))

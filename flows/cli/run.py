@@ -8,17 +8,20 @@ import json
 import os
 import sys
 
+from pydantic import ValidationError
+
 from tunepipe.flows.cli.common import add_config_args, load_config
 from tunepipe.tasks.core.loading import ConfigError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    plan = run_plan(config, args)  # before any work: a mistyped stage name is a config error
+    selection = stage_selection(config, args)  # before any work: a mistyped stage name is a config error
+    # lazy: kept off `tunepipe` start-up
     from tunepipe.tasks.core.runtime import configure_runtime, owned_prefect_server
 
     configure_runtime(config.workdir)
-    from tunepipe.tasks.core.runtime import configure_console
+    from tunepipe.tasks.core.runtime import configure_console  # lazy: kept off `tunepipe` start-up
 
     configure_console(args.verbose)
     # Prefect is imported only now, after configure_runtime has set its environment.
@@ -28,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with owned_prefect_server(), _stdout_to_stderr(args.json):
         try:
-            summary = pipeline(config=config, plan=plan)
+            summary = pipeline(config=config, selection=selection)
         except (KeyboardInterrupt, TerminationSignal) as exc:
             # Ctrl-C or SIGTERM: Prefect has marked the flow run crashed; staging is kept for resume.
             code = 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signal
@@ -62,12 +65,11 @@ def _stdout_to_stderr(active: bool):
         os.close(saved)
 
 
-def run_plan(config, args: argparse.Namespace):
-    from pydantic import ValidationError
-    from tunepipe.tasks.core.selection import RunPlan
+def stage_selection(config, args: argparse.Namespace):
+    from tunepipe.tasks.core.selection import StageSelection  # lazy: kept off `tunepipe` start-up
 
     try:
-        return RunPlan(stages=config.stages(), until=args.until, from_stage=args.from_stage)
+        return StageSelection(stages=config.stages(), until=args.until, from_stage=args.from_stage)
     except ValidationError as exc:
         raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 

@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.config import load_pipeline_config
+from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.loading import ConfigError
+from tunepipe.tasks.core.secrets import is_reference
 from tunepipe.tasks.serving.engines import ENGINES
 
 DEFAULT_ALIAS = "prod"
@@ -106,7 +112,7 @@ CLI_API_KEY_ENV = "TUNEPIPE_SERVE_API_KEY"  # where `--api-key K` is kept for th
 
 
 def cmd_vllm_env(args: argparse.Namespace) -> int:
-    from tunepipe.tasks.serving.vllm_env import VLLMEnvError, build_env
+    from tunepipe.tasks.serving.vllm_env import VLLMEnvError, build_env  # lazy: kept off `tunepipe` start-up
 
     say = (lambda line: print(line, file=sys.stderr)) if args.print_python else print
     try:
@@ -120,7 +126,7 @@ def cmd_vllm_env(args: argparse.Namespace) -> int:
 
 
 def cmd_llamacpp_env(args: argparse.Namespace) -> int:
-    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, build_tools
+    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, build_tools  # lazy: kept off `tunepipe` start-up
 
     try:
         build_tools(force=args.force)
@@ -138,8 +144,6 @@ def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if "api_key" in fields:
-        from tunepipe.tasks.core.secrets import is_reference
-
         if not is_reference(fields["api_key"]):  # configs hold references only: the flag's key goes to our environment
             os.environ[CLI_API_KEY_ENV] = fields["api_key"]
             fields["api_key"] = "${" + CLI_API_KEY_ENV + "}"
@@ -163,14 +167,10 @@ def _overrides(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
 
 def serve_config_from_args(args: argparse.Namespace):
     """(resolved ServeConfig, environment profile, workdir) from the flags, the pipeline config and the registry."""
-    from pydantic import ValidationError
-    from tunepipe.schemas.serve import ServeConfig
-    from tunepipe.tasks.core.config import load_pipeline_config
-    from tunepipe.tasks.core.environment import load_environment
-    from tunepipe.tasks.serving.settings import (
-        ServingPlan,
+    from tunepipe.tasks.serving.settings import (  # lazy: kept off `tunepipe` start-up
+        RegistryServing,
+        registry_serving,
         resolve_serve_config,
-        serving_plan_from_registry,
     )
 
     workdir = args.workdir or (None if args.config else "runs/quickstart")
@@ -188,19 +188,19 @@ def serve_config_from_args(args: argparse.Namespace):
     alias = args.alias or getattr(deploy, "alias", None) or DEFAULT_ALIAS
     wants_registry = config.base is None or not config.lora_modules
     has_registry = "://" in root or (Path(root) / "index.json").is_file()
-    plan = serving_plan_from_registry(root, alias) if wants_registry and has_registry else ServingPlan(base=None)
+    from_registry = registry_serving(root, alias) if wants_registry and has_registry else RegistryServing(base=None)
     env = load_environment(pipeline.environment)
-    return resolve_serve_config(config, env, plan), env, pipeline.workdir
+    return resolve_serve_config(config, env, from_registry), env, pipeline.workdir
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunepipe.tasks.serving.settings import ServePlanError
-    from tunepipe.tasks.serving.supervise import serve
+    from tunepipe.tasks.serving.settings import ServeSettingsError  # lazy: kept off `tunepipe` start-up
+    from tunepipe.tasks.serving.supervise import serve  # lazy: kept off `tunepipe` start-up
 
     try:
         config, env, workdir = serve_config_from_args(args)
         return serve(config, env, workdir)
-    except (ServePlanError, RuntimeError, ValueError) as exc:
+    except (ServeSettingsError, RuntimeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         print(f"tunepipe serve: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.rewards import RULES
+from tunepipe.tasks.lm import retention
 from tunepipe.tasks.lm.generation import greedy_answers, sampled_answers
 from tunepipe.tasks.lm.metrics import DEFAULT_SCORER, TaskScorer
 from tunepipe.tasks.lm.pairs import (
@@ -25,6 +26,7 @@ from tunepipe.tasks.lm.pairs import (
     render_conversation,
     render_prompt,
 )
+from tunepipe.tasks.lm.reward_model import score_texts
 
 
 def response_logprobs(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], responses: list[str], batch_size: int) -> list[float]:
@@ -117,8 +119,6 @@ def task_and_reward_metrics(
     scorers: dict[str, TaskScorer] | None = None,
 ) -> dict[str, Any]:
     """Task metric, KL and (with a reward model) reward and win rate on held-out prompts."""
-    from tunepipe.tasks.lm.reward_model import score_texts
-
     settings = config.heldout
     if not examples:
         return {}
@@ -169,8 +169,6 @@ def task_and_reward_metrics(
 def general_retention(model_pair: Any, tokenizer: Any, settings: Any) -> dict[str, Any] | None:
     """The general-knowledge set asked of the SFT and the aligned policy (tasks/lm/retention.py);
     None when the SFT policy answers none of it."""
-    from tunepipe.tasks.lm import retention
-
     questions = [render_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}]) for item in retention.general_set()]
     answers = {}
     for which in ("sft", "aligned"):

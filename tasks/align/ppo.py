@@ -20,6 +20,8 @@ are kept by the stage).
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -28,6 +30,7 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.align.policy import REF_ADAPTER, add_reference_adapter
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.lm.pairs import render_prompt
+from tunepipe.tasks.training import peft_methods
 
 # The last TRL release that ships `trl.experimental.ppo` (pyproject's range admits later ones).
 PPO_TRL = "1.12.0"
@@ -213,9 +216,6 @@ def train_ppo(trainer: Any, vf_coef: float) -> dict[str, Any]:
     """Run PPO; the policy (PeftModel) is `trainer.policy_model` afterwards. Each logged update
     gets `loss` (what PPO minimised) and `reward_std` (of this process's rollouts) added to the
     log history, so loss curves, step metrics and self-checks read PPO like any other trainer."""
-    import statistics
-    import time
-
     started = time.perf_counter()
     with recorded_scores(trainer) as scores:
         trainer.train()
@@ -237,6 +237,4 @@ def train_ppo(trainer: Any, vf_coef: float) -> dict[str, Any]:
 
 def trainable_parameters(trainer: Any) -> dict[str, tuple[int, int]]:
     """{role: (trainable, total)}: PPO trains the policy's adapter and the whole value model."""
-    from tunepipe.tasks.training import peft_methods
-
     return {"policy": peft_methods.count_parameters(trainer.policy_model), "value_model": peft_methods.count_parameters(trainer.value_model)}

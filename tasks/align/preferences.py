@@ -10,10 +10,12 @@ like any other, which a later run can read back as a `format: preference` source
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 from tunepipe.schemas.align import PreferencesConfig
 from tunepipe.tasks.align.rewards import RULES
+from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.lm.encoding import final_answer, reasoning_end, stop_token_ids
 from tunepipe.tasks.lm.pairs import render_conversation, render_prompt
 from tunepipe.tasks.lm.reward_model import score_texts
@@ -124,10 +126,6 @@ def score_samples(record: dict[str, Any], samples: list[str], settings: Preferen
 def require_pairs(run: str, config: Any, counts: dict[str, Any]) -> None:
     """StageFailed naming the run's tasks, their counts and what to change, when no pair came out;
     a task without pairs next to tasks with pairs is logged (its prompts are not aligned)."""
-    import logging
-
-    from tunepipe.tasks.core.stage import StageFailed
-
     settings = config.preferences
     scorer = f"rule {settings.rule}" if settings.scorer == "rule" else settings.scorer
     lines = {

@@ -40,7 +40,7 @@ JUDGE_CACHE = "judge_cache.jsonl"  # RLAIF judgments by sha256 of the request (t
 HELDOUT_FRACTION = 0.1
 
 
-def plan_runs(sft_dir: Path, outputs: ModelOutputs, tasks: list[str] | None) -> dict[str, dict[str, Any]]:
+def runs_to_align(sft_dir: Path, outputs: ModelOutputs, tasks: list[str] | None) -> dict[str, dict[str, Any]]:
     """{run: {tasks, sft_dir, save_to}}: one run for a shared adapter or full model, one per task otherwise."""
     if outputs.kind == "adapters":
         chosen = [t for t in outputs.paths if tasks is None or t in tasks]
@@ -131,7 +131,7 @@ class AlignStage(Stage):
         sft_outputs = read_handoff(sft_ref, ModelOutputs, reader="align")
         sft_config = read_manifest_config(sft_ref, SFTKeyedConfig, reader="align")
         reward_dir = ctx.inputs["reward"].path if "reward" in ctx.inputs else None
-        runs = plan_runs(Path(sft_ref.path), sft_outputs, config.tasks)
+        runs = runs_to_align(Path(sft_ref.path), sft_outputs, config.tasks)
         base_model = sft_outputs.base_model if sft_outputs.kind != "model" else runs["all"]["sft_dir"]
         check_memory(config, ctx, base_model, sft_config)
         has_pairs = (Path(data_dir) / "preferences.jsonl").is_file()

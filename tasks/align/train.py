@@ -13,12 +13,25 @@ from typing import Any
 
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.job import AlignJob
+from tunepipe.tasks.align.methods.units import AlignRun, unit_for
+from tunepipe.tasks.lm import checks
+from tunepipe.tasks.lm.checks import CheckPolicy
+from tunepipe.tasks.lm.judge import CachedJudge
+from tunepipe.tasks.lm.reward_model import load_reward_model
+from tunepipe.tasks.training.hardware import hardware
+from tunepipe.tasks.training.plots import step_history
+from tunepipe.tasks.training.trainer import (
+    is_main_process,
+    loss_history,
+    make_callbacks,
+    peak_memory,
+    seed_everything,
+    training_kwargs,
+)
 
 
 def check_policy(config: AlignConfig) -> Any:
     """align.self_checks over the weak-signal checks' shared switch (align.checks.on_weak_signal)."""
-    from tunepipe.tasks.lm.checks import CheckPolicy
-
     weak = config.checks.on_weak_signal
     return CheckPolicy("align", {"reward_variance": weak, "reward_moved": weak, **config.self_checks})
 
@@ -34,8 +47,6 @@ def self_checks(
     `reward_variance` and `reward_moved` for the reward-driven ones (their signal); and for every
     method `adapter_changed`: the adapter about to be published differs from the one training
     started from. The weak-signal checks fail or warn (`align.checks.on_weak_signal`)."""
-    from tunepipe.tasks.lm import checks
-
     who = f"align ({run}, {config.method.name})"
     policy = check_policy(config)
     out: dict[str, Any] = {}
@@ -76,8 +87,6 @@ def weak_signal_advice(unit: Any, config: AlignConfig, earned_nothing: bool) -> 
 
 def reward_signal_checks(unit: Any, config: AlignConfig, steps: dict[str, list[dict[str, float]]], who: str) -> dict[str, Any]:
     """`reward_variance` (groups with identical rewards give no gradient) and `reward_moved`."""
-    from tunepipe.tasks.lm import checks
-
     settings, policy = config.checks, check_policy(config)
     rewards = [p["value"] for p in steps.get("reward_mean", [])]
     zero_std = unit.zero_std_fractions(steps)
@@ -114,21 +123,7 @@ def align_job(job: AlignJob) -> dict[str, Any]:
     """Train one policy with its method's unit (tasks/align/methods/); returns its metrics (rank 0
     also saves the adapter)."""
     from datasets.utils.logging import disable_progress_bar
-    from tunepipe.tasks.align.methods.registry import AlignRun, unit_for
-    from tunepipe.tasks.align.policy import load_policy, save_policy
-    from tunepipe.tasks.lm import checks
-    from tunepipe.tasks.training.hardware import hardware
-    from tunepipe.tasks.lm.judge import CachedJudge
-    from tunepipe.tasks.training.plots import step_history
-    from tunepipe.tasks.lm.reward_model import load_reward_model
-    from tunepipe.tasks.training.trainer import (
-        is_main_process,
-        loss_history,
-        make_callbacks,
-        peak_memory,
-        seed_everything,
-        training_kwargs,
-    )
+    from tunepipe.tasks.align.policy import load_policy, save_policy  # looked up per call: tests replace load_policy
 
     disable_progress_bar()
     config, env, name = job.config, job.env, job.run

@@ -17,7 +17,7 @@ from tunepipe.schemas.base_model import BaseModelConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.core.jsonl import read_jsonl
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
-from tunepipe.tasks.lm.modeling import llama_config
+from tunepipe.tasks.lm.modeling import llama_config, load_model, load_tokenizer
 
 # Text fields of data artifact records (instruction, chat, preference and text records).
 _TEXT_FIELDS = ("system", "instruction", "input", "output", "prompt", "completion", "chosen", "rejected", "text")
@@ -205,7 +205,6 @@ class BaseModelStage(Stage):
     def _verify(out: Path, model, tokenizer) -> None:
         """Load the directory back with the plain Auto classes; the logits must match."""
         import torch
-        from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
         loaded_tok = load_tokenizer(out)
         loaded = load_model(out, dtype="float32")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,6 @@ from tunepipe.tasks.core.secrets import references
 def quickstart_config() -> Path:
     """The bundled quickstart's pipeline YAML: package data, found the same way in a source
     checkout, an editable install and a wheel."""
-    from importlib.resources import files
-
     return Path(str(files("tunepipe.examples.quickstart") / "pipeline.yaml"))
 
 
@@ -56,8 +56,6 @@ def unset_references(data: Any, text: str | None, source: str) -> None:
     """A ConfigError naming every `${NAME}` whose environment variable is not set, with its field
     and line: otherwise `workdir: ${UNSET}/x` makes a directory literally named `${UNSET}`, and a
     secret reference fails only when a late stage first uses it."""
-    import os
-
     problems = []
     for loc, value in _strings(data, ()):
         for name in references(value):

@@ -53,6 +53,7 @@ def apply_allocator_settings(env: EnvironmentProfile) -> bool:
     (False without the setting, or where the C library is not glibc)."""
     if env.malloc_mmap_threshold_kb is None:
         return False
+    # lazy: ctypes (and ctypes.util's subprocess) only for this setting, kept off `tunepipe validate`
     import ctypes
     import ctypes.util
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,8 +152,6 @@ MAX_TEXT_FILE_BYTES = 8 << 20  # a config or profile is a few KB: 8 MiB is gener
 def read_text_file(path: Path, what: str = "config file") -> str:
     """A user's text file, or a ConfigError that says why not (missing, a directory, a device or
     FIFO, over MAX_TEXT_FILE_BYTES, not UTF-8). A byte-order mark is accepted and dropped."""
-    import stat
-
     try:
         mode = path.stat().st_mode  # stat, not open: opening a FIFO would wait for a writer
         if stat.S_ISDIR(mode):

@@ -7,8 +7,14 @@ Prefect reads its settings from the environment when it is first imported, so th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import warnings
 from pathlib import Path
 
 from tunepipe.tasks.core.secrets import install_log_redaction
@@ -76,9 +82,6 @@ def configure_console(verbose: bool) -> None:
     """`--verbose`: everything, as the libraries print it. Otherwise the quiet console above; the
     training jobs then show one progress line each (steps, loss, ETA) and their per-step metrics go
     to the Prefect run log."""
-    import logging
-    import warnings
-
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return
@@ -101,8 +104,6 @@ def route_tunepipe_logs() -> None:
     handler but no level: under the root's WARNING the training's INFO lines (its resume message)
     were dropped, and a flow run that a `prefect worker` started has no such variable at all.
     """
-    import logging
-
     from prefect.logging.handlers import APILogHandler
 
     logger = logging.getLogger("tunepipe")
@@ -116,8 +117,6 @@ class _Subprocess:
     """`subprocess` as Prefect's server module sees it, with Popen starting the server tied to us."""
 
     def __init__(self, preexec):
-        import subprocess
-
         self._module = subprocess
         self._preexec = preexec
 
@@ -132,9 +131,6 @@ class _Subprocess:
 
 def _die_with_parent(parent: int):
     """preexec_fn: the kernel kills this child when the process that started it dies, SIGKILL included."""
-    import ctypes
-    import signal
-
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
@@ -157,8 +153,6 @@ def owned_prefect_server():
     forked), it dies with us and stays up until the run has recorded its end. With
     PREFECT_API_URL set (a real server) or off Linux, nothing is started.
     """
-    import sys
-
     if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         yield None
         return

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import threading
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from tunepipe.schemas.secret_refs import (  # noqa: F401 (the reference syntax and config checks, re-exported for run-time callers)
     MASK,
@@ -73,8 +74,6 @@ def redact(text: str) -> str:
 def redact_url(url: str) -> str:
     """A URL fit for a log line: scheme, host and port, and the path only when nothing in it
     looks like a credential; query and userinfo dropped."""
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -91,8 +90,6 @@ def url_parts(url: str, what: str) -> tuple[str, dict[str, str]]:
     query and the query's parameters: request paths go after the base's path and the parameters
     (Azure's `?api-version=`, a `?token=${T}`) ride along on every request, instead of the path
     being appended after the query (`/?token=…/v1/models`)."""
-    from urllib.parse import parse_qsl, urlsplit, urlunsplit
-
     parts = urlsplit(resolve(url, what))
     base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
     return base, dict(parse_qsl(parts.query, keep_blank_values=True))

@@ -7,7 +7,7 @@ from tunepipe.schemas.base import StrictModel
 from tunepipe.schemas.graph import STAGE_ORDER
 
 
-class RunPlan(StrictModel):
+class StageSelection(StrictModel):
     """A run's selection of the configured stages."""
 
     stages: list[str] = Field(description="Configured stages, in pipeline order.")
@@ -18,7 +18,7 @@ class RunPlan(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _known(self) -> "RunPlan":
+    def _known(self) -> "StageSelection":
         for flag, name in (("--until", self.until), ("--from", self.from_stage)):
             if name is not None and name not in self.stages:
                 raise ValueError(f"{flag} {name}: not a configured stage ({', '.join(self.stages)})")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -196,9 +198,6 @@ def seed_process(seed: int) -> None:
     """Seed every RNG this process has loaded, so a stage draws the same numbers whatever ran in
     the process before it. A safety net: training jobs seed themselves from their config too,
     since launched workers never pass through here."""
-    import random
-    import sys
-
     seed %= 2**32
     random.seed(seed)
     if "numpy" in sys.modules:

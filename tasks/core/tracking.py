@@ -25,7 +25,10 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -261,7 +264,6 @@ def _mlflow_stage(run: StageRun, scalars: dict[str, float], images: list[Path], 
     from mlflow.entities import Metric
 
     client, _ = _mlflow_client(run.session)
-    import time
 
     now = int(time.time() * 1000)
     metrics = [Metric(_mlflow_name(k), v, now, 0) for k, v in scalars.items()]
@@ -274,8 +276,6 @@ def _mlflow_stage(run: StageRun, scalars: dict[str, float], images: list[Path], 
 
 
 def _mlflow_name(name: str) -> str:
-    import re
-
     return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)[:250]
 
 
@@ -409,8 +409,6 @@ def tracked_run_callbacks() -> list[Any]:
 
 
 def _end_active_mlflow_run(run_id: str) -> None:
-    import sys
-
     mlflow = sys.modules.get("mlflow")
     active = mlflow.active_run() if mlflow is not None else None
     if active is not None and active.info.run_id == run_id:

@@ -40,6 +40,7 @@ from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.lm.server_client import ServerClient, ServerError
 from tunepipe.tasks.core.registry import AdapterRegistry
+from tunepipe.tasks.core.secrets import remember
 
 
 class DeployError(ServerError):
@@ -64,7 +65,6 @@ def api_key(config: DeployConfig) -> str | None:
     value = os.environ.get(config.api_key_env)
     if not value:
         raise StageFailed(f"deploy: api_key_env {config.api_key_env} is not set in the environment")
-    from tunepipe.tasks.core.secrets import remember
 
     remember(value)  # masked in every log line from here on
     return value

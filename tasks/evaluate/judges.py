@@ -11,6 +11,8 @@ from tunepipe.schemas.evaluate import JudgeEndpoint
 from tunepipe.tasks.evaluate.stats import LOSS, TIE, WIN, outcome_from_difference
 from tunepipe.tasks.lm import judge as shared_judge
 from tunepipe.tasks.lm.judge import parse_verdict
+from tunepipe.tasks.lm.pairs import render_conversation
+from tunepipe.tasks.lm.reward_model import load_reward_model, score_texts
 
 
 @dataclass
@@ -36,9 +38,6 @@ def rule_outcomes(candidate_scores: list[float], baseline_scores: list[float], t
 def reward_model_scores(reward_dir: str, pairs: list[Pair], dtype: str, device: str) -> tuple[list[float], list[float]]:
     """(candidate scores, baseline scores): the reward model's scalar for each conversation with
     each answer, rendered with the reward model's own chat template (as it was trained)."""
-    from tunepipe.tasks.lm.pairs import render_conversation
-    from tunepipe.tasks.lm.reward_model import load_reward_model, score_texts
-
     model, tokenizer = load_reward_model(reward_dir, dtype)
     model = model.to(device)
     candidate = score_texts(model, tokenizer, [render_conversation(tokenizer, p.messages, p.candidate) for p in pairs])

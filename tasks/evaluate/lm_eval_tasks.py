@@ -11,6 +11,7 @@ plain model), with `add_bos_token=False` because the rendered prompt already hol
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 import yaml
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.lm.encoding import reasoning_end
+from tunepipe.tasks.lm.metrics import DEFAULT_SCORER, extract_label, normalise
 
 TASK_PREFIX = "tunepipe_"
 FILTER_MODULE = "tunepipe_lm_eval_filters"
@@ -35,10 +38,6 @@ import string
 def filter_source(scorers: dict[str, Any]) -> str:
     """The filter module: the stage's own normalisation functions (their source, so the directory runs
     without tunepipe installed) and one filter per task with its normalisation and labels."""
-    import inspect
-
-    from tunepipe.tasks.lm.metrics import extract_label, normalise
-
     parts = [FILTER_HEADER, inspect.getsource(normalise), "\n\n", inspect.getsource(extract_label)]
     for task, scorer in scorers.items():
         parts.append(
@@ -95,8 +94,6 @@ def write_local_tasks(
     `portable`: data_files name the JSONL relative to the directory (a copy kept in the artifact,
     run from inside it); otherwise absolute (the copy this run evaluates).
     """
-    from tunepipe.tasks.lm.metrics import DEFAULT_SCORER, normalise
-
     scorers = {task: (scorers or {}).get(task, DEFAULT_SCORER) for task in examples}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{FILTER_MODULE}.py").write_text(filter_source(scorers))
@@ -134,8 +131,6 @@ def think_end_id(tokenizer: Any) -> int | None:
     """A reasoning family's `</think>` as a token id, for HFLM's `think_end_token`: lm-eval then scores the
     answer after the think block, as evaluate's own generation does (by id, so it works whether or not the
     tokenizer marks the tag special and decoding drops it)."""
-    from tunepipe.tasks.lm.encoding import reasoning_end
-
     end = reasoning_end(tokenizer)
     return None if end is None else int(tokenizer.convert_tokens_to_ids(end))
 

@@ -18,6 +18,7 @@ the stage. Quantised types report their loss (top-1 agreement, mean KL, perplexi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,38 @@ from typing import Any
 
 from tunepipe.schemas.export import ExportConfig, GGUFLimits, GGUFSettings
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.llamacpp import gguf as lcpp
+from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, require_tools
+from tunepipe.tasks.llamacpp.gguf import compute_imatrix, converter_refusal, sentencepiece_family
+from tunepipe.tasks.llamacpp.modelfile import modelfile, render, template_pieces
+from tunepipe.tasks.llamacpp.verify import (
+    Probe,
+    compare,
+    divergence_margins,
+    first_divergence,
+    gguf_side,
+    reference_side,
+    top1_and_kl,
+)
 from tunepipe.tasks.lm import checks
+from tunepipe.tasks.lm.encoding import (
+    encode_text,
+    final_answer,
+    read_split,
+    reasoning_end,
+    record_messages,
+    render_messages,
+    resolve_chat_template,
+    stop_token_ids,
+)
+from tunepipe.tasks.lm.generation import heldout_examples
+from tunepipe.tasks.lm.modeling import load_tokenizer
 
 F16 = "f16"
 
 
 def gguf_tools() -> Any:
     """The pinned llama.cpp tooling, or the stage's one clear error naming the command that builds it."""
-    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, require_tools
-
     try:
         return require_tools()
     except LlamaCppEnvError as exc:
@@ -51,9 +75,6 @@ class RunData:
 
 
 def run_data(data_dir: str, tasks: list[str], per_task: int, system_prompt: str | None, settings: GGUFSettings) -> RunData:
-    from tunepipe.tasks.lm.encoding import read_split, record_messages
-    from tunepipe.tasks.lm.generation import heldout_examples
-
     def prompt_of(record: dict[str, Any]) -> list[dict[str, str]]:
         messages = record_messages(record, system_prompt)
         return messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
@@ -65,9 +86,6 @@ def run_data(data_dir: str, tasks: list[str], per_task: int, system_prompt: str 
 
 
 def make_probe(tokenizer: Any, model: Any, data: RunData, settings: GGUFSettings, max_new_tokens: int) -> Any:
-    from tunepipe.tasks.llamacpp.verify import Probe
-    from tunepipe.tasks.lm.encoding import encode_text, render_messages, resolve_chat_template, stop_token_ids
-
     template = resolve_chat_template("model", tokenizer)
     prompt_ids = [list(encode_text(tokenizer, render_messages(tokenizer, template, chat, True))["input_ids"]) for chat in data.chats]
     text_ids = [list(encode_text(tokenizer, render_messages(tokenizer, template, chat, False))["input_ids"])[: settings.max_text_tokens]
@@ -83,8 +101,6 @@ def threads(settings: GGUFSettings) -> int:
 
 
 def imatrix_text(tokenizer: Any, data: RunData) -> str:
-    from tunepipe.tasks.lm.encoding import render_messages, resolve_chat_template
-
     template = resolve_chat_template("model", tokenizer)
     return "\n".join(render_messages(tokenizer, template, chat, False) for chat in data.imatrix_records)
 
@@ -123,8 +139,6 @@ def f16_check(numbers: dict[str, Any], margins: list[float | None], tie: float) 
 
 def gguf_answers(tokenizer: Any, texts: list[str]) -> list[str]:
     """llama.cpp's greedy texts as the re-evaluation reads answers (a reasoning family's think block dropped)."""
-    from tunepipe.tasks.lm.encoding import final_answer, reasoning_end
-
     end = reasoning_end(tokenizer)
     return [final_answer(t, end) for t in texts]
 
@@ -139,9 +153,6 @@ def export_gguf(*, tools: Any, run: str, merged: Any, merged_dir: Path, tokenize
                 score: Any, logger: Any) -> dict[str, Any]:
     """Every GGUF of one run, written under `dest` and checked; their numbers. `score(answers)` is the
     re-evaluation's task metric of the run's held-out prompts."""
-    from tunepipe.tasks.llamacpp import gguf as lcpp
-    from tunepipe.tasks.llamacpp.verify import compare, divergence_margins, gguf_side, reference_side
-
     settings = config.gguf
     # the view keeps the merged directory's name: the converter names the model (general.name) after it
     merged_dir = converter_input(merged_dir, tokenizer, base_model, scratch / "converter-input" / merged_dir.name)
@@ -215,8 +226,6 @@ def converter_input(merged_dir: Path, tokenizer: Any, base_model: str | None, vi
     merged directory (links) with the model's own tokenizer.model, else the base model's when its vocabulary is
     the fine-tune's, and the fine-tune's special tokens written where the converter reads them. Otherwise the
     merged directory itself (`converter_refusal` then says what is missing)."""
-    from tunepipe.tasks.llamacpp.gguf import sentencepiece_family
-
     if sentencepiece_family(merged_dir) is None:
         return merged_dir
     sentencepiece = merged_dir / "tokenizer.model"
@@ -239,8 +248,6 @@ def write_added_tokens(source: Path, tokenizer: Any, dest: Path) -> None:
     """tokenizer_config.json with `added_tokens_decoder`, where the sentencepiece converter learns which pieces are
     special (control) tokens: transformers 5 keeps that list in tokenizer.json only, and without it the converter
     types Gemma's `<start_of_turn>` a normal piece that llama.cpp then spells out letter by letter."""
-    import json
-
     config = json.loads(source.read_text()) if source.is_file() else {}
     config["added_tokens_decoder"] = {
         str(i): {"content": t.content, "special": bool(t.special), "lstrip": t.lstrip, "rstrip": t.rstrip,
@@ -252,8 +259,6 @@ def write_added_tokens(source: Path, tokenizer: Any, dest: Path) -> None:
 
 def same_vocabulary(tokenizer: Any, base: Path) -> bool:
     """Whether the base model's tokenizer maps every token to the same id as the fine-tune's (no tokens added)."""
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-
     try:
         return load_tokenizer(str(base)).get_vocab() == tokenizer.get_vocab()
     except (OSError, ValueError):
@@ -261,9 +266,6 @@ def same_vocabulary(tokenizer: Any, base: Path) -> bool:
 
 
 def make_imatrix(tools: Any, tokenizer: Any, data: RunData, f16: Path, dest: Path, settings: GGUFSettings, nthreads: int) -> tuple[Path, dict[str, Any]]:
-    from tunepipe.tasks.llamacpp.gguf import compute_imatrix
-    from tunepipe.tasks.lm.encoding import encode_text
-
     text = imatrix_text(tokenizer, data)
     tokens = len(encode_text(tokenizer, text)["input_ids"])
     context = min(settings.imatrix.context, tokens // 2)
@@ -280,9 +282,6 @@ def write_modelfiles(tokenizer: Any, model: Any, probe: Any, files: dict[str, st
                      system_prompt: str | None) -> dict[str, Any]:
     """One Ollama Modelfile per published type, and the check that its TEMPLATE replays training's rendering of
     the held-out prompts (with and without the system prompt)."""
-    from tunepipe.tasks.llamacpp.modelfile import modelfile, render, template_pieces
-    from tunepipe.tasks.lm.encoding import render_messages, resolve_chat_template
-
     template = resolve_chat_template("model", tokenizer)
     jinja = lambda messages: render_messages(tokenizer, template, messages, True)  # noqa: E731
     pieces = template_pieces(jinja)
@@ -310,11 +309,6 @@ def write_modelfiles(tokenizer: Any, model: Any, probe: Any, files: dict[str, st
 def export_lora(tools: Any, run: str, adapter_dir: Path, base_dir: Path, dest: Path, probe: Any, reference: Any,
                 merged_f16: tuple[dict[str, Any], list[Any]], pre: str | None, scratch: Path) -> dict[str, Any]:
     """The adapter as a GGUF LoRA on the base's f16 GGUF, checked against the merged f16 GGUF in llama.cpp."""
-    import json
-
-    from tunepipe.tasks.llamacpp import gguf as lcpp
-    from tunepipe.tasks.llamacpp.verify import compare, first_divergence, gguf_side, top1_and_kl
-
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     why_not = lora_refusal(cfg, base_dir)
     if why_not:
@@ -345,6 +339,5 @@ def lora_refusal(cfg: dict[str, Any], base_dir: Path) -> str | None:
         return f"modules_to_save {cfg['modules_to_save']}: a GGUF LoRA holds low-rank updates only"
     if not (base_dir / "config.json").is_file():
         return f"the base {base_dir} is not a local model directory"
-    from tunepipe.tasks.llamacpp.gguf import converter_refusal
 
     return converter_refusal(base_dir)

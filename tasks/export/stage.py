@@ -50,6 +50,7 @@ from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOut
 from tunepipe.tasks.export import gguf
 from tunepipe.tasks.lm import checks
 from tunepipe.tasks.lm.encoding import prompt_batches
+from tunepipe.tasks.training.hardware import hardware
 
 UNCONVERTED_INITS = ("pissa", "olora", "corda", "eva")  # adapters that only fit their modified base
 COMPRESSOR_TARGETS = ("gptq", "awq")
@@ -266,8 +267,9 @@ def compressor_requirements(targets: list[str], env: EnvironmentProfile) -> None
     if not wanted:
         return
     missing = []
-    if env.device != "cuda":
-        missing.append(f"a CUDA device (profile {env.name!r} has device {env.device}: run export on a GPU profile such as single-gpu-24gb)")
+    hw = hardware(env)
+    if not hw.runs_gpu_only_quantizers():
+        missing.append(f"a CUDA device (profile {env.name!r} has device {hw.device}: run export on a GPU profile such as single-gpu-24gb)")
     if find_spec("llmcompressor") is None:
         missing.append("the `llmcompressor` package in this environment (pip install llmcompressor)")
     if missing:
@@ -284,11 +286,11 @@ def load_reference(source: Source, run: str, env: EnvironmentProfile) -> Any:
     from tunepipe.tasks.lm.modeling import load_model
 
     if source.kind == "model":
-        return load_model(str(source.runs[run]), dtype=env.dtype, device_map={"": env.device}).eval()
+        return load_model(str(source.runs[run]), **hardware(env).placement()).eval()
     from peft import PeftModel
 
     # Full precision even for QLoRA adapters: merging into 4-bit weights would round the adapter away.
-    base = load_model(source.base_model, dtype=env.dtype, device_map={"": env.device})
+    base = load_model(source.base_model, **hardware(env).placement())
     return PeftModel.from_pretrained(base, str(source.runs[run])).eval()
 
 
@@ -341,7 +343,7 @@ def save_bnb(merged_dir: Path, dest: Path, settings: dict[str, Any], env: Enviro
     """Quantize the merged model while loading it, then save the pre-quantized checkpoint."""
     from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
-    model = load_model(str(merged_dir), dtype=env.dtype, quantization=settings, device_map={"": env.device})
+    model = load_model(str(merged_dir), quantization=settings, **hardware(env).placement())
     model.save_pretrained(dest)
     load_tokenizer(str(merged_dir)).save_pretrained(dest)
 
@@ -387,7 +389,7 @@ def save_compressed(target: str, merged_dir: Path, dest: Path, config: ExportCon
     dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
     spec = compressor_modifier(target, config)
     modifier_cls = getattr(quantization if target == "gptq" else awq, spec["class"])
-    model = load_model(str(merged_dir), dtype=env.dtype, device_map={"": env.device})
+    model = load_model(str(merged_dir), **hardware(env).placement())
     oneshot(model=model, dataset=dataset, recipe=modifier_cls(**spec["kwargs"]),
             max_seq_length=settings.max_seq_length, num_calibration_samples=len(texts))
     model.save_pretrained(dest, save_compressed=True)
@@ -632,6 +634,7 @@ class ExportStage(Stage):
         max_rank = config.max_lora_rank or ctx.env.serving.max_lora_rank
         check_adapters(source, targets, engine, max_rank)
         compressor_requirements(targets, ctx.env)
+        hw = hardware(ctx.env)
         tools = gguf.gguf_tools() if "gguf" in targets else None
 
         out = ctx.staging_dir
@@ -659,11 +662,11 @@ class ExportStage(Stage):
             merged_dir = out / "merged" / run if "merged" in targets else ctx.checkpoint_dir / "merged" / run
             save_merged(reference, tokenizer, merged_dir)
             del reference
-            merged = load_model(str(merged_dir), dtype=ctx.env.dtype, device_map={"": ctx.env.device}).eval()
+            merged = load_model(str(merged_dir), **hw.placement()).eval()
             merged_answers = answer(merged, tokenizer, evals.prompts, config)
             merged_agreement[run] = agreement(merged_answers, reference_answers)
             merged_checks[run] = checks.require(
-                "merged_matches_adapter", merged_match(reference_logits, logits_of(merged, batches), batches, MERGE_TOLERANCE[ctx.env.dtype]),
+                "merged_matches_adapter", merged_match(reference_logits, logits_of(merged, batches), batches, MERGE_TOLERANCE[hw.dtype]),
                 f"export: run {run}: the merged model and base + adapter disagree on the held-out prompts (largest logit "
                 "difference above tolerance): the merge lost or changed the adapter", checks.CheckPolicy("export", config.self_checks),
             )
@@ -684,7 +687,7 @@ class ExportStage(Stage):
                 else:
                     save_bnb(merged_dir, dest, bnb_settings(target, config, ctx.env), ctx.env)
                 written[target][run] = f"{target}/{run}"
-                quantized = load_model(str(dest), dtype=ctx.env.dtype, device_map={"": ctx.env.device}).eval()  # as a server would: config says how
+                quantized = load_model(str(dest), **hw.placement()).eval()  # as a server would: config says how
                 scores[run][target] = task_scores(evals, answer(quantized, tokenizer, evals.prompts, config))
                 del quantized
 

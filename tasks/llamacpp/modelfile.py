@@ -18,6 +18,7 @@ decomposed this way (it moves or refuses the system message) gets the no-system 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -112,8 +113,6 @@ def modelfile(*, gguf_name: str, pieces: TemplatePieces, stops: list[str], syste
 
 
 def _json_str(text: str) -> str:
-    import json
-
     return json.dumps(text, ensure_ascii=False)
 
 
@@ -123,8 +122,6 @@ INSTRUCTION = re.compile(r"^(FROM|TEMPLATE|SYSTEM|PARAMETER|ADAPTER|LICENSE|MESS
 def parse_modelfile(text: str) -> dict[str, Any]:
     """Ollama's Modelfile grammar (instruction + argument; `\"\"\"` multi-line strings; `PARAMETER name value`):
     {"from", "template", "system", "parameters": {name: [values]}}. Raises ValueError on anything else."""
-    import json
-
     out: dict[str, Any] = {"parameters": {}}
     rest = text
     while rest.strip():

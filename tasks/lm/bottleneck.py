@@ -27,6 +27,7 @@ The same layer also carries, per adapter, what the hybrid methods add:
 
 from __future__ import annotations
 
+import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -162,8 +163,6 @@ def use_prefix_attention(attention: nn.Module, holder: str) -> None:
     projection). Its config becomes a copy whose attention implementation is `prefix_attention`,
     so other modules and the model's config keep theirs; without a prefix it runs the original
     kernel (sdpa or eager; other kernels take no dense mask, so prefixes use sdpa)."""
-    import copy
-
     from transformers import AttentionInterface
 
     if getattr(attention, "tunepipe_prefix_holder", None) is not None:

@@ -10,6 +10,7 @@ always counted.
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from collections import Counter
@@ -81,8 +82,6 @@ class Encoded:
 def model_family(tokenizer: Any) -> str:
     """The model family a tokenizer belongs to, for messages: `model_type` from the config.json next
     to it (e.g. `gemma2`), else the tokenizer's directory or hub name."""
-    import json
-
     name = str(getattr(tokenizer, "name_or_path", "") or "")
     config = Path(name) / "config.json"
     if name and config.is_file():

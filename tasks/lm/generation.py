@@ -4,6 +4,7 @@ template up to the last assistant turn, and batched greedy decoding (or seeded s
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,8 +57,6 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_to
 def _generation_bar(total: int, batch_size: int) -> Any:
     """A console progress line while a stage generates more than one batch (evaluate's candidate and
     baseline answers, held-out checks), gone when done; labelled with the running stage."""
-    import sys
-
     from tqdm.auto import tqdm
 
     label = f"{current_stage_name() or 'generation'}: generating"

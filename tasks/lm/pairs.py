@@ -2,7 +2,7 @@
 preference pairs and prompts from the data artifact, step metrics and their plot.
 
 Hyper-parameters come from `schemas.training.TrainingConfig`; batch, accumulation, precision,
-checkpointing and device from the `EnvironmentProfile` (through `tasks.peft_methods.precision_flags`,
+checkpointing and device from the `EnvironmentProfile` (through `tasks.training.hardware.Hardware.precision_flags`,
 the same flags the sft stage uses), so a CPU profile yields `use_cpu=True, bf16=False,
 gradient_checkpointing=False` here exactly as it does for SFT.
 """

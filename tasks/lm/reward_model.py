@@ -7,6 +7,7 @@ pair scoring) and evaluate (the reward-model judge).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,8 +93,6 @@ def calibration(margins: list[float], bins: int = 10) -> dict[str, float]:
     |accuracy - mean confidence| is weighted by its share of pairs. A model that is right on 68% of
     pairs while claiming 99% has an ECE near 0.31.
     """
-    import math
-
     if not margins:
         return {"ece": None, "brier": None}
     probs = [1 / (1 + math.exp(-max(-60.0, min(60.0, m)))) for m in margins]

@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tunepipe.schemas.operations import NotificationsConfig
+from tunepipe.schemas.operations import NotificationsConfig, check_apprise_url, check_webhook_url
+from tunepipe.tasks.core.secrets import SecretMissing, redact, redact_url, resolve
 
 log = logging.getLogger("tunepipe.notify")
 
@@ -84,8 +85,6 @@ def send_apprise(settings: NotificationsConfig, payload: dict[str, Any]) -> bool
     """Each Apprise URL, its `${NAME}` references resolved in memory only; logged redacted, never raises."""
     import apprise
 
-    from tunepipe.schemas.operations import check_apprise_url
-    from tunepipe.tasks.core.secrets import SecretMissing, redact, redact_url, resolve
 
     title, body = message(payload)
     kind = apprise.NotifyType.FAILURE if payload.get("event") == "failure" or payload.get("passed") is False else apprise.NotifyType.SUCCESS
@@ -119,9 +118,6 @@ def send_apprise(settings: NotificationsConfig, payload: dict[str, Any]) -> bool
 def send_webhook(settings: NotificationsConfig, payload: dict[str, Any]) -> bool:
     """Resolve the webhook's `${NAME}` references (in memory only), post, log the outcome with the
     URL redacted, never raise."""
-    from tunepipe.schemas.operations import check_webhook_url
-    from tunepipe.tasks.core.secrets import SecretMissing, redact, redact_url, resolve
-
     shown = redact_url(settings.webhook_url)
     try:
         url = resolve(settings.webhook_url, "notifications.webhook_url")
@@ -156,7 +152,7 @@ def settings_from_parameters(parameters: dict[str, Any] | None) -> tuple[str | N
 def failure_details(message: str | None, failed_stage: str | None = None) -> dict[str, str]:
     """Stage, reason and fix from a failed state's message (and the failed task's stage, if known)."""
     reason = _EXC_PREFIX.sub("", (message or "").strip())
-    for prefix in ("StageFailed: ", "tasks.stage.StageFailed: "):
+    for prefix in ("StageFailed: ", "tunepipe.tasks.core.stage.StageFailed: "):  # bare, or with its module (a traceback's last line)
         if reason.startswith(prefix):
             reason = reason[len(prefix) :]
     stage = failed_stage

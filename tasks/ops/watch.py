@@ -22,6 +22,7 @@ already trained on hits the cache.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import fnmatch
@@ -274,8 +275,6 @@ class Debouncer:
 
 def emit_version_event(pipeline: str, workdir: str | Path, version: DataVersion) -> None:
     """Send the data-version event to the Prefect server and wait until it is sent."""
-    import asyncio
-
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 

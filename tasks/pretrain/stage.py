@@ -13,7 +13,11 @@ from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.tasks.pretrain.train import PretrainJob
 from tunepipe.tasks.core.stage import StageContext, StageOutput
 from tunepipe.tasks.lm.checks import warned_markdown
+from tunepipe.tasks.training.launcher import run_training
+from tunepipe.tasks.training.memory_plan import check_fit
+from tunepipe.tasks.training.plots import plot_loss
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
+from tunepipe.tasks.training.trainer import write_json
 
 ENTRYPOINT = "tunepipe.tasks.pretrain.train:train_job"
 
@@ -26,11 +30,6 @@ class PretrainStage(TrainingStage):
     resumable = True
 
     def run(self, config: PretrainConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.training.launcher import run_training
-        from tunepipe.tasks.training.memory_plan import check_fit
-        from tunepipe.tasks.training.plots import plot_loss
-        from tunepipe.tasks.training.trainer import write_json
-
         model_path = resolve_model(config.model, ctx.inputs, "pretrain", ("base_model",))
         plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training, config.packing)
         job = PretrainJob(

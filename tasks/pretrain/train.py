@@ -5,6 +5,7 @@ modelling dataset, in the stage's process or in every worker of a launch.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,11 @@ from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.schemas.pretrain import PretrainConfig
 from tunepipe.tasks.core.jsonl import read_jsonl
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.lm import checks
+from tunepipe.tasks.lm.encoding import encode_texts
+from tunepipe.tasks.lm.modeling import load_tokenizer
+from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.trainer import loss_history
 
 
 class PretrainJob(TrainingJob):
@@ -45,8 +51,6 @@ def split_corpus(records: list[dict[str, Any]], fraction: float) -> tuple[list[s
 
 def labels_check(config: PretrainConfig, trainer: Any) -> dict[str, Any]:
     """`labels`: the blocks as the trainer's collator hands them to the model carry labeled tokens."""
-    from tunepipe.tasks.lm import checks
-
     policy = checks.CheckPolicy("pretrain", config.self_checks)
     result = checks.labels_present_check(checks.first_batches(trainer))
     return checks.require(
@@ -57,9 +61,6 @@ def labels_check(config: PretrainConfig, trainer: Any) -> dict[str, Any]:
 
 def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
     """`steps` (every requested optimizer step ran) and `loss` (finite, moved)."""
-    from tunepipe.tasks.lm import checks
-    from tunepipe.tasks.training.trainer import loss_history
-
     policy = checks.CheckPolicy("pretrain", config.self_checks)
     return {
         "steps": checks.require_steps("pretrain", metrics["global_step"], trainer, config.training.max_steps, policy),
@@ -69,12 +70,7 @@ def self_checks(config: PretrainConfig, trainer: Any, metrics: dict[str, Any]) -
 
 def train_job(job: PretrainJob) -> dict[str, Any]:
     """Run one continued-pretraining job; rank 0 saves the (merged) model into `output_dir`."""
-    import math
-
-    from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.lm.encoding import encode_texts
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-    from tunepipe.tasks.training.trainer import (
+    from tunepipe.tasks.training.trainer import (  # looked up per call: tests replace build_trainer
         build_trainer,
         evaluate,
         fit,

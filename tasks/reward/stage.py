@@ -27,11 +27,16 @@ from tunepipe.schemas.handoffs import ModelOutputs
 from tunepipe.schemas.reward import RewardConfig
 from tunepipe.schemas.methods import QLoraMethod
 from tunepipe.tasks.reward.train import RewardJob
-from tunepipe.tasks.core.handoff import write_handoff
+from tunepipe.tasks.core.handoff import read_handoff, write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
 from tunepipe.tasks.lm.checks import warned_markdown
-from tunepipe.tasks.lm.modeling import model_dir
+from tunepipe.tasks.lm.modeling import load_model, load_tokenizer, model_dir
+from tunepipe.tasks.lm.pairs import read_pairs, split_pairs
+from tunepipe.tasks.training.launcher import run_training
+from tunepipe.tasks.training.memory_plan import check_fit
+from tunepipe.tasks.training.plots import plot_loss, plot_series
 from tunepipe.tasks.training.stage_base import TrainingStage
+from tunepipe.tasks.training.trainer import write_json
 
 ENTRYPOINT = "tunepipe.tasks.reward.train:train_reward_job"
 
@@ -39,7 +44,6 @@ ENTRYPOINT = "tunepipe.tasks.reward.train:train_reward_job"
 def merge_adapter(base: str, adapter_dir: str | Path, dest: Path) -> str:
     """The base with an SFT adapter merged in, saved (with the adapter's tokenizer) to `dest`."""
     from peft import PeftModel
-    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     if (dest / "config.json").exists():
         return str(dest)
@@ -55,8 +59,6 @@ def merge_adapter(base: str, adapter_dir: str | Path, dest: Path) -> str:
 def start_point(config: RewardConfig, ctx: StageContext) -> tuple[str, str, str | None]:
     """(model path, tokenizer path, SFT adapter to merge into the model or None): where the reward model
     starts, read from the configs and handoffs only (nothing loaded), so the memory plan can run first."""
-    from tunepipe.tasks.core.handoff import read_handoff
-
     if config.model:
         model = model_dir(config.model)
         return model, model, None
@@ -122,12 +124,6 @@ class RewardStage(TrainingStage):
     resumable = True
 
     def run(self, config: RewardConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.training.launcher import run_training
-        from tunepipe.tasks.training.memory_plan import check_fit
-        from tunepipe.tasks.lm.pairs import read_pairs, split_pairs
-        from tunepipe.tasks.training.plots import plot_loss, plot_series
-        from tunepipe.tasks.training.trainer import write_json
-
         data_dir = ctx.inputs["data"].path
         train, heldout = split_pairs(read_pairs(data_dir, "reward", config.tasks), config.heldout_fraction)
         if not train:

@@ -14,6 +14,13 @@ from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.schemas.reward import RewardConfig
 from tunepipe.tasks.training.hardware import hardware
 from tunepipe.schemas.methods import QLoraMethod
+from tunepipe.tasks.lm import checks
+from tunepipe.tasks.lm.modeling import load_tokenizer, torch_dtype
+from tunepipe.tasks.lm.pairs import conversational_pair
+from tunepipe.tasks.lm.reward_model import pair_scores, pairwise_summary
+from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.plots import step_history
+from tunepipe.tasks.training.trainer import loss_history
 
 STEP_METRICS = {"loss": "loss", "accuracy": "train_accuracy", "margin": "train_margin", "mean_reward": "mean_reward"}
 
@@ -33,8 +40,6 @@ class RewardJob(TrainingJob):
 def reward_model_for_training(model_path: str, config: RewardConfig, env: EnvironmentProfile, pad_token_id: int) -> Any:
     """A one-output sequence-classification model, wrapped in a LoRA adapter for lora/qlora."""
     from transformers import AutoModelForSequenceClassification
-    from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.lm.modeling import torch_dtype
 
     method, hw = config.method, hardware(env)
     kwargs: dict[str, Any] = {"num_labels": 1, "dtype": torch_dtype(hw.dtype), "revision": config.revision}
@@ -62,9 +67,6 @@ CHECK_TRAIN_PAIRS = 16  # training pairs the reward_scores check scores when no 
 def self_checks(config: RewardConfig, trainer: Any, metrics: dict[str, Any], scores_before: tuple, scores_after: tuple,
                 on: str) -> dict[str, Any]:
     """`steps`, `loss` (finite, moved) and `reward_scores` (the trained model scores the pairs differently)."""
-    from tunepipe.tasks.lm import checks
-    from tunepipe.tasks.training.trainer import loss_history
-
     policy = checks.CheckPolicy("reward", config.self_checks)
     out = {
         "steps": checks.require_steps("reward", metrics["global_step"], trainer, config.training.max_steps, policy),
@@ -84,12 +86,7 @@ def train_reward_job(job: RewardJob) -> dict[str, Any]:
     from datasets.utils.logging import disable_progress_bar
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
-    from tunepipe.tasks.training import peft_methods
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-    from tunepipe.tasks.lm.pairs import conversational_pair
-    from tunepipe.tasks.training.plots import step_history
-    from tunepipe.tasks.lm.reward_model import pair_scores, pairwise_summary
-    from tunepipe.tasks.training.trainer import (
+    from tunepipe.tasks.training.trainer import (  # looked up per call: tests replace make_callbacks
         fit,
         is_main_process,
         loss_history,

@@ -32,6 +32,7 @@ from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.app import BodyLimit, _add_error_handlers, new_app, request_error  # noqa: F401 - their old home
 from tunepipe.tasks.serving.batcher import Batcher
 from tunepipe.tasks.serving.engine import AdapterError, MultiLoraEngine, Row, Sampling
+from tunepipe.tasks.serving.grammar import GrammarError
 from tunepipe.tasks.serving.protocol import (
     APIError,
     UnsupportedField,
@@ -42,6 +43,7 @@ from tunepipe.tasks.serving.protocol import (
 )
 from tunepipe.tasks.serving.metrics import UNKNOWN_MODEL, ServingMetrics, tunepipe_version
 from tunepipe.tasks.serving.router import Assignment, WeightedRouter
+from tunepipe.tasks.serving.settings import api_key
 from tunepipe.tasks.serving.tools import (
     TOOL_CALL_PARSERS,
     forced_schema,
@@ -50,6 +52,7 @@ from tunepipe.tasks.serving.tools import (
     tool_call_parser,
     tool_message,
 )
+from tunepipe.tasks.training.hardware import hardware
 
 log = logging.getLogger("tunepipe.serve")
 
@@ -68,11 +71,10 @@ class Limits:
 
 def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
     """Load the base (on the profile's device, at its dtype and attention kernel) and the start-up adapters, and
-    return the app. `config` must be resolved (plan.resolve_serve_config)."""
-    from tunepipe.tasks.serving.settings import api_key
-
-    engine = MultiLoraEngine(config.base, dtype=profile.dtype, attn_implementation=profile.attn_implementation,
-                             max_rank=config.max_lora_rank or 64, device=profile.device)
+    return the app. `config` must be resolved (settings.resolve_serve_config)."""
+    hw = hardware(profile)
+    engine = MultiLoraEngine(config.base, dtype=hw.dtype, attn_implementation=hw.attention(padding_free=False),
+                             max_rank=config.max_lora_rank or 64, device=hw.device)
     if len(config.lora_modules) > (config.max_loras or 1):
         raise AdapterError(f"{len(config.lora_modules)} adapters to load but max_loras is {config.max_loras}: raise --max-loras")
     for name, path in config.lora_modules.items():
@@ -82,7 +84,7 @@ def build_app(config: ServeConfig, profile: EnvironmentProfile) -> FastAPI:
 
 def create_app(engine: MultiLoraEngine, config: ServeConfig, *, api_key: str | None = None) -> FastAPI:
     """The app for an engine with its start-up adapters already loaded. `config` must be resolved
-    (see plan.resolve_serve_config): max_loras set."""
+    (see settings.resolve_serve_config): max_loras set."""
     limits = Limits(
         max_loras=config.max_loras or 1, max_tokens=config.max_tokens_limit, max_request_bytes=config.max_request_bytes,
         max_concurrency=config.max_concurrency,
@@ -319,8 +321,6 @@ class _State:
 
     async def _grammar(self, constraint: dict[str, Any]):
         """A grammar matcher for the request's response_format, compiled off the event loop; 400 if it cannot be."""
-        from tunepipe.tasks.serving.grammar import GrammarError
-
         try:
             return await asyncio.to_thread(lambda: self.engine.grammars.matcher(constraint))
         except GrammarError as exc:

@@ -20,6 +20,7 @@ finish rows one by one, which is what a batch of requests with different limits 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -29,6 +30,9 @@ from typing import Any, Callable
 
 from transformers import StoppingCriteria
 from tunepipe.tasks.lm.encoding import TemplateRefused, encode_text, render_messages, stop_token_ids
+from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
+from tunepipe.tasks.serving.grammar import Grammars
+from tunepipe.tasks.serving.tools import render_with_tools
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # Unloaded adapters' slots kept for reuse. Loading into a new slot is peft's module injection,
@@ -136,7 +140,7 @@ def check_adapter(path: str | Path, max_rank: int) -> Any:
     here only (vLLM serves LoRA only), which `tunepipe export` says when it refuses it for vLLM."""
     from peft import PeftConfig
 
-    from tunepipe.tasks.lm import bottleneck
+    from tunepipe.tasks.lm import bottleneck  # lazy: pulls in torch
 
     bottleneck.register()
     path = Path(path)
@@ -175,7 +179,6 @@ class MultiLoraEngine:
         self, base: str, *, dtype: str = "float32", attn_implementation: str | None = None, max_rank: int = 64, device: str = "cpu"
     ):
         import torch
-        from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
         self.base = base
         self.max_rank = max_rank
@@ -202,8 +205,6 @@ class MultiLoraEngine:
     def grammars(self):
         """The engine's grammar compiler (built on first use: response_format requests only)."""
         if self._grammars is None:
-            from tunepipe.tasks.serving.grammar import Grammars
-
             self._grammars = Grammars(self.tokenizer, int(self.model.config.vocab_size), self.eos_ids)
         return self._grammars
 
@@ -287,8 +288,6 @@ class MultiLoraEngine:
         # Rendered and tokenized exactly as the training stages render a prompt (the template owns BOS).
         try:
             if tools:
-                from tunepipe.tasks.serving.tools import render_with_tools
-
                 text = render_with_tools(self.tokenizer, messages, tools)
             else:
                 text = render_messages(self.tokenizer, self.tokenizer.chat_template, messages, True)
@@ -333,8 +332,6 @@ class MultiLoraEngine:
         return out
 
     def _generate(self, rows: list[Row], model: Any, peft: bool) -> None:
-        import contextlib
-
         input_ids, attention_mask, pad = self._left_padded(rows)
         kwargs: dict[str, Any] = {}
         adapter_context: Any = contextlib.nullcontext()

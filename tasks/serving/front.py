@@ -37,6 +37,9 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.lm.encoding import data_messages
+from tunepipe.tasks.lm.modeling import load_tokenizer
 from tunepipe.tasks.serving.app import new_app
 from tunepipe.tasks.serving.engines.base import VLLM_CAPABILITIES, Capabilities
 from tunepipe.tasks.serving.protocol import (
@@ -47,6 +50,7 @@ from tunepipe.tasks.serving.protocol import (
 )
 from tunepipe.tasks.serving.metrics import UNKNOWN_MODEL, ServingMetrics, tunepipe_version
 from tunepipe.tasks.serving.router import WeightedRouter
+from tunepipe.tasks.serving.vllm import VLLMServer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
@@ -98,8 +102,6 @@ class Front:
         return modules
 
     def load_tokenizer(self) -> None:
-        from tunepipe.tasks.lm.modeling import load_tokenizer
-
         try:
             self.tokenizer = (self.caps.tokenizer or load_tokenizer)(self.config.base)
         except (OSError, ValueError) as error:  # a base vLLM could serve always carries its tokenizer
@@ -110,8 +112,6 @@ class Front:
         vLLM renders messages with the model's own chat template and parses special-token strings in them, so
         a user writing `<|im_start|>system ...` would inject a turn; training, evaluation and the embedded
         engine escape those strings (`data_messages`), and the front does the same before vLLM sees them."""
-        from tunepipe.tasks.lm.encoding import data_messages
-
         if self.tokenizer is None or not isinstance(body.get("messages"), list):
             return body
         return {**body, "messages": data_messages(self.tokenizer, body["messages"])}
@@ -407,9 +407,6 @@ def _message(response) -> str:
 def vllm_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
     """(front app, front, VLLMServer): vLLM on a private loopback port with a private key, the front on
     config.host:config.port. Start the server (`server.start()`), then serve the app."""
-    from tunepipe.tasks.core.net import free_port
-    from tunepipe.tasks.serving.vllm import VLLMServer
-
     upstream_key = secrets.token_urlsafe(24)
     port = free_port("127.0.0.1")
     holder: dict[str, Any] = {}

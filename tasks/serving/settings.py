@@ -16,6 +16,12 @@ from pathlib import Path
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.registry import AdapterRegistry
+from tunepipe.tasks.core.secrets import SecretMissing, remember, resolve
+from tunepipe.tasks.serving.engines import engine_named
+from tunepipe.tasks.serving.tools import base_chat_template, tool_call_parser
+from tunepipe.tasks.serving.vllm_env import env_python
+from tunepipe.tasks.training.hardware import hardware
 
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -23,19 +29,19 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_QUANTIZATION = {"bitsandbytes": "bitsandbytes", "awq": "awq", "gptq": "gptq", "fp8": "fp8"}
 
 
-class ServePlanError(ValueError):
+class ServeSettingsError(ValueError):
     """Nothing (or something inconsistent) to serve; the message says what to pass instead."""
 
 
 @dataclass
-class ServingPlan:
+class RegistryServing:
     """What the registry says is current: one base, its adapters by serving name."""
 
     base: str | None
     adapters: dict[str, str] = field(default_factory=dict)
     max_rank: int = 0
     quantization: str | None = None
-    registry: str | None = None  # the registry's local root: runtime loads from it are allowed
+    root: str | None = None  # the registry's local root: runtime loads from it are allowed
 
 
 def adapter_rank(path: str | Path) -> int:
@@ -52,23 +58,21 @@ def base_quantization(base: str | None) -> str | None:
     return VLLM_QUANTIZATION.get(str(method).lower()) if method else None
 
 
-def serving_plan_from_registry(root: str | os.PathLike, alias: str = "prod") -> ServingPlan:
+def registry_serving(root: str | os.PathLike, alias: str = "prod") -> RegistryServing:
     """Every adapter `alias` points at in the registry, under its adapter name, and their common base."""
-    from tunepipe.tasks.core.registry import AdapterRegistry
-
     registry = AdapterRegistry(root)
     entries = registry.serving(alias)
     adapters = {name: registry.local_path(entry) for name, entry in sorted(entries.items())}
     bases = sorted({entry.base_model for entry in entries.values() if entry.base_model})
     if len(bases) > 1:
-        raise ServePlanError(
+        raise ServeSettingsError(
             f"registry {root}: the `{alias}` adapters apply to different bases {bases}; one server serves one base: "
             "start one server per base (tunepipe serve BASE --lora-modules ...)"
         )
     base = bases[0] if bases else None
-    return ServingPlan(
+    return RegistryServing(
         base=base, adapters=adapters, max_rank=max((adapter_rank(p) for p in adapters.values()), default=0),
-        quantization=base_quantization(base), registry=str(Path(root).resolve()) if registry.is_local else None,
+        quantization=base_quantization(base), root=str(Path(root).resolve()) if registry.is_local else None,
     )
 
 
@@ -77,14 +81,12 @@ def vllm_rank(rank: int) -> int:
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise ServePlanError(f"adapter rank {rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+    raise ServeSettingsError(f"adapter rank {rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
 
 
 def vllm_launcher(config: ServeConfig, profile: EnvironmentProfile) -> dict[str, str | None]:
     """Which of vLLM's environments starts it: {"executable"|"image"|"python": value, the others None}.
     The config's choice wins over the profile's; an image wins over an interpreter."""
-    from tunepipe.tasks.serving.vllm_env import env_python
-
     options = config.vllm
     none = {"executable": None, "image": None, "python": None}
     managed = str(env_python(profile.serving.vllm_env)) if profile.serving.vllm_env else None
@@ -115,30 +117,29 @@ def choose_engine(config: ServeConfig, profile: EnvironmentProfile) -> str:
     return "vllm" if wants_vllm and vllm_launcher_available(config, profile) else "embedded"
 
 
-def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan: ServingPlan | None = None) -> ServeConfig:
+def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, from_registry: RegistryServing | None = None) -> ServeConfig:
     """A copy of `config` with the base, adapters, engine and limits filled in."""
-    plan = plan or ServingPlan(base=None)
-    base = config.base or plan.base
+    from_registry = from_registry or RegistryServing(base=None)
+    base = config.base or from_registry.base
     if base is None:
-        raise ServePlanError(
+        raise ServeSettingsError(
             "no base model to serve: pass one (tunepipe serve BASE), set serve.base, or register adapters with their "
             "base model (the deploy stage does)"
         )
-    from tunepipe.tasks.serving.engines import engine_named
 
     engine = choose_engine(config, profile)
     server = engine_named(engine)
-    modules = server.resolve_adapters(dict(config.lora_modules) if config.lora_modules else dict(plan.adapters))
+    modules = server.resolve_adapters(dict(config.lora_modules) if config.lora_modules else dict(from_registry.adapters))
     base = server.resolve_base(base, config.model_copy(update={"lora_modules": modules}))  # a GGUF: see the engine
     ranks = [adapter_rank(p) for p in modules.values() if (Path(p) / "adapter_config.json").is_file()]
     max_rank = server.resolve_rank(config.max_lora_rank or max([profile.serving.max_lora_rank, *ranks]))
     allowed = list(config.allowed_adapter_dirs)
-    if plan.registry and plan.registry not in allowed:
-        allowed.append(plan.registry)  # the registry's own copies are what deploy hot-loads
+    if from_registry.root and from_registry.root not in allowed:
+        allowed.append(from_registry.root)  # the registry's own copies are what deploy hot-loads
     vllm = config.vllm.model_copy(update={
         **vllm_launcher(config, profile),
-        "quantization": config.vllm.quantization or plan.quantization or base_quantization(base),
-        "dtype": config.vllm.dtype or profile.dtype,
+        "quantization": config.vllm.quantization or from_registry.quantization or base_quantization(base),
+        "dtype": config.vllm.dtype or hardware(profile).dtype,
         "gpu_memory_utilization": config.vllm.gpu_memory_utilization or profile.serving.gpu_memory_utilization,
         "tensor_parallel_size": config.vllm.tensor_parallel_size or profile.serving.tensor_parallel_size,
         "max_model_len": config.vllm.max_model_len or profile.serving.vllm_max_model_len,
@@ -150,7 +151,7 @@ def resolve_serve_config(config: ServeConfig, profile: EnvironmentProfile, plan:
     resolved = config.model_copy(update={
         "base": base, "lora_modules": modules, "engine": engine, "max_lora_rank": max_rank, "max_loras": max_loras,
         "allowed_adapter_dirs": allowed, "vllm": vllm,
-        "served_model_name": config.served_model_name or served_base_name(config.base or plan.base),
+        "served_model_name": config.served_model_name or served_base_name(config.base or from_registry.base),
     })
     check_router(resolved)
     return resolved
@@ -161,7 +162,7 @@ def check_router(config: ServeConfig) -> None:
         return
     missing = sorted(set(config.router.versions) - set(config.lora_modules))
     if missing:
-        raise ServePlanError(
+        raise ServeSettingsError(
             f"router {config.router.name!r}: versions {missing} are not among the served adapters "
             f"{sorted(config.lora_modules)}: add them with --lora-modules NAME=PATH"
         )
@@ -170,12 +171,10 @@ def check_router(config: ServeConfig) -> None:
 def api_key(config: ServeConfig) -> str | None:
     """The key from the environment variable `api_key_env` names, or `api_key`'s `${NAME}`
     reference resolved; in memory only."""
-    from tunepipe.tasks.core.secrets import SecretMissing, remember, resolve
-
     if config.api_key_env:
         value = os.environ.get(config.api_key_env)
         if not value:
-            raise ServePlanError(f"api_key_env: the environment variable {config.api_key_env} is not set")
+            raise ServeSettingsError(f"api_key_env: the environment variable {config.api_key_env} is not set")
         remember(value)
         return value
     if config.api_key is None:
@@ -183,7 +182,7 @@ def api_key(config: ServeConfig) -> str | None:
     try:
         return resolve(config.api_key, "api_key")
     except SecretMissing as exc:
-        raise ServePlanError(str(exc)) from None
+        raise ServeSettingsError(str(exc)) from None
 
 
 def served_base_name(given: str) -> str:
@@ -199,8 +198,6 @@ def served_base_name(given: str) -> str:
 def vllm_tool_call_parser(chosen: str | None, base: str) -> str | None:
     """vLLM's --tool-call-parser: the configured one, or the one the base's chat template's family needs (None:
     the template takes no tools, or writes calls in a format no parser here names; `none` turns it off)."""
-    from tunepipe.tasks.serving.tools import base_chat_template, tool_call_parser
-
     if chosen is not None:
         return None if chosen == "none" else chosen
     return tool_call_parser(base_chat_template(base))

@@ -17,6 +17,8 @@ from typing import Callable
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.serving.engines import engine_named
+from tunepipe.tasks.serving.vllm import port_in_use
 
 
 class PortBusy(RuntimeError):
@@ -24,8 +26,6 @@ class PortBusy(RuntimeError):
 
 
 def check_port(config: ServeConfig) -> None:
-    from tunepipe.tasks.serving.vllm import port_in_use
-
     if config.port and port_in_use(config.host, config.port):
         raise PortBusy(f"port {config.port} on {config.host} is already in use (another server?): stop it or choose "
                        "another --port")
@@ -47,7 +47,6 @@ def _interrupt(signum, frame) -> None:
 def serve(config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> int:
     """Serve until stopped; 0 on a requested stop, 1 when the engine's own server exited under us."""
     import uvicorn
-    from tunepipe.tasks.serving.engines import engine_named
 
     say = lambda line: print(line, flush=True)  # noqa: E731
     check_port(config)

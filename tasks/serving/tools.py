@@ -266,7 +266,7 @@ def render_with_tools(tokenizer: Any, messages: list[dict[str, Any]], tools: lis
     """The prompt text of a conversation offered `tools`, by the model's own chat template; ValueError when the
     template refuses the conversation."""
     from jinja2.exceptions import TemplateError
-    from tunepipe.tasks.lm.encoding import data_messages
+    from tunepipe.tasks.lm.encoding import data_messages  # lazy: kept off `tunepipe` start-up
 
     try:
         return tokenizer.apply_chat_template(data_messages(tokenizer, messages), tools=tools, tokenize=False,

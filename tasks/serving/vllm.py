@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.process import ChildServer, HealthTimeout, is_healthy, wait_healthy
+from tunepipe.tasks.serving.vllm_env import check_python
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -74,7 +75,7 @@ def _docker_run(config: ServeConfig) -> list[str]:
 
 
 def vllm_command(config: ServeConfig) -> list[str]:
-    """The full command line for a resolved config (see plan.resolve_serve_config)."""
+    """The full command line for a resolved config (see settings.resolve_serve_config)."""
     host = "0.0.0.0" if config.vllm.image else config.host  # inside a container, listen on its interface
     cmd = [*_launcher_prefix(config), "--host", host, "--port", str(config.port), "--enable-lora"]
     if config.lora_modules:
@@ -128,8 +129,6 @@ class VLLMServer(ChildServer):
 
     def preflight(self) -> None:
         """What can be known wrong before starting: a missing or broken environment, a busy port."""
-        from tunepipe.tasks.serving.vllm_env import check_python
-
         if self.config.vllm.python and (problem := check_python(self.config.vllm.python)):
             raise VLLMError(problem)
         if is_healthy(f"{self.url}/health") or port_in_use(self.config.host, self.config.port):

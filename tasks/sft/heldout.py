@@ -23,8 +23,10 @@ from tunepipe.tasks.lm.generation import (
     prompts_and_references,
 )
 from tunepipe.tasks.lm import retention
+from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.lm.scoring import task_scorers
+from tunepipe.tasks.training.trainer import load_base
 
 
 def heldout_metrics(
@@ -34,8 +36,6 @@ def heldout_metrics(
     """({task: {exact_match, token_f1, base_exact_match, base_token_f1, n}} on the test split,
     {run: retention on the general set, base → trained} when `general`)."""
     from peft import PeftModel
-    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
-    from tunepipe.tasks.training.trainer import load_base
 
     settings = config.heldout
     examples = heldout_examples(data_dir, tasks, settings.max_examples_per_task)

@@ -29,7 +29,13 @@ from tunepipe.tasks.core.handoff import write_handoff
 from tunepipe.tasks.core.stage import StageContext, StageFailed, StageOutput
 from tunepipe.tasks.lm.checks import warned_markdown
 from tunepipe.tasks.lm.encoding import read_split
+from tunepipe.tasks.lm.retention import applies
+from tunepipe.tasks.sft.heldout import heldout_metrics
+from tunepipe.tasks.training.launcher import run_training
+from tunepipe.tasks.training.memory_plan import check_fit
+from tunepipe.tasks.training.plots import plot_loss, plot_series
 from tunepipe.tasks.training.stage_base import TrainingStage, resolve_model
+from tunepipe.tasks.training.trainer import write_json
 
 ENTRYPOINT = "tunepipe.tasks.sft.train:train_job"
 
@@ -76,11 +82,6 @@ class SFTStage(TrainingStage):
     resumable = True
 
     def run(self, config: SFTConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.training.launcher import run_training
-        from tunepipe.tasks.training.memory_plan import check_fit
-        from tunepipe.tasks.training.plots import plot_loss, plot_series
-        from tunepipe.tasks.training.trainer import write_json
-
         data_dir = ctx.inputs["data"].path
         model_path = resolve_model(config.model, ctx.inputs, "sft", ("pretrain", "base_model"))
         plan = check_fit(model_path, config.method, ctx.env, config.max_length, config.training, config.packing)
@@ -137,9 +138,6 @@ class SFTStage(TrainingStage):
         write_json(ctx.staging_dir / "metrics.json", metrics_by_run)
         heldout, kept = {}, {}
         if config.heldout.max_examples_per_task:
-            from tunepipe.tasks.sft.heldout import heldout_metrics
-            from tunepipe.tasks.lm.retention import applies
-
             general = applies(config.heldout.general_set, model_path, ctx.inputs)
             heldout, kept = heldout_metrics(config, outputs, ctx.staging_dir, model_path, data_dir, ctx.env, tasks, general)
             for run, r in kept.items():

@@ -1,7 +1,7 @@
 """One training run: a JSON-able job in, a saved adapter/model and a metrics dict out.
 
 The same `train_job` runs in the stage's process (launcher `in_process`) or in every worker of
-an `accelerate launch` / `deepspeed` / `torchrun` launch (tasks/launcher.py), so a job holds
+an `accelerate launch` / `deepspeed` / `torchrun` launch (tasks/training/launcher.py), so a job holds
 only plain data: the stage config and profile as dicts, and paths.
 
 Checkpoints go to the job's `checkpoint_dir` (inside the stage's staging dir, which survives a
@@ -12,6 +12,7 @@ crash); a rerun resumes from the last one there.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tunepipe.schemas.methods import LoraMethod
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.lm import checks as checks_
+from tunepipe.tasks.lm.cards import adapter_card
 from tunepipe.tasks.training import peft_methods
 from tunepipe.tasks.lm.encoding import (
     encode_records,
@@ -28,6 +30,8 @@ from tunepipe.tasks.lm.encoding import (
     read_split,
     resolve_chat_template,
 )
+from tunepipe.tasks.lm.generation import prompts_and_references
+from tunepipe.tasks.lm.modeling import load_tokenizer
 from tunepipe.tasks.training.hardware import hardware
 from tunepipe.tasks.training.moe import ROUTER_STEP_METRICS, apply_router
 from tunepipe.tasks.training.plots import step_history
@@ -70,8 +74,6 @@ def label_mask_result(stats: Any) -> dict[str, Any]:
 
 def prepare_sft(job: SFTJob | dict[str, Any]) -> dict[str, Any]:
     """Tokenizer, encoded rows and statistics of an SFT job (no model loaded)."""
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-
     job = SFTJob.model_validate(job)  # the stage's job as is; a test's dict validated here
     config = job.config
     tokenizer = load_tokenizer(job.model_path, revision=config.revision)
@@ -142,8 +144,6 @@ def save_result(
     the weights and rank 0 writes them (PiSSA/OLoRA conversion needs the whole adapter: not done then)."""
     tmp = dest.with_name(dest.name + ".partial")
     if is_main_process() and tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model = trainer.model
     if collective:
@@ -165,8 +165,6 @@ def save_result(
 
 def check_prompts(job: SFTJob, config: SFTConfig, tokenizer: Any, limit: int = 8) -> list[str]:
     """Held-out prompts for the adapter check: the test split's (else validation's, else train's) prompts."""
-    from tunepipe.tasks.lm.generation import prompts_and_references
-
     wanted = set(job.tasks) if job.tasks else None
     for split in ("test", "validation", "train"):
         records = [r for r in read_split(job.data_dir, split) if wanted is None or str(r.get("task") or "default") in wanted]
@@ -264,8 +262,6 @@ def train_job(job: SFTJob) -> dict[str, Any]:
         save_result(trainer, prepared["tokenizer"], config.method, dest, prepared["initial_adapter"])
         checks["adapter_effect"] = saved_adapter_effect(trainer, prepared, config, dest, job)
     if is_main_process() and config.method.is_peft and dest.is_dir():
-        from tunepipe.tasks.lm.cards import adapter_card
-
         # Our card instead of PEFT's blank template (its `base_model:` an absolute local path).
         (dest / "README.md").write_text(adapter_card(
             base=job.model_path, method=config.method.name, tasks=job.tasks,

@@ -2,11 +2,11 @@
 
 Device and precision, the attention kernel, the distributed backend (DDP, FSDP2, DeepSpeed ZeRO)
 and where parameters and optimizer states live: everything that trains, plans memory, launches
-workers or loads a model for a check asks `hardware(env)` instead of reading the profile's fields
-and deciding again. The profile says what the machine is; this module says what that means, so a
-new kind of machine is a profile (and, at most, a change here), never an `if cpu:` elsewhere.
-tests/unit/test_hardware.py holds the training stages, the trainer, launchers and memory plan to
-it; the export stage and the serving engines still read `device`/`dtype` themselves (to move next).
+workers, loads a model for a check, exports or serves one asks `hardware(env)` instead of reading
+the profile's fields and deciding again. The profile says what the machine is; this module says what
+that means, so a new kind of machine is a profile (and, at most, a change here), never an `if cpu:`
+elsewhere. tests/unit/test_hardware.py holds all of tasks/ and flows/ to it (a stage's `env_payload`,
+which lists the profile fields entering its key, reads them as written).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.tasks.core.environment import deepspeed_config_path
+from tunepipe.tasks.lm.modeling import training_attention
 
 Backend = Literal["single", "ddp", "fsdp", "deepspeed"]
 
@@ -50,6 +52,15 @@ class Hardware:
         """Everything on the profile's device (a model loaded for a check, a merge, an evaluation)."""
         return {"": self.device}
 
+    def placement(self) -> dict[str, Any]:
+        """How a model is loaded whole for a check, a merge, an export or a re-evaluation: at the profile's
+        dtype, every module on its device (`load_model(path, **hw.placement())`)."""
+        return {"dtype": self.dtype, "device_map": self.device_map()}
+
+    def runs_gpu_only_quantizers(self) -> bool:
+        """Whether the quantizers that need a CUDA device (llm-compressor's GPTQ/AWQ calibration) can run here."""
+        return self.on_gpu
+
     def quantized_device_map(self) -> dict[str, Any] | None:
         """Where a 4-bit base is loaded: the Trainer never moves a bitsandbytes model, so on CUDA it
         must be quantized straight onto this process's GPU (LOCAL_RANK under a launcher)."""
@@ -61,8 +72,6 @@ class Hardware:
     def attention(self, *, padding_free: bool) -> str:
         """The kernel training loads: for padding-free packed rows the first installed of the profile's
         `packed_attention` preferences, otherwise `attn_implementation`."""
-        from tunepipe.tasks.lm.modeling import training_attention
-
         return training_attention(self.env.attn_implementation, self.env.packed_attention, padding_free=padding_free)
 
     def planned_attention(self, *, padding_free: bool) -> str:
@@ -159,8 +168,6 @@ class Hardware:
         return self.env.fsdp is not None
 
     def _deepspeed_config(self) -> dict[str, Any] | None:
-        from tunepipe.tasks.core.environment import deepspeed_config_path
-
         path = deepspeed_config_path(self.env)
         return json.loads(path.read_text()) if path is not None else None
 

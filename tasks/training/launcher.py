@@ -8,31 +8,32 @@ dict) next to the job file.
 
 `ray`: the supervised command is a Ray Train driver (`tasks/training/ray_launcher.py`) whose
 workers run the same job on a Ray cluster. `torchrun` with `multi_node`: the job is also posted on
-the profile's job board, where `tunepipe join` on the other nodes starts their launchers
-(`tasks/training/multinode.py`).
+the profile's job board (`tasks/training/multinode.py`), where `tunepipe join` on the other nodes
+starts their launchers (`tasks/training/join.py`). What a worker runs is `tasks/training/worker.py`.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
-import inspect
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.jobs import TrainingJob
 from tunepipe.tasks.core.environment import deepspeed_config_path
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.core.tracking import current_stage_name, environment, tracked_training
 from tunepipe.tasks.training.hardware import hardware
+from tunepipe.tasks.training.multinode import posted_job, torchrun_node_arguments
+from tunepipe.tasks.training.ray_launcher import driver_command
+from tunepipe.tasks.training.worker import entry_point, job_payload, run_job
 
 TAIL_LINES = 40
 # A Python exception line (`ValueError: ...`, `torch.OutOfMemoryError: ...`) in a worker's output.
@@ -87,27 +88,6 @@ def failure_summary(lines: list[str], errors: list[str]) -> str:
     return text
 
 
-def entry_point(spec: str) -> Callable[[Any], dict[str, Any]]:
-    """`package.module:function` → the function."""
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def job_payload(job: TrainingJob | dict[str, Any]) -> dict[str, Any]:
-    """The job as JSON-able data, for the job file a launcher's workers read."""
-    return job.model_dump(mode="json") if isinstance(job, TrainingJob) else dict(job)
-
-
-def typed_job(entry: Callable[[Any], Any], payload: dict[str, Any]) -> Any:
-    """`payload` validated as the job class `entry` takes (its first parameter's annotation), once per
-    worker; unchanged for an entry point that takes a plain dict."""
-    first = next(iter(inspect.signature(entry).parameters), None)
-    job_cls = typing.get_type_hints(entry).get(first) if first else None
-    if isinstance(job_cls, type) and issubclass(job_cls, TrainingJob):
-        return job_cls.model_validate(payload)
-    return payload
-
-
 def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: str | None = None) -> list[str]:
     """The command that runs `python -m tunepipe.tasks.training.launcher JOB` in `env.num_processes` workers
     (for `ray`: the driver whose Ray workers run the job; `rdzv_id`: a multi-node torchrun's rendezvous id)."""
@@ -117,8 +97,6 @@ def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: st
     # machine (two runs, two stages routed to one worker) collided: each gets a free port (torchrun's
     # --standalone picks its own).
     if env.launcher == "ray":
-        from tunepipe.tasks.training.ray_launcher import driver_command
-
         return driver_command(env, job)
     if env.launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n, "--num_machines", "1",
@@ -139,8 +117,6 @@ def launch_command(env: EnvironmentProfile, job_file: str | Path, *, rdzv_id: st
                 "--module", "tunepipe.tasks.training.launcher", job]
     if env.launcher == "torchrun":
         if env.multi_node is not None:
-            from tunepipe.tasks.training.multinode import torchrun_node_arguments
-
             nodes = torchrun_node_arguments(env.multi_node, rdzv_id)
         else:
             nodes = ["--standalone"]
@@ -201,8 +177,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Run `entrypoint(job)` as the profile says and return its result, tracked as the running
     stage's task named by `work_dir` (`<task>.launch`; a plain `launch`: the stage's one job)."""
-    from tunepipe.tasks.core.tracking import current_stage_name, environment, tracked_training
-    from tunepipe.tasks.training.progress import JOB_LABEL_ENV
+    from tunepipe.tasks.training.progress import JOB_LABEL_ENV  # lazy: pulls in transformers
 
     name = Path(work_dir).name
     task = name.removesuffix(".launch") if name.endswith(".launch") else None
@@ -224,8 +199,6 @@ def _run_training(
     job_file.write_text(json.dumps({**job_payload(job), "_entrypoint": entrypoint, "_result_file": str(result_file)}, default=str))
     what = f"{env.launcher} x{env.num_processes}"
     if env.launcher == "torchrun" and env.multi_node is not None:
-        from tunepipe.tasks.training.multinode import posted_job
-
         with posted_job(env.multi_node, job_file, logger) as rdzv_id:
             stream_command(
                 launch_command(env, job_file, rdzv_id=rdzv_id), logger,
@@ -249,15 +222,6 @@ workers need no PYTHONPATH from us)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_job(json.loads(Path(args[0]).read_text()))
     return 0
-
-
-def run_job(job: dict[str, Any]) -> None:
-    """One worker's part of a launch: run the job's entry point; rank 0 writes its result."""
-    job = dict(job)
-    entry, result_file = entry_point(job.pop("_entrypoint")), job.pop("_result_file")
-    result = entry(typed_job(entry, job))
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(result_file).write_text(json.dumps(result, default=str))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ from typing import Any, Literal
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.methods import FreezeMethod, QLoraMethod
 from tunepipe.schemas.training import LOMO_OPTIMIZERS, TrainingConfig
+from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.lm.modeling import check_loadable, llama_config, load_config
 from tunepipe.tasks.training import moe, peft_methods
 from tunepipe.tasks.training.hardware import hardware
 
@@ -80,7 +82,6 @@ def model_config(model: Any) -> Any:
     """A transformers config from a config object, a local directory or a hub id."""
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         return model
-    from tunepipe.tasks.lm.modeling import check_loadable, load_config
 
     return load_config(check_loadable(str(model)))
 
@@ -406,8 +407,6 @@ def suggestions(
     if not env.gradient_checkpointing:
         out.append(f"turn on gradient_checkpointing: ~{total(method, env.model_copy(update={'gradient_checkpointing': True})):.1f} GiB")
     if "weights" not in hardware(env).sharding()["divided"]:
-        from tunepipe.tasks.core.environment import load_environment
-
         same_batch = {"per_device_batch_size": env.per_device_batch_size, "device_memory_gb": env.device_memory_gb}
         zero3 = load_environment("multi-gpu-deepspeed-zero3").model_copy(update=same_batch)
         fsdp = load_environment("multi-gpu-fsdp").model_copy(update=same_batch)
@@ -458,8 +457,6 @@ def pipeline_plan_target(config: Any) -> tuple[Any, Any, int, TrainingConfig]:
         raise ValueError(f"{config.name}: the pipeline has no sft section to plan")
     model = config.sft.model or (config.pretrain.model if config.pretrain else None)
     if model is None and config.base_model is not None:
-        from tunepipe.tasks.lm.modeling import llama_config
-
         model = llama_config(config.base_model, vocab_size=config.base_model.tokenizer.vocab_size)
     return model, config.sft.method, config.sft.max_length, config.sft.training
 

@@ -8,6 +8,7 @@ checkpointing and attention are `tasks/training/hardware.py`'s decisions, the ba
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from tunepipe.schemas.methods import (
     UniPeltMethod,
 )
 from tunepipe.schemas.training import LOMO_OPTIMIZERS, TrainingConfig
+from tunepipe.tasks.core.environment import apply_allocator_settings, deepspeed_config_path
+from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.core.tracking import trainer_report_to
 from tunepipe.tasks.training.hardware import hardware
 
 CAUSAL_LM = "CAUSAL_LM"
@@ -153,7 +157,7 @@ def p_tuning_v2_config(method: PTuningV2Method) -> Any:
 
 def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
     """The `BottleneckConfig` of the bottleneck-adapter PEFT method (tasks/lm/bottleneck.py)."""
-    from tunepipe.tasks.lm import bottleneck
+    from tunepipe.tasks.lm import bottleneck  # lazy: pulls in torch
 
     config_cls = bottleneck.register()
     return config_cls(
@@ -169,7 +173,7 @@ def bottleneck_config(method: AdapterMethod | AdapterDropMethod) -> Any:
 
 def mam_config(method: MamAdapterMethod) -> Any:
     """MAM Adapter: a prefix on every attention plus a scaled parallel adapter on every FFN."""
-    from tunepipe.tasks.lm import bottleneck
+    from tunepipe.tasks.lm import bottleneck  # lazy: pulls in torch
 
     return bottleneck.register()(
         task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
@@ -180,7 +184,7 @@ def mam_config(method: MamAdapterMethod) -> Any:
 
 def unipelt_config(method: UniPeltMethod) -> Any:
     """UniPELT: gated LoRA, gated prefix and a gated sequential FFN adapter."""
-    from tunepipe.tasks.lm import bottleneck
+    from tunepipe.tasks.lm import bottleneck  # lazy: pulls in torch
 
     return bottleneck.register()(
         task_type=CAUSAL_LM, target_modules=[method.ffn_module], bottleneck_size=method.bottleneck_size,
@@ -192,8 +196,6 @@ def unipelt_config(method: UniPeltMethod) -> Any:
 
 def fusion_components(method: AdapterFusionMethod) -> dict[str, Path]:
     """The task adapters AdapterFusion fuses: {task: directory} from the per-task sft artifact."""
-    import json
-
     root = Path(method.adapters_from)
     adapters = root / "adapters"
     found = sorted(p.name for p in adapters.iterdir() if (p / "adapter_config.json").is_file()) if adapters.is_dir() else []
@@ -220,9 +222,7 @@ def fusion_components(method: AdapterFusionMethod) -> dict[str, Path]:
 
 def fusion_config(method: AdapterFusionMethod) -> Any:
     """A bottleneck config holding the task adapters (their own settings) and a fusion layer."""
-    import json
-
-    from tunepipe.tasks.lm import bottleneck
+    from tunepipe.tasks.lm import bottleneck  # lazy: pulls in torch
 
     components = fusion_components(method)
     first = json.loads((next(iter(components.values())) / "adapter_config.json").read_text())
@@ -464,16 +464,11 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def training_arguments(training: TrainingConfig, env: EnvironmentProfile, *, output_dir: str | Path, optim: str) -> dict[str, Any]:
     """`TrainingArguments` keywords every TRL config shares (SFTConfig, DPOConfig, RewardConfig,
     PPOConfig, ...): hyper-parameters from the stage config, hardware from the profile."""
-    from tunepipe.tasks.core.environment import apply_allocator_settings, deepspeed_config_path
-    from tunepipe.tasks.core.tracking import trainer_report_to
-
     # Every trainer's arguments come from here, in the process that will train with them: the profile's
     # allocator setting takes effect before the first training step allocates.
     apply_allocator_settings(env)
     ds_config = deepspeed_config_path(env)
     if optim in LOMO_OPTIMIZERS and env.gradient_accumulation_steps > 1:
-        from tunepipe.tasks.core.stage import StageFailed
-
         # LOMO applies each micro-batch's gradient inside its backward pass: nothing accumulates.
         raise StageFailed(
             f"training.optimizer {optim} updates the weights during every backward pass, so it cannot accumulate "

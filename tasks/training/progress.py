@@ -13,6 +13,8 @@ reaches the run through the streamed logs instead.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -84,23 +86,17 @@ JOB_LABEL_ENV = "TUNEPIPE_JOB_LABEL"  # `stage/task` of the training job that ru
 
 
 def verbose() -> bool:
-    import os
-
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
 def job_label(default: str) -> str:
     """`stage/task` of the running job (set by `run_training`), else `default`."""
-    import os
-
     return os.environ.get(JOB_LABEL_ENV) or default
 
 
 def metrics_logger() -> Any:
     """`tunepipe.metrics`: the per-step training lines, for the Prefect run log only. They do not
     propagate to the console, which shows the one progress line per job instead."""
-    import logging
-
     logger = logging.getLogger("tunepipe.metrics")
     logger.propagate = False
     logger.setLevel(logging.INFO)

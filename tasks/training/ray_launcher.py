@@ -6,7 +6,7 @@ stage's fate). It joins the profile's Ray cluster (KubeRay, `ray start` on SLURM
 and starts `num_processes` TorchTrainer workers wherever the cluster has room; Ray Train forms
 their process group (gloo on CPU, nccl on CUDA) and sets RANK / LOCAL_RANK / WORLD_SIZE as
 torchrun would, and each worker runs the job's entry point, the same function every launcher
-runs (`launcher.run_job`). The Trainer checkpoints into the job's checkpoint dir and rank 0
+runs (`worker.run_job`). The Trainer checkpoints into the job's checkpoint dir and rank 0
 writes the artifact's files and the result, so the workdir must be on storage every node sees;
 Ray's own checkpointing and retries stay off (a rerun of the stage resumes instead).
 """
@@ -73,7 +73,8 @@ class _OnceNoise(io.TextIOBase):
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     """What each Ray Train worker runs: the job's entry point, as under torchrun."""
-    from tunepipe.tasks.training.launcher import run_job
+    # imported where it runs: the driver is `python -m` (__main__), so Ray ships this function by value
+    from tunepipe.tasks.training.worker import run_job
 
     # Our loggers at INFO (the resume line reaches the stage log); the root stays at WARNING: a
     # root at INFO inside a Ray worker printed other libraries' debug output (bytecode listings).

@@ -8,14 +8,13 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.core.stage import Stage, StageFailed
+from tunepipe.tasks.lm.modeling import gguf_provenance, gguf_source, model_dir, model_fingerprint
 
 
 def resolve_model(config_model: str | None, inputs: dict[str, Any], stage: str, order: tuple[str, ...]) -> str:
     """The base model path: the config's (a GGUF as its converted directory), else the first input
     artifact of `order` present."""
     if config_model:
-        from tunepipe.tasks.lm.modeling import model_dir
-
         return model_dir(config_model)
     for name in order:
         if name in inputs:
@@ -27,7 +26,6 @@ def model_payload(model: str | None, revision: str | None) -> str | None:
     """A local model enters the key as a digest of its files, a hub model as id@revision."""
     if model is None:
         return None
-    from tunepipe.tasks.lm.modeling import model_fingerprint
 
     return model_fingerprint(model, revision)
 
@@ -36,8 +34,6 @@ def gguf_payload(model: str | None) -> dict[str, str] | None:
     """For a GGUF base: the quantisation its weights were dequantised from (a property of the file's
     bytes, so it moves no key the file's digest does not), from its conversion's provenance (the
     stage converts it anyway)."""
-    from tunepipe.tasks.lm.modeling import gguf_provenance, gguf_source
-
     if model is None or gguf_source(model) is None:
         return None
     quantisation = gguf_provenance(model)["dequantised_from"]

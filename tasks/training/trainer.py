@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from typing import Any
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.methods import QLoraMethod
 from tunepipe.schemas.training import TrainingConfig
+from tunepipe.tasks.core.tracking import tracked_run_callbacks
 from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.distributed import per_rank_state
 from tunepipe.tasks.training.hardware import hardware
+from tunepipe.tasks.training.moe import router_loss_callback, router_loss_weight
 
 log = logging.getLogger("tunepipe.train")
 
@@ -32,8 +36,6 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
     The Trainer writes a checkpoint in place and its `trainer_state.json` last, so a process
     killed mid-save leaves a directory without a readable state: such directories are removed.
     """
-    import shutil
-
     path = Path(checkpoint_dir)
     if not path.is_dir():
         return None
@@ -56,7 +58,7 @@ def load_base(
 ) -> Any:
     """The base model at the profile's dtype and attention kernel (4-bit for qlora); packed, padding-free
     training loads the profile's `packed_attention` kernel instead."""
-    from tunepipe.tasks.lm.modeling import load_model
+    from tunepipe.tasks.lm.modeling import load_model  # looked up per call: tests replace load_model
 
     hw = hardware(env)
     quantization = peft_methods.bnb_config(method, env) if isinstance(method, QLoraMethod) else None
@@ -74,11 +76,9 @@ def make_callbacks(model: Any, method: Any, label: str = "training", watch: dict
     """Live progress in the Prefect UI (with the latest values of the `watch` log keys, {TRL key:
     our name}); AdaLoRA's budget re-allocation after each optimiser step (the Trainer does not call it)."""
     from transformers import TrainerCallback
-    from tunepipe.tasks.training.moe import router_loss_callback
-    from tunepipe.tasks.training.progress import PrefectProgress
+    from tunepipe.tasks.training.progress import PrefectProgress  # lazy: pulls in transformers
 
-    from tunepipe.tasks.core.tracking import tracked_run_callbacks
-    from tunepipe.tasks.training.progress import StepReporter, job_label
+    from tunepipe.tasks.training.progress import StepReporter, job_label  # lazy: pulls in transformers
 
     label = job_label(label)  # `sft/triples`: the two sft jobs' progress artifacts and lines tell apart
     callbacks: list[Any] = [PrefectProgress(label, watch=watch), StepReporter(label), *tracked_run_callbacks()]
@@ -137,7 +137,6 @@ def build_trainer(
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
     from trl import SFTTrainer
-    from tunepipe.tasks.training.moe import router_loss_weight
 
     disable_progress_bar()  # per-map progress bars of tiny datasets drown the stage log
 
@@ -183,13 +182,12 @@ def fit(trainer: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
     if resume:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
-    from tunepipe.tasks.training.progress import quiet_trainer
+    from tunepipe.tasks.training.progress import quiet_trainer  # lazy: pulls in transformers
 
     quiet_trainer(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
-    from tunepipe.tasks.training.distributed import per_rank_state
 
     return {
         "world_size": int(trainer.args.world_size),

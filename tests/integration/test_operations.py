@@ -210,7 +210,7 @@ def test_two_concurrent_runs_on_one_workdir(stack, tmp_path):
 
     from tunepipe.flows.pipeline import pipeline
     from tunepipe.tasks.core.config import load_pipeline_config
-    from tunepipe.tasks.core.selection import RunPlan
+    from tunepipe.tasks.core.selection import StageSelection
 
     config = load_pipeline_config(tiny_config(tmp_path, "concurrent"))
     # Each thread runs in a copy of this context: Prefect's settings (the test server's API URL) live in
@@ -218,7 +218,7 @@ def test_two_concurrent_runs_on_one_workdir(stack, tmp_path):
     # ephemeral server (two at once race in Prefect: "Server process did not start"), and leaked it.
     with ThreadPoolExecutor(2) as pool:
         futures = [
-            pool.submit(contextvars.copy_context().run, pipeline, config=config, plan=RunPlan(stages=config.stages()))
+            pool.submit(contextvars.copy_context().run, pipeline, config=config, selection=StageSelection(stages=config.stages()))
             for _ in range(2)
         ]
         summaries = [f.result(timeout=180) for f in futures]
@@ -237,19 +237,19 @@ def test_notifications_on_completion_gate_and_failure(stack, tmp_path):
 
     from tunepipe.flows.pipeline import pipeline
     from tunepipe.tasks.core.config import load_pipeline_config
-    from tunepipe.tasks.core.selection import RunPlan
+    from tunepipe.tasks.core.selection import StageSelection
 
     with Receiver() as receiver:
         notifications = {"webhook_url": receiver.url, "on": ["failure", "completion", "gate"], "allow_remote": False, "timeout_s": 5}
         ok = load_pipeline_config(tiny_config(tmp_path, "notify-ok", notifications=notifications))
-        pipeline(config=ok, plan=RunPlan(stages=ok.stages()))
+        pipeline(config=ok, selection=StageSelection(stages=ok.stages()))
         rule = {"column": "response", "regex": "(?i)celsius", "mode": "not_match", "name": "no-units"}
         bad_path = tiny_config(tmp_path, "notify-bad", notifications=notifications)
         bad_yaml = yaml.safe_load(bad_path.read_text())
         bad_yaml["data"]["validation"] = {"rules": [rule]}
         bad_path.write_text(yaml.safe_dump(bad_yaml))
         bad = load_pipeline_config(bad_path)
-        state = pipeline(config=bad, plan=RunPlan(stages=bad.stages()), return_state=True)
+        state = pipeline(config=bad, selection=StageSelection(stages=bad.stages()), return_state=True)
 
     assert state.is_failed()
     # The run's state message carries the stage's reason: which expectation, how many rows, where.
@@ -290,7 +290,7 @@ def test_server_scheduler_creates_cron_and_interval_runs(stack, tmp_path):
     import datetime
     from zoneinfo import ZoneInfo
 
-    from tunepipe.flows.deployments import deploy
+    from tunepipe.flows.deployments import register_deployments
     from tunepipe.tasks.core.config import load_pipeline_config
 
     ids = {}
@@ -299,7 +299,7 @@ def test_server_scheduler_creates_cron_and_interval_runs(stack, tmp_path):
         "daily": {"interval_s": 86400},
     }.items():
         path = tiny_config(tmp_path, name, schedule=schedule, deployment={"work_pool": IDLE_POOL})
-        ids.update(deploy(path, load_pipeline_config(path), api_url=stack.url))
+        ids.update(register_deployments(path, load_pipeline_config(path), api_url=stack.url))
     cron_runs = scheduled_runs(ids["tunepipe-retrain/weekly"], 3)
     interval_runs = scheduled_runs(ids["tunepipe-retrain/daily"], 3)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -312,7 +312,7 @@ def test_server_scheduler_creates_cron_and_interval_runs(stack, tmp_path):
 
 
 def test_server_trigger_starts_a_run_on_an_event(stack, tmp_path):
-    from tunepipe.flows.deployments import deploy
+    from tunepipe.flows.deployments import register_deployments
     from tunepipe.tasks.core.config import load_pipeline_config
     from tunepipe.tasks.ops.watch import DataVersion, emit_version_event
 
@@ -320,7 +320,7 @@ def test_server_trigger_starts_a_run_on_an_event(stack, tmp_path):
     inbox.mkdir()
     path = tiny_config(tmp_path, "triggered", watch={"inbox": str(inbox)}, deployment={"work_pool": IDLE_POOL})
     config = load_pipeline_config(path)
-    (deployment_id,) = deploy(path, config, api_url=stack.url).values()
+    (deployment_id,) = register_deployments(path, config, api_url=stack.url).values()
     version = DataVersion(version="v-planted", path=str(inbox), seq=1, files=[], created_at="2026-01-01T00:00:00Z")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -124,7 +124,7 @@ def test_sft_routed_to_a_second_pool(tmp_path):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from tunepipe.flows.deployments import deploy
+    from tunepipe.flows.deployments import register_deployments
     from tunepipe.tasks.core.config import load_pipeline_config
 
     started = time.perf_counter()
@@ -140,7 +140,7 @@ def test_sft_routed_to_a_second_pool(tmp_path):
         stack.start_worker("route-a", query_seconds=1)
         stack.start_worker("route-b", query_seconds=1, prefect_home=tmp_path / "home-b")  # another host's Prefect home
         with temporary_settings(updates={PREFECT_API_URL: stack.url}):
-            ids = deploy(config_path, load_pipeline_config(config_path), api_url=stack.url)
+            ids = register_deployments(config_path, load_pipeline_config(config_path), api_url=stack.url)
             assert set(ids) == {"tunepipe-retrain/routing", "tunepipe-retrain/routing--route-b"}
             parent = run_deployment("tunepipe-retrain/routing", parameters={"overrides": OVERRIDES}, timeout=0)
             parent = _wait_final(parent.id, 420, stack)

@@ -1,5 +1,5 @@
 """One align method, one unit: a method added in this test (SimPO through TRL's CPOTrainer) is its
-own config class and unit plus one registry line, and the align stage trains it like a built-in one:
+own config class and unit plus one `units.py` line, and the align stage trains it like a built-in one:
 the config accepts it by name, its knobs enter the key, its trainer's step metrics are recorded."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from tunepipe.schemas.align import AlignConfig, AlignMethodConfig, MethodCategory, register_align_method
-from tunepipe.tasks.align.methods import registry as methods
+from tunepipe.tasks.align.methods import units as methods
 from tunepipe.tasks.align.methods.base import AlignRun
 from tunepipe.tasks.align.methods.pairwise import PAIRWISE_STEP_METRICS, PairwiseUnit, pair_dataset
 from tunepipe.tasks.align.stage import AlignStage
@@ -56,7 +56,7 @@ class SimPO(PairwiseUnit):
 
 @pytest.fixture
 def simpo_registered():
-    """The one registry line (undone afterwards, so other tests see the built-in methods only)."""
+    """The one `units.py` line (undone afterwards, so other tests see the built-in methods only)."""
     from tunepipe.schemas import align as schema
 
     methods.register(SimPO())

@@ -1,5 +1,5 @@
 """The deploy stage against a real running server: the embedded multi-LoRA server
-(tasks/serve/embedded.py) on a real socket, talked to over HTTP by the stage.
+(tasks/serving/embedded.py) on a real socket, talked to over HTTP by the stage.
 
 Three adapters with different random LoRA weights stand for three trained versions (their greedy
 answers differ, so what the server answers tells which version it serves). Each test builds on

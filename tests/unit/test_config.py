@@ -10,7 +10,7 @@ import pytest
 from tunepipe.tasks.core.config import load_pipeline_config
 from tunepipe.tasks.core.loading import ConfigError
 from tunepipe.tasks.core.environment import load_environment
-from tunepipe.tasks.core.selection import RunPlan
+from tunepipe.tasks.core.selection import StageSelection
 
 
 def write(tmp_path, text: str):
@@ -92,14 +92,14 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_pipeline_config(path)
 
 
-def test_run_plan_rejects_unknown_and_inverted_stages():
+def test_stage_selection_rejects_unknown_and_inverted_stages():
     with pytest.raises(ValueError, match="--until sft: not a configured stage"):
-        RunPlan(stages=["data", "base_model"], until="sft")
+        StageSelection(stages=["data", "base_model"], until="sft")
     with pytest.raises(ValueError, match="comes after"):
-        RunPlan(stages=["data", "base_model"], until="data", from_stage="base_model")
-    plan = RunPlan(stages=["data", "base_model"], from_stage="base_model")
-    assert (plan.includes("data"), plan.refresh("data"), plan.refresh("base_model")) == (True, False, True)
-    assert RunPlan(stages=["data", "base_model"], until="data").includes("base_model") is False
+        StageSelection(stages=["data", "base_model"], until="data", from_stage="base_model")
+    selection = StageSelection(stages=["data", "base_model"], from_stage="base_model")
+    assert (selection.includes("data"), selection.refresh("data"), selection.refresh("base_model")) == (True, False, True)
+    assert StageSelection(stages=["data", "base_model"], until="data").includes("base_model") is False
 
 
 def _config_models():

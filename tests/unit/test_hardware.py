@@ -45,28 +45,59 @@ def test_packed_attention_plans_the_first_preference_and_padded_rows_keep_the_ba
     assert hardware(env).attention(padding_free=False) == "sdpa"
 
 
-# The profile fields that carry hardware decisions, read only by tasks/training/hardware.py in the code that
-# trains and evaluates (export and serving still read some themselves: see the module docstring).
+# The profile fields that carry hardware decisions, read only by tasks/training/hardware.py everywhere in tasks/
+# and flows/: what trains, evaluates, exports, deploys and serves, the lm library, the CLI.
 DECIDING_FIELDS = {"device", "dtype", "attn_implementation", "packed_attention", "fsdp", "deepspeed_config"}
-TRAINING_CODE = ["tasks/training", "tasks/sft", "tasks/reward", "tasks/pretrain", "tasks/align", "tasks/evaluate/backends.py"]
+DECIDING_CODE = ["tasks", "flows"]
+# Functions that read the profile as written, deciding nothing: a stage's env_payload (training_env_payload for
+# the training stages) lists the fields that enter its key; deepspeed_config_path resolves the profile's file
+# name; `tunepipe envs` prints each bundled profile.
+KEY_PAYLOADS = {"env_payload", "training_env_payload", "deepspeed_config_path", "cmd_envs"}
 
 
 def _is_profile(node: ast.AST) -> bool:
-    """`env` or `<something>.env` (ctx.env, job.env)."""
-    return (isinstance(node, ast.Name) and node.id == "env") or (isinstance(node, ast.Attribute) and node.attr == "env")
+    """`env`, `profile` or `<something>.env` (ctx.env, job.env)."""
+    return (isinstance(node, ast.Name) and node.id in ("env", "profile")) or (isinstance(node, ast.Attribute) and node.attr == "env")
 
 
-def test_training_code_asks_the_hardware_module():
-    readers = []
-    for folder in TRAINING_CODE:
-        for path in sorted((ROOT / folder).rglob("*.py")) if (ROOT / folder).is_dir() else [ROOT / folder]:
-            if path.name == "hardware.py":
-                continue
-            # stage_base.training_env_payload lists the profile fields that enter a training key: not a decision
-            exempt = {n.lineno for f in ast.walk(ast.parse(path.read_text())) if isinstance(f, ast.FunctionDef)
-                      and f.name == "training_env_payload" for n in ast.walk(f) if hasattr(n, "lineno")}
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (isinstance(node, ast.Attribute) and node.attr in DECIDING_FIELDS and _is_profile(node.value)
-                        and node.lineno not in exempt):
-                    readers.append(f"{path.relative_to(ROOT)}:{node.lineno} env.{node.attr}")
+def direct_reads(path: Path, source: str) -> list[str]:
+    """`path:line env.<field>` for every read of a deciding profile field outside a key payload."""
+    tree = ast.parse(source)
+    exempt = {n.lineno for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in KEY_PAYLOADS
+              for n in ast.walk(f) if hasattr(n, "lineno")}
+    return [f"{path.relative_to(ROOT)}:{node.lineno} env.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in DECIDING_FIELDS and _is_profile(node.value) and node.lineno not in exempt]
+
+
+def deciding_files() -> list[Path]:
+    paths = []
+    for folder in DECIDING_CODE:
+        paths += sorted((ROOT / folder).rglob("*.py")) if (ROOT / folder).is_dir() else [ROOT / folder]
+    return [p for p in paths if p.name != "hardware.py"]
+
+
+def test_tasks_and_flows_ask_the_hardware_module():
+    files = deciding_files()
+    assert {ROOT / "tasks/export/stage.py", ROOT / "tasks/serving/embedded.py", ROOT / "flows/cli/serve.py"} <= set(files)
+    readers = [read for path in files for read in direct_reads(path, path.read_text())]
     assert readers == [], readers
+
+
+@pytest.mark.parametrize(("rel", "planted"), [
+    ("tasks/export/stage.py", "\n\ndef _planted(env):\n    return load_model('m', dtype=env.dtype)\n"),
+    ("tasks/serving/embedded.py", "\n\ndef _planted(profile):\n    return profile.device != 'cuda'\n"),
+    ("tasks/serving/settings.py", "\n\ndef _planted(ctx):\n    return ctx.env.attn_implementation\n"),
+])
+def test_a_planted_direct_read_is_named(rel, planted):
+    path = ROOT / rel
+    source = path.read_text().rstrip("\n") + "\n" + planted
+    field = planted.split(".")[-1].split(" ")[0].split(")")[0].strip()
+    line = len(source.splitlines())
+    assert direct_reads(path, source) == [f"{rel}:{line} env.{field}"]
+
+
+def test_export_loads_and_quantizes_where_the_profile_says():
+    cpu, gpu = hardware(load_environment("cpu")), hardware(load_environment("single-gpu-24gb"))
+    assert cpu.placement() == {"dtype": cpu.dtype, "device_map": {"": "cpu"}}
+    assert gpu.placement() == {"dtype": "bfloat16", "device_map": {"": "cuda"}}
+    assert (cpu.runs_gpu_only_quantizers(), gpu.runs_gpu_only_quantizers()) == (False, True)

@@ -14,7 +14,8 @@ Bottom to top (each layer imports only from layers below it or its own):
 The graph is built with `ast` from the files, so function-level imports count (a circle hidden
 inside a function is still a circle, and it still puts the imported module's code into a stage's
 key). A planted upward import must fail the same check, so the check is shown to bite. Import
-circles are held to a list that only shrinks.
+circles are held to a list that only shrinks. A function-level import is a heavy library's (HEAVY)
+or says why on its line or the line above (tasks/, flows/; in schemas, imports of tunepipe code).
 """
 
 from __future__ import annotations
@@ -170,8 +171,6 @@ def test_a_planted_upward_import_fails(sources, module, planted, expected):
 # Circles still open, each inside one folder (their modules import each other inside functions). The list
 # only shrinks: a new circle fails, and so does a listed one that is gone (strike it here).
 KNOWN_CIRCLES = {
-    # the launcher and its torchrun-multinode and Ray drivers (the job typing of issue 30 item 4 reshapes them)
-    frozenset({"tunepipe.tasks.training.launcher", "tunepipe.tasks.training.multinode", "tunepipe.tasks.training.ray_launcher"}),
     # the data stage and its Ray and streaming engines, which reuse its run
     frozenset({"tunepipe.tasks.data.stage", "tunepipe.tasks.data.ray_engine", "tunepipe.tasks.data.streaming"}),
 }
@@ -225,29 +224,67 @@ def test_a_planted_circle_is_found(sources):
 
 
 LOWER_LAYERS = ("schemas", "core", "lm")
+# Third-party libraries a function may import where it needs them, without a comment: each costs from tens of
+# milliseconds to seconds to import (torch, transformers, prefect, mlflow: seconds), or is an optional extra that
+# is not installed everywhere (vllm, llama_cpp, deepspeed, great_expectations, ...). Importing them at module level
+# would put that cost on every `tunepipe` command, `tunepipe validate` and every CPU-only worker, and make a
+# missing extra break modules that never use it. This is the one statement of that reason.
+HEAVY = frozenset({
+    "accelerate", "apprise", "bitsandbytes", "conversion", "datasets", "deepspeed", "evaluate", "fastapi", "flash_attn",
+    "fsspec", "gguf", "great_expectations", "httpx", "huggingface_hub", "jinja2", "kernels", "liger_kernel", "llama_cpp",
+    "llmcompressor", "lm_eval", "markdown_it", "matplotlib", "mlflow", "nltk", "numpy", "openai", "pandas", "peft",
+    "PIL", "prefect", "pyarrow", "ray", "rouge_score", "sacrebleu", "safetensors", "scipy", "sentencepiece", "starlette",
+    "tokenizers", "torch", "tqdm", "transformers", "trl", "uvicorn", "vllm", "wandb", "xgrammar",
+})
+# Where every function-level import must be a HEAVY library or say why (tasks/ and flows/); in the schemas layer
+# only imports of tunepipe code are held to it.
+SWEPT = ("tunepipe.tasks", "tunepipe.flows")
+# Modules other branches are reworking (the data stage's engines; evaluate's model resolution and the typed
+# upstream reads in align, evaluate, export and compare-methods), left as they were to keep those merges clean,
+# with their count of unexplained function-level imports: a count may only go down (lower it here when it
+# does), to 0 and out of the list.
+PENDING_INNER = {
+    "tunepipe.tasks.data": 11,
+    "tunepipe.tasks.evaluate.generation": 11,
+    "tunepipe.tasks.evaluate.stage": 30,
+    "tunepipe.tasks.align.stage": 18,
+    "tunepipe.tasks.export.stage": 18,
+    "tunepipe.tasks.ops.compare_methods": 14,
+    "tunepipe.tasks.align.policy": 6,
+}
+
+
+def _import_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, ast.ImportFrom):
+        return [node.module or ""] if not node.level else [PACKAGE]  # a relative import is ours
+    return [alias.name for alias in node.names]
 
 
 def unexplained_inner_imports(sources: dict[str, str]) -> list[str]:
-    """Imports of tunepipe code inside a function in the lower layers without a comment saying why (on the
-    line, or above the run of import lines it belongs to). They hide edges of the graph; the reason to
-    have one is a heavy import (torch, every stage's config model) that most callers never need."""
+    """Imports inside a function without a comment saying why (on the line, or above the run of import lines
+    it belongs to): in tasks/ and flows/ every import but a HEAVY library's, in the schemas layer every import
+    of tunepipe code. They hide edges of the graph and make a reader wonder why; the reason to have one is a
+    heavy import that most callers never need, a circle, or `tunepipe` start-up time."""
     lower = {index for index, (name, _) in enumerate(LAYERS) if name in LOWER_LAYERS}
     found = []
     for module, source in sorted(sources.items()):
-        if layer_of(module) not in lower:
+        swept = module.startswith(SWEPT)
+        if not swept and layer_of(module) not in lower:
             continue
         lines = source.splitlines()
+        seen: set[int] = set()
         for function in ast.walk(ast.parse(source)):
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.ImportFrom):
-                    names = [node.module or ""] if not node.level else [PACKAGE]  # a relative import is ours
-                elif isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                else:
+                if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in seen:
                     continue
-                if not any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names):
+                seen.add(id(node))
+                names = _import_names(node)
+                ours = any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names)
+                if swept and not ours and all(n.split(".")[0] in HEAVY for n in names):
+                    continue
+                if not swept and not ours:
                     continue
                 above = node.lineno - 2
                 while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
@@ -257,8 +294,15 @@ def unexplained_inner_imports(sources: dict[str, str]) -> list[str]:
     return found
 
 
-def test_inner_imports_in_the_lower_layers_say_why(sources):
-    assert unexplained_inner_imports(sources) == []
+def pending(found: list[str]) -> dict[str, int]:
+    return {prefix: sum(1 for f in found if f.split(":")[0] == prefix or f.startswith(prefix + ".")) for prefix in PENDING_INNER}
+
+
+def test_inner_imports_say_why(sources):
+    found = unexplained_inner_imports(sources)
+    waiting = [f for f in found if any(f.split(":")[0] == p or f.startswith(p + ".") for p in PENDING_INNER)]
+    assert [f for f in found if f not in waiting] == []
+    assert pending(found) == PENDING_INNER, "fewer: lower the count in PENDING_INNER; more: say why at the new import"
 
 
 def test_an_unexplained_inner_import_is_named(sources):
@@ -268,3 +312,20 @@ def test_an_unexplained_inner_import_is_named(sources):
     line = len(planted.splitlines()) - 1
     assert unexplained_inner_imports({module: planted}) == [f"{module}:{line}"]
     assert unexplained_inner_imports({module: explained}) == []
+
+
+@pytest.mark.parametrize(("module", "body", "named"), [
+    # a stage importing a light standard-library module inside a function: it belongs at the top
+    ("tunepipe.tasks.deploy.stage", "    import json\n    return json", True),
+    # a CLI command importing tunepipe code lazily without saying why
+    ("tunepipe.flows.cli.run", "    from tunepipe.tasks.core.stage import StageFailed\n    return StageFailed", True),
+    # torch inside a function: the reason is HEAVY's, stated once
+    ("tunepipe.tasks.serving.engine", "    import torch\n    return torch", False),
+    ("tunepipe.flows.cli.run", "    from prefect import flow\n    return flow", False),
+    # the schemas layer holds only tunepipe imports to it
+    ("tunepipe.schemas.data", "    import json\n    return json", False),
+])
+def test_the_rule_in_tasks_and_flows(sources, module, body, named):
+    planted = sources[module].rstrip("\n") + "\n\n\ndef _planted():\n" + body + "\n"
+    line = len(planted.splitlines()) - 1
+    assert unexplained_inner_imports({module: planted}) == ([f"{module}:{line}"] if named else [])

@@ -1,4 +1,4 @@
-"""tasks.modeling: one loading path for hub ids and local dirs, and content fingerprints for keys."""
+"""tasks.lm.modeling: one loading path for hub ids and local dirs, and content fingerprints for keys."""
 
 from __future__ import annotations
 

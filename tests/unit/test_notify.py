@@ -121,6 +121,9 @@ def test_failure_details_name_stage_reason_and_fix():
     assert details["reason"].startswith("data: expectation 'no-ai' failed for 3 row(s)")
     assert "rejected.jsonl" in details["reason"] and "rejected" in details["fix"]
     assert notify.failure_details("Flow run encountered an exception: OSError: disk full", "sft")["stage"] == "sft"
+    # the exception named with its module, as a traceback's last line names it
+    qualified = notify.failure_details("tunepipe.tasks.core.stage.StageFailed: sft: out of memory")
+    assert (qualified["stage"], qualified["reason"]) == ("sft", "sft: out of memory")
 
 
 def test_hooks_read_settings_from_the_run_parameters_and_post(monkeypatch):

@@ -13,7 +13,7 @@ from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.serving.engines import ENGINES, engine_named
 from tunepipe.tasks.serving.protocol import APIError
-from tunepipe.tasks.serving.settings import ServePlanError, resolve_serve_config
+from tunepipe.tasks.serving.settings import ServeSettingsError, resolve_serve_config
 
 
 def touch(path: Path) -> Path:
@@ -47,7 +47,7 @@ def test_every_engine_is_registered_under_its_name():
 def test_llamacpp_serves_the_export_gguf_asked_for(export_dir):
     assert resolve(base=str(export_dir)).base == str(export_dir / "gguf/all/model-f16.gguf")  # faithful by default
     assert resolve(base=str(export_dir), llamacpp={"gguf_type": "q8_0"}).base == str(export_dir / "gguf/all/model-q8_0.gguf")
-    with pytest.raises(ServePlanError, match=r"no model-q4_k_m.gguf; this export has \['f16', 'q8_0'\]"):
+    with pytest.raises(ServeSettingsError, match=r"no model-q4_k_m.gguf; this export has \['f16', 'q8_0'\]"):
         resolve(base=str(export_dir), llamacpp={"gguf_type": "q4_k_m"})
     single = touch(export_dir.parent / "single" / "model-q4_k_m.gguf")
     assert resolve(base=str(single.parent)).base == str(single)  # the only one there
@@ -61,15 +61,15 @@ def test_llamacpp_adapters_are_gguf_loras_on_the_unmerged_base(export_dir, tmp_p
     peft = tmp_path / "peft"
     peft.mkdir()
     (peft / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    with pytest.raises(ServePlanError, match=r"adapter bot=.*GGUF files .*export.targets: \[gguf\].*--engine embedded or vllm"):
+    with pytest.raises(ServeSettingsError, match=r"adapter bot=.*GGUF files .*export.targets: \[gguf\].*--engine embedded or vllm"):
         resolve(base=str(export_dir), lora_modules={"bot": str(peft)})
 
 
 def test_llamacpp_refuses_a_base_that_is_not_a_gguf(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ServePlanError, match="no GGUF model here"):
+    with pytest.raises(ServeSettingsError, match="no GGUF model here"):
         resolve(base=str(tmp_path))
-    with pytest.raises(ServePlanError, match="serves GGUF files"):
+    with pytest.raises(ServeSettingsError, match="serves GGUF files"):
         resolve(base=str(tmp_path / "config.json"))
 
 

@@ -22,7 +22,7 @@ import pytest
 from tests.helpers.training import build_tiny_model
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.core.environment import load_environment
-from tunepipe.tasks.serving.settings import ServingPlan, resolve_serve_config
+from tunepipe.tasks.serving.settings import RegistryServing, resolve_serve_config
 from tunepipe.tasks.serving.process import free_port, is_healthy
 from tunepipe.tasks.serving.vllm import VLLMError, VLLMServer, explain, vllm_command, vllm_env
 from tunepipe.tasks.serving.vllm_env import env_python
@@ -85,12 +85,12 @@ def write_base(path: Path, quant_method: str | None = None) -> str:
 def test_command_and_environment_carry_the_registry_derived_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEPIPE_TEST_VLLM_KEY", "k")
     base = write_base(tmp_path / "base-bnb4", "bitsandbytes")
-    plan = ServingPlan(base=base, adapters={"notes": write_adapter(tmp_path / "reg" / "notes", 12),
-                                            "triage": write_adapter(tmp_path / "reg" / "triage", 4)},
-                       max_rank=12, quantization="bitsandbytes", registry=str(tmp_path / "reg"))
+    served = RegistryServing(base=base, adapters={"notes": write_adapter(tmp_path / "reg" / "notes", 12),
+                                                  "triage": write_adapter(tmp_path / "reg" / "triage", 4)},
+                             max_rank=12, quantization="bitsandbytes", root=str(tmp_path / "reg"))
     profile = load_environment("serve-vllm")
     config = resolve_serve_config(ServeConfig(engine="vllm", port=8123, api_key="${TUNEPIPE_TEST_VLLM_KEY}", vllm={"extra_args": ["--enforce-eager"]}),
-                                  profile, plan)
+                                  profile, served)
     cmd = vllm_command(config)
     # the managed environment the profile names, through the server module (vLLM's CLI fails in the CPU build)
     assert cmd[:5] == [str(env_python("cuda")), "-m", "vllm.entrypoints.openai.api_server", "--model", base]
@@ -100,7 +100,7 @@ def test_command_and_environment_carry_the_registry_derived_flags(tmp_path, monk
 
     assert "--enable-lora" in cmd
     modules = cmd[cmd.index("--lora-modules") + 1: cmd.index("--max-loras")]
-    assert modules == [f"notes={plan.adapters['notes']}", f"triage={plan.adapters['triage']}"]
+    assert modules == [f"notes={served.adapters['notes']}", f"triage={served.adapters['triage']}"]
     assert flag("--max-lora-rank") == "64"  # the profile's 64 holds rank 12
     assert flag("--max-loras") == str(profile.serving.max_loras)
     assert flag("--max-cpu-loras") == str(profile.serving.max_cpu_loras)

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.tasks.align.train import AlignJob, align_job
 from tunepipe.tasks.core.environment import load_environment
-from tunepipe.tasks.training.launcher import _run_training, job_payload, typed_job
+from tunepipe.tasks.training.launcher import _run_training
+from tunepipe.tasks.training.worker import job_payload, typed_job
 
 
 def _job(tmp_path) -> AlignJob:

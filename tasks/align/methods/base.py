@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 from tunepipe.schemas.align import AlignConfig, AlignMethodConfig, method_name
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.tasks.align.job import AlignJob
+from tunepipe.tasks.training import peft_methods
+from tunepipe.tasks.training.trainer import fit
 
 
 
@@ -62,14 +64,10 @@ class AlignMethodUnit:
 
     def count_parameters(self, trainer: Any, run: AlignRun) -> tuple[int, int]:
         """(trainable, total) parameters of what trains."""
-        from tunepipe.tasks.training import peft_methods
-
         return peft_methods.count_parameters(self.policy(trainer))
 
     def train(self, trainer: Any, run: AlignRun) -> dict[str, Any]:
         """Train (resuming from the run's last checkpoint); step, timing and token metrics."""
-        from tunepipe.tasks.training.trainer import fit
-
         return fit(trainer, run.job.checkpoint_dir)
 
     def zero_std_fractions(self, steps: dict[str, list[dict[str, float]]]) -> list[float]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from tunepipe.tasks.align.methods.base import AlignMethodUnit, AlignRun
-from tunepipe.tasks.lm.encoding import reasoning_end
+from tunepipe.tasks.align.rewards import judge_reward_func, rule_reward_func
+from tunepipe.tasks.lm.encoding import data_messages, reasoning_end
+from tunepipe.tasks.lm.reward_model import reward_model_func
 from tunepipe.tasks.training.moe import router_loss_weight
 
 # TRL's step-log keys → our metric names.
@@ -30,9 +32,6 @@ GROUP_STEP_METRICS = {
 def reward_funcs(method: Any, reward: tuple[Any, Any] | None, judge: Any = None, think_end: str | None = None) -> list[Any]:
     """The TRL reward functions named in `method.rewards` (rules and judge score the answer after a
     reasoning family's think block, `think_end`)."""
-    from tunepipe.tasks.align.rewards import judge_reward_func, rule_reward_func
-    from tunepipe.tasks.lm.reward_model import reward_model_func
-
     funcs = []
     for name in method.rewards:
         if name == "reward_model":
@@ -70,7 +69,6 @@ class GroupUnit(AlignMethodUnit):
         """The trainer over the train prompts with their reference answers (for rule rewards)."""
         from datasets import Dataset
 
-        from tunepipe.tasks.lm.encoding import data_messages
 
         method, tokenizer = run.config.method, run.tokenizer
         common = {

@@ -8,13 +8,12 @@ from typing import Any
 from tunepipe.schemas.align import KTOMethod
 from tunepipe.tasks.align.methods.base import AlignRun
 from tunepipe.tasks.align.methods.pairwise import PairwiseUnit
+from tunepipe.tasks.lm.encoding import data_messages
 from tunepipe.tasks.training.moe import router_loss_weight
 
 
 def kto_examples(pairs: list[dict[str, Any]], tokenizer: Any = None) -> list[dict[str, Any]]:
     """Each pair as two unpaired KTO examples: chosen (desirable) and rejected (undesirable)."""
-    from tunepipe.tasks.lm.encoding import data_messages
-
     def text(messages: list[dict[str, str]]) -> list[dict[str, str]]:  # contents tokenize as text
         return data_messages(tokenizer, messages) if tokenizer is not None else messages
 

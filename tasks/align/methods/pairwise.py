@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.tasks.align.methods.base import AlignMethodUnit, AlignRun
+from tunepipe.tasks.align.preferences import on_policy_pairs, require_pairs
+from tunepipe.tasks.lm.pairs import conversational_pair
+from tunepipe.tasks.training.trainer import is_main_process
 
 # TRL's step-log keys → our metric names.
 PAIRWISE_STEP_METRICS = {
@@ -38,9 +41,6 @@ class PairwiseUnit(AlignMethodUnit):
 
     def train_pairs(self, run: AlignRun) -> list[dict[str, Any]]:
         """The data artifact's train pairs, or the SFT policy's own samples ranked (written to the artifact)."""
-        from tunepipe.tasks.align.preferences import on_policy_pairs, require_pairs
-        from tunepipe.tasks.training.trainer import is_main_process
-
         config, job = run.config, run.job
         if config.preferences.source != "on_policy":
             return job.train_pairs
@@ -57,6 +57,5 @@ def pair_dataset(pairs: list[dict[str, Any]], tokenizer: Any) -> Any:
     """Conversational prompt/chosen/rejected rows (DPO, ORPO)."""
     from datasets import Dataset
 
-    from tunepipe.tasks.lm.pairs import conversational_pair
 
     return Dataset.from_list([conversational_pair(p, tokenizer) for p in pairs])

@@ -14,6 +14,7 @@ Anchor: vLLM's OpenAIServingChat(GenerateBaseServing), one serving class per end
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -59,8 +60,6 @@ class Built:
 
     def wait(self) -> int:
         """Block until the engine's process exits (never, for an in-process engine); its exit code."""
-        import threading
-
         threading.Event().wait()
         return 0
 
@@ -83,7 +82,7 @@ class Engine:
 
     def resolve_base(self, base: str, config: ServeConfig | None = None) -> str:
         """What this engine loads for `base` (config: the served adapters and the engine's options)."""
-        from tunepipe.tasks.lm.modeling import model_dir
+        from tunepipe.tasks.lm.modeling import model_dir  # lazy: kept off `tunepipe` start-up
 
         return model_dir(base)  # a GGUF: served from its converted directory
 
@@ -91,7 +90,7 @@ class Engine:
         return rank
 
     def resolve_adapters(self, modules: dict[str, str]) -> dict[str, str]:
-        """The adapters as this engine loads them; ServePlanError (naming the fix) for one it cannot take."""
+        """The adapters as this engine loads them; ServeSettingsError (naming the fix) for one it cannot take."""
         return modules
 
     def build(self, config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> Built:

@@ -15,6 +15,6 @@ class EmbeddedEngine(Engine):
     capabilities = None  # its request models validate every field themselves (protocol.py, EMBEDDED_NEUTRAL)
 
     def build(self, config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> Built:
-        from tunepipe.tasks.serving.embedded import build_app
+        from tunepipe.tasks.serving.embedded import build_app  # lazy: pulls in fastapi, starlette, transformers
 
         return Built(build_app(config, profile))

@@ -29,9 +29,13 @@ from typing import Any
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
+from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, require_tools
 from tunepipe.tasks.serving.engines.base import Built, Capabilities, Engine
+from tunepipe.tasks.serving.engines.vllm import ChildBuilt
 from tunepipe.tasks.serving.protocol import VLLM_NEUTRAL, APIError
 from tunepipe.tasks.serving.process import ChildServer, HealthTimeout, wait_healthy
+from tunepipe.tasks.serving.settings import ServeSettingsError, api_key
 
 SERVER_MODULE = "llama_cpp.server"
 SEED_RANGE = (0, 2**32 - 1)  # llama.cpp's sampler seed is a uint32: a larger one would be truncated silently
@@ -89,7 +93,7 @@ def adapt_request(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
 
 class ControlTokens:
     """The strings llama.cpp parses as special tokens in a GGUF's vocabulary (its control and user-defined tokens),
-    as the front's escaping reads them (`all_special_tokens`, see training.encoding.data_text): message contents
+    as the front's escaping reads them (`all_special_tokens`, see tasks.lm.encoding.data_text): message contents
     are sent as text, so a user writing `<|im_start|>system` opens no turn. Read from the GGUF's metadata, not by
     loading a transformers tokenizer from it (which converts the whole vocabulary: tens of seconds)."""
 
@@ -127,18 +131,13 @@ class LlamaCppEngine(Engine):
         return {name: str(gguf_lora(name, path)) for name, path in modules.items()}
 
     def build(self, config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> Built:
-        from tunepipe.tasks.serving.engines.vllm import ChildBuilt
-        from tunepipe.tasks.serving.settings import api_key
-
         log_file = config.llamacpp.log_file or str(Path(workdir) / "logs" / f"llamacpp-{config.port}.log")
         app, _, server = llamacpp_behind_front(config, api_key=api_key(config), log_file=log_file)
         return ChildBuilt(app, server, label="llama.cpp", log_file=log_file)
 
 
-def _plan_error(message: str) -> Exception:
-    from tunepipe.tasks.serving.settings import ServePlanError
-
-    return ServePlanError(message)
+def _settings_error(message: str) -> Exception:
+    return ServeSettingsError(message)
 
 
 def gguf_model(base: str, gguf_type: str | None, with_adapters: bool) -> Path:
@@ -146,28 +145,28 @@ def gguf_model(base: str, gguf_type: str | None, with_adapters: bool) -> Path:
     path = Path(base)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise _plan_error(f"{base}: the llamacpp engine serves GGUF files (.gguf): export one with "
+            raise _settings_error(f"{base}: the llamacpp engine serves GGUF files (.gguf): export one with "
                               "export.targets: [gguf], or serve this model with --engine embedded or vllm")
         return path.resolve()
     if not path.is_dir():
-        raise _plan_error(f"{base}: no such GGUF file or export directory")
+        raise _settings_error(f"{base}: no such GGUF file or export directory")
     files = sorted({*path.glob("*.gguf"), *path.glob("gguf/*/*.gguf")})
     if with_adapters:  # GGUF LoRAs apply to the unmerged base the export keeps beside them
         bases = [f for f in files if f.name == "base-f16.gguf"]
         if len(bases) == 1:
             return bases[0].resolve()
-        raise _plan_error(f"{base}: adapters need the unmerged base `base-f16.gguf` (the gguf export writes it with "
+        raise _settings_error(f"{base}: adapters need the unmerged base `base-f16.gguf` (the gguf export writes it with "
                           f"its LoRA); found {[f.name for f in files] or 'no GGUF'}: pass the base's .gguf as BASE")
     models = {f.name.removeprefix("model-").removesuffix(".gguf"): f for f in files if f.name.startswith("model-")}
     if gguf_type is not None:
         if gguf_type in models:
             return models[gguf_type].resolve()
-        raise _plan_error(f"{base}: no model-{gguf_type}.gguf; this export has {sorted(models) or 'none'}")
+        raise _settings_error(f"{base}: no model-{gguf_type}.gguf; this export has {sorted(models) or 'none'}")
     if len(models) == 1:
         return next(iter(models.values())).resolve()
     if "f16" in models:
         return models["f16"].resolve()
-    raise _plan_error(f"{base}: no GGUF model here (model-<type>.gguf, as export.targets: [gguf] writes): "
+    raise _settings_error(f"{base}: no GGUF model here (model-<type>.gguf, as export.targets: [gguf] writes): "
                       f"found {[f.name for f in files] or 'none'}" + (f"; choose one with --gguf-type {sorted(models)}" if models else ""))
 
 
@@ -180,7 +179,7 @@ def gguf_lora(name: str, path: str) -> Path:
             return found[0].resolve()
     elif target.is_file() and target.suffix == ".gguf":
         return target.resolve()
-    raise _plan_error(
+    raise _settings_error(
         f"adapter {name}={path}: the llamacpp engine takes LoRA adapters as GGUF files (llama.cpp --lora): export the "
         "run with export.targets: [gguf] (it writes gguf/<run>/lora-<run>.gguf beside base-f16.gguf) and pass that "
         "file, or serve PEFT adapter directories with --engine embedded or vllm"
@@ -190,12 +189,11 @@ def gguf_lora(name: str, path: str) -> Path:
 def llamacpp_python(config: ServeConfig) -> str:
     if config.llamacpp.python:
         return config.llamacpp.python
-    from tunepipe.tasks.llamacpp.env import LlamaCppEnvError, require_tools
 
     try:
         return str(require_tools().python)
     except LlamaCppEnvError as exc:
-        raise _plan_error(f"the llamacpp engine needs llama.cpp's environment: {exc}") from None
+        raise _settings_error(f"the llamacpp engine needs llama.cpp's environment: {exc}") from None
 
 
 def server_settings(config: ServeConfig, models: dict[str, str | None], *, port: int, api_key: str) -> dict[str, Any]:
@@ -249,8 +247,7 @@ class LlamaCppServer(ChildServer):
 
 def llamacpp_behind_front(config: ServeConfig, *, api_key: str | None, log_file: str | Path):
     """(front app, front, LlamaCppServer) for a resolved config: start the server, then serve the app."""
-    from tunepipe.tasks.core.net import free_port
-    from tunepipe.tasks.serving.front import create_front
+    from tunepipe.tasks.serving.front import create_front  # lazy: pulls in fastapi, starlette
 
     upstream_key = secrets.token_urlsafe(24)
     port = free_port("127.0.0.1")

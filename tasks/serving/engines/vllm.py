@@ -8,6 +8,7 @@ from pathlib import Path
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.serving.engines.base import VLLM_CAPABILITIES, Built, Engine
+from tunepipe.tasks.serving.settings import api_key, vllm_rank
 
 
 class ChildBuilt(Built):
@@ -41,13 +42,10 @@ class VLLMEngine(Engine):
     capabilities = VLLM_CAPABILITIES
 
     def resolve_rank(self, rank: int) -> int:
-        from tunepipe.tasks.serving.settings import vllm_rank
-
         return vllm_rank(rank)
 
     def build(self, config: ServeConfig, profile: EnvironmentProfile, workdir: str) -> Built:
-        from tunepipe.tasks.serving.front import vllm_behind_front
-        from tunepipe.tasks.serving.settings import api_key
+        from tunepipe.tasks.serving.front import vllm_behind_front  # lazy: pulls in fastapi, starlette
 
         log_file = config.vllm.log_file or str(Path(workdir) / "logs" / f"vllm-{config.port}.log")
         app, _, server = vllm_behind_front(config, api_key=api_key(config), log_file=log_file)

@@ -15,7 +15,7 @@ from tunepipe.schemas.registry import Lineage
 from tunepipe.schemas.serve import RouterConfig, ServeConfig
 from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.core.environment import load_environment
-from tunepipe.tasks.serving.settings import ServePlanError, api_key, choose_engine, resolve_serve_config, serving_plan_from_registry, vllm_rank
+from tunepipe.tasks.serving.settings import ServeSettingsError, api_key, choose_engine, resolve_serve_config, registry_serving, vllm_rank
 from tunepipe.tasks.serving.router import WeightedRouter, read_log
 
 
@@ -38,38 +38,38 @@ def registry(tmp_path) -> AdapterRegistry:
     return reg
 
 
-def test_plan_serves_what_the_alias_points_at_on_the_common_base(registry, tmp_path):
-    plan = serving_plan_from_registry(registry.root)
-    assert plan.base == str(tmp_path / "base")
-    assert sorted(plan.adapters) == ["notes", "triage"]  # `draft` has no prod alias
-    assert plan.adapters["notes"] == registry.resolve("notes@prod").path and plan.adapters["notes"].endswith("/notes/1")
-    assert plan.max_rank == 32  # triage's rank_pattern
-    assert plan.registry == str((tmp_path / "registry").resolve())
+def test_registry_serving_serves_what_the_alias_points_at_on_the_common_base(registry, tmp_path):
+    served = registry_serving(registry.root)
+    assert served.base == str(tmp_path / "base")
+    assert sorted(served.adapters) == ["notes", "triage"]  # `draft` has no prod alias
+    assert served.adapters["notes"] == registry.resolve("notes@prod").path and served.adapters["notes"].endswith("/notes/1")
+    assert served.max_rank == 32  # triage's rank_pattern
+    assert served.root == str((tmp_path / "registry").resolve())
 
     registry.promote("notes", 2)
-    assert serving_plan_from_registry(registry.root).adapters["notes"].endswith("/notes/2")
+    assert registry_serving(registry.root).adapters["notes"].endswith("/notes/2")
 
 
-def test_plan_refuses_adapters_of_two_bases(registry, tmp_path):
+def test_registry_serving_refuses_adapters_of_two_bases(registry, tmp_path):
     other = registry.register("other", write_adapter(tmp_path / "src" / "other", 8), Lineage(base_model="org/another-base"))
     registry.promote("other", other)
-    with pytest.raises(ServePlanError, match="different bases"):
-        serving_plan_from_registry(registry.root)
+    with pytest.raises(ServeSettingsError, match="different bases"):
+        registry_serving(registry.root)
 
 
 def test_flags_override_the_registry_and_the_profile_fills_the_rest(registry, tmp_path):
-    plan = serving_plan_from_registry(registry.root)
+    served = registry_serving(registry.root)
     cpu = load_environment("cpu")
-    resolved = resolve_serve_config(ServeConfig(), cpu, plan)
-    assert resolved.engine == "embedded" and resolved.base == plan.base and resolved.lora_modules == plan.adapters
+    resolved = resolve_serve_config(ServeConfig(), cpu, served)
+    assert resolved.engine == "embedded" and resolved.base == served.base and resolved.lora_modules == served.adapters
     assert resolved.max_lora_rank == max(cpu.serving.max_lora_rank, 32)
-    assert resolved.allowed_adapter_dirs == [plan.registry]  # deploy hot-loads from the registry
+    assert resolved.allowed_adapter_dirs == [served.root]  # deploy hot-loads from the registry
 
     mine = write_adapter(tmp_path / "mine", 4)
-    explicit = resolve_serve_config(ServeConfig(base="org/base", lora_modules={"mine": str(mine)}, max_loras=2), cpu, plan)
+    explicit = resolve_serve_config(ServeConfig(base="org/base", lora_modules={"mine": str(mine)}, max_loras=2), cpu, served)
     assert explicit.base == "org/base" and explicit.lora_modules == {"mine": str(mine)} and explicit.max_loras == 2
 
-    with pytest.raises(ServePlanError, match="no base model to serve"):
+    with pytest.raises(ServeSettingsError, match="no base model to serve"):
         resolve_serve_config(ServeConfig(), cpu)
 
 
@@ -88,7 +88,7 @@ def test_engine_auto_picks_vllm_only_where_its_environment_exists(tmp_path, monk
     managed.write_text("")
     assert choose_engine(ServeConfig(), load_environment("serve-vllm-cpu")) == "vllm"
     assert [vllm_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
-    with pytest.raises(ServePlanError):
+    with pytest.raises(ServeSettingsError):
         vllm_rank(513)
 
 
@@ -110,7 +110,7 @@ def test_config_validation_and_api_key_env(tmp_path, monkeypatch):
         ServeConfig(vllm={"python": "/p", "image": "i"})
     monkeypatch.setenv("MY_KEY", "s3cret")
     assert api_key(ServeConfig(api_key_env="MY_KEY")) == "s3cret"
-    with pytest.raises(ServePlanError, match="NOT_SET_HERE"):
+    with pytest.raises(ServeSettingsError, match="NOT_SET_HERE"):
         api_key(ServeConfig(api_key_env="NOT_SET_HERE"))
 
 
@@ -153,7 +153,7 @@ def test_api_key_is_a_reference_in_configs_and_the_cli_flag_keeps_working(monkey
         ServeConfig(api_key="plain-key")
     monkeypatch.setenv("MY_SERVE_KEY", "from-env-123")
     assert api_key(ServeConfig(api_key="${MY_SERVE_KEY}")) == "from-env-123"
-    with pytest.raises(ServePlanError, match="api_key: the environment variable UNSET_SERVE_KEY is not set"):
+    with pytest.raises(ServeSettingsError, match="api_key: the environment variable UNSET_SERVE_KEY is not set"):
         api_key(ServeConfig(api_key="${UNSET_SERVE_KEY}"))
     monkeypatch.delenv(CLI_API_KEY_ENV, raising=False)
     # The flags as the real parser leaves them, with only --api-key given.
