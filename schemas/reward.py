@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
-from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, resolve_path, self_checks_field
+from tunepipe.schemas.base import CheckAction, StrictModel, resolve_model, self_checks_field
 from tunepipe.schemas.methods import FullMethod, LoraMethod, method_shorthand, QLoraMethod
 from tunepipe.schemas.training import TrainingConfig
 

@@ -88,7 +88,7 @@ def check_url(url: str, what: str, *, userinfo: bool = True) -> str:
         if SENSITIVE_QUERY.search(name) and value and not is_reference(value):
             _refuse(f"{what} query parameter {name}")
     if WEBHOOK_PATH.search(f"{parts.netloc}{parts.path}") and not references(parts.path):
-        _refuse(f"{what} (a webhook whose path is its secret)", example=f"the whole URL: `${{WEBHOOK_URL}}`")
+        _refuse(f"{what} (a webhook whose path is its secret)", example="the whole URL: `${WEBHOOK_URL}`")
     return url
 
 

@@ -23,7 +23,7 @@ from tunepipe.schemas.serve import ServeConfig
 from tunepipe.tasks.core.config import load_pipeline_config
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.loading import ConfigError
-from tunepipe.tasks.core.secrets import is_reference
+from tunepipe.schemas.secret_refs import is_reference
 from tunepipe.tasks.serving.engines import ENGINES
 
 DEFAULT_ALIAS = "prod"

@@ -9,7 +9,7 @@ from typing import Any
 
 from tunepipe.tasks.core.environment import load_environment
 from tunepipe.tasks.core.loading import ConfigError, _yaml_line, field_path, read_yaml, validate_yaml_mapping
-from tunepipe.tasks.core.secrets import references
+from tunepipe.schemas.secret_refs import references
 
 
 def quickstart_config() -> Path:

@@ -17,19 +17,7 @@ import re
 import threading
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from tunepipe.schemas.secret_refs import (  # noqa: F401 (the reference syntax and config checks, re-exported for run-time callers)
-    MASK,
-    REFERENCE,
-    SENSITIVE_HEADER,
-    SENSITIVE_NAME,
-    SENSITIVE_QUERY,
-    WEBHOOK_PATH,
-    check_literal,
-    check_url,
-    is_reference,
-    mask_credentials,
-    references,
-)
+from tunepipe.schemas.secret_refs import MASK, REFERENCE, mask_credentials
 
 _known_values: set[str] = set()
 _lock = threading.Lock()

@@ -17,7 +17,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunepipe.tasks.core.net import free_port  # noqa: F401 - re-exported: servers and tests pick ports here too
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200

@@ -29,13 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.serve import ServeConfig
-from tunepipe.tasks.serving.app import BodyLimit, _add_error_handlers, new_app, request_error  # noqa: F401 - their old home
+from tunepipe.tasks.serving.app import new_app
 from tunepipe.tasks.serving.batcher import Batcher
 from tunepipe.tasks.serving.engine import AdapterError, MultiLoraEngine, Row, Sampling
 from tunepipe.tasks.serving.grammar import GrammarError
 from tunepipe.tasks.serving.protocol import (
     APIError,
-    UnsupportedField,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoraRequest,

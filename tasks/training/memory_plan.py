@@ -61,7 +61,6 @@ activations, attention and logits belong to each process's own micro-batch and a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from tunepipe.schemas.environment import EnvironmentProfile

@@ -266,7 +266,8 @@ def test_first_run_console_is_short_and_the_run_log_holds_the_training_losses(fi
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
+    from tunepipe.tasks.core.net import free_port
+    from tunepipe.tasks.ops.prefect_server import LocalStack
 
     cwd, summary = first_run
     lines = FIRST_CONSOLE[0].split("\n")

@@ -7,7 +7,9 @@ import urllib.request
 
 import pytest
 
-from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
+from tunepipe.tasks.core.net import free_port
+
+from tunepipe.tasks.ops.prefect_server import LocalStack
 
 pytestmark = pytest.mark.prefect
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from tunepipe.tasks.core.artifacts import ArtifactStore
-from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
+from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.ops.prefect_server import LocalStack
 from tests.conftest import REPO
 from tests.unit.test_notify import Receiver
 

@@ -8,11 +8,12 @@ import io
 import json
 import re
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
+from tunepipe.tasks.core.net import free_port
+
+from tunepipe.tasks.ops.prefect_server import LocalStack
 
 pytestmark = pytest.mark.prefect
 

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from tunepipe.tasks.core.artifacts import ArtifactStore
-from tunepipe.tasks.ops.prefect_server import LocalStack, free_port
+from tunepipe.tasks.core.net import free_port
+from tunepipe.tasks.ops.prefect_server import LocalStack
 from tests.helpers.training import SLOW_STEPS, cpu_profile, kill_at_first_checkpoint
 
 pytestmark = pytest.mark.prefect

@@ -41,10 +41,10 @@ def served(tmp_path_factory):
     base = str(build_tiny_model(root / "base"))
     allowed = root / "adapters"
     good = make_adapter(base, allowed / "good", 1)
-    bad_rank = make_adapter(base, allowed / "bad-rank", 2)
+    make_adapter(base, allowed / "bad-rank", 2)
     config_file = allowed / "bad-rank" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": "eight"}))
-    truncated = make_adapter(base, allowed / "truncated", 3)
+    make_adapter(base, allowed / "truncated", 3)
     weights = allowed / "truncated" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 

@@ -291,10 +291,8 @@ def _run_two_processes(stage_assets, stage: str):
     """(artifact ref, manifest metrics) of `stage` trained 3 steps by two processes."""
     from tunepipe.schemas.align import AlignConfig
     from tunepipe.schemas.pretrain import PretrainConfig
-    from tunepipe.schemas.reward import RewardConfig
     from tunepipe.tasks.align.stage import AlignStage
     from tunepipe.tasks.pretrain.stage import PretrainStage
-    from tunepipe.tasks.reward.stage import RewardStage
 
     training = {"max_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0}
     model, store, env = str(stage_assets["model"]), stage_assets["store"], _two_processes()

@@ -66,7 +66,7 @@ def test_a_bom_csv_keeps_its_first_column(tmp_path):
 
 # -- role order (issue 29, item 5) -----------------------------------------------------------
 
-from tunepipe.tasks.data.formats import RecordError, parse_record, validate_chat  # noqa: E402
+from tunepipe.tasks.data.formats import RecordError, validate_chat  # noqa: E402
 
 
 def chat(*roles: str) -> list[dict]:

@@ -253,7 +253,7 @@ def parsing_app():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from tunepipe.tasks.serving.embedded import BodyLimit, _add_error_handlers
+    from tunepipe.tasks.serving.app import BodyLimit, _add_error_handlers
 
     app = FastAPI()
     _add_error_handlers(app)
