@@ -245,9 +245,6 @@ SWEPT = ("tunepipe.tasks", "tunepipe.flows")
 # does), to 0 and out of the list.
 PENDING_INNER = {
     "tunepipe.tasks.data": 11,
-    "tunepipe.tasks.evaluate.backends": 6,
-    "tunepipe.tasks.evaluate.sources": 5,
-    "tunepipe.tasks.evaluate.stage": 29,
     "tunepipe.tasks.align.stage": 17,
     "tunepipe.tasks.export.stage": 18,
     "tunepipe.tasks.ops.compare_methods": 14,
