@@ -245,7 +245,6 @@ SWEPT = ("tunepipe.tasks", "tunepipe.flows")
 # does), to 0 and out of the list.
 PENDING_INNER = {
     "tunepipe.tasks.data": 11,
-    "tunepipe.tasks.export.stage": 18,
     "tunepipe.tasks.ops.compare_methods": 14,
 }
 
