@@ -15,6 +15,7 @@ would make the pre-SFT base the reference, and the KL term would pull the policy
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.methods import MethodConfig, QLoraMethod
 from tunepipe.tasks.align.job import AlignJob
 from tunepipe.tasks.core.stage import StageFailed
+from tunepipe.tasks.lm.modeling import load_tokenizer
+from tunepipe.tasks.training.moe import apply_router
+from tunepipe.tasks.training.peft_methods import lora_config
+from tunepipe.tasks.training.trainer import load_base
 
 REF_ADAPTER = "ref"
 
@@ -29,9 +34,6 @@ REF_ADAPTER = "ref"
 def load_policy(job: AlignJob) -> tuple[Any, Any]:
     """(trainable PeftModel, tokenizer) of one align run; the SFT adapter is the `default` adapter.
     A MoE policy trains with its router's load-balancing loss (`training.router`)."""
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-    from tunepipe.tasks.training.moe import apply_router
-
     method = job.sft_method
     tokenizer = load_tokenizer(job.sft_dir)
     model, tokenizer = _load_policy(job, method, tokenizer)
@@ -41,11 +43,8 @@ def load_policy(job: AlignJob) -> tuple[Any, Any]:
 
 def _load_policy(job: AlignJob, method: Any, tokenizer: Any) -> tuple[Any, Any]:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from tunepipe.tasks.training.trainer import load_base
 
     if job.sft_kind == "model":
-        from tunepipe.tasks.training.peft_methods import lora_config
-
         model = load_base(job.sft_dir, method, job.env)
         return get_peft_model(model, lora_config(job.config.lora)), tokenizer
     model = load_base(job.base_model, method, job.env)
@@ -80,7 +79,6 @@ class PolicyPair:
 
     def __init__(self, base_model: str, sft_dir: str, aligned_dir: str, sft_kind: str, method: MethodConfig, env: EnvironmentProfile):
         from peft import PeftModel
-        from tunepipe.tasks.training.trainer import load_base
 
         if sft_kind == "model":
             base = load_base(sft_dir, method, env)
@@ -95,8 +93,6 @@ class PolicyPair:
 
     def use(self, which: str) -> Any:
         """A context in which `self.model` is the `sft` or the `aligned` policy."""
-        from contextlib import contextmanager, nullcontext
-
         @contextmanager
         def adapter(name: str):
             self.model.set_adapter(name)

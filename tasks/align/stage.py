@@ -28,10 +28,24 @@ from typing import Any, Literal
 from tunepipe.schemas.align import AlignConfig
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.handoffs import ModelOutputs, SFTKeyedConfig
+from tunepipe.tasks.align.evaluation import general_retention, preference_metrics, task_and_reward_metrics, verdict
 from tunepipe.tasks.align.job import AlignJob
+from tunepipe.tasks.align.policy import PolicyPair
+from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config, write_handoff
+from tunepipe.tasks.core.jsonl import read_jsonl
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.lm.judge import CachedJudge
+from tunepipe.tasks.lm.modeling import load_tokenizer
+from tunepipe.tasks.lm.pairs import prompt_records, read_pairs, split_pairs
+from tunepipe.tasks.lm.retention import applies
+from tunepipe.tasks.lm.reward_model import load_reward_model
+from tunepipe.tasks.lm.scoring import task_scorers
 from tunepipe.tasks.training.hardware import hardware
+from tunepipe.tasks.training.launcher import run_training
+from tunepipe.tasks.training.memory_plan import check_fit
+from tunepipe.tasks.training.plots import plot_loss, plot_series, summarize_series
 from tunepipe.tasks.training.stage_base import training_env_payload
+from tunepipe.tasks.training.trainer import write_json
 
 ENTRYPOINT = "tunepipe.tasks.align.train:align_job"
 ON_POLICY_FILE = "preferences.on_policy.jsonl"
@@ -53,8 +67,6 @@ def runs_to_align(sft_dir: Path, outputs: ModelOutputs, tasks: list[str] | None)
 
 def heldout_prompts(data_dir: str, tasks: list[str] | None, per_task: int) -> list[dict[str, Any]]:
     """Up to `per_task` test-split prompts (with reference answers) of each task."""
-    from tunepipe.tasks.lm.pairs import prompt_records
-
     counts: dict[str, int] = {}
     out = []
     for record in prompt_records(data_dir, "test", tasks):
@@ -69,8 +81,6 @@ def check_memory(config: AlignConfig, ctx: StageContext, base_model: str, sft_co
     with its reference), or StageFailed saying what to change when it does not fit the profile; read from the
     configs alone, before any weights load. Online methods (ppo, grpo, rloo) hold generation state the planner
     does not model: they are not planned (None)."""
-    from tunepipe.tasks.training.memory_plan import check_fit
-
     if not config.trains_on_pairs():
         ctx.logger.info("align: %s is not memory-planned (the planner models sft, reward and pairwise methods)", config.method.name)
         return None
@@ -86,8 +96,6 @@ def asks_general_set(setting: Literal["auto", "on", "off"], sft_outputs: ModelOu
     on what the SFT policy was trained from: its adapters' base; a full fine-tune's configured `sft.model` (the
     manifest knows it by fingerprint only: a model the user brought, pretrained, never one the pipeline
     initialised); else the pretrain or base_model input it started from."""
-    from tunepipe.tasks.lm.retention import applies
-
     if sft_outputs.base_model is None and sft_config.base_model_fingerprint is not None:
         return setting != "off"
     origin = sft_outputs.base_model or next((inputs[n].path for n in ("pretrain", "base_model") if n in inputs), "")
@@ -105,21 +113,6 @@ class AlignStage(Stage):
         return training_env_payload(env)
 
     def run(self, config: AlignConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.core.handoff import (
-            read_handoff,
-            read_manifest_config,
-            write_handoff,
-        )
-        from tunepipe.tasks.core.jsonl import read_jsonl
-        from tunepipe.tasks.training.launcher import run_training
-        from tunepipe.tasks.lm.pairs import (
-            prompt_records,
-            read_pairs,
-            split_pairs,
-        )
-        from tunepipe.tasks.training.plots import plot_loss, plot_series
-        from tunepipe.tasks.training.trainer import write_json
-
         method = config.method
         if config.needs_reward_model() and "reward" not in ctx.inputs:
             raise StageFailed(
@@ -200,8 +193,6 @@ class AlignStage(Stage):
 
     def _judge_agreement(self, config, ctx, metrics_by_run, dataset_pairs) -> dict[str, Any] | None:
         """The AI judge's use during training, and its agreement with the dataset's preferences."""
-        from tunepipe.tasks.lm.judge import CachedJudge
-
         if config.judge is None:
             return None
         used = {run: m["judge"] for run, m in metrics_by_run.items() if "judge" in m}
@@ -219,16 +210,6 @@ class AlignStage(Stage):
 
     def _heldout(self, config, ctx, runs, outputs, sft_outputs, sft_config, heldout_pairs, data_dir, reward_dir) -> dict[str, Any]:
         """The aligned-vs-SFT checks of every run (tasks/align/evaluation.py)."""
-        from tunepipe.tasks.align.evaluation import (
-            general_retention,
-            preference_metrics,
-            task_and_reward_metrics,
-        )
-        from tunepipe.tasks.align.policy import PolicyPair
-        from tunepipe.tasks.lm.modeling import load_tokenizer
-        from tunepipe.tasks.lm.reward_model import load_reward_model
-        from tunepipe.tasks.lm.scoring import task_scorers
-
         settings = config.heldout
         general = asks_general_set(settings.general_set, sft_outputs, sft_config, ctx.inputs)
         reward = load_reward_model(reward_dir, hardware(ctx.env).dtype) if reward_dir else None
@@ -262,9 +243,6 @@ class AlignStage(Stage):
         plot_series(series, ctx.staging_dir / "metrics.png", f"align ({config.method.name}): per step")
 
     def _output(self, config, runs, outputs, metrics_by_run, heldout) -> StageOutput:
-        from tunepipe.tasks.align.evaluation import verdict
-        from tunepipe.tasks.training.plots import summarize_series
-
         method = config.method
         task = {run: h["task"] for run, h in heldout.items() if h["task"]}
         prefs = {run: h["preferences"] for run, h in heldout.items() if h["preferences"]}

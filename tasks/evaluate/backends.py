@@ -12,14 +12,18 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import Any, Iterator
+from urllib.parse import urlencode
 
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import GenerationEndpoint
+from tunepipe.tasks.core.secrets import url_parts
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.evaluate.sources import ModelSpec
 from tunepipe.tasks.lm.encoding import final_answer, reasoning_end
 from tunepipe.tasks.lm.generation import greedy_answers
 from tunepipe.tasks.lm.judge import openai_client
+from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
+from tunepipe.tasks.training.hardware import hardware
 
 
 class HFGenerator:
@@ -34,16 +38,11 @@ class HFGenerator:
         self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, spec: ModelSpec) -> Any:
-        from tunepipe.tasks.lm.modeling import load_tokenizer
-
         if spec.tokenizer not in self._tokenizers:
             self._tokenizers[spec.tokenizer] = load_tokenizer(spec.tokenizer)
         return self._tokenizers[spec.tokenizer]
 
     def _load(self, path: str) -> Any:
-        from tunepipe.tasks.training.hardware import hardware
-        from tunepipe.tasks.lm.modeling import load_model
-
         if path not in self._models:
             hw = hardware(self.env)
             model = load_model(path, dtype=hw.dtype, attn_implementation=hw.attention(padding_free=False))
@@ -95,8 +94,6 @@ class EndpointGenerator:
         if not spec.tokenizer:
             return None
         if spec.tokenizer not in self._think_ends:
-            from tunepipe.tasks.lm.modeling import load_tokenizer
-
             self._think_ends[spec.tokenizer] = reasoning_end(load_tokenizer(spec.tokenizer))
         return self._think_ends[spec.tokenizer]
 
@@ -124,10 +121,6 @@ class EndpointGenerator:
         """lm-eval's OpenAI-compatible completions backend on the served model. Prompts travel as token ids from
         the spec's own tokenizer (no special tokens added: the rendered prompt holds them), as the HF path reads them."""
         from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-        from urllib.parse import urlencode
-
-        from tunepipe.tasks.core.secrets import url_parts
 
         key = os.environ.get(self.endpoint.api_key_env) if self.endpoint.api_key_env else None
         base, query = url_parts(self.endpoint.url, "evaluate: url")

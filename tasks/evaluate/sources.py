@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.schemas.evaluate import EvaluateConfig
 from tunepipe.schemas.handoffs import AlignKeyedConfig, ModelOutputs, SFTKeyedConfig
 from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config
+from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.core.stage import StageFailed
 from tunepipe.tasks.lm.encoding import read_split
+from tunepipe.tasks.lm.modeling import gguf_source, model_dir
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,6 @@ def path_source(path: str, base_override: str | None, fallback_base: str | None)
         return ModelSource(str(root), "adapter", _base_model(base_override, declared, fallback_base, str(root)), root)
     if (root / "config.json").exists():
         return ModelSource(str(root), "model", str(root), root)
-    from tunepipe.tasks.lm.modeling import gguf_source, model_dir
-
     if gguf_source(root) is not None:
         converted = model_dir(root)
         return ModelSource(str(root), "model", converted, Path(converted))
@@ -146,8 +147,6 @@ def serving_names(config: EvaluateConfig, candidate: ModelSource) -> dict[str, s
 
 def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str, Any]:
     """{run: the registry version serving it}, for the runs that have one."""
-    from tunepipe.tasks.core.registry import AdapterRegistry
-
     registry = AdapterRegistry(str(config.registry))
     serving = registry.serving(config.registry_alias)
     return {run: serving[name] for run, name in serving_names(config, candidate).items() if name in serving}
@@ -156,8 +155,6 @@ def serving_versions(config: EvaluateConfig, candidate: ModelSource) -> dict[str
 def serving_source(config: EvaluateConfig, candidate: ModelSource) -> ModelSource | None:
     """What serves now, as a source over the candidate's base; None when nothing serves every run
     (the caller then compares with the base model, which is what a first deploy replaces)."""
-    from tunepipe.tasks.core.registry import AdapterRegistry
-
     versions = serving_versions(config, candidate)
     if not versions or len(versions) < len(serving_names(config, candidate)):
         return None
@@ -187,10 +184,6 @@ def _upstream_base(inputs: dict[str, ArtifactRef]) -> str | None:
 
 def _base_model(override: str | None, declared: str | None, fallback: str | None, name: str) -> str:
     """The base under the adapters: the config's, else the artifact's own (if it is still there), else upstream."""
-    from tunepipe.schemas.base import looks_like_hub_id
-
-    from tunepipe.tasks.lm.modeling import model_dir
-
     for candidate in (override, declared, fallback):
         if candidate and (Path(candidate).exists() or looks_like_hub_id(candidate)):
             return model_dir(candidate)

@@ -30,11 +30,37 @@ from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.evaluate import BUILTIN_METRICS, EvaluateConfig
 from tunepipe.schemas.handoffs import AlignKeyedConfig, GateVerdict
 from tunepipe.tasks.core.artifacts import read_manifest
+from tunepipe.tasks.core.fingerprint import content_digest
 from tunepipe.tasks.core.handoff import read_manifest_config, write_handoff
+from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
+from tunepipe.tasks.evaluate.backends import EndpointGenerator, HFGenerator
 from tunepipe.tasks.evaluate.gate import AlignmentEvidence, GateEvidence, decide
+from tunepipe.tasks.evaluate.lm_eval_tasks import (
+    headline,
+    lm_eval_task_name,
+    run_lm_eval,
+    task_manager,
+    write_local_tasks,
+)
+from tunepipe.tasks.evaluate.metrics import aggregate, callable_digest, metric_functions, per_example
+from tunepipe.tasks.evaluate.report import write_report
+from tunepipe.tasks.evaluate.sources import (
+    ModelSource,
+    ModelSpec,
+    artifact_source,
+    base_source,
+    resolve_baseline,
+    resolve_candidate,
+    trained_tasks,
+)
+from tunepipe.tasks.lm import modeling, retention  # modeling.load_tokenizer is looked up per call: tests replace it
+from tunepipe.tasks.lm.encoding import record_messages, resolve_chat_template
+from tunepipe.tasks.lm.generation import heldout_examples, prompts_and_references
+from tunepipe.tasks.lm.modeling import model_fingerprint
+from tunepipe.tasks.lm.scoring import task_scorers
 from tunepipe.tasks.training.hardware import hardware
-from tunepipe.tasks.evaluate.sources import ModelSource, ModelSpec
+from tunepipe.tasks.training.trainer import write_json
 
 ARTIFACT_FILES = ("report.md", "report.html", "task_metrics.png", "ab.png", "predictions.jsonl", "metrics.json", GateVerdict.FILE)
 
@@ -57,8 +83,6 @@ class TaskRun:
 
 def serving_digests(config: EvaluateConfig) -> dict[str, str]:
     """What the registry serves now, by content: `baseline: serving` is compared against it."""
-    from tunepipe.tasks.core.registry import AdapterRegistry
-
     return {name: entry.digest for name, entry in AdapterRegistry(str(config.registry)).serving(config.registry_alias).items()}
 
 
@@ -69,10 +93,6 @@ class EvaluateStage(Stage):
     config_model = EvaluateConfig
 
     def key_payload(self, config: EvaluateConfig) -> Any:
-        from tunepipe.tasks.core.fingerprint import content_digest
-        from tunepipe.tasks.evaluate.metrics import callable_digest
-        from tunepipe.tasks.lm.modeling import model_fingerprint
-
         payload = config.model_dump(mode="json")
         for field in ("candidate", "baseline"):
             if payload[field] not in ("auto", "align", "sft", "base", "serving"):
@@ -90,17 +110,6 @@ class EvaluateStage(Stage):
         return {"device": env.device, "dtype": env.dtype, "attn_implementation": env.attn_implementation}
 
     def run(self, config: EvaluateConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.evaluate.sources import (
-            resolve_baseline,
-            resolve_candidate,
-            trained_tasks,
-        )
-        from tunepipe.tasks.evaluate.metrics import metric_functions
-        from tunepipe.tasks.evaluate.report import write_report
-        from tunepipe.tasks.lm.generation import heldout_examples
-        from tunepipe.tasks.lm.scoring import task_scorers
-        from tunepipe.tasks.training.trainer import write_json
-
         if config.ab.judge == "reward_model" and "reward" not in ctx.inputs:
             raise StageFailed("evaluate: ab.judge is reward_model but the stage has no `reward` input: add the reward stage, or use judge rule or endpoint")
         data_dir = ctx.inputs["data"].path
@@ -165,8 +174,6 @@ class EvaluateStage(Stage):
 
 
 def make_generator(config: EvaluateConfig, env: EnvironmentProfile) -> Any:
-    from tunepipe.tasks.evaluate.backends import EndpointGenerator, HFGenerator
-
     settings = config.generation
     if settings.backend == "endpoint":
         return EndpointGenerator(settings.endpoint, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
@@ -174,8 +181,6 @@ def make_generator(config: EvaluateConfig, env: EnvironmentProfile) -> Any:
 
 
 def prompt_template(config: EvaluateConfig, tokenizer: Any) -> str:
-    from tunepipe.tasks.lm.encoding import resolve_chat_template
-
     return resolve_chat_template("model" if config.chat_template == "candidate" else config.chat_template, tokenizer)
 
 
@@ -184,13 +189,8 @@ def answer_task(
     generator: Any, functions: dict[str, Any],
 ) -> TaskRun:
     """Render the task's prompts once (the candidate's template), answer them with both models, score both."""
-    from tunepipe.tasks.evaluate.metrics import per_example
-    from tunepipe.tasks.lm.encoding import record_messages
-    from tunepipe.tasks.lm.generation import prompts_and_references
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-
     cand_spec, base_spec = candidate.spec(task), baseline.spec(task)
-    tokenizer = load_tokenizer(cand_spec.tokenizer)
+    tokenizer = modeling.load_tokenizer(cand_spec.tokenizer)
     system_prompt = config.system_prompt or candidate.system_prompt
     prompts, references = prompts_and_references(records, tokenizer, prompt_template(config, tokenizer), system_prompt)
     messages = []
@@ -215,7 +215,7 @@ def answer_task(
 
 def pairwise(config: EvaluateConfig, runs: dict[str, TaskRun], ctx: StageContext) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Judge every pair; the win rate and its interval; the sign test and paired bootstrap on primary_metric."""
-    from tunepipe.tasks.evaluate import judges, stats
+    from tunepipe.tasks.evaluate import judges, stats  # lazy: pulls in numpy
 
     settings = config.ab
     pairs = {
@@ -270,13 +270,6 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
     """The generated task of each evaluated task on its own candidate/baseline spec, and the extra
     and regression lm-eval tasks on the first task's specs. Returns figures and the agreement of
     lm-eval's exact match with the stage's own."""
-    from tunepipe.tasks.evaluate.lm_eval_tasks import (
-        lm_eval_task_name,
-        run_lm_eval,
-        task_manager,
-        write_local_tasks,
-    )
-
     settings = config.lm_eval
     rows = {task: list(zip(run.prompts, run.references)) for task, run in runs.items()}
     max_new = config.generation.max_new_tokens
@@ -315,8 +308,6 @@ def run_lm_eval_all(config: EvaluateConfig, runs: dict[str, TaskRun], generator:
 
 
 def regression_scores(config: EvaluateConfig, runs: dict[str, TaskRun], lm_figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from tunepipe.tasks.evaluate.lm_eval_tasks import headline
-
     out: dict[str, dict[str, Any]] = {}
     metric = config.primary_metric
     for task in config.regression.tasks:
@@ -339,8 +330,6 @@ def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: Model
     adapter of the candidate (`general_chat:<task>` for per-task adapters), where it applies: a
     pretrained base (`regression.general_set: auto`) or `on`, and a base model that answers at least
     one of its questions (a model with nothing to lose is not checked)."""
-    from tunepipe.tasks.lm import retention
-
     if not retention.applies(config.regression.general_set, candidate.base_model, ctx.inputs):
         return {}
     runs = {}
@@ -358,15 +347,11 @@ def general_runs(config: EvaluateConfig, candidate: ModelSource, baseline: Model
 
 def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, generator: Any, task: str) -> TaskRun | None:
     """Both models' answers to the general set; None when the base model answers none of it."""
-    from tunepipe.tasks.evaluate.sources import base_source
-    from tunepipe.tasks.lm import retention
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-
     cand_spec, base_spec = candidate.spec(task), baseline.spec(task)
     if config.generation.backend == "endpoint":
         cand_spec = cand_spec.served(config.generation.endpoint.candidate_model, task)
         base_spec = base_spec.served(config.generation.endpoint.baseline_model, task)
-    tokenizer = load_tokenizer(cand_spec.tokenizer)
+    tokenizer = modeling.load_tokenizer(cand_spec.tokenizer)
     system_prompt = config.system_prompt or candidate.system_prompt
     prompts = retention.prompts(tokenizer, prompt_template(config, tokenizer), system_prompt)
     items = retention.general_set()
@@ -392,8 +377,6 @@ def general_run(config: EvaluateConfig, candidate: ModelSource, baseline: ModelS
 
 def general_scores(general: dict[str, TaskRun]) -> dict[str, dict[str, Any]]:
     """Regression entries of the general set: the share of its questions each model answered."""
-    from tunepipe.tasks.lm import retention
-
     out = {}
     for name, run in general.items():
         cand, base = run.candidate_values[retention.METRIC], run.baseline_values[retention.METRIC]
@@ -421,11 +404,6 @@ def sft_against_base(
     """The aligned candidate was held back: do the SFT adapters it started from pass the same gate
     against the base (task metrics, A/B by the same judge, regression tasks and the general set)?
     lm-eval's regression tasks are not rerun for it (a SKIP line says so)."""
-    from tunepipe.tasks.evaluate.sources import artifact_source, base_source, trained_tasks
-    from tunepipe.tasks.evaluate.metrics import metric_functions
-    from tunepipe.tasks.lm.generation import heldout_examples
-    from tunepipe.tasks.lm.scoring import task_scorers
-
     sft = artifact_source("sft", ctx.inputs["sft"], config.base_model, candidate.base_model)
     base = base_source(sft)
     data_dir = ctx.inputs["data"].path
@@ -501,8 +479,6 @@ def stage_metrics(
     config: EvaluateConfig, candidate: ModelSource, baseline: ModelSource, runs: dict[str, TaskRun],
     ab: dict[str, Any], regression: dict[str, Any], lm_eval: dict[str, Any], alignment: AlignmentEvidence | None = None,
 ) -> dict[str, Any]:
-    from tunepipe.tasks.evaluate.metrics import aggregate
-
     names = [m for m in BUILTIN_METRICS if m in config.metrics] + list(config.user_metrics)
     tasks = {
         task: {

@@ -33,6 +33,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from tunepipe.schemas.base import looks_like_hub_id
 from tunepipe.schemas.environment import EnvironmentProfile
 from tunepipe.schemas.export import QUANTIZED_TARGETS, ExportConfig
 from tunepipe.schemas.handoffs import (
@@ -49,8 +50,21 @@ from tunepipe.tasks.core.handoff import read_handoff, read_manifest_config, writ
 from tunepipe.tasks.core.stage import Stage, StageContext, StageFailed, StageOutput
 from tunepipe.tasks.export import gguf
 from tunepipe.tasks.lm import checks
-from tunepipe.tasks.lm.encoding import prompt_batches
+from tunepipe.tasks.lm.cards import build_card, eval_results
+from tunepipe.tasks.lm.encoding import (
+    prompt_batches,
+    read_split,
+    record_messages,
+    render_messages,
+    resolve_chat_template,
+    stop_token_ids,
+)
+from tunepipe.tasks.lm.generation import greedy_answers, heldout_examples, prompts_and_references
+from tunepipe.tasks.lm.metrics import DEFAULT_SCORER
+from tunepipe.tasks.lm.modeling import gguf_provenance, load_config, load_model, load_tokenizer
+from tunepipe.tasks.lm.scoring import task_scorers
 from tunepipe.tasks.training.hardware import hardware
+from tunepipe.tasks.training.moe import is_moe
 
 UNCONVERTED_INITS = ("pissa", "olora", "corda", "eva")  # adapters that only fit their modified base
 COMPRESSOR_TARGETS = ("gptq", "awq")
@@ -115,8 +129,6 @@ def read_source(ref: ArtifactRef, inputs: dict[str, ArtifactRef]) -> Source:
 
 def resolve_base(recorded: str | None, inputs: dict[str, ArtifactRef]) -> str:
     """The base recorded by the training stage while it exists (or is a hub id), else the base input."""
-    from tunepipe.schemas.base import looks_like_hub_id
-
     if recorded and (Path(recorded).exists() or looks_like_hub_id(recorded)):
         return recorded
     for name in ("pretrain", "base_model"):
@@ -167,9 +179,6 @@ VLLM_MOE_LORA_ARCHITECTURES = (
 
 def base_architecture(base_model: str) -> tuple[str, bool]:
     """(architecture name, is it a Mixture of Experts) from the base model's config."""
-    from tunepipe.tasks.lm.modeling import load_config
-    from tunepipe.tasks.training.moe import is_moe
-
     config = load_config(base_model)
     return (config.architectures or [type(config).__name__])[0], is_moe(config)
 
@@ -283,8 +292,6 @@ def compressor_requirements(targets: list[str], env: EnvironmentProfile) -> None
 
 def load_reference(source: Source, run: str, env: EnvironmentProfile) -> Any:
     """What serving must reproduce: base + adapter (PEFT), or the trained full model."""
-    from tunepipe.tasks.lm.modeling import load_model
-
     if source.kind == "model":
         return load_model(str(source.runs[run]), **hardware(env).placement()).eval()
     from peft import PeftModel
@@ -296,8 +303,6 @@ def load_reference(source: Source, run: str, env: EnvironmentProfile) -> Any:
 
 def run_tokenizer(source: Source, run: str) -> Any:
     """The tokenizer saved with the run (it carries the chat template trained with), else the base's."""
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-
     run_dir = source.runs[run]
     has_own = (run_dir / "tokenizer_config.json").exists() or (run_dir / "tokenizer.json").exists()
     return load_tokenizer(str(run_dir if has_own else source.base_model))
@@ -307,8 +312,6 @@ def generation_config_for(model: Any, tokenizer: Any) -> Any:
     """The model's generation config with the tokenizer's special tokens. eos_token_id keeps the
     base's list and adds the tokenizer's eos and the template's end-of-turn token, so generation
     from the merged model stops at the end of a turn (Gemma's `<end_of_turn>` is not its eos)."""
-    from tunepipe.tasks.lm.encoding import stop_token_ids
-
     config = model.generation_config
     stops = stop_token_ids(tokenizer, config)
     config.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -341,8 +344,6 @@ def bnb_settings(target: str, config: ExportConfig, env: EnvironmentProfile) -> 
 
 def save_bnb(merged_dir: Path, dest: Path, settings: dict[str, Any], env: EnvironmentProfile) -> None:
     """Quantize the merged model while loading it, then save the pre-quantized checkpoint."""
-    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
-
     model = load_model(str(merged_dir), quantization=settings, **hardware(env).placement())
     model.save_pretrained(dest)
     load_tokenizer(str(merged_dir)).save_pretrained(dest)
@@ -363,12 +364,6 @@ def compressor_modifier(target: str, config: ExportConfig) -> dict[str, Any]:
 
 def calibration_texts(data_dir: str, tokenizer: Any, system_prompt: str | None, limit: int) -> list[str]:
     """Whole training conversations rendered with the model's chat template: what the model will see."""
-    from tunepipe.tasks.lm.encoding import (
-        read_split,
-        record_messages,
-        render_messages,
-    )
-
     texts = [render_messages(tokenizer, tokenizer.chat_template, record_messages(r, system_prompt), False) for r in read_split(data_dir, "train")[:limit]]
     if not texts:
         raise StageFailed(f"export: no training records in {data_dir}/train.jsonl to calibrate GPTQ/AWQ with")
@@ -380,7 +375,6 @@ def save_compressed(target: str, merged_dir: Path, dest: Path, config: ExportCon
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers import awq, quantization
-    from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
 
     settings = getattr(config, target)
     tokenizer = load_tokenizer(str(merged_dir))
@@ -413,13 +407,6 @@ class EvalSet:
 
 
 def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, config: ExportConfig) -> EvalSet:
-    from tunepipe.tasks.lm.encoding import read_split, resolve_chat_template
-    from tunepipe.tasks.lm.generation import (
-        heldout_examples,
-        prompts_and_references,
-    )
-    from tunepipe.tasks.lm.scoring import task_scorers
-
     per_task = config.reeval.max_examples_per_task
 
     present = sorted({str(r.get("task") or "default") for r in read_split(data_dir, "test")})
@@ -434,16 +421,12 @@ def eval_set(source: Source, run: str, tokenizer: Any, data_dir: str, config: Ex
 
 
 def answer(model: Any, tokenizer: Any, prompts: list[str], config: ExportConfig) -> list[str]:
-    from tunepipe.tasks.lm.generation import greedy_answers
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bnb int8 on CPU warns on every matmul
         return greedy_answers(model, tokenizer, prompts, max_new_tokens=config.reeval.max_new_tokens, batch_size=config.reeval.batch_size)
 
 
 def task_scores(evals: EvalSet, answers: list[str]) -> dict[str, dict[str, float]]:
-    from tunepipe.tasks.lm.metrics import DEFAULT_SCORER
-
     out, start = {}, 0
     for task, (prompts, references) in evals.tasks.items():
         out[task] = evals.scorers.get(task, DEFAULT_SCORER).score(answers[start : start + len(prompts)], references)
@@ -484,8 +467,6 @@ def agreement(a: list[str], b: list[str]) -> float:
 def export_run_gguf(tools: Any, run: str, merged: Any, merged_dir: Path, tokenizer: Any, config: ExportConfig, source: Source,
                     evals: EvalSet, data_dir: str, ctx: StageContext) -> dict[str, Any]:
     """The run's GGUFs (tasks/export/gguf.py), checked on the re-evaluation's own held-out prompts."""
-    from tunepipe.tasks.lm.encoding import read_split
-
     present = sorted({str(r.get("task") or "default") for r in read_split(data_dir, "test")})
     data = gguf.run_data(data_dir, source.tasks_of(run, present), config.reeval.max_examples_per_task, source.system_prompt, config.gguf)
     adapter_dir = source.runs[run] if source.kind != "model" else None
@@ -528,8 +509,6 @@ def gguf_card(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def base_provenance(base_model: str) -> str:
     """The card's note on a base converted from a GGUF: its weights are a dequantisation, not the original."""
-    from tunepipe.tasks.lm.modeling import gguf_provenance
-
     record = gguf_provenance(base_model)
     if record is None:
         return ""
@@ -542,8 +521,6 @@ def model_card(
 ) -> str:
     """The exported models' card (huggingface_hub's ModelCard): base model by Hub id, licence, datasets, the
     test-split results of the trained model as `model-index`, how it was trained and what was exported."""
-    from tunepipe.tasks.lm.cards import build_card, eval_results
-
     if gate is None:
         verdict = "no evaluate stage ran: no gate verdict"
     else:
@@ -623,8 +600,6 @@ class ExportStage(Stage):
         return {f"{target}-{run}": artifact_dir / rel for target, runs in exports.targets.items() for run, rel in runs.items()}
 
     def run(self, config: ExportConfig, ctx: StageContext) -> StageOutput:
-        from tunepipe.tasks.lm.modeling import load_model
-
         data_ref = ctx.inputs["data"]
         picked, why = pick_source(config, ctx.inputs)
         source = read_source(picked, ctx.inputs)

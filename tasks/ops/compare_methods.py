@@ -27,12 +27,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunepipe.schemas.environment import EnvironmentProfile
+from tunepipe.schemas.graph import STAGE_GRAPH
 from tunepipe.schemas.handoffs import ModelOutputs
+from tunepipe.schemas.manifest import ArtifactRef
 from tunepipe.schemas.pipeline import PipelineConfig
 from tunepipe.schemas.methods import method_shorthand
 from tunepipe.schemas.sft import SFTConfig
 from tunepipe.tasks.core.artifacts import read_manifest
+from tunepipe.tasks.core.environment import load_environment
+from tunepipe.tasks.core.graph import get_stage
 from tunepipe.tasks.core.handoff import read_handoff
+from tunepipe.tasks.core.stage import run_stage
+from tunepipe.tasks.export.stage import vllm_problems
+from tunepipe.tasks.lm.encoding import read_split, record_messages
+from tunepipe.tasks.lm.modeling import load_model, load_tokenizer
+from tunepipe.tasks.sft.stage import SFTStage
 
 UPSTREAM = ("data", "base_model", "pretrain")
 
@@ -44,10 +54,7 @@ def method_label(spec: dict[str, Any]) -> str:
 
 def upstream_refs(config: PipelineConfig, env: Any) -> dict[str, Any]:
     """The data / base_model / pretrain artifacts the sft stage reads (run or taken from the cache)."""
-    from tunepipe.schemas.graph import STAGE_GRAPH
-    from tunepipe.tasks.core.graph import get_stage
-    from tunepipe.tasks.core.prefect_stage import artifact_store
-    from tunepipe.tasks.core.stage import run_stage
+    from tunepipe.tasks.core.prefect_stage import artifact_store  # lazy: pulls in prefect
 
     refs: dict[str, Any] = {}
     for name in UPSTREAM:
@@ -71,11 +78,7 @@ def sft_variant(config: PipelineConfig, spec: dict[str, Any], max_steps: int | N
 def _train_in_child(args: tuple) -> str:
     """Runs in a fresh (spawned) process: the sft stage for one method; returns the artifact path."""
     config_json, sft_json, refs_json, env_json = args
-    from tunepipe.schemas.environment import EnvironmentProfile
-    from tunepipe.schemas.manifest import ArtifactRef
-    from tunepipe.tasks.core.prefect_stage import artifact_store
-    from tunepipe.tasks.core.stage import run_stage
-    from tunepipe.tasks.sft.stage import SFTStage
+    from tunepipe.tasks.core.prefect_stage import artifact_store  # lazy: pulls in prefect
 
     workdir = json.loads(config_json)["workdir"]
     refs = {name: ArtifactRef.model_validate(ref) for name, ref in json.loads(refs_json).items()}
@@ -93,8 +96,6 @@ def train_method(config: PipelineConfig, sft: SFTConfig, refs: dict[str, Any], e
 
 def vllm_verdict(artifact: Path) -> str:
     """"yes", or export's reason why vLLM cannot serve the result."""
-    from tunepipe.tasks.export.stage import vllm_problems
-
     outputs = read_handoff(artifact, ModelOutputs, reader="compare-methods")
     if outputs.kind == "model":
         return "yes (full weights)"
@@ -120,8 +121,6 @@ def decode_seconds_per_token(model: Any, prompts: list[list[int]], new_tokens: i
 
 
 def latency(artifact: Path, outputs: ModelOutputs, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, float]:
-    from tunepipe.tasks.lm.modeling import load_model
-
     base_model = outputs.base_model
     base = load_model(base_model).eval()
     if outputs.kind == "model":
@@ -142,9 +141,6 @@ def latency(artifact: Path, outputs: ModelOutputs, prompts: list[list[int]], new
 
 def test_prompts(data_dir: str, tokenizer_dir: Path, count: int) -> list[list[int]]:
     """The first `count` test prompts, rendered with the trained tokenizer's chat template."""
-    from tunepipe.tasks.lm.encoding import read_split, record_messages
-    from tunepipe.tasks.lm.modeling import load_tokenizer
-
     tokenizer = load_tokenizer(str(tokenizer_dir))
     prompts = []
     for record in read_split(data_dir, "test")[:count]:
@@ -165,8 +161,6 @@ def compare_methods(
     repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """One row of measured facts per method spec (a name or a `{name: ..., knob: ...}` dict)."""
-    from tunepipe.tasks.core.environment import load_environment
-
     if config.sft is None:
         raise ValueError(f"{config.name}: compare-methods needs a pipeline with an sft section (its data, model and training)")
     env = load_environment(config.environment)
