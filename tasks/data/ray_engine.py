@@ -34,14 +34,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-from tunepipe.schemas.data import CleanConfig, DataConfig, DedupConfig, SourceConfig
+from tunepipe.schemas.data import CleanConfig, DedupConfig, SourceConfig
 from tunepipe.schemas.records import record_id
 from tunepipe.tasks.data import dedup as dedup_mod
 from tunepipe.tasks.data.clean import Cleaner, load_token_counter, token_bound_reason
 from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
 from tunepipe.tasks.data.sources import Malformed, ReadDigest, read_file
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.data.stage import _DataRun
+from tunepipe.tasks.data.run import _DataRun
 
 FILE_SHIFT = 40  # order = file index << 40 | record index in the file
 # Steps that reject records before the driver's steps, in the order the local engine writes them.

@@ -44,7 +44,7 @@ from tunepipe.tasks.data.formats import FAMILY, content_parts, prompt_text, publ
 from tunepipe.tasks.data.report import build_report
 from tunepipe.tasks.data.sources import plan_files
 from tunepipe.tasks.data.split import _rounded, mix_train
-from tunepipe.tasks.data.stage import _DataRun, _dumps
+from tunepipe.tasks.data.run import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
 
 BATCH = 4096  # records cleaned, counted and deduplicated together (the local engine's token batch)

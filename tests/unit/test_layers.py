@@ -172,8 +172,6 @@ def test_a_planted_upward_import_fails(sources, module, planted, expected):
 KNOWN_CIRCLES = {
     # the launcher and its torchrun-multinode and Ray drivers (the job typing of issue 30 item 4 reshapes them)
     frozenset({"tunepipe.tasks.training.launcher", "tunepipe.tasks.training.multinode", "tunepipe.tasks.training.ray_launcher"}),
-    # the data stage and its Ray and streaming engines, which reuse its run
-    frozenset({"tunepipe.tasks.data.stage", "tunepipe.tasks.data.ray_engine", "tunepipe.tasks.data.streaming"}),
 }
 
 
