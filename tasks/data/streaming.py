@@ -289,13 +289,15 @@ class StreamingDataRun(_DataRun):
 
     # -- near duplicates and contamination: LSH band by band over signatures on disk -------------
 
-    def _band_pairs(self, path: Path, tags: np.ndarray, key: np.ndarray) -> np.ndarray:
+    def _band_pairs(self, path: Path, tags: np.ndarray, key) -> np.ndarray:
         """Candidate pairs (row indices) of the signatures in `path` sharing an exact band bucket
-        (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with `key`).
+        (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with the
+        order `key(rows)`: a function, so no per-record key array is held).
 
         One sequential pass over the signatures writes one 8-byte hash per (row, band) to a file
-        per band; then band by band, only the band values of the rows whose hash is shared are
-        read back (`_gather`) and bucketed by their exact values.
+        per band; then band by band, the rows whose hash is shared are found from that file a
+        hash range at a time (`dedup.repeated_rows`), and only their band values are read back
+        (`_gather`) and bucketed by their exact values.
         """
         dedup = self.config.dedup
         num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
@@ -315,14 +317,15 @@ class StreamingDataRun(_DataRun):
         found = []
         signatures = open(path, "rb")
         for band, band_path in enumerate(band_paths):
-            shared = _shared_rows(np.fromfile(band_path, dtype=np.uint64))
+            with open(band_path, "rb") as hashes:
+                shared = dedup_mod.repeated_rows(hashes, rows)
             band_path.unlink()
             if len(shared) < 2:
                 continue
             block = _gather(signatures, shared, dedup.num_perm, band * width, width)
             exact = np.concatenate([tags[shared, None].astype(np.uint32), block], axis=1)
             labels = np.unique(exact, axis=0, return_inverse=True)[1].ravel()
-            found.append(shared[dedup_mod.bucket_pairs(labels, key[shared])])
+            found.append(shared[dedup_mod.bucket_pairs(labels, key(shared))])
         signatures.close()
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
@@ -344,8 +347,8 @@ class StreamingDataRun(_DataRun):
         config = self.config.dedup
         if not config.near or len(self.offset) < 2:
             return 0
-        families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int64)[self.kind]
-        pairs = self._band_pairs(spill / "signatures.u32", families, np.arange(len(self.offset)))
+        families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int8)[self.kind]
+        pairs = self._band_pairs(spill / "signatures.u32", families, lambda rows: rows)
         similar = self._verified(pairs, lambda r: " ".join(content_parts(r)))
         duplicate_of: dict[int, int] = {}
         for earlier, later in sorted(zip(similar.min(axis=1).tolist(), similar.max(axis=1).tolist())) if len(similar) else []:
@@ -384,10 +387,11 @@ class StreamingDataRun(_DataRun):
         with open(path, "wb", buffering=1 << 20) as handle:
             for chunk in batched(self._stream(supervised), BATCH):
                 handle.write(dedup_mod.signatures([prompt_text(r) for r in chunk], config).tobytes())
-        rows = np.arange(len(supervised))
         # Eval rows sort first in a bucket, so a train row is paired with an eval row.
-        key = is_train.astype(np.int64) * (len(rows) + 1) + rows
-        pairs = self._band_pairs(path, np.zeros(len(rows), np.int64), key)
+        def key(rows: np.ndarray) -> np.ndarray:
+            return is_train[rows].astype(np.int64) * (len(supervised) + 1) + rows
+
+        pairs = self._band_pairs(path, np.zeros(len(supervised), np.int8), key)
         pairs = pairs[is_train[pairs[:, 0]] != is_train[pairs[:, 1]]] if len(pairs) else pairs
         similar = self._verified(supervised[pairs], prompt_text) if len(pairs) else pairs
         hits: dict[int, int] = {}
@@ -450,20 +454,6 @@ class StreamingDataRun(_DataRun):
             with open(self.out / name, "wb", buffering=1 << 20) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
                     handle.write(_dumps(public_record(record)) + b"\n")
-
-
-def _shared_rows(hashes: np.ndarray) -> np.ndarray:
-    """Rows (ascending) whose hash another row has: a sort and a neighbour test, ~25 bytes per
-    row at the peak (np.unique with inverse and counts took ~70)."""
-    order = np.argsort(hashes)  # in place (introsort): the order among equal hashes does not matter
-    ordered = hashes[order]
-    del hashes
-    same = ordered[1:] == ordered[:-1]
-    del ordered
-    shared = np.zeros(len(order), dtype=bool)
-    shared[1:] |= same
-    shared[:-1] |= same
-    return np.sort(order[shared])
 
 
 def _gather(handle, rows: np.ndarray, row_values: int, start: int, width: int) -> np.ndarray:

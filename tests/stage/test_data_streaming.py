@@ -16,7 +16,7 @@ import pytest
 from tests.stage.test_data import OUTPUTS, load_config, run
 from tests.stage.test_data_ray import quickstart_config, word_tokenizer
 from tunepipe.schemas.data import DataConfig
-from tunepipe.tasks.data import streaming, validate
+from tunepipe.tasks.data import dedup, streaming, validate
 from tunepipe.tasks.data.stage import DataStage
 
 PUBLISHED = (*OUTPUTS, "rejected.jsonl", "report.json", "validation.json")
@@ -38,6 +38,7 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
         make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
     monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
     monkeypatch.setattr(streaming, "_ROWS", 3)  # the band pass reads its signatures in many chunks
+    monkeypatch.setattr(dedup, "PARTITION_ROWS", 32)  # shared band hashes found over many hash ranges
     monkeypatch.setattr(streaming, "VERIFY_PAIRS", 2)  # candidate pairs checked in many chunks
     monkeypatch.setattr(streaming, "PROGRESS_EVERY", 20)
     caplog.set_level(logging.INFO, logger="test.data")
