@@ -230,8 +230,8 @@ def repeated_rows(keys: BinaryIO, rows: int) -> np.ndarray:
     Memory is ~32 bytes per row of one range plus the rows found, not per row of the file, so the
     streaming engine's band pass and the validation's id uniqueness stay bounded at any size.
     """
-    parts = max(1, -(-rows // PARTITION_ROWS))
-    found = []
+    parts = -(-rows // PARTITION_ROWS)
+    found = [np.zeros(0, dtype=np.int64)]
     for part in range(parts):
         keys.seek(0)
         values, positions = [], []

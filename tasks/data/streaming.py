@@ -9,18 +9,20 @@ How memory stays bounded:
 - exact dedup looks its normalised-content keys up in an on-disk sqlite table (key, id,
   source), not in a dict of every key;
 - MinHash signatures go to a flat file, read back sequentially in chunks; LSH buckets are formed
-  band by band from one 8-byte hash per row (written per band to disk in that pass), then split by
-  the band's exact values read for the rows whose hash is shared: a band costs ~16 bytes per
-  record while it is processed;
+  band by band from one 8-byte hash per row (written per band to disk in that pass): the rows
+  whose hash is shared are found a range of hash values at a time (`dedup.repeated_rows`), then
+  split by the band's exact values read for those rows only;
 - the split, mixing and the report run on small per-record arrays (position in the spill file,
-  kind, task, file, split hash: about 40 bytes per record) and are written by reading records
-  back from the spill file.
+  kind, task, file, split hash, alive, split: 27 bytes per record, plus one positions array of 8
+  bytes per record at a time) and are written by reading records back from the spill file; the
+  mix's order is an int64 array (`split.mix_positions`), not a list of records.
 
-What is not bounded (README: "Streaming"): the per-record arrays and the mix's order (memory
-proportional to the number of records, not to their text); the texts of near-duplicate and
-contamination *candidates* (checked on their exact shingle sets); and, in validation, every
-kept id (16 bytes each, for the uniqueness check). Great Expectations' rows suite runs over
-frames of `validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`).
+What is not bounded (README: "Streaming"): those per-record arrays (memory proportional to the
+number of records, not to their text: tests/stage/test_data_streaming.py holds every step under
+65 bytes per record); the texts of near-duplicate and contamination *candidates* (checked on
+their exact shingle sets). In validation, Great Expectations' rows suite runs over frames of
+`validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`), whose id
+uniqueness check keeps the ids on disk.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tunepipe.tasks.data.clean import batched, load_token_counter, token_bound_r
 from tunepipe.tasks.data.formats import FAMILY, content_parts, prompt_text, public_record
 from tunepipe.tasks.data.report import build_report
 from tunepipe.tasks.data.sources import plan_files
-from tunepipe.tasks.data.split import _rounded, mix_train
+from tunepipe.tasks.data.split import _rounded, mix_positions
 from tunepipe.tasks.data.run import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
 
@@ -55,19 +57,6 @@ _KINDS = ("instruction", "chat", "preference", "text")
 _SPLITS = ("train", "validation", "test")
 _NO_SPLIT = 3  # text records
 _SQL_VARS = 900  # keys per sqlite IN (...) query (below every sqlite's variable limit)
-
-
-def _row_type(names: list[str], codes: np.ndarray) -> type:
-    """A train record as `mix_train` sees it: its position in the spill file (an int, ~32 bytes,
-    not a dict) whose `["task"]` is its task's name."""
-
-    class Row(int):
-        __slots__ = ()
-
-        def __getitem__(self, key: str) -> str:
-            return names[codes[self]]
-
-    return Row
 
 
 class _Lite:
@@ -121,13 +110,12 @@ class StreamingDataRun(_DataRun):
                 clock = self._timed("mix", clock)
                 self._write_streamed(mixed)
                 self._timed("write", clock)
-        families = np.array([FAMILY[k] for k in _KINDS])[self.kind]
-        alive = np.flatnonzero(self.alive)
-        sft_alive = alive[families[alive] == "sft"]
-        sft = np.concatenate([sft_alive[self.split[sft_alive] != 0], sft_alive[self.split[sft_alive] == 0]])
-        preferences = alive[families[alive] == "preference"]
-        corpus = alive[families[alive] == "text"]
-        for label, n in enumerate(np.bincount(self.label[alive], minlength=len(self.labels)).tolist()):
+        # Kind codes compared per family, not a per-record array of family names (a '<U10' array
+        # is 40 bytes per record: at 5M records the largest thing the run held).
+        sft = self._kept_of("sft")
+        sft = np.concatenate([sft[self.split[sft] != 0], sft[self.split[sft] == 0]])
+        preferences, corpus = self._kept_of("preference"), self._kept_of("text")
+        for label, n in enumerate(np.bincount(self.label[self.alive], minlength=len(self.labels)).tolist()):
             if n:
                 self.per_file[self.labels[label]]["kept"] += n
         report = build_report(
@@ -141,6 +129,10 @@ class StreamingDataRun(_DataRun):
             },
         )
         return self._finish(report, outcome)
+
+    def _kept_of(self, family: str) -> np.ndarray:
+        """Positions of the kept records of a family (sft, preference, text), ascending."""
+        return np.flatnonzero(self.alive & np.isin(self.kind, [i for i, k in enumerate(_KINDS) if FAMILY[k] == family]))
 
     def _progress(self, step: str, kept: int) -> None:  # type: ignore[override]
         self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, kept, sum(self.rejected.values()))
@@ -362,11 +354,12 @@ class StreamingDataRun(_DataRun):
     def _assign_splits(self) -> None:
         """`split.assign_splits` on the arrays: per (family, task), ordered by the salted id hash."""
         config = self.config.split
-        family_code = np.array([("sft", "preference", "text").index(FAMILY[k]) for k in _KINDS], dtype=np.int64)[self.kind]
-        group = family_code * (len(self.tasks) + 1) + self.task
+        family_code = np.array([("sft", "preference", "text").index(FAMILY[k]) for k in _KINDS], dtype=np.int32)[self.kind]
         live = np.flatnonzero(self.alive & (family_code < 2))
-        for value in np.unique(group[live]).tolist():
-            members = live[group[live] == value]
+        group = family_code[live] * (len(self.tasks) + 1) + self.task[live]  # int32: 4 bytes per live record
+        del family_code
+        for value in np.unique(group).tolist():
+            members = live[group == value]
             members = members[np.argsort(self.split_hash[members], kind="stable")]
             n = len(members)
             n_validation = _rounded(n * config.validation)
@@ -427,22 +420,21 @@ class StreamingDataRun(_DataRun):
         return ValidationOutcome(outcome.success and counts.success, outcome.failures + counts.failures,
                                  {"rows": outcome.results, "counts": counts.results})
 
-    def _mix_streamed(self) -> tuple[list[int], dict[str, dict[str, int]]]:
+    def _mix_streamed(self) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
         sft_kinds = [i for i, k in enumerate(_KINDS) if FAMILY[k] == "sft"]
         train = np.flatnonzero(self.alive & np.isin(self.kind, sft_kinds) & (self.split == 0))
-        row = _row_type(self.tasks, self.task)
-        mixed, dropped, stats = mix_train([row(p) for p in train.tolist()], self.config.mix)
-        for position in dropped:
+        mixed, dropped, stats = mix_positions(train, self.task[train], self.tasks, self.config.mix)
+        for position in dropped.tolist():
             record = self._load(position)
             self._reject_record(record, "mix_downsampled", f"train of task {record['task']} downsampled by mix")
             self.alive[position] = False
         return mixed, stats
 
-    def _write_streamed(self, mixed: list[int]) -> None:
+    def _write_streamed(self, mixed: np.ndarray) -> None:
         kinds = {name: [i for i, k in enumerate(_KINDS) if FAMILY[k] == name] for name in ("sft", "preference", "text")}
         sft = self.alive & np.isin(self.kind, kinds["sft"])
         files: dict[str, Iterable[dict]] = {
-            "train.jsonl": (self._load(position) for position in mixed),
+            "train.jsonl": (self._load(position) for position in mixed),  # numpy ints: no list of Python ints
             "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1))),
             "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2))),
         }
