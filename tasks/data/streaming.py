@@ -50,6 +50,7 @@ from tunepipe.tasks.data.run import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
 
 BATCH = 4096  # records cleaned, counted and deduplicated together (the local engine's token batch)
+WRITE_BUFFER = 1 << 20  # bytes buffered per file written (and per copy of a side file)
 PROGRESS_EVERY = 1_000_000  # records read between two progress lines of the first pass
 _ROWS = 1 << 14  # signature rows read per step of the band pass (8 MiB at 128 permutations)
 VERIFY_PAIRS = 1 << 13  # candidate pairs checked together (~2.6 KB each: texts, shingles, signatures)
@@ -90,7 +91,7 @@ class StreamingDataRun(_DataRun):
             return self._run(Path(spill), plans, count_tokens)
 
     def _run(self, spill: Path, plans, count_tokens) -> StageOutput:
-        with open(self.out / "rejected.jsonl", "wb", buffering=1 << 20) as self._rejected_file:
+        with open(self.out / "rejected.jsonl", "wb", buffering=WRITE_BUFFER) as self._rejected_file:
             dedup_counts = self._first_pass(spill, plans, count_tokens)
             self.records_file = open(spill / "records.pickle", "rb")
             with self.records_file:
@@ -155,9 +156,9 @@ class StreamingDataRun(_DataRun):
         exact = 0
         clock = time.perf_counter()
         batch_work = 0.0
-        with open(spill / "records.pickle", "wb", buffering=1 << 20) as records, \
+        with open(spill / "records.pickle", "wb", buffering=WRITE_BUFFER) as records, \
                 open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
-                open(spill / "signatures.u32", "wb", buffering=1 << 20) as signatures:
+                open(spill / "signatures.u32", "wb", buffering=WRITE_BUFFER) as signatures:
             next_progress = PROGRESS_EVERY
             for batch in batched(self.read_records(plans), BATCH):
                 started = time.perf_counter()
@@ -191,7 +192,7 @@ class StreamingDataRun(_DataRun):
             self._progress("read_clean", len(columns["offset"]))
             for side in (token_rejects, exact_rejects):  # the local engine writes these after all reading
                 side.seek(0)
-                while chunk := side.read(1 << 20):
+                while chunk := side.read(WRITE_BUFFER):
                     self._rejected_file.write(chunk)
         seen.close()
         self.offset = np.frombuffer(columns["offset"], dtype=np.int64)
@@ -377,7 +378,7 @@ class StreamingDataRun(_DataRun):
         if is_train.all() or not is_train.any():
             return 0
         path = spill / "prompts.u32"
-        with open(path, "wb", buffering=1 << 20) as handle:
+        with open(path, "wb", buffering=WRITE_BUFFER) as handle:
             for chunk in batched(self._stream(supervised), BATCH):
                 handle.write(dedup_mod.signatures([prompt_text(r) for r in chunk], config).tobytes())
         # Eval rows sort first in a bucket, so a train row is paired with an eval row.
@@ -443,7 +444,7 @@ class StreamingDataRun(_DataRun):
             if len(positions):
                 files[name] = self._stream(positions)
         for name, rows in files.items():
-            with open(self.out / name, "wb", buffering=1 << 20) as handle:
+            with open(self.out / name, "wb", buffering=WRITE_BUFFER) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
                     handle.write(_dumps(public_record(record)) + b"\n")
 

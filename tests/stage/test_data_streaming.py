@@ -189,6 +189,7 @@ def test_streaming_memory_per_record_stays_small(tmp_path, monkeypatch):
     monkeypatch.setattr(streaming, "_ROWS", 64)
     monkeypatch.setattr(streaming, "VERIFY_PAIRS", 64)
     monkeypatch.setattr(dedup, "PARTITION_ROWS", 500)  # band hashes searched for repeats a range at a time
+    monkeypatch.setattr(streaming, "WRITE_BUFFER", 1 << 12)  # a 1 MiB file buffer would hide 10,000 records' arrays
     step_peaks(tmp_path / "warm", 10, monkeypatch)  # imports (rensa, sqlite, ...) before measuring
     few, many = step_peaks(tmp_path, 2_000, monkeypatch), step_peaks(tmp_path, 10_000, monkeypatch)
     assert few.keys() == many.keys() and len(few) == 2 * len(STEPS)
