@@ -25,7 +25,9 @@ from tunepipe.tasks.data.formats import (
 _HTML_HINT = re.compile(r"<(?:[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?|/[A-Za-z][A-Za-z0-9:-]*\s*|!--)>|<!--|&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6});")
 # C0/C1 controls except \t \n, plus zero-width and BOM characters (invisible, break tokenisation).
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
-_INNER_SPACES = re.compile(r"(\S)(?:[ \t\u00a0]{2,}|[\t\u00a0])")  # leading indentation is kept (code)
+# Leading indentation is kept (code). A lookbehind, not a captured group: the replacement is then
+# a plain string, not a template expanded in Python per match (~3% of the local engine's time).
+_INNER_SPACES = re.compile(r"(?<=\S)(?:[ \t\u00a0]{2,}|[\t\u00a0])")
 _TRAILING_SPACES = re.compile(r"[ \t]+\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
@@ -110,7 +112,7 @@ class Cleaner:
                 self._control = True
         if config.collapse_whitespace:
             if "  " in value or "\t" in value or "\xa0" in value:  # cheap test first: most fields have none
-                value = _INNER_SPACES.sub(r"\1 ", value)
+                value = _INNER_SPACES.sub(" ", value)
             if "\n" in value:
                 value = _BLANK_LINES.sub("\n\n", _TRAILING_SPACES.sub("\n", value))
             value = value.strip()

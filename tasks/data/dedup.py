@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from tunepipe.schemas.data import DedupConfig
@@ -28,6 +28,7 @@ _CHUNK = 50_000  # texts hashed per rensa call: bounds the Python lists alive at
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _PAIR_BATCH = 200_000  # signature pairs compared per numpy step (memory: batch x num_perm bytes)
+PARTITION_ROWS = 1 << 20  # 8-byte keys sorted together by `repeated_rows` (~32 MiB)
 
 
 def exact_key(family: str, parts: Sequence[str], collapsed: bool = True) -> bytes:
@@ -219,6 +220,45 @@ def bucket_pairs(labels: np.ndarray, key: np.ndarray) -> np.ndarray:
         np.stack([order[group_start[members]], order[members]], axis=1),
         np.stack([order[members - 1], order[members]], axis=1),
     ])
+
+
+def repeated_rows(keys: BinaryIO, rows: int) -> np.ndarray:
+    """Rows (ascending) whose key another row has, of a file of `rows` uint64 keys (one per row).
+
+    Equal keys fall in the same range of key values, so the file is read once per range of about
+    `PARTITION_ROWS` rows (the keys are hashes: uniform) and each range's keys are sorted alone.
+    Memory is ~32 bytes per row of one range plus the rows found, not per row of the file, so the
+    streaming engine's band pass and the validation's id uniqueness stay bounded at any size.
+    """
+    parts = -(-rows // PARTITION_ROWS)
+    found = [np.zeros(0, dtype=np.int64)]
+    for part in range(parts):
+        keys.seek(0)
+        values, positions = [], []
+        for start in range(0, rows, PARTITION_ROWS):
+            chunk = np.frombuffer(keys.read(8 * min(PARTITION_ROWS, rows - start)), dtype=np.uint64)
+            mine = np.flatnonzero(_key_range(chunk, parts) == part)
+            values.append(chunk[mine])
+            positions.append(mine + start)
+        found.append(_repeated(np.concatenate(values), np.concatenate(positions)))
+    return np.sort(np.concatenate(found))
+
+
+def _key_range(keys: np.ndarray, parts: int) -> np.ndarray:
+    """Which of `parts` equal ranges of uint64 values each key falls in (its top 32 bits, scaled)."""
+    return ((keys >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32)
+
+
+def _repeated(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """`positions` whose key another position has: a sort and a neighbour test."""
+    order = np.argsort(keys)  # the order among equal keys does not matter
+    ordered = keys[order]
+    same = ordered[1:] == ordered[:-1]
+    del ordered
+    shared = np.zeros(len(order), dtype=bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    return positions[order[shared]]
 
 
 def signatures(texts: Sequence[str], config: DedupConfig) -> np.ndarray:

@@ -6,8 +6,10 @@ What runs where:
 - on Ray workers, one task per input file: reading, parsing and cleaning (`read_file`,
   `parse_record`, `Cleaner.clean_record`: the local engine's functions), then per batch: token
   bounds, ids, exact keys and MinHash signatures;
-- shuffled by key across workers (`groupby` on a hash partition of the key): exact dedup (by
-  normalised-content key), near-dedup and contamination candidates (by LSH band);
+- shuffled by key across workers (`groupby` on a hash partition of the key), keys only, never
+  whole records: exact dedup ((order, normalised-content key) rows give (duplicate, first)
+  pairs; the duplicates are then left out of the records' blocks where they are), near-dedup
+  and contamination candidates ((order, band key) rows give candidate pairs);
 - on the driver: the candidate pairs' Jaccard check (`dedup.verify_pairs`, the local test), the
   split, Great Expectations validation, mixing and writing (the local engine's code, unchanged).
 
@@ -34,14 +36,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-from tunepipe.schemas.data import CleanConfig, DataConfig, DedupConfig, SourceConfig
+from tunepipe.schemas.data import CleanConfig, DedupConfig, SourceConfig
 from tunepipe.schemas.records import record_id
 from tunepipe.tasks.data import dedup as dedup_mod
 from tunepipe.tasks.data.clean import Cleaner, load_token_counter, token_bound_reason
 from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
 from tunepipe.tasks.data.sources import Malformed, ReadDigest, read_file
 from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.data.stage import _DataRun
+from tunepipe.tasks.data.run import _DataRun
 
 FILE_SHIFT = 40  # order = file index << 40 | record index in the file
 # Steps that reject records before the driver's steps, in the order the local engine writes them.
@@ -168,23 +170,26 @@ def key_records(batch: dict, dedup: DedupConfig, collapsed: bool, partitions: in
     return _table(rows)
 
 
-def first_of_exact_groups(group: dict) -> pa.Table:
-    """One hash partition of exact keys: the first record (reading order) of each key is kept,
-    the others are rejected pointing at it, as the local engine does."""
-    keys, orders = group["exact_key"], group["order"]
-    by_key = np.lexsort((orders, np.unique(keys, return_inverse=True)[1].ravel()))
-    rows, first = [], None
-    for position in by_key.tolist():
-        row = {name: group[name][position] for name in ("order", "payload", "exact_key", "signature", "part")}
-        row["order"] = int(row["order"])
-        if first is not None and keys[position] == keys[first]:
-            record, original = pickle.loads(row["payload"]), pickle.loads(group["payload"][first])
-            rows.append(_reject_row(row["order"], STEP_EXACT, public_record(record), "exact_duplicate", record["source"],
-                                    f"same normalised content as {original['id']} ({original['source']})", duplicate_of=original["id"]))
-            continue
-        first = position
-        rows.append(row)
-    return _table(rows)
+def exact_duplicate_pairs(group: dict) -> pa.Table:
+    """One hash partition of (order, exact key) rows: (a, b) = (a later record, the first record
+    of its key in reading order), as the local engine keeps the first and rejects the others.
+    Only the keys travel through this shuffle; the records stay in their blocks."""
+    orders = group["order"].astype(np.int64)
+    labels = np.unique(group["exact_key"], return_inverse=True)[1].ravel()
+    by_key = np.lexsort((orders, labels))
+    ordered, grouped = orders[by_key], labels[by_key]
+    starts = np.ones(len(ordered), dtype=bool)
+    starts[1:] = grouped[1:] != grouped[:-1]
+    first = ordered[np.maximum.accumulate(np.where(starts, np.arange(len(ordered)), 0))] if len(ordered) else ordered
+    return pa.table({"a": ordered[~starts], "b": first[~starts]}, schema=_PAIRS)
+
+
+def without_orders(batch: pa.Table, orders: np.ndarray) -> pa.Table:
+    """The rows of `batch` whose order is not in `orders` (sorted): the exact duplicates left out."""
+    if not len(orders):
+        return batch
+    found = np.isin(batch["order"].to_numpy(), orders)
+    return batch.filter(pa.array(~found)) if found.any() else batch
 
 
 def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, family_of: bool) -> pa.Table:
@@ -282,15 +287,18 @@ class RayDataRun(_DataRun):
             clock = self._timed("tokens", clock)
         keyed = records.map_batches(key_records, batch_size=batch, batch_format="numpy", fn_kwargs={
             "dedup": config.dedup, "collapsed": config.clean.collapse_whitespace, "partitions": self.partitions})
-        exact = 0
-        if config.dedup.exact:
-            keyed, side = self._split_rows(keyed.groupby("part").map_groups(first_of_exact_groups, batch_format="numpy"))
-            rejects += side
-            exact = len(side)
-        else:
-            keyed = keyed.materialize()
-        pairs = self._candidates(keyed, cross_sides=False, family_of=True) if config.dedup.near else np.zeros((0, 2), np.int64)
+        keyed = keyed.materialize()  # read by the key shuffle, the band pass and the collection
+        duplicate_of = self._exact_duplicates(keyed) if config.dedup.exact else {}
+        unique = keyed
+        if duplicate_of:
+            unique = keyed.map_batches(without_orders, batch_format="pyarrow", fn_kwargs={"orders": np.array(sorted(duplicate_of), dtype=np.int64)})
+        pairs = self._candidates(unique, cross_sides=False, family_of=True) if config.dedup.near else np.zeros((0, 2), np.int64)
         kept = self._collect(keyed)
+        for order, first in sorted(duplicate_of.items()):
+            record, original = kept.pop(order), kept[first]
+            rejects.append(_reject_row(order, STEP_EXACT, public_record(record), "exact_duplicate", record["source"],
+                                       f"same normalised content as {original['id']} ({original['source']})", duplicate_of=original["id"]))
+        exact = len(duplicate_of)
         near = self._near_duplicates(kept, pairs)
         self._write_rejects(rejects)
         for order in sorted(near):
@@ -302,6 +310,16 @@ class RayDataRun(_DataRun):
         counts = {"exact_duplicates": exact, "near_duplicates": len(near), "threshold": config.dedup.threshold,
                   "num_perm": config.dedup.num_perm, "num_bands": self._num_bands(), "ngram": config.dedup.ngram}
         return records, counts
+
+    def _exact_duplicates(self, keyed) -> dict[int, int]:
+        """Order of each exact duplicate → order of the first record with its key, from a shuffle of
+        (order, exact key) only: whole records shuffled by key took most of the Ray run's time."""
+        keys = keyed.select_columns(["order", "exact_key", "part"])
+        pairs = keys.groupby("part").map_groups(exact_duplicate_pairs, batch_format="numpy")
+        found = {}
+        for batch in pairs.iter_batches(batch_size=None, batch_format="numpy"):
+            found.update(zip(batch["a"].tolist(), batch["b"].tolist()))
+        return found
 
     def _add_file_stats(self, stats: dict) -> None:
         # The worker hashed exactly the bytes it read: the same check as the local engine's.

@@ -16,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
 from collections import defaultdict
+
+import numpy as np
 
 from tunepipe.schemas.data import MixConfig, SplitConfig
 from tunepipe.tasks.data.formats import FAMILY
@@ -58,14 +61,11 @@ def _resample(members: list[dict], target: int, rng: random.Random) -> tuple[lis
     return members * copies + [members[i] for i in extra], []
 
 
-def mix_train(train: list[dict], config: MixConfig) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
-    """Mixed train rows (with repeats), rows dropped by downsampling, and per-task numbers."""
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for record in train:
-        by_task[record["task"]].append(record)
-    targets = {task: len(members) for task, members in by_task.items()}
+def _targets(sizes: dict[str, int], config: MixConfig) -> dict[str, int]:
+    """Rows each task's train split is resampled to: its ratio of the total, then its cap."""
+    targets = dict(sizes)
     if config.ratios:
-        listed = [task for task in config.ratios if by_task.get(task)]
+        listed = [task for task in config.ratios if sizes.get(task)]
         total = config.total if config.total is not None else sum(targets[t] for t in listed)
         weight = sum(config.ratios[t] for t in listed)
         for task in listed:
@@ -73,6 +73,15 @@ def mix_train(train: list[dict], config: MixConfig) -> tuple[list[dict], list[di
     for task, cap in (config.caps or {}).items():
         if task in targets:
             targets[task] = min(targets[task], cap)
+    return targets
+
+
+def mix_train(train: list[dict], config: MixConfig) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
+    """Mixed train rows (with repeats), rows dropped by downsampling, and per-task numbers."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for record in train:
+        by_task[record["task"]].append(record)
+    targets = _targets({task: len(members) for task, members in by_task.items()}, config)
     mixed: list[dict] = []
     dropped: list[dict] = []
     stats: dict[str, dict[str, int]] = {}
@@ -91,3 +100,40 @@ def mix_train(train: list[dict], config: MixConfig) -> tuple[list[dict], list[di
     # Interleave tasks deterministically so a trainer reading in order sees a mixture.
     random.Random(config.seed).shuffle(mixed)
     return mixed, dropped, stats
+
+
+def mix_positions(positions: np.ndarray, codes: np.ndarray, names: list[str], config: MixConfig) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, int]]]:
+    """`mix_train` on train rows given as positions (int64, in train order) with their task
+    codes (`names[code]`): the same mixed order, dropped rows and numbers as `mix_train` on the
+    records, in numpy arrays (8 bytes per row) rather than lists of Python objects (~60)."""
+    present = np.unique(codes)
+    by_task = {names[code]: positions[codes == code] for code in present.tolist()}
+    targets = _targets({task: len(members) for task, members in by_task.items()}, config)
+    mixed, dropped, stats = [], [], {}
+    for task in sorted(by_task):
+        members = by_task[task]
+        if targets[task] != len(members):  # only tasks the config resamples become lists
+            chosen, removed = _resample(members.tolist(), targets[task], random.Random(_task_seed(config.seed, task)))
+            selected, removed = np.array(chosen, dtype=np.int64), np.array(removed, dtype=np.int64)
+        else:
+            selected, removed = members, np.zeros(0, dtype=np.int64)
+        mixed.append(selected)
+        dropped.append(removed)
+        stats[task] = {"before": len(members), "after": len(selected),
+                       "upsampled_copies": max(0, len(selected) - len(members)), "downsampled": len(removed)}
+    del by_task
+    dropped_positions = np.concatenate(dropped) if dropped else np.zeros(0, dtype=np.int64)
+    return _shuffled(mixed, config.seed), dropped_positions, stats
+
+
+def _shuffled(parts: list[np.ndarray], seed: int) -> np.ndarray:
+    """`random.Random(seed).shuffle` applied to the concatenated `parts`: the same permutation as
+    on a list (its Fisher-Yates loop over the same draws), in an int64 array.array, not a list."""
+    out = array("q")
+    while parts:  # each part is copied in and let go: one copy of the rows at a time
+        out.frombytes(np.ascontiguousarray(parts.pop(0), dtype=np.int64).view(np.uint8))
+    randbelow = random.Random(seed)._randbelow  # what Random.shuffle draws each swap with
+    for i in reversed(range(1, len(out))):
+        j = randbelow(i + 1)
+        out[i], out[j] = out[j], out[i]
+    return np.frombuffer(out, dtype=np.int64)

@@ -9,18 +9,20 @@ How memory stays bounded:
 - exact dedup looks its normalised-content keys up in an on-disk sqlite table (key, id,
   source), not in a dict of every key;
 - MinHash signatures go to a flat file, read back sequentially in chunks; LSH buckets are formed
-  band by band from one 8-byte hash per row (written per band to disk in that pass), then split by
-  the band's exact values read for the rows whose hash is shared: a band costs ~16 bytes per
-  record while it is processed;
+  band by band from one 8-byte hash per row (written per band to disk in that pass): the rows
+  whose hash is shared are found a range of hash values at a time (`dedup.repeated_rows`), then
+  split by the band's exact values read for those rows only;
 - the split, mixing and the report run on small per-record arrays (position in the spill file,
-  kind, task, file, split hash: about 40 bytes per record) and are written by reading records
-  back from the spill file.
+  kind, task, file, split hash, alive, split: 27 bytes per record, plus one positions array of 8
+  bytes per record at a time) and are written by reading records back from the spill file; the
+  mix's order is an int64 array (`split.mix_positions`), not a list of records.
 
-What is not bounded (README: "Streaming"): the per-record arrays and the mix's order (memory
-proportional to the number of records, not to their text); the texts of near-duplicate and
-contamination *candidates* (checked on their exact shingle sets); and, in validation, every
-kept id (16 bytes each, for the uniqueness check). Great Expectations' rows suite runs over
-frames of `validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`).
+What is not bounded (README: "Streaming"): those per-record arrays (memory proportional to the
+number of records, not to their text: tests/stage/test_data_streaming.py holds every step under
+65 bytes per record); the texts of near-duplicate and contamination *candidates* (checked on
+their exact shingle sets). In validation, Great Expectations' rows suite runs over frames of
+`validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`), whose id
+uniqueness check keeps the ids on disk.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ from tunepipe.tasks.data.clean import batched, load_token_counter, token_bound_r
 from tunepipe.tasks.data.formats import FAMILY, content_parts, prompt_text, public_record
 from tunepipe.tasks.data.report import build_report
 from tunepipe.tasks.data.sources import plan_files
-from tunepipe.tasks.data.split import _rounded, mix_train
-from tunepipe.tasks.data.stage import _DataRun, _dumps
+from tunepipe.tasks.data.split import _rounded, mix_positions
+from tunepipe.tasks.data.run import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
 
 BATCH = 4096  # records cleaned, counted and deduplicated together (the local engine's token batch)
+WRITE_BUFFER = 1 << 20  # bytes buffered per file written (and per copy of a side file)
 PROGRESS_EVERY = 1_000_000  # records read between two progress lines of the first pass
 _ROWS = 1 << 14  # signature rows read per step of the band pass (8 MiB at 128 permutations)
 VERIFY_PAIRS = 1 << 13  # candidate pairs checked together (~2.6 KB each: texts, shingles, signatures)
@@ -55,19 +58,6 @@ _KINDS = ("instruction", "chat", "preference", "text")
 _SPLITS = ("train", "validation", "test")
 _NO_SPLIT = 3  # text records
 _SQL_VARS = 900  # keys per sqlite IN (...) query (below every sqlite's variable limit)
-
-
-def _row_type(names: list[str], codes: np.ndarray) -> type:
-    """A train record as `mix_train` sees it: its position in the spill file (an int, ~32 bytes,
-    not a dict) whose `["task"]` is its task's name."""
-
-    class Row(int):
-        __slots__ = ()
-
-        def __getitem__(self, key: str) -> str:
-            return names[codes[self]]
-
-    return Row
 
 
 class _Lite:
@@ -101,7 +91,7 @@ class StreamingDataRun(_DataRun):
             return self._run(Path(spill), plans, count_tokens)
 
     def _run(self, spill: Path, plans, count_tokens) -> StageOutput:
-        with open(self.out / "rejected.jsonl", "wb", buffering=1 << 20) as self._rejected_file:
+        with open(self.out / "rejected.jsonl", "wb", buffering=WRITE_BUFFER) as self._rejected_file:
             dedup_counts = self._first_pass(spill, plans, count_tokens)
             self.records_file = open(spill / "records.pickle", "rb")
             with self.records_file:
@@ -121,13 +111,12 @@ class StreamingDataRun(_DataRun):
                 clock = self._timed("mix", clock)
                 self._write_streamed(mixed)
                 self._timed("write", clock)
-        families = np.array([FAMILY[k] for k in _KINDS])[self.kind]
-        alive = np.flatnonzero(self.alive)
-        sft_alive = alive[families[alive] == "sft"]
-        sft = np.concatenate([sft_alive[self.split[sft_alive] != 0], sft_alive[self.split[sft_alive] == 0]])
-        preferences = alive[families[alive] == "preference"]
-        corpus = alive[families[alive] == "text"]
-        for label, n in enumerate(np.bincount(self.label[alive], minlength=len(self.labels)).tolist()):
+        # Kind codes compared per family, not a per-record array of family names (a '<U10' array
+        # is 40 bytes per record: at 5M records the largest thing the run held).
+        sft = self._kept_of("sft")
+        sft = np.concatenate([sft[self.split[sft] != 0], sft[self.split[sft] == 0]])
+        preferences, corpus = self._kept_of("preference"), self._kept_of("text")
+        for label, n in enumerate(np.bincount(self.label[self.alive], minlength=len(self.labels)).tolist()):
             if n:
                 self.per_file[self.labels[label]]["kept"] += n
         report = build_report(
@@ -141,6 +130,10 @@ class StreamingDataRun(_DataRun):
             },
         )
         return self._finish(report, outcome)
+
+    def _kept_of(self, family: str) -> np.ndarray:
+        """Positions of the kept records of a family (sft, preference, text), ascending."""
+        return np.flatnonzero(self.alive & np.isin(self.kind, [i for i, k in enumerate(_KINDS) if FAMILY[k] == family]))
 
     def _progress(self, step: str, kept: int) -> None:  # type: ignore[override]
         self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, kept, sum(self.rejected.values()))
@@ -163,9 +156,9 @@ class StreamingDataRun(_DataRun):
         exact = 0
         clock = time.perf_counter()
         batch_work = 0.0
-        with open(spill / "records.pickle", "wb", buffering=1 << 20) as records, \
+        with open(spill / "records.pickle", "wb", buffering=WRITE_BUFFER) as records, \
                 open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
-                open(spill / "signatures.u32", "wb", buffering=1 << 20) as signatures:
+                open(spill / "signatures.u32", "wb", buffering=WRITE_BUFFER) as signatures:
             next_progress = PROGRESS_EVERY
             for batch in batched(self.read_records(plans), BATCH):
                 started = time.perf_counter()
@@ -199,7 +192,7 @@ class StreamingDataRun(_DataRun):
             self._progress("read_clean", len(columns["offset"]))
             for side in (token_rejects, exact_rejects):  # the local engine writes these after all reading
                 side.seek(0)
-                while chunk := side.read(1 << 20):
+                while chunk := side.read(WRITE_BUFFER):
                     self._rejected_file.write(chunk)
         seen.close()
         self.offset = np.frombuffer(columns["offset"], dtype=np.int64)
@@ -289,13 +282,15 @@ class StreamingDataRun(_DataRun):
 
     # -- near duplicates and contamination: LSH band by band over signatures on disk -------------
 
-    def _band_pairs(self, path: Path, tags: np.ndarray, key: np.ndarray) -> np.ndarray:
+    def _band_pairs(self, path: Path, tags: np.ndarray, key) -> np.ndarray:
         """Candidate pairs (row indices) of the signatures in `path` sharing an exact band bucket
-        (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with `key`).
+        (tag + band values), paired as the local engine does (`dedup.bucket_pairs` with the
+        order `key(rows)`: a function, so no per-record key array is held).
 
         One sequential pass over the signatures writes one 8-byte hash per (row, band) to a file
-        per band; then band by band, only the band values of the rows whose hash is shared are
-        read back (`_gather`) and bucketed by their exact values.
+        per band; then band by band, the rows whose hash is shared are found from that file a
+        hash range at a time (`dedup.repeated_rows`), and only their band values are read back
+        (`_gather`) and bucketed by their exact values.
         """
         dedup = self.config.dedup
         num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
@@ -315,14 +310,15 @@ class StreamingDataRun(_DataRun):
         found = []
         signatures = open(path, "rb")
         for band, band_path in enumerate(band_paths):
-            shared = _shared_rows(np.fromfile(band_path, dtype=np.uint64))
+            with open(band_path, "rb") as hashes:
+                shared = dedup_mod.repeated_rows(hashes, rows)
             band_path.unlink()
             if len(shared) < 2:
                 continue
             block = _gather(signatures, shared, dedup.num_perm, band * width, width)
             exact = np.concatenate([tags[shared, None].astype(np.uint32), block], axis=1)
             labels = np.unique(exact, axis=0, return_inverse=True)[1].ravel()
-            found.append(shared[dedup_mod.bucket_pairs(labels, key[shared])])
+            found.append(shared[dedup_mod.bucket_pairs(labels, key(shared))])
         signatures.close()
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
@@ -344,8 +340,8 @@ class StreamingDataRun(_DataRun):
         config = self.config.dedup
         if not config.near or len(self.offset) < 2:
             return 0
-        families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int64)[self.kind]
-        pairs = self._band_pairs(spill / "signatures.u32", families, np.arange(len(self.offset)))
+        families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int8)[self.kind]
+        pairs = self._band_pairs(spill / "signatures.u32", families, lambda rows: rows)
         similar = self._verified(pairs, lambda r: " ".join(content_parts(r)))
         duplicate_of: dict[int, int] = {}
         for earlier, later in sorted(zip(similar.min(axis=1).tolist(), similar.max(axis=1).tolist())) if len(similar) else []:
@@ -359,11 +355,12 @@ class StreamingDataRun(_DataRun):
     def _assign_splits(self) -> None:
         """`split.assign_splits` on the arrays: per (family, task), ordered by the salted id hash."""
         config = self.config.split
-        family_code = np.array([("sft", "preference", "text").index(FAMILY[k]) for k in _KINDS], dtype=np.int64)[self.kind]
-        group = family_code * (len(self.tasks) + 1) + self.task
+        family_code = np.array([("sft", "preference", "text").index(FAMILY[k]) for k in _KINDS], dtype=np.int32)[self.kind]
         live = np.flatnonzero(self.alive & (family_code < 2))
-        for value in np.unique(group[live]).tolist():
-            members = live[group[live] == value]
+        group = family_code[live] * (len(self.tasks) + 1) + self.task[live]  # int32: 4 bytes per live record
+        del family_code
+        for value in np.unique(group).tolist():
+            members = live[group == value]
             members = members[np.argsort(self.split_hash[members], kind="stable")]
             n = len(members)
             n_validation = _rounded(n * config.validation)
@@ -381,13 +378,14 @@ class StreamingDataRun(_DataRun):
         if is_train.all() or not is_train.any():
             return 0
         path = spill / "prompts.u32"
-        with open(path, "wb", buffering=1 << 20) as handle:
+        with open(path, "wb", buffering=WRITE_BUFFER) as handle:
             for chunk in batched(self._stream(supervised), BATCH):
                 handle.write(dedup_mod.signatures([prompt_text(r) for r in chunk], config).tobytes())
-        rows = np.arange(len(supervised))
         # Eval rows sort first in a bucket, so a train row is paired with an eval row.
-        key = is_train.astype(np.int64) * (len(rows) + 1) + rows
-        pairs = self._band_pairs(path, np.zeros(len(rows), np.int64), key)
+        def key(rows: np.ndarray) -> np.ndarray:
+            return is_train[rows].astype(np.int64) * (len(supervised) + 1) + rows
+
+        pairs = self._band_pairs(path, np.zeros(len(supervised), np.int8), key)
         pairs = pairs[is_train[pairs[:, 0]] != is_train[pairs[:, 1]]] if len(pairs) else pairs
         similar = self._verified(supervised[pairs], prompt_text) if len(pairs) else pairs
         hits: dict[int, int] = {}
@@ -423,22 +421,21 @@ class StreamingDataRun(_DataRun):
         return ValidationOutcome(outcome.success and counts.success, outcome.failures + counts.failures,
                                  {"rows": outcome.results, "counts": counts.results})
 
-    def _mix_streamed(self) -> tuple[list[int], dict[str, dict[str, int]]]:
+    def _mix_streamed(self) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
         sft_kinds = [i for i, k in enumerate(_KINDS) if FAMILY[k] == "sft"]
         train = np.flatnonzero(self.alive & np.isin(self.kind, sft_kinds) & (self.split == 0))
-        row = _row_type(self.tasks, self.task)
-        mixed, dropped, stats = mix_train([row(p) for p in train.tolist()], self.config.mix)
-        for position in dropped:
+        mixed, dropped, stats = mix_positions(train, self.task[train], self.tasks, self.config.mix)
+        for position in dropped.tolist():
             record = self._load(position)
             self._reject_record(record, "mix_downsampled", f"train of task {record['task']} downsampled by mix")
             self.alive[position] = False
         return mixed, stats
 
-    def _write_streamed(self, mixed: list[int]) -> None:
+    def _write_streamed(self, mixed: np.ndarray) -> None:
         kinds = {name: [i for i, k in enumerate(_KINDS) if FAMILY[k] == name] for name in ("sft", "preference", "text")}
         sft = self.alive & np.isin(self.kind, kinds["sft"])
         files: dict[str, Iterable[dict]] = {
-            "train.jsonl": (self._load(position) for position in mixed),
+            "train.jsonl": (self._load(position) for position in mixed),  # numpy ints: no list of Python ints
             "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1))),
             "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2))),
         }
@@ -447,23 +444,9 @@ class StreamingDataRun(_DataRun):
             if len(positions):
                 files[name] = self._stream(positions)
         for name, rows in files.items():
-            with open(self.out / name, "wb", buffering=1 << 20) as handle:
+            with open(self.out / name, "wb", buffering=WRITE_BUFFER) as handle:
                 for record in rows:  # one at a time: memory bounded by the largest record, not a batch
                     handle.write(_dumps(public_record(record)) + b"\n")
-
-
-def _shared_rows(hashes: np.ndarray) -> np.ndarray:
-    """Rows (ascending) whose hash another row has: a sort and a neighbour test, ~25 bytes per
-    row at the peak (np.unique with inverse and counts took ~70)."""
-    order = np.argsort(hashes)  # in place (introsort): the order among equal hashes does not matter
-    ordered = hashes[order]
-    del hashes
-    same = ordered[1:] == ordered[:-1]
-    del ordered
-    shared = np.zeros(len(order), dtype=bool)
-    shared[1:] |= same
-    shared[:-1] |= same
-    return np.sort(order[shared])
 
 
 def _gather(handle, rows: np.ndarray, row_values: int, start: int, width: int) -> np.ndarray:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -29,6 +31,7 @@ import numpy as np
 from tunepipe.schemas.data import DataConfig
 from tunepipe.schemas.records import SPLITS
 from tunepipe.tasks.data.clean import batched
+from tunepipe.tasks.data.dedup import repeated_rows
 from tunepipe.tasks.data.formats import FAMILY, prompt_text, response_text
 
 _KEEP_UNEXPECTED = 20  # unexpected values kept per expectation in validation.json
@@ -193,6 +196,18 @@ def _failures(result: dict, checks, id_column: str, ids_of: dict[str, list[str]]
     return failures
 
 
+def _id_numbers(ids: list[str]) -> np.ndarray:
+    """Record ids (16 lowercase hex digits: `schemas.records.record_id`) as the uint64 each spells."""
+    raw = np.array(ids, dtype="S17")  # one byte more than an id, so a longer one is seen, not cut
+    digits = np.frombuffer(raw.tobytes(), dtype=np.uint8).reshape(len(ids), 17)
+    hex_digit = ((digits >= ord("0")) & (digits <= ord("9"))) | ((digits >= ord("a")) & (digits <= ord("f")))
+    if len(ids) and not (hex_digit[:, :16].all() and (digits[:, 16] == 0).all()):
+        bad = next(i for i in ids if len(i) != 16 or i.strip("0123456789abcdef"))
+        raise ValueError(f"record id {bad!r} is not 16 lowercase hex digits (schemas.records.record_id)")
+    nibbles = np.where(digits[:, :16] <= ord("9"), digits[:, :16] - ord("0"), digits[:, :16] - (ord("a") - 10)).astype(np.uint64)
+    return (nibbles << np.arange(60, -1, -4, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+
+
 class _MergedRows:
     """The rows suite's result over the whole input, from runs over batches of it.
 
@@ -201,15 +216,19 @@ class _MergedRows:
     summed and concatenated over the batches (the first `_KEEP_UNEXPECTED` of each list is all
     validation.json keeps) and formatted by Great Expectations' own map formatter, so the merged
     result is the one a single run over every row gives. Uniqueness is not a per-batch property:
-    its unexpected rows (every row whose id occurs twice or more) come from all ids, kept as
-    fixed-width bytes (16 bytes per record id) rather than as the rows frame.
+    its unexpected rows (every row whose id occurs twice or more) come from all ids, written to a
+    temporary file as the 64-bit numbers they spell (8 bytes per record, `_id_numbers`) and
+    searched for repeats a range of values at a time (`dedup.repeated_rows`): memory does not
+    grow with the number of records (16-byte ids held and sorted in memory cost ~150 bytes per
+    record at the peak).
     """
 
     def __init__(self, checks, id_column: str) -> None:
         self.checks, self.id_column = checks, id_column
         self.template: dict | None = None
         self.items: list[dict] = []
-        self.ids: list[np.ndarray] = []
+        self.id_file = tempfile.TemporaryFile()
+        self.id_rows = 0
         self.rejected_ids: dict[str, list[str]] = {}  # complete, for non-blocking rules
         self.rows = 0
         # Great Expectations' batch marker: md5 of the frame's row hashes (index included), one
@@ -232,7 +251,9 @@ class _MergedRows:
         if self.template is None:
             self.template = result
             self.items = [self._empty() for _ in result["results"]]
-        self.ids.append(frame[self.id_column].dropna().astype(str).to_numpy(dtype=bytes))
+        ids = _id_numbers(frame[self.id_column].dropna().astype(str).tolist())
+        self.id_file.write(ids.tobytes())
+        self.id_rows += len(ids)
         blocking = {label: blocking for _, label, blocking, _ in self.checks}
         for merged, item in zip(self.items, result["results"]):
             res, label = item.get("result") or {}, ((item.get("expectation_config") or {}).get("meta") or {}).get("name")
@@ -262,10 +283,11 @@ class _MergedRows:
         """The unique expectation's unexpected rows over all batches, not within each."""
         from great_expectations.constants import MAX_RESULT_RECORDS
 
-        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=bytes)
-        values, counts = np.unique(ids, return_counts=True)
-        repeated = ids[np.isin(ids, values[counts > 1])]
-        listed = [value.decode() for value in repeated.tolist()]
+        self.id_file.flush()
+        rows = repeated_rows(self.id_file, self.id_rows)
+        fd = self.id_file.fileno()
+        listed = [f"{int.from_bytes(os.pread(fd, 8, 8 * row), sys.byteorder):016x}" for row in rows.tolist()]
+        self.id_file.close()
         merged["unexpected"], merged["counts"] = len(listed), Counter(listed[:MAX_RESULT_RECORDS])
         merged["values"] = listed[:_KEEP_UNEXPECTED]
         merged["index"] = [{self.id_column: value} for value in merged["values"]]

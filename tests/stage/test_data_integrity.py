@@ -79,7 +79,7 @@ def test_a_file_replaced_between_keying_and_reading_fails_the_stage(tmp_path, mo
         write_rows(data, 17)
         return real_plan(source)
 
-    monkeypatch.setattr("tunepipe.tasks.data.stage.plan_files", plan_then_overwrite)
+    monkeypatch.setattr("tunepipe.tasks.data.run.plan_files", plan_then_overwrite)
     config = config_for(data)
     with pytest.raises(StageFailed, match="changed while the stage was reading it"):
         run_stage(DataStage(), config, {}, store, env)

@@ -20,7 +20,7 @@ import yaml
 from tunepipe.schemas.data import DataConfig
 from tunepipe.tasks.core.loading import validate_yaml_mapping
 from tunepipe.tasks.data.stage import DataStage
-from tests.stage.test_data import FIXTURES, OUTPUTS, load_config, run
+from tests.stage.test_data import OUTPUTS, load_config, run
 
 ray = pytest.importorskip("ray", reason="Ray is the optional `ray` extra (pip install tunepipe[ray])")
 pytest.importorskip("ray.data", reason="Ray Data is part of the `ray` extra (ray[data])")

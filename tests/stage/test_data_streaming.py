@@ -16,7 +16,7 @@ import pytest
 from tests.stage.test_data import OUTPUTS, load_config, run
 from tests.stage.test_data_ray import quickstart_config, word_tokenizer
 from tunepipe.schemas.data import DataConfig
-from tunepipe.tasks.data import streaming, validate
+from tunepipe.tasks.data import dedup, streaming, validate
 from tunepipe.tasks.data.stage import DataStage
 
 PUBLISHED = (*OUTPUTS, "rejected.jsonl", "report.json", "validation.json")
@@ -38,6 +38,7 @@ def test_streaming_engine_publishes_the_local_engines_files(tmp_path, monkeypatc
         make = lambda **fields: load_config(**mix, **fields)  # noqa: E731
     monkeypatch.setattr(streaming, "BATCH", 5)  # many batches: exact duplicates across batches, side files
     monkeypatch.setattr(streaming, "_ROWS", 3)  # the band pass reads its signatures in many chunks
+    monkeypatch.setattr(dedup, "PARTITION_ROWS", 32)  # shared band hashes found over many hash ranges
     monkeypatch.setattr(streaming, "VERIFY_PAIRS", 2)  # candidate pairs checked in many chunks
     monkeypatch.setattr(streaming, "PROGRESS_EVERY", 20)
     caplog.set_level(logging.INFO, logger="test.data")
@@ -126,3 +127,71 @@ def test_streaming_memory_with_validation_does_not_grow_with_the_input(tmp_path,
     validation = json.loads((tmp_path / "out-streaming-250-True" / "validation.json").read_text())
     assert validation["rows"]["success"] is True
     assert {item["result"]["element_count"] for item in validation["rows"]["results"]} == {250}
+
+
+def write_small_records(path: Path, count: int) -> Path:
+    """`count` short, distinct alpaca records (a few words each): memory per record, not per byte of text."""
+    rng = random.Random(3)
+    with open(path, "w") as handle:
+        for i in range(count):
+            words = " ".join("".join(rng.choices(string.ascii_lowercase, k=5)) for _ in range(6))
+            handle.write(json.dumps({"instruction": f"Q{i} {words}", "output": f"A{i} {words}"}) + "\n")
+    return path
+
+
+STEPS = ("_first_pass", "_near_pass", "_assign_splits", "_contamination_pass", "_validate_streamed", "_mix_streamed", "_write_streamed", "_finish")
+
+
+def step_peaks(tmp_path: Path, count: int, monkeypatch) -> dict[str, int]:
+    """Peak traced bytes (numpy's included) of the streaming engine between each two step edges
+    (a step's start or end: the records' arrays are built and used in between too)."""
+    tmp_path.mkdir(exist_ok=True)
+    source = write_small_records(tmp_path / f"small-{count}.jsonl", count)
+    config = DataConfig.model_validate({"sources": [{"path": str(source), "format": "alpaca", "task": "t"}], "engine": "streaming",
+                                        "validation": {"enabled": False}})
+    peaks: dict[str, int] = {}
+    edge = ["start"]
+
+    def mark(name: str) -> None:
+        peaks[f"{edge[0]} -> {name}"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        edge[0] = name
+
+    def timed(name, step):
+        def wrapper(*args, **kwargs):
+            mark(f"{name} start")
+            try:
+                return step(*args, **kwargs)
+            finally:
+                mark(f"{name} end")
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in STEPS:
+            patch.setattr(streaming.StreamingDataRun, name, timed(name, getattr(streaming.StreamingDataRun, name)))
+        tracemalloc.start()
+        try:
+            run(config, tmp_path / f"out-small-{count}")
+        finally:
+            tracemalloc.stop()
+    return peaks
+
+
+def test_streaming_memory_per_record_stays_small(tmp_path, monkeypatch):
+    """What the streaming engine holds per record is a few fixed-width arrays (offset, kind, task,
+    file, split hash, alive, split: 27 bytes) and a positions array at a time; at 5M records every
+    further byte per record is 5 MB. 2,000 vs 10,000 short records, every batch-sized buffer
+    small: between any two step edges the peak grows by less than 65 bytes per added record (a
+    per-record array of family names, or the mix's train rows as a list of Python ints, each
+    cost 40-80 bytes per record). Validation's share (the ids' uniqueness check) is tested in
+    tests/unit/test_data_validate_batches.py."""
+    monkeypatch.setattr(streaming, "BATCH", 200)
+    monkeypatch.setattr(streaming, "_ROWS", 64)
+    monkeypatch.setattr(streaming, "VERIFY_PAIRS", 64)
+    monkeypatch.setattr(dedup, "PARTITION_ROWS", 500)  # band hashes searched for repeats a range at a time
+    monkeypatch.setattr(streaming, "WRITE_BUFFER", 1 << 12)  # a 1 MiB file buffer would hide 10,000 records' arrays
+    step_peaks(tmp_path / "warm", 10, monkeypatch)  # imports (rensa, sqlite, ...) before measuring
+    few, many = step_peaks(tmp_path, 2_000, monkeypatch), step_peaks(tmp_path, 10_000, monkeypatch)
+    assert few.keys() == many.keys() and len(few) == 2 * len(STEPS)
+    per_record = {interval: (many[interval] - few[interval]) / 8_000 for interval in few}
+    assert max(per_record.values()) < 65, per_record

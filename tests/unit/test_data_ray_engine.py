@@ -83,20 +83,24 @@ def test_rensa_flags_cover_every_exact_band_bucket():
 
 
 def test_exact_groups_keep_the_first_in_reading_order():
-    records = [{"kind": "instruction", "task": "t", "instruction": "Q", "input": "", "output": text, "system": "", "id": f"id{i}", "source": f"f:{i}"}
-               for i, text in enumerate(["a b", "c", "A  B", "a b"])]
-    keys = [b"k1", b"k2", b"k1", b"k1"]
-    orders = [7, 3, 5, 1]  # reading order differs from the partition's row order
-    table = ray_engine.first_of_exact_groups({
-        "order": np.array(orders), "payload": np.array([pickle.dumps(r) for r in records], dtype=object),
-        "exact_key": np.array(keys, dtype=object), "signature": np.array([b""] * 4, dtype=object), "part": np.zeros(4, dtype=np.int64),
-    }).to_pylist()
-    kept = sorted(row["order"] for row in table if row["kind"] == "record")
-    assert kept == [1, 3]
-    rejected = {row["order"]: pickle.loads(row["payload"]) for row in table if row["kind"] == "reject"}
-    assert sorted(rejected) == [5, 7]
-    for record, reason, location, detail, extra in rejected.values():
-        assert (reason, extra) == ("exact_duplicate", {"duplicate_of": "id3"}) and "id3 (f:3)" in detail
+    """Only (order, exact key) rows reach the exact-dedup shuffle: each later record of a key is
+    paired with the key's first record in reading order, whatever the partition's row order."""
+    keys = [b"k1", b"k2", b"k1", b"k1", b"k3", b"k3"]
+    orders = [7, 3, 5, 1, 9, 8]  # reading order differs from the partition's row order
+    table = ray_engine.exact_duplicate_pairs({"order": np.array(orders), "exact_key": np.array(keys, dtype=object),
+                                             "part": np.zeros(len(keys), dtype=np.int64)}).to_pylist()
+    assert sorted((row["a"], row["b"]) for row in table) == [(5, 1), (7, 1), (9, 8)]
+    empty = ray_engine.exact_duplicate_pairs({"order": np.zeros(0, np.int64), "exact_key": np.array([], dtype=object), "part": np.zeros(0, np.int64)})
+    assert empty.num_rows == 0
+
+
+def test_exact_duplicates_leave_the_record_blocks_where_they_are():
+    import pyarrow as pa
+
+    block = pa.table({"order": np.array([4, 1, 9, 6]), "payload": [b"a", b"b", b"c", b"d"]})
+    assert ray_engine.without_orders(block, np.array([1, 6]))["payload"].to_pylist() == [b"a", b"c"]
+    assert ray_engine.without_orders(block, np.array([2])) is block
+    assert ray_engine.without_orders(block, np.zeros(0, np.int64)) is block
 
 
 def test_without_ray_data_the_stage_fails_saying_what_to_install(monkeypatch):

@@ -6,7 +6,10 @@ import random
 from collections import Counter
 
 from tunepipe.schemas.data import MixConfig, SplitConfig
-from tunepipe.tasks.data.split import assign_splits, mix_train
+import numpy as np
+import pytest
+
+from tunepipe.tasks.data.split import _shuffled, assign_splits, mix_positions, mix_train
 
 
 def records(task: str, n: int, kind: str = "instruction") -> list[dict]:
@@ -52,3 +55,33 @@ def test_no_mix_keeps_train():
     mixed, dropped, stats = mix_train(train, MixConfig())
     assert sorted(r["id"] for r in mixed) == [r["id"] for r in train] and dropped == []
     assert stats["a"] == {"before": 10, "after": 10, "upsampled_copies": 0, "downsampled": 0}
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
+def test_array_shuffle_is_random_shuffle(n):
+    """The streaming engine's shuffle of an int64 array permutes as `random.Random(seed).shuffle` on a list."""
+    values = list(range(100, 100 + n))
+    expected = list(values)
+    random.Random(11).shuffle(expected)
+    assert _shuffled([np.array(values[:3], dtype=np.int64), np.array(values[3:], dtype=np.int64)], 11).tolist() == expected
+
+
+@pytest.mark.parametrize("mix", [
+    {},
+    {"ratios": {"a": 1, "b": 3}},  # a downsampled, b upsampled
+    {"ratios": {"a": 1, "b": 1}, "total": 50, "caps": {"c": 2}, "seed": 5},
+])
+def test_mix_positions_is_mix_train_on_positions(mix):
+    """Positions with task codes mix to the records' mix: same order, same dropped rows, same numbers."""
+    rows = records("b", 13) + records("a", 40) + records("c", 9)
+    random.Random(2).shuffle(rows)
+    positions = np.arange(1000, 1000 + len(rows)) * 3  # positions of the train rows in a larger file
+    names = ["c", "b", "a"]
+    codes = np.array([names.index(r["task"]) for r in rows], dtype=np.int32)
+    config = MixConfig(**mix)
+    mixed, dropped, stats = mix_train(rows, config)
+    at = {id(r): p for r, p in zip(rows, positions.tolist())}
+    got_mixed, got_dropped, got_stats = mix_positions(positions, codes, names, config)
+    assert got_mixed.tolist() == [at[id(r)] for r in mixed]
+    assert got_dropped.tolist() == [at[id(r)] for r in dropped]
+    assert got_stats == stats
