@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Iterable
 
 from tunepipe.schemas.data import CleanConfig
+from tunepipe.tasks.lm.gguf_base import model_dir
 from tunepipe.tasks.data.formats import (
     TEXT_FIELDS,
     RecordError,
@@ -165,8 +167,6 @@ class Cleaner:
 
 def load_token_counter(path: str):
     """A function `list[str] -> list[int]` counting tokens with the given tokenizer."""
-    from pathlib import Path
-
     candidate = Path(path)
     file = candidate / "tokenizer.json" if candidate.is_dir() else candidate
     if file.is_file() and file.suffix == ".json":
@@ -181,8 +181,6 @@ def load_token_counter(path: str):
     from transformers import (
         AutoTokenizer,  # hub ids and slow tokenizers: the general path
     )
-
-    from tunepipe.tasks.lm.gguf_base import model_dir
 
     auto = AutoTokenizer.from_pretrained(model_dir(path))
 

@@ -22,6 +22,7 @@ import itertools
 from typing import BinaryIO, Sequence
 
 import numpy as np
+from rensa import RMinHash, RMinHashLSH
 from tunepipe.schemas.data import DedupConfig
 
 _CHUNK = 50_000  # texts hashed per rensa call: bounds the Python lists alive at once
@@ -70,8 +71,6 @@ def shingle_hashes(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.nda
     Texts with fewer words than `ngram` get one shingle of all their words; a text with no
     words gets one constant shingle (callers leave empty texts out).
     """
-    from rensa import RMinHash
-
     flats, counts = [], []
     for start in range(0, len(texts), _CHUNK):
         words = [t.lower().split() for t in texts[start:start + _CHUNK]]
@@ -118,8 +117,6 @@ class SignatureIndex:
     """MinHash signatures of a list of texts, with LSH candidate search through rensa."""
 
     def __init__(self, texts: Sequence[str], config: DedupConfig) -> None:
-        from rensa import RMinHash, RMinHashLSH
-
         self.config = config
         self.num_bands = config.num_bands or optimal_bands(config.threshold, config.num_perm)
         self.flat, self.offsets = shingle_hashes(texts, config.ngram)
@@ -130,8 +127,6 @@ class SignatureIndex:
 
     def flagged_signatures(self) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, signatures) of the rows that share a band with some other row."""
-        from rensa import RMinHash
-
         rows = np.flatnonzero(self.flags)
         if len(rows) == 0:
             return rows, np.zeros((0, self.config.num_perm), dtype=np.uint32)
@@ -264,8 +259,6 @@ def _repeated(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
 def signatures(texts: Sequence[str], config: DedupConfig) -> np.ndarray:
     """MinHash signatures (rows × num_perm, uint32) of `texts`: each row depends on its text only,
     so a worker computing a slice gets the rows the whole list would have."""
-    from rensa import RMinHash
-
     flat, offsets = shingle_hashes(texts, config.ngram)
     matrix = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, config.num_perm, config.seed)
     return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), config.num_perm)

@@ -28,6 +28,7 @@ tests/stage/test_data_ray.py checks the equality on the quickstart and the dirty
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from contextlib import contextmanager
@@ -64,8 +65,6 @@ _OUT_ROWS = 8192
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Join (or start) the Ray cluster; leave a Ray this process did not start running."""
-    import os
-
     try:
         import ray.data  # noqa: F401  (Ray Data: the `ray` extra)
     except ImportError as exc:
@@ -259,13 +258,13 @@ class RayDataRun(_DataRun):
         side = ds.filter(expr="kind != 'record'").take_all()
         return ds.filter(expr="kind == 'record'"), side
 
-    def _clean_and_deduplicate(self, plans, count_tokens) -> tuple[list[dict], dict[str, Any]]:
+    def _clean_and_deduplicate(self, to_read, count_tokens) -> tuple[list[dict], dict[str, Any]]:
         import ray.data
 
         config, clock = self.config, time.perf_counter()
-        files, sources = [], [source for source, _ in plans]
-        for source_index, (_, planned) in enumerate(plans):
-            for file, file_type, label in planned:
+        files, sources = [], [source for source, _ in to_read]
+        for source_index, (_, listed) in enumerate(to_read):
+            for file, file_type, label in listed:
                 files.append({"index": len(files), "source": source_index, "file": str(file) if file else "", "file_type": file_type, "label": label})
         self.log.info("data: reading %d files on Ray: %s", len(files), ", ".join(f["label"] for f in files))
         ds = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(

@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from tunepipe.schemas.records import SPLITS
+from tunepipe.tasks.data.formats import FAMILY
 
 # Rejections that are not about data quality: they do not count towards max_rejected_fraction.
 NON_QUALITY_REASONS = frozenset({"mix_downsampled"})
@@ -13,8 +14,6 @@ NON_QUALITY_REASONS = frozenset({"mix_downsampled"})
 
 def split_counts(records: list[dict], kind_family: str) -> dict[str, dict[str, int]]:
     """task → split → rows, for one family (sft or preference), every split present."""
-    from tunepipe.tasks.data.formats import FAMILY
-
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {split: 0 for split in SPLITS})
     for record in records:
         if FAMILY[record["kind"]] == kind_family:

@@ -49,7 +49,7 @@ from tunepipe.tasks.data.sources import (
     ReadDigest,
     SourceUnavailable,
     UnreadableEncoding,
-    plan_files,
+    files_to_read,
     read_file,
 )
 from tunepipe.tasks.data.split import assign_splits, mix_train
@@ -117,12 +117,12 @@ class _DataRun:
     def run(self) -> StageOutput:
         config = self.config
         # Everything that can fail without reading records fails here, before any work.
-        plans = [(source, plan_files(source)) for source in config.sources]
+        to_read = [(source, files_to_read(source)) for source in config.sources]
         count_tokens = load_token_counter(config.clean.tokenizer) if config.clean.tokenizer else None
         self.out.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter()
         with open(self.out / "rejected.jsonl", "wb", buffering=1 << 20) as self._rejected_file:
-            records, dedup_counts = self._clean_and_deduplicate(plans, count_tokens)
+            records, dedup_counts = self._clean_and_deduplicate(to_read, count_tokens)
             clock = time.perf_counter()
             assign_splits(records, config.split)
             records, dedup_counts["contamination"] = self._remove_contamination(records)
@@ -173,10 +173,10 @@ class _DataRun:
         self.log.info("data: read %d, kept %d, rejected %d", report["read"], report["kept"], report["rejected_total"])
         return StageOutput(metrics=metrics(report, self.timings), summary=summary(report), table=table(report))
 
-    def _clean_and_deduplicate(self, plans, count_tokens) -> tuple[list[dict], dict[str, Any]]:
+    def _clean_and_deduplicate(self, to_read, count_tokens) -> tuple[list[dict], dict[str, Any]]:
         """Read, clean, token bounds, ids, exact and near dedup: the kept records in source order."""
         clock = time.perf_counter()
-        records = self._read_and_clean(plans)
+        records = self._read_and_clean(to_read)
         clock = self._timed("read_clean", clock)
         self._progress("read_clean", records)
         if count_tokens is not None:
@@ -192,15 +192,15 @@ class _DataRun:
         """One log line per step (the Prefect UI shows the stage's log as it runs)."""
         self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, len(records), sum(self.rejected.values()))
 
-    def _read_and_clean(self, plans) -> list[dict]:
-        return list(self.read_records(plans))
+    def _read_and_clean(self, to_read) -> list[dict]:
+        return list(self.read_records(to_read))
 
-    def read_records(self, plans) -> Iterator[dict]:
+    def read_records(self, to_read) -> Iterator[dict]:
         """Every source file's records, read, parsed and cleaned one at a time (the streaming engine consumes
         them as they come); malformed and unparsable ones are rejected on the way, and each file's bytes are
         checked against the digests the key was computed from once it has been read."""
         clean_record = self.cleaner.clean_record
-        for index, (source, files) in enumerate(plans):
+        for index, (source, files) in enumerate(to_read):
             fmt, task, field_map, task_field = source.format, source.task, source.field_map, source.task_field
             for file, file_type, label in files:
                 self.log.info("data: reading %s (%s, %s)", label, file_type, fmt)

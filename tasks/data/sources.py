@@ -25,6 +25,7 @@ from tunepipe.schemas.data import (
     is_datasets_dir,
     source_files,
 )
+from tunepipe.tasks.core.fingerprint import content_digest
 
 MAX_RAW_CHARS = 10_000  # a malformed remainder of a .json file is kept only this long in rejected.jsonl
 
@@ -119,7 +120,7 @@ def detect_encoding(handle: io.BufferedReader, label: str) -> str:
     return "utf-8"
 
 
-def plan_files(source: SourceConfig) -> list[tuple[Path | None, str, str]]:
+def files_to_read(source: SourceConfig) -> list[tuple[Path | None, str, str]]:
     """(file, file type, label) for each file of a source, checked before any record is read.
 
     Raises ValueError naming the file when a file vanished or has an unknown type, so the stage
@@ -188,7 +189,7 @@ def read_file(
     elif file_type == "hub":
         yield from _read_hub(source)
         return
-    else:  # guarded by plan_files; kept so a new type cannot be silently skipped
+    else:  # guarded by files_to_read; kept so a new type cannot be silently skipped
         raise ValueError(f"{label}: unsupported file type {file_type!r}")
     if digest.sha256 is None:
         digest.sha256 = digest._hash.hexdigest()
@@ -348,8 +349,6 @@ def _iter_dataset_rows(dataset: Any, label: str) -> Iterator[tuple[str, Any]]:
 
 def _read_datasets_dir(file: Path, label: str, split: str, digest: ReadDigest) -> Iterator[tuple[str, Any]]:
     import datasets
-
-    from tunepipe.tasks.core.fingerprint import content_digest
 
     # Arrow files are memory-mapped, not streamed: compare the directory's digest before and after.
     before = content_digest(file)

@@ -18,6 +18,7 @@ from tunepipe.schemas.data import DataConfig, source_files
 from tunepipe.tasks.core.fingerprint import content_digest
 from tunepipe.tasks.core.stage import Stage, StageContext, StageOutput
 from tunepipe.tasks.data.run import _DataRun
+from tunepipe.tasks.data.streaming import StreamingDataRun
 
 
 class DataStage(Stage):
@@ -42,11 +43,9 @@ class DataStage(Stage):
 
     def run(self, config: DataConfig, ctx: StageContext) -> StageOutput:
         if config.engine == "ray":
-            from tunepipe.tasks.data.ray_engine import RayDataRun
+            from tunepipe.tasks.data.ray_engine import RayDataRun  # lazy: pulls in pyarrow, only for engine: ray
 
             return RayDataRun(config, ctx).run()
         if config.engine == "streaming":
-            from tunepipe.tasks.data.streaming import StreamingDataRun
-
             return StreamingDataRun(config, ctx).run()
         return _DataRun(config, ctx).run()

@@ -44,7 +44,7 @@ from tunepipe.tasks.data import dedup as dedup_mod
 from tunepipe.tasks.data.clean import batched, load_token_counter, token_bound_reason
 from tunepipe.tasks.data.formats import FAMILY, content_parts, prompt_text, public_record
 from tunepipe.tasks.data.report import build_report
-from tunepipe.tasks.data.sources import plan_files
+from tunepipe.tasks.data.sources import files_to_read
 from tunepipe.tasks.data.split import _rounded, mix_positions
 from tunepipe.tasks.data.run import _DataRun, _dumps
 from tunepipe.tasks.data.validate import ValidationOutcome, validate_counts, validate_rows
@@ -81,18 +81,18 @@ class StreamingDataRun(_DataRun):
 
     def run(self) -> StageOutput:
         config = self.config
-        plans = [(source, plan_files(source)) for source in config.sources]
+        to_read = [(source, files_to_read(source)) for source in config.sources]
         count_tokens = load_token_counter(config.clean.tokenizer) if config.clean.tokenizer else None
         self.out.mkdir(parents=True, exist_ok=True)
         # Under the key's checkpoint dir: same disk as the artifacts, never published, and wiped
         # with the staging dir if a crash leaves it behind (the stage is not resumable).
         self.ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="data-stream-", dir=self.ctx.checkpoint_dir) as spill:
-            return self._run(Path(spill), plans, count_tokens)
+            return self._run(Path(spill), to_read, count_tokens)
 
-    def _run(self, spill: Path, plans, count_tokens) -> StageOutput:
+    def _run(self, spill: Path, to_read, count_tokens) -> StageOutput:
         with open(self.out / "rejected.jsonl", "wb", buffering=WRITE_BUFFER) as self._rejected_file:
-            dedup_counts = self._first_pass(spill, plans, count_tokens)
+            dedup_counts = self._first_pass(spill, to_read, count_tokens)
             self.records_file = open(spill / "records.pickle", "rb")
             with self.records_file:
                 clock = time.perf_counter()
@@ -143,7 +143,7 @@ class StreamingDataRun(_DataRun):
 
     # -- pass 1: read, clean, token bounds, ids, exact dedup, signatures -----------------------
 
-    def _first_pass(self, spill: Path, plans, count_tokens) -> dict[str, Any]:
+    def _first_pass(self, spill: Path, to_read, count_tokens) -> dict[str, Any]:
         config = self.config
         self.tasks: list[str] = []
         self.labels: list[str] = []
@@ -160,7 +160,7 @@ class StreamingDataRun(_DataRun):
                 open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
                 open(spill / "signatures.u32", "wb", buffering=WRITE_BUFFER) as signatures:
             next_progress = PROGRESS_EVERY
-            for batch in batched(self.read_records(plans), BATCH):
+            for batch in batched(self.read_records(to_read), BATCH):
                 started = time.perf_counter()
                 if self.read >= next_progress:  # a long first pass shows it is moving (Prefect task log)
                     self.log.info("data: streaming: %d read, %d kept, %d rejected so far", self.read, len(columns["offset"]), sum(self.rejected.values()))

@@ -73,13 +73,13 @@ def test_a_file_replaced_between_keying_and_reading_fails_the_stage(tmp_path, mo
     write_rows(data, 3000)
     original = data.read_bytes()
     store, env = ArtifactStore(tmp_path / "artifacts"), load_environment("cpu")
-    real_plan = sources.plan_files
+    real_plan = sources.files_to_read
 
-    def plan_then_overwrite(source):  # plan_files runs in the stage, after the key was computed
+    def plan_then_overwrite(source):  # files_to_read runs in the stage, after the key was computed
         write_rows(data, 17)
         return real_plan(source)
 
-    monkeypatch.setattr("tunepipe.tasks.data.run.plan_files", plan_then_overwrite)
+    monkeypatch.setattr("tunepipe.tasks.data.run.files_to_read", plan_then_overwrite)
     config = config_for(data)
     with pytest.raises(StageFailed, match="changed while the stage was reading it"):
         run_stage(DataStage(), config, {}, store, env)

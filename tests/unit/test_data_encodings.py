@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from tunepipe.schemas.data import SourceConfig
-from tunepipe.tasks.data.sources import Malformed, UnreadableEncoding, plan_files, read_file
+from tunepipe.tasks.data.sources import Malformed, UnreadableEncoding, files_to_read, read_file
 
 ROWS = [{"instruction": "Qu'est-ce que ça?", "output": "Ünïcode ✓"}, {"instruction": "second", "output": "two"}]
 
 
 def read_all(path: Path, **source) -> list[tuple[str, object]]:
     config = SourceConfig(path=str(path), **source)
-    return [item for file, kind, label in plan_files(config) for item in read_file(file, kind, label, config)]
+    return [item for file, kind, label in files_to_read(config) for item in read_file(file, kind, label, config)]
 
 
 def text_of(kind: str) -> str:

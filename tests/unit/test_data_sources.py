@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from tunepipe.schemas.data import SourceConfig
-from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
+from tunepipe.tasks.data.sources import Malformed, files_to_read, read_file
 
 
 def read_all(path: Path, **source) -> list[tuple[str, object]]:
     config = SourceConfig(path=str(path), **source)
-    return [item for file, kind, label in plan_files(config) for item in read_file(file, kind, label, config)]
+    return [item for file, kind, label in files_to_read(config) for item in read_file(file, kind, label, config)]
 
 
 def test_jsonl_lines_blank_and_malformed(tmp_path):
@@ -71,7 +71,7 @@ def test_missing_file_after_config_is_a_clear_error(tmp_path):
     config = SourceConfig(path=str(tmp_path / "a.jsonl"))
     (tmp_path / "a.jsonl").unlink()
     with pytest.raises(ValueError, match="a.jsonl"):
-        plan_files(config)
+        files_to_read(config)
 
 
 def test_task_field_takes_each_records_task_and_rejects_bad_names():

@@ -118,12 +118,12 @@ def read_and_parse(path: Path, fmt: str) -> tuple[int, list[tuple[str, str]], in
     from tunepipe.schemas.data import CleanConfig, SourceConfig
     from tunepipe.tasks.data.clean import Cleaner
     from tunepipe.tasks.data.formats import RecordError, parse_record
-    from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
+    from tunepipe.tasks.data.sources import Malformed, files_to_read, read_file
 
     source = SourceConfig(path=str(path), format=fmt)
     cleaner = Cleaner(CleanConfig(min_chars=1))
     read, rejected, kept = 0, [], 0
-    for file, kind, label in plan_files(source):
+    for file, kind, label in files_to_read(source):
         for location, raw in read_file(file, kind, label, source):
             read += 1
             if type(raw) is Malformed:
@@ -187,7 +187,7 @@ def test_fuzz_encodings_and_boms_read_the_same_records(rows, encoding, layout, t
     import io
 
     from tunepipe.schemas.data import SourceConfig
-    from tunepipe.tasks.data.sources import plan_files, read_file
+    from tunepipe.tasks.data.sources import files_to_read, read_file
 
     tmp = tmp_path_factory.mktemp("enc")
     if layout == "jsonl":
@@ -205,7 +205,7 @@ def test_fuzz_encodings_and_boms_read_the_same_records(rows, encoding, layout, t
         path = tmp / f"rows-{codec}-{len(bom)}.{layout}"
         path.write_bytes(bom + text.encode(codec))
         source = SourceConfig(path=str(path), format="alpaca")
-        return [(loc.rpartition(":")[2], raw) for file, kind, label in plan_files(source) for loc, raw in read_file(file, kind, label, source)]
+        return [(loc.rpartition(":")[2], raw) for file, kind, label in files_to_read(source) for loc, raw in read_file(file, kind, label, source)]
 
     assert read(*encoding) == read("utf-8", b"")
     assert [raw for _, raw in read(*encoding)] == rows

@@ -93,10 +93,10 @@ def test_cli_config_errors_exit_2_without_a_traceback(tmp_path, capsys, args, me
 
 def test_a_json_file_holding_one_object_says_so(tmp_path):
     from tunepipe.schemas.data import SourceConfig
-    from tunepipe.tasks.data.sources import Malformed, plan_files, read_file
+    from tunepipe.tasks.data.sources import Malformed, files_to_read, read_file
 
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}], "version": 2}))
     config = SourceConfig(path=str(tmp_path / "wrapped.json"))
-    ((location, raw),) = [item for f, kind, label in plan_files(config) for item in read_file(f, kind, label, config)]
+    ((location, raw),) = [item for f, kind, label in files_to_read(config) for item in read_file(f, kind, label, config)]
     assert location == "wrapped.json:1" and isinstance(raw, Malformed) and raw.reason == "json_not_a_list"
     assert re.search(r"one JSON object \(keys: data, version\), not an array of records.*key 'data' holds a list", raw.error)
