@@ -481,3 +481,22 @@ def plant_loss(monkeypatch, trainer_class, planted) -> None:
         return (planted(out[0]), *out[1:]) if isinstance(out, tuple) else planted(out)
 
     monkeypatch.setattr(trainer_class, "compute_loss", compute_loss)
+
+
+def sft_key_payload(method: str = "lora") -> dict:
+    """What a real sft manifest records as its config (the payload its key was computed from): what a
+    hand-made sft-shaped artifact needs, as later stages read it typed."""
+    from tunepipe.schemas.sft import SFTConfig
+    from tunepipe.tasks.sft.stage import SFTStage
+
+    return SFTStage().key_payload(SFTConfig.model_validate({"method": method}))
+
+
+def write_sft_manifest(path: Path, key: str, method: str = "lora") -> ArtifactRef:
+    """An sft manifest over a hand-made sft-shaped artifact directory (adapter or model + outputs.json)."""
+    from tunepipe.schemas.manifest import Manifest, Timings
+
+    manifest = Manifest(stage="sft", key=key, code_version="test", config=sft_key_payload(method),
+                        timings=Timings(started_at="t", finished_at="t", seconds=0.0))
+    (path / "manifest.json").write_text(manifest.model_dump_json())
+    return ArtifactRef(stage="sft", key=key, path=str(path))

@@ -38,7 +38,7 @@ from tunepipe.tasks.serving.process import ServerThread, free_port, is_healthy
 from tunepipe.tasks.core.registry import AdapterRegistry
 from tunepipe.tasks.serving.router import read_log
 from tunepipe.tasks.serving.settings import resolve_serve_config
-from tests.helpers.training import build_tiny_model, cpu_profile, records, write_data_artifact
+from tests.helpers.training import build_tiny_model, cpu_profile, records, write_data_artifact, write_sft_manifest
 from tests.helpers.vllm import serving_cli, vllm_python_or_skip
 
 torch.set_num_threads(1)
@@ -288,7 +288,7 @@ def test_evaluate_scores_the_served_model_and_runs_lm_eval_through_its_api(world
     sft = world["root"] / "sft-alpha"  # an sft-shaped artifact holding alpha (evaluate's required input)
     shutil.copytree(world["adapters"]["alpha"], sft / "adapter")
     write_handoff(sft, ModelOutputs(kind="adapter", method="lora", base_model=world["base"], paths={"all": "adapter"}))
-    inputs = {"data": data, "sft": ArtifactRef(stage="sft", key="sft-alpha", path=str(sft))}
+    inputs = {"data": data, "sft": write_sft_manifest(sft, "sft-alpha")}
     common = {"baseline": "base", "base_model": world["base"],
               "tasks": ["sentiment", "count"], "max_examples_per_task": 8, "ab": {"bootstrap_samples": 200},
               "lm_eval": {"enabled": True}}

@@ -180,10 +180,11 @@ def step_peaks(tmp_path: Path, count: int, monkeypatch) -> dict[str, int]:
 def test_streaming_memory_per_record_stays_small(tmp_path, monkeypatch):
     """What the streaming engine holds per record is a few fixed-width arrays (offset, kind, task,
     file, split hash, alive, split: 27 bytes) and a positions array at a time; at 5M records every
-    further byte per record is 5 MB. 2,000 vs 10,000 short records, every batch-sized buffer
-    small: between any two step edges the peak grows by less than 65 bytes per added record (a
-    per-record array of family names, or the mix's train rows as a list of Python ints, each
-    cost 40-80 bytes per record). Validation's share (the ids' uniqueness check) is tested in
+    further byte per record is 5 MB. 2,000 vs 20,000 short records, every batch-sized buffer
+    small: between any two step edges the peak grows by less than 72 bytes per added record. The
+    split assignment's sort temporaries measure ~62 (its real cost, so 65 failed by 0.1 inside the
+    whole suite); a per-record array of family names, or the mix's train rows as a list of Python
+    ints, each add 40-80 bytes per record on top and go past the bound. Validation's share (the ids' uniqueness check) is tested in
     tests/unit/test_data_validate_batches.py."""
     monkeypatch.setattr(streaming, "BATCH", 200)
     monkeypatch.setattr(streaming, "_ROWS", 64)
@@ -191,7 +192,7 @@ def test_streaming_memory_per_record_stays_small(tmp_path, monkeypatch):
     monkeypatch.setattr(dedup, "PARTITION_ROWS", 500)  # band hashes searched for repeats a range at a time
     monkeypatch.setattr(streaming, "WRITE_BUFFER", 1 << 12)  # a 1 MiB file buffer would hide 10,000 records' arrays
     step_peaks(tmp_path / "warm", 10, monkeypatch)  # imports (rensa, sqlite, ...) before measuring
-    few, many = step_peaks(tmp_path, 2_000, monkeypatch), step_peaks(tmp_path, 10_000, monkeypatch)
+    few, many = step_peaks(tmp_path, 2_000, monkeypatch), step_peaks(tmp_path, 20_000, monkeypatch)
     assert few.keys() == many.keys() and len(few) == 2 * len(STEPS)
-    per_record = {interval: (many[interval] - few[interval]) / 8_000 for interval in few}
-    assert max(per_record.values()) < 65, per_record
+    per_record = {interval: (many[interval] - few[interval]) / 18_000 for interval in few}
+    assert max(per_record.values()) < 72, per_record

@@ -18,7 +18,7 @@ from tunepipe.tasks.core.stage import StageFailed, run_stage
 from tunepipe.tasks.export.stage import ExportStage, compressor_modifier, vllm_problems
 from tunepipe.tasks.sft.stage import SFTStage
 
-from tests.helpers.training import build_tiny_model, cpu_profile, write_data_artifact
+from tests.helpers.training import build_tiny_model, cpu_profile, sft_key_payload, write_data_artifact
 
 torch.set_num_threads(1)
 
@@ -26,9 +26,12 @@ PROMPT = "<|im_start|>user\nClassify the sentiment.\n\nI love the cat.<|im_end|>
 
 
 def fake_artifact(path: Path, stage: str, key: str, *, metrics: dict | None = None, config: dict | None = None) -> ArtifactRef:
-    """A published-looking artifact of another stage: just the manifest the export stage reads."""
+    """A published-looking artifact of another stage: just the manifest the export stage reads (an sft one
+    records a real sft key payload, as export reads it typed)."""
     path.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(stage=stage, key=key, code_version="test", config=config or {}, metrics=metrics or {},
+    if config is None:
+        config = sft_key_payload() if stage == "sft" else {}
+    manifest = Manifest(stage=stage, key=key, code_version="test", config=config, metrics=metrics or {},
                         timings=Timings(started_at="t", finished_at="t", seconds=0.0))
     (path / "manifest.json").write_text(manifest.model_dump_json())
     return ArtifactRef(stage=stage, key=key, path=str(path))
@@ -219,7 +222,7 @@ def test_full_weights_source_refuses_adapter_target(assets, tmp_path):
     art = tmp_path / "full"
     (art / "model").mkdir(parents=True)
     (art / "outputs.json").write_text(json.dumps({"kind": "model", "paths": {"all": "model"}, "method": "full", "base_model": str(assets["model"])}))
-    source = fake_artifact(art, "sft", "sft-full")
+    source = fake_artifact(art, "sft", "sft-full", config=sft_key_payload("full"))
     with pytest.raises(StageFailed, match="remove `adapters` from export.targets"):
         _export(assets, {"targets": ["adapters", "merged"]}, inputs={"sft": source, "data": assets["data"]})
 

@@ -32,12 +32,13 @@ def tools():
 
 def model_source(root: Path, model: Path, name: str):
     """An sft-shaped artifact holding full weights (no training needed to export a family's model)."""
+    from tests.helpers.training import sft_key_payload
     from tests.stage.test_export import fake_artifact
 
     art = root / name
     art.mkdir(parents=True)
     (art / "outputs.json").write_text(json.dumps({"kind": "model", "paths": {"all": str(model)}, "method": "full", "base_model": str(model)}))
-    return fake_artifact(art, "sft", f"sft-{name}")
+    return fake_artifact(art, "sft", f"sft-{name}", config=sft_key_payload("full"))
 
 
 def export(store, source, data, gguf: dict, *, per_task: int = 3, new_tokens: int = 12, targets=("merged", "gguf")):
