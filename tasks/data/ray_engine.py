@@ -1,5 +1,5 @@
-"""The `ray` engine of the data stage: the local engine's steps, with the records flowing through
-Ray Data across a cluster.
+"""The `ray` engine of the data stage: the local engine's steps, the first pass on a Ray cluster
+through Ray Data, the rest on the driver with the streaming engine's bounded memory.
 
 What runs where:
 
@@ -8,15 +8,21 @@ What runs where:
   bounds, ids, exact keys and MinHash signatures;
 - shuffled by key across workers (`groupby` on a hash partition of the key), keys only, never
   whole records: exact dedup ((order, normalised-content key) rows give (duplicate, first)
-  pairs; the duplicates are then left out of the records' blocks where they are), near-dedup
-  and contamination candidates ((order, band key) rows give candidate pairs);
-- on the driver: the candidate pairs' Jaccard check (`dedup.verify_pairs`, the local test), the
-  split, Great Expectations validation, mixing and writing (the local engine's code, unchanged).
+  pairs; the duplicates are then left out of the records' blocks where they are) and near-dedup
+  candidates ((order, band key) rows give candidate pairs);
+- on the driver, `RayDataRun` being a `StreamingDataRun`: the kept records read back from Ray in
+  reading order a batch at a time (Ray Data's `preserve_order`, checked), exact duplicates
+  rejected on the way, into the streaming engine's spill file and per-record columns; then the
+  streaming engine's later passes: the candidate pairs' Jaccard check (`dedup.verify_pairs`, the
+  local test, texts read back from the spill by offset), the split, contamination (prompt
+  signatures and LSH bands on the driver's disk), Great Expectations validation, mixing and
+  writing. The driver never holds every record: what it holds per record is the streaming
+  engine's columns (tests/stage/test_data_ray.py measures it).
 
 Every row carries `order` = (file index << 40) | index in the file, the local engine's reading
-order, and every decision that depends on order (first of a duplicate group, earliest eval
-record, output and rejected.jsonl line order) uses it, so the files are the local engine's
-record for record whatever the number of workers or the block layout.
+order, and every decision that depends on order (first of a duplicate group, output and
+rejected.jsonl line order) uses it, so the files are the local engine's record for record
+whatever the number of workers or the block layout.
 
 The one approximation: the local engine pre-filters near-duplicate candidates with rensa's LSH
 flags (rows sharing a band *hash* with another row), this engine buckets by the band's exact
@@ -48,8 +54,8 @@ from tunepipe.tasks.core.stage import StageFailed, StageOutput
 from tunepipe.tasks.data.streaming import StreamingDataRun
 
 FILE_SHIFT = 40  # order = file index << 40 | record index in the file
-# Steps that reject records before the driver's steps, in the order the local engine writes them.
-STEP_READ, STEP_TOKENS, STEP_EXACT, STEP_NEAR = range(4)
+# The worker steps that reject records, in the order the local engine writes their rejections.
+STEP_READ, STEP_TOKENS = range(2)
 _ROWS = pa.schema([
     ("order", pa.int64()),
     ("kind", pa.string()),  # record | reject | stats
@@ -192,11 +198,11 @@ def without_orders(batch: pa.Table, orders: np.ndarray) -> pa.Table:
     return batch.filter(pa.array(~found)) if found.any() else batch
 
 
-def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, family_of: bool) -> pa.Table:
-    """One row per (record, band): the bucket key (family or eval/train side, band, band values)."""
+def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int) -> pa.Table:
+    """One row per (record, band): the bucket key (family, band, band values)."""
     signatures = np.frombuffer(b"".join(batch["signature"]), dtype=np.uint32).reshape(len(batch["order"]), num_perm)
-    tags = [FAMILY[pickle.loads(p)["kind"]].encode() for p in batch["payload"]] if family_of else [b""] * len(signatures)
-    keys, orders, parts, sides = [], [], [], []
+    tags = [FAMILY[pickle.loads(p)["kind"]].encode() for p in batch["payload"]]
+    keys, orders, parts = [], [], []
     rows_per_band = num_perm // num_bands
     for band, block in enumerate(dedup_mod.band_blocks(signatures, num_bands)):
         raw, width = block.tobytes(), 4 * rows_per_band
@@ -207,24 +213,19 @@ def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, famil
             keys.append(tags[row] + band.to_bytes(2, "little") + raw[row * width:(row + 1) * width])
         orders.append(batch["order"])
         parts.append((spread % np.uint64(partitions)).astype(np.int64))
-        sides.append(batch["step"])  # contamination: 1 for train rows, 0 for eval rows
     return pa.table({
         "order": np.concatenate(orders) if orders else np.zeros(0, np.int64),
-        "step": np.concatenate(sides) if sides else np.zeros(0, np.int64),
         "exact_key": keys,
         "part": np.concatenate(parts) if parts else np.zeros(0, np.int64),
-    }, schema=pa.schema([("order", pa.int64()), ("step", pa.int64()), ("exact_key", pa.binary()), ("part", pa.int64())]))
+    }, schema=pa.schema([("order", pa.int64()), ("exact_key", pa.binary()), ("part", pa.int64())]))
 
 
-def bucket_candidates(group: dict, cross_sides: bool) -> pa.Table:
+def bucket_candidates(group: dict) -> pa.Table:
     """One hash partition of band keys: the local engine's candidate pairs of each bucket (first
-    member and predecessor, by reading order; for contamination eval rows sort first)."""
+    member and predecessor, by reading order)."""
     labels = np.unique(group["exact_key"], return_inverse=True)[1].ravel()
-    orders, sides = group["order"].astype(np.int64), group["step"].astype(np.int64)
-    key = sides * (1 << 62) + orders if cross_sides else orders
-    pairs = dedup_mod.bucket_pairs(labels, key)
-    if cross_sides:
-        pairs = pairs[sides[pairs[:, 0]] != sides[pairs[:, 1]]]
+    orders = group["order"].astype(np.int64)
+    pairs = dedup_mod.bucket_pairs(labels, orders)
     return pa.table({"a": orders[pairs[:, 0]], "b": orders[pairs[:, 1]]}, schema=_PAIRS)
 
 
@@ -299,7 +300,7 @@ class RayDataRun(StreamingDataRun):
         unique = keyed
         if len(duplicates):
             unique = keyed.map_batches(without_orders, batch_format="pyarrow", fn_kwargs={"orders": duplicates})
-        pairs = self._candidates(unique, cross_sides=False, family_of=True) if config.dedup.near else np.zeros((0, 2), np.int64)
+        pairs = self._candidates(unique) if config.dedup.near else np.zeros((0, 2), np.int64)
         self._write_rejects(rejects)  # read and token rejections come before the exact duplicates'
         del rejects, side
         orders = array("q")  # the kept records' orders, to turn the candidate pairs into positions
@@ -372,12 +373,12 @@ class RayDataRun(StreamingDataRun):
         dedup = self.config.dedup
         return dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
 
-    def _candidates(self, signed, cross_sides: bool, family_of: bool) -> np.ndarray:
-        """Candidate pairs (orders) from band buckets shuffled by key across the workers."""
+    def _candidates(self, signed) -> np.ndarray:
+        """Near-duplicate candidate pairs (orders) from band buckets shuffled by key across the workers."""
         dedup = self.config.dedup
         bands = signed.map_batches(band_rows, batch_size=self.config.ray.batch_size, batch_format="numpy", fn_kwargs={
-            "num_perm": dedup.num_perm, "num_bands": self._num_bands(), "partitions": self.partitions, "family_of": family_of})
-        pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy", fn_kwargs={"cross_sides": cross_sides})
+            "num_perm": dedup.num_perm, "num_bands": self._num_bands(), "partitions": self.partitions})
+        pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy")
         found = [np.stack([b["a"], b["b"]], axis=1) for b in pairs.iter_batches(batch_size=None, batch_format="numpy") if len(b["a"])]
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 

@@ -39,17 +39,16 @@ def partitioned_near_duplicates(texts: list[str], partitions: int, batch: int) -
         chunk = texts[start:start + batch]
         rows = ray_engine.band_rows({
             "order": np.arange(start, start + len(chunk), dtype=np.int64),
-            "step": np.zeros(len(chunk), dtype=np.int64),
             "signature": [s.tobytes() for s in signatures(chunk, CONFIG)],
             "payload": [pickle.dumps({"kind": "instruction"})] * len(chunk),
-        }, num_perm=CONFIG.num_perm, num_bands=BANDS, partitions=partitions, family_of=True).to_pylist()
+        }, num_perm=CONFIG.num_perm, num_bands=BANDS, partitions=partitions).to_pylist()
         for row in rows:
             by_part[row["part"]].append(row)
     pairs = []
     for rows in by_part.values():
-        group = {"order": np.array([r["order"] for r in rows]), "step": np.array([r["step"] for r in rows]),
+        group = {"order": np.array([r["order"] for r in rows]),
                  "exact_key": np.array([r["exact_key"] for r in rows], dtype=object)}
-        found = ray_engine.bucket_candidates(group, cross_sides=False)
+        found = ray_engine.bucket_candidates(group)
         pairs += list(zip(found["a"].to_pylist(), found["b"].to_pylist()))
     if not pairs:
         return {}
