@@ -15,7 +15,8 @@ its own process so peak RSS is that variant's alone:
   CPUs and 1 or 2 worker nodes of 1 CPU each.
 
 Reported per variant: wall time of the stage run (the Ray cluster's start-up is measured apart),
-peak RSS of the driver, the largest peak RSS of any Ray process and the peak sum over Ray
+peak RSS of the driver (for Ray also its peak private RSS: RSS less the shared pages of the object
+store it maps, sampled every 0.2 s), the largest peak RSS of any Ray process and the peak sum over Ray
 processes (sampled every 0.2 s with psutil), and whether every output file equals the local
 engine's, byte for byte.
 Ratios are against `local` of the same run.
@@ -77,11 +78,13 @@ def fingerprint(out: Path) -> dict[str, str]:
 
 
 class RaySampler(threading.Thread):
-    """Peak RSS of Ray's processes (raylets, workers) started by this process, sampled."""
+    """Peak RSS of Ray's processes (raylets, workers) started by this process, sampled; and the
+    driver's own peak private RSS (RSS less shared pages: the driver maps the head node's object
+    store, and the blocks it reads back count in its RSS while they stay in that store)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak_process = self.peak_total = 0
+        self.peak_process = self.peak_total = self.peak_driver_private = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -89,6 +92,8 @@ class RaySampler(threading.Thread):
 
         me = psutil.Process()
         while not self.stop.wait(0.2):
+            mine = me.memory_info()
+            self.peak_driver_private = max(self.peak_driver_private, mine.rss - mine.shared)
             total = 0
             for child in me.children(recursive=True):
                 try:
@@ -136,6 +141,7 @@ def run_variant(variant: str, shards: Path, out: Path, validation: bool = True) 
     if sampler is not None:
         sampler.stop.set()
         sampler.join()
+        result["driver_peak_private_rss_mib"] = round(sampler.peak_driver_private / 2**20)
         result["ray_process_peak_rss_mib"] = round(sampler.peak_process / 2**20)
         result["ray_total_peak_rss_mib"] = round(sampler.peak_total / 2**20)
     if cluster is not None:

@@ -1,5 +1,5 @@
-"""The `ray` engine of the data stage: the local engine's steps, with the records flowing through
-Ray Data across a cluster.
+"""The `ray` engine of the data stage: the local engine's steps, the first pass on a Ray cluster
+through Ray Data, the rest on the driver with the streaming engine's bounded memory.
 
 What runs where:
 
@@ -8,15 +8,21 @@ What runs where:
   bounds, ids, exact keys and MinHash signatures;
 - shuffled by key across workers (`groupby` on a hash partition of the key), keys only, never
   whole records: exact dedup ((order, normalised-content key) rows give (duplicate, first)
-  pairs; the duplicates are then left out of the records' blocks where they are), near-dedup
-  and contamination candidates ((order, band key) rows give candidate pairs);
-- on the driver: the candidate pairs' Jaccard check (`dedup.verify_pairs`, the local test), the
-  split, Great Expectations validation, mixing and writing (the local engine's code, unchanged).
+  pairs; the duplicates are then left out of the records' blocks where they are) and near-dedup
+  candidates ((order, band key) rows give candidate pairs);
+- on the driver, `RayDataRun` being a `StreamingDataRun`: the kept records read back from Ray in
+  reading order a batch at a time (Ray Data's `preserve_order`, checked), exact duplicates
+  rejected on the way, into the streaming engine's spill file and per-record columns; then the
+  streaming engine's later passes: the candidate pairs' Jaccard check (`dedup.verify_pairs`, the
+  local test, texts read back from the spill by offset), the split, contamination (prompt
+  signatures and LSH bands on the driver's disk), Great Expectations validation, mixing and
+  writing. The driver never holds every record: what it holds per record is the streaming
+  engine's columns (tests/stage/test_data_ray.py measures it).
 
 Every row carries `order` = (file index << 40) | index in the file, the local engine's reading
-order, and every decision that depends on order (first of a duplicate group, earliest eval
-record, output and rejected.jsonl line order) uses it, so the files are the local engine's
-record for record whatever the number of workers or the block layout.
+order, and every decision that depends on order (first of a duplicate group, output and
+rejected.jsonl line order) uses it, so the files are the local engine's record for record
+whatever the number of workers or the block layout.
 
 The one approximation: the local engine pre-filters near-duplicate candidates with rensa's LSH
 flags (rows sharing a band *hash* with another row), this engine buckets by the band's exact
@@ -31,6 +37,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from array import array
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,14 +48,14 @@ from tunepipe.schemas.data import CleanConfig, DedupConfig, SourceConfig
 from tunepipe.schemas.records import record_id
 from tunepipe.tasks.data import dedup as dedup_mod
 from tunepipe.tasks.data.clean import Cleaner, load_token_counter, token_bound_reason
-from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record, prompt_text, public_record
+from tunepipe.tasks.data.formats import FAMILY, RecordError, content_parts, parse_record
 from tunepipe.tasks.data.sources import Malformed, ReadDigest, read_file
-from tunepipe.tasks.core.stage import StageFailed
-from tunepipe.tasks.data.run import _DataRun
+from tunepipe.tasks.core.stage import StageFailed, StageOutput
+from tunepipe.tasks.data.streaming import StreamingDataRun
 
 FILE_SHIFT = 40  # order = file index << 40 | record index in the file
-# Steps that reject records before the driver's steps, in the order the local engine writes them.
-STEP_READ, STEP_TOKENS, STEP_EXACT, STEP_NEAR = range(4)
+# The worker steps that reject records, in the order the local engine writes their rejections.
+STEP_READ, STEP_TOKENS = range(2)
 _ROWS = pa.schema([
     ("order", pa.int64()),
     ("kind", pa.string()),  # record | reject | stats
@@ -191,11 +198,11 @@ def without_orders(batch: pa.Table, orders: np.ndarray) -> pa.Table:
     return batch.filter(pa.array(~found)) if found.any() else batch
 
 
-def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, family_of: bool) -> pa.Table:
-    """One row per (record, band): the bucket key (family or eval/train side, band, band values)."""
+def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int) -> pa.Table:
+    """One row per (record, band): the bucket key (family, band, band values)."""
     signatures = np.frombuffer(b"".join(batch["signature"]), dtype=np.uint32).reshape(len(batch["order"]), num_perm)
-    tags = [FAMILY[pickle.loads(p)["kind"]].encode() for p in batch["payload"]] if family_of else [b""] * len(signatures)
-    keys, orders, parts, sides = [], [], [], []
+    tags = [FAMILY[pickle.loads(p)["kind"]].encode() for p in batch["payload"]]
+    keys, orders, parts = [], [], []
     rows_per_band = num_perm // num_bands
     for band, block in enumerate(dedup_mod.band_blocks(signatures, num_bands)):
         raw, width = block.tobytes(), 4 * rows_per_band
@@ -206,40 +213,39 @@ def band_rows(batch: dict, num_perm: int, num_bands: int, partitions: int, famil
             keys.append(tags[row] + band.to_bytes(2, "little") + raw[row * width:(row + 1) * width])
         orders.append(batch["order"])
         parts.append((spread % np.uint64(partitions)).astype(np.int64))
-        sides.append(batch["step"])  # contamination: 1 for train rows, 0 for eval rows
     return pa.table({
         "order": np.concatenate(orders) if orders else np.zeros(0, np.int64),
-        "step": np.concatenate(sides) if sides else np.zeros(0, np.int64),
         "exact_key": keys,
         "part": np.concatenate(parts) if parts else np.zeros(0, np.int64),
-    }, schema=pa.schema([("order", pa.int64()), ("step", pa.int64()), ("exact_key", pa.binary()), ("part", pa.int64())]))
+    }, schema=pa.schema([("order", pa.int64()), ("exact_key", pa.binary()), ("part", pa.int64())]))
 
 
-def bucket_candidates(group: dict, cross_sides: bool) -> pa.Table:
+def bucket_candidates(group: dict) -> pa.Table:
     """One hash partition of band keys: the local engine's candidate pairs of each bucket (first
-    member and predecessor, by reading order; for contamination eval rows sort first)."""
+    member and predecessor, by reading order)."""
     labels = np.unique(group["exact_key"], return_inverse=True)[1].ravel()
-    orders, sides = group["order"].astype(np.int64), group["step"].astype(np.int64)
-    key = sides * (1 << 62) + orders if cross_sides else orders
-    pairs = dedup_mod.bucket_pairs(labels, key)
-    if cross_sides:
-        pairs = pairs[sides[pairs[:, 0]] != sides[pairs[:, 1]]]
+    orders = group["order"].astype(np.int64)
+    pairs = dedup_mod.bucket_pairs(labels, orders)
     return pa.table({"a": orders[pairs[:, 0]], "b": orders[pairs[:, 1]]}, schema=_PAIRS)
 
 
 # -- the driver ---------------------------------------------------------------------------------
 
 
-class RayDataRun(_DataRun):
-    """The stage run with `engine: ray`: same steps, same files as `_DataRun`."""
+class RayDataRun(StreamingDataRun):
+    """The stage run with `engine: ray`: the first pass on Ray, the later passes of the streaming
+    engine (records spilled to disk, small per-record columns), the same files as `_DataRun`."""
 
-    def run(self):
+    def run(self) -> StageOutput:
         with ray_session(self.config.ray.address):
             import ray.data
 
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
+            # Blocks leave each step in their input order (file, then record in the file): the
+            # driver reads the kept records back in reading order, one batch at a time.
+            context.execution_options.preserve_order = True
             # Sort-based shuffles run as plain tasks: the hash shuffle's aggregator actors took
             # ~18 s to start per groupby on a small cluster, whatever the data size.
             context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
@@ -258,7 +264,10 @@ class RayDataRun(_DataRun):
         side = ds.filter(expr="kind != 'record'").take_all()
         return ds.filter(expr="kind == 'record'"), side
 
-    def _clean_and_deduplicate(self, to_read, count_tokens) -> tuple[list[dict], dict[str, Any]]:
+    def _kept_batches(self, spill: Path, to_read, count_tokens) -> Iterator[list[dict]]:
+        """The first pass on Ray (read, clean, token bounds, ids, exact dedup, near-duplicate
+        candidates), then its kept records streamed back in reading order, a batch at a time,
+        for `_first_pass` to spill; the candidate pairs wait for `_near_candidates`."""
         import ray.data
 
         config, clock = self.config, time.perf_counter()
@@ -286,39 +295,63 @@ class RayDataRun(_DataRun):
             clock = self._timed("tokens", clock)
         keyed = records.map_batches(key_records, batch_size=batch, batch_format="numpy", fn_kwargs={
             "dedup": config.dedup, "collapsed": config.clean.collapse_whitespace, "partitions": self.partitions})
-        keyed = keyed.materialize()  # read by the key shuffle, the band pass and the collection
-        duplicate_of = self._exact_duplicates(keyed) if config.dedup.exact else {}
+        keyed = keyed.materialize()  # read by the key shuffle, the band pass and the driver
+        duplicates, firsts = self._exact_duplicates(keyed) if config.dedup.exact else (np.zeros(0, np.int64),) * 2
         unique = keyed
-        if duplicate_of:
-            unique = keyed.map_batches(without_orders, batch_format="pyarrow", fn_kwargs={"orders": np.array(sorted(duplicate_of), dtype=np.int64)})
-        pairs = self._candidates(unique, cross_sides=False, family_of=True) if config.dedup.near else np.zeros((0, 2), np.int64)
-        kept = self._collect(keyed)
-        for order, first in sorted(duplicate_of.items()):
-            record, original = kept.pop(order), kept[first]
-            rejects.append(_reject_row(order, STEP_EXACT, public_record(record), "exact_duplicate", record["source"],
-                                       f"same normalised content as {original['id']} ({original['source']})", duplicate_of=original["id"]))
-        exact = len(duplicate_of)
-        near = self._near_duplicates(kept, pairs)
-        self._write_rejects(rejects)
-        for order in sorted(near):
-            record, original = kept[order], kept[near[order]]
-            self._reject_record(record, "near_duplicate", f"near-duplicate of {original['id']} ({original['source']})", duplicate_of=original["id"])
-        records = [record for order, record in sorted(kept.items()) if order not in near]
+        if len(duplicates):
+            unique = keyed.map_batches(without_orders, batch_format="pyarrow", fn_kwargs={"orders": duplicates})
+        pairs = self._candidates(unique) if config.dedup.near else np.zeros((0, 2), np.int64)
+        self._write_rejects(rejects)  # read and token rejections come before the exact duplicates'
+        del rejects, side
+        orders = array("q")  # the kept records' orders, to turn the candidate pairs into positions
+        for kept in self._stream_kept(keyed, duplicates, firsts):
+            orders.extend(record.pop("order") for record in kept)
+            yield kept
+        self.exact_duplicates = len(duplicates)
+        kept_orders = np.frombuffer(orders, dtype=np.int64)
+        self._near_pairs = np.searchsorted(kept_orders, pairs) if len(pairs) else np.zeros((0, 2), np.int64)
+        del kept_orders, orders
         self._timed("dedup", clock)
-        self._progress("dedup", records)
-        counts = {"exact_duplicates": exact, "near_duplicates": len(near), "threshold": config.dedup.threshold,
-                  "num_perm": config.dedup.num_perm, "num_bands": self._num_bands(), "ngram": config.dedup.ngram}
-        return records, counts
+        self._progress("read_clean", len(self._columns["offset"]))
 
-    def _exact_duplicates(self, keyed) -> dict[int, int]:
-        """Order of each exact duplicate → order of the first record with its key, from a shuffle of
-        (order, exact key) only: whole records shuffled by key took most of the Ray run's time."""
+    def _stream_kept(self, keyed, duplicates: np.ndarray, firsts: np.ndarray) -> Iterator[list[dict]]:
+        """The records of `keyed` in reading order, a batch at a time (never all of them on the
+        driver), with their "order"; each exact duplicate rejected on the way (after its first
+        record, whose id and source are all that is kept of it)."""
+        originals: dict[int, tuple[str, str]] = {}  # order of a duplicated first record -> (id, source)
+        wanted = np.unique(firsts)
+        last = -1
+        for batch in keyed.select_columns(["order", "payload"]).iter_batches(batch_size=_OUT_ROWS, batch_format="numpy"):
+            orders = batch["order"].astype(np.int64)
+            if len(orders) and (orders[0] <= last or np.any(np.diff(orders) <= 0)):
+                raise StageFailed("data: the Ray engine read its records back out of reading order (Ray Data's "
+                                  "preserve_order was not kept); nothing was published")
+            last = int(orders[-1]) if len(orders) else last
+            is_duplicate, is_first = _members(orders, duplicates), _members(orders, wanted)
+            kept = []
+            for order, payload, duplicate, first in zip(orders.tolist(), batch["payload"], is_duplicate.tolist(), is_first.tolist()):
+                record = pickle.loads(payload)
+                if duplicate:
+                    original = originals[int(firsts[np.searchsorted(duplicates, order)])]
+                    self._reject_record(record, "exact_duplicate", f"same normalised content as {original[0]} ({original[1]})", duplicate_of=original[0])
+                    continue
+                if first:
+                    originals[order] = (record["id"], record["source"])
+                record["order"] = order
+                kept.append(record)
+            yield kept
+
+    def _exact_duplicates(self, keyed) -> tuple[np.ndarray, np.ndarray]:
+        """(orders of the exact duplicates, ascending; order of each one's first record with its
+        key), from a shuffle of (order, exact key) only: whole records shuffled by key took most of
+        the Ray run's time."""
         keys = keyed.select_columns(["order", "exact_key", "part"])
         pairs = keys.groupby("part").map_groups(exact_duplicate_pairs, batch_format="numpy")
-        found = {}
-        for batch in pairs.iter_batches(batch_size=None, batch_format="numpy"):
-            found.update(zip(batch["a"].tolist(), batch["b"].tolist()))
-        return found
+        found = [(b["a"].astype(np.int64), b["b"].astype(np.int64)) for b in pairs.iter_batches(batch_size=None, batch_format="numpy")]
+        duplicates = np.concatenate([a for a, _ in found]) if found else np.zeros(0, np.int64)
+        firsts = np.concatenate([b for _, b in found]) if found else np.zeros(0, np.int64)
+        by_order = np.argsort(duplicates, kind="stable")
+        return duplicates[by_order], firsts[by_order]
 
     def _add_file_stats(self, stats: dict) -> None:
         # The worker hashed exactly the bytes it read: the same check as the local engine's.
@@ -336,70 +369,29 @@ class RayDataRun(_DataRun):
             record, reason, location, detail, extra = pickle.loads(row["payload"])
             self._reject(record, reason, location, detail, **extra)
 
-    def _collect(self, keyed) -> dict[int, dict]:
-        kept: dict[int, dict] = {}
-        for batch in keyed.select_columns(["order", "payload"]).iter_batches(batch_size=_OUT_ROWS, batch_format="numpy"):
-            for order, payload in zip(batch["order"].tolist(), batch["payload"]):
-                kept[order] = pickle.loads(payload)
-        return dict(sorted(kept.items()))
-
     def _num_bands(self) -> int:
         dedup = self.config.dedup
         return dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
 
-    def _candidates(self, signed, cross_sides: bool, family_of: bool) -> np.ndarray:
-        """Candidate pairs (orders) from band buckets shuffled by key across the workers."""
+    def _candidates(self, signed) -> np.ndarray:
+        """Near-duplicate candidate pairs (orders) from band buckets shuffled by key across the workers."""
         dedup = self.config.dedup
         bands = signed.map_batches(band_rows, batch_size=self.config.ray.batch_size, batch_format="numpy", fn_kwargs={
-            "num_perm": dedup.num_perm, "num_bands": self._num_bands(), "partitions": self.partitions, "family_of": family_of})
-        pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy", fn_kwargs={"cross_sides": cross_sides})
+            "num_perm": dedup.num_perm, "num_bands": self._num_bands(), "partitions": self.partitions})
+        pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy")
         found = [np.stack([b["a"], b["b"]], axis=1) for b in pairs.iter_batches(batch_size=None, batch_format="numpy") if len(b["a"])]
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
-    def _near_duplicates(self, kept: dict[int, dict], pairs: np.ndarray) -> dict[int, int]:
-        """Order of each near-duplicate → order of the earliest record it is similar to."""
-        similar = self._verified(pairs, lambda order: " ".join(content_parts(kept[order])))
-        duplicate_of: dict[int, int] = {}
-        for earlier, later in sorted((min(a, b), max(a, b)) for a, b in similar):
-            duplicate_of.setdefault(later, earlier)
-        return duplicate_of
-
-    def _verified(self, pairs: np.ndarray, text_of) -> list[tuple[int, int]]:
-        """The candidate pairs that pass the local engine's similarity test."""
-        if len(pairs) == 0:
-            return []
-        involved, local = np.unique(pairs, return_inverse=True)
-        local = local.reshape(pairs.shape)
-        mask = dedup_mod.verify_pairs([text_of(int(o)) for o in involved], local, self.config.dedup)
-        return [(int(a), int(b)) for a, b in pairs[mask]]
-
-    def _contamination_hits(self, records: list[dict], train_positions: list[int], eval_positions: list[int]) -> dict[int, int]:
-        import ray.data
-
-        if not train_positions or not eval_positions:
-            return {}
-        positions = eval_positions + train_positions
-        sides = np.array([0] * len(eval_positions) + [1] * len(train_positions), dtype=np.int64)
-        table = pa.table({"order": np.array(positions, dtype=np.int64), "step": sides,
-                          "text": [prompt_text(records[p]) for p in positions]})
-        blocks = max(1, min(self.partitions, len(positions) // self.config.ray.batch_size + 1))
-        signed = ray.data.from_arrow(table).repartition(blocks).map_batches(
-            _sign_prompts, batch_size=self.config.ray.batch_size, batch_format="numpy", fn_kwargs={"dedup": self.config.dedup})
-        pairs = self._candidates(signed, cross_sides=True, family_of=False)
-        side_of = {p: 0 for p in eval_positions} | {p: 1 for p in train_positions}
-        hits: dict[int, int] = {}
-        for a, b in self._verified(pairs, lambda position: prompt_text(records[position])):
-            eval_position, train_position = (a, b) if side_of[a] == 0 else (b, a)
-            if train_position not in hits or eval_position < hits[train_position]:
-                hits[train_position] = eval_position
-        train_index = {p: i for i, p in enumerate(train_positions)}
-        eval_index = {p: i for i, p in enumerate(eval_positions)}
-        return {train_index[t]: eval_index[e] for t, e in hits.items()}
+    def _near_candidates(self, spill: Path) -> np.ndarray:
+        """The candidate pairs Ray's band shuffle found, as spill positions: the streaming
+        engine's near pass checks them (texts read back from the spill by offset)."""
+        return self._near_pairs
 
 
-def _sign_prompts(batch: dict, dedup: DedupConfig) -> pa.Table:
-    texts = [str(t) for t in batch["text"]]
-    signatures = dedup_mod.signatures(texts, dedup) if texts else np.zeros((0, dedup.num_perm), np.uint32)
-    return pa.table({"order": batch["order"], "step": batch["step"], "signature": [s.tobytes() for s in signatures],
-                     "payload": [b""] * len(texts)})
-
+def _members(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which `values` are in `sorted_set` (ascending): a binary search per value, not a sort of
+    the whole set per batch as `np.isin` does."""
+    at = np.searchsorted(sorted_set, values)
+    found = at < len(sorted_set)
+    found[found] = sorted_set[at[found]] == values[found]
+    return found

@@ -144,35 +144,18 @@ class StreamingDataRun(_DataRun):
     # -- pass 1: read, clean, token bounds, ids, exact dedup, signatures -----------------------
 
     def _first_pass(self, spill: Path, to_read, count_tokens) -> dict[str, Any]:
+        """The kept records of the first pass (`_kept_batches`) appended to the spill file, and
+        their per-record columns; the dedup counts so far."""
         config = self.config
         self.tasks: list[str] = []
         self.labels: list[str] = []
         task_codes: dict[str, int] = {}
         # array.array, not lists: 8 bytes or fewer per record instead of a pointer and an int object.
-        columns = {"offset": array("q"), "kind": array("b"), "task": array("i"), "label": array("i"), "split_hash": array("Q")}
+        columns = self._columns = {"offset": array("q"), "kind": array("b"), "task": array("i"), "label": array("i"), "split_hash": array("Q")}
         salt = f"{config.split.seed}:".encode()
-        seen = sqlite3.connect(str(spill / "exact.sqlite"))
-        seen.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, id TEXT, source TEXT) WITHOUT ROWID")
-        exact = 0
-        clock = time.perf_counter()
-        batch_work = 0.0
-        with open(spill / "records.pickle", "wb", buffering=WRITE_BUFFER) as records, \
-                open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
-                open(spill / "signatures.u32", "wb", buffering=WRITE_BUFFER) as signatures:
-            next_progress = PROGRESS_EVERY
-            for batch in batched(self.read_records(to_read), BATCH):
-                started = time.perf_counter()
-                if self.read >= next_progress:  # a long first pass shows it is moving (Prefect task log)
-                    self.log.info("data: streaming: %d read, %d kept, %d rejected so far", self.read, len(columns["offset"]), sum(self.rejected.values()))
-                    next_progress = self.read + PROGRESS_EVERY
-                if count_tokens is not None:
-                    batch = self._token_batch(batch, count_tokens, token_rejects)
-                for record in batch:
-                    record["id"] = record_id(record["task"], record["kind"], *content_parts(record))
-                kept = self._exact_batch(batch, seen, exact_rejects) if config.dedup.exact else batch
-                exact += len(batch) - len(kept)
-                if config.dedup.near and kept:
-                    signatures.write(dedup_mod.signatures([" ".join(content_parts(r)) for r in kept], config.dedup).tobytes())
+        self.exact_duplicates = 0
+        with open(spill / "records.pickle", "wb", buffering=WRITE_BUFFER) as records:
+            for kept in self._kept_batches(spill, to_read, count_tokens):
                 for record in kept:
                     columns["offset"].append(records.tell())
                     pickle.dump(record, records, protocol=pickle.HIGHEST_PROTOCOL)
@@ -184,29 +167,56 @@ class StreamingDataRun(_DataRun):
                     columns["task"].append(code)
                     columns["label"].append(self._label_code(record["source"]))
                     columns["split_hash"].append(int.from_bytes(blake2b(salt + record["id"].encode(), digest_size=8).digest(), "big"))
-                batch_work += time.perf_counter() - started
-            # The local engine's steps are sequential; here they interleave per batch: token
-            # bounds, exact dedup, signatures and spilling count as dedup.
-            self.timings["read_clean"] = time.perf_counter() - clock - batch_work
-            self.timings["dedup"] = batch_work
-            self._progress("read_clean", len(columns["offset"]))
-            for side in (token_rejects, exact_rejects):  # the local engine writes these after all reading
-                side.seek(0)
-                while chunk := side.read(WRITE_BUFFER):
-                    self._rejected_file.write(chunk)
-        seen.close()
         self.offset = np.frombuffer(columns["offset"], dtype=np.int64)
         self.kind = np.frombuffer(columns["kind"], dtype=np.int8)
         self.task = np.frombuffer(columns["task"], dtype=np.int32)
         self.label = np.frombuffer(columns["label"], dtype=np.int32)
         self.split_hash = np.frombuffer(columns["split_hash"], dtype=np.uint64)
-        del columns
+        del columns, self._columns
         self.alive = np.ones(len(self.offset), dtype=bool)
         self.split = np.full(len(self.offset), _NO_SPLIT, dtype=np.int8)
         dedup = config.dedup
         num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
-        return {"exact_duplicates": exact, "near_duplicates": 0, "threshold": dedup.threshold, "num_perm": dedup.num_perm,
-                "num_bands": num_bands, "ngram": dedup.ngram}
+        return {"exact_duplicates": self.exact_duplicates, "near_duplicates": 0, "threshold": dedup.threshold,
+                "num_perm": dedup.num_perm, "num_bands": num_bands, "ngram": dedup.ngram}
+
+    def _kept_batches(self, spill: Path, to_read, count_tokens) -> Iterator[list[dict]]:
+        """This process's first pass: batches of records read, cleaned, token-bounded, given ids,
+        exact-deduplicated and signed (signatures to `signatures.u32`), in reading order; its
+        rejections written in the local engine's order. The Ray engine has its own."""
+        config = self.config
+        seen = sqlite3.connect(str(spill / "exact.sqlite"))
+        seen.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, id TEXT, source TEXT) WITHOUT ROWID")
+        clock = time.perf_counter()
+        batch_work = 0.0
+        with open(spill / "tokens.rejects", "wb+") as token_rejects, open(spill / "exact.rejects", "wb+") as exact_rejects, \
+                open(spill / "signatures.u32", "wb", buffering=WRITE_BUFFER) as signatures:
+            next_progress = PROGRESS_EVERY
+            for batch in batched(self.read_records(to_read), BATCH):
+                started = time.perf_counter()
+                if self.read >= next_progress:  # a long first pass shows it is moving (Prefect task log)
+                    self.log.info("data: streaming: %d read, %d kept, %d rejected so far", self.read, len(self._columns["offset"]), sum(self.rejected.values()))
+                    next_progress = self.read + PROGRESS_EVERY
+                if count_tokens is not None:
+                    batch = self._token_batch(batch, count_tokens, token_rejects)
+                for record in batch:
+                    record["id"] = record_id(record["task"], record["kind"], *content_parts(record))
+                kept = self._exact_batch(batch, seen, exact_rejects) if config.dedup.exact else batch
+                self.exact_duplicates += len(batch) - len(kept)
+                if config.dedup.near and kept:
+                    signatures.write(dedup_mod.signatures([" ".join(content_parts(r)) for r in kept], config.dedup).tobytes())
+                yield kept  # spilled by `_first_pass` before this generator resumes
+                batch_work += time.perf_counter() - started
+            # The local engine's steps are sequential; here they interleave per batch: token
+            # bounds, exact dedup, signatures and spilling count as dedup.
+            self.timings["read_clean"] = time.perf_counter() - clock - batch_work
+            self.timings["dedup"] = batch_work
+            self._progress("read_clean", len(self._columns["offset"]))
+            for side in (token_rejects, exact_rejects):  # the local engine writes these after all reading
+                side.seek(0)
+                while chunk := side.read(WRITE_BUFFER):
+                    self._rejected_file.write(chunk)
+        seen.close()
 
     def _label_code(self, location: str) -> int:
         label = location.rpartition(":")[0]
@@ -340,8 +350,7 @@ class StreamingDataRun(_DataRun):
         config = self.config.dedup
         if not config.near or len(self.offset) < 2:
             return 0
-        families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int8)[self.kind]
-        pairs = self._band_pairs(spill / "signatures.u32", families, lambda rows: rows)
+        pairs = self._near_candidates(spill)
         similar = self._verified(pairs, lambda r: " ".join(content_parts(r)))
         duplicate_of: dict[int, int] = {}
         for earlier, later in sorted(zip(similar.min(axis=1).tolist(), similar.max(axis=1).tolist())) if len(similar) else []:
@@ -351,6 +360,12 @@ class StreamingDataRun(_DataRun):
             self._reject_record(record, "near_duplicate", f"near-duplicate of {original['id']} ({original['source']})", duplicate_of=original["id"])
             self.alive[position] = False
         return len(duplicate_of)
+
+    def _near_candidates(self, spill: Path) -> np.ndarray:
+        """Candidate pairs (positions) of near duplicates: LSH buckets of the first pass's
+        signatures, within a family."""
+        families = np.array([list(dict.fromkeys(FAMILY.values())).index(FAMILY[k]) for k in _KINDS], dtype=np.int8)[self.kind]
+        return self._band_pairs(spill / "signatures.u32", families, lambda rows: rows)
 
     def _assign_splits(self) -> None:
         """`split.assign_splits` on the arrays: per (family, task), ordered by the salted id hash."""

@@ -39,17 +39,16 @@ def partitioned_near_duplicates(texts: list[str], partitions: int, batch: int) -
         chunk = texts[start:start + batch]
         rows = ray_engine.band_rows({
             "order": np.arange(start, start + len(chunk), dtype=np.int64),
-            "step": np.zeros(len(chunk), dtype=np.int64),
             "signature": [s.tobytes() for s in signatures(chunk, CONFIG)],
             "payload": [pickle.dumps({"kind": "instruction"})] * len(chunk),
-        }, num_perm=CONFIG.num_perm, num_bands=BANDS, partitions=partitions, family_of=True).to_pylist()
+        }, num_perm=CONFIG.num_perm, num_bands=BANDS, partitions=partitions).to_pylist()
         for row in rows:
             by_part[row["part"]].append(row)
     pairs = []
     for rows in by_part.values():
-        group = {"order": np.array([r["order"] for r in rows]), "step": np.array([r["step"] for r in rows]),
+        group = {"order": np.array([r["order"] for r in rows]),
                  "exact_key": np.array([r["exact_key"] for r in rows], dtype=object)}
-        found = ray_engine.bucket_candidates(group, cross_sides=False)
+        found = ray_engine.bucket_candidates(group)
         pairs += list(zip(found["a"].to_pylist(), found["b"].to_pylist()))
     if not pairs:
         return {}
@@ -110,3 +109,65 @@ def test_without_ray_data_the_stage_fails_saying_what_to_install(monkeypatch):
     with pytest.raises(StageFailed, match=r"pip install 'tunepipe\[ray\]'"):
         with ray_engine.ray_session(None):
             pass
+
+
+class _Blocks:
+    """Stands in for the materialised keyed dataset: `select_columns(...).iter_batches(...)`
+    yields the given numpy batches in the given order."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def select_columns(self, columns):
+        return self
+
+    def iter_batches(self, **kwargs):
+        return iter(self.batches)
+
+
+def _driver(tmp_path):
+    import io
+    import logging
+
+    from tunepipe.schemas.data import DataConfig
+    from tunepipe.tasks.core.environment import load_environment
+    from tunepipe.tasks.core.stage import StageContext
+
+    (tmp_path / "f.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    config = DataConfig.model_validate({"sources": [{"path": str(tmp_path / "f.jsonl"), "format": "alpaca", "task": "t"}], "engine": "ray"})
+    run = ray_engine.RayDataRun(config, StageContext("data", "t", tmp_path, {}, load_environment("cpu"), logging.getLogger("t")))
+    run._rejected_file = io.BytesIO()
+    return run
+
+
+def _batch(orders: list[int]) -> dict:
+    records = [{"instruction": f"q{o}", "input": "", "output": "a", "system": None, "task": "t", "kind": "instruction", "id": f"id{o}",
+                "source": f"f.jsonl:{o}"} for o in orders]
+    return {"order": np.array(orders, dtype=np.int64), "payload": np.array([pickle.dumps(r) for r in records], dtype=object)}
+
+
+def test_the_driver_streams_kept_records_in_order_and_rejects_exact_duplicates_on_the_way(tmp_path):
+    """Exact duplicates (5 and 9 duplicate 2) leave the stream as rejections naming their first
+    record's id and source; the kept records keep their reading order and carry it."""
+    import json
+
+    run = _driver(tmp_path)
+    stream = run._stream_kept(_Blocks([_batch([1, 2, 5]), _batch([7, 9])]), np.array([5, 9]), np.array([2, 2]))
+    kept = [(record["order"], record["id"]) for batch in stream for record in batch]
+    assert kept == [(1, "id1"), (2, "id2"), (7, "id7")]
+    lines = [json.loads(line) for line in run._rejected_file.getvalue().splitlines()]
+    assert [(line["source"], line["reason"], line["duplicate_of"]) for line in lines] == [
+        ("f.jsonl:5", "exact_duplicate", "id2"), ("f.jsonl:9", "exact_duplicate", "id2")]
+    assert lines[0]["detail"] == "same normalised content as id2 (f.jsonl:2)"
+
+
+@pytest.mark.parametrize("batches", [[[1, 5], [3]], [[4, 2]]])
+def test_records_read_back_out_of_reading_order_fail_the_stage(tmp_path, batches):
+    """The files' line order rests on Ray Data keeping the blocks' order: if it does not, the
+    stage fails (nothing published) rather than writing another order."""
+    from tunepipe.tasks.core.stage import StageFailed
+
+    run = _driver(tmp_path)
+    stream = run._stream_kept(_Blocks([_batch(orders) for orders in batches]), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    with pytest.raises(StageFailed, match="out of reading order"):
+        list(stream)
