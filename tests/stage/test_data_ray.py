@@ -21,6 +21,7 @@ import yaml
 from tunepipe.schemas.data import DataConfig
 from tunepipe.tasks.core.loading import validate_yaml_mapping
 from tunepipe.tasks.data.stage import DataStage
+from tests.helpers.memory import traced_peak
 from tests.stage.test_data import OUTPUTS, load_config, run
 
 ray = pytest.importorskip("ray", reason="Ray is the optional `ray` extra (pip install tunepipe[ray])")
@@ -102,12 +103,7 @@ def driver_peak_bytes(tmp_path: Path, count: int, address: str) -> int:
     source = write_small_records(tmp_path / f"small-{count}.jsonl", count)
     config = DataConfig.model_validate({"sources": [{"path": str(source), "format": "alpaca", "task": "t"}], "engine": "ray",
                                         "ray": {"address": address, "batch_size": 200}, "validation": {"enabled": False}})
-    tracemalloc.start()
-    try:
-        run(config, tmp_path / f"out-{count}")
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return traced_peak(lambda: run(config, tmp_path / f"out-{count}"))
 
 
 def test_ray_driver_memory_per_record_stays_small(tmp_path, ray_cluster, monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.memory import traced_peak
 from tests.stage.test_data import OUTPUTS, load_config, run
 from tests.stage.test_data_ray import quickstart_config, word_tokenizer
 from tunepipe.schemas.data import DataConfig
@@ -89,12 +90,7 @@ def peak_bytes(tmp_path: Path, count: int, engine: str, validation: bool = False
         "sources": [{"path": str(source), "format": "alpaca", "task": "t"}], "engine": engine,
         "clean": {"max_chars": 10_000_000}, "validation": {"enabled": validation},
     })
-    tracemalloc.start()
-    try:
-        run(config, tmp_path / f"out-{engine}-{count}-{validation}")
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return traced_peak(lambda: run(config, tmp_path / f"out-{engine}-{count}-{validation}"))
 
 
 WORDS = 3000  # words of 6 letters per record: ~21 KB of text each
