@@ -77,35 +77,21 @@ def _targets(sizes: dict[str, int], config: MixConfig) -> dict[str, int]:
 
 
 def mix_train(train: list[dict], config: MixConfig) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
-    """Mixed train rows (with repeats), rows dropped by downsampling, and per-task numbers."""
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for record in train:
-        by_task[record["task"]].append(record)
-    targets = _targets({task: len(members) for task, members in by_task.items()}, config)
-    mixed: list[dict] = []
-    dropped: list[dict] = []
-    stats: dict[str, dict[str, int]] = {}
-    for task in sorted(by_task):
-        members = by_task[task]
-        rng = random.Random(_task_seed(config.seed, task))
-        selected, removed = _resample(members, targets[task], rng) if targets[task] != len(members) else (members, [])
-        mixed.extend(selected)
-        dropped.extend(removed)
-        stats[task] = {
-            "before": len(members),
-            "after": len(selected),
-            "upsampled_copies": max(0, len(selected) - len(members)),
-            "downsampled": len(removed),
-        }
-    # Interleave tasks deterministically so a trainer reading in order sees a mixture.
-    random.Random(config.seed).shuffle(mixed)
-    return mixed, dropped, stats
+    """Mixed train rows (with repeats), rows dropped by downsampling, and per-task numbers: `mix_positions`
+    on the records' positions, mapped back to the records."""
+    names = sorted({record["task"] for record in train})
+    code = {task: i for i, task in enumerate(names)}
+    codes = np.array([code[record["task"]] for record in train], dtype=np.int32)
+    mixed, dropped, stats = mix_positions(np.arange(len(train), dtype=np.int64), codes, names, config)
+    return [train[p] for p in mixed.tolist()], [train[p] for p in dropped.tolist()], stats
 
 
 def mix_positions(positions: np.ndarray, codes: np.ndarray, names: list[str], config: MixConfig) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, int]]]:
-    """`mix_train` on train rows given as positions (int64, in train order) with their task
-    codes (`names[code]`): the same mixed order, dropped rows and numbers as `mix_train` on the
-    records, in numpy arrays (8 bytes per row) rather than lists of Python objects (~60)."""
+    """The mix of train rows given as positions (int64, in train order) with their task codes
+    (`names[code]`): mixed order (with repeats), dropped rows and per-task numbers, in numpy arrays
+    (8 bytes per row) rather than lists of Python objects (~60). Tasks are resampled to their
+    targets in name order, each with its own seeded draw, then interleaved by `random.shuffle`'s
+    permutation. `mix_train` is this on a list of records."""
     present = np.unique(codes)
     by_task = {names[code]: positions[codes == code] for code in present.tolist()}
     targets = _targets({task: len(members) for task, members in by_task.items()}, config)
