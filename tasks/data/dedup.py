@@ -41,6 +41,11 @@ def exact_key(family: str, parts: Sequence[str], collapsed: bool = True) -> byte
     return hashlib.blake2b(f"{family}\x1f{text}".lower().encode(), digest_size=12).digest()
 
 
+def bands_of(config: DedupConfig) -> int:
+    """The LSH bands a dedup config uses: its own `num_bands`, or the optimal count for its threshold."""
+    return config.num_bands or optimal_bands(config.threshold, config.num_perm)
+
+
 def optimal_bands(threshold: float, num_perm: int) -> int:
     """Bands b (dividing num_perm) minimising the LSH false-positive + false-negative areas.
 
@@ -118,7 +123,7 @@ class SignatureIndex:
 
     def __init__(self, texts: Sequence[str], config: DedupConfig) -> None:
         self.config = config
-        self.num_bands = config.num_bands or optimal_bands(config.threshold, config.num_perm)
+        self.num_bands = bands_of(config)
         self.flat, self.offsets = shingle_hashes(texts, config.ngram)
         self.matrix = RMinHash.digest_matrix_from_flat_token_hashes(self.flat, self.offsets, config.num_perm, config.seed)
         lsh = RMinHashLSH(config.threshold, config.num_perm, self.num_bands)

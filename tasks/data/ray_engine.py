@@ -194,7 +194,7 @@ def without_orders(batch: pa.Table, orders: np.ndarray) -> pa.Table:
     """The rows of `batch` whose order is not in `orders` (sorted): the exact duplicates left out."""
     if not len(orders):
         return batch
-    found = np.isin(batch["order"].to_numpy(), orders)
+    found = _members(batch["order"].to_numpy(), orders)
     return batch.filter(pa.array(~found)) if found.any() else batch
 
 
@@ -369,15 +369,11 @@ class RayDataRun(StreamingDataRun):
             record, reason, location, detail, extra = pickle.loads(row["payload"])
             self._reject(record, reason, location, detail, **extra)
 
-    def _num_bands(self) -> int:
-        dedup = self.config.dedup
-        return dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
-
     def _candidates(self, signed) -> np.ndarray:
         """Near-duplicate candidate pairs (orders) from band buckets shuffled by key across the workers."""
         dedup = self.config.dedup
         bands = signed.map_batches(band_rows, batch_size=self.config.ray.batch_size, batch_format="numpy", fn_kwargs={
-            "num_perm": dedup.num_perm, "num_bands": self._num_bands(), "partitions": self.partitions})
+            "num_perm": dedup.num_perm, "num_bands": dedup_mod.bands_of(dedup), "partitions": self.partitions})
         pairs = bands.groupby("part").map_groups(bucket_candidates, batch_format="numpy")
         found = [np.stack([b["a"], b["b"]], axis=1) for b in pairs.iter_batches(batch_size=None, batch_format="numpy") if len(b["a"])]
         return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)

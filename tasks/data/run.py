@@ -107,6 +107,12 @@ class _DataRun:
     def _reject_record(self, record: dict, reason: str, detail: str = "", **extra: Any) -> None:
         self._reject(public_record(record), reason, record["source"], detail, **extra)
 
+    def _dedup_counts(self, exact: int, near: int) -> dict[str, Any]:
+        """The report's dedup section: what was removed and the MinHash settings that decided it."""
+        dedup = self.config.dedup
+        return {"exact_duplicates": exact, "near_duplicates": near, "threshold": dedup.threshold, "num_perm": dedup.num_perm,
+                "num_bands": dedup_mod.bands_of(dedup), "ngram": dedup.ngram}
+
     def _timed(self, name: str, started: float) -> float:
         now = time.perf_counter()
         self.timings[name] = self.timings.get(name, 0.0) + now - started
@@ -282,7 +288,6 @@ class _DataRun:
             kept.append(record)
         seen.clear()
         near = 0
-        num_bands = config.num_bands or dedup_mod.optimal_bands(config.threshold, config.num_perm)
         if config.near:
             by_family: dict[str, list[int]] = defaultdict(list)
             for position, record in enumerate(kept):
@@ -297,7 +302,7 @@ class _DataRun:
                 self._reject_record(record, "near_duplicate", f"near-duplicate of {original['id']} ({original['source']})", duplicate_of=original["id"])
             near = len(drop)
             kept = [r for p, r in enumerate(kept) if p not in drop]
-        counts = {"exact_duplicates": exact, "near_duplicates": near, "threshold": config.threshold, "num_perm": config.num_perm, "num_bands": num_bands, "ngram": config.ngram}
+        counts = self._dedup_counts(exact, near)
         return kept, counts
 
     def _remove_contamination(self, records: list[dict]) -> tuple[list[dict], int]:

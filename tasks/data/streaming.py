@@ -19,7 +19,7 @@ How memory stays bounded:
 
 What is not bounded (README: "Streaming"): those per-record arrays (memory proportional to the
 number of records, not to their text: tests/stage/test_data_streaming.py holds every step under
-65 bytes per record); the texts of near-duplicate and contamination *candidates* (checked on
+72 bytes per record); the texts of near-duplicate and contamination *candidates* (checked on
 their exact shingle sets). In validation, Great Expectations' rows suite runs over frames of
 `validate.ROWS_PER_RUN` rows merged into one run's result (`validate._MergedRows`), whose id
 uniqueness check keeps the ids on disk.
@@ -55,6 +55,8 @@ PROGRESS_EVERY = 1_000_000  # records read between two progress lines of the fir
 _ROWS = 1 << 14  # signature rows read per step of the band pass (8 MiB at 128 permutations)
 VERIFY_PAIRS = 1 << 13  # candidate pairs checked together (~2.6 KB each: texts, shingles, signatures)
 _KINDS = ("instruction", "chat", "preference", "text")
+# Kind codes of each family (sft, preference, text), for comparing the kind column per family.
+_FAMILY_KINDS = {family: [i for i, k in enumerate(_KINDS) if FAMILY[k] == family] for family in ("sft", "preference", "text")}
 _SPLITS = ("train", "validation", "test")
 _NO_SPLIT = 3  # text records
 _SQL_VARS = 900  # keys per sqlite IN (...) query (below every sqlite's variable limit)
@@ -133,7 +135,7 @@ class StreamingDataRun(_DataRun):
 
     def _kept_of(self, family: str) -> np.ndarray:
         """Positions of the kept records of a family (sft, preference, text), ascending."""
-        return np.flatnonzero(self.alive & np.isin(self.kind, [i for i, k in enumerate(_KINDS) if FAMILY[k] == family]))
+        return np.flatnonzero(self.alive & np.isin(self.kind, _FAMILY_KINDS[family]))
 
     def _progress(self, step: str, kept: int) -> None:  # type: ignore[override]
         self.log.info("data: %s done: %d read, %d kept, %d rejected so far", step, self.read, kept, sum(self.rejected.values()))
@@ -175,10 +177,7 @@ class StreamingDataRun(_DataRun):
         del columns, self._columns
         self.alive = np.ones(len(self.offset), dtype=bool)
         self.split = np.full(len(self.offset), _NO_SPLIT, dtype=np.int8)
-        dedup = config.dedup
-        num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
-        return {"exact_duplicates": self.exact_duplicates, "near_duplicates": 0, "threshold": dedup.threshold,
-                "num_perm": dedup.num_perm, "num_bands": num_bands, "ngram": dedup.ngram}
+        return self._dedup_counts(self.exact_duplicates, 0)
 
     def _kept_batches(self, spill: Path, to_read, count_tokens) -> Iterator[list[dict]]:
         """This process's first pass: batches of records read, cleaned, token-bounded, given ids,
@@ -303,7 +302,7 @@ class StreamingDataRun(_DataRun):
         (`_gather`) and bucketed by their exact values.
         """
         dedup = self.config.dedup
-        num_bands = dedup.num_bands or dedup_mod.optimal_bands(dedup.threshold, dedup.num_perm)
+        num_bands = dedup_mod.bands_of(dedup)
         width, rows = dedup.num_perm // num_bands, len(tags)
         band_paths = [path.with_name(f"{path.name}.band{band}") for band in range(num_bands)]
         with open(path, "rb") as handle:
@@ -437,8 +436,7 @@ class StreamingDataRun(_DataRun):
                                  {"rows": outcome.results, "counts": counts.results})
 
     def _mix_streamed(self) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
-        sft_kinds = [i for i, k in enumerate(_KINDS) if FAMILY[k] == "sft"]
-        train = np.flatnonzero(self.alive & np.isin(self.kind, sft_kinds) & (self.split == 0))
+        train = np.flatnonzero(self.alive & np.isin(self.kind, _FAMILY_KINDS["sft"]) & (self.split == 0))
         mixed, dropped, stats = mix_positions(train, self.task[train], self.tasks, self.config.mix)
         for position in dropped.tolist():
             record = self._load(position)
@@ -447,15 +445,14 @@ class StreamingDataRun(_DataRun):
         return mixed, stats
 
     def _write_streamed(self, mixed: np.ndarray) -> None:
-        kinds = {name: [i for i, k in enumerate(_KINDS) if FAMILY[k] == name] for name in ("sft", "preference", "text")}
-        sft = self.alive & np.isin(self.kind, kinds["sft"])
+        sft = self.alive & np.isin(self.kind, _FAMILY_KINDS["sft"])
         files: dict[str, Iterable[dict]] = {
             "train.jsonl": (self._load(position) for position in mixed),  # numpy ints: no list of Python ints
             "validation.jsonl": self._stream(np.flatnonzero(sft & (self.split == 1))),
             "test.jsonl": self._stream(np.flatnonzero(sft & (self.split == 2))),
         }
         for name, family in (("preferences.jsonl", "preference"), ("corpus.jsonl", "text")):
-            positions = np.flatnonzero(self.alive & np.isin(self.kind, kinds[family]))
+            positions = self._kept_of(family)
             if len(positions):
                 files[name] = self._stream(positions)
         for name, rows in files.items():
